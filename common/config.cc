@@ -1,0 +1,360 @@
+#include "common/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace expertmesh {
+
+namespace {
+
+using nlohmann::json;
+
+// Reads optional key `k` of `j` into `out`; records a type error in `errs`.
+template <typename T>
+void Get(const json& j, const char* k, T* out, std::vector<std::string>* errs,
+         const std::string& prefix = "") {
+  auto it = j.find(k);
+  if (it == j.end() || it->is_null()) return;
+  try {
+    *out = it->get<T>();
+  } catch (const json::exception& e) {
+    errs->push_back(absl::StrCat(prefix, k, ": wrong type (", it->type_name(), ")"));
+  }
+}
+
+}  // namespace
+
+int64_t ModelConfig::num_moe_layers() const {
+  int64_t n = 0;
+  for (int64_t l = 0; l < num_hidden_layers; ++l) n += IsMoeLayer(l) ? 1 : 0;
+  return n;
+}
+
+double ModelConfig::softmax_scale() const {
+  double s = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
+  if (rope_scaling.type == "yarn" && rope_scaling.mscale_all_dim > 0 && rope_scaling.factor > 1) {
+    const double m = 0.1 * rope_scaling.mscale_all_dim * std::log(rope_scaling.factor) + 1.0;
+    s *= m * m;
+  }
+  return s;
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::FromJson(const json& j) {
+  if (!j.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
+  ModelConfig c;
+  std::vector<std::string> errs;
+  Get(j, "model_type", &c.model_type, &errs);
+  Get(j, "vocab_size", &c.vocab_size, &errs);
+  Get(j, "hidden_size", &c.hidden_size, &errs);
+  Get(j, "intermediate_size", &c.intermediate_size, &errs);
+  Get(j, "moe_intermediate_size", &c.moe_intermediate_size, &errs);
+  Get(j, "num_hidden_layers", &c.num_hidden_layers, &errs);
+  Get(j, "first_k_dense_replace", &c.first_k_dense_replace, &errs);
+  Get(j, "moe_layer_freq", &c.moe_layer_freq, &errs);
+  Get(j, "num_nextn_predict_layers", &c.num_nextn_predict_layers, &errs);
+  Get(j, "num_attention_heads", &c.num_attention_heads, &errs);
+  Get(j, "num_key_value_heads", &c.num_key_value_heads, &errs);
+  Get(j, "n_routed_experts", &c.n_routed_experts, &errs);
+  Get(j, "n_shared_experts", &c.n_shared_experts, &errs);
+  Get(j, "num_experts_per_tok", &c.num_experts_per_tok, &errs);
+  Get(j, "n_group", &c.n_group, &errs);
+  Get(j, "topk_group", &c.topk_group, &errs);
+  Get(j, "scoring_func", &c.scoring_func, &errs);
+  Get(j, "topk_method", &c.topk_method, &errs);
+  Get(j, "norm_topk_prob", &c.norm_topk_prob, &errs);
+  Get(j, "routed_scaling_factor", &c.routed_scaling_factor, &errs);
+  if (j.contains("q_lora_rank") && j["q_lora_rank"].is_null()) c.q_lora_rank = 0;
+  Get(j, "q_lora_rank", &c.q_lora_rank, &errs);
+  Get(j, "kv_lora_rank", &c.kv_lora_rank, &errs);
+  Get(j, "qk_nope_head_dim", &c.qk_nope_head_dim, &errs);
+  Get(j, "qk_rope_head_dim", &c.qk_rope_head_dim, &errs);
+  Get(j, "v_head_dim", &c.v_head_dim, &errs);
+  Get(j, "max_position_embeddings", &c.max_position_embeddings, &errs);
+  Get(j, "rope_theta", &c.rope_theta, &errs);
+  Get(j, "rms_norm_eps", &c.rms_norm_eps, &errs);
+  Get(j, "tie_word_embeddings", &c.tie_word_embeddings, &errs);
+  Get(j, "torch_dtype", &c.torch_dtype, &errs);
+  Get(j, "bos_token_id", &c.bos_token_id, &errs);
+  Get(j, "eos_token_id", &c.eos_token_id, &errs);
+  auto rs = j.find("rope_scaling");
+  if (rs == j.end() || rs->is_null()) {
+    c.rope_scaling.type = "none";
+  } else if (!rs->is_object()) {
+    errs.push_back("rope_scaling: expected an object or null");
+  } else {
+    RopeScaling& r = c.rope_scaling;
+    r.type.clear();
+    Get(*rs, "type", &r.type, &errs, "rope_scaling.");
+    if (r.type.empty()) Get(*rs, "rope_type", &r.type, &errs, "rope_scaling.");
+    Get(*rs, "factor", &r.factor, &errs, "rope_scaling.");
+    Get(*rs, "original_max_position_embeddings", &r.original_max_position_embeddings, &errs,
+        "rope_scaling.");
+    Get(*rs, "beta_fast", &r.beta_fast, &errs, "rope_scaling.");
+    Get(*rs, "beta_slow", &r.beta_slow, &errs, "rope_scaling.");
+    Get(*rs, "mscale", &r.mscale, &errs, "rope_scaling.");
+    Get(*rs, "mscale_all_dim", &r.mscale_all_dim, &errs, "rope_scaling.");
+  }
+  auto qc = j.find("quantization_config");
+  if (qc != j.end() && !qc->is_null()) {
+    QuantizationConfig& q = c.quantization_config;
+    q.present = true;
+    Get(*qc, "quant_method", &q.quant_method, &errs, "quantization_config.");
+    Get(*qc, "fmt", &q.fmt, &errs, "quantization_config.");
+    Get(*qc, "activation_scheme", &q.activation_scheme, &errs, "quantization_config.");
+    std::vector<int64_t> block;
+    Get(*qc, "weight_block_size", &block, &errs, "quantization_config.");
+    if (!block.empty()) {
+      if (block.size() != 2) {
+        errs.push_back("quantization_config.weight_block_size: expected [rows, cols]");
+      } else {
+        q.weight_block_rows = block[0];
+        q.weight_block_cols = block[1];
+      }
+    }
+  }
+  if (!errs.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("config: ", absl::StrJoin(errs, "; ")));
+  }
+  absl::Status s = c.Validate();
+  if (!s.ok()) return s;
+  return c;
+}
+
+absl::Status ModelConfig::Validate() const {
+  std::vector<std::string> e;
+  auto positive = [&](const char* name, int64_t v) {
+    if (v <= 0) e.push_back(absl::StrCat(name, " = ", v, ": must be > 0"));
+  };
+  if (model_type != "deepseek_v3") {
+    e.push_back(absl::StrCat("model_type = \"", model_type, "\": expected \"deepseek_v3\""));
+  }
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("intermediate_size", intermediate_size);
+  positive("moe_intermediate_size", moe_intermediate_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("moe_layer_freq", moe_layer_freq);
+  positive("num_attention_heads", num_attention_heads);
+  positive("kv_lora_rank", kv_lora_rank);
+  positive("qk_nope_head_dim", qk_nope_head_dim);
+  positive("v_head_dim", v_head_dim);
+  positive("max_position_embeddings", max_position_embeddings);
+  if (qk_rope_head_dim <= 0 || qk_rope_head_dim % 2 != 0) {
+    e.push_back(absl::StrCat("qk_rope_head_dim = ", qk_rope_head_dim, ": must be even and > 0"));
+  }
+  if (q_lora_rank < 0) e.push_back(absl::StrCat("q_lora_rank = ", q_lora_rank, ": must be >= 0 (0 or null: no q compression)"));
+  if (num_key_value_heads != num_attention_heads) {
+    e.push_back(absl::StrCat("num_key_value_heads = ", num_key_value_heads,
+                             ": MLA needs num_key_value_heads == num_attention_heads (",
+                             num_attention_heads, ")"));
+  }
+  if (first_k_dense_replace < 0 || first_k_dense_replace > num_hidden_layers) {
+    e.push_back(absl::StrCat("first_k_dense_replace = ", first_k_dense_replace,
+                             ": must be in [0, num_hidden_layers = ", num_hidden_layers, "]"));
+  }
+  if (num_nextn_predict_layers < 0) {
+    e.push_back(absl::StrCat("num_nextn_predict_layers = ", num_nextn_predict_layers, ": must be >= 0"));
+  }
+  if (num_moe_layers() > 0 || n_routed_experts != 0) {
+    positive("n_routed_experts", n_routed_experts);
+    if (n_shared_experts < 0) e.push_back(absl::StrCat("n_shared_experts = ", n_shared_experts, ": must be >= 0"));
+    if (num_experts_per_tok <= 0 || num_experts_per_tok > n_routed_experts) {
+      e.push_back(absl::StrCat("num_experts_per_tok = ", num_experts_per_tok,
+                               ": must be in [1, n_routed_experts = ", n_routed_experts, "]"));
+    }
+    if (n_group <= 0 || (n_routed_experts > 0 && n_routed_experts % n_group != 0)) {
+      e.push_back(absl::StrCat("n_group = ", n_group, ": must be > 0 and divide n_routed_experts = ",
+                               n_routed_experts));
+    } else {
+      if (topk_group <= 0 || topk_group > n_group) {
+        e.push_back(absl::StrCat("topk_group = ", topk_group, ": must be in [1, n_group = ", n_group, "]"));
+      } else if (num_experts_per_tok > topk_group * (n_routed_experts / n_group)) {
+        e.push_back(absl::StrCat("num_experts_per_tok = ", num_experts_per_tok,
+                                 ": more than the experts in topk_group groups (",
+                                 topk_group * (n_routed_experts / n_group), ")"));
+      }
+      if (n_routed_experts / n_group < 2 && n_group > 1) {
+        e.push_back("n_group: each group needs at least 2 experts (group score = sum of its top-2)");
+      }
+    }
+  }
+  if (scoring_func != "sigmoid" && scoring_func != "softmax") {
+    e.push_back(absl::StrCat("scoring_func = \"", scoring_func, "\": expected \"sigmoid\" or \"softmax\""));
+  }
+  if (topk_method != "noaux_tc" && topk_method != "group_limited_greedy" && topk_method != "greedy") {
+    e.push_back(absl::StrCat("topk_method = \"", topk_method,
+                             "\": expected \"noaux_tc\", \"group_limited_greedy\" or \"greedy\""));
+  }
+  if (!(routed_scaling_factor > 0)) {
+    e.push_back(absl::StrCat("routed_scaling_factor = ", routed_scaling_factor, ": must be > 0"));
+  }
+  if (!(rope_theta > 0)) e.push_back(absl::StrCat("rope_theta = ", rope_theta, ": must be > 0"));
+  if (!(rms_norm_eps > 0)) e.push_back(absl::StrCat("rms_norm_eps = ", rms_norm_eps, ": must be > 0"));
+  if (rope_scaling.type != "yarn" && rope_scaling.type != "none") {
+    e.push_back(absl::StrCat("rope_scaling.type = \"", rope_scaling.type,
+                             "\": expected \"yarn\" (or rope_scaling: null)"));
+  }
+  if (rope_scaling.type == "yarn") {
+    if (!(rope_scaling.factor >= 1)) e.push_back(absl::StrCat("rope_scaling.factor = ", rope_scaling.factor, ": must be >= 1"));
+    if (rope_scaling.original_max_position_embeddings <= 0) {
+      e.push_back("rope_scaling.original_max_position_embeddings: must be > 0");
+    }
+    if (!(rope_scaling.beta_fast > rope_scaling.beta_slow) || !(rope_scaling.beta_slow > 0)) {
+      e.push_back("rope_scaling.beta_fast / beta_slow: need beta_fast > beta_slow > 0");
+    }
+  }
+  if (tie_word_embeddings) e.push_back("tie_word_embeddings = true: DeepSeek-V3 has a separate lm_head (expected false)");
+  if (quantization_config.present) {
+    const auto& q = quantization_config;
+    if (q.quant_method != "fp8") e.push_back(absl::StrCat("quantization_config.quant_method = \"", q.quant_method, "\": expected \"fp8\""));
+    if (q.fmt != "e4m3") e.push_back(absl::StrCat("quantization_config.fmt = \"", q.fmt, "\": expected \"e4m3\""));
+    if (q.weight_block_rows <= 0 || q.weight_block_cols <= 0) {
+      e.push_back("quantization_config.weight_block_size: must be two positive integers");
+    }
+  }
+  if (!e.empty()) return absl::InvalidArgumentError(absl::StrCat("config: ", absl::StrJoin(e, "; ")));
+  return absl::OkStatus();
+}
+
+json ModelConfig::ToJson() const {
+  json j;
+  j["architectures"] = {"DeepseekV3ForCausalLM"};
+  j["model_type"] = model_type;
+  j["vocab_size"] = vocab_size;
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["moe_intermediate_size"] = moe_intermediate_size;
+  j["num_hidden_layers"] = num_hidden_layers;
+  j["first_k_dense_replace"] = first_k_dense_replace;
+  j["moe_layer_freq"] = moe_layer_freq;
+  j["num_nextn_predict_layers"] = num_nextn_predict_layers;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_key_value_heads"] = num_key_value_heads;
+  j["n_routed_experts"] = n_routed_experts;
+  j["n_shared_experts"] = n_shared_experts;
+  j["num_experts_per_tok"] = num_experts_per_tok;
+  j["n_group"] = n_group;
+  j["topk_group"] = topk_group;
+  j["scoring_func"] = scoring_func;
+  j["topk_method"] = topk_method;
+  j["norm_topk_prob"] = norm_topk_prob;
+  j["routed_scaling_factor"] = routed_scaling_factor;
+  if (q_lora_rank > 0) j["q_lora_rank"] = q_lora_rank; else j["q_lora_rank"] = nullptr;
+  j["kv_lora_rank"] = kv_lora_rank;
+  j["qk_nope_head_dim"] = qk_nope_head_dim;
+  j["qk_rope_head_dim"] = qk_rope_head_dim;
+  j["v_head_dim"] = v_head_dim;
+  j["max_position_embeddings"] = max_position_embeddings;
+  j["rope_theta"] = rope_theta;
+  if (rope_scaling.type == "none") {
+    j["rope_scaling"] = nullptr;
+  } else {
+    j["rope_scaling"] = {{"type", rope_scaling.type},
+                         {"factor", rope_scaling.factor},
+                         {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings},
+                         {"beta_fast", rope_scaling.beta_fast},
+                         {"beta_slow", rope_scaling.beta_slow},
+                         {"mscale", rope_scaling.mscale},
+                         {"mscale_all_dim", rope_scaling.mscale_all_dim}};
+  }
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["torch_dtype"] = torch_dtype;
+  j["bos_token_id"] = bos_token_id;
+  j["eos_token_id"] = eos_token_id;
+  j["hidden_act"] = "silu";
+  j["attention_bias"] = false;
+  if (quantization_config.present) {
+    j["quantization_config"] = {
+        {"quant_method", quantization_config.quant_method},
+        {"fmt", quantization_config.fmt},
+        {"activation_scheme", quantization_config.activation_scheme},
+        {"weight_block_size", {quantization_config.weight_block_rows, quantization_config.weight_block_cols}}};
+  }
+  return j;
+}
+
+std::vector<std::string> ModelConfig::PresetNames() { return {"deepseek-v3", "tiny", "small"}; }
+
+absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
+  ModelConfig c;  // defaults are DeepSeek-V3 671B
+  if (name == "deepseek-v3") {
+    c.quantization_config.present = true;
+    return c;
+  }
+  if (name == "tiny") {
+    // Same structure as V3 (256 experts, top-8, 8 groups keep 4, 1 shared, MLA
+    // with q_lora, YaRN, 1 MTP layer); widths chosen so that fp8 128x128
+    // blocks include partial edge blocks (160 = 128 + 32).
+    c.vocab_size = 1024;
+    c.hidden_size = 160;
+    c.intermediate_size = 320;
+    c.moe_intermediate_size = 24;
+    c.num_hidden_layers = 4;
+    c.first_k_dense_replace = 1;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 4;
+    c.q_lora_rank = 96;
+    c.kv_lora_rank = 64;
+    c.qk_nope_head_dim = 32;
+    c.qk_rope_head_dim = 16;
+    c.v_head_dim = 32;
+    c.max_position_embeddings = 4096;
+    c.rope_scaling.original_max_position_embeddings = 128;
+    return c;
+  }
+  if (name == "small") {
+    // For CPU benchmarks: V3's routing (256 experts, top-8, 8/4 groups) and
+    // MLA shapes at 1/7 of the width; one MoE layer ~ 0.2 GB fp32.
+    c.vocab_size = 32000;
+    c.hidden_size = 1024;
+    c.intermediate_size = 2816;
+    c.moe_intermediate_size = 256;
+    c.num_hidden_layers = 4;
+    c.first_k_dense_replace = 1;
+    c.num_attention_heads = 16;
+    c.num_key_value_heads = 16;
+    c.q_lora_rank = 384;
+    c.kv_lora_rank = 256;
+    c.qk_nope_head_dim = 64;
+    c.qk_rope_head_dim = 32;
+    c.v_head_dim = 64;
+    c.max_position_embeddings = 32768;
+    c.rope_scaling.original_max_position_embeddings = 1024;
+    return c;
+  }
+  return absl::NotFoundError(absl::StrCat("unknown preset \"", name, "\" (expected one of: ",
+                                          absl::StrJoin(PresetNames(), ", "), ")"));
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::FromFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open config file"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON"));
+  auto c = FromJson(j);
+  if (!c.ok()) return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
+  return c;
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::FromPresetOrPath(const std::string& s) {
+  for (const auto& p : PresetNames()) {
+    if (s == p) return Preset(s);
+  }
+  std::ifstream probe(s + "/config.json");
+  if (probe) return FromFile(s + "/config.json");
+  std::ifstream probe2(s);
+  if (probe2) return FromFile(s);
+  return absl::NotFoundError(absl::StrCat("\"", s, "\" is neither a preset (",
+                                          absl::StrJoin(PresetNames(), ", "),
+                                          ") nor a config.json / checkpoint folder"));
+}
+
+}  // namespace expertmesh

@@ -1,0 +1,97 @@
+// DeepSeek-V3 model configuration: the fields of HF `config.json`
+// (`model_type: deepseek_v3`) that the architecture uses, presets, validation.
+//
+//   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile("ckpt/config.json"));
+//   ASSIGN_OR_RETURN(ModelConfig tiny, ModelConfig::Preset("tiny"));
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+
+namespace expertmesh {
+
+struct RopeScaling {
+  std::string type = "yarn";          // "yarn" or "none" (plain RoPE)
+  double factor = 40.0;               // context extension factor
+  int64_t original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 1.0;
+};
+
+struct QuantizationConfig {
+  bool present = false;               // false: weights are stored unquantised
+  std::string quant_method = "fp8";
+  std::string fmt = "e4m3";
+  std::string activation_scheme = "dynamic";
+  int64_t weight_block_rows = 128;    // weight_block_size[0]
+  int64_t weight_block_cols = 128;    // weight_block_size[1]
+};
+
+struct ModelConfig {
+  std::string model_type = "deepseek_v3";
+  int64_t vocab_size = 129280;
+  int64_t hidden_size = 7168;
+  int64_t intermediate_size = 18432;       // dense layers' SwiGLU width
+  int64_t moe_intermediate_size = 2048;    // each routed / shared expert's width
+  int64_t num_hidden_layers = 61;
+  int64_t first_k_dense_replace = 3;
+  int64_t moe_layer_freq = 1;
+  int64_t num_nextn_predict_layers = 1;    // MTP modules, stored as layers N..N+k-1
+  int64_t num_attention_heads = 128;
+  int64_t num_key_value_heads = 128;
+  int64_t n_routed_experts = 256;
+  int64_t n_shared_experts = 1;
+  int64_t num_experts_per_tok = 8;
+  int64_t n_group = 8;
+  int64_t topk_group = 4;
+  std::string scoring_func = "sigmoid";
+  std::string topk_method = "noaux_tc";
+  bool norm_topk_prob = true;
+  double routed_scaling_factor = 2.5;
+  int64_t q_lora_rank = 1536;              // 0 means no q compression (q_proj)
+  int64_t kv_lora_rank = 512;
+  int64_t qk_nope_head_dim = 128;
+  int64_t qk_rope_head_dim = 64;
+  int64_t v_head_dim = 128;
+  int64_t max_position_embeddings = 163840;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  double rms_norm_eps = 1e-6;
+  bool tie_word_embeddings = false;
+  std::string torch_dtype = "bfloat16";
+  int64_t bos_token_id = 0;
+  int64_t eos_token_id = 1;
+  QuantizationConfig quantization_config;
+
+  // Presets: "deepseek-v3" (the 671B config), "tiny" (same structure, small
+  // widths; CI), "small" (CPU benchmarks; see docs/MODEL.md).
+  static absl::StatusOr<ModelConfig> Preset(const std::string& name);
+  static std::vector<std::string> PresetNames();
+  // Parses and validates; errors name the field and the allowed values.
+  static absl::StatusOr<ModelConfig> FromJson(const nlohmann::json& j);
+  static absl::StatusOr<ModelConfig> FromFile(const std::string& path);
+  // Resolves a preset name or a path to config.json / a checkpoint folder.
+  static absl::StatusOr<ModelConfig> FromPresetOrPath(const std::string& name_or_path);
+  nlohmann::json ToJson() const;
+  absl::Status Validate() const;
+
+  // Derived quantities.
+  bool IsMoeLayer(int64_t layer) const {
+    return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+  }
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  int64_t num_moe_layers() const;
+  int64_t experts_per_group() const { return n_routed_experts / n_group; }
+  // Softmax scale of attention: qk_head_dim^-0.5, times mscale^2 under YaRN.
+  double softmax_scale() const;
+  // Values cached per token per layer in the latent KV cache.
+  int64_t kv_cache_dim() const { return kv_lora_rank + qk_rope_head_dim; }
+};
+
+}  // namespace expertmesh

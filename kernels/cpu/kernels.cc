@@ -1,0 +1,309 @@
+#include "kernels/cpu/kernels.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace expertmesh::kernels {
+
+void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
+              static_cast<int>(K), 1.0f, x, static_cast<int>(K), w, static_cast<int>(K),
+              accumulate ? 1.0f : 0.0f, y, static_cast<int>(N));
+}
+
+void RmsNorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* y) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * H;
+    float* yr = y + t * H;
+    double ss = 0.0;
+    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(H) + eps));
+    for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void SwiGlu(const float* x, int64_t T, int64_t H, int64_t I, const float* wg, const float* wu,
+            const float* wd, float* y, float* scratch) {
+  if (T == 0) return;
+  float* g = scratch;
+  float* u = scratch + T * I;
+  Linear(x, T, H, wg, I, g);
+  Linear(x, T, H, wu, I, u);
+  SiluMul(g, u, T * I, g);
+  Linear(g, T, I, wd, H, y);
+}
+
+Rope::Rope(const ModelConfig& c) : dim_(c.qk_rope_head_dim) {
+  const int64_t half = dim_ / 2;
+  inv_freq_.resize(half);
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq_[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(dim_));
+  }
+  if (c.rope_scaling.type != "yarn") return;
+  const auto& r = c.rope_scaling;
+  const double orig = static_cast<double>(r.original_max_position_embeddings);
+  auto correction_dim = [&](double rotations) {
+    return static_cast<double>(dim_) * std::log(orig / (rotations * 2.0 * M_PI)) / (2.0 * std::log(c.rope_theta));
+  };
+  double low = std::floor(correction_dim(r.beta_fast));
+  double high = std::ceil(correction_dim(r.beta_slow));
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(dim_ - 1));
+  if (low == high) high += 0.001;
+  for (int64_t i = 0; i < half; ++i) {
+    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+    const double smooth = 1.0 - ramp;  // 1: keep the original frequency (high-frequency dims)
+    inv_freq_[i] = inv_freq_[i] / r.factor * (1.0 - smooth) + inv_freq_[i] * smooth;
+  }
+}
+
+void Rope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
+  const int64_t half = dim_ / 2;
+  float cs[512], sn[512];
+  for (int64_t i = 0; i < half; ++i) {
+    const double a = static_cast<double>(pos) * inv_freq_[i];
+    cs[i] = static_cast<float>(std::cos(a));
+    sn[i] = static_cast<float>(std::sin(a));
+  }
+  for (int64_t v = 0; v < n; ++v) {
+    float* p = x + v * stride;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[2 * i], b = p[2 * i + 1];
+      p[2 * i] = a * cs[i] - b * sn[i];
+      p[2 * i + 1] = a * sn[i] + b * cs[i];
+    }
+  }
+}
+
+RouterParams RouterParams::FromConfig(const ModelConfig& c) {
+  RouterParams p;
+  p.num_experts = c.n_routed_experts;
+  p.num_groups = c.topk_method == "greedy" ? 1 : c.n_group;
+  p.topk_groups = c.topk_method == "greedy" ? 1 : c.topk_group;
+  p.top_k = c.num_experts_per_tok;
+  p.sigmoid = c.scoring_func == "sigmoid";
+  p.norm_topk_prob = c.norm_topk_prob;
+  p.scaling = static_cast<float>(c.routed_scaling_factor);
+  return p;
+}
+
+void Route(const float* logits, const float* bias, int64_t T, const RouterParams& p, int32_t* ids,
+           float* weights) {
+  const int64_t E = p.num_experts, G = p.num_groups, per = E / G, K = p.top_k;
+  std::vector<float> score(E), choice(E), gscore(G);
+  std::vector<int32_t> order(E), gorder(G);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits + t * E;
+    if (p.sigmoid) {
+      for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + std::exp(-l[e]));
+    } else {
+      const float mx = *std::max_element(l, l + E);
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (score[e] = std::exp(l[e] - mx));
+      for (int64_t e = 0; e < E; ++e) score[e] = static_cast<float>(score[e] / sum);
+    }
+    for (int64_t e = 0; e < E; ++e) choice[e] = score[e] + (bias != nullptr ? bias[e] : 0.0f);
+    if (G > 1) {
+      for (int64_t g = 0; g < G; ++g) {
+        float a = -std::numeric_limits<float>::infinity(), b = a;  // top-2 of the group
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+          if (choice[e] > a) {
+            b = a;
+            a = choice[e];
+          } else if (choice[e] > b) {
+            b = choice[e];
+          }
+        }
+        gscore[g] = a + b;
+      }
+      std::iota(gorder.begin(), gorder.end(), 0);
+      std::stable_sort(gorder.begin(), gorder.end(), [&](int32_t x, int32_t y) { return gscore[x] > gscore[y]; });
+      std::vector<char> keep(G, 0);
+      for (int64_t i = 0; i < p.topk_groups; ++i) keep[gorder[i]] = 1;
+      for (int64_t e = 0; e < E; ++e) {
+        if (!keep[e / per]) choice[e] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t x, int32_t y) {
+      return choice[x] > choice[y] || (choice[x] == choice[y] && x < y);
+    });
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += score[order[k]];
+    const double norm = (p.norm_topk_prob && K > 1) ? 1.0 / (sum + 1e-20) : 1.0;
+    for (int64_t k = 0; k < K; ++k) {
+      ids[t * K + k] = order[k];
+      weights[t * K + k] = static_cast<float>(score[order[k]] * norm * p.scaling);
+    }
+  }
+}
+
+MlaShape MlaShape::FromConfig(const ModelConfig& c) {
+  return {c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+          static_cast<float>(c.softmax_scale())};
+}
+
+namespace {
+// In-place softmax over n values; returns nothing, values become probabilities.
+void Softmax(float* x, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+}  // namespace
+
+void MlaExpanded(const MlaShape& s, const float* q, int64_t Tq, const float* latent, const float* k_pe,
+                 int64_t S, const float* w_kv_b, float* out, float* scratch) {
+  const int64_t H = s.heads, dn = s.nope, dr = s.rope, dv = s.v, qd = dn + dr, kvd = dn + dv;
+  float* kv = scratch;              // [S, H*(dn+dv)]: per head k_nope then v
+  float* p = scratch + S * H * kvd; // [S] attention probabilities
+  Linear(latent, S, s.kv_lora, w_kv_b, H * kvd, kv);
+  for (int64_t t = 0; t < Tq; ++t) {
+    const int64_t visible = S - Tq + t + 1;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + (t * H + h) * qd;
+      for (int64_t j = 0; j < visible; ++j) {
+        const float* kn = kv + j * H * kvd + h * kvd;
+        const float* kr = k_pe + j * dr;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < dn; ++i) acc += qh[i] * kn[i];
+        for (int64_t i = 0; i < dr; ++i) acc += qh[dn + i] * kr[i];
+        p[j] = acc * s.softmax_scale;
+      }
+      Softmax(p, visible);
+      float* o = out + (t * H + h) * dv;
+      std::fill(o, o + dv, 0.0f);
+      for (int64_t j = 0; j < visible; ++j) {
+        cblas_saxpy(static_cast<int>(dv), p[j], kv + j * H * kvd + h * kvd + dn, 1, o, 1);
+      }
+    }
+  }
+}
+
+void MlaAbsorbed(const MlaShape& s, const float* q, int64_t Tq, const float* latent, const float* k_pe,
+                 int64_t S, const float* w_kv_b, float* out, float* scratch) {
+  const int64_t H = s.heads, dn = s.nope, dr = s.rope, dv = s.v, qd = dn + dr, kvd = dn + dv, L = s.kv_lora;
+  float* qa = scratch;            // [Tq, L] absorbed query of one head
+  float* ol = qa + Tq * L;        // [Tq, L] latent output of one head
+  float* sc = ol + Tq * L;        // [Tq, S] scores
+  for (int64_t h = 0; h < H; ++h) {
+    const float* wk = w_kv_b + h * kvd * L;  // [dn, L]
+    const float* wv = wk + dn * L;           // [dv, L]
+    // qa[t] = q_nope[t] . W_uk  ([Tq, dn] x [dn, L])
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(L),
+                static_cast<int>(dn), 1.0f, q + h * qd, static_cast<int>(H * qd), wk, static_cast<int>(L), 0.0f,
+                qa, static_cast<int>(L));
+    // scores = qa . latent^T + q_pe . k_pe^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
+                static_cast<int>(L), 1.0f, qa, static_cast<int>(L), latent, static_cast<int>(L), 0.0f, sc,
+                static_cast<int>(S));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
+                static_cast<int>(dr), 1.0f, q + h * qd + dn, static_cast<int>(H * qd), k_pe,
+                static_cast<int>(dr), 1.0f, sc, static_cast<int>(S));
+    for (int64_t t = 0; t < Tq; ++t) {
+      const int64_t visible = S - Tq + t + 1;
+      float* row = sc + t * S;
+      for (int64_t j = 0; j < visible; ++j) row[j] *= s.softmax_scale;
+      Softmax(row, visible);
+      std::fill(row + visible, row + S, 0.0f);
+    }
+    // ol = P . latent ([Tq, S] x [S, L]); out_h = ol . W_uv^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(L),
+                static_cast<int>(S), 1.0f, sc, static_cast<int>(S), latent, static_cast<int>(L), 0.0f, ol,
+                static_cast<int>(L));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(dv),
+                static_cast<int>(L), 1.0f, ol, static_cast<int>(L), wv, static_cast<int>(L), 0.0f, out + h * dv,
+                static_cast<int>(H * dv));
+  }
+}
+
+namespace {
+uint64_t Mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+int32_t Sample(const float* logits, int64_t V, const SamplingParams& p, uint64_t step) {
+  if (p.temperature <= 0.0f) {
+    return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  }
+  std::vector<int32_t> idx(V);
+  std::iota(idx.begin(), idx.end(), 0);
+  int64_t n = V;
+  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  if (p.top_k > 0 && p.top_k < V) {
+    n = p.top_k;
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), by_logit);
+  } else {
+    std::sort(idx.begin(), idx.end(), by_logit);
+  }
+  std::vector<double> prob(n);
+  const double mx = logits[idx[0]];
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (prob[i] = std::exp((logits[idx[i]] - mx) / p.temperature));
+  for (auto& x : prob) x /= sum;
+  if (p.top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
+    double cum = 0;
+    int64_t keep = n;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += prob[i];
+      if (cum >= p.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    n = keep;
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += prob[i];
+    for (int64_t i = 0; i < n; ++i) prob[i] /= s;
+  }
+  const double u = (static_cast<double>(Mix64(Mix64(p.seed) ^ step) >> 11) + 0.5) / 9007199254740992.0;
+  double cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += prob[i];
+    if (u < cum) return idx[i];
+  }
+  return idx[n - 1];
+}
+
+double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
+  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.0f);
+  auto run = [&]() {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
+                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
+                c.data(), static_cast<int>(n));
+  };
+  run();  // warm up
+  double best = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * n * n * n / dt / 1e9);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > min_seconds) break;
+  }
+  return best;
+}
+
+}  // namespace expertmesh::kernels

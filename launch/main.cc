@@ -1,0 +1,95 @@
+// `expertmesh`: one command, many verbs (see verbs.h and `expertmesh --help`).
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "expertmesh/build_config.h"
+#include "glog/logging.h"
+#include "launch/verbs.h"
+
+namespace expertmesh::launch {
+namespace {
+
+const Verb kVerbs[] = {
+    {"checkpoint", "launch/checkpoint_cmd.cc", "write a random checkpoint in the HF DeepSeek-V3 layout",
+     "expertmesh checkpoint --preset tiny|small|deepseek-v3 --dtype fp32|bf16|fp8 --seed S --out DIR "
+     "[--shard-size BYTES]\n\nWrites config.json, model-0000i-of-0000n.safetensors shards and "
+     "model.safetensors.index.json with random weights; deterministic for a seed.",
+     CheckpointMain},
+    {"generate", "launch/generate_cmd.cc", "run a batch of prompts through the model in one process",
+     "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
+     "--top-p P --seed S] [--dump-logits FILE]\n\nPrompts are JSON lines {\"tokens\":[...]}; prints one JSON "
+     "line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order.",
+     GenerateMain},
+    {"bench", "launch/bench_cmd.cc", "benchmarks: layer (MoE / MLA layer vs SGEMM peak)",
+     "expertmesh bench layer --preset small --tokens T [--json]\n\nTimes one MoE layer and one MLA layer "
+     "on the CPU kernels and reports GFLOP/s beside the SGEMM peak of the same BLAS, measured in the same run.",
+     BenchMain},
+    {"plan", "launch/plan_cmd.cc", "capacity planner: predict throughput, latency and memory of a plan",
+     "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
+};
+
+const Verb* g_verb = nullptr;
+
+void PrintTopHelp() {
+  std::printf("expertmesh %s: serve DeepSeek-V3-architecture MoE models across a cluster\n\n",
+              EXPERTMESH_VERSION);
+  std::printf("usage: expertmesh <verb> [flags]   (expertmesh <verb> --help for its flags)\n\nverbs:\n");
+  for (const Verb& v : kVerbs) std::printf("  %-12s %s\n", v.name, v.summary);
+  std::printf("\nbuild: CUDA=%d NCCL=%d UCX=%d\n", EXPERTMESH_HAVE_CUDA, EXPERTMESH_HAVE_NCCL,
+              EXPERTMESH_HAVE_UCX);
+}
+
+}  // namespace
+
+std::vector<char*> ParseVerbFlags(int argc, char** argv) {
+  absl::FlagsUsageConfig config;
+  const std::string file = g_verb != nullptr ? g_verb->file : "launch/";
+  auto filter = [file](absl::string_view path) {
+    return absl::EndsWith(path, file) || absl::EndsWith(path, "launch/flags.cc");
+  };
+  config.contains_help_flags = filter;
+  config.contains_helpshort_flags = filter;
+  config.normalize_filename = [](absl::string_view f) {
+    auto pos = f.rfind("launch/");
+    return std::string(pos == absl::string_view::npos ? f : f.substr(pos));
+  };
+  absl::SetFlagsUsageConfig(config);
+  if (g_verb != nullptr) absl::SetProgramUsageMessage(g_verb->usage);
+  return absl::ParseCommandLine(argc, argv);
+}
+
+}  // namespace expertmesh::launch
+
+int main(int argc, char** argv) {
+  using expertmesh::launch::kVerbs;
+  google::InitGoogleLogging(argv[0]);
+  FLAGS_logtostderr = true;
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    expertmesh::launch::PrintTopHelp();
+    return argc < 2 ? 1 : 0;
+  }
+  if (!std::strcmp(argv[1], "--version")) {
+    std::printf("expertmesh %s\n", EXPERTMESH_VERSION);
+    return 0;
+  }
+  for (const auto& v : kVerbs) {
+    if (std::strcmp(argv[1], v.name) == 0) {
+      expertmesh::launch::g_verb = &v;
+      std::string name = std::string("expertmesh ") + v.name;
+      std::vector<char*> args;
+      args.push_back(name.data());
+      for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+      return v.main(static_cast<int>(args.size()), args.data());
+    }
+  }
+  std::fprintf(stderr, "expertmesh: unknown verb \"%s\"; run `expertmesh --help` for the list\n", argv[1]);
+  return 2;
+}

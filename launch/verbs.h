@@ -1,0 +1,28 @@
+// The verbs of the `expertmesh` command. Each verb is a function taking the
+// arguments after the verb (argv[0] is "expertmesh <verb>"), parsing its own
+// abseil flags, and returning the process exit code. Flags a verb defines live
+// in that verb's .cc file; flags shared by several verbs live in flags.cc.
+#pragma once
+
+#include <vector>
+
+namespace expertmesh::launch {
+
+struct Verb {
+  const char* name;
+  const char* file;      // source file defining its flags (for --help)
+  const char* summary;   // one line for `expertmesh --help`
+  const char* usage;     // usage text printed by `expertmesh <verb> --help`
+  int (*main)(int argc, char** argv);
+};
+
+int CheckpointMain(int argc, char** argv);
+int GenerateMain(int argc, char** argv);
+int BenchMain(int argc, char** argv);
+int PlanMain(int argc, char** argv);
+
+// Parses flags for a verb: prints usage and only that verb's flags on --help,
+// returns the positional arguments, exits 1 with a clear line on unknown flags.
+std::vector<char*> ParseVerbFlags(int argc, char** argv);
+
+}  // namespace expertmesh::launch
