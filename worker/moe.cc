@@ -1,0 +1,78 @@
+#include "worker/moe.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "glog/logging.h"
+
+namespace expertmesh::worker {
+
+void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int32_t>* ids,
+                 std::vector<float>* weights) {
+  const int64_t E = w.router_params.num_experts, K = w.router_params.top_k;
+  std::vector<float> logits(T * E);
+  kernels::Linear(x, T, w.hidden, w.router.data(), E, logits.data());
+  ids->resize(T * K);
+  weights->resize(T * K);
+  kernels::Route(logits.data(), w.bias.empty() ? nullptr : w.bias.data(), T, w.router_params, ids->data(),
+                 weights->data());
+}
+
+void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int64_t T, float* out,
+               float* scratch) {
+  if (T == 0) return;
+  float* gu = scratch;  // [T, 2I]
+  kernels::Linear(x, T, H, e.gate_up.data(), 2 * I, gu);
+  float* act = scratch + T * 2 * I;  // [T, I]
+  for (int64_t t = 0; t < T; ++t) kernels::SiluMul(gu + t * 2 * I, gu + t * 2 * I + I, I, act + t * I);
+  kernels::Linear(act, T, I, e.down.data(), H, out);
+}
+
+void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,
+                             const float* weights, int64_t K, float* y) {
+  const int64_t H = w.hidden, I = w.expert_inter, E = static_cast<int64_t>(w.experts.size());
+  // Counting sort of (token, k) pairs by expert.
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t i = 0; i < T * K; ++i) ++start[ids[i] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> order(T * K), fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < T * K; ++i) order[fill[ids[i]]++] = i;
+  int64_t max_tokens = 0;
+  for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
+  std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n == 0) continue;
+    CHECK(w.experts[e].loaded()) << "expert " << e << " is routed to but not loaded on this process";
+    for (int64_t j = 0; j < n; ++j) {
+      std::memcpy(xin.data() + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
+    }
+    RunExpert(w.experts[e], H, I, xin.data(), n, out.data(), scratch.data());
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pair = order[start[e] + j];
+      const float g = weights[pair];
+      float* yr = y + (pair / K) * H;
+      const float* o = out.data() + j * H;
+      for (int64_t h = 0; h < H; ++h) yr[h] += g * o[h];
+    }
+  }
+}
+
+void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, float* y) {
+  if (w.shared_inter == 0 || T == 0) return;
+  std::vector<float> out(T * w.hidden), scratch(T * 3 * w.shared_inter);
+  RunExpert(w.shared, w.hidden, w.shared_inter, x, T, out.data(), scratch.data());
+  for (int64_t i = 0; i < T * w.hidden; ++i) y[i] += out[i];
+}
+
+void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y) {
+  std::fill(y, y + T * w.hidden, 0.0f);
+  if (T == 0) return;
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  RouteTokens(w, x, T, &ids, &weights);
+  RoutedExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, y);
+  SharedExpertAccumulate(w, x, T, y);
+}
+
+}  // namespace expertmesh::worker
