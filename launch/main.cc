@@ -8,6 +8,7 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "expertmesh/build_config.h"
 #include "glog/logging.h"
@@ -27,11 +28,11 @@ const Verb kVerbs[] = {
      "--top-p P --seed S] [--dump-logits FILE]\n\nPrompts are JSON lines {\"tokens\":[...]}; prints one JSON "
      "line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order.",
      GenerateMain},
-    {"bench", "launch/bench_cmd.cc", "benchmarks: layer (MoE / MLA layer vs SGEMM peak)",
+    {"bench", "launch/bench", "benchmarks: layer (MoE / MLA layer vs SGEMM peak)",
      "expertmesh bench layer --preset small --tokens T [--json]\n\nTimes one MoE layer and one MLA layer "
      "on the CPU kernels and reports GFLOP/s beside the SGEMM peak of the same BLAS, measured in the same run.",
      BenchMain},
-    {"plan", "launch/plan_cmd.cc", "capacity planner: predict throughput, latency and memory of a plan",
+    {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };
 
@@ -52,7 +53,7 @@ std::vector<char*> ParseVerbFlags(int argc, char** argv) {
   absl::FlagsUsageConfig config;
   const std::string file = g_verb != nullptr ? g_verb->file : "launch/";
   auto filter = [file](absl::string_view path) {
-    return absl::EndsWith(path, file) || absl::EndsWith(path, "launch/flags.cc");
+    return absl::StrContains(path, file) || absl::EndsWith(path, "launch/flags.cc");
   };
   config.contains_help_flags = filter;
   config.contains_helpshort_flags = filter;

@@ -10,7 +10,7 @@ namespace expertmesh::launch {
 
 struct Verb {
   const char* name;
-  const char* file;      // source file defining its flags (for --help)
+  const char* file;      // source files defining its flags start with this (for --help)
   const char* summary;   // one line for `expertmesh --help`
   const char* usage;     // usage text printed by `expertmesh <verb> --help`
   int (*main)(int argc, char** argv);

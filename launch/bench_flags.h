@@ -1,0 +1,15 @@
+// Flags shared by the `bench` sub-benchmarks (defined in bench_flags.cc).
+#pragma once
+
+#include <cstdint>
+
+#include "absl/flags/declare.h"
+
+ABSL_DECLARE_FLAG(int64_t, tokens);
+ABSL_DECLARE_FLAG(int64_t, iters);
+ABSL_DECLARE_FLAG(double, min_seconds);
+
+namespace expertmesh::launch {
+// `expertmesh bench moe-alltoall` (launch/bench_alltoall.cc).
+int BenchMoeAlltoall(int argc, char** argv);
+}  // namespace expertmesh::launch
