@@ -1,10 +1,101 @@
-// Placeholder while this verb is being written; replaced in the same series of commits.
+// expertmesh generate: runs a batch of prompts through the whole model in one process.
 #include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
+#include "launch/flags.h"
+#include "launch/prompts.h"
 #include "launch/verbs.h"
+#include "nlohmann/json.hpp"
+#include "worker/generation.h"
+#include "worker/model.h"
+
+ABSL_FLAG(std::string, prompts, "", "JSON-lines file, one {\"tokens\":[ids...]} per prompt");
+ABSL_FLAG(int64_t, max_new_tokens, 16, "tokens to generate per prompt");
+ABSL_FLAG(double, temperature, 0.0, "sampling temperature; 0 = greedy");
+ABSL_FLAG(int64_t, top_k, 0, "keep the k most likely tokens (0 = all)");
+ABSL_FLAG(double, top_p, 1.0, "keep the smallest set of tokens whose probability reaches p (1 = all)");
+ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "comma-separated ids that end a sequence when generated");
+ABSL_FLAG(std::string, dump_logits, "",
+          "write the logits after each prompt's last token to this safetensors file (tensor \"logits\", "
+          "float32 [num_prompts, vocab_size])");
+
 namespace expertmesh::launch {
+
+namespace {
+int Fail(const absl::Status& s, int code = 1) {
+  std::fprintf(stderr, "expertmesh generate: %s\n", std::string(s.message()).c_str());
+  return code;
+}
+}  // namespace
+
 int GenerateMain(int argc, char** argv) {
   ParseVerbFlags(argc, argv);
-  std::fprintf(stderr, "expertmesh: this verb is not built yet\n");
-  return 3;
+  const std::string dir = absl::GetFlag(FLAGS_checkpoint), prompts_path = absl::GetFlag(FLAGS_prompts);
+  if (dir.empty() || prompts_path.empty()) {
+    return Fail(absl::InvalidArgumentError("--checkpoint DIR and --prompts FILE are required (see --help)"), 2);
+  }
+  kernels::SamplingParams sp;
+  sp.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  sp.top_k = absl::GetFlag(FLAGS_top_k);
+  sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  if (sp.temperature < 0 || sp.top_k < 0 || !(sp.top_p > 0 && sp.top_p <= 1)) {
+    return Fail(absl::InvalidArgumentError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"), 2);
+  }
+  std::vector<int32_t> stop;
+  for (const auto& s : absl::GetFlag(FLAGS_stop_token_ids)) {
+    try {
+      stop.push_back(std::stoi(s));
+    } catch (...) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--stop_token_ids: \"", s, "\" is not an integer")), 2);
+    }
+  }
+  auto prompts = ReadPrompts(prompts_path);
+  if (!prompts.ok()) return Fail(prompts.status());
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  if (!cfg.ok()) return Fail(cfg.status());
+  const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
+  std::vector<worker::GenerationRequest> reqs;
+  for (size_t i = 0; i < prompts->size(); ++i) {
+    absl::Status s = worker::ValidatePrompt(*cfg, (*prompts)[i], max_new, absl::StrCat(prompts_path, ": prompt ", i));
+    if (!s.ok()) return Fail(s);
+    worker::GenerationRequest r;
+    r.prompt = (*prompts)[i];
+    r.max_new_tokens = max_new;
+    r.sampling = sp;
+    r.sampling.seed = absl::GetFlag(FLAGS_seed) + i;  // one seed per sequence
+    r.stop_token_ids = stop;
+    reqs.push_back(std::move(r));
+  }
+  auto shard = worker::ModelShard::Load(dir, ShardFilter{});
+  if (!shard.ok()) return Fail(shard.status());
+  worker::Engine engine(shard->get());
+  worker::GenerationStats stats;
+  auto results = worker::GenerateBatch(&engine, reqs, &stats);
+  if (!results.ok()) return Fail(results.status());
+  const std::string dump = absl::GetFlag(FLAGS_dump_logits);
+  if (!dump.empty()) {
+    SafetensorsWriter w;
+    std::vector<float> all;
+    for (const auto& r : *results) all.insert(all.end(), r.prefill_logits.begin(), r.prefill_logits.end());
+    w.AddF32("logits", {static_cast<int64_t>(results->size()), cfg->vocab_size}, all);
+    absl::Status s = w.Write(dump);
+    if (!s.ok()) return Fail(s);
+  }
+  for (size_t i = 0; i < results->size(); ++i) {
+    nlohmann::json j = {{"index", i}, {"tokens", (*results)[i].tokens}};
+    std::printf("%s\n", j.dump().c_str());
+  }
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "generate: %zu prompts, %lld prompt tokens in %.3f s; %lld new tokens in %lld decode steps, %.3f s\n",
+               results->size(), static_cast<long long>(stats.prompt_tokens), stats.prefill_s,
+               static_cast<long long>(stats.generated_tokens), static_cast<long long>(stats.decode_steps),
+               stats.decode_s);
+  return 0;
 }
+
 }  // namespace expertmesh::launch

@@ -1,5 +1,6 @@
 // `expertmesh`: one command, many verbs (see verbs.h and `expertmesh --help`).
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -43,6 +44,7 @@ void PrintTopHelp() {
               EXPERTMESH_VERSION);
   std::printf("usage: expertmesh <verb> [flags]   (expertmesh <verb> --help for its flags)\n\nverbs:\n");
   for (const Verb& v : kVerbs) std::printf("  %-12s %s\n", v.name, v.summary);
+  std::printf("\nflags may be written --max-new-tokens or --max_new_tokens.\n");
   std::printf("\nbuild: CUDA=%d NCCL=%d UCX=%d\n", EXPERTMESH_HAVE_CUDA, EXPERTMESH_HAVE_NCCL,
               EXPERTMESH_HAVE_UCX);
 }
@@ -87,7 +89,20 @@ int main(int argc, char** argv) {
       std::string name = std::string("expertmesh ") + v.name;
       std::vector<char*> args;
       args.push_back(name.data());
-      for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+      // Accept --max-new-tokens as well as abseil's --max_new_tokens.
+      static std::vector<std::string> storage;
+      storage.reserve(argc);
+      for (int i = 2; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a.rfind("--", 0) == 0) {
+          const size_t end = std::min(a.find('='), a.size());
+          for (size_t k = 2; k < end; ++k) {
+            if (a[k] == '-') a[k] = '_';
+          }
+        }
+        storage.push_back(std::move(a));
+      }
+      for (auto& a : storage) args.push_back(a.data());
       return v.main(static_cast<int>(args.size()), args.data());
     }
   }

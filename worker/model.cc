@@ -1,0 +1,292 @@
+#include "worker/model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+#include "glog/logging.h"
+
+namespace expertmesh::worker {
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Fuses gate [I,H] and up [I,H] into one [2I,H] matrix (gate rows first).
+std::vector<float> Fuse(std::vector<float> gate, const std::vector<float>& up) {
+  gate.insert(gate.end(), up.begin(), up.end());
+  return gate;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& dir, const ShardFilter& filter) {
+  ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
+  ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
+  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, filter), cfg));
+  auto shard = std::unique_ptr<ModelShard>(new ModelShard());
+  shard->cfg_ = cfg;
+  const ShardedCheckpoint* ck = ckpt.get();
+  RETURN_IF_ERROR(shard->Build(filter, [ck, &cfg](const TensorSpec& s) { return LoadF32(*ck, s, cfg); }));
+  return shard;
+}
+
+absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Random(const ModelConfig& cfg, const ShardFilter& filter,
+                                                               uint64_t seed) {
+  RETURN_IF_ERROR(cfg.Validate());
+  auto shard = std::unique_ptr<ModelShard>(new ModelShard());
+  shard->cfg_ = cfg;
+  RETURN_IF_ERROR(shard->Build(filter, [seed](const TensorSpec& s) -> absl::StatusOr<std::vector<float>> {
+    return RandomTensor(s, seed);
+  }));
+  return shard;
+}
+
+absl::Status ModelShard::Build(const ShardFilter& filter, const Getter& get_spec) {
+  const ModelConfig& c = cfg_;
+  std::map<std::string, TensorSpec> spec;
+  for (auto& s : CheckpointSpec(c, filter)) spec.emplace(s.name, s);
+  auto get = [&](const std::string& name, std::vector<float>* out) -> absl::Status {
+    auto it = spec.find(name);
+    if (it == spec.end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
+    ASSIGN_OR_RETURN(*out, get_spec(it->second));
+    return absl::OkStatus();
+  };
+  layer_begin_ = std::max<int64_t>(0, filter.layer_begin);
+  layer_end_ = filter.layer_end < 0 ? c.num_hidden_layers : std::min(filter.layer_end, c.num_hidden_layers);
+  if (filter.embed) RETURN_IF_ERROR(get("model.embed_tokens.weight", &embed_));
+  if (filter.head) {
+    RETURN_IF_ERROR(get("model.norm.weight", &final_norm_));
+    RETURN_IF_ERROR(get("lm_head.weight", &lm_head_));
+  }
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
+    LayerWeights lw;
+    lw.index = l;
+    lw.is_moe = c.IsMoeLayer(l);
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    RETURN_IF_ERROR(get(p + "input_layernorm.weight", &lw.input_norm));
+    RETURN_IF_ERROR(get(p + "post_attention_layernorm.weight", &lw.post_norm));
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      RETURN_IF_ERROR(get(a + "q_a_proj.weight", &lw.attn.q_a));
+      RETURN_IF_ERROR(get(a + "q_a_layernorm.weight", &lw.attn.q_a_norm));
+      RETURN_IF_ERROR(get(a + "q_b_proj.weight", &lw.attn.q_b));
+    } else {
+      RETURN_IF_ERROR(get(a + "q_proj.weight", &lw.attn.q));
+    }
+    RETURN_IF_ERROR(get(a + "kv_a_proj_with_mqa.weight", &lw.attn.kv_a));
+    RETURN_IF_ERROR(get(a + "kv_a_layernorm.weight", &lw.attn.kv_a_norm));
+    RETURN_IF_ERROR(get(a + "kv_b_proj.weight", &lw.attn.kv_b));
+    RETURN_IF_ERROR(get(a + "o_proj.weight", &lw.attn.o));
+    const std::string m = p + "mlp.";
+    std::vector<float> g, u;
+    if (!lw.is_moe) {
+      RETURN_IF_ERROR(get(m + "gate_proj.weight", &g));
+      RETURN_IF_ERROR(get(m + "up_proj.weight", &u));
+      lw.dense.gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(get(m + "down_proj.weight", &lw.dense.down));
+    } else {
+      MoeWeights& mw = lw.moe;
+      mw.hidden = c.hidden_size;
+      mw.expert_inter = c.moe_intermediate_size;
+      mw.shared_inter = c.moe_intermediate_size * c.n_shared_experts;
+      mw.router_params = kernels::RouterParams::FromConfig(c);
+      RETURN_IF_ERROR(get(m + "gate.weight", &mw.router));
+      RETURN_IF_ERROR(get(m + "gate.e_score_correction_bias", &mw.bias));
+      mw.experts.resize(c.n_routed_experts);
+      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+        if (filter.expert && !filter.expert(l, e)) continue;
+        const std::string ep = absl::StrCat(m, "experts.", e, ".");
+        RETURN_IF_ERROR(get(ep + "gate_proj.weight", &g));
+        RETURN_IF_ERROR(get(ep + "up_proj.weight", &u));
+        mw.experts[e].gate_up = Fuse(std::move(g), u);
+        RETURN_IF_ERROR(get(ep + "down_proj.weight", &mw.experts[e].down));
+      }
+      if (c.n_shared_experts > 0) {
+        RETURN_IF_ERROR(get(m + "shared_experts.gate_proj.weight", &g));
+        RETURN_IF_ERROR(get(m + "shared_experts.up_proj.weight", &u));
+        mw.shared.gate_up = Fuse(std::move(g), u);
+        RETURN_IF_ERROR(get(m + "shared_experts.down_proj.weight", &mw.shared.down));
+      }
+    }
+    layers_.push_back(std::move(lw));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LocalMoeRunner::Run(const MoeWeights& w, int64_t, const float* x, int64_t T, float* y) {
+  MoeForwardLocal(w, x, T, y);
+  return absl::OkStatus();
+}
+
+Engine::Engine(const ModelShard* shard, MoeRunner* moe)
+    : shard_(shard),
+      cfg_(shard->config()),
+      moe_(moe != nullptr ? moe : &local_moe_),
+      rope_(shard->config()),
+      mla_(kernels::MlaShape::FromConfig(shard->config())) {}
+
+SequenceCache Engine::NewCache() const {
+  SequenceCache c;
+  c.latent.resize(shard_->layers().size());
+  c.k_pe.resize(shard_->layers().size());
+  return c;
+}
+
+void Engine::Embed(const std::vector<Segment>& segs, std::vector<float>* hidden) const {
+  const int64_t H = cfg_.hidden_size;
+  int64_t T = 0;
+  for (const auto& s : segs) T += s.n;
+  hidden->resize(T * H);
+  int64_t row = 0;
+  for (const auto& s : segs) {
+    for (int64_t i = 0; i < s.n; ++i, ++row) {
+      CHECK(s.tokens[i] >= 0 && s.tokens[i] < cfg_.vocab_size) << "token ids are validated before Embed";
+      std::memcpy(hidden->data() + row * H, shard_->embed().data() + static_cast<int64_t>(s.tokens[i]) * H,
+                  H * sizeof(float));
+    }
+  }
+}
+
+void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs, const float* x,
+                       int64_t T, float* out) {
+  const ModelConfig& c = cfg_;
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads, qd = c.qk_head_dim(), L = c.kv_lora_rank,
+                dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const AttentionWeights& w = lw.attn;
+  std::vector<float> q(T * nh * qd);
+  if (c.q_lora_rank > 0) {
+    std::vector<float> qa(T * c.q_lora_rank);
+    kernels::Linear(x, T, H, w.q_a.data(), c.q_lora_rank, qa.data());
+    kernels::RmsNorm(qa.data(), T, c.q_lora_rank, w.q_a_norm.data(), eps, qa.data());
+    kernels::Linear(qa.data(), T, c.q_lora_rank, w.q_b.data(), nh * qd, q.data());
+  } else {
+    kernels::Linear(x, T, H, w.q.data(), nh * qd, q.data());
+  }
+  std::vector<float> kv(T * (L + dr));
+  kernels::Linear(x, T, H, w.kv_a.data(), L + dr, kv.data());
+  std::vector<float> attn(T * nh * dv);
+  std::vector<float> scratch;
+  int64_t row = 0;
+  for (const Segment& s : segs) {
+    SequenceCache& cache = *s.cache;
+    const int64_t start = cache.length, S = start + s.n;
+    std::vector<float>& lat = cache.latent[slot];
+    std::vector<float>& kpe = cache.k_pe[slot];
+    lat.resize(S * L);
+    kpe.resize(S * dr);
+    for (int64_t i = 0; i < s.n; ++i) {
+      const float* src = kv.data() + (row + i) * (L + dr);
+      kernels::RmsNorm(src, 1, L, w.kv_a_norm.data(), eps, lat.data() + (start + i) * L);
+      std::memcpy(kpe.data() + (start + i) * dr, src + L, dr * sizeof(float));
+      rope_.Apply(kpe.data() + (start + i) * dr, 1, dr, start + i);
+      rope_.Apply(q.data() + (row + i) * nh * qd + c.qk_nope_head_dim, nh, qd, start + i);
+    }
+    const float* qs = q.data() + row * nh * qd;
+    float* os = attn.data() + row * nh * dv;
+    if (s.n == 1) {  // decode: absorbed form over the latent cache
+      scratch.resize(nh * (2 * L + S));
+      kernels::MlaAbsorbed(mla_, qs, 1, lat.data(), kpe.data(), S, w.kv_b.data(), os, scratch.data());
+    } else if (s.n > 0) {  // prefill: expanded form
+      scratch.resize(S * nh * (c.qk_nope_head_dim + dv) + S);
+      kernels::MlaExpanded(mla_, qs, s.n, lat.data(), kpe.data(), S, w.kv_b.data(), os, scratch.data());
+    }
+    row += s.n;
+  }
+  kernels::Linear(attn.data(), T, nh * dv, w.o.data(), H, out);
+}
+
+absl::Status Engine::RunLayers(const std::vector<Segment>& segs, std::vector<float>* hidden) {
+  const int64_t H = cfg_.hidden_size;
+  int64_t T = 0;
+  for (const auto& s : segs) T += s.n;
+  if (static_cast<int64_t>(hidden->size()) != T * H) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden has ", hidden->size(), " values, expected ", T * H));
+  }
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  std::vector<float> normed(T * H), branch(T * H);
+  const auto& layers = shard_->layers();
+  for (size_t li = 0; li < layers.size(); ++li) {
+    const LayerWeights& lw = layers[li];
+    double t0 = Now();
+    kernels::RmsNorm(hidden->data(), T, H, lw.input_norm.data(), eps, normed.data());
+    Attention(lw, li, segs, normed.data(), T, branch.data());
+    for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+    double t1 = Now();
+    times_.attention += t1 - t0;
+    kernels::RmsNorm(hidden->data(), T, H, lw.post_norm.data(), eps, normed.data());
+    if (lw.is_moe) {
+      RETURN_IF_ERROR(moe_->Run(lw.moe, lw.index, normed.data(), T, branch.data()));
+      times_.moe += Now() - t1;
+    } else {
+      std::vector<float> scratch(T * 3 * cfg_.intermediate_size);
+      RunExpert(lw.dense, H, cfg_.intermediate_size, normed.data(), T, branch.data(), scratch.data());
+      times_.dense += Now() - t1;
+    }
+    for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+  }
+  for (const auto& s : segs) s.cache->length += s.n;
+  return absl::OkStatus();
+}
+
+void Engine::Head(const std::vector<Segment>& segs, const std::vector<float>& hidden,
+                  std::vector<float>* logits) const {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  std::vector<float> last;
+  int64_t row = 0;
+  for (const auto& s : segs) {
+    row += s.n;
+    if (s.n == 0) continue;
+    last.insert(last.end(), hidden.begin() + (row - 1) * H, hidden.begin() + row * H);
+  }
+  const int64_t n = static_cast<int64_t>(last.size()) / H;
+  kernels::RmsNorm(last.data(), n, H, shard_->final_norm().data(), static_cast<float>(cfg_.rms_norm_eps),
+                   last.data());
+  logits->resize(n * V);
+  kernels::Linear(last.data(), n, H, shard_->lm_head().data(), V, logits->data());
+}
+
+absl::Status Engine::Forward(const std::vector<Segment>& segs, std::vector<float>* logits) {
+  if (!shard_->has_embed() || !shard_->has_head() || shard_->layer_begin() != 0 ||
+      shard_->layer_end() != cfg_.num_hidden_layers) {
+    return absl::FailedPreconditionError("Forward needs a shard holding the whole model");
+  }
+  for (const auto& s : segs) {
+    if (s.n <= 0) return absl::InvalidArgumentError("Forward: every segment needs at least one token");
+  }
+  double t0 = Now();
+  std::vector<float> hidden;
+  Embed(segs, &hidden);
+  times_.embed_head += Now() - t0;
+  RETURN_IF_ERROR(RunLayers(segs, &hidden));
+  t0 = Now();
+  Head(segs, hidden, logits);
+  times_.embed_head += Now() - t0;
+  return absl::OkStatus();
+}
+
+absl::Status ValidatePrompt(const ModelConfig& cfg, const std::vector<int32_t>& tokens, int64_t max_new_tokens,
+                            const std::string& what) {
+  if (tokens.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty prompt (need at least one token)"));
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= cfg.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": token ", i, " = ", tokens[i], " is out of range [0, ",
+                                                     cfg.vocab_size, ")"));
+    }
+  }
+  if (max_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": max_new_tokens must be >= 0"));
+  if (static_cast<int64_t>(tokens.size()) + max_new_tokens > cfg.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", tokens.size(), " prompt tokens + ", max_new_tokens,
+                                                   " new tokens exceed the context of ", cfg.max_position_embeddings));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace expertmesh::worker

@@ -1,0 +1,151 @@
+// A shard of a DeepSeek-V3 model and the engine that runs it on the CPU.
+//
+// A shard holds the layers [layer_begin, layer_end) of one pipeline stage
+// (all of them for `expertmesh generate`), the embedding on the first stage and
+// the final norm + lm_head on the last. Weights are loaded from an HF
+// checkpoint as fp32 (bf16 / fp8 block-scaled weights dequantised at load);
+// only the tensors of the shard (and, for MoE layers, only the selected
+// experts) are read from the memory-mapped files.
+//
+// A forward step runs a batch of sequence segments: each segment is a number
+// of new tokens of one sequence, appended to that sequence's latent KV cache.
+// Prefill and decode, sequences of different lengths, and sequences joining or
+// leaving between steps are all the same call.
+//
+//   ASSIGN_OR_RETURN(auto shard, ModelShard::Load(dir, ShardFilter{}));
+//   Engine engine(shard.get());
+//   SequenceCache cache = engine.NewCache();
+//   std::vector<Segment> segs = {{&cache, tokens.data(), n}};
+//   RETURN_IF_ERROR(engine.Forward(segs, &logits));   // [num segments, vocab]
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/checkpoint.h"
+#include "common/config.h"
+#include "kernels/cpu/kernels.h"
+#include "worker/moe.h"
+
+namespace expertmesh::worker {
+
+struct AttentionWeights {
+  std::vector<float> q_a, q_a_norm, q_b;  // q_lora_rank > 0
+  std::vector<float> q;                   // q_lora_rank == 0: q_proj
+  std::vector<float> kv_a, kv_a_norm, kv_b, o;
+};
+
+struct LayerWeights {
+  int64_t index = 0;
+  bool is_moe = false;
+  std::vector<float> input_norm, post_norm;
+  AttentionWeights attn;
+  ExpertWeights dense;  // dense layers: fused gate_up [2I, H], down [H, I]
+  MoeWeights moe;       // MoE layers
+};
+
+class ModelShard {
+ public:
+  // Opens the checkpoint folder, validates every tensor the filter selects
+  // (all problems reported at once) and loads them.
+  static absl::StatusOr<std::unique_ptr<ModelShard>> Load(const std::string& dir, const ShardFilter& filter);
+  // Builds a shard with random weights (same values as `expertmesh checkpoint`
+  // with this seed and fp32), without touching the disk: for benchmarks.
+  static absl::StatusOr<std::unique_ptr<ModelShard>> Random(const ModelConfig& cfg, const ShardFilter& filter,
+                                                            uint64_t seed);
+
+  const ModelConfig& config() const { return cfg_; }
+  int64_t layer_begin() const { return layer_begin_; }
+  int64_t layer_end() const { return layer_end_; }  // main-model layers only
+  bool has_embed() const { return !embed_.empty(); }
+  bool has_head() const { return !lm_head_.empty(); }
+  const std::vector<LayerWeights>& layers() const { return layers_; }
+  const std::vector<float>& embed() const { return embed_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
+  const std::vector<float>& lm_head() const { return lm_head_; }
+
+ private:
+  using Getter = std::function<absl::StatusOr<std::vector<float>>(const TensorSpec&)>;
+  absl::Status Build(const ShardFilter& filter, const Getter& get);
+
+  ModelConfig cfg_;
+  int64_t layer_begin_ = 0, layer_end_ = 0;
+  std::vector<LayerWeights> layers_;
+  std::vector<float> embed_, final_norm_, lm_head_;
+};
+
+// Latent KV cache of one sequence over the layers of a shard: per layer,
+// kv_lora_rank normalised latent values and qk_rope_head_dim rotated key
+// values per token (DeepSeek-V3: 576 per token per layer).
+struct SequenceCache {
+  std::vector<std::vector<float>> latent;  // [layer][pos * kv_lora]
+  std::vector<std::vector<float>> k_pe;    // [layer][pos * rope]
+  int64_t length = 0;                      // tokens cached
+};
+
+// `n` new tokens of one sequence at positions [cache->length, cache->length + n).
+struct Segment {
+  SequenceCache* cache = nullptr;
+  const int32_t* tokens = nullptr;  // for shards with the embedding
+  int64_t n = 0;
+};
+
+// Runs the routed experts of a MoE layer. The default runs them locally; the
+// expert-parallel engine replaces it with dispatch/combine over a communicator.
+class MoeRunner {
+ public:
+  virtual ~MoeRunner() = default;
+  // y[T,H] = MoE(x[T,H]) (routed + shared). Called on every rank of a stage
+  // for every MoE layer, also with T == 0.
+  virtual absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) = 0;
+};
+
+class LocalMoeRunner : public MoeRunner {
+ public:
+  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override;
+};
+
+// Time spent per kind of work (seconds), accumulated over calls.
+struct EngineTimes {
+  double attention = 0, moe = 0, dense = 0, embed_head = 0;
+};
+
+class Engine {
+ public:
+  explicit Engine(const ModelShard* shard, MoeRunner* moe = nullptr);
+  SequenceCache NewCache() const;
+
+  // Embedding of the segments' tokens into hidden[T, H] (T = sum of n).
+  void Embed(const std::vector<Segment>& segs, std::vector<float>* hidden) const;
+  // Runs the shard's layers on hidden[T, H] in place, appending to the caches.
+  // Cache lengths advance by n for each segment.
+  absl::Status RunLayers(const std::vector<Segment>& segs, std::vector<float>* hidden);
+  // Final norm + lm_head of the last token of each segment: logits[S, vocab].
+  void Head(const std::vector<Segment>& segs, const std::vector<float>& hidden, std::vector<float>* logits) const;
+  // Embed + RunLayers + Head (the shard must hold the whole model).
+  absl::Status Forward(const std::vector<Segment>& segs, std::vector<float>* logits);
+
+  const EngineTimes& times() const { return times_; }
+
+ private:
+  void Attention(const LayerWeights& lw, size_t layer_slot, const std::vector<Segment>& segs, const float* x,
+                 int64_t T, float* out);
+
+  const ModelShard* shard_;
+  const ModelConfig& cfg_;
+  LocalMoeRunner local_moe_;
+  MoeRunner* moe_;
+  kernels::Rope rope_;
+  kernels::MlaShape mla_;
+  EngineTimes times_;
+};
+
+// Checks a prompt against the model: non-empty, ids in [0, vocab), length +
+// max_new_tokens within max_position_embeddings. `what` names it in errors.
+absl::Status ValidatePrompt(const ModelConfig& cfg, const std::vector<int32_t>& tokens, int64_t max_new_tokens,
+                            const std::string& what);
+
+}  // namespace expertmesh::worker
