@@ -310,7 +310,7 @@ absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
   }
   if (name == "small") {
     // For CPU benchmarks: V3's routing (256 experts, top-8, 8/4 groups) and
-    // MLA shapes at 1/7 of the width; one MoE layer ~ 0.2 GB fp32.
+    // MLA shapes at 1/7 of the width; one MoE layer ~ 0.8 GB fp32.
     c.vocab_size = 32000;
     c.hidden_size = 1024;
     c.intermediate_size = 2816;

@@ -52,6 +52,11 @@ void PrintTopHelp() {
 }  // namespace
 
 std::vector<char*> ParseVerbFlags(int argc, char** argv) {
+  // Idempotent: a verb may hand its arguments to a sub-command that parses again.
+  static bool parsed = false;
+  static std::vector<char*> positional;
+  if (parsed) return positional;
+  parsed = true;
   absl::FlagsUsageConfig config;
   const std::string file = g_verb != nullptr ? g_verb->file : "launch/";
   auto filter = [file](absl::string_view path) {
@@ -65,7 +70,8 @@ std::vector<char*> ParseVerbFlags(int argc, char** argv) {
   };
   absl::SetFlagsUsageConfig(config);
   if (g_verb != nullptr) absl::SetProgramUsageMessage(g_verb->usage);
-  return absl::ParseCommandLine(argc, argv);
+  positional = absl::ParseCommandLine(argc, argv);
+  return positional;
 }
 
 }  // namespace expertmesh::launch

@@ -195,7 +195,7 @@ void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Se
       scratch.resize(nh * (2 * L + S));
       kernels::MlaAbsorbed(mla_, qs, 1, lat.data(), kpe.data(), S, w.kv_b.data(), os, scratch.data());
     } else if (s.n > 0) {  // prefill: expanded form
-      scratch.resize(S * nh * (c.qk_nope_head_dim + dv) + S);
+      scratch.resize(S * nh * (c.qk_nope_head_dim + dv) + s.n * S);
       kernels::MlaExpanded(mla_, qs, s.n, lat.data(), kpe.data(), S, w.kv_b.data(), os, scratch.data());
     }
     row += s.n;

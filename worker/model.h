@@ -130,9 +130,13 @@ class Engine {
 
   const EngineTimes& times() const { return times_; }
 
- private:
+  // The attention of one layer (layers()[layer_slot]) on normed x[T, H]:
+  // out[T, H] = o_proj(MLA(x)), appending the segments' new tokens to the
+  // caches at that layer (cache lengths are not advanced here).
   void Attention(const LayerWeights& lw, size_t layer_slot, const std::vector<Segment>& segs, const float* x,
                  int64_t T, float* out);
+
+ private:
 
   const ModelShard* shard_;
   const ModelConfig& cfg_;

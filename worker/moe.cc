@@ -1,11 +1,53 @@
 #include "worker/moe.h"
 
+#include <cblas.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <functional>
+#include <thread>
 
 #include "glog/logging.h"
 
 namespace expertmesh::worker {
+
+namespace {
+
+// Runs fn(e, xin, out, scratch) for every expert with tokens (start[e] <
+// start[e+1]). Large batches spread experts over one thread per core, each
+// calling single-threaded BLAS (small GEMMs scale better this way than with
+// BLAS's own threads); small ones run inline.
+void ParallelForExperts(const std::vector<int64_t>& start,
+                        const std::function<void(int64_t, float*, float*, float*)>& fn, int64_t H, int64_t I) {
+  const int64_t E = static_cast<int64_t>(start.size()) - 1, total = start[E];
+  int64_t max_tokens = 0;
+  for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
+  const int64_t threads = std::min<int64_t>(std::max(1u, std::thread::hardware_concurrency()), E);
+  if (threads <= 1 || total < 64) {
+    std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
+    for (int64_t e = 0; e < E; ++e) {
+      if (start[e + 1] > start[e]) fn(e, xin.data(), out.data(), scratch.data());
+    }
+    return;
+  }
+  const int blas_threads = openblas_get_num_threads();
+  openblas_set_num_threads(1);
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
+    for (int64_t e; (e = next.fetch_add(1)) < E;) {
+      if (start[e + 1] > start[e]) fn(e, xin.data(), out.data(), scratch.data());
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  openblas_set_num_threads(blas_threads);
+}
+
+}  // namespace
 
 void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int32_t>* ids,
                  std::vector<float>* weights) {
@@ -31,28 +73,36 @@ void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int
 void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,
                              const float* weights, int64_t K, float* y) {
   const int64_t H = w.hidden, I = w.expert_inter, E = static_cast<int64_t>(w.experts.size());
+  if (T == 0) return;
   // Counting sort of (token, k) pairs by expert.
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t i = 0; i < T * K; ++i) ++start[ids[i] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   std::vector<int64_t> order(T * K), fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < T * K; ++i) order[fill[ids[i]]++] = i;
-  int64_t max_tokens = 0;
-  for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
-  std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
   for (int64_t e = 0; e < E; ++e) {
+    CHECK(start[e + 1] == start[e] || w.experts[e].loaded())
+        << "expert " << e << " is routed to but not loaded on this process";
+  }
+  // Each expert writes its outputs into the rows of its (token, k) pairs, so
+  // experts can run on different threads; the weighted sum per token is then
+  // taken in a fixed order (bitwise the same result for any thread count).
+  std::vector<float> pair_out(T * K * H);
+  ParallelForExperts(start, [&](int64_t e, float* xin, float* out, float* scratch) {
     const int64_t n = start[e + 1] - start[e];
-    if (n == 0) continue;
-    CHECK(w.experts[e].loaded()) << "expert " << e << " is routed to but not loaded on this process";
     for (int64_t j = 0; j < n; ++j) {
-      std::memcpy(xin.data() + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
+      std::memcpy(xin + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
     }
-    RunExpert(w.experts[e], H, I, xin.data(), n, out.data(), scratch.data());
+    RunExpert(w.experts[e], H, I, xin, n, out, scratch);
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t pair = order[start[e] + j];
-      const float g = weights[pair];
-      float* yr = y + (pair / K) * H;
-      const float* o = out.data() + j * H;
+      std::memcpy(pair_out.data() + order[start[e] + j] * H, out + j * H, H * sizeof(float));
+    }
+  }, H, I);
+  for (int64_t t = 0; t < T; ++t) {
+    float* yr = y + t * H;
+    for (int64_t k = 0; k < K; ++k) {
+      const float g = weights[t * K + k];
+      const float* o = pair_out.data() + (t * K + k) * H;
       for (int64_t h = 0; h < H; ++h) yr[h] += g * o[h];
     }
   }

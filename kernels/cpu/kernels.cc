@@ -172,28 +172,28 @@ void Softmax(float* x, int64_t n) {
 void MlaExpanded(const MlaShape& s, const float* q, int64_t Tq, const float* latent, const float* k_pe,
                  int64_t S, const float* w_kv_b, float* out, float* scratch) {
   const int64_t H = s.heads, dn = s.nope, dr = s.rope, dv = s.v, qd = dn + dr, kvd = dn + dv;
-  float* kv = scratch;              // [S, H*(dn+dv)]: per head k_nope then v
-  float* p = scratch + S * H * kvd; // [S] attention probabilities
+  const int ld_kv = static_cast<int>(H * kvd), ld_q = static_cast<int>(H * qd), ld_o = static_cast<int>(H * dv);
+  float* kv = scratch;               // [S, H*(dn+dv)]: per head k_nope then v
+  float* sc = scratch + S * H * kvd;  // [Tq, S] scores of one head
   Linear(latent, S, s.kv_lora, w_kv_b, H * kvd, kv);
-  for (int64_t t = 0; t < Tq; ++t) {
-    const int64_t visible = S - Tq + t + 1;
-    for (int64_t h = 0; h < H; ++h) {
-      const float* qh = q + (t * H + h) * qd;
-      for (int64_t j = 0; j < visible; ++j) {
-        const float* kn = kv + j * H * kvd + h * kvd;
-        const float* kr = k_pe + j * dr;
-        float acc = 0.0f;
-        for (int64_t i = 0; i < dn; ++i) acc += qh[i] * kn[i];
-        for (int64_t i = 0; i < dr; ++i) acc += qh[dn + i] * kr[i];
-        p[j] = acc * s.softmax_scale;
-      }
-      Softmax(p, visible);
-      float* o = out + (t * H + h) * dv;
-      std::fill(o, o + dv, 0.0f);
-      for (int64_t j = 0; j < visible; ++j) {
-        cblas_saxpy(static_cast<int>(dv), p[j], kv + j * H * kvd + h * kvd + dn, 1, o, 1);
-      }
+  for (int64_t h = 0; h < H; ++h) {
+    // scores = q_nope . k_nope^T + q_pe . k_pe^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
+                static_cast<int>(dn), s.softmax_scale, q + h * qd, ld_q, kv + h * kvd, ld_kv, 0.0f, sc,
+                static_cast<int>(S));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
+                static_cast<int>(dr), s.softmax_scale, q + h * qd + dn, ld_q, k_pe, static_cast<int>(dr), 1.0f, sc,
+                static_cast<int>(S));
+    for (int64_t t = 0; t < Tq; ++t) {
+      const int64_t visible = S - Tq + t + 1;
+      float* row = sc + t * S;
+      Softmax(row, visible);
+      std::fill(row + visible, row + S, 0.0f);
     }
+    // out_h = P . v_h
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(dv),
+                static_cast<int>(S), 1.0f, sc, static_cast<int>(S), kv + h * kvd + dn, ld_kv, 0.0f, out + h * dv,
+                ld_o);
   }
 }
 

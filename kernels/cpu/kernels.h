@@ -75,7 +75,7 @@ struct MlaShape {
 // Expanded form (prefill): materialises k_nope and v for S cached tokens and
 // runs Tq queries at positions [S - Tq, S) with a causal mask.
 // q: [Tq, heads, nope + rope] (rope part rotated); out: [Tq, heads, v].
-// scratch: at least S * heads * (nope + v) + S floats.
+// scratch: at least S * heads * (nope + v) + Tq * S floats.
 void MlaExpanded(const MlaShape& s, const float* q, int64_t Tq, const float* latent, const float* k_pe,
                  int64_t S, const float* w_kv_b, float* out, float* scratch);
 // Absorbed form (decode): q_nope is folded into the latent space (q.W_uk) and
