@@ -1,0 +1,302 @@
+#include "worker/comm/mpi_communicator.h"
+
+#include <mpi.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
+
+namespace expertmesh::comm {
+namespace {
+
+// Tag of every data-plane message; ordering between a pair comes from MPI's
+// non-overtaking rule on one (communicator, tag).
+constexpr int kDataTag = 7;
+// Messages above this are split (MPI counts are int).
+constexpr size_t kMaxChunk = size_t{1} << 30;
+// After an error, how long cancelled requests may take to finish.
+constexpr absl::Duration kCancelGrace = absl::Seconds(2);
+
+absl::Status MpiError(int code, absl::string_view what) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) len = 0;
+  return absl::InternalError(absl::StrCat(what, " failed: MPI error ", code, " (", std::string(text, len), ")"));
+}
+
+#define EM_MPI_RETURN_IF_ERROR(call)                       \
+  do {                                                     \
+    const int em_mpi_rc_ = (call);                         \
+    if (em_mpi_rc_ != MPI_SUCCESS) return MpiError(em_mpi_rc_, #call); \
+  } while (0)
+
+// Polls `reqs` until all complete, the deadline passes, or `aborted` says so.
+// `on_done(i, status)` runs once per completed request and may return an
+// error. On any error the remaining requests are cancelled (or, if they cannot
+// be, released) before returning. `describe(i)` names request i in errors.
+template <typename OnDone, typename Aborted, typename Describe>
+absl::Status WaitAll(std::vector<MPI_Request>& reqs, absl::Time deadline, OnDone on_done, Aborted aborted,
+                     Describe describe, absl::string_view what) {
+  const int n = static_cast<int>(reqs.size());
+  std::vector<int> idx(reqs.size());
+  std::vector<MPI_Status> st(reqs.size());
+  int remaining = n;
+  absl::Status error;
+  while (remaining > 0) {
+    int count = 0;
+    const int rc = MPI_Testsome(n, reqs.data(), &count, idx.data(), st.data());
+    if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
+      error = MpiError(rc, what);
+      break;
+    }
+    if (count == MPI_UNDEFINED) break;  // every request is already MPI_REQUEST_NULL
+    for (int j = 0; j < count && error.ok(); ++j) {
+      if (rc == MPI_ERR_IN_STATUS && st[j].MPI_ERROR != MPI_SUCCESS) {
+        error = MpiError(st[j].MPI_ERROR, absl::StrCat(what, ": ", describe(idx[j])));
+      } else {
+        error = on_done(idx[j], st[j]);
+      }
+    }
+    remaining -= count;
+    if (!error.ok()) break;
+    if (remaining == 0) break;
+    if (aborted()) {
+      error = absl::AbortedError("aborted");
+      break;
+    }
+    if (count == 0) {
+      if (absl::Now() >= deadline) {
+        std::vector<std::string> pending;
+        for (int i = 0; i < n; ++i) {
+          if (reqs[i] != MPI_REQUEST_NULL) pending.push_back(describe(i));
+        }
+        error = absl::DeadlineExceededError(absl::StrCat(
+            what, ": deadline passed with ", remaining, " of ", n, " transfers pending (",
+            absl::StrJoin(pending.begin(), pending.begin() + std::min<size_t>(pending.size(), 8), ", "),
+            pending.size() > 8 ? ", ..." : "", "); a peer died or stalled"));
+        break;
+      }
+      sched_yield();
+    }
+  }
+  if (error.ok()) return error;
+  // Cancel what is left; give the transport a moment to confirm, then let go.
+  for (MPI_Request& r : reqs) {
+    if (r != MPI_REQUEST_NULL) MPI_Cancel(&r);
+  }
+  const absl::Time grace = absl::Now() + kCancelGrace;
+  for (MPI_Request& r : reqs) {
+    int done = 0;
+    while (r != MPI_REQUEST_NULL && !done && absl::Now() < grace) {
+      MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+      if (!done) sched_yield();
+    }
+    if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+  }
+  return error;
+}
+
+absl::StatusOr<MPI_Comm> DupWorld(absl::Time deadline) {
+  if (!MpiInitialized()) {
+    return absl::FailedPreconditionError("MPI is not initialised: call InitMpi first (and run under mpirun)");
+  }
+  MPI_Comm dup = MPI_COMM_NULL;
+  MPI_Request req = MPI_REQUEST_NULL;
+  EM_MPI_RETURN_IF_ERROR(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req));
+  std::vector<MPI_Request> reqs{req};
+  RETURN_IF_ERROR(WaitAll(
+      reqs, deadline, [](int, const MPI_Status&) { return absl::OkStatus(); }, [] { return false; },
+      [](int) { return std::string("MPI_Comm_idup"); }, "duplicating MPI_COMM_WORLD"));
+  EM_MPI_RETURN_IF_ERROR(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN));
+  return dup;
+}
+
+class MpiCommunicator : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, int rank, int size) : Communicator(rank, size), comm_(comm) {}
+  ~MpiCommunicator() override {
+    if (comm_ != MPI_COMM_NULL && MpiInitialized()) MPI_Comm_free(&comm_);
+  }
+  absl::string_view backend() const override { return "mpi"; }
+  Caps caps() const override {
+    Caps c;
+    c.host_memory = true;
+    return c;
+  }
+
+ protected:
+  absl::Status RunRemote(const Batch& batch, absl::Time deadline) override {
+    reqs_.clear();
+    ops_.clear();
+    // Receives first, so that eager messages land in posted buffers.
+    for (const Batch::Op& op : batch.recvs) RETURN_IF_ERROR(Post(op, /*send=*/false));
+    for (const Batch::Op& op : batch.sends) RETURN_IF_ERROR(Post(op, /*send=*/true));
+    auto on_done = [&](int i, const MPI_Status& st) -> absl::Status {
+      const Chunk& c = ops_[static_cast<size_t>(i)];
+      if (c.send) return absl::OkStatus();
+      int got = 0;
+      MPI_Get_count(&st, MPI_BYTE, &got);
+      if (static_cast<size_t>(got) != c.bytes) {
+        return absl::InternalError(absl::StrCat("mpi: rank ", rank(), " expected ", c.bytes, " bytes from rank ",
+                                                c.peer, " but got ", got, "; the ranks' batches disagree"));
+      }
+      return absl::OkStatus();
+    };
+    auto describe = [&](int i) {
+      const Chunk& c = ops_[static_cast<size_t>(i)];
+      return absl::StrCat(c.send ? "send to rank " : "receive from rank ", c.peer);
+    };
+    absl::Status s = WaitAll(reqs_, deadline, on_done, [this] { return aborted(); }, describe,
+                             absl::StrCat("mpi batch on rank ", rank(), " of ", size()));
+    if (s.code() == absl::StatusCode::kAborted) return abort_status();
+    return s;
+  }
+
+ private:
+  struct Chunk {
+    int peer;
+    size_t bytes;
+    bool send;
+  };
+
+  absl::Status Post(const Batch::Op& op, bool send) {
+    size_t off = 0;
+    do {
+      const size_t n = std::min(kMaxChunk, op.bytes - off);
+      MPI_Request r = MPI_REQUEST_NULL;
+      char* p = static_cast<char*>(op.data) + off;
+      const int rc = send ? MPI_Isend(p, static_cast<int>(n), MPI_BYTE, op.peer, kDataTag, comm_, &r)
+                          : MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, op.peer, kDataTag, comm_, &r);
+      if (rc != MPI_SUCCESS) {
+        absl::Status s = MpiError(rc, send ? "MPI_Isend" : "MPI_Irecv");
+        for (MPI_Request& q : reqs_) {
+          MPI_Cancel(&q);
+          MPI_Request_free(&q);
+        }
+        return s;
+      }
+      reqs_.push_back(r);
+      ops_.push_back({op.peer, n, send});
+      off += n;
+    } while (off < op.bytes);
+    return absl::OkStatus();
+  }
+
+  MPI_Comm comm_;
+  std::vector<MPI_Request> reqs_;
+  std::vector<Chunk> ops_;
+};
+
+class MpiBootstrap : public Bootstrap {
+ public:
+  MpiBootstrap(MPI_Comm comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {}
+  ~MpiBootstrap() override {
+    if (comm_ != MPI_COMM_NULL && MpiInitialized()) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  absl::StatusOr<std::vector<std::string>> AllGather(absl::string_view mine, absl::Time deadline) override {
+    if (mine.size() > static_cast<size_t>(INT_MAX)) {
+      return absl::InvalidArgumentError("mpi bootstrap: value over 2 GiB");
+    }
+    const int n = size_;
+    int my_len = static_cast<int>(mine.size());
+    std::vector<int> lens(static_cast<size_t>(n));
+    RETURN_IF_ERROR(Collective(deadline, [&](MPI_Request* r) {
+      return MPI_Iallgather(&my_len, 1, MPI_INT, lens.data(), 1, MPI_INT, comm_, r);
+    }));
+    std::vector<int> displs(static_cast<size_t>(n));
+    int64_t total = 0;
+    for (int r = 0; r < n; ++r) {
+      displs[r] = static_cast<int>(total);
+      total += lens[r];
+    }
+    if (total > INT_MAX) return absl::InvalidArgumentError("mpi bootstrap: values add up to over 2 GiB");
+    std::string all(static_cast<size_t>(total), '\0');
+    std::string in(mine);
+    RETURN_IF_ERROR(Collective(deadline, [&](MPI_Request* r) {
+      return MPI_Iallgatherv(in.data(), my_len, MPI_BYTE, all.data(), lens.data(), displs.data(), MPI_BYTE, comm_,
+                             r);
+    }));
+    std::vector<std::string> out(static_cast<size_t>(n));
+    for (int r = 0; r < n; ++r) out[r] = all.substr(static_cast<size_t>(displs[r]), static_cast<size_t>(lens[r]));
+    return out;
+  }
+
+ private:
+  template <typename Start>
+  absl::Status Collective(absl::Time deadline, Start start) {
+    MPI_Request req = MPI_REQUEST_NULL;
+    EM_MPI_RETURN_IF_ERROR(start(&req));
+    std::vector<MPI_Request> reqs{req};
+    return WaitAll(
+        reqs, deadline, [](int, const MPI_Status&) { return absl::OkStatus(); }, [] { return false; },
+        [](int) { return std::string("all-gather"); },
+        absl::StrCat("mpi bootstrap all-gather on rank ", rank_, " of ", size_));
+  }
+
+  MPI_Comm comm_;
+  int rank_, size_;
+};
+
+}  // namespace
+
+absl::Status InitMpi(int* argc, char*** argv) {
+  if (MpiInitialized()) return absl::OkStatus();
+  int provided = 0;
+  const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided);
+  if (rc != MPI_SUCCESS) return MpiError(rc, "MPI_Init_thread");
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  return absl::OkStatus();
+}
+
+bool MpiInitialized() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+
+absl::Status FinalizeMpi() {
+  if (!MpiInitialized()) return absl::OkStatus();
+  EM_MPI_RETURN_IF_ERROR(MPI_Finalize());
+  return absl::OkStatus();
+}
+
+int MpiWorldRank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int MpiWorldSize() {
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(absl::Time deadline) {
+  ASSIGN_OR_RETURN(MPI_Comm comm, DupWorld(deadline));
+  int rank = 0, size = 0;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  return std::unique_ptr<Communicator>(new MpiCommunicator(comm, rank, size));
+}
+
+absl::StatusOr<std::unique_ptr<Bootstrap>> CreateMpiBootstrap(absl::Time deadline) {
+  ASSIGN_OR_RETURN(MPI_Comm comm, DupWorld(deadline));
+  int rank = 0, size = 0;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  return std::unique_ptr<Bootstrap>(new MpiBootstrap(comm, rank, size));
+}
+
+}  // namespace expertmesh::comm

@@ -1,0 +1,376 @@
+#include "worker/dispatch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace expertmesh::worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// One (slot, weight) entry of a record header; slot -1 marks padding.
+struct WireEntry {
+  int32_t slot;
+  float weight;
+};
+
+int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+}  // namespace
+
+uint8_t FastFloatToF8E4M3(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return 0x7f;                                // NaN
+  if (abs >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);  // >= 448: saturate
+  if (abs < 0x3c800000u) {                                            // < 2^-6: subnormal, step 2^-9
+    float a;
+    std::memcpy(&a, &abs, 4);
+    const float t = a * 512.0f + 8388608.0f;  // adding 2^23 rounds to an integer, ties to even
+    uint32_t tb;
+    std::memcpy(&tb, &t, 4);
+    return static_cast<uint8_t>(sign | (tb - 0x4b000000u));
+  }
+  // Normal: keep 3 of 23 mantissa bits, round to nearest even, rebias 127 -> 7.
+  uint32_t r = (abs + 0x7ffffu + ((abs >> 20) & 1u)) >> 20;
+  r -= (127u - 7u) << 3;
+  return static_cast<uint8_t>(sign | std::min(r, 0x7eu));
+}
+
+void QuantizeFp8Blocks(const float* x, int64_t n, uint8_t* q, float* scales) {
+  for (int64_t b = 0; b * kFp8Block < n; ++b) {
+    const int64_t lo = b * kFp8Block, hi = std::min(n, lo + kFp8Block);
+    float amax = 0;
+    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / kF8E4M3Max;
+    const float inv = amax > 0 ? kF8E4M3Max / amax : 0.0f;
+    scales[b] = scale;
+    for (int64_t i = lo; i < hi; ++i) q[i] = FastFloatToF8E4M3(x[i] * inv);
+  }
+}
+
+void DequantizeFp8Blocks(const uint8_t* q, const float* scales, int64_t n, float* x) {
+  for (int64_t b = 0; b * kFp8Block < n; ++b) {
+    const int64_t lo = b * kFp8Block, hi = std::min(n, lo + kFp8Block);
+    const float scale = scales[b];
+    for (int64_t i = lo; i < hi; ++i) x[i] = F8E4M3ToFloat(q[i]) * scale;
+  }
+}
+
+EpDispatcher::EpDispatcher(comm::Communicator* comm, const topology::ExpertPlacement* placement,
+                           DispatchOptions options)
+    : comm_(comm), placement_(placement), options_(options) {
+  const int64_t H = options_.hidden;
+  header_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(WireEntry));
+  // fp8 payload: the scales first (4-byte aligned), then one byte per value.
+  payload_bytes_ = options_.fp8 ? (H + kFp8Block - 1) / kFp8Block * 4 + H : H * 4;
+  record_bytes_ = RoundUp(header_bytes_ + payload_bytes_, 16);
+  const size_t P = static_cast<size_t>(comm_->size());
+  send_count_.assign(P, 0);
+  send_start_.assign(P + 1, 0);
+  recv_count_.assign(P, 0);
+  slot_start_.assign(1, 0);
+}
+
+const float* EpDispatcher::token(int64_t i) const {
+  if (options_.fp8) return recv_x_.data() + i * options_.hidden;
+  return reinterpret_cast<const float*>(recv_buf_.data() + i * record_bytes_ + header_bytes_);
+}
+
+absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* weights) {
+  const int P = comm_->size();
+  const int64_t K = options_.top_k, E = placement_->num_experts();
+  pair_rank_.resize(static_cast<size_t>(T * K));
+  pair_slot_.resize(static_cast<size_t>(T * K));
+  pair_weight_.assign(weights, weights + T * K);
+  std::fill(send_count_.begin(), send_count_.end(), 0);
+  // Replica of every (token, k); tokens per destination rank, each counted once.
+  std::vector<int64_t> last(static_cast<size_t>(P), -1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = ids[t * K + k];
+      if (e < 0 || e >= E) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("dispatch: token ", t, " is routed to expert ", e, ", outside [0, ", E, ")"));
+      }
+      const auto [r, s] = placement_->Replica(e, t);
+      pair_rank_[t * K + k] = r;
+      pair_slot_[t * K + k] = s;
+      if (last[r] != t) {
+        last[r] = t;
+        ++send_count_[r];
+      }
+    }
+  }
+  send_start_[0] = 0;
+  for (int p = 0; p < P; ++p) send_start_[p + 1] = send_start_[p] + send_count_[p];
+  num_send_ = send_start_[P];
+  // Record order: by destination, tokens ascending inside each. The combine
+  // receive buffer has the same order, so record j's partial row is row j.
+  send_token_.resize(static_cast<size_t>(num_send_));
+  token_start_.assign(static_cast<size_t>(T + 1), 0);
+  token_records_.resize(static_cast<size_t>(num_send_));
+  std::vector<int64_t> fill(send_start_.begin(), send_start_.end() - 1);
+  std::fill(last.begin(), last.end(), -1);
+  int64_t n = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    token_start_[t] = n;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t r = pair_rank_[t * K + k];
+      if (last[r] == t) continue;
+      last[r] = t;
+      const int64_t j = fill[r]++;
+      send_token_[j] = static_cast<int32_t>(t);
+      token_records_[n++] = j;
+    }
+  }
+  token_start_[T] = n;
+  return absl::OkStatus();
+}
+
+void EpDispatcher::Pack(const float* x) {
+  const int P = comm_->size();
+  const int64_t H = options_.hidden, K = options_.top_k;
+  send_buf_.resize(static_cast<size_t>(num_send_ * record_bytes_));
+  const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
+  if (options_.fp8) {
+    // Quantise each token once, then copy its bytes to every destination.
+    quant_.resize(static_cast<size_t>(T_ * payload_bytes_));
+    for (int64_t t = 0; t < T_; ++t) {
+      char* dst = quant_.data() + t * payload_bytes_;
+      QuantizeFp8Blocks(x + t * H, H, reinterpret_cast<uint8_t*>(dst + nscale * 4), reinterpret_cast<float*>(dst));
+    }
+  }
+  for (int r = 0; r < P; ++r) {
+    for (int64_t j = send_start_[r]; j < send_start_[r + 1]; ++j) {
+      const int64_t t = send_token_[j];
+      char* rec = send_buf_.data() + j * record_bytes_;
+      WireEntry* hdr = reinterpret_cast<WireEntry*>(rec);
+      int64_t m = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (pair_rank_[t * K + k] == r) hdr[m++] = WireEntry{pair_slot_[t * K + k], pair_weight_[t * K + k]};
+      }
+      for (; m < K; ++m) hdr[m] = WireEntry{-1, 0.0f};
+      if (options_.fp8) {
+        std::memcpy(rec + header_bytes_, quant_.data() + t * payload_bytes_, static_cast<size_t>(payload_bytes_));
+      } else {
+        std::memcpy(rec + header_bytes_, x + t * H, static_cast<size_t>(H * 4));
+      }
+    }
+  }
+}
+
+absl::Status EpDispatcher::Unpack() {
+  const int64_t H = options_.hidden, K = options_.top_k;
+  const int64_t S = static_cast<int64_t>(placement_->slots_of_rank(comm_->rank()).size());
+  slot_start_.assign(static_cast<size_t>(S + 1), 0);
+  for (int64_t i = 0; i < num_recv_; ++i) {
+    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(recv_buf_.data() + i * record_bytes_);
+    int64_t m = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t s = hdr[k].slot;
+      if (s < 0) continue;
+      if (s >= S) {
+        return absl::InternalError(absl::StrCat("dispatch: rank ", comm_->rank(), " received a record for slot ", s,
+                                                " but holds ", S, " slots; the ranks' placements disagree"));
+      }
+      ++slot_start_[s + 1];
+      ++m;
+    }
+    if (m == 0) {
+      return absl::InternalError(
+          absl::StrCat("dispatch: rank ", comm_->rank(), " received record ", i, " that names no slot"));
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) slot_start_[s + 1] += slot_start_[s];
+  slot_entries_.resize(static_cast<size_t>(slot_start_[S]));
+  std::vector<int64_t> fill(slot_start_.begin(), slot_start_.end() - 1);
+  for (int64_t i = 0; i < num_recv_; ++i) {
+    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(recv_buf_.data() + i * record_bytes_);
+    for (int64_t k = 0; k < K; ++k) {
+      if (hdr[k].slot >= 0) slot_entries_[fill[hdr[k].slot]++] = SlotEntry{i, hdr[k].weight};
+    }
+  }
+  if (options_.fp8) {
+    const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
+    recv_x_.resize(static_cast<size_t>(num_recv_ * H));
+    for (int64_t i = 0; i < num_recv_; ++i) {
+      const char* p = recv_buf_.data() + i * record_bytes_ + header_bytes_;
+      DequantizeFp8Blocks(reinterpret_cast<const uint8_t*>(p + nscale * 4), reinterpret_cast<const float*>(p), H,
+                          recv_x_.data() + i * H);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* ids, const float* weights) {
+  times_ = DispatchTimes{};
+  const int P = comm_->size();
+  if (placement_->num_ranks() != P) {
+    return absl::InvalidArgumentError(absl::StrCat("dispatch: the placement has ", placement_->num_ranks(),
+                                                   " ranks but the communicator has ", P));
+  }
+  if (options_.hidden <= 0 || options_.top_k <= 0) {
+    return absl::InvalidArgumentError("dispatch: hidden and top_k must be positive");
+  }
+  if (T < 0 || (T > 0 && (x == nullptr || ids == nullptr || weights == nullptr))) {
+    return absl::InvalidArgumentError("dispatch: T < 0 or null inputs");
+  }
+  T_ = T;
+  auto t0 = Clock::now();
+  RETURN_IF_ERROR(Layout(T, ids, weights));
+  times_.layout = Since(t0);
+
+  t0 = Clock::now();
+  Pack(x);
+  times_.pack = Since(t0);
+
+  t0 = Clock::now();
+  const absl::Time deadline = absl::Now() + options_.timeout;
+  RETURN_IF_ERROR(comm_->AllToAll(send_count_.data(), recv_count_.data(), sizeof(int64_t), comm::MemoryKind::kHost,
+                                  deadline));
+  num_recv_ = 0;
+  std::vector<int64_t> recv_start(static_cast<size_t>(P) + 1, 0);
+  for (int p = 0; p < P; ++p) {
+    if (recv_count_[p] < 0) {
+      return absl::InternalError(absl::StrCat("dispatch: rank ", p, " announced ", recv_count_[p], " records"));
+    }
+    recv_start[p + 1] = recv_start[p] + recv_count_[p];
+  }
+  num_recv_ = recv_start[P];
+  recv_buf_.resize(static_cast<size_t>(num_recv_ * record_bytes_));
+  const size_t rb = static_cast<size_t>(record_bytes_), hb = static_cast<size_t>(options_.hidden * 4);
+  auto& d = dispatch_layout_;
+  auto& c = combine_layout_;
+  for (auto* v : {&d.send_bytes, &d.send_offsets, &d.recv_bytes, &d.recv_offsets, &c.send_bytes, &c.send_offsets,
+                  &c.recv_bytes, &c.recv_offsets}) {
+    v->resize(static_cast<size_t>(P));
+  }
+  for (int p = 0; p < P; ++p) {
+    d.send_bytes[p] = static_cast<size_t>(send_count_[p]) * rb;
+    d.send_offsets[p] = static_cast<size_t>(send_start_[p]) * rb;
+    d.recv_bytes[p] = static_cast<size_t>(recv_count_[p]) * rb;
+    d.recv_offsets[p] = static_cast<size_t>(recv_start[p]) * rb;
+    // The combine is the dispatch reversed, with rows of H floats.
+    c.send_bytes[p] = static_cast<size_t>(recv_count_[p]) * hb;
+    c.send_offsets[p] = static_cast<size_t>(recv_start[p]) * hb;
+    c.recv_bytes[p] = static_cast<size_t>(send_count_[p]) * hb;
+    c.recv_offsets[p] = static_cast<size_t>(send_start_[p]) * hb;
+  }
+  RETURN_IF_ERROR(comm_->AllToAllV(send_buf_.data(), recv_buf_.data(), d, comm::MemoryKind::kHost, deadline));
+  times_.dispatch_comm = Since(t0);
+
+  t0 = Clock::now();
+  RETURN_IF_ERROR(Unpack());
+  combine_send_.resize(static_cast<size_t>(num_recv_ * options_.hidden));
+  times_.unpack = Since(t0);
+  return absl::OkStatus();
+}
+
+absl::Status EpDispatcher::Combine(float* y) {
+  const int64_t H = options_.hidden;
+  auto t0 = Clock::now();
+  combine_recv_.resize(static_cast<size_t>(num_send_ * H));
+  RETURN_IF_ERROR(comm_->AllToAllV(combine_send_.data(), combine_recv_.data(), combine_layout_,
+                                   comm::MemoryKind::kHost, absl::Now() + options_.timeout));
+  times_.combine_comm = Since(t0);
+
+  t0 = Clock::now();
+  for (int64_t t = 0; t < T_; ++t) {
+    float* yt = y + t * H;
+    const int64_t b = token_start_[t], e = token_start_[t + 1];
+    if (b == e) {
+      std::fill(yt, yt + H, 0.0f);
+      continue;
+    }
+    std::memcpy(yt, combine_recv_.data() + token_records_[b] * H, static_cast<size_t>(H * 4));
+    for (int64_t j = b + 1; j < e; ++j) {
+      const float* src = combine_recv_.data() + token_records_[j] * H;
+      for (int64_t h = 0; h < H; ++h) yt[h] += src[h];
+    }
+  }
+  times_.combine = Since(t0);
+  return absl::OkStatus();
+}
+
+ExpertParallelMoe::ExpertParallelMoe(comm::Communicator* comm, const topology::ExpertPlacement* placement,
+                                     const MoeWeights* weights, DispatchOptions options)
+    : w_(weights), dispatcher_(comm, placement, options) {}
+
+void ExpertParallelMoe::RunLocalExperts() {
+  const int64_t H = w_->hidden, I = w_->expert_inter;
+  EpDispatcher& d = dispatcher_;
+  std::vector<char> written(static_cast<size_t>(d.num_records()), 0);
+  for (int64_t s = 0; s < d.num_local_slots(); ++s) {
+    const auto entries = d.slot_entries(s);
+    const int64_t n = static_cast<int64_t>(entries.size());
+    if (n == 0) continue;
+    const int32_t e = d.slot_expert(s);
+    xin_.resize(static_cast<size_t>(n * H));
+    out_.resize(static_cast<size_t>(n * H));
+    scratch_.resize(static_cast<size_t>(n * 3 * I));
+    for (int64_t j = 0; j < n; ++j) {
+      std::memcpy(xin_.data() + j * H, d.token(entries[j].record), static_cast<size_t>(H * 4));
+    }
+    RunExpert(w_->experts[e], H, I, xin_.data(), n, out_.data(), scratch_.data());
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t rec = entries[j].record;
+      const float g = entries[j].weight;
+      float* row = d.partial(rec);
+      const float* o = out_.data() + j * H;
+      if (!written[rec]) {
+        for (int64_t h = 0; h < H; ++h) row[h] = g * o[h];
+        written[rec] = 1;
+      } else {
+        for (int64_t h = 0; h < H; ++h) row[h] += g * o[h];
+      }
+    }
+  }
+}
+
+absl::Status ExpertParallelMoe::CheckLocalExperts() const {
+  if (checked_) return absl::OkStatus();
+  const EpDispatcher& d = dispatcher_;
+  if (w_->hidden != d.hidden()) {
+    return absl::InvalidArgumentError(absl::StrCat("expert-parallel MoE: weights have hidden ", w_->hidden,
+                                                   " but the dispatcher was built for ", d.hidden()));
+  }
+  for (int64_t s = 0; s < d.num_local_slots(); ++s) {
+    const int32_t e = d.slot_expert(s);
+    if (e < 0 || e >= static_cast<int32_t>(w_->experts.size()) || !w_->experts[e].loaded()) {
+      return absl::FailedPreconditionError(absl::StrCat("expert-parallel MoE: expert ", e, " of local slot ", s,
+                                                        " is not loaded on this rank; load every expert that the "
+                                                        "placement puts on it"));
+    }
+  }
+  checked_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status ExpertParallelMoe::Forward(const float* x, int64_t T, float* y) {
+  // Checked before the first all-to-all, so that a bad rank fails alone and
+  // early instead of leaving its peers to their deadline mid-step.
+  RETURN_IF_ERROR(CheckLocalExperts());
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  if (T > 0) RouteTokens(*w_, x, T, &ids, &weights);
+  RETURN_IF_ERROR(dispatcher_.Dispatch(x, T, ids.data(), weights.data()));
+  auto t0 = Clock::now();
+  RunLocalExperts();
+  expert_seconds_ = Since(t0);
+  RETURN_IF_ERROR(dispatcher_.Combine(y));
+  if (T > 0) SharedExpertAccumulate(*w_, x, T, y);
+  return absl::OkStatus();
+}
+
+}  // namespace expertmesh::worker

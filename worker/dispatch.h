@@ -1,0 +1,196 @@
+// Expert-parallel dispatch/combine: the MoE layer's routed experts spread
+// over the EP ranks of a stage, tokens moved to them and back by all-to-alls.
+//
+// One step, on every rank (each rank owns the tokens of its own sequences):
+//   1. layout — for each token and each of its top-k experts, the replica
+//      (rank, local slot) from the ExpertPlacement; tokens per destination rank;
+//   2. pack — each token goes ONCE to each destination rank, as one record:
+//      the list of that rank's (slot, weight) pairs followed by the hidden
+//      state (fp32, or fp8 e4m3 with one fp32 scale per 128 values);
+//   3. dispatch all-to-all-v (after a small all-to-all of record counts);
+//   4. the expert side: grouped by local slot, every record's token runs
+//      through the experts the record names; the weighted outputs are summed
+//      into ONE partial row per record (weights applied where the experts are);
+//   5. combine all-to-all-v: the partial rows go back to their owners;
+//   6. combine: each token's output is the sum of its partial rows, written
+//      in the original token order. The shared expert is added locally.
+// Every rank joins both all-to-alls, also with zero tokens or zero slots.
+//
+// EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the layer below
+// runs the SwiGLU experts; the benchmark runs identity experts).
+// ExpertParallelMoe is the whole layer and equals MoeForwardLocal.
+//
+//   DispatchOptions o;
+//   o.hidden = H;
+//   o.top_k = 8;
+//   EpDispatcher d(comm, &placement, o);
+//   RETURN_IF_ERROR(d.Dispatch(x, T, ids, weights));
+//   for (int64_t s = 0; s < d.num_local_slots(); ++s)
+//     for (const EpDispatcher::SlotEntry& e : d.slot_entries(s))
+//       ... write or add e.weight * expert(d.token(e.record)) into d.partial(e.record) ...
+//   RETURN_IF_ERROR(d.Combine(y));
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "topology/placement.h"
+#include "worker/comm/communicator.h"
+#include "worker/moe.h"
+
+namespace expertmesh::worker {
+
+struct DispatchOptions {
+  int64_t hidden = 0;        // H, values per token
+  int64_t top_k = 0;         // experts per token
+  bool fp8 = false;          // dispatch payload as e4m3 + one fp32 scale per 128 values
+  absl::Duration timeout = absl::Seconds(60);  // deadline of each all-to-all
+};
+
+// Values per fp8 scale block.
+constexpr int64_t kFp8Block = 128;
+
+// Wall time of the phases of the last Dispatch and Combine, in seconds.
+struct DispatchTimes {
+  double layout = 0;         // replica choice, counts, record order
+  double pack = 0;           // copy (and quantise) tokens into the send buffer
+  double dispatch_comm = 0;  // counts all-to-all + payload all-to-all-v
+  double unpack = 0;         // index received records by slot (and dequantise)
+  double combine_comm = 0;   // partial rows all-to-all-v
+  double combine = 0;        // sum of partial rows into the output, in token order
+  double dispatch_total() const { return layout + pack + dispatch_comm + unpack; }
+  double combine_total() const { return combine_comm + combine; }
+  double arithmetic() const { return layout + pack + unpack + combine; }
+};
+
+class EpDispatcher {
+ public:
+  // One record entry on the expert side: record index and the gate weight.
+  struct SlotEntry {
+    int64_t record;
+    float weight;
+  };
+
+  // `comm` and `placement` must outlive the dispatcher; placement.num_ranks()
+  // must equal comm->size() (checked by Dispatch).
+  EpDispatcher(comm::Communicator* comm, const topology::ExpertPlacement* placement, DispatchOptions options);
+
+  // Steps 1–3 for T local tokens: x [T, H], ids and weights [T, top_k]
+  // (router output; ids are logical experts). Blocking: returns when this
+  // rank has received every record sent to it, or an error from the
+  // communicator (each all-to-all has the options' timeout as deadline).
+  // x, ids and weights may be released once it returns. T may be 0.
+  absl::Status Dispatch(const float* x, int64_t T, const int32_t* ids, const float* weights);
+
+  // Expert side, valid after Dispatch until the next Dispatch.
+  int64_t num_records() const { return num_recv_; }
+  int64_t num_local_slots() const { return static_cast<int64_t>(slot_start_.size()) - 1; }
+  // The entries of local slot s (records whose token goes through slot s).
+  absl::Span<const SlotEntry> slot_entries(int64_t s) const {
+    return absl::MakeConstSpan(slot_entries_).subspan(static_cast<size_t>(slot_start_[s]),
+                                                      static_cast<size_t>(slot_start_[s + 1] - slot_start_[s]));
+  }
+  // The logical expert of local slot s.
+  int32_t slot_expert(int64_t s) const { return placement_->slots_of_rank(comm_->rank())[s]; }
+  // Hidden state of record i (H floats; dequantised when fp8).
+  const float* token(int64_t i) const;
+  // The partial-sum row of record i (H floats). Uninitialised after
+  // Dispatch: the expert side must write every row (each record names at
+  // least one slot), e.g. assign at a record's first entry and add after.
+  float* partial(int64_t i) { return combine_send_.data() + i * options_.hidden; }
+
+  // Steps 5–6: sends the partial rows back and writes y [T, H] (the T of the
+  // last Dispatch) = sum of the token's partial rows, overwriting y. Blocking,
+  // same errors as Dispatch. Every rank calls it after every Dispatch.
+  absl::Status Combine(float* y);
+
+  const DispatchTimes& times() const { return times_; }
+  int64_t hidden() const { return options_.hidden; }
+  // Bytes this rank sent in the last dispatch / combine (self included) and
+  // the record size on the wire.
+  int64_t dispatch_bytes_sent() const { return num_send_ * record_bytes_; }
+  int64_t combine_bytes_sent() const { return num_recv_ * options_.hidden * 4; }
+  int64_t record_bytes() const { return record_bytes_; }
+  // The byte layouts of the last dispatch and combine all-to-all-v (for the
+  // benchmark's plain all-to-all-v of the same matrix).
+  const comm::AllToAllVLayout& dispatch_layout() const { return dispatch_layout_; }
+  const comm::AllToAllVLayout& combine_layout() const { return combine_layout_; }
+
+ private:
+  absl::Status Layout(int64_t T, const int32_t* ids, const float* weights);
+  void Pack(const float* x);
+  absl::Status Unpack();
+
+  comm::Communicator* comm_;
+  const topology::ExpertPlacement* placement_;
+  DispatchOptions options_;
+  int64_t header_bytes_ = 0;  // top_k * (int32 slot, float weight)
+  int64_t payload_bytes_ = 0;
+  int64_t record_bytes_ = 0;
+
+  // Sender side (this rank's tokens).
+  int64_t T_ = 0;
+  int64_t num_send_ = 0;
+  std::vector<int64_t> send_count_;       // records per destination rank
+  std::vector<int64_t> send_start_;       // first record of each destination
+  std::vector<int32_t> send_token_;       // token of each sent record
+  std::vector<int64_t> token_start_;      // CSR: records of token t...
+  std::vector<int64_t> token_records_;    // ...in the combine receive buffer
+  std::vector<char> send_buf_;
+  std::vector<char> quant_;               // fp8: each token quantised once
+  // Receiver side (records for this rank's slots).
+  int64_t num_recv_ = 0;
+  std::vector<int64_t> recv_count_;
+  std::vector<char> recv_buf_;
+  std::vector<float> recv_x_;             // fp8: dequantised records
+  std::vector<int64_t> slot_start_;       // CSR by local slot
+  std::vector<SlotEntry> slot_entries_;
+  std::vector<float> combine_send_;       // [num_recv_, H]
+  std::vector<float> combine_recv_;       // [num_send_, H]
+  comm::AllToAllVLayout dispatch_layout_, combine_layout_;
+  DispatchTimes times_;
+  // Scratch for Layout.
+  std::vector<int32_t> pair_rank_, pair_slot_;
+  std::vector<float> pair_weight_;
+};
+
+// The MoE layer with routed experts spread over the ranks of `comm`:
+// router (replicated), dispatch, this rank's slots' experts, combine, shared
+// expert. `weights` must hold the router, the shared expert and the expert of
+// every slot placed on this rank (other experts may be absent).
+class ExpertParallelMoe {
+ public:
+  ExpertParallelMoe(comm::Communicator* comm, const topology::ExpertPlacement* placement, const MoeWeights* weights,
+                    DispatchOptions options);
+
+  // y [T, H] = routed(x) + shared(x) for this rank's T tokens (T may be 0).
+  // Blocking and collective: every rank of comm calls it once per step.
+  absl::Status Forward(const float* x, int64_t T, float* y);
+
+  const EpDispatcher& dispatcher() const { return dispatcher_; }
+  // Seconds spent in the last Forward's expert compute (step 4).
+  double expert_seconds() const { return expert_seconds_; }
+
+ private:
+  absl::Status CheckLocalExperts() const;
+  void RunLocalExperts();
+
+  const MoeWeights* w_;
+  mutable bool checked_ = false;
+  EpDispatcher dispatcher_;
+  double expert_seconds_ = 0;
+  std::vector<float> xin_, out_, scratch_;
+};
+
+// FP8 payload helpers (exposed for tests): quantises n values into e4m3 codes
+// with one fp32 scale (amax / 448) per kFp8Block values, and back.
+void QuantizeFp8Blocks(const float* x, int64_t n, uint8_t* q, float* scales);
+void DequantizeFp8Blocks(const uint8_t* q, const float* scales, int64_t n, float* x);
+// Fast float -> e4m3 (round to nearest even, saturating), bit-identical to
+// FloatToF8E4M3 for finite inputs.
+uint8_t FastFloatToF8E4M3(float f);
+
+}  // namespace expertmesh::worker
