@@ -33,6 +33,10 @@ const Verb kVerbs[] = {
      "expertmesh bench layer --preset small --tokens T [--json]\n\nTimes one MoE layer and one MLA layer "
      "on the CPU kernels and reports GFLOP/s beside the SGEMM peak of the same BLAS, measured in the same run.",
      BenchMain},
+    {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
+     "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
+     "layers and experts the plan gives it, joins the UCX data plane and serves until shutdown.",
+     WorkerMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };

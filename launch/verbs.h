@@ -20,6 +20,8 @@ int CheckpointMain(int argc, char** argv);
 int GenerateMain(int argc, char** argv);
 int BenchMain(int argc, char** argv);
 int PlanMain(int argc, char** argv);
+int WorkerMain(int argc, char** argv);
+int LaunchMain(int argc, char** argv);
 
 // Parses flags for a verb: prints usage and only that verb's flags on --help,
 // returns the positional arguments, exits 1 with a clear line on unknown flags.

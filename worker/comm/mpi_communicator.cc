@@ -291,6 +291,34 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(absl::Time d
   return std::unique_ptr<Communicator>(new MpiCommunicator(comm, rank, size));
 }
 
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiGroupCommunicator(const std::vector<int>& world_ranks,
+                                                                        int tag) {
+  if (!MpiInitialized()) {
+    return absl::FailedPreconditionError("MPI is not initialised: call InitMpi first (and run under mpirun)");
+  }
+  const int world = MpiWorldSize();
+  for (int r : world_ranks) {
+    if (r < 0 || r >= world) {
+      return absl::InvalidArgumentError(absl::StrCat("MPI group: rank ", r, " outside MPI_COMM_WORLD of size ", world,
+                                                     " (started with too few processes?)"));
+    }
+  }
+  MPI_Group world_group = MPI_GROUP_NULL, group = MPI_GROUP_NULL;
+  EM_MPI_RETURN_IF_ERROR(MPI_Comm_group(MPI_COMM_WORLD, &world_group));
+  EM_MPI_RETURN_IF_ERROR(MPI_Group_incl(world_group, static_cast<int>(world_ranks.size()), world_ranks.data(), &group));
+  MPI_Comm comm = MPI_COMM_NULL;
+  const int rc = MPI_Comm_create_group(MPI_COMM_WORLD, group, tag, &comm);
+  MPI_Group_free(&group);
+  MPI_Group_free(&world_group);
+  EM_MPI_RETURN_IF_ERROR(rc);
+  if (comm == MPI_COMM_NULL) return absl::InvalidArgumentError("MPI group: this rank is not in the group");
+  EM_MPI_RETURN_IF_ERROR(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN));
+  int rank = 0, size = 0;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  return std::unique_ptr<Communicator>(new MpiCommunicator(comm, rank, size));
+}
+
 absl::StatusOr<std::unique_ptr<Bootstrap>> CreateMpiBootstrap(absl::Time deadline) {
   ASSIGN_OR_RETURN(MPI_Comm comm, DupWorld(deadline));
   int rank = 0, size = 0;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -37,6 +38,14 @@ int MpiWorldSize();
 // Creates a communicator over a duplicate of MPI_COMM_WORLD. Collective:
 // every rank calls it; blocks until the duplicate exists or the deadline.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiCommunicator(absl::Time deadline);
+
+// Creates a communicator over the given MPI_COMM_WORLD ranks (rank i of the
+// new communicator is world_ranks[i]) with MPI_Comm_create_group: only the
+// members call it, so a coordinator rank outside every group is not involved.
+// Blocks until every member has called it (MPI offers no deadline here);
+// groups created concurrently by overlapping processes need distinct tags.
+absl::StatusOr<std::unique_ptr<Communicator>> CreateMpiGroupCommunicator(const std::vector<int>& world_ranks,
+                                                                        int tag);
 
 // Bootstrap over a duplicate of MPI_COMM_WORLD (non-blocking all-gathers
 // polled against the deadline). Collective to create.

@@ -1,0 +1,41 @@
+// expertmesh worker: one worker process of a standalone cluster (UCX data plane).
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "launch/verbs.h"
+#include "worker/runtime/worker.h"
+
+ABSL_FLAG(std::string, coordinator, "", "address of the coordinator's gRPC server (host:port)");
+ABSL_FLAG(int32_t, worker_id, -1, "keep this worker id (after a restart); -1: the coordinator assigns one");
+ABSL_FLAG(std::string, data_plane, "ucx", "data plane between workers: ucx (standalone) or mpi (under mpirun)");
+ABSL_FLAG(int32_t, max_sequences, 64, "sequences a stage-0 worker holds at once (continuous batching)");
+ABSL_FLAG(int32_t, step_timeout_s, 120, "seconds any data-plane wait may take before the peer counts as lost");
+
+namespace expertmesh::launch {
+
+int WorkerMain(int argc, char** argv) {
+  ParseVerbFlags(argc, argv);
+  worker::runtime::WorkerOptions o;
+  o.coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (o.coordinator.empty()) {
+    std::fprintf(stderr, "expertmesh worker: --coordinator HOST:PORT is required\n");
+    return 2;
+  }
+  o.backend = absl::GetFlag(FLAGS_data_plane);
+  o.requested_worker_id = absl::GetFlag(FLAGS_worker_id);
+  o.max_sequences = absl::GetFlag(FLAGS_max_sequences);
+  o.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
+  if (o.backend == "mpi") {
+    std::fprintf(stderr, "expertmesh worker: the mpi data plane needs mpirun: use `expertmesh launch`\n");
+    return 2;
+  }
+  absl::Status s = worker::runtime::RunWorker(o);
+  if (!s.ok()) {
+    std::fprintf(stderr, "expertmesh worker: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace expertmesh::launch

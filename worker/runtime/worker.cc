@@ -1,0 +1,680 @@
+#include "worker/runtime/worker.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "glog/logging.h"
+#include "nlohmann/json.hpp"
+#include "topology/plan.h"
+#include "worker/comm/bootstrap.h"
+#include "worker/comm/mpi_communicator.h"
+#include "worker/comm/registry.h"
+#include "worker/dispatch.h"
+#include "worker/model.h"
+#include "worker/runtime/coordinator_client.h"
+#include "worker/runtime/messages.h"
+
+namespace expertmesh::worker::runtime {
+
+namespace {
+
+// ------------------------------------------------------------ plan
+
+absl::StatusOr<topology::Plan> PlanFromProto(const v1::Plan& p) {
+  topology::Plan plan;
+  plan.pp = p.pp();
+  plan.ep = p.ep();
+  plan.redundant_experts = p.redundant_experts();
+  for (const auto& sp : p.stages()) {
+    topology::StagePlan s;
+    s.layer_begin = sp.layer_begin();
+    s.layer_end = sp.layer_end();
+    s.has_embedding = sp.has_embedding();
+    s.has_head = sp.has_head();
+    for (const auto& [layer, js] : sp.placement_json()) {
+      nlohmann::json j = nlohmann::json::parse(js, nullptr, false);
+      if (j.is_discarded()) return absl::DataLossError(absl::StrCat("plan: placement of layer ", layer, " is not JSON"));
+      ASSIGN_OR_RETURN(auto pl, topology::ExpertPlacement::FromJson(j));
+      if (pl.num_ranks() != plan.ep) {
+        return absl::DataLossError(absl::StrCat("plan: placement of layer ", layer, " has ", pl.num_ranks(),
+                                                " ranks, expected ep = ", plan.ep));
+      }
+      s.placement[layer] = std::move(pl);
+    }
+    plan.stages.push_back(std::move(s));
+  }
+  if (static_cast<int64_t>(plan.stages.size()) != plan.pp || plan.pp < 1 || plan.ep < 1) {
+    return absl::DataLossError("plan: stages do not match pp/ep");
+  }
+  return plan;
+}
+
+// ------------------------------------------------------------ messages over a communicator
+
+absl::Status SendMessage(comm::Communicator* c, int peer, const std::string& bytes, absl::Duration timeout) {
+  const uint64_t n = bytes.size();
+  comm::Batch b;
+  b.Send(peer, &n, sizeof(n));
+  b.Send(peer, bytes.data(), bytes.size());
+  return c->Run(b, absl::Now() + timeout);
+}
+
+absl::StatusOr<std::string> RecvMessage(comm::Communicator* c, int peer, absl::Duration timeout) {
+  uint64_t n = 0;
+  comm::Batch b;
+  b.Recv(peer, &n, sizeof(n));
+  RETURN_IF_ERROR(c->Run(b, absl::Now() + timeout));
+  if (n > (1ull << 34)) return absl::DataLossError(absl::StrCat("message of ", n, " bytes announced: corrupt"));
+  std::string bytes(n, '\0');
+  b.Clear();
+  b.Recv(peer, bytes.data(), n);
+  RETURN_IF_ERROR(c->Run(b, absl::Now() + timeout));
+  return bytes;
+}
+
+// ------------------------------------------------------------ MoE runners with load counting
+
+// Routed tokens per expert per layer since the last heartbeat.
+class LoadCounter {
+ public:
+  void Add(int64_t layer, int64_t num_experts, const std::vector<int32_t>& ids) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto& v = counts_[layer];
+    if (v.empty()) v.assign(num_experts, 0);
+    for (int32_t e : ids) ++v[e];
+  }
+  std::map<int64_t, std::vector<int64_t>> Take() {
+    std::lock_guard<std::mutex> l(mu_);
+    return std::exchange(counts_, {});
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<int64_t, std::vector<int64_t>> counts_;
+};
+
+class CountingLocalMoe : public MoeRunner {
+ public:
+  explicit CountingLocalMoe(LoadCounter* counter) : counter_(counter) {}
+  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
+    std::fill(y, y + T * w.hidden, 0.0f);
+    if (T == 0) return absl::OkStatus();
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+    RouteTokens(w, x, T, &ids, &weights);
+    counter_->Add(layer, w.router_params.num_experts, ids);
+    RoutedExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, y);
+    SharedExpertAccumulate(w, x, T, y);
+    return absl::OkStatus();
+  }
+
+ private:
+  LoadCounter* counter_;
+};
+
+class ExpertParallelRunner : public MoeRunner {
+ public:
+  ExpertParallelRunner(comm::Communicator* comm, const topology::StagePlan* stage, LoadCounter* counter,
+                       absl::Duration timeout)
+      : comm_(comm), stage_(stage), counter_(counter), timeout_(timeout) {}
+  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
+    auto it = engines_.find(layer);
+    if (it == engines_.end()) {
+      auto pl = stage_->placement.find(layer);
+      if (pl == stage_->placement.end()) return absl::InternalError(absl::StrCat("no placement for layer ", layer));
+      DispatchOptions o;
+      o.hidden = w.hidden;
+      o.top_k = w.router_params.top_k;
+      o.timeout = timeout_;
+      it = engines_.emplace(layer, std::make_unique<ExpertParallelMoe>(comm_, &pl->second, &w, o)).first;
+    }
+    if (T > 0) {  // load report: the router is cheap next to the experts (E*H vs 9*3*H*I per token)
+      std::vector<int32_t> ids;
+      std::vector<float> weights;
+      RouteTokens(w, x, T, &ids, &weights);
+      counter_->Add(layer, w.router_params.num_experts, ids);
+    }
+    return it->second->Forward(x, T, y);
+  }
+
+ private:
+  comm::Communicator* comm_;
+  const topology::StagePlan* stage_;
+  LoadCounter* counter_;
+  absl::Duration timeout_;
+  std::map<int64_t, std::unique_ptr<ExpertParallelMoe>> engines_;
+};
+
+// ------------------------------------------------------------ the worker
+
+class Worker {
+ public:
+  explicit Worker(const WorkerOptions& o) : o_(o), client_(o.coordinator) {}
+  absl::Status Run();
+
+ private:
+  absl::Status Setup();
+  absl::StatusOr<std::unique_ptr<comm::Communicator>> MakeComm(const std::string& name,
+                                                               const std::vector<int>& worker_ids);
+  absl::Status RunStage0();
+  absl::Status RunDownstream();
+  void HeartbeatLoop();
+  void StopHeartbeats();
+
+  // Stage 0 state.
+  struct Seq {
+    std::string seq_id;
+    v1::SequenceRequest req;
+    kernels::SamplingParams sp;
+    std::vector<int32_t> generated;
+    SequenceCache cache;
+    bool in_flight = false, prefilled = false, dropped = false;
+    int32_t next_token = 0;
+  };
+  absl::Status SyncWithCoordinator(bool* want_stop);
+  void Finish(uint64_t key, v1::FinishReason reason);
+  void ApplyToken(uint64_t key, int32_t token);
+  absl::Status ApplyReturn(const Return& r);
+  void BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs);
+
+  WorkerOptions o_;
+  CoordinatorClient client_;
+  int worker_id_ = -1, stage_ = 0, ep_rank_ = 0;
+  std::string epoch_;
+  topology::Plan plan_;
+  ModelConfig cfg_;
+  std::unique_ptr<ModelShard> shard_;
+  std::unique_ptr<CoordinatorStore> store_;
+  std::unique_ptr<comm::Communicator> stage_comm_, lane_comm_;
+  LoadCounter load_;
+  std::unique_ptr<MoeRunner> moe_;
+  std::unique_ptr<Engine> engine_;
+
+  std::map<uint64_t, Seq> seqs_;
+  uint64_t next_key_ = 1;
+  std::vector<uint64_t> release_;
+  std::vector<v1::SequenceUpdate> updates_;
+  absl::Time last_sync_ok_;
+  bool sync_warned_ = false;
+
+  std::atomic<bool> shutdown_{false};
+  std::atomic<bool> stop_heartbeats_{false};
+  std::atomic<int64_t> steps_{0}, tokens_{0}, active_{0};
+  std::mutex hb_mu_;
+  std::condition_variable hb_cv_;
+  std::thread hb_thread_;
+};
+
+absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::string& name,
+                                                                     const std::vector<int>& worker_ids) {
+  const int size = static_cast<int>(worker_ids.size());
+  const int rank = static_cast<int>(std::find(worker_ids.begin(), worker_ids.end(), worker_id_) - worker_ids.begin());
+  if (o_.backend == "mpi") {
+    std::vector<int> world;
+    for (int w : worker_ids) world.push_back(w + o_.mpi_world_offset);
+    // Tags keep the stage groups and lane groups apart (a worker is in one of each).
+    const int tag = name.rfind("stage", 0) == 0 ? 100 + stage_ : 10000 + ep_rank_;
+    return comm::CreateMpiGroupCommunicator(world, tag);
+  }
+  comm::StoreBootstrap boot(store_.get(), absl::StrCat(epoch_, "/", name), rank, size);
+  comm::CommOptions opts;
+  return comm::CreateCommunicator(o_.backend, &boot, opts);
+}
+
+absl::Status Worker::Setup() {
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  v1::RegisterRequest req;
+  req.set_host(host);
+  req.set_pid(getpid());
+  req.set_worker_id(o_.requested_worker_id);
+  ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
+  worker_id_ = reg.worker_id();
+  stage_ = reg.stage();
+  ep_rank_ = reg.ep_rank();
+  epoch_ = reg.epoch();
+  ASSIGN_OR_RETURN(plan_, PlanFromProto(reg.plan()));
+  if (stage_ < 0 || stage_ >= plan_.pp || ep_rank_ < 0 || ep_rank_ >= plan_.ep) {
+    return absl::DataLossError(absl::StrCat("coordinator assigned stage ", stage_, " rank ", ep_rank_,
+                                            " outside its plan"));
+  }
+  LOG(INFO) << "worker " << worker_id_ << ": stage " << stage_ << " of " << plan_.pp << ", EP rank " << ep_rank_
+            << " of " << plan_.ep << ", epoch " << epoch_;
+  hb_thread_ = std::thread([this] { HeartbeatLoop(); });
+
+  const topology::StagePlan& sp = plan_.stages[stage_];
+  ShardFilter f;
+  f.layer_begin = sp.layer_begin;
+  f.layer_end = sp.layer_end;
+  f.embed = sp.has_embedding;
+  f.head = sp.has_head;
+  const int rank = ep_rank_;
+  f.expert = [&sp, rank](int64_t layer, int64_t e) {
+    auto it = sp.placement.find(layer);
+    if (it == sp.placement.end()) return false;
+    const auto& slots = it->second.slots_of_rank(rank);
+    return std::find(slots.begin(), slots.end(), e) != slots.end();
+  };
+  const std::string dir = reg.plan().checkpoint();
+  const absl::Time t0 = absl::Now();
+  ASSIGN_OR_RETURN(shard_, ModelShard::Load(dir, f));
+  cfg_ = shard_->config();
+  LOG(INFO) << "worker " << worker_id_ << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
+            << dir << " in " << absl::FormatDuration(absl::Now() - t0);
+
+  store_ = std::make_unique<CoordinatorStore>(&client_);
+  if (plan_.ep > 1) {
+    std::vector<int> ids;
+    for (int r = 0; r < plan_.ep; ++r) ids.push_back(static_cast<int>(plan_.WorkerId(stage_, r)));
+    ASSIGN_OR_RETURN(stage_comm_, MakeComm(absl::StrCat("stage", stage_), ids));
+    moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, o_.step_timeout);
+  } else {
+    moe_ = std::make_unique<CountingLocalMoe>(&load_);
+  }
+  if (plan_.pp > 1) {
+    std::vector<int> ids;
+    for (int s = 0; s < plan_.pp; ++s) ids.push_back(static_cast<int>(plan_.WorkerId(s, ep_rank_)));
+    ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids));
+  }
+  engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
+  return absl::OkStatus();
+}
+
+void Worker::HeartbeatLoop() {
+  bool warned = false;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> l(hb_mu_);
+      hb_cv_.wait_for(l, std::chrono::seconds(1), [this] { return stop_heartbeats_.load(); });
+    }
+    const bool exiting = stop_heartbeats_.load();
+    v1::HeartbeatRequest req;
+    req.set_worker_id(worker_id_);
+    req.set_active_sequences(static_cast<int32_t>(active_.load()));
+    req.set_steps(steps_.load());
+    req.set_tokens_processed(tokens_.load());
+    req.set_exiting(exiting);
+    for (auto& [layer, counts] : load_.Take()) {
+      auto* l = req.add_expert_load();
+      l->set_layer(static_cast<int32_t>(layer));
+      for (int64_t c : counts) l->add_tokens_per_expert(c);
+    }
+    auto r = client_.Heartbeat(req, absl::Seconds(5));
+    if (r.ok()) {
+      warned = false;
+      if (r->shutdown()) shutdown_ = true;
+    } else if (!warned) {
+      LOG(WARNING) << "worker " << worker_id_ << ": " << r.status().message() << " (will keep trying)";
+      warned = true;
+    }
+    if (exiting) return;
+  }
+}
+
+void Worker::StopHeartbeats() {
+  if (!hb_thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> l(hb_mu_);
+    stop_heartbeats_ = true;
+  }
+  hb_cv_.notify_all();
+  hb_thread_.join();
+}
+
+// ------------------------------------------------------------ stage 0
+
+void Worker::Finish(uint64_t key, v1::FinishReason reason) {
+  auto it = seqs_.find(key);
+  if (it == seqs_.end()) return;
+  if (!it->second.dropped) {
+    v1::SequenceUpdate u;
+    u.set_seq_id(it->second.seq_id);
+    u.set_finish_reason(reason);
+    updates_.push_back(std::move(u));
+  }
+  if (it->second.in_flight) {  // released when its token comes back
+    it->second.dropped = true;
+    return;
+  }
+  release_.push_back(key);
+  seqs_.erase(it);
+}
+
+void Worker::ApplyToken(uint64_t key, int32_t token) {
+  auto it = seqs_.find(key);
+  if (it == seqs_.end()) return;
+  Seq& s = it->second;
+  s.in_flight = false;
+  if (s.dropped) {
+    release_.push_back(key);
+    seqs_.erase(it);
+    return;
+  }
+  s.prefilled = true;
+  s.generated.push_back(token);
+  s.next_token = token;
+  v1::SequenceUpdate u;
+  u.set_seq_id(s.seq_id);
+  u.add_new_tokens(token);
+  const auto& stop = s.req.stop_token_ids();
+  v1::FinishReason reason = v1::FINISH_REASON_UNSPECIFIED;
+  if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
+    reason = v1::FINISH_REASON_STOP;
+  } else if (static_cast<int64_t>(s.generated.size()) >= s.req.max_new_tokens()) {
+    reason = v1::FINISH_REASON_LENGTH;
+  }
+  u.set_finish_reason(reason);
+  updates_.push_back(std::move(u));
+  if (reason != v1::FINISH_REASON_UNSPECIFIED) {
+    release_.push_back(key);
+    seqs_.erase(it);
+  }
+}
+
+absl::Status Worker::ApplyReturn(const Return& r) {
+  for (size_t i = 0; i < r.keys.size(); ++i) ApplyToken(r.keys[i], r.tokens[i]);
+  return absl::OkStatus();
+}
+
+absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
+  v1::SyncRequest req;
+  req.set_worker_id(worker_id_);
+  req.set_epoch(epoch_);
+  for (auto& u : updates_) *req.add_updates() = u;
+  const int64_t live = static_cast<int64_t>(seqs_.size());
+  req.set_free_slots(static_cast<int32_t>(std::max<int64_t>(0, o_.max_sequences - live)));
+  auto r = client_.Sync(req, absl::Seconds(10));
+  if (!r.ok()) {
+    if (!sync_warned_) {
+      LOG(WARNING) << "worker " << worker_id_ << ": " << r.status().message() << " (will keep trying)";
+      sync_warned_ = true;
+    }
+    if (absl::Now() - last_sync_ok_ > o_.coordinator_timeout) {
+      return absl::UnavailableError(absl::StrCat("coordinator ", client_.address(), " unreachable for ",
+                                                 absl::FormatDuration(o_.coordinator_timeout), ": ",
+                                                 r.status().message()));
+    }
+    return absl::OkStatus();  // keep the updates for the next try
+  }
+  sync_warned_ = false;
+  last_sync_ok_ = absl::Now();
+  updates_.clear();
+  if (r->shutdown()) shutdown_ = true;
+  *want_stop = shutdown_.load();
+  if (r->epoch() != epoch_) {
+    LOG(INFO) << "worker " << worker_id_ << ": coordinator epoch changed (" << epoch_ << " -> " << r->epoch()
+              << "): dropping " << seqs_.size() << " sequences";
+    epoch_ = r->epoch();
+    std::vector<uint64_t> keys;
+    for (auto& [k, s] : seqs_) keys.push_back(k);
+    for (uint64_t k : keys) {
+      seqs_[k].dropped = true;
+      Finish(k, v1::FINISH_REASON_CANCELLED);
+    }
+    updates_.clear();
+    return absl::OkStatus();
+  }
+  for (const auto& id : r->cancel()) {
+    for (auto& [k, s] : seqs_) {
+      if (s.seq_id == id) {
+        Finish(k, v1::FINISH_REASON_CANCELLED);
+        break;
+      }
+    }
+  }
+  for (const auto& a : r->assign()) {
+    Seq s;
+    s.seq_id = a.seq_id();
+    s.req = a.request();
+    s.sp.temperature = s.req.sampling().temperature();
+    s.sp.top_k = s.req.sampling().top_k();
+    s.sp.top_p = s.req.sampling().top_p() > 0 ? s.req.sampling().top_p() : 1.0f;
+    s.sp.seed = s.req.sampling().seed();
+    s.cache = engine_->NewCache();
+    std::vector<int32_t> prompt(s.req.tokens().begin(), s.req.tokens().end());
+    absl::Status v = ValidatePrompt(cfg_, prompt, s.req.max_new_tokens(), s.seq_id);
+    if (!v.ok()) {  // the coordinator validates; this guards the worker against a bad peer
+      LOG(ERROR) << "worker " << worker_id_ << ": rejected " << v.message();
+      v1::SequenceUpdate u;
+      u.set_seq_id(s.seq_id);
+      u.set_finish_reason(v1::FINISH_REASON_CANCELLED);
+      updates_.push_back(u);
+      continue;
+    }
+    seqs_.emplace(next_key_++, std::move(s));
+  }
+  return absl::OkStatus();
+}
+
+void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
+  // At most 1/P of the live sequences per micro-batch, so P micro-batches
+  // are in flight at once and the stages overlap.
+  int64_t live = 0;
+  for (auto& [k, s] : seqs_) live += s.dropped ? 0 : 1;
+  const int64_t cap = std::max<int64_t>(1, (live + plan_.pp - 1) / plan_.pp);
+  mb->segments.clear();
+  mb->tokens.clear();
+  segs->clear();
+  std::vector<std::pair<uint64_t, Seq*>> chosen;
+  for (auto& [k, s] : seqs_) {
+    if (static_cast<int64_t>(chosen.size()) >= cap) break;
+    if (s.in_flight || s.dropped) continue;
+    chosen.push_back({k, &s});
+  }
+  // Token storage first (segments point into it).
+  for (auto& [k, s] : chosen) {
+    SegmentMeta m;
+    m.key = k;
+    m.start = s->cache.length;
+    if (!s->prefilled) {
+      m.n = s->req.tokens_size();
+      mb->tokens.insert(mb->tokens.end(), s->req.tokens().begin(), s->req.tokens().end());
+    } else {
+      m.n = 1;
+      mb->tokens.push_back(s->next_token);
+    }
+    m.temperature = s->sp.temperature;
+    m.top_k = s->sp.top_k;
+    m.top_p = s->sp.top_p;
+    m.seed = s->sp.seed;
+    m.step = s->generated.size();
+    mb->segments.push_back(m);
+    s->in_flight = true;
+  }
+  int64_t off = 0;
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    segs->push_back({&chosen[i].second->cache, mb->tokens.data() + off, mb->segments[i].n});
+    off += mb->segments[i].n;
+  }
+}
+
+absl::Status Worker::RunStage0() {
+  const bool last = plan_.pp == 1;
+  const int E = static_cast<int>(plan_.ep);
+  int64_t inflight = 0;
+  absl::Time last_sent = absl::Now();
+  last_sync_ok_ = absl::Now();
+  uint64_t tick = 0;
+  std::vector<float> hidden, logits;
+  while (true) {
+    bool want_stop = false;
+    RETURN_IF_ERROR(SyncWithCoordinator(&want_stop));
+    MicroBatch mb;
+    std::vector<Segment> segs;
+    if (!want_stop) BuildMicroBatch(&mb, &segs);
+    mb.release = std::exchange(release_, {});
+    // Agree with the other EP ranks of stage 0: work anywhere -> everyone runs
+    // the layers; stop only when everyone is drained.
+    int32_t mine[3] = {segs.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0};
+    std::vector<int32_t> gathered(3 * E);
+    if (stage_comm_ != nullptr) {
+      RETURN_IF_ERROR(stage_comm_->AllGather(mine, gathered.data(), sizeof(mine), comm::MemoryKind::kHost,
+                                             absl::Now() + o_.step_timeout));
+    } else {
+      std::memcpy(gathered.data(), mine, sizeof(mine));
+    }
+    bool any_work = false, any_stop = false, all_drained = true;
+    for (int r = 0; r < E; ++r) {
+      any_work |= gathered[3 * r] != 0;
+      any_stop |= gathered[3 * r + 1] != 0;
+      all_drained &= gathered[3 * r + 2] != 0;
+    }
+    if (any_stop && !any_work && all_drained) {
+      if (!last) {
+        mb.kind = BatchKind::kStop;
+        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(mb), o_.step_timeout));
+      }
+      LOG(INFO) << "worker " << worker_id_ << ": stopping after " << tick << " steps";
+      return absl::OkStatus();
+    }
+    if (!any_work) {
+      if (inflight > 0) {  // drain: wait for a return
+        ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), plan_.pp - 1, o_.step_timeout));
+        ASSIGN_OR_RETURN(Return r, DecodeReturn(bytes));
+        --inflight;
+        RETURN_IF_ERROR(ApplyReturn(r));
+        continue;
+      }
+      // Idle: a keep-alive now and then keeps downstream receives within their deadline.
+      if (!last && absl::Now() - last_sent > absl::Seconds(1)) {
+        MicroBatch idle;
+        idle.kind = BatchKind::kIdle;
+        idle.tick = tick;
+        idle.release = std::move(mb.release);
+        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(idle), o_.step_timeout));
+        ++inflight;
+        last_sent = absl::Now();
+      } else {
+        release_.insert(release_.end(), mb.release.begin(), mb.release.end());
+      }
+      absl::SleepFor(absl::Milliseconds(5));
+      continue;
+    }
+    // A work step (this lane may have zero tokens).
+    mb.kind = BatchKind::kWork;
+    mb.tick = tick++;
+    int64_t T = 0;
+    for (const auto& s : segs) T += s.n;
+    active_ = static_cast<int64_t>(seqs_.size());
+    engine_->Embed(segs, &hidden);
+    RETURN_IF_ERROR(engine_->RunLayers(segs, &hidden));
+    ++steps_;
+    tokens_ += T;
+    if (last) {
+      Return r;
+      engine_->Head(segs, hidden, &logits);
+      const int64_t V = cfg_.vocab_size;
+      for (size_t i = 0; i < mb.segments.size(); ++i) {
+        const SegmentMeta& m = mb.segments[i];
+        kernels::SamplingParams sp{m.temperature, m.top_k, m.top_p, m.seed};
+        r.keys.push_back(m.key);
+        r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
+      }
+      RETURN_IF_ERROR(ApplyReturn(r));
+      continue;
+    }
+    mb.hidden = std::move(hidden);
+    RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(mb), o_.step_timeout));
+    hidden.clear();
+    ++inflight;
+    last_sent = absl::Now();
+    if (inflight >= plan_.pp) {
+      ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), plan_.pp - 1, o_.step_timeout));
+      ASSIGN_OR_RETURN(Return r, DecodeReturn(bytes));
+      --inflight;
+      RETURN_IF_ERROR(ApplyReturn(r));
+    }
+  }
+}
+
+// ------------------------------------------------------------ stages 1..P-1
+
+absl::Status Worker::RunDownstream() {
+  const bool last = stage_ == plan_.pp - 1;
+  std::map<uint64_t, SequenceCache> caches;
+  std::vector<float> logits;
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  while (true) {
+    ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), stage_ - 1, o_.step_timeout));
+    ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, H));
+    for (uint64_t k : mb.release) caches.erase(k);
+    if (mb.kind == BatchKind::kStop) {
+      if (!last) RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, bytes, o_.step_timeout));
+      LOG(INFO) << "worker " << worker_id_ << ": stopping";
+      return absl::OkStatus();
+    }
+    if (mb.kind == BatchKind::kIdle) {
+      if (last) {
+        Return r;
+        r.kind = BatchKind::kIdle;
+        r.tick = mb.tick;
+        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 0, Encode(r), o_.step_timeout));
+      } else {
+        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, bytes, o_.step_timeout));
+      }
+      continue;
+    }
+    std::vector<Segment> segs;
+    for (const auto& m : mb.segments) {
+      auto it = caches.find(m.key);
+      if (it == caches.end()) {
+        if (m.start != 0) {
+          return absl::DataLossError(absl::StrCat("stage ", stage_, ": sequence ", m.key, " continues at ", m.start,
+                                                  " but this stage has no cache for it"));
+        }
+        it = caches.emplace(m.key, engine_->NewCache()).first;
+      } else if (it->second.length != m.start) {
+        return absl::DataLossError(absl::StrCat("stage ", stage_, ": sequence ", m.key, " at ", m.start,
+                                                " but this stage cached ", it->second.length, " tokens"));
+      }
+      segs.push_back({&it->second, nullptr, m.n});
+    }
+    active_ = static_cast<int64_t>(caches.size());
+    RETURN_IF_ERROR(engine_->RunLayers(segs, &mb.hidden));
+    ++steps_;
+    tokens_ += static_cast<int64_t>(mb.hidden.size()) / H;
+    if (last) {
+      Return r;
+      r.tick = mb.tick;
+      engine_->Head(segs, mb.hidden, &logits);
+      for (size_t i = 0; i < mb.segments.size(); ++i) {
+        const SegmentMeta& m = mb.segments[i];
+        kernels::SamplingParams sp{m.temperature, m.top_k, m.top_p, m.seed};
+        r.keys.push_back(m.key);
+        r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
+      }
+      RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 0, Encode(r), o_.step_timeout));
+    } else {
+      RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, Encode(mb), o_.step_timeout));
+    }
+  }
+}
+
+absl::Status Worker::Run() {
+  absl::Status s = Setup();
+  if (s.ok()) s = stage_ == 0 ? RunStage0() : RunDownstream();
+  if (!s.ok() && stage_comm_ != nullptr) stage_comm_->Abort(s);
+  if (!s.ok() && lane_comm_ != nullptr) lane_comm_->Abort(s);
+  StopHeartbeats();
+  return s;
+}
+
+}  // namespace
+
+absl::Status RunWorker(const WorkerOptions& options) {
+  Worker w(options);
+  return w.Run();
+}
+
+}  // namespace expertmesh::worker::runtime

@@ -1,0 +1,34 @@
+// The worker process: registers with the coordinator, loads its shard (the
+// layers of its pipeline stage and the experts of its EP rank), joins the
+// data planes (EP all-to-all inside the stage, pipeline transfers along its
+// lane) and runs steps until the coordinator shuts the cluster down.
+//
+// Lanes: EP rank r of every stage forms lane r. Stage 0 of a lane owns the
+// lane's sequences (given by the coordinator through Sync), builds
+// micro-batches (prefill and decode segments), and keeps up to P of them in
+// flight so that stages overlap; the last stage samples and returns the new
+// tokens to stage 0. Within a stage the EP ranks agree (all-gather) on each
+// step, so every rank joins every MoE all-to-all, also with zero tokens.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace expertmesh::worker::runtime {
+
+struct WorkerOptions {
+  std::string coordinator;               // host:port of the coordinator's gRPC server
+  std::string backend = "ucx";           // data plane: "mpi" (under mpirun) or "ucx"
+  int requested_worker_id = -1;          // -1: the coordinator assigns one
+  int mpi_world_offset = 1;              // mpi: world rank of worker w is w + offset
+  int max_sequences = 64;                // sequences a stage-0 worker holds at once
+  absl::Duration step_timeout = absl::Seconds(120);        // any data-plane wait
+  absl::Duration register_timeout = absl::Seconds(300);
+  absl::Duration coordinator_timeout = absl::Seconds(300);  // lost coordinator: give up after
+};
+
+absl::Status RunWorker(const WorkerOptions& options);
+
+}  // namespace expertmesh::worker::runtime
