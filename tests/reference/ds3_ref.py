@@ -336,6 +336,30 @@ def route(logits, bias, n_group, topk_group, top_k, norm_topk_prob=True, scaling
     return ids, w * scaling
 
 
+def route_margins(logits, bias, n_group, topk_group, top_k):
+    """Per token, how far the routing decision is from a tie: the smaller of the
+    gap between the last kept and the first dropped group score, and between
+    the k-th and (k+1)-th biased score inside the kept groups. Engines that
+    compute in fp32 may legitimately route differently below ~1e-6."""
+    logits = np.asarray(logits, dtype=np.float64)
+    T, E = logits.shape
+    choice = 1.0 / (1.0 + np.exp(-logits)) + (0.0 if bias is None else bias[None, :])
+    margin = np.full(T, np.inf)
+    if n_group > 1 and topk_group < n_group:
+        per = E // n_group
+        gs = np.sort(np.sort(choice.reshape(T, n_group, per), axis=-1)[..., -2:].sum(-1), axis=-1)[:, ::-1]
+        margin = np.minimum(margin, gs[:, topk_group - 1] - gs[:, topk_group])
+        keep = np.argsort(-np.sort(choice.reshape(T, n_group, per), axis=-1)[..., -2:].sum(-1),
+                          axis=-1, kind="stable")[:, :topk_group]
+        gmask = np.zeros((T, n_group), dtype=bool)
+        gmask[np.arange(T)[:, None], keep] = True
+        choice = np.where(np.repeat(gmask, per, axis=1), choice, -np.inf)
+    cs = np.sort(choice, axis=-1)[:, ::-1]
+    if top_k < E:
+        margin = np.minimum(margin, cs[:, top_k - 1] - cs[:, top_k])
+    return margin
+
+
 def mla_attention(q, latent, k_pe, w_kv_b, heads, nope, v_dim, scale, q_positions=None):
     """Naive multi-head latent attention (expanded keys/values).
 
@@ -386,6 +410,13 @@ class Model:
         self.rope_factor = rope_attention_factor(c)
         self.scale = softmax_scale(c)
         self._w = {}
+        # Smallest routing margin (see route_margins) seen since the last
+        # reset_margins(): test data whose routing is within fp32 noise of a tie
+        # cannot be compared bit-for-bit in expert choice.
+        self.min_route_margin = np.inf
+
+    def reset_margins(self):
+        self.min_route_margin = np.inf
 
     def w(self, name):
         if name not in self._w:
@@ -429,6 +460,8 @@ class Model:
         bias = self.w(bias_name) if bias_name in self.ck.where else None
         ids, wts = route(logits, bias, c["n_group"], c["topk_group"], c["num_experts_per_tok"],
                          c.get("norm_topk_prob", True), float(c.get("routed_scaling_factor", 1.0)))
+        self.min_route_margin = min(self.min_route_margin, float(np.min(route_margins(
+            logits, bias, c["n_group"], c["topk_group"], c["num_experts_per_tok"]))))
         y = np.zeros_like(x)
         for e in np.unique(ids):
             rows, slot = np.nonzero(ids == e)
