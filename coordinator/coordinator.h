@@ -1,0 +1,228 @@
+// The coordinator's state: jobs and their sequences, the journal, the
+// scheduler that hands sequences to the stage-0 workers, the worker registry
+// with its health monitor, and the expert load summed from heartbeats.
+//
+// A plain object: every RPC of JobService, ClusterService and WorkerService
+// is one method here taking and returning the API's messages and an
+// absl::Status whose code is the gRPC code to answer (services.h only
+// translates). Thread-safe: one mutex guards everything; methods that wait
+// (Register, WaitJobResults) wait on condition variables with deadlines.
+//
+//   ASSIGN_OR_RETURN(auto c, Coordinator::Create(options));
+//   ASSIGN_OR_RETURN(v1::SubmitJobResponse r, c->SubmitJob(request));
+//   ... a monitor thread calls c->Tick() every options.monitor_interval_s.
+//
+// Semantics the workers rely on (docs/API.md says the same for users):
+//  * Register: worker_id -1 takes the lowest free place (registration order);
+//    a worker_id >= 0 keeps that place (re-registration after a coordinator
+//    restart). The call blocks until all pp*ep places are taken, then returns
+//    stage = worker_id / ep, ep_rank = worker_id % ep, the plan and the epoch.
+//  * Health: STARTING after Register; the first Heartbeat makes it READY; a
+//    READY worker silent for heartbeat_timeout_s (a STARTING one for
+//    startup_timeout_s) becomes MISSING and the sequences it held go back to
+//    the queue (and are sent as `cancel` should it sync again).
+//  * Sync (stage 0 only): a request with another epoch gets the current epoch
+//    and nothing else, its updates ignored. Otherwise updates are applied
+//    (tokens appended; a finish_reason finishes the sequence and journals its
+//    result), pending cancellations are returned, and queued sequences are
+//    assigned: at most free_slots, and at most the worker's fair share
+//    ceil((queued + running on stage 0) / live stage-0 workers) minus what it
+//    already holds, oldest job first.
+//  * Epoch: random per Coordinator; the journal is replayed at creation, so
+//    unfinished sequences of unfinished jobs are queued again from scratch.
+//  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
+//    once every registered worker sent exiting=true (or is MISSING), or
+//    shutdown_timeout_s after the request.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/config.h"
+#include "coordinator/journal.h"
+#include "proto/expertmesh.pb.h"
+#include "topology/plan.h"
+
+namespace expertmesh::coordinator {
+
+struct CoordinatorOptions {
+  std::string checkpoint;                 // folder with config.json (weights are never read here)
+  int pp = 1, ep = 1, redundant_experts = 0;
+  std::vector<int64_t> layers_per_stage;  // optional explicit split
+  // Optional observed expert load for placement: JSON {"<layer>": [tokens per
+  // expert]} or the output of `expertmesh status --json`.
+  std::string expert_load_file;
+  std::string listen = "127.0.0.1:0";     // host:port; port 0 picks a free one
+  std::string journal_path;               // empty: no journal (accepted jobs die with the process)
+  int max_queued_sequences = 65536;       // sequences waiting for a worker, over all jobs
+  int max_sequences_per_job = 4096;
+  double heartbeat_timeout_s = 10;        // READY -> MISSING without a heartbeat
+  double startup_timeout_s = 1800;        // STARTING (registered, loading) -> MISSING without a first heartbeat
+  double register_timeout_s = 600;        // how long Register waits for the cluster to be complete
+  double shutdown_timeout_s = 30;         // Shutdown: how long to wait for the workers' exiting heartbeats
+  double monitor_interval_s = 0.1;        // health monitor period
+};
+
+class Coordinator {
+ public:
+  // Reads <checkpoint>/config.json, builds the plan, opens and replays the
+  // journal. Errors name the file or flag at fault.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
+  ~Coordinator();
+
+  // ---- JobService
+  // INVALID_ARGUMENT (names the field), RESOURCE_EXHAUSTED (queue full),
+  // UNAVAILABLE (shutting down, journal write failed). A known
+  // client_request_id returns its job with deduplicated = true.
+  absl::StatusOr<v1::SubmitJobResponse> SubmitJob(const v1::SubmitJobRequest& request);
+  absl::StatusOr<v1::Job> GetJob(const std::string& job_id) const;  // NOT_FOUND
+  // WatchJob's engine: waits until the job has results past *cursor or is
+  // final, or until `deadline`; appends the new messages to *out and advances
+  // *cursor. Returns true when the job is final and everything was handed out.
+  // NOT_FOUND for unknown jobs, UNAVAILABLE once Stop() was called.
+  absl::StatusOr<bool> WaitJobResults(const std::string& job_id, size_t* cursor, absl::Time deadline,
+                                      std::vector<v1::WatchJobResponse>* out);
+  absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);  // idempotent; NOT_FOUND
+  absl::StatusOr<v1::ListJobsResponse> ListJobs(const v1::ListJobsRequest& request) const;
+
+  // ---- ClusterService
+  v1::ClusterStatus GetClusterStatus() const;
+  void RequestShutdown();
+
+  // ---- WorkerService
+  // Blocks until the cluster is complete, `deadline`, Stop(), or `cancelled()`
+  // turns true (the caller went away: its place is freed while the cluster is
+  // still incomplete). INVALID_ARGUMENT (worker_id out of range),
+  // ALREADY_EXISTS (the place is held by a live worker), RESOURCE_EXHAUSTED
+  // (every place held by a live worker), DEADLINE_EXCEEDED, UNAVAILABLE.
+  absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& request, absl::Time deadline,
+                                                const std::function<bool()>& cancelled);
+  // NOT_FOUND for a worker_id not registered with this coordinator (register
+  // again); INVALID_ARGUMENT for a malformed expert_load.
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  // NOT_FOUND (not registered), FAILED_PRECONDITION (not a stage-0 worker).
+  absl::StatusOr<v1::SyncResponse> Sync(const v1::SyncRequest& request);
+  absl::Status StoreSet(const std::string& key, const std::string& value);
+  absl::StatusOr<std::optional<std::string>> StoreGet(const std::string& key) const;
+
+  // ---- life cycle
+  // Health monitor step: MISSING workers, shutdown progress, serving changes.
+  void Tick();
+  // Called with the new value whenever `serving` changes (and once when set).
+  void SetServingListener(std::function<void(bool)> listener);
+  bool serving() const;
+  // Blocks until shutdown completed (true) or `timeout` passed (false).
+  bool WaitForShutdown(absl::Duration timeout);
+  bool shutdown_done() const;
+  // Wakes every waiting call; later waits answer UNAVAILABLE. No journal
+  // writes happen after it.
+  void Stop();
+
+  const std::string& epoch() const { return epoch_; }
+  const v1::Plan& plan_proto() const { return plan_proto_; }
+  const topology::Plan& plan() const { return plan_; }
+  const ModelConfig& config() const { return config_; }
+  const CoordinatorOptions& options() const { return options_; }
+
+ private:
+  enum class SeqState { kQueued, kAssigned, kDone };
+  struct Sequence {
+    SeqState state = SeqState::kQueued;
+    int worker = -1;               // while kAssigned
+    std::vector<int32_t> tokens;   // generated so far (kAssigned) or final (kDone)
+  };
+  struct Job {
+    std::string id;
+    std::string client_request_id;
+    v1::SubmitJobRequest request;
+    v1::JobState state = v1::JOB_STATE_QUEUED;
+    std::vector<Sequence> seqs;
+    std::vector<v1::SequenceResult> results;   // in finishing order
+    std::vector<v1::JobState> result_states;   // job state after each result
+    int64_t submitted_ms = 0, finished_ms = 0, generated_tokens = 0;
+    int num_assigned = 0, num_done = 0;
+    std::string error;
+  };
+  struct Worker {
+    bool registered = false;
+    std::string host;
+    int pid = 0;
+    v1::WorkerHealth health = v1::WORKER_HEALTH_UNSPECIFIED;
+    absl::Time registered_at, last_heartbeat;
+    bool heartbeat_seen = false;
+    int32_t active_sequences = 0;
+    int64_t steps = 0, tokens_processed = 0;
+    std::set<std::string> assigned;            // seq_ids (stage-0 workers)
+    std::vector<std::string> pending_cancel;   // seq_ids to send as `cancel`
+  };
+
+  explicit Coordinator(const CoordinatorOptions& options) : options_(options) {}
+  absl::Status Init();
+  absl::Status Replay(const std::vector<std::string>& records);
+
+  // All below run with mu_ held.
+  bool Final(const Job& j) const;
+  void UpdateJobState(Job* j, int64_t now_ms);
+  // Records a final result and queues its journal record (see FlushJournal).
+  void FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason, int64_t now_ms);
+  void CancelUnfinished(Job* j, int64_t now_ms);
+  // Puts an assigned sequence back at the front of the queue, from scratch.
+  void Requeue(Job* j, int index);
+  // Requeues every sequence of a worker; `tell_worker` also queues them as `cancel` for it.
+  void RevokeSequences(int worker_id, bool tell_worker);
+  Job* FindJob(const std::string& job_id) const;
+  bool ParseSeqId(const std::string& seq_id, Job** job, int* index) const;
+  v1::Job JobProto(const Job& j, bool with_results) const;
+  bool ServingLocked() const;
+  bool ClusterCompleteLocked() const;
+  bool Live(const Worker& w) const {
+    return w.registered &&
+           (w.health == v1::WORKER_HEALTH_STARTING || w.health == v1::WORKER_HEALTH_READY);
+  }
+  // Writes the records queued by FinishSequence / CancelJob (one fsync).
+  absl::Status FlushJournal();
+  void NotifyServing();
+
+  CoordinatorOptions options_;
+  ModelConfig config_;
+  std::string model_json_;
+  topology::Plan plan_;
+  v1::Plan plan_proto_;
+  std::string epoch_;
+
+  mutable std::mutex mu_;
+  std::condition_variable changed_;   // jobs, workers, shutdown: any change wakes waiters
+  std::unique_ptr<Journal> journal_;
+  std::vector<std::string> pending_records_;
+  bool replaying_ = false;
+  std::map<std::string, std::unique_ptr<Job>> jobs_;
+  std::vector<Job*> job_order_;                           // submission order
+  std::unordered_map<std::string, std::string> by_request_id_;
+  std::deque<std::pair<Job*, int>> queue_;                // entries whose sequence left kQueued are skipped
+  int64_t queued_ = 0, running_ = 0;
+  int64_t next_job_ = 1;
+  std::vector<Worker> workers_;
+  std::map<int64_t, std::vector<int64_t>> expert_load_;   // MoE layer -> tokens per logical expert
+  std::map<std::string, std::string> store_;
+  int64_t store_bytes_ = 0;
+  bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;
+  absl::Time shutdown_at_;
+
+  std::mutex notify_mu_;                      // serializes serving notifications
+  std::function<void(bool)> serving_listener_;
+  std::optional<bool> last_serving_;
+};
+
+}  // namespace expertmesh::coordinator

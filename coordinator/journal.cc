@@ -1,0 +1,181 @@
+#include "coordinator/journal.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "glog/logging.h"
+
+namespace expertmesh::coordinator {
+namespace {
+
+constexpr uint32_t kMagic = 0x314a4d45;  // "EMJ1" little-endian
+constexpr size_t kHeader = 12;
+constexpr uint32_t kMaxRecord = 1u << 30;
+
+absl::Status ErrnoStatus(int err, const std::string& what) {
+  const std::string msg = absl::StrCat(what, ": ", std::strerror(err));
+  switch (err) {
+    case ENOENT:
+      return absl::NotFoundError(msg);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(msg);
+    case ENOSPC:
+    case EDQUOT:
+      return absl::ResourceExhaustedError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+void PutU32(std::string* s, uint32_t v) {
+  for (int i = 0; i < 4; ++i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+
+absl::Status WriteAll(int fd, const std::string& data, const std::string& path) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, absl::StrCat(path, ": write"));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+uint32_t Journal::Crc32c(const void* data, size_t n) {
+  static uint32_t table[256];
+  static const bool init = [] {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0x82f63b78u ^ (c >> 1) : c >> 1;
+      table[i] = c;
+    }
+    return true;
+  }();
+  (void)init;
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint32_t c = 0xffffffffu;
+  for (size_t i = 0; i < n; ++i) c = table[(c ^ p[i]) & 0xff] ^ (c >> 8);
+  return c ^ 0xffffffffu;
+}
+
+std::string Journal::EncodeRecord(const std::string& payload) {
+  std::string r;
+  r.reserve(kHeader + payload.size());
+  PutU32(&r, kMagic);
+  PutU32(&r, static_cast<uint32_t>(payload.size()));
+  PutU32(&r, Crc32c(payload.data(), payload.size()));
+  r += payload;
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path, std::vector<std::string>* records) {
+  records->clear();
+  if (path.empty()) return absl::InvalidArgumentError("journal: empty path");
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat(path, ": cannot open journal"));
+  std::unique_ptr<Journal> j(new Journal(path, fd, 0));
+  {
+    // Make a newly created file's directory entry durable too.
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
+    }
+  }
+  // Read the whole file; journals of batch jobs are small next to memory.
+  std::string data;
+  char buf[1 << 16];
+  while (true) {
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, absl::StrCat(path, ": read"));
+    }
+    if (n == 0) break;
+    data.append(buf, static_cast<size_t>(n));
+  }
+  size_t off = 0;
+  while (off < data.size()) {
+    const size_t left = data.size() - off;
+    std::string problem;
+    bool at_end = false;  // the damaged record reaches the end of the file
+    if (left < kHeader) {
+      problem = absl::StrCat("incomplete header (", left, " bytes)");
+      at_end = true;
+    } else if (GetU32(data.data() + off) != kMagic) {
+      problem = "bad magic";
+    } else {
+      const uint32_t len = GetU32(data.data() + off + 4);
+      const uint32_t crc = GetU32(data.data() + off + 8);
+      if (len > kMaxRecord || len > left - kHeader) {
+        problem = absl::StrCat("record of ", len, " bytes runs past the end");
+        at_end = true;
+      } else if (Crc32c(data.data() + off + kHeader, len) != crc) {
+        problem = "checksum mismatch";
+        at_end = off + kHeader + len == data.size();
+      } else {
+        records->emplace_back(data.data() + off + kHeader, len);
+        off += kHeader + len;
+        continue;
+      }
+    }
+    if (!at_end) {
+      return absl::DataLossError(absl::StrCat(path, ": corrupt journal record at byte ", off, " (", problem,
+                                              ") followed by more data; move the file away to start empty"));
+    }
+    LOG(WARNING) << path << ": ignoring a torn last record at byte " << off << " (" << problem << ", "
+                 << left << " bytes); the write was interrupted by a crash";
+    if (::ftruncate(fd, static_cast<off_t>(off)) != 0) {
+      return ErrnoStatus(errno, absl::StrCat(path, ": truncate torn record"));
+    }
+    if (::fsync(fd) != 0) return ErrnoStatus(errno, absl::StrCat(path, ": fsync"));
+    break;
+  }
+  j->size_ = static_cast<int64_t>(off);
+  if (::lseek(fd, static_cast<off_t>(off), SEEK_SET) < 0) return ErrnoStatus(errno, absl::StrCat(path, ": seek"));
+  return j;
+}
+
+Journal::~Journal() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::Status Journal::Append(const std::vector<std::string>& payloads) {
+  if (payloads.empty()) return absl::OkStatus();
+  std::string data;
+  for (const auto& p : payloads) {
+    if (p.size() > kMaxRecord) return absl::InvalidArgumentError("journal: record larger than 1 GiB");
+    data += EncodeRecord(p);
+  }
+  absl::Status s = WriteAll(fd_, data, path_);
+  if (s.ok() && ::fdatasync(fd_) != 0) s = ErrnoStatus(errno, absl::StrCat(path_, ": fdatasync"));
+  if (!s.ok()) {
+    // Drop whatever part reached the file so the next append starts clean.
+    if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0 || ::lseek(fd_, static_cast<off_t>(size_), SEEK_SET) < 0) {
+      LOG(ERROR) << path_ << ": cannot roll back a failed append: " << std::strerror(errno);
+    }
+    return s;
+  }
+  size_ += static_cast<int64_t>(data.size());
+  return absl::OkStatus();
+}
+
+}  // namespace expertmesh::coordinator
