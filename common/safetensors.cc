@@ -110,12 +110,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       continue;
     }
     const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
+    // Element and byte counts in 64 bits without wrapping: a shape such as
+    // [2^32, 2^32] must not pass as an empty tensor.
+    uint64_t want = DTypeSize(v.dtype);
+    bool too_big = false;
+    for (int64_t d : v.shape) {
+      const uint64_t ud = static_cast<uint64_t>(d);
+      if (ud != 0 && want > UINT64_MAX / ud) too_big = true;
+      want *= ud;
+    }
+    if (too_big) {
+      errs.push_back(absl::StrCat(name, ": shape ", ShapeString(v.shape), " has more than 2^64 bytes: corrupt"));
+      continue;
+    }
     if (b > en || en > data_size) {
       errs.push_back(absl::StrCat(name, ": data_offsets [", b, ", ", en, ") out of range (data section is ",
                                   data_size, " bytes): truncated or corrupt"));
       continue;
     }
-    const uint64_t want = static_cast<uint64_t>(v.numel()) * DTypeSize(v.dtype);
     if (en - b != want) {
       errs.push_back(absl::StrCat(name, ": ", en - b, " bytes for ", DTypeName(v.dtype), " ",
                                   ShapeString(v.shape), " (expected ", want, ")"));
@@ -192,7 +204,7 @@ absl::StatusOr<std::unique_ptr<ShardedCheckpoint>> ShardedCheckpoint::Open(const
     }
     ck->files_.push_back(std::move(*f));
   }
-  if (!errs.empty()) return absl::DataLossError(absl::StrJoin(errs, "\n"));
+  if (!errs.empty()) return absl::DataLossError(absl::StrJoin(errs, "; "));  // one line
   for (const auto& f : ck->files_) {
     const std::string base = fs::path(f->path()).filename().string();
     for (const auto& [name, view] : f->tensors()) {
