@@ -1,0 +1,179 @@
+// ModelConfig: presets, HF config.json parsing, validation messages.
+#include "common/config.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/common/test_util.h"
+
+namespace expertmesh {
+namespace {
+
+using absl::StatusCode;
+using nlohmann::json;
+using testing_util::TempDir;
+using testing_util::WriteFile;
+
+TEST(Config, V3PresetIsTheReleaseConfig) {
+  auto c = ModelConfig::Preset("deepseek-v3");
+  ASSERT_OK(c);
+  EXPECT_EQ(c->hidden_size, 7168);
+  EXPECT_EQ(c->num_hidden_layers, 61);
+  EXPECT_EQ(c->first_k_dense_replace, 3);
+  EXPECT_EQ(c->n_routed_experts, 256);
+  EXPECT_EQ(c->num_experts_per_tok, 8);
+  EXPECT_EQ(c->n_group, 8);
+  EXPECT_EQ(c->topk_group, 4);
+  EXPECT_EQ(c->q_lora_rank, 1536);
+  EXPECT_EQ(c->kv_lora_rank, 512);
+  EXPECT_EQ(c->vocab_size, 129280);
+  EXPECT_DOUBLE_EQ(c->routed_scaling_factor, 2.5);
+  EXPECT_EQ(c->rope_scaling.type, "yarn");
+  EXPECT_EQ(c->rope_scaling.original_max_position_embeddings, 4096);
+  EXPECT_TRUE(c->quantization_config.present);
+  const double m = 0.1 * std::log(40.0) + 1.0;
+  EXPECT_NEAR(c->softmax_scale(), m * m / std::sqrt(192.0), 1e-12);
+  EXPECT_EQ(c->kv_cache_dim(), 576);
+}
+
+TEST(Config, TinyPresetHasV3Structure) {
+  auto c = ModelConfig::Preset("tiny");
+  ASSERT_OK(c);
+  EXPECT_EQ(c->n_routed_experts, 256);
+  EXPECT_EQ(c->num_experts_per_tok, 8);
+  EXPECT_EQ(c->n_group, 8);
+  EXPECT_EQ(c->topk_group, 4);
+  EXPECT_EQ(c->n_shared_experts, 1);
+  EXPECT_GE(c->num_hidden_layers, 4);
+  EXPECT_EQ(c->first_k_dense_replace, 1);
+  EXPECT_EQ(c->num_nextn_predict_layers, 1);
+  EXPECT_GT(c->q_lora_rank, 0);
+  EXPECT_EQ(c->rope_scaling.type, "yarn");
+  ASSERT_OK(c->Validate());
+}
+
+TEST(Config, PresetsRoundTripThroughJson) {
+  for (const auto& name : ModelConfig::PresetNames()) {
+    SCOPED_TRACE(name);
+    auto c = ModelConfig::Preset(name);
+    ASSERT_OK(c);
+    auto back = ModelConfig::FromJson(c->ToJson());
+    ASSERT_OK(back);
+    EXPECT_EQ(back->ToJson(), c->ToJson());
+  }
+  EXPECT_ERROR(ModelConfig::Preset("huge"), StatusCode::kNotFound, "huge", "tiny");
+}
+
+TEST(Config, HfDetails) {
+  json j = ModelConfig::Preset("tiny")->ToJson();
+  j["q_lora_rank"] = nullptr;  // V2-Lite style: no q compression
+  auto c = ModelConfig::FromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->q_lora_rank, 0);
+  j = ModelConfig::Preset("tiny")->ToJson();
+  j["rope_scaling"] = nullptr;
+  c = ModelConfig::FromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->rope_scaling.type, "none");
+  EXPECT_NEAR(c->softmax_scale(), 1.0 / std::sqrt(48.0), 1e-12);
+  j = ModelConfig::Preset("tiny")->ToJson();
+  j["rope_scaling"].erase("type");
+  j["rope_scaling"]["rope_type"] = "yarn";  // newer transformers spelling
+  c = ModelConfig::FromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->rope_scaling.type, "yarn");
+}
+
+struct Bad {
+  const char* path;  // dotted
+  json value;
+  std::vector<std::string> fragments;
+};
+
+void Set(json* j, const std::string& dotted, const json& v) {
+  json* cur = j;
+  size_t start = 0, dot;
+  while ((dot = dotted.find('.', start)) != std::string::npos) {
+    cur = &(*cur)[dotted.substr(start, dot - start)];
+    start = dot + 1;
+  }
+  (*cur)[dotted.substr(start)] = v;
+}
+
+TEST(Config, InvalidValuesNameTheField) {
+  const std::vector<Bad> cases = {
+      {"model_type", "llama", {"model_type", "deepseek_v3"}},
+      {"vocab_size", 0, {"vocab_size"}},
+      {"vocab_size", "big", {"vocab_size", "wrong type"}},
+      {"hidden_size", -160, {"hidden_size"}},
+      {"num_hidden_layers", 0, {"num_hidden_layers"}},
+      {"first_k_dense_replace", 5, {"first_k_dense_replace"}},
+      {"n_routed_experts", 0, {"n_routed_experts"}},
+      {"num_experts_per_tok", 300, {"num_experts_per_tok"}},
+      {"n_group", 3, {"n_group", "divide"}},
+      {"topk_group", 0, {"topk_group"}},
+      {"topk_group", 9, {"topk_group"}},
+      {"scoring_func", "relu", {"scoring_func"}},
+      {"topk_method", "magic", {"topk_method"}},
+      {"routed_scaling_factor", 0.0, {"routed_scaling_factor"}},
+      {"qk_rope_head_dim", 7, {"qk_rope_head_dim"}},
+      {"kv_lora_rank", -1, {"kv_lora_rank"}},
+      {"v_head_dim", 0, {"v_head_dim"}},
+      {"num_key_value_heads", 1, {"num_key_value_heads"}},
+      {"rms_norm_eps", -1e-6, {"rms_norm_eps"}},
+      {"rope_theta", 0, {"rope_theta"}},
+      {"rope_scaling.type", "dynamic", {"rope_scaling.type", "yarn"}},
+      {"rope_scaling.factor", 0.5, {"rope_scaling.factor"}},
+      {"rope_scaling.beta_fast", 0.5, {"beta_fast"}},
+      {"rope_scaling.original_max_position_embeddings", 0, {"original_max_position_embeddings"}},
+      {"rope_scaling", 5, {"rope_scaling"}},
+      {"quantization_config.quant_method", "gptq", {"quantization_config.quant_method", "fp8"}},
+      {"quantization_config.fmt", "e5m2", {"quantization_config.fmt", "e4m3"}},
+      {"quantization_config.weight_block_size", json::array({128}), {"weight_block_size"}},
+      {"quantization_config.weight_block_size", json::array({0, 128}), {"weight_block_size"}},
+      {"tie_word_embeddings", true, {"tie_word_embeddings"}},
+      {"norm_topk_prob", "yes", {"norm_topk_prob", "wrong type"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string(c.path) + " = " + c.value.dump());
+    json j = ModelConfig::Preset("tiny")->ToJson();
+    j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
+    Set(&j, c.path, c.value);
+    auto r = ModelConfig::FromJson(j);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    for (const auto& f : c.fragments) {
+      EXPECT_NE(r.status().message().find(f), std::string::npos) << r.status();
+    }
+  }
+}
+
+TEST(Config, ReportsEveryProblemAtOnce) {
+  json j = ModelConfig::Preset("tiny")->ToJson();
+  j["hidden_size"] = 0;
+  j["n_group"] = 3;
+  j["scoring_func"] = "x";
+  EXPECT_ERROR(ModelConfig::FromJson(j), StatusCode::kInvalidArgument, "hidden_size", "n_group", "scoring_func");
+  EXPECT_ERROR(ModelConfig::FromJson(json::array({1})), StatusCode::kInvalidArgument, "object");
+}
+
+TEST(Config, Files) {
+  TempDir d;
+  EXPECT_ERROR(ModelConfig::FromFile(d.File("config.json")), StatusCode::kNotFound, "config.json");
+  WriteFile(d.File("config.json"), "{\"hidden_size\": ");
+  EXPECT_ERROR(ModelConfig::FromFile(d.File("config.json")), StatusCode::kInvalidArgument, "config.json", "JSON");
+  json j = ModelConfig::Preset("tiny")->ToJson();
+  j["topk_group"] = 12;
+  WriteFile(d.File("config.json"), j.dump());
+  EXPECT_ERROR(ModelConfig::FromFile(d.File("config.json")), StatusCode::kInvalidArgument, "config.json",
+               "topk_group");
+  WriteFile(d.File("config.json"), ModelConfig::Preset("tiny")->ToJson().dump());
+  ASSERT_OK(ModelConfig::FromPresetOrPath(d.path()));
+  ASSERT_OK(ModelConfig::FromPresetOrPath(d.File("config.json")));
+  EXPECT_ERROR(ModelConfig::FromPresetOrPath(d.File("nothing")), StatusCode::kNotFound, "nothing");
+}
+
+}  // namespace
+}  // namespace expertmesh
