@@ -327,6 +327,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
           return absl::DataLossError(absl::StrCat("record ", n, ": unreadable request of job ", rec.job_id()));
         }
         job->seqs.resize(static_cast<size_t>(job->request.sequences_size()));
+        queued_ += job->request.sequences_size();  // queue_ entries are added after the replay
         int64_t num = 0;
         if (absl::StartsWith(job->id, "job-") && absl::SimpleAtoi(job->id.substr(4), &num)) {
           next_job_ = std::max(next_job_, num + 1);
@@ -362,6 +363,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
     if (Final(*j)) continue;
     absl::Status s = ValidateSubmitJob(j->request, limits);
     if (!s.ok()) {
+      for (const Sequence& q : j->seqs) queued_ -= q.state == SeqState::kQueued ? 1 : 0;
       j->state = v1::JOB_STATE_FAILED;
       j->error = absl::StrCat("after a coordinator restart the job no longer fits the model: ", s.message());
       j->finished_ms = now;
@@ -369,10 +371,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
       continue;
     }
     for (int i = 0; i < static_cast<int>(j->seqs.size()); ++i) {
-      if (j->seqs[static_cast<size_t>(i)].state == SeqState::kQueued) {
-        queue_.emplace_back(j, i);
-        ++queued_;
-      }
+      if (j->seqs[static_cast<size_t>(i)].state == SeqState::kQueued) queue_.emplace_back(j, i);
     }
     UpdateJobState(j, now);
   }
@@ -746,7 +745,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
       continue;
     }
     if (reason != v1::FINISH_REASON_UNSPECIFIED) {
-      std::vector<int32_t> tokens = std::move(s.tokens);
+      std::vector<int32_t> tokens = s.tokens;  // FinishSequence accounts for the tokens counted so far
       FinishSequence(j, index, std::move(tokens), reason, now);
     }
   }

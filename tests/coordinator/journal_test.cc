@@ -1,0 +1,195 @@
+// The journal file format (torn tails, corruption) and request validation.
+#include <fstream>
+#include <limits>
+
+#include "coordinator/journal.h"
+#include "coordinator/plan_proto.h"
+#include "coordinator/validation.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/test_util.h"
+
+namespace expertmesh::coordinator {
+namespace {
+
+using testing::TempDir;
+
+void AppendRaw(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::app) << bytes;
+}
+
+int64_t FileSize(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  return static_cast<int64_t>(in.tellg());
+}
+
+TEST(JournalTest, AppendsAndReplaysRecordsInOrder) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    EXPECT_TRUE(records.empty());
+    ASSERT_OK((*j)->Append({"first"}));
+    ASSERT_OK((*j)->Append({"second", std::string("third\0with nul", 14), ""}));
+  }
+  auto j = Journal::Open(path, &records);
+  ASSERT_OK(j.status());
+  ASSERT_EQ(records.size(), 4u);
+  EXPECT_EQ(records[0], "first");
+  EXPECT_EQ(records[2], std::string("third\0with nul", 14));
+  EXPECT_EQ(records[3], "");
+}
+
+TEST(JournalTest, TornLastRecordIsDroppedAndTruncated) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    ASSERT_OK((*j)->Append({"kept-1", "kept-2"}));
+  }
+  const int64_t good = FileSize(path);
+  const std::string full = Journal::EncodeRecord("lost in the crash");
+  // Every prefix of a record (header cut, payload cut) is a torn tail.
+  for (size_t cut : {size_t{1}, size_t{11}, size_t{12}, full.size() - 1}) {
+    AppendRaw(path, full.substr(0, cut));
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    ASSERT_EQ(records.size(), 2u) << "cut at " << cut;
+    EXPECT_EQ(records[1], "kept-2");
+    EXPECT_EQ(FileSize(path), good) << "torn bytes must be truncated away";
+  }
+  // A full-length last record with a flipped payload byte is torn too.
+  std::string bad = full;
+  bad.back() ^= 0x55;
+  AppendRaw(path, bad);
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    EXPECT_EQ(records.size(), 2u);
+    ASSERT_OK((*j)->Append({"after"}));  // appends start at the last good record
+  }
+  auto j = Journal::Open(path, &records);
+  ASSERT_OK(j.status());
+  ASSERT_EQ(records.size(), 3u);
+  EXPECT_EQ(records[2], "after");
+}
+
+TEST(JournalTest, CorruptionBeforeTheEndIsDataLoss) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::string a = Journal::EncodeRecord("aaaa"), b = Journal::EncodeRecord("bbbb");
+  a[13] ^= 1;  // payload byte of the first record
+  AppendRaw(path, a + b);
+  std::vector<std::string> records;
+  auto j = Journal::Open(path, &records);
+  EXPECT_EQ(j.status().code(), absl::StatusCode::kDataLoss) << j.status();
+  EXPECT_NE(std::string(j.status().message()).find("byte 0"), std::string::npos) << j.status();
+}
+
+TEST(JournalTest, UnwritableFolderIsAnError) {
+  std::vector<std::string> records;
+  auto j = Journal::Open("/nonexistent-dir/x/j", &records);
+  EXPECT_FALSE(j.ok());
+  EXPECT_EQ(Journal::Open("", &records).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(JournalTest, Crc32cKnownValue) {
+  // RFC 3720 test vector: 32 bytes of zeros.
+  const std::string zeros(32, '\0');
+  EXPECT_EQ(Journal::Crc32c(zeros.data(), zeros.size()), 0x8a9136aau);
+  EXPECT_EQ(Journal::Crc32c("123456789", 9), 0xe3069283u);
+}
+
+// ---------------------------------------------------------------- validation
+
+v1::SubmitJobRequest OneSequence() {
+  v1::SubmitJobRequest r;
+  v1::SequenceRequest* s = r.add_sequences();
+  s->add_tokens(1);
+  s->add_tokens(2);
+  s->set_max_new_tokens(4);
+  return r;
+}
+
+void ExpectInvalid(const v1::SubmitJobRequest& r, const std::string& field) {
+  const JobLimits limits{1024, 100, 8};
+  absl::Status s = ValidateSubmitJob(r, limits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field << ": " << s;
+  EXPECT_EQ(std::string(s.message()).rfind(field + ":", 0), 0u) << "\"" << s.message() << "\" should start with " << field;
+}
+
+TEST(ValidationTest, EveryBadFieldIsNamed) {
+  const JobLimits limits{1024, 100, 8};
+  EXPECT_TRUE(ValidateSubmitJob(OneSequence(), limits).ok());
+  ExpectInvalid(v1::SubmitJobRequest(), "sequences");
+  v1::SubmitJobRequest r = OneSequence();
+  for (int i = 0; i < 8; ++i) *r.add_sequences() = r.sequences(0);
+  ExpectInvalid(r, "sequences");  // 9 > 8 per job
+  r = OneSequence();
+  r.mutable_sequences(0)->clear_tokens();
+  ExpectInvalid(r, "sequences[0].tokens");
+  r = OneSequence();
+  *r.add_sequences() = r.sequences(0);
+  r.mutable_sequences(1)->add_tokens(1024);
+  ExpectInvalid(r, "sequences[1].tokens[2]");
+  r = OneSequence();
+  r.mutable_sequences(0)->set_tokens(0, -1);
+  ExpectInvalid(r, "sequences[0].tokens[0]");
+  r = OneSequence();
+  r.mutable_sequences(0)->set_max_new_tokens(0);
+  ExpectInvalid(r, "sequences[0].max_new_tokens");
+  r.mutable_sequences(0)->set_max_new_tokens(99);  // 2 + 99 > 100
+  ExpectInvalid(r, "sequences[0].max_new_tokens");
+  r.mutable_sequences(0)->set_max_new_tokens(98);
+  EXPECT_TRUE(ValidateSubmitJob(r, limits).ok());
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (float t : {-0.5f, nan, std::numeric_limits<float>::infinity()}) {
+    r = OneSequence();
+    r.mutable_sequences(0)->mutable_sampling()->set_temperature(t);
+    ExpectInvalid(r, "sequences[0].sampling.temperature");
+  }
+  r = OneSequence();
+  r.mutable_sequences(0)->mutable_sampling()->set_top_k(-1);
+  ExpectInvalid(r, "sequences[0].sampling.top_k");
+  for (float p : {-0.1f, 1.5f, nan}) {
+    r = OneSequence();
+    r.mutable_sequences(0)->mutable_sampling()->set_top_p(p);
+    ExpectInvalid(r, "sequences[0].sampling.top_p");
+  }
+  r = OneSequence();
+  r.mutable_sequences(0)->mutable_sampling()->set_top_p(0);  // read as 1
+  r.mutable_sequences(0)->mutable_sampling()->set_temperature(0.7f);
+  r.mutable_sequences(0)->mutable_sampling()->set_top_k(5);
+  EXPECT_TRUE(ValidateSubmitJob(r, limits).ok());
+  r.mutable_sequences(0)->add_stop_token_ids(5000);
+  ExpectInvalid(r, "sequences[0].stop_token_ids[0]");
+  r = OneSequence();
+  r.set_client_request_id(std::string(300, 'x'));
+  ExpectInvalid(r, "client_request_id");
+}
+
+TEST(PlanProtoTest, RoundTrip) {
+  ModelConfig c = *ModelConfig::Preset("tiny");
+  topology::PlanOptions o;
+  o.pp = 2;
+  o.ep = 2;
+  o.redundant_experts = 4;
+  auto plan = topology::BuildPlan(c, o);
+  ASSERT_OK(plan.status());
+  v1::Plan p = PlanToProto(*plan, "/ckpt", "{}");
+  EXPECT_EQ(p.stages_size(), 2);
+  EXPECT_EQ(p.stages(0).layer_begin(), 0);
+  EXPECT_EQ(p.stages(1).layer_end(), 4);
+  auto back = PlanFromProto(p);
+  ASSERT_OK(back.status());
+  EXPECT_EQ(back->ToJson(), plan->ToJson());
+  ASSERT_FALSE(p.stages(1).placement_json().empty());
+  p.mutable_stages(1)->mutable_placement_json()->begin()->second = "not json";
+  EXPECT_EQ(PlanFromProto(p).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace expertmesh::coordinator

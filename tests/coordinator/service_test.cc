@@ -1,0 +1,647 @@
+// The coordinator's gRPC services through an in-process channel (and one real
+// localhost port), with fake workers driven by the test.
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <limits>
+#include <thread>
+
+#include "coordinator/server.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/health.grpc.pb.h"
+#include "tests/coordinator/test_util.h"
+
+namespace expertmesh::coordinator {
+namespace {
+
+using testing::FakeToken;
+using testing::FakeWorker;
+using testing::TempDir;
+using testing::WriteTinyCheckpoint;
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  CoordinatorOptions Options(int pp, int ep) {
+    CoordinatorOptions o;
+    o.checkpoint = WriteTinyCheckpoint(dir_.path());
+    o.pp = pp;
+    o.ep = ep;
+    o.journal_path = dir_.path() + "/journal";
+    o.heartbeat_timeout_s = 0.4;
+    o.monitor_interval_s = 0.05;
+    o.register_timeout_s = 10;
+    o.shutdown_timeout_s = 5;
+    return o;
+  }
+
+  void Start(const CoordinatorOptions& o) {
+    auto s = CoordinatorServer::Start(o);
+    ASSERT_OK(s.status());
+    server_ = *std::move(s);
+    channel_ = server_->InProcessChannel();
+    jobs_ = v1::JobService::NewStub(channel_);
+    cluster_ = v1::ClusterService::NewStub(channel_);
+  }
+
+  // Registers pp*ep fake workers concurrently (Register blocks until all are in).
+  std::vector<std::unique_ptr<FakeWorker>> RegisterAll(int n, const std::vector<int>& ids = {}) {
+    std::vector<std::unique_ptr<FakeWorker>> w;
+    std::vector<std::thread> threads;
+    std::vector<grpc::Status> st(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) w.push_back(std::make_unique<FakeWorker>(channel_));
+    for (int i = 0; i < n; ++i) {
+      threads.emplace_back([&, i] { st[i] = w[i]->Register(ids.empty() ? -1 : ids[i], "fakehost", 100 + i); });
+      // Registration order = start order, so that worker i gets place i.
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    for (auto& t : threads) t.join();
+    for (int i = 0; i < n; ++i) EXPECT_TRUE(st[i].ok()) << testing::StatusText(st[i]);
+    std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) { return a->id() < b->id(); });
+    return w;
+  }
+
+  v1::SubmitJobRequest Batch(int n, int max_new, const std::string& request_id = "") {
+    v1::SubmitJobRequest r;
+    r.set_client_request_id(request_id);
+    for (int i = 0; i < n; ++i) {
+      v1::SequenceRequest* s = r.add_sequences();
+      for (int t = 0; t <= i % 5; ++t) s->add_tokens(10 + i + t);
+      s->set_max_new_tokens(max_new);
+      s->mutable_sampling()->set_seed(static_cast<uint64_t>(i));
+    }
+    return r;
+  }
+
+  std::string Submit(const v1::SubmitJobRequest& r) {
+    grpc::ClientContext ctx;
+    v1::SubmitJobResponse resp;
+    grpc::Status s = jobs_->SubmitJob(&ctx, r, &resp);
+    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    return resp.job_id();
+  }
+
+  grpc::Status SubmitStatus(const v1::SubmitJobRequest& r, v1::SubmitJobResponse* resp = nullptr) {
+    grpc::ClientContext ctx;
+    v1::SubmitJobResponse tmp;
+    return jobs_->SubmitJob(&ctx, r, resp != nullptr ? resp : &tmp);
+  }
+
+  v1::Job GetJob(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetJobRequest req;
+    req.set_job_id(id);
+    v1::Job j;
+    grpc::Status s = jobs_->GetJob(&ctx, req, &j);
+    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    return j;
+  }
+
+  v1::ClusterStatus Status() {
+    grpc::ClientContext ctx;
+    v1::ClusterStatus st;
+    EXPECT_TRUE(cluster_->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st).ok());
+    return st;
+  }
+
+  grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& service) {
+    auto stub = grpc::health::v1::Health::NewStub(channel_);
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(service);
+    grpc::health::v1::HealthCheckResponse resp;
+    grpc::Status s = stub->Check(&ctx, req, &resp);
+    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    return resp.status();
+  }
+
+  // Steps the stage-0 workers (heartbeating all) until the job is final.
+  void RunUntilFinal(std::vector<std::unique_ptr<FakeWorker>>& w, int ep, const std::string& job_id,
+                     int capacity = 4) {
+    for (int iter = 0; iter < 500; ++iter) {
+      for (auto& x : w) ASSERT_OK(x->Heartbeat());
+      for (int i = 0; i < ep; ++i) ASSERT_OK(w[i]->Step(capacity));
+      const v1::Job j = GetJob(job_id);
+      if (j.state() == v1::JOB_STATE_SUCCEEDED || j.state() == v1::JOB_STATE_CANCELLED) return;
+    }
+    FAIL() << "job " << job_id << " did not finish";
+  }
+
+  static void ExpectFakeTokens(const v1::SubmitJobRequest& req, const v1::SequenceResult& r) {
+    const v1::SequenceRequest& s = req.sequences(r.index());
+    ASSERT_EQ(r.tokens_size(), s.max_new_tokens()) << "sequence " << r.index();
+    for (int k = 0; k < r.tokens_size(); ++k) EXPECT_EQ(r.tokens(k), FakeToken(s, k)) << r.index() << "/" << k;
+    EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_LENGTH);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<CoordinatorServer> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::JobService::Stub> jobs_;
+  std::unique_ptr<v1::ClusterService::Stub> cluster_;
+};
+
+TEST_F(CoordinatorTest, InvalidRequestsAreInvalidArgumentNamingTheField) {
+  Start(Options(1, 1));
+  EXPECT_GRPC_ERROR(SubmitStatus(v1::SubmitJobRequest()), INVALID_ARGUMENT, "sequences: empty batch");
+  auto bad = [&](auto mutate, const std::string& field) {
+    v1::SubmitJobRequest r = Batch(3, 4);
+    mutate(r.mutable_sequences(2));
+    EXPECT_GRPC_ERROR(SubmitStatus(r), INVALID_ARGUMENT, field);
+  };
+  bad([](v1::SequenceRequest* s) { s->clear_tokens(); }, "sequences[2].tokens: empty prompt");
+  bad([](v1::SequenceRequest* s) { s->add_tokens(1024); }, "sequences[2].tokens[3]: 1024 is out of range [0, 1024)");
+  bad([](v1::SequenceRequest* s) { s->set_tokens(0, -5); }, "sequences[2].tokens[0]");
+  bad([](v1::SequenceRequest* s) { s->set_max_new_tokens(0); }, "sequences[2].max_new_tokens");
+  bad([](v1::SequenceRequest* s) { s->set_max_new_tokens(4094); }, "sequences[2].max_new_tokens: prompt (3 tokens)");
+  bad([](v1::SequenceRequest* s) { s->mutable_sampling()->set_temperature(-1); }, "sequences[2].sampling.temperature");
+  bad([](v1::SequenceRequest* s) { s->mutable_sampling()->set_temperature(std::nanf("")); },
+      "sequences[2].sampling.temperature");
+  bad([](v1::SequenceRequest* s) { s->mutable_sampling()->set_top_k(-3); }, "sequences[2].sampling.top_k");
+  bad([](v1::SequenceRequest* s) { s->mutable_sampling()->set_top_p(1.01f); }, "sequences[2].sampling.top_p");
+  bad([](v1::SequenceRequest* s) { s->add_stop_token_ids(99999); }, "sequences[2].stop_token_ids[0]");
+  CoordinatorOptions o = Options(1, 1);
+  EXPECT_EQ(Status().queued_sequences(), 0) << "rejected jobs must not be queued";
+  // Too many sequences per job.
+  server_.reset();
+  o.max_sequences_per_job = 2;
+  Start(o);
+  EXPECT_GRPC_ERROR(SubmitStatus(Batch(3, 4)), INVALID_ARGUMENT, "sequences: 3 sequences exceed the limit of 2");
+}
+
+TEST_F(CoordinatorTest, UnknownJobIsNotFound) {
+  Start(Options(1, 1));
+  grpc::ClientContext c1, c2, c3;
+  v1::GetJobRequest g;
+  g.set_job_id("job-424242");
+  v1::Job j;
+  EXPECT_GRPC_ERROR(jobs_->GetJob(&c1, g, &j), NOT_FOUND, "job-424242");
+  v1::CancelJobRequest c;
+  c.set_job_id("nope");
+  EXPECT_GRPC_ERROR(jobs_->CancelJob(&c2, c, &j), NOT_FOUND, "nope");
+  v1::WatchJobRequest w;
+  w.set_job_id("nope");
+  auto reader = jobs_->WatchJob(&c3, w);
+  v1::WatchJobResponse m;
+  EXPECT_FALSE(reader->Read(&m));
+  EXPECT_GRPC_ERROR(reader->Finish(), NOT_FOUND, "nope");
+}
+
+TEST_F(CoordinatorTest, QueueFullIsResourceExhausted) {
+  CoordinatorOptions o = Options(1, 1);
+  o.max_queued_sequences = 5;
+  Start(o);
+  Submit(Batch(3, 2));
+  EXPECT_GRPC_ERROR(SubmitStatus(Batch(3, 2)), RESOURCE_EXHAUSTED, "queue full");
+  Submit(Batch(2, 2));  // exactly at the limit
+  // Once a worker takes sequences, there is room again.
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  ASSERT_OK(w[0]->Step(4));
+  EXPECT_EQ(Status().queued_sequences(), 1);
+  Submit(Batch(4, 2));
+}
+
+TEST_F(CoordinatorTest, RetryWithTheSameRequestIdReturnsTheSameJob) {
+  Start(Options(1, 1));
+  v1::SubmitJobResponse a, b, c;
+  ASSERT_OK(SubmitStatus(Batch(2, 3, "req-1"), &a));
+  ASSERT_OK(SubmitStatus(Batch(2, 3, "req-1"), &b));
+  ASSERT_OK(SubmitStatus(Batch(2, 3, "req-2"), &c));
+  EXPECT_FALSE(a.deduplicated());
+  EXPECT_TRUE(b.deduplicated());
+  EXPECT_EQ(a.job_id(), b.job_id());
+  EXPECT_NE(a.job_id(), c.job_id());
+  EXPECT_EQ(Status().queued_sequences(), 4);
+  grpc::ClientContext ctx;
+  v1::ListJobsResponse list;
+  ASSERT_OK(jobs_->ListJobs(&ctx, v1::ListJobsRequest(), &list));
+  ASSERT_EQ(list.jobs_size(), 2);
+  EXPECT_EQ(list.jobs(0).job_id(), c.job_id());  // most recent first
+  EXPECT_EQ(list.jobs(0).results_size(), 0);
+  EXPECT_EQ(GetJob(a.job_id()).client_request_id(), "req-1");
+}
+
+TEST_F(CoordinatorTest, RegisterAssignsPlacesAndBlocksUntilTheClusterIsComplete) {
+  Start(Options(2, 2));
+  auto w = RegisterAll(4);
+  for (int i = 0; i < 4; ++i) {
+    const v1::RegisterResponse& r = w[i]->registration();
+    EXPECT_EQ(r.worker_id(), i);
+    EXPECT_EQ(r.stage(), i / 2);
+    EXPECT_EQ(r.ep_rank(), i % 2);
+    EXPECT_EQ(r.epoch(), server_->coordinator()->epoch());
+    EXPECT_EQ(r.plan().pp(), 2);
+    EXPECT_EQ(r.plan().ep(), 2);
+    ASSERT_EQ(r.plan().stages_size(), 2);
+    EXPECT_FALSE(r.plan().model_json().empty());
+    EXPECT_TRUE(r.plan().stages(0).has_embedding());
+    EXPECT_TRUE(r.plan().stages(1).has_head());
+    EXPECT_EQ(r.plan().stages(0).layer_end(), r.plan().stages(1).layer_begin());
+  }
+  // A fifth worker while all four are alive: no place.
+  FakeWorker extra(channel_);
+  EXPECT_GRPC_ERROR(extra.Register(-1, "other", 7), RESOURCE_EXHAUSTED, "already has its 4 workers");
+  EXPECT_GRPC_ERROR(extra.Register(9, "other", 7), INVALID_ARGUMENT, "worker_id: 9 is out of range");
+  EXPECT_GRPC_ERROR(extra.Register(2, "other", 7), ALREADY_EXISTS, "worker_id: 2 is held by fakehost:102");
+  // The same process registering again (a retry) keeps its place.
+  FakeWorker again(channel_);
+  ASSERT_OK(again.Register(-1, "fakehost", 103));
+  EXPECT_EQ(again.id(), 3);
+  const v1::ClusterStatus st = Status();
+  ASSERT_EQ(st.workers_size(), 4);
+  EXPECT_EQ(st.workers(3).health(), v1::WORKER_HEALTH_STARTING);
+  EXPECT_EQ(st.workers(3).host(), "fakehost");
+}
+
+TEST_F(CoordinatorTest, RegisterTimesOutWhenTheClusterStaysIncomplete) {
+  CoordinatorOptions o = Options(1, 2);
+  o.register_timeout_s = 0.3;
+  Start(o);
+  FakeWorker w(channel_);
+  EXPECT_GRPC_ERROR(w.Register(), DEADLINE_EXCEEDED, "1 of 2 workers registered");
+  // The place was freed: two workers can now complete the cluster.
+  auto all = RegisterAll(2);
+  EXPECT_EQ(all[1]->id(), 1);
+}
+
+TEST_F(CoordinatorTest, JobRunsOnFakeWorkersAndWatchStreamsResults) {
+  Start(Options(2, 2));
+  auto w = RegisterAll(4);
+  const v1::SubmitJobRequest req = Batch(10, 5);
+  const std::string id = Submit(req);
+  EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_QUEUED);
+  // A watcher started before any result.
+  std::vector<v1::WatchJobResponse> streamed;
+  grpc::Status watch_status;
+  std::thread watcher([&] {
+    auto stub = v1::JobService::NewStub(channel_);
+    grpc::ClientContext ctx;
+    v1::WatchJobRequest wr;
+    wr.set_job_id(id);
+    auto reader = stub->WatchJob(&ctx, wr);
+    v1::WatchJobResponse m;
+    while (reader->Read(&m)) streamed.push_back(m);
+    watch_status = reader->Finish();
+  });
+  // First step: both stage-0 workers get an equal share (5 each), not the first one everything.
+  ASSERT_OK(w[0]->Step(8));
+  ASSERT_OK(w[1]->Step(8));
+  EXPECT_EQ(w[0]->held(), 5u);
+  EXPECT_EQ(w[1]->held(), 5u);
+  EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Status().running_sequences(), 10);
+  RunUntilFinal(w, 2, id, 8);
+  watcher.join();
+  ASSERT_OK(watch_status);
+  ASSERT_EQ(streamed.size(), 10u);
+  for (size_t i = 0; i + 1 < streamed.size(); ++i) EXPECT_EQ(streamed[i].state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(streamed.back().state(), v1::JOB_STATE_SUCCEEDED);
+  const v1::Job j = GetJob(id);
+  EXPECT_EQ(j.state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(j.num_finished(), 10);
+  EXPECT_EQ(j.generated_tokens(), 50);
+  EXPECT_GT(j.finished_unix_ms(), 0);
+  ASSERT_EQ(j.results_size(), 10);
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(j.results(i).index(), i);
+    ExpectFakeTokens(req, j.results(i));
+  }
+  // A watch after the end replays every result and ends.
+  grpc::ClientContext ctx;
+  v1::WatchJobRequest wr;
+  wr.set_job_id(id);
+  auto reader = jobs_->WatchJob(&ctx, wr);
+  v1::WatchJobResponse m;
+  int n = 0;
+  while (reader->Read(&m)) ++n;
+  ASSERT_OK(reader->Finish());
+  EXPECT_EQ(n, 10);
+}
+
+TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
+  Start(Options(2, 1));
+  auto w = RegisterAll(2);
+  // Only stage 0 syncs.
+  EXPECT_GRPC_ERROR(w[1]->Step(4), FAILED_PRECONDITION, "only stage-0 workers");
+  FakeWorker stranger(channel_);
+  stranger.set_id(0);
+  stranger.set_epoch(w[0]->epoch());
+  v1::SyncRequest sr;
+  sr.set_worker_id(5);
+  sr.set_epoch(w[0]->epoch());
+  EXPECT_GRPC_ERROR(stranger.SyncRaw(sr), NOT_FOUND, "worker_id: 5 is not registered");
+  v1::SubmitJobRequest req = Batch(1, 6);
+  req.mutable_sequences(0)->add_stop_token_ids(FakeToken(req.sequences(0), 2));
+  const std::string id = Submit(req);
+  RunUntilFinal(w, 1, id);
+  const v1::Job j = GetJob(id);
+  ASSERT_EQ(j.results_size(), 1);
+  EXPECT_EQ(j.results(0).finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(j.results(0).tokens_size(), 3);  // the stop token is included
+  // Updates for sequences the worker does not hold are ignored.
+  v1::SyncRequest bogus;
+  bogus.set_worker_id(0);
+  bogus.set_epoch(w[0]->epoch());
+  v1::SequenceUpdate* u = bogus.add_updates();
+  u->set_seq_id(id + "/0");
+  u->add_new_tokens(1);
+  u->set_finish_reason(v1::FINISH_REASON_LENGTH);
+  bogus.add_updates()->set_seq_id("garbage");
+  ASSERT_OK(w[0]->SyncRaw(bogus));
+  EXPECT_EQ(GetJob(id).results(0).tokens_size(), 3);
+}
+
+TEST_F(CoordinatorTest, CancelStopsQueuedAndRunningSequences) {
+  Start(Options(1, 1));
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  const std::string id = Submit(Batch(6, 10));
+  ASSERT_OK(w[0]->Step(2));  // 2 running, 4 queued
+  ASSERT_OK(w[0]->Step(2));  // 1 token each
+  ASSERT_EQ(w[0]->held(), 2u);
+  grpc::ClientContext ctx;
+  v1::CancelJobRequest c;
+  c.set_job_id(id);
+  v1::Job j;
+  ASSERT_OK(jobs_->CancelJob(&ctx, c, &j));
+  EXPECT_EQ(j.state(), v1::JOB_STATE_CANCELLED);
+  ASSERT_EQ(j.results_size(), 6);
+  for (const auto& r : j.results()) EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_EQ(j.results(0).tokens_size(), 1);  // the running one keeps what it generated
+  EXPECT_EQ(j.results(5).tokens_size(), 0);
+  EXPECT_EQ(Status().queued_sequences(), 0);
+  EXPECT_EQ(Status().running_sequences(), 0);
+  // The worker learns about it on its next Sync.
+  v1::SyncResponse resp;
+  ASSERT_OK(w[0]->Step(2, 1, &resp));
+  EXPECT_EQ(resp.cancel_size(), 2);
+  EXPECT_EQ(resp.assign_size(), 0);
+  EXPECT_EQ(w[0]->held(), 0u);
+  EXPECT_EQ(w[0]->cancelled().size(), 2u);
+  // Idempotent.
+  grpc::ClientContext ctx2;
+  ASSERT_OK(jobs_->CancelJob(&ctx2, c, &j));
+  EXPECT_EQ(j.state(), v1::JOB_STATE_CANCELLED);
+  ASSERT_OK(w[0]->Step(2, 1, &resp));
+  EXPECT_EQ(resp.cancel_size(), 0);
+}
+
+TEST_F(CoordinatorTest, HealthFollowsWorkersAndMissingHeartbeatsMakeMissing) {
+  Start(Options(1, 2));
+  EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health("expertmesh.v1.JobService"), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  auto w = RegisterAll(2);
+  EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::NOT_SERVING);  // STARTING
+  ASSERT_OK(w[0]->Heartbeat());
+  ASSERT_OK(w[1]->Heartbeat());
+  EXPECT_TRUE(Status().serving());
+  EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health("expertmesh.v1.JobService"), grpc::health::v1::HealthCheckResponse::SERVING);
+  // Worker 1 holds sequences, then goes silent.
+  const std::string id = Submit(Batch(4, 50));
+  ASSERT_OK(w[0]->Step(4));
+  ASSERT_OK(w[1]->Step(4));
+  ASSERT_EQ(w[1]->held(), 2u);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until && Status().workers(1).health() != v1::WORKER_HEALTH_MISSING) {
+    ASSERT_OK(w[0]->Heartbeat());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  v1::ClusterStatus st = Status();
+  EXPECT_EQ(st.workers(1).health(), v1::WORKER_HEALTH_MISSING);
+  EXPECT_EQ(st.workers(0).health(), v1::WORKER_HEALTH_READY);
+  EXPECT_FALSE(st.serving());
+  EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health("expertmesh.v1.JobService"), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  // Its sequences went back to the queue; worker 0 picks them up.
+  EXPECT_EQ(st.queued_sequences(), 2);
+  ASSERT_OK(w[0]->Step(4));
+  EXPECT_EQ(w[0]->held(), 4u);
+  // If the missing worker comes back it is told to drop them.
+  v1::SyncResponse resp;
+  ASSERT_OK(w[1]->Heartbeat());
+  ASSERT_OK(w[1]->Step(4, 1, &resp));
+  EXPECT_EQ(resp.cancel_size(), 2);
+  EXPECT_EQ(w[1]->held(), 0u);
+  EXPECT_EQ(Status().workers(1).health(), v1::WORKER_HEALTH_READY);
+  EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::SERVING);
+  RunUntilFinal(w, 2, id);
+  EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
+  Start(Options(2, 1));
+  auto w = RegisterAll(2);
+  const v1::ClusterStatus before = Status();
+  ASSERT_EQ(before.expert_load_size(), 3);  // tiny: layers 1..3 are MoE
+  EXPECT_EQ(before.expert_load(0).layer(), 1);
+  EXPECT_EQ(before.expert_load(0).tokens_per_expert_size(), 256);
+  v1::LayerExpertLoad l1, l3;
+  l1.set_layer(1);
+  for (int e = 0; e < 256; ++e) l1.add_tokens_per_expert(e % 3);
+  l3.set_layer(3);
+  l3.add_tokens_per_expert(5);
+  l3.add_tokens_per_expert(7);
+  ASSERT_OK(w[0]->Heartbeat(false, {l1}));
+  ASSERT_OK(w[0]->Heartbeat(false, {l1}));
+  ASSERT_OK(w[1]->Heartbeat(false, {l3}));
+  ASSERT_OK(w[1]->Heartbeat(false, {l3}));
+  const v1::ClusterStatus st = Status();
+  EXPECT_EQ(st.expert_load(0).tokens_per_expert(2), 4);
+  EXPECT_EQ(st.expert_load(0).tokens_per_expert(4), 2);
+  EXPECT_EQ(st.expert_load(1).tokens_per_expert(0), 0);
+  EXPECT_EQ(st.expert_load(2).tokens_per_expert(0), 10);
+  EXPECT_EQ(st.expert_load(2).tokens_per_expert(1), 14);
+  EXPECT_EQ(st.expert_load(2).tokens_per_expert(2), 0);
+  v1::LayerExpertLoad dense;
+  dense.set_layer(0);
+  EXPECT_GRPC_ERROR(w[0]->Heartbeat(false, {dense}), INVALID_ARGUMENT, "expert_load[0].layer: 0 is not a MoE layer");
+  FakeWorker stranger(channel_);
+  stranger.set_id(7);
+  EXPECT_GRPC_ERROR(stranger.Heartbeat(), NOT_FOUND, "worker_id: 7 is not registered");
+}
+
+TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults) {
+  CoordinatorOptions o = Options(1, 2);
+  Start(o);
+  auto w = RegisterAll(2);
+  const v1::SubmitJobRequest req = Batch(6, 3, "survivor");
+  const std::string id = Submit(req);
+  const std::string cancelled = Submit(Batch(2, 3));
+  const std::string old_epoch = server_->coordinator()->epoch();
+  // Worker 0 runs 3 sequences to the end; worker 1 holds the other 3 half done.
+  ASSERT_OK(w[0]->Step(3));
+  ASSERT_OK(w[1]->Step(3));
+  ASSERT_OK(w[1]->Step(3));
+  for (int i = 0; i < 3; ++i) ASSERT_OK(w[0]->Step(3));
+  {
+    grpc::ClientContext ctx;
+    v1::CancelJobRequest c;
+    c.set_job_id(cancelled);
+    v1::Job j;
+    ASSERT_OK(jobs_->CancelJob(&ctx, c, &j));
+  }
+  v1::Job before = GetJob(id);
+  ASSERT_EQ(before.num_finished(), 3);
+  // Crash: no goodbye; a record torn in the middle of its write is left at the end.
+  server_->Stop();
+  server_.reset();
+  {
+    const std::string torn = Journal::EncodeRecord(std::string(40, 'x'));
+    std::ofstream(o.journal_path, std::ios::binary | std::ios::app) << torn.substr(0, 25);
+  }
+  Start(o);
+  const std::string new_epoch = server_->coordinator()->epoch();
+  EXPECT_NE(new_epoch, old_epoch);
+  v1::Job after = GetJob(id);
+  EXPECT_EQ(after.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(after.num_finished(), 3);
+  for (const auto& r : after.results()) ExpectFakeTokens(req, r);
+  EXPECT_EQ(GetJob(cancelled).state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(Status().queued_sequences(), 3);
+  // The retry of the original submission finds the job.
+  v1::SubmitJobResponse dup;
+  ASSERT_OK(SubmitStatus(Batch(6, 3, "survivor"), &dup));
+  EXPECT_TRUE(dup.deduplicated());
+  EXPECT_EQ(dup.job_id(), id);
+  // New ids continue after the journaled ones.
+  const std::string next = Submit(Batch(1, 1));
+  EXPECT_GT(next, cancelled);
+  // An old worker syncing with the old epoch: new epoch, nothing else, its updates ignored.
+  FakeWorker old(channel_);
+  old.set_id(1);
+  old.set_epoch(old_epoch);
+  v1::SyncRequest stale;
+  stale.set_worker_id(1);
+  stale.set_epoch(old_epoch);
+  stale.set_free_slots(8);
+  v1::SequenceUpdate* u = stale.add_updates();
+  u->set_seq_id(id + "/3");
+  u->add_new_tokens(1);
+  u->set_finish_reason(v1::FINISH_REASON_LENGTH);
+  v1::SyncResponse resp;
+  ASSERT_OK(old.SyncRaw(stale, &resp));
+  EXPECT_EQ(resp.epoch(), new_epoch);
+  EXPECT_EQ(resp.assign_size(), 0);
+  EXPECT_EQ(GetJob(id).num_finished(), 3);
+  // The workers register again, keeping their places, and finish the job.
+  auto w2 = RegisterAll(2, {1, 0});
+  EXPECT_EQ(w2[0]->id(), 0);
+  EXPECT_EQ(w2[1]->id(), 1);
+  EXPECT_EQ(w2[0]->epoch(), new_epoch);
+  RunUntilFinal(w2, 2, id);
+  const v1::Job done = GetJob(id);
+  EXPECT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(done.results_size(), 6);
+  for (const auto& r : done.results()) ExpectFakeTokens(req, r);
+  EXPECT_EQ(done.generated_tokens(), 18);
+}
+
+TEST_F(CoordinatorTest, ShutdownStopsWorkersThenTheCoordinator) {
+  Start(Options(1, 2));
+  auto w = RegisterAll(2);
+  for (auto& x : w) ASSERT_OK(x->Heartbeat());
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    server_->Wait();
+    returned = true;
+  });
+  {
+    grpc::ClientContext ctx;
+    v1::ShutdownResponse r;
+    ASSERT_OK(cluster_->Shutdown(&ctx, v1::ShutdownRequest(), &r));
+  }
+  EXPECT_GRPC_ERROR(SubmitStatus(Batch(1, 1)), UNAVAILABLE, "shutting down");
+  v1::SyncResponse sync;
+  ASSERT_OK(w[0]->Step(4, 1, &sync));
+  EXPECT_TRUE(sync.shutdown());
+  v1::HeartbeatResponse hb;
+  ASSERT_OK(w[0]->Heartbeat(false, {}, &hb));
+  EXPECT_TRUE(hb.shutdown());
+  EXPECT_FALSE(Status().serving());
+  ASSERT_OK(w[0]->Heartbeat(/*exiting=*/true));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(returned) << "worker 1 has not exited yet";
+  EXPECT_EQ(Status().workers(0).health(), v1::WORKER_HEALTH_EXITED);
+  ASSERT_OK(w[1]->Heartbeat(/*exiting=*/true));
+  waiter.join();
+  EXPECT_TRUE(returned);
+}
+
+TEST_F(CoordinatorTest, KeyValueStore) {
+  Start(Options(1, 1));
+  FakeWorker w(channel_);
+  grpc::ClientContext c1, c2, c3, c4;
+  v1::StoreGetRequest get;
+  get.set_key("ucx/0");
+  v1::StoreGetResponse got;
+  ASSERT_OK(w.stub()->StoreGet(&c1, get, &got));
+  EXPECT_FALSE(got.found());
+  v1::StoreSetRequest set;
+  set.set_key("ucx/0");
+  set.set_value(std::string("\x01\x00\x02", 3));
+  v1::StoreSetResponse sr;
+  ASSERT_OK(w.stub()->StoreSet(&c2, set, &sr));
+  ASSERT_OK(w.stub()->StoreGet(&c3, get, &got));
+  EXPECT_TRUE(got.found());
+  EXPECT_EQ(got.value(), std::string("\x01\x00\x02", 3));
+  set.set_key("");
+  EXPECT_GRPC_ERROR(w.stub()->StoreSet(&c4, set, &sr), INVALID_ARGUMENT, "key: empty");
+}
+
+TEST(RunCoordinatorTest, ServesOnARealPortAndExitsOnShutdown) {
+  TempDir dir;
+  CoordinatorOptions o;
+  o.checkpoint = WriteTinyCheckpoint(dir.path());
+  o.pp = 1;
+  o.ep = 1;
+  o.journal_path = dir.path() + "/journal";
+  std::string address;
+  std::mutex mu;
+  std::condition_variable cv;
+  absl::Status result = absl::UnknownError("not returned");
+  std::thread t([&] {
+    absl::Status s = RunCoordinator(o, [&](const std::string& a) {
+      std::lock_guard<std::mutex> lock(mu);
+      address = a;
+      cv.notify_all();
+    });
+    std::lock_guard<std::mutex> lock(mu);
+    result = s;
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return !address.empty(); }));
+  }
+  EXPECT_EQ(address.rfind("127.0.0.1:", 0), 0u) << address;
+  auto ch = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto cluster = v1::ClusterService::NewStub(ch);
+  grpc::ClientContext c1, c2;
+  c1.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::ClusterStatus st;
+  ASSERT_OK(cluster->GetClusterStatus(&c1, v1::GetClusterStatusRequest(), &st));
+  EXPECT_EQ(st.plan().pp(), 1);
+  EXPECT_FALSE(st.serving());
+  v1::ShutdownResponse r;
+  ASSERT_OK(cluster->Shutdown(&c2, v1::ShutdownRequest(), &r));
+  t.join();  // no worker registered: the coordinator exits right away
+  ASSERT_OK(result);
+}
+
+TEST(RunCoordinatorTest, BadOptionsAreClearErrors) {
+  TempDir dir;
+  CoordinatorOptions o;
+  o.checkpoint = dir.path();  // no config.json
+  EXPECT_EQ(RunCoordinator(o, nullptr).code(), absl::StatusCode::kNotFound);
+  o.checkpoint = WriteTinyCheckpoint(dir.path());
+  o.pp = 9;  // tiny has 4 layers
+  absl::Status s = RunCoordinator(o, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("--pp"), std::string::npos) << s;
+  o.pp = 1;
+  o.listen = "nonsense";
+  EXPECT_EQ(RunCoordinator(o, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace expertmesh::coordinator

@@ -1,0 +1,180 @@
+// Helpers for the coordinator tests: status assertions, a temporary
+// checkpoint folder holding only config.json, and a fake worker that calls
+// Register / Heartbeat / Sync like a real one and "generates" tokens that are
+// a pure function of (prompt, seed, step), so runs can be compared.
+#pragma once
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/config.h"
+#include "coordinator/services.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "proto/expertmesh.grpc.pb.h"
+
+namespace expertmesh::coordinator::testing {
+
+#define ASSERT_OK(expr)                                                                                   \
+  do {                                                                                                    \
+    const auto em_s_ = (expr);                                                                            \
+    ASSERT_TRUE(em_s_.ok()) << #expr << ": " << ::expertmesh::coordinator::testing::StatusText(em_s_);   \
+  } while (0)
+
+#define EXPECT_GRPC_ERROR(expr, code, substring)                                                            \
+  do {                                                                                                      \
+    const ::grpc::Status em_s_ = (expr);                                                                    \
+    EXPECT_EQ(em_s_.error_code(), ::grpc::StatusCode::code) << #expr << ": " << em_s_.error_message();     \
+    EXPECT_NE(em_s_.error_message().find(substring), std::string::npos)                                     \
+        << #expr << ": message \"" << em_s_.error_message() << "\" lacks \"" << (substring) << "\"";        \
+  } while (0)
+
+inline std::string StatusText(const grpc::Status& s) {
+  return std::string(GrpcCodeName(s.error_code())) + ": " + s.error_message();
+}
+inline std::string StatusText(const absl::Status& s) { return s.ToString(); }
+
+// A fresh folder under the test's temp dir, removed at destruction.
+class TempDir {
+ public:
+  TempDir() {
+    const char* base = std::getenv("TEST_TMPDIR");
+    std::string templ = std::string(base != nullptr ? base : "/tmp") + "/em_coord_XXXXXX";
+    path_ = mkdtemp(templ.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Writes <dir>/config.json of the tiny preset (4 layers: 1 dense + 3 MoE, 256 experts, vocab 1024).
+inline std::string WriteTinyCheckpoint(const std::string& dir) {
+  ModelConfig c = *ModelConfig::Preset("tiny");
+  std::ofstream(dir + "/config.json") << c.ToJson().dump(2);
+  return dir;
+}
+
+// The fake model: token at `step` of a sequence.
+inline int32_t FakeToken(const v1::SequenceRequest& r, int step) {
+  int64_t h = static_cast<int64_t>(r.sampling().seed()) * 7919 + step * 31;
+  for (int32_t t : r.tokens()) h = h * 131 + t;
+  h %= 1024;
+  return static_cast<int32_t>(h < 0 ? h + 1024 : h);
+}
+
+class FakeWorker {
+ public:
+  explicit FakeWorker(std::shared_ptr<grpc::Channel> ch) : stub_(v1::WorkerService::NewStub(ch)) {}
+
+  grpc::Status Register(int worker_id = -1, const std::string& host = "fakehost", int pid = -1, double timeout_s = 10) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int>(timeout_s * 1000)));
+    v1::RegisterRequest req;
+    req.set_host(host);
+    req.set_pid(pid >= 0 ? pid : 1000 + worker_id);
+    req.set_worker_id(worker_id);
+    grpc::Status s = stub_->Register(&ctx, req, &reg_);
+    if (s.ok()) {
+      id_ = reg_.worker_id();
+      epoch_ = reg_.epoch();
+    }
+    return s;
+  }
+
+  grpc::Status Heartbeat(bool exiting = false, const std::vector<v1::LayerExpertLoad>& load = {},
+                         v1::HeartbeatResponse* out = nullptr) {
+    grpc::ClientContext ctx;
+    v1::HeartbeatRequest req;
+    req.set_worker_id(id_);
+    req.set_active_sequences(static_cast<int32_t>(held_.size()));
+    req.set_exiting(exiting);
+    for (const auto& l : load) *req.add_expert_load() = l;
+    v1::HeartbeatResponse resp;
+    grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
+    if (out != nullptr) *out = resp;
+    return s;
+  }
+
+  // One step: reports `tokens_per_step` new tokens for every held sequence
+  // (finishing those that reach max_new_tokens), then admits new ones.
+  grpc::Status Step(int capacity, int tokens_per_step = 1, v1::SyncResponse* out = nullptr) {
+    v1::SyncRequest req;
+    req.set_worker_id(id_);
+    req.set_epoch(epoch_);
+    std::vector<std::string> done;
+    for (auto& [seq_id, s] : held_) {
+      v1::SequenceUpdate* u = req.add_updates();
+      u->set_seq_id(seq_id);
+      for (int k = 0; k < tokens_per_step && s.step < s.req.max_new_tokens(); ++k) {
+        const int32_t t = FakeToken(s.req, s.step++);
+        u->add_new_tokens(t);
+        bool stop = false;
+        for (int32_t x : s.req.stop_token_ids()) stop |= x == t;
+        if (stop) {
+          u->set_finish_reason(v1::FINISH_REASON_STOP);
+          break;
+        }
+      }
+      if (u->finish_reason() == v1::FINISH_REASON_UNSPECIFIED && s.step >= s.req.max_new_tokens()) {
+        u->set_finish_reason(v1::FINISH_REASON_LENGTH);
+      }
+      if (u->finish_reason() != v1::FINISH_REASON_UNSPECIFIED) done.push_back(seq_id);
+    }
+    for (const auto& d : done) held_.erase(d);
+    req.set_free_slots(std::max(0, capacity - static_cast<int>(held_.size())));
+    return SyncRaw(req, out);
+  }
+
+  grpc::Status SyncRaw(const v1::SyncRequest& req, v1::SyncResponse* out = nullptr) {
+    grpc::ClientContext ctx;
+    v1::SyncResponse resp;
+    grpc::Status s = stub_->Sync(&ctx, req, &resp);
+    if (!s.ok()) return s;
+    if (resp.epoch() != epoch_) {
+      held_.clear();  // the coordinator restarted: drop everything
+      epoch_ = resp.epoch();
+    }
+    for (const auto& c : resp.cancel()) {
+      held_.erase(c);
+      cancelled_.push_back(c);
+    }
+    for (const auto& a : resp.assign()) held_[a.seq_id()] = Held{a.request(), 0};
+    if (out != nullptr) *out = resp;
+    return s;
+  }
+
+  int id() const { return id_; }
+  void set_id(int id) { id_ = id; }
+  const std::string& epoch() const { return epoch_; }
+  void set_epoch(const std::string& e) { epoch_ = e; }
+  const v1::RegisterResponse& registration() const { return reg_; }
+  size_t held() const { return held_.size(); }
+  bool holds(const std::string& seq_id) const { return held_.count(seq_id) > 0; }
+  const std::vector<std::string>& cancelled() const { return cancelled_; }
+  v1::WorkerService::Stub* stub() { return stub_.get(); }
+
+ private:
+  struct Held {
+    v1::SequenceRequest req;
+    int step = 0;
+  };
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  v1::RegisterResponse reg_;
+  int id_ = -1;
+  std::string epoch_;
+  std::map<std::string, Held> held_;
+  std::vector<std::string> cancelled_;
+};
+
+}  // namespace expertmesh::coordinator::testing
