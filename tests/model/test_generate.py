@@ -229,6 +229,15 @@ class EngineBehaviour(unittest.TestCase):
                             ref.SafetensorsFile(batch_dump).get("logits")[i])
             self.assertLessEqual(e, 1e-5, "prompt %d: logits alone vs in the batch differ by %.3g" % (i, e))
 
+    def test_zero_new_tokens(self):
+        """--max-new-tokens 0: empty token lists, prefill logits still dumped."""
+        dump = os.path.join(ARGS.workdir, "zero.safetensors")
+        out = self.generate(["--dump-logits", dump], n=0)
+        self.assertEqual(out, [[] for _ in Env.prompts])
+        lg = ref.SafetensorsFile(dump).get("logits")
+        for i, (_, want) in enumerate(Env.reference("fp32")):
+            self.assertLessEqual(ref.rel_err(lg[i], want[0]), LOGITS_TOL, "prompt %d" % i)
+
     def test_sampling(self):
         greedy = [t for t, _ in Env.reference("fp32")]
         samp = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.95"]
