@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """CPU kernels against the independent numpy reference.
 
-Runs em_kernel_probe (tests/kernels/kernel_probe.cc), which writes random
+Runs em_kernel_probe (tests/kernels/kernel_probe.cc) and em_moe_probe
+(worker::MoeForwardLocal, tests/kernels/moe_probe.cc), which write random
 inputs and the kernels' outputs to a safetensors file, and recomputes every
 output with tests/reference/ds3_ref.py in float64.
 
-  python3 test_kernels.py --probe build/tests/kernels/em_kernel_probe [--workdir DIR]
+  python3 test_kernels.py --probe build/tests/kernels/em_kernel_probe \
+      [--moe-probe build/tests/kernels/em_moe_probe] [--workdir DIR]
 
 Tolerances (the kernels compute in fp32, inputs are exact fp32 values):
-  Linear, SwiGlu, MLA (expanded and absorbed): ||diff|| / ||ref|| <= 1e-5 per case
+  Linear, SwiGlu, MLA (expanded and absorbed), MoE layer: ||diff|| / ||ref|| <= 1e-5 per case
   RmsNorm: per row ||diff|| / ||ref|| <= 1e-5;  SiluMul: |diff| <= 1e-5 |ref| + 1e-30
   Rope: inverse frequencies relative 1e-6; rotated vectors per vector 1e-5
         (positions up to 65536); the non-rope part of each head bit-identical
@@ -65,13 +67,22 @@ def setUpModule():
     if r.returncode != 0:
         raise RuntimeError("em_kernel_probe failed (rc %d): %s" % (r.returncode, r.stderr.strip()))
     T.update(ref.read_safetensors(out))
+    if ARGS.moe_probe:
+        out = os.path.join(ARGS.workdir, "moe.safetensors")
+        if os.path.exists(out):
+            os.remove(out)
+        r = subprocess.run([ARGS.moe_probe, "--out", out, "--seed", str(ARGS.seed)], capture_output=True,
+                           text=True, timeout=100)
+        if r.returncode != 0:
+            raise RuntimeError("em_moe_probe failed (rc %d): %s" % (r.returncode, r.stderr.strip()))
+        T.update({"moe." + k: v for k, v in ref.read_safetensors(out).items()})
 
 
 def s(name):
     return float(T[name].reshape(-1)[0])
 
 
-class KernelTest(unittest.TestCase):
+class Base(unittest.TestCase):
     def assertRel(self, got, want, tol, what):
         e = ref.rel_err(got, want)
         kernel = what.split()[0]
@@ -80,6 +91,9 @@ class KernelTest(unittest.TestCase):
         self.assertLessEqual(e, tol, "%s: relative error %.3g > %.1g" % (what, e, tol))
         return e
 
+
+
+class KernelTest(Base):
     def test_linear(self):
         for c in ("linear_a", "linear_b", "linear_acc"):
             want = ref.linear(T[c + ".x"], T[c + ".w"])
@@ -205,6 +219,29 @@ class KernelTest(unittest.TestCase):
                     case, (counts / n).round(4).tolist(), p.round(4).tolist(), chi2, df))
 
 
+class MoeLayerTest(Base):
+    """worker::MoeForwardLocal: y = sum_k w_k expert_k(x) + shared(x), with
+    DeepSeek-V3 routing (tiny preset: 256 experts, 8 groups keep 4, top-8, x2.5)."""
+
+    def test_moe_forward_local(self):
+        if "moe.x" not in T:
+            self.skipTest("no --moe-probe")
+        x, router, bias = T["moe.x"], T["moe.router"], T["moe.bias"]
+        I = T["moe.experts.down"].shape[2]
+        ids, w = ref.route(ref.linear(x, router), bias, 8, 4, 8, True, 2.5)
+        np.testing.assert_array_equal(T["moe.ids"].astype(np.int64), ids)
+        self.assertRel(T["moe.weights"], w, TOL, "moe_router_weights")
+        y = np.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(ids.shape[1]):
+                gu = T["moe.experts.gate_up"][ids[t, k]]
+                y[t] += w[t, k] * ref.swiglu(x[t:t + 1], gu[:I], gu[I:], T["moe.experts.down"][ids[t, k]])[0]
+        Is = T["moe.shared.down"].shape[1]
+        gu = T["moe.shared.gate_up"]
+        y += ref.swiglu(x, gu[:Is], gu[Is:], T["moe.shared.down"])
+        self.assertRel(T["moe.y"], y, TOL, "moe_forward_local")
+
+
 def expected_distribution(logits, temperature, top_k, top_p):
     """HF / vLLM order: temperature, then top-k, then top-p on the renormalised
     top-k distribution (keep the smallest prefix whose mass reaches top_p)."""
@@ -226,6 +263,7 @@ def expected_distribution(logits, temperature, top_k, top_p):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe", required=True, help="path of em_kernel_probe")
+    ap.add_argument("--moe-probe", default="", help="path of em_moe_probe (optional)")
     ap.add_argument("--workdir", default="kernel_probe_tmp")
     ap.add_argument("--seed", type=int, default=7)
     ARGS, rest = ap.parse_known_args()
