@@ -92,7 +92,6 @@ class Base(unittest.TestCase):
         return e
 
 
-
 class KernelTest(Base):
     def test_linear(self):
         for c in ("linear_a", "linear_b", "linear_acc"):
