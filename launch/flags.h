@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/flags/declare.h"
 
@@ -10,3 +11,19 @@ ABSL_DECLARE_FLAG(std::string, checkpoint);
 ABSL_DECLARE_FLAG(std::string, preset);
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(bool, json);
+
+// Batches and sampling (generate, submit).
+ABSL_DECLARE_FLAG(std::string, prompts);
+ABSL_DECLARE_FLAG(int64_t, max_new_tokens);
+ABSL_DECLARE_FLAG(double, temperature);
+ABSL_DECLARE_FLAG(int64_t, top_k);
+ABSL_DECLARE_FLAG(double, top_p);
+ABSL_DECLARE_FLAG(std::vector<std::string>, stop_token_ids);
+
+// The cluster (coordinator, launch).
+ABSL_DECLARE_FLAG(int32_t, pp);
+ABSL_DECLARE_FLAG(int32_t, ep);
+ABSL_DECLARE_FLAG(int32_t, redundant_experts);
+ABSL_DECLARE_FLAG(std::vector<std::string>, layers_per_stage);
+ABSL_DECLARE_FLAG(std::string, listen);
+ABSL_DECLARE_FLAG(std::string, journal);

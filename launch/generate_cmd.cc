@@ -13,12 +13,6 @@
 #include "worker/generation.h"
 #include "worker/model.h"
 
-ABSL_FLAG(std::string, prompts, "", "JSON-lines file, one {\"tokens\":[ids...]} per prompt");
-ABSL_FLAG(int64_t, max_new_tokens, 16, "tokens to generate per prompt");
-ABSL_FLAG(double, temperature, 0.0, "sampling temperature; 0 = greedy");
-ABSL_FLAG(int64_t, top_k, 0, "keep the k most likely tokens (0 = all)");
-ABSL_FLAG(double, top_p, 1.0, "keep the smallest set of tokens whose probability reaches p (1 = all)");
-ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "comma-separated ids that end a sequence when generated");
 ABSL_FLAG(std::string, dump_logits, "",
           "write the logits after each prompt's last token to this safetensors file (tensor \"logits\", "
           "float32 [num_prompts, vocab_size])");

@@ -37,6 +37,23 @@ const Verb kVerbs[] = {
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
      "layers and experts the plan gives it, joins the UCX data plane and serves until shutdown.",
      WorkerMain},
+    {"coordinator", "launch/coordinator_cmd.cc", "the coordinator of a standalone cluster (jobs, plan, health)",
+     "expertmesh coordinator --checkpoint DIR --pp P --ep E [--redundant-experts R] [--layers-per-stage a,b,..] "
+     "--listen HOST:PORT --journal FILE\n\nServes JobService, ClusterService and WorkerService (docs/API.md) "
+     "until `expertmesh shutdown`; jobs in the journal survive a restart.",
+     CoordinatorMain},
+    {"submit", "launch/client_cmd.cc", "submit a batch of prompts to a coordinator and print the results",
+     "expertmesh submit --server HOST:PORT --prompts FILE --max-new-tokens N [--temperature T --top-k K --top-p P "
+     "--seed S --stop-token-ids a,b] [--request-id ID] [--detach]\n\nPrints one JSON line {\"index\":i,"
+     "\"tokens\":[...]} per prompt in input order, like `expertmesh generate`.",
+     SubmitMain},
+    {"status", "launch/client_cmd.cc", "show a coordinator's plan, workers, health and expert load",
+     "expertmesh status --server HOST:PORT [--json]", StatusMain},
+    {"jobs", "launch/client_cmd.cc", "list a coordinator's most recent jobs",
+     "expertmesh jobs --server HOST:PORT [--limit N] [--json]", JobsMain},
+    {"cancel", "launch/client_cmd.cc", "cancel a job", "expertmesh cancel --server HOST:PORT --job ID", CancelMain},
+    {"shutdown", "launch/client_cmd.cc", "stop a cluster: workers first, then the coordinator",
+     "expertmesh shutdown --server HOST:PORT [--wait-s S]", ShutdownMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };

@@ -6,6 +6,12 @@
 
 #include <vector>
 
+#include "absl/status/status.h"
+
+namespace expertmesh::coordinator {
+struct CoordinatorOptions;
+}  // namespace expertmesh::coordinator
+
 namespace expertmesh::launch {
 
 struct Verb {
@@ -22,6 +28,16 @@ int BenchMain(int argc, char** argv);
 int PlanMain(int argc, char** argv);
 int WorkerMain(int argc, char** argv);
 int LaunchMain(int argc, char** argv);
+int CoordinatorMain(int argc, char** argv);  // coordinator_cmd.cc
+int SubmitMain(int argc, char** argv);       // client_cmd.cc: submit, status, cancel, jobs, shutdown
+int StatusMain(int argc, char** argv);
+int CancelMain(int argc, char** argv);
+int JobsMain(int argc, char** argv);
+int ShutdownMain(int argc, char** argv);
+
+// The coordinator's options from the flags (--checkpoint, --pp, --ep, --redundant-experts,
+// --layers-per-stage, --listen, --journal and coordinator_cmd.cc's own); `launch` uses it on rank 0.
+absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* options);
 
 // Parses flags for a verb: prints usage and only that verb's flags on --help,
 // returns the positional arguments, exits 1 with a clear line on unknown flags.

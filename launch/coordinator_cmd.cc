@@ -1,0 +1,76 @@
+// expertmesh coordinator: the standalone coordinator (jobs, plan, workers' control plane).
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "coordinator/server.h"
+#include "launch/flags.h"
+#include "launch/verbs.h"
+
+ABSL_FLAG(int32_t, max_queued_sequences, 65536, "sequences waiting for a worker, over all jobs (more: RESOURCE_EXHAUSTED)");
+ABSL_FLAG(int32_t, max_sequences_per_job, 4096, "sequences one SubmitJob may carry");
+ABSL_FLAG(double, heartbeat_timeout_s, 10, "a READY worker without a heartbeat this long becomes MISSING");
+ABSL_FLAG(double, startup_timeout_s, 1800, "a registered worker without a first heartbeat (loading) this long becomes MISSING");
+ABSL_FLAG(double, register_timeout_s, 600, "how long Register waits for all pp*ep workers");
+ABSL_FLAG(double, shutdown_timeout_s, 30, "how long Shutdown waits for the workers' last heartbeats");
+ABSL_FLAG(std::string, expert_load, "",
+          "observed expert load for placement: JSON {\"<layer>\": [tokens per expert]} or `expertmesh status --json`");
+ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
+
+namespace expertmesh::launch {
+
+absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
+  o->checkpoint = absl::GetFlag(FLAGS_checkpoint);
+  if (o->checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint DIR is required (the folder with config.json)");
+  o->pp = absl::GetFlag(FLAGS_pp);
+  o->ep = absl::GetFlag(FLAGS_ep);
+  o->redundant_experts = absl::GetFlag(FLAGS_redundant_experts);
+  o->layers_per_stage.clear();
+  for (const std::string& s : absl::GetFlag(FLAGS_layers_per_stage)) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(s, &v)) {
+      return absl::InvalidArgumentError(absl::StrCat("--layers-per-stage: \"", s, "\" is not an integer"));
+    }
+    o->layers_per_stage.push_back(v);
+  }
+  o->listen = absl::GetFlag(FLAGS_listen);
+  o->journal_path = absl::GetFlag(FLAGS_journal);
+  o->expert_load_file = absl::GetFlag(FLAGS_expert_load);
+  o->max_queued_sequences = absl::GetFlag(FLAGS_max_queued_sequences);
+  o->max_sequences_per_job = absl::GetFlag(FLAGS_max_sequences_per_job);
+  o->heartbeat_timeout_s = absl::GetFlag(FLAGS_heartbeat_timeout_s);
+  o->startup_timeout_s = absl::GetFlag(FLAGS_startup_timeout_s);
+  o->register_timeout_s = absl::GetFlag(FLAGS_register_timeout_s);
+  o->shutdown_timeout_s = absl::GetFlag(FLAGS_shutdown_timeout_s);
+  return absl::OkStatus();
+}
+
+int CoordinatorMain(int argc, char** argv) {
+  ParseVerbFlags(argc, argv);
+  coordinator::CoordinatorOptions o;
+  absl::Status s = CoordinatorOptionsFromFlags(&o);
+  if (!s.ok()) {
+    std::fprintf(stderr, "expertmesh coordinator: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  const std::string address_file = absl::GetFlag(FLAGS_address_file);
+  s = coordinator::RunCoordinator(o, [&](const std::string& address) {
+    std::printf("coordinator listening on %s\n", address.c_str());
+    std::fflush(stdout);
+    if (!address_file.empty()) {
+      const std::string tmp = address_file + ".tmp";
+      std::ofstream(tmp) << address << "\n";
+      std::rename(tmp.c_str(), address_file.c_str());
+    }
+  });
+  if (!s.ok()) {
+    std::fprintf(stderr, "expertmesh coordinator: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace expertmesh::launch
