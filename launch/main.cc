@@ -37,6 +37,12 @@ const Verb kVerbs[] = {
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
      "layers and experts the plan gives it, joins the UCX data plane and serves until shutdown.",
      WorkerMain},
+    {"launch", "launch/launch_cmd.cc", "the whole cluster under mpirun (rank 0 coordinator, ranks 1..P*E workers)",
+     "mpirun -np 1+P*E expertmesh launch --checkpoint DIR --pp P --ep E [--redundant-experts R] "
+     "[--layers-per-stage a,b,..] [--listen HOST:PORT] [--journal FILE] [--address-file FILE]\n\nRank 0 serves "
+     "the coordinator's gRPC API (docs/API.md); the workers use MPI as their data plane. Also accepts "
+     "`expertmesh coordinator`'s flags. Ends after `expertmesh shutdown`.",
+     LaunchMain},
     {"coordinator", "launch/coordinator_cmd.cc", "the coordinator of a standalone cluster (jobs, plan, health)",
      "expertmesh coordinator --checkpoint DIR --pp P --ep E [--redundant-experts R] [--layers-per-stage a,b,..] "
      "--listen HOST:PORT --journal FILE\n\nServes JobService, ClusterService and WorkerService (docs/API.md) "

@@ -23,7 +23,8 @@ void ParallelForExperts(const std::vector<int64_t>& start,
   const int64_t E = static_cast<int64_t>(start.size()) - 1, total = start[E];
   int64_t max_tokens = 0;
   for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
-  const int64_t threads = std::min<int64_t>(std::max(1u, std::thread::hardware_concurrency()), E);
+  // As many threads as BLAS may use (OPENBLAS_NUM_THREADS, default: one per core).
+  const int64_t threads = std::min<int64_t>(std::max(1, openblas_get_num_threads()), E);
   if (threads <= 1 || total < 64) {
     std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
     for (int64_t e = 0; e < E; ++e) {

@@ -170,6 +170,7 @@ class Worker {
   absl::Status RunStage0();
   absl::Status RunDownstream();
   void HeartbeatLoop();
+  absl::Status Reregister();
   void StopHeartbeats();
 
   // Stage 0 state.
@@ -251,7 +252,6 @@ absl::Status Worker::Setup() {
   }
   LOG(INFO) << "worker " << worker_id_ << ": stage " << stage_ << " of " << plan_.pp << ", EP rank " << ep_rank_
             << " of " << plan_.ep << ", epoch " << epoch_;
-  hb_thread_ = std::thread([this] { HeartbeatLoop(); });
 
   const topology::StagePlan& sp = plan_.stages[stage_];
   ShardFilter f;
@@ -288,13 +288,14 @@ absl::Status Worker::Setup() {
     ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids));
   }
   engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
+  hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
   return absl::OkStatus();
 }
 
 void Worker::HeartbeatLoop() {
   bool warned = false;
-  while (true) {
-    {
+  for (bool first = true;; first = false) {
+    if (!first) {  // the first heartbeat goes out at once: the worker is READY
       std::unique_lock<std::mutex> l(hb_mu_);
       hb_cv_.wait_for(l, std::chrono::seconds(1), [this] { return stop_heartbeats_.load(); });
     }
@@ -314,12 +315,37 @@ void Worker::HeartbeatLoop() {
     if (r.ok()) {
       warned = false;
       if (r->shutdown()) shutdown_ = true;
+    } else if (r.status().code() == absl::StatusCode::kNotFound && !exiting) {
+      // A restarted coordinator (new epoch, journal replayed) does not know us
+      // yet: take our old place again. Sync picks up the new epoch.
+      absl::Status s = Reregister();
+      if (!s.ok()) LOG(WARNING) << "worker " << worker_id_ << ": re-registration failed: " << s.message();
     } else if (!warned) {
       LOG(WARNING) << "worker " << worker_id_ << ": " << r.status().message() << " (will keep trying)";
       warned = true;
     }
     if (exiting) return;
   }
+}
+
+absl::Status Worker::Reregister() {
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  v1::RegisterRequest req;
+  req.set_host(host);
+  req.set_pid(getpid());
+  req.set_worker_id(worker_id_);
+  LOG(INFO) << "worker " << worker_id_ << ": coordinator does not know this worker (restarted?): registering again";
+  ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
+  ASSIGN_OR_RETURN(topology::Plan plan, PlanFromProto(reg.plan()));
+  if (reg.worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
+    // The data plane and the loaded shard belong to the old plan.
+    LOG(ERROR) << "worker " << worker_id_ << ": the restarted coordinator has another plan; exiting";
+    shutdown_ = true;
+    return absl::FailedPreconditionError("coordinator restarted with a different plan");
+  }
+  LOG(INFO) << "worker " << worker_id_ << ": registered again, epoch " << reg.epoch();
+  return absl::OkStatus();
 }
 
 void Worker::StopHeartbeats() {
