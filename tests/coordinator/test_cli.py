@@ -168,6 +168,12 @@ def main():
     coord, addr = start_coordinator(a.expertmesh, ckpt, work, "c1", 2, 2)
     client = em_client.Client(addr, pb, health_pb, 10)
     check(client.health().status == health_pb.HealthCheckResponse.NOT_SERVING, "NOT_SERVING before workers")
+    # Server reflection lists the services (ServerReflectionRequest{list_services: ""} in wire format).
+    refl = client.channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    listed = b"".join(refl(iter([b"\x3a\x00"]), timeout=10))
+    check(all(n in listed for n in (b"expertmesh.v1.JobService", b"expertmesh.v1.ClusterService",
+                                     b"grpc.health.v1.Health")), "server reflection lists the services")
     workers = [FakeWorker(addr, pb, i, slow=0.02) for i in range(4)]
     for w in workers:
         w.start()
