@@ -536,6 +536,7 @@ absl::Status Worker::RunStage0() {
   while (true) {
     bool want_stop = false;
     RETURN_IF_ERROR(SyncWithCoordinator(&want_stop));
+    active_ = static_cast<int64_t>(seqs_.size());
     MicroBatch mb;
     std::vector<Segment> segs;
     if (!want_stop) BuildMicroBatch(&mb, &segs);
@@ -565,7 +566,8 @@ absl::Status Worker::RunStage0() {
       return absl::OkStatus();
     }
     if (!any_work) {
-      if (inflight > 0) {  // drain: wait for a return
+      if (inflight > 0) {  // drain: wait for a return (releases go out with a later micro-batch)
+        release_.insert(release_.end(), mb.release.begin(), mb.release.end());
         ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), plan_.pp - 1, o_.step_timeout));
         ASSIGN_OR_RETURN(Return r, DecodeReturn(bytes));
         --inflight;
@@ -635,6 +637,7 @@ absl::Status Worker::RunDownstream() {
     ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), stage_ - 1, o_.step_timeout));
     ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, H));
     for (uint64_t k : mb.release) caches.erase(k);
+    active_ = static_cast<int64_t>(caches.size());
     if (mb.kind == BatchKind::kStop) {
       if (!last) RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, bytes, o_.step_timeout));
       LOG(INFO) << "worker " << worker_id_ << ": stopping";

@@ -1,0 +1,121 @@
+"""Helpers for end-to-end tests: run expertmesh verbs, start local clusters.
+
+Every process started here is killed when the test ends; every wait has a
+deadline, so a hang is a failure, never a stuck CI job.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import time
+
+EXPERTMESH = os.environ.get("EXPERTMESH", "expertmesh")
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader"]
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+def run(args, timeout=120, check=True, **kw):
+    p = subprocess.run([EXPERTMESH] + args, capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"expertmesh {' '.join(args)} exited {p.returncode}:\n{p.stderr[-4000:]}")
+    return p
+
+
+def results(stdout):
+    """Parses `generate` / `submit` output: list of token lists in index order."""
+    lines = [json.loads(l) for l in stdout.splitlines() if l.strip()]
+    assert [l["index"] for l in lines] == list(range(len(lines))), stdout
+    return [l["tokens"] for l in lines]
+
+
+def make_prompts(path, n, vocab, seed=0, max_len=30):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            length = 1 + (i * 7 + rng.randrange(max_len)) % max_len
+            f.write(json.dumps({"tokens": [rng.randrange(vocab) for _ in range(length)]}) + "\n")
+
+
+def wait_for_file(path, timeout, procs=()):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path) as f:
+                text = f.read().strip()
+            if text:
+                return text
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"process exited early ({p.returncode}) while waiting for {path}:\n"
+                                     + read_log(p))
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {timeout}s")
+
+
+def read_log(p):
+    path = getattr(p, "log_path", None)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()[-6000:]
+    return ""
+
+
+def start(args, log_path, mpirun_np=None):
+    cmd = ([*MPIRUN, "-np", str(mpirun_np)] if mpirun_np else []) + [EXPERTMESH] + args
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    p.log_path = log_path
+    return p
+
+
+def kill(p, sig=signal.SIGKILL):
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=20)
+
+
+def wait_serving(server, timeout=120):
+    end = time.time() + timeout
+    last = ""
+    while time.time() < end:
+        p = run(["status", "--server", server, "--json"], check=False, timeout=30)
+        if p.returncode == 0:
+            st = json.loads(p.stdout)
+            if st.get("serving"):
+                return st
+            last = p.stdout[-500:]
+        else:
+            last = p.stderr[-500:]
+        time.sleep(0.2)
+    raise AssertionError(f"cluster at {server} not serving within {timeout}s: {last}")
+
+
+def health(server, service=""):
+    """grpc.health.v1.Health/Check by hand (no grpc_health package on Debian):
+    returns "SERVING", "NOT_SERVING", ... or raises."""
+    import grpc
+    svc = service.encode()
+    req = (b"\x0a" + bytes([len(svc)]) + svc) if svc else b""
+    with grpc.insecure_channel(server) as ch:
+        call = ch.unary_unary("/grpc.health.v1.Health/Check")
+        resp = call(req, timeout=10)
+    status = resp[1] if len(resp) >= 2 and resp[0] == 0x08 else 0
+    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}[status]
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -1,0 +1,208 @@
+"""End-to-end tests of the cluster runtime on the tiny preset.
+
+Under mpirun (`expertmesh launch`: rank 0 coordinator, MPI data plane) and
+standalone (`expertmesh coordinator` + workers, UCX data plane), a batch of
+16 prompts of different lengths submitted over gRPC must return exactly the
+tokens `expertmesh generate` returns in one process: greedy, and seeded
+sampling. Also: cancel, gRPC health, and a coordinator killed with SIGKILL
+mid-job and restarted on its journal.
+
+Run: EXPERTMESH=build/launch/expertmesh /usr/bin/python3 tests/e2e/test_cluster.py [Class.test]
+"""
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cluster_util as cu  # noqa: E402
+
+VOCAB = 1024
+NEW = 6
+SAMPLING = ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "5"]
+
+
+class Fixture:
+    """One tiny fp32 checkpoint, 16 prompts and their single-process results."""
+    dir = None
+
+    @classmethod
+    def get(cls):
+        if cls.dir is None:
+            cls.dir = tempfile.mkdtemp(prefix="em-e2e-")
+            cls.ckpt = os.path.join(cls.dir, "ckpt")
+            cu.run(["checkpoint", "--preset", "tiny", "--dtype", "fp32", "--seed", "3", "--out", cls.ckpt])
+            cls.prompts = os.path.join(cls.dir, "prompts.jsonl")
+            cu.make_prompts(cls.prompts, 16, VOCAB, seed=1)
+            base = ["generate", "--checkpoint", cls.ckpt, "--prompts", cls.prompts, "--max-new-tokens", str(NEW)]
+            cls.greedy = cu.results(cu.run(base).stdout)
+            cls.sampled = cu.results(cu.run(base + SAMPLING).stdout)
+            assert cls.greedy != cls.sampled
+        return cls
+
+
+class ClusterCase(unittest.TestCase):
+    procs = []
+
+    def setUp(self):
+        self.f = Fixture.get()
+        self.tmp = tempfile.mkdtemp(prefix="em-case-", dir=self.f.dir)
+        self.procs = []
+
+    def tearDown(self):
+        for p in self.procs:
+            cu.kill(p)
+
+    def submit(self, server, extra=(), new=NEW, prompts=None):
+        return cu.results(cu.run(["submit", "--server", server, "--prompts", prompts or self.f.prompts,
+                                  "--max-new-tokens", str(new), *extra], timeout=240).stdout)
+
+    def check_batch(self, server):
+        self.assertEqual(self.submit(server), self.f.greedy)
+        self.assertEqual(self.submit(server, SAMPLING), self.f.sampled)
+
+    def shutdown(self, server, procs):
+        cu.run(["shutdown", "--server", server], timeout=90)
+        for p in procs:
+            try:
+                rc = p.wait(timeout=60)
+            except Exception:
+                self.fail("process did not exit after shutdown:\n" + cu.read_log(p))
+            self.assertEqual(rc, 0, cu.read_log(p))
+
+
+class MpirunTest(ClusterCase):
+    def launch(self, pp, ep, extra=()):
+        addr_file = os.path.join(self.tmp, "addr")
+        p = cu.start(["launch", "--checkpoint", self.f.ckpt, "--pp", str(pp), "--ep", str(ep), "--listen",
+                      "127.0.0.1:0", "--address-file", addr_file, *extra],
+                     os.path.join(self.tmp, "launch.log"), mpirun_np=1 + pp * ep)
+        self.procs.append(p)
+        server = cu.wait_for_file(addr_file, 120, [p])
+        st = cu.wait_serving(server)
+        self.assertEqual((st["plan"]["pp"], st["plan"]["ep"]), (pp, ep))
+        return p, server, st
+
+    def run_plan(self, pp, ep, extra=()):
+        p, server, st = self.launch(pp, ep, extra)
+        self.check_batch(server)
+        self.shutdown(server, [p])
+        return st
+
+    def test_pp2_ep2(self):
+        self.run_plan(2, 2)
+
+    def test_pp1_ep4(self):
+        self.run_plan(1, 4)
+
+    def test_pp4_ep1(self):
+        self.run_plan(4, 1)
+
+    def test_uneven_stages_with_redundant_experts(self):
+        st = self.run_plan(2, 2, ["--layers-per-stage", "1,3", "--redundant-experts", "16"])
+        stages = st["plan"]["stages"]
+        self.assertEqual([(s["layer_begin"], s["layer_end"]) for s in stages], [(0, 1), (1, 4)])
+
+
+class StandaloneTest(ClusterCase):
+    def start_coordinator(self, port, journal, log):
+        p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
+                      f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", "30"],
+                     os.path.join(self.tmp, log))
+        self.procs.append(p)
+        return p
+
+    def start_cluster(self):
+        port = cu.free_port()
+        server = f"127.0.0.1:{port}"
+        journal = os.path.join(self.tmp, "journal")
+        coord = self.start_coordinator(port, journal, "coordinator.log")
+        workers = [cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"worker{i}.log"))
+                   for i in range(4)]
+        self.procs += workers
+        cu.wait_serving(server)
+        return server, port, journal, coord, workers
+
+    def test_batch_health_and_shutdown(self):
+        server, _, _, coord, workers = self.start_cluster()
+        self.assertEqual(cu.health(server), "SERVING")
+        self.assertEqual(cu.health(server, "expertmesh.v1.JobService"), "SERVING")
+        self.check_batch(server)
+        time.sleep(1.5)  # one heartbeat: expert load reaches the coordinator
+        st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+        routed = sum(sum(int(c) for c in l["tokens_per_expert"]) for l in st["expert_load"])  # int64 as JSON strings
+        self.assertGreater(routed, 0)
+        self.shutdown(server, [coord] + workers)
+
+    def test_cancel_stops_the_work(self):
+        server, _, _, coord, workers = self.start_cluster()
+        job = json.loads(cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens",
+                                 "3000", "--detach"]).stdout)["job_id"]
+        time.sleep(1.0)
+        cu.run(["cancel", "--server", server, "--job", job])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            if st["running_sequences"] == 0 and st["queued_sequences"] == 0 and \
+                    all(w["active_sequences"] == 0 for w in st["workers"]):
+                break
+            time.sleep(0.3)
+        else:
+            self.fail(f"work did not stop after cancel: {st}")
+        jobs = json.loads(cu.run(["jobs", "--server", server, "--json"]).stdout)
+        state = [j for j in jobs["jobs"] if j["job_id"] == job][0]["state"]
+        self.assertEqual(state, "JOB_STATE_CANCELLED")
+        # The cluster still serves after a cancel.
+        self.assertEqual(self.submit(server), self.f.greedy)
+        self.shutdown(server, [coord] + workers)
+
+    def test_coordinator_sigkill_and_restart_finishes_the_job(self):
+        server, port, journal, coord, workers = self.start_cluster()
+        rid = "e2e-restart-1"
+        long_new = 48
+        base = ["generate", "--checkpoint", self.f.ckpt, "--prompts", self.f.prompts, "--max-new-tokens",
+                str(long_new)]
+        want = cu.results(cu.run(base).stdout)
+        out = json.loads(cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens",
+                                 str(long_new), "--request-id", rid, "--detach"]).stdout)
+        job = out["job_id"]
+        time.sleep(0.5)  # mid-job
+        cu.kill(coord, signal.SIGKILL)
+        coord2 = self.start_coordinator(port, journal, "coordinator2.log")
+        cu.wait_serving(server, timeout=120)
+        # The same request id finds the journaled job; the client waits for its results.
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        jobs = json.loads(cu.run(["jobs", "--server", server, "--json"]).stdout)
+        self.assertIn(job, [j["job_id"] for j in jobs["jobs"]])
+        self.shutdown(server, [coord2] + workers)
+
+
+class BadRequestTest(ClusterCase):
+    def test_invalid_requests_get_invalid_argument(self):
+        addr_file = os.path.join(self.tmp, "addr")
+        p = cu.start(["launch", "--checkpoint", self.f.ckpt, "--listen", "127.0.0.1:0", "--address-file",
+                      addr_file], os.path.join(self.tmp, "launch.log"), mpirun_np=2)
+        self.procs.append(p)
+        server = cu.wait_for_file(addr_file, 120, [p])
+        cu.wait_serving(server)
+        bad = os.path.join(self.tmp, "bad.jsonl")
+        for line, needle in [('{"tokens": [1, 5000]}', "out of range"), ('{"tokens": []}', "tokens")]:
+            with open(bad, "w") as f:
+                f.write(line + "\n")
+            r = cu.run(["submit", "--server", server, "--prompts", bad, "--max-new-tokens", "2"], check=False)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertEqual(r.stdout, "")
+            self.assertIn(needle, r.stderr)
+        r = cu.run(["cancel", "--server", server, "--job", "no-such-job"], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("NOT_FOUND", r.stderr)
+        self.shutdown(server, [p])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
