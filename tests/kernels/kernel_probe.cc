@@ -239,7 +239,7 @@ void MlaCases(Probe* p) {
     // Outputs and scratch have exactly the documented sizes (kernels.h),
     // followed by a guard zone that must stay untouched.
     Guarded out_e(c.Tq * s.heads * s.v), out_a(c.Tq * s.heads * s.v);
-    Guarded scratch_e(c.S * s.heads * (s.nope + s.v) + c.S);
+    Guarded scratch_e(c.S * s.heads * (s.nope + s.v) + c.Tq * c.S);
     Guarded scratch_a(c.Tq * s.heads * (s.kv_lora * 2 + c.S));
     k::MlaExpanded(s, q.data(), c.Tq, latent.data(), kpe.data(), c.S, wkvb.data(), out_e.data(), scratch_e.data());
     k::MlaAbsorbed(s, q.data(), c.Tq, latent.data(), kpe.data(), c.S, wkvb.data(), out_a.data(), scratch_a.data());
