@@ -575,7 +575,7 @@ absl::Status Worker::RunStage0() {
         continue;
       }
       // Idle: a keep-alive now and then keeps downstream receives within their deadline.
-      if (!last && absl::Now() - last_sent > absl::Seconds(1)) {
+      if (!last && (absl::Now() - last_sent > absl::Seconds(1) || !mb.release.empty())) {
         MicroBatch idle;
         idle.kind = BatchKind::kIdle;
         idle.tick = tick;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The main job on one machine: install dependencies, build, generate the tiny
+# model, serve it on a local PP2 x EP2 cluster under mpirun (rank 0 the
+# coordinator, ranks 1-4 the workers, MPI data plane), submit a batch of
+# prompts over gRPC, print the generated tokens and the cluster status, and
+# shut the cluster down.
+#   PP=2 EP=2 PROMPTS=8 NEW_TOKENS=16 bash scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PP=${PP:-2}
+EP=${EP:-2}
+NUM_PROMPTS=${PROMPTS:-8}
+NEW=${NEW_TOKENS:-16}
+BUILD=${BUILD:-build}
+OUT=${OUT:-out/demo}
+
+bash scripts/install-deps.sh
+echo "== build"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD" --target expertmesh -j "$(nproc)"
+EM="$BUILD/launch/expertmesh"
+
+mkdir -p "$OUT"
+if [ ! -f "$OUT/ckpt/config.json" ]; then
+  echo "== generate the tiny checkpoint"
+  "$EM" checkpoint --preset tiny --dtype fp8 --seed 0 --out "$OUT/ckpt"
+fi
+/usr/bin/python3 - "$OUT/prompts.jsonl" "$NUM_PROMPTS" <<'PY'
+import json, random, sys
+rng = random.Random(0)
+with open(sys.argv[1], "w") as f:
+    for i in range(int(sys.argv[2])):
+        f.write(json.dumps({"tokens": [rng.randrange(1024) for _ in range(1 + 3 * i)]}) + "\n")
+PY
+
+echo "== start the cluster: mpirun -np $((1 + PP * EP)) expertmesh launch --pp $PP --ep $EP"
+rm -f "$OUT/address"
+export OPENBLAS_NUM_THREADS=1   # ranks share the cores
+mpirun --allow-run-as-root --oversubscribe --mca btl self,vader -np $((1 + PP * EP)) \
+  "$EM" launch --checkpoint "$OUT/ckpt" --pp "$PP" --ep "$EP" --listen 127.0.0.1:0 \
+  --address-file "$OUT/address" >"$OUT/cluster.log" 2>&1 &
+MPIRUN=$!
+cleanup() { kill "$MPIRUN" 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 600); do
+  [ -s "$OUT/address" ] && break
+  kill -0 "$MPIRUN" 2>/dev/null || { cat "$OUT/cluster.log"; echo "cluster failed to start" >&2; exit 1; }
+  sleep 0.1
+done
+SERVER=$(cat "$OUT/address")
+for _ in $(seq 600); do
+  "$EM" status --server "$SERVER" --json 2>/dev/null | grep -q '"serving": *true' && break
+  sleep 0.2
+done
+echo "== cluster at $SERVER is serving"
+
+echo "== submit $NUM_PROMPTS prompts, $NEW new tokens each"
+"$EM" submit --server "$SERVER" --prompts "$OUT/prompts.jsonl" --max-new-tokens "$NEW"
+sleep 1.5   # one heartbeat: the expert load reaches the coordinator
+echo "== cluster status"
+"$EM" status --server "$SERVER"
+echo "== shut down"
+"$EM" shutdown --server "$SERVER"
+wait "$MPIRUN"
+trap - EXIT
+echo "== done (log: $OUT/cluster.log)"
