@@ -343,7 +343,7 @@ absl::Status LinearFp8(Context& ctx, const Bf16* x, int64_t M, int64_t K, const 
 }
 
 absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const Bf16* x_perm,
-                            const int64_t* host_offsets, Bf16* out_perm) {
+                            const int64_t* host_offsets, Bf16* out_perm, const int32_t* device_offsets) {
   const int64_t E = w.num_experts, H = w.hidden, I = w.inter;
   if (E <= 0 || H <= 0 || I <= 0 || H % 8 != 0 || I % 8 != 0) {
     return absl::InvalidArgumentError(
@@ -394,8 +394,6 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
     return absl::OkStatus();
   }
   // fp8: quantise activations per expert group (1x128 scales), block-scaled GEMMs.
-  std::vector<int32_t> off32(E + 1);
-  for (int64_t e = 0; e <= E; ++e) off32[e] = static_cast<int32_t>(host_offsets[e]);
   auto doff = ctx.pool().AllocArray<int32_t>(E + 1);
   auto xq = ctx.pool().AllocArray<Fp8>(rows * H);
   auto xs = ctx.pool().AllocArray<float>(rows * (H / 128));
@@ -404,9 +402,16 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
   for (const absl::Status& a : {doff.status(), xq.status(), xs.status(), aq.status(), as.status()}) {
     if (!a.ok()) return a;
   }
-  absl::Status st = CudaStatus(cudaMemcpyAsync(*doff, off32.data(), (E + 1) * sizeof(int32_t), cudaMemcpyHostToDevice, s),
-                               "GroupedExperts: offsets");
-  if (st.ok()) st = CudaStatus(internal::QuantFp8Rows(x_perm, rows, H, *doff, E, *xq, *xs, s), "quantise x");
+  const int32_t* offs = device_offsets;
+  absl::Status st = absl::OkStatus();
+  if (offs == nullptr) {
+    std::vector<int32_t> off32(E + 1);
+    for (int64_t e = 0; e <= E; ++e) off32[e] = static_cast<int32_t>(host_offsets[e]);
+    st = CudaStatus(cudaMemcpyAsync(*doff, off32.data(), (E + 1) * sizeof(int32_t), cudaMemcpyHostToDevice, s),
+                    "GroupedExperts: offsets");
+    offs = *doff;
+  }
+  if (st.ok()) st = CudaStatus(internal::QuantFp8Rows(x_perm, rows, H, offs, E, *xq, *xs, s), "quantise x");
   if (!st.ok()) return st;
   GemmSpec g1 = LinearSpec(0, H, 2 * I, CUDA_R_8F_E4M3, CUDA_R_16BF);
   g1.fp8_block = true;
@@ -417,7 +422,7 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
     st = RunGemm(ctx, g1, w.gate_up[e], *xq + o * H, *gu + o * 2 * I, w.gate_up_scale[e], *xs + o * (H / 128));
     if (!st.ok()) return st;
   }
-  st = CudaStatus(internal::SiluMulQuantFp8Rows(*gu, rows, I, *doff, E, *aq, *as, s), "quantise activation");
+  st = CudaStatus(internal::SiluMulQuantFp8Rows(*gu, rows, I, offs, E, *aq, *as, s), "quantise activation");
   if (!st.ok()) return st;
   GemmSpec g2 = LinearSpec(0, I, H, CUDA_R_8F_E4M3, CUDA_R_16BF);
   g2.fp8_block = true;

@@ -14,7 +14,7 @@
 // 128x128 block, exactly as in DeepSeek-V3 checkpoints (w = q * scale_inv).
 // Arithmetic and accumulation are fp32; router logits and weights are fp32.
 //
-//   ASSIGN_OR_RETURN(auto ctx, cuda::Context::Create({.pool_bytes = 1 << 30}));
+//   ASSIGN_OR_RETURN(auto ctx, cuda::Context::Create(cuda::ContextOptions{}));
 //   RETURN_IF_ERROR(cuda::Route(logits, bias, T, params, ids, weights, ctx->stream()));
 //   RETURN_IF_ERROR(cuda::ExpertLayout(*ctx, ids, T, k, E, offsets, pos));
 //   RETURN_IF_ERROR(cuda::Permute(x, T, H, pos, k, x_perm, ctx->stream()));
@@ -209,7 +209,10 @@ absl::Status DequantFp8Blocks(const Fp8* q, int64_t rows, int64_t cols, const fl
 // Weights are per expert device pointers (gate_up [2I, H] gate rows first,
 // down [H, I]) in bf16, or fp8 with block scales when fp8 is set. The
 // offsets are host values (copy ExpertLayout's offsets back first): one
-// cuBLASLt GEMM pair per non-empty expert plus one activation kernel.
+// cuBLASLt GEMM pair per non-empty expert plus one activation kernel. The fp8
+// path also reads them on the device: pass ExpertLayout's device offsets as
+// device_offsets, or null to have them uploaded (a pageable copy, which
+// waits for the stream).
 struct GroupedExpertWeights {
   int64_t num_experts = 0;
   int64_t hidden = 0;        // H
@@ -221,7 +224,8 @@ struct GroupedExpertWeights {
   std::vector<const float*> down_scale;       // fp8 only: [E] -> [H/128, I/128]
 };
 absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const Bf16* x_perm,
-                            const int64_t* host_offsets, Bf16* out_perm);
+                            const int64_t* host_offsets, Bf16* out_perm,
+                            const int32_t* device_offsets = nullptr);
 
 // ---------------------------------------------------------------------------
 // Multi-head latent attention, absorbed form (decode), over a paged latent

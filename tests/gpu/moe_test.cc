@@ -4,6 +4,7 @@
 // worker::RoutedExpertsAccumulate in bf16 and in native fp8.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "common/checkpoint.h"
@@ -266,6 +267,11 @@ void RunMoe(bool fp8) {
   EM_ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop.get()));
   EM_ASSERT_OK(cuda::Combine(dop.get(), dpos.get(), dwts.get(), T, K, H, dy.get(), false, ctx->stream()));
   EM_ASSERT_OK(ctx->Synchronize());
+  // Offsets read on the device (ExpertLayout's) give the same rows as uploaded ones.
+  DeviceBuffer<uint16_t> dop2(T * K * H);
+  EM_ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop2.get(), doff.get()));
+  const auto rows_a = dop.Download(), rows_b = dop2.Download();
+  EXPECT_EQ(0, std::memcmp(rows_a.data(), rows_b.data(), off[E] * H * 2)) << "device offsets change the result";
   std::string counts;
   for (int64_t e = 0; e < E; ++e) counts += std::to_string(off[e + 1] - off[e]) + " ";
   std::printf("[ info      ] rows per expert: %s\n", counts.c_str());
