@@ -133,6 +133,7 @@ std::vector<std::pair<std::string, double>> ParseNvidiaSmiGpus(const std::string
 int ParseNvlinkCount(const std::string& text) {
   // Row "GPU0\tX\tNV18\t..." : the entry in GPU1's column.
   for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipWhitespace())) {
+    if (!absl::StartsWith(line, "GPU0")) continue;  // the header row starts with whitespace
     std::vector<absl::string_view> f = absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipWhitespace());
     if (f.size() < 3 || f[0] != "GPU0") continue;
     absl::string_view cell = f[2];

@@ -55,6 +55,10 @@ absl::Status ValidateDeployment(const Deployment& d, const Cluster& c, const Mod
     return absl::InvalidArgumentError(absl::StrCat("--pp ", d.pp, ": more stages than layers (", cfg.num_hidden_layers,
                                                    ")"));
   }
+  if (d.ep > cfg.n_routed_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("--ep ", d.ep, ": more EP ranks than routed experts (",
+                                                   cfg.n_routed_experts, "); use pipeline stages (--pp) or fewer nodes"));
+  }
   if (!(d.batch_per_device > 0)) {
     return absl::InvalidArgumentError("--batch-per-device must be > 0 (prefill: tokens, decode: sequences)");
   }
@@ -568,13 +572,24 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
   r.hbm_gib = c.node.device.hbm_gib;
   const double cap = c.node.device.hbm_gib * 1073741824.0;
   r.fits = r.memory.Total() <= cap;
-  // Memory is affine in the batch: extrapolate from two evaluations.
-  Deployment d2 = d;
-  d2.batch_per_device = 2 * d.batch_per_device;
-  const MemoryBreakdown m2 = ComputeMemory(cfg, c, w, d2, r.plan, mw, 2 * max_rank_copies);
-  const double slope = (m2.Total() - r.memory.Total()) / d.batch_per_device;
-  const double fixed = r.memory.Total() - slope * d.batch_per_device;
-  r.max_batch_per_device = slope > 0 ? std::max(0.0, (cap - fixed) / slope) : 0.0;
+  // The largest batch that fits: memory grows monotonically with the batch
+  // (KV cache, activations, low-latency buffers), so double, then bisect.
+  auto fits_at = [&](double b) {
+    Deployment db = d;
+    db.batch_per_device = b;
+    const double copies = max_rank_copies * b / d.batch_per_device;
+    return ComputeMemory(cfg, c, w, db, r.plan, mw, copies).Total() <= cap;
+  };
+  double lo = 0, hi = 1;
+  while (fits_at(hi) && hi < 1e9) {
+    lo = hi;
+    hi *= 2;
+  }
+  for (int i = 0; i < 40 && hi - lo > 1e-3 * std::max(1.0, lo); ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (fits_at(mid) ? lo : hi) = mid;
+  }
+  r.max_batch_per_device = d.phase == Phase::kDecode ? std::floor(lo) : lo;
   if (!r.fits) r.bottleneck = "memory capacity";
   return r;
 }

@@ -1,0 +1,131 @@
+// `expertmesh plan` end to end: --json on every shipped topology (one plan and
+// a search), --csv and --plot files, and clear errors for bad input.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace {
+
+const std::string kSrc = EXPERTMESH_SOURCE_DIR;
+
+// Runs a command; returns stdout and sets *rc.
+std::string RunPlan(const std::string& args, int* rc) {
+  const std::string cmd = std::string(EXPERTMESH_BIN) + " plan " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  *rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+
+struct Case {
+  const char* topology;
+  const char* model;
+  const char* one_plan;  // flags of a plan that fits
+};
+
+const Case kCases[] = {
+    {"h800.yaml", "deepseek-v3", "--nodes 16 --ep 128 --batch-per-device 128"},
+    {"h100.yaml", "deepseek-v3", "--nodes 4 --ep 32"},
+    {"h200.yaml", "deepseek-v3", "--nodes 1 --ep 8 --redundant-experts 0 --batch-per-device 32"},
+    {"gb200-nvl72.yaml", "deepseek-v3", "--nodes 1 --ep 72 --redundant-experts 32 --batch-per-device 64"},
+    {"l40s-pcie.yaml", "deepseek-v3", "--nodes 4 --ep 32 --redundant-experts 0 --batch-per-device 8"},
+    {"cpu-2core.yaml", "tiny", "--nodes 1 --ep 2 --batch-per-device 4"},
+};
+
+TEST(PlanCliTest, EveryShippedTopologyIsCovered) {
+  int shipped = 0;
+  for (const auto& f : std::filesystem::directory_iterator(kSrc + "/examples/topologies")) {
+    bool covered = false;
+    for (const Case& c : kCases) covered |= f.path().filename() == c.topology;
+    EXPECT_TRUE(covered) << f.path() << " has no CLI test case";
+    ++shipped;
+  }
+  EXPECT_EQ(shipped, static_cast<int>(std::size(kCases)));
+}
+
+TEST(PlanCliTest, OnePlanJsonOnEveryTopology) {
+  for (const Case& c : kCases) {
+    int rc = 0;
+    const std::string out = RunPlan(std::string("--model ") + c.model + " --topology " + kSrc + "/examples/topologies/" +
+                                    c.topology + " --phase decode " + c.one_plan + " --json",
+                                &rc);
+    ASSERT_EQ(rc, 0) << c.topology << ":\n" << out;
+    const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << out;
+    for (const char* k : {"tokens_per_s_per_node", "tokens_per_s_per_device", "tpot_ms", "memory_gib_per_device",
+                          "bottleneck"}) {
+      EXPECT_TRUE(j.contains(k)) << c.topology << " lacks " << k;
+    }
+    EXPECT_GT(j["tokens_per_s_per_device"].get<double>(), 0) << c.topology;
+    EXPECT_TRUE(j["fits"].get<bool>()) << c.topology;
+  }
+}
+
+TEST(PlanCliTest, SearchJsonOnEveryTopology) {
+  for (const Case& c : kCases) {
+    int rc = 0;
+    const std::string out = RunPlan(std::string("--model ") + c.model + " --topology " + kSrc + "/examples/topologies/" +
+                                    c.topology + " --phase prefill --max-nodes 4 --json",
+                                &rc);
+    ASSERT_EQ(rc, 0) << c.topology << ":\n" << out;
+    const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << out;
+    EXPECT_TRUE(j.contains("ttft_ms")) << c.topology;
+    EXPECT_TRUE(j.contains("tokens_per_s_per_node")) << c.topology;
+    ASSERT_TRUE(j.contains("prefill")) << c.topology;
+    EXPECT_FALSE(j["prefill"]["pareto"].empty()) << c.topology;
+  }
+}
+
+TEST(PlanCliTest, SearchWritesCsvPlotAndSizesTheFleet) {
+  const std::string dir = testing::TempDir();
+  int rc = 0;
+  const std::string out =
+      RunPlan("--topology " + kSrc + "/examples/topologies/h800.yaml --workload " + kSrc +
+              "/examples/workloads/deepseek-production-day.yaml --phase both --max-nodes 18 --csv " + dir +
+              "/plans.csv --plot " + dir + "/plans.svg",
+          &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("Pareto front"), std::string::npos) << out;
+  EXPECT_NE(out.find("fleet for"), std::string::npos) << out;
+  std::ifstream svg(dir + "/plans.svg");
+  std::stringstream s;
+  s << svg.rdbuf();
+  EXPECT_NE(s.str().find("<svg"), std::string::npos);
+  EXPECT_NE(s.str().find("Pareto front"), std::string::npos);
+  std::ifstream csv(dir + "/plans.csv");
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_EQ(header.rfind("phase,nodes,pp,ep", 0), 0u) << header;
+}
+
+TEST(PlanCliTest, ErrorsAreClear) {
+  int rc = 0;
+  std::string out = RunPlan("--topology /nonexistent.yaml", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("cannot open topology file"), std::string::npos) << out;
+  out = RunPlan("--topology " + kSrc + "/examples/topologies/h800.yaml --nodes 2 --ep 12", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("pp * ep"), std::string::npos) << out;
+  out = RunPlan("", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("--topology FILE is required"), std::string::npos) << out;
+}
+
+TEST(PlanCliTest, DiscoverPrintsATopology) {
+  int rc = 0;
+  const std::string out = RunPlan("--discover", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("node:"), std::string::npos) << out;
+  EXPECT_NE(out.find("hbm_gbytes_per_s"), std::string::npos) << out;
+}
+
+}  // namespace
