@@ -79,7 +79,7 @@ EpDispatcher::EpDispatcher(comm::Communicator* comm, const topology::ExpertPlace
   send_count_.assign(P, 0);
   send_start_.assign(P + 1, 0);
   recv_count_.assign(P, 0);
-  slot_start_.assign(1, 0);
+  slot_start_.assign(static_cast<size_t>(num_local_slots()) + 1, 0);
 }
 
 const float* EpDispatcher::token(int64_t i) const {

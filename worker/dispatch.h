@@ -87,7 +87,11 @@ class EpDispatcher {
 
   // Expert side, valid after Dispatch until the next Dispatch.
   int64_t num_records() const { return num_recv_; }
-  int64_t num_local_slots() const { return static_cast<int64_t>(slot_start_.size()) - 1; }
+  // Slots the placement puts on this rank (0 if the placement has fewer ranks).
+  int64_t num_local_slots() const {
+    if (comm_->rank() >= placement_->num_ranks()) return 0;
+    return static_cast<int64_t>(placement_->slots_of_rank(comm_->rank()).size());
+  }
   // The entries of local slot s (records whose token goes through slot s).
   absl::Span<const SlotEntry> slot_entries(int64_t s) const {
     return absl::MakeConstSpan(slot_entries_).subspan(static_cast<size_t>(slot_start_[s]),
@@ -114,6 +118,8 @@ class EpDispatcher {
   int64_t dispatch_bytes_sent() const { return num_send_ * record_bytes_; }
   int64_t combine_bytes_sent() const { return num_recv_ * options_.hidden * 4; }
   int64_t record_bytes() const { return record_bytes_; }
+  // Records this rank sent in the last dispatch: one per (token, destination rank).
+  int64_t num_sent_records() const { return num_send_; }
   // The byte layouts of the last dispatch and combine all-to-all-v (for the
   // benchmark's plain all-to-all-v of the same matrix).
   const comm::AllToAllVLayout& dispatch_layout() const { return dispatch_layout_; }

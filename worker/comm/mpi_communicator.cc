@@ -22,7 +22,7 @@ constexpr int kDataTag = 7;
 // Messages above this are split (MPI counts are int).
 constexpr size_t kMaxChunk = size_t{1} << 30;
 // After an error, how long cancelled requests may take to finish.
-constexpr absl::Duration kCancelGrace = absl::Seconds(2);
+constexpr absl::Duration kCancelGrace = absl::Milliseconds(500);
 
 absl::Status MpiError(int code, absl::string_view what) {
   char text[MPI_MAX_ERROR_STRING];
@@ -122,7 +122,10 @@ class MpiCommunicator : public Communicator {
  public:
   MpiCommunicator(MPI_Comm comm, int rank, int size) : Communicator(rank, size), comm_(comm) {}
   ~MpiCommunicator() override {
-    if (comm_ != MPI_COMM_NULL && MpiInitialized()) MPI_Comm_free(&comm_);
+    // A broken communicator keeps its MPI context: a peer may still hold
+    // unmatched messages of the failed batch, and a freed context id could be
+    // reused by the next duplicate, where they would match the wrong receive.
+    if (comm_ != MPI_COMM_NULL && MpiInitialized() && health().ok()) MPI_Comm_free(&comm_);
   }
   absl::string_view backend() const override { return "mpi"; }
   Caps caps() const override {

@@ -30,7 +30,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(absl::string_vi
   if (backend == "mpi") return CreateMpiCommunicator(deadline);
   if (backend == "ucx") {
 #if EXPERTMESH_HAVE_UCX
-    return CreateUcxCommunicator(bootstrap, deadline);
+    UcxOptions ucx;
+    ucx.detect_peer_failure = options.ucx_detect_peer_failure;
+    return CreateUcxCommunicator(bootstrap, deadline, ucx);
 #else
     return absl::UnimplementedError(
         "this build has no UCX backend: install libucx-dev and reconfigure with -DEXPERTMESH_UCX=ON");

@@ -23,6 +23,9 @@ struct CommOptions {
   absl::Duration connect_timeout = absl::Seconds(60);
   // nccl only: the CUDA device of this rank; < 0 keeps the current device.
   int cuda_device = -1;
+  // ucx only: report a dead peer as soon as UCX notices (see UcxOptions in
+  // ucx_communicator.h: on one host this trades shared memory for TCP).
+  bool ucx_detect_peer_failure = false;
 };
 
 // Backends compiled into this build, e.g. {"mpi", "ucx", "nccl"}.

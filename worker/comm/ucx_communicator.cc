@@ -17,7 +17,7 @@ namespace {
 
 // After an error, how long cancelled requests may take to finish; at
 // destruction, how long a flush may take.
-constexpr absl::Duration kCancelGrace = absl::Seconds(2);
+constexpr absl::Duration kCancelGrace = absl::Milliseconds(500);
 constexpr absl::Duration kFlushGrace = absl::Seconds(5);
 
 absl::Status UcsError(ucs_status_t s, absl::string_view what) {
@@ -54,7 +54,7 @@ class UcxCommunicator : public Communicator {
     return c;
   }
 
-  absl::Status Init(Bootstrap* boot, absl::Time deadline) {
+  absl::Status Init(Bootstrap* boot, absl::Time deadline, const UcxOptions& options) {
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return UcsError(s, "ucp_config_read");
@@ -88,7 +88,7 @@ class UcxCommunicator : public Communicator {
       ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;
       ep.address = reinterpret_cast<const ucp_address_t*>(all[p].data());
-      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep.err_mode = options.detect_peer_failure ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
       ep.err_handler.cb = &UcxCommunicator::OnEndpointError;
       ep.err_handler.arg = &ep_args_[p];
       s = ucp_ep_create(worker_, &ep, &eps_[p]);
@@ -109,10 +109,14 @@ class UcxCommunicator : public Communicator {
       Pending& q = pending_[k++];
       q = Pending{nullptr, op.peer, op.bytes, false, {}, true};
       ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_MEMORY_TYPE | UCP_OP_ATTR_FIELD_RECV_INFO;
+      // The received length arrives through the callback. Immediate
+      // completion is turned off: UCX 1.13 left recv_info unset on that path.
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_MEMORY_TYPE | UCP_OP_ATTR_FIELD_CALLBACK |
+                       UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
       p.datatype = ucp_dt_make_contig(1);
       p.memory_type = UCS_MEMORY_TYPE_HOST;
-      p.recv_info.tag_info = &q.info;
+      p.cb.recv = &UcxCommunicator::OnRecvDone;
+      p.user_data = &q;
       const uint64_t tag = Tag(op.peer, recv_seq_[op.peer]++);
       ucs_status_ptr_t r = ucp_tag_recv_nbx(worker_, op.data, op.bytes, tag, ~uint64_t{0}, &p);
       if (UCS_PTR_IS_ERR(r)) {
@@ -148,7 +152,7 @@ class UcxCommunicator : public Communicator {
       size_t completed = 0;
       for (Pending& q : pending_) {
         if (q.done) continue;
-        const ucs_status_t st = q.send ? ucp_request_check_status(q.req) : ucp_tag_recv_request_test(q.req, &q.info);
+        const ucs_status_t st = ucp_request_check_status(q.req);
         if (st == UCS_INPROGRESS) {
           if (peer_status_[q.peer] != UCS_OK) {
             error = PeerError(q.peer, peer_status_[q.peer], q.send ? "send to" : "receive from");
@@ -168,13 +172,13 @@ class UcxCommunicator : public Communicator {
         error = abort_status();
         break;
       }
-      if (completed == 0 && progressed == 0) {
-        if (absl::Now() >= deadline) {
-          error = DeadlineError(remaining);
-          break;
-        }
-        sched_yield();
+      // Checked whether or not UCX made progress: a transport may report
+      // progress (retries, keepalive) forever without completing anything.
+      if (absl::Now() >= deadline) {
+        error = DeadlineError(remaining);
+        break;
       }
+      if (completed == 0 && progressed == 0) sched_yield();
     }
     if (!error.ok()) CancelPending();
     return error;
@@ -193,6 +197,11 @@ class UcxCommunicator : public Communicator {
     ucp_tag_recv_info_t info{};
     bool done = true;
   };
+
+  static void OnRecvDone(void* /*request*/, ucs_status_t /*status*/, const ucp_tag_recv_info_t* info,
+                         void* user_data) {
+    if (info != nullptr) static_cast<Pending*>(user_data)->info = *info;
+  }
 
   static void OnEndpointError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
     const EpArg* a = static_cast<const EpArg*>(arg);
@@ -262,15 +271,21 @@ class UcxCommunicator : public Communicator {
     ucp_request_free(req);
   }
 
+  // Closes every endpoint at once (force: no goodbye to the peer), waiting
+  // at most kCancelGrace in total.
   void CloseEndpoints() {
+    std::vector<void*> reqs;
     for (ucp_ep_h& ep : eps_) {
       if (ep == nullptr) continue;
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      WaitRequest(ucp_ep_close_nbx(ep, &p), absl::Now() + kCancelGrace);
+      void* r = ucp_ep_close_nbx(ep, &p);
+      if (r != nullptr && !UCS_PTR_IS_ERR(r)) reqs.push_back(r);
       ep = nullptr;
     }
+    const absl::Time grace = absl::Now() + kCancelGrace;
+    for (void* r : reqs) WaitRequest(r, grace);
   }
 
   ucp_context_h context_ = nullptr;
@@ -284,10 +299,11 @@ class UcxCommunicator : public Communicator {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Communicator>> CreateUcxCommunicator(Bootstrap* bootstrap, absl::Time deadline) {
+absl::StatusOr<std::unique_ptr<Communicator>> CreateUcxCommunicator(Bootstrap* bootstrap, absl::Time deadline,
+                                                                    const UcxOptions& options) {
   if (bootstrap == nullptr) return absl::InvalidArgumentError("ucx communicator needs a bootstrap");
   auto comm = std::make_unique<UcxCommunicator>(bootstrap->rank(), bootstrap->size());
-  absl::Status s = comm->Init(bootstrap, deadline);
+  absl::Status s = comm->Init(bootstrap, deadline, options);
   if (!s.ok()) return Annotate(s, absl::StrCat("creating the ucx communicator (rank ", bootstrap->rank(), ")"));
   return std::unique_ptr<Communicator>(std::move(comm));
 }
