@@ -27,7 +27,7 @@ class CoordinatorTest : public ::testing::Test {
     o.pp = pp;
     o.ep = ep;
     o.journal_path = dir_.path() + "/journal";
-    o.heartbeat_timeout_s = 0.4;
+    o.heartbeat_timeout_s = 1.0;  // short, yet safe on a loaded CI machine
     o.monitor_interval_s = 0.05;
     o.register_timeout_s = 10;
     o.shutdown_timeout_s = 5;
