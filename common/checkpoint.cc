@@ -157,9 +157,14 @@ absl::Status ValidateCheckpoint(const ShardedCheckpoint& ck, const std::vector<T
     }
   }
   if (!errs.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", ck.dir(), " does not match its config (",
-                                                   errs.size(), " problem", errs.size() > 1 ? "s" : "",
-                                                   "): ", absl::StrJoin(errs, "; ")));
+    constexpr size_t kShown = 20;  // a mismatched config can yield thousands
+    const size_t n = errs.size();
+    if (n > kShown) {
+      errs.resize(kShown);
+      errs.push_back(absl::StrCat("... and ", n - kShown, " more"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", ck.dir(), " does not match its config (", n,
+                                                   " problem", n > 1 ? "s" : "", "): ", absl::StrJoin(errs, "; ")));
   }
   return absl::OkStatus();
 }

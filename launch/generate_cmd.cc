@@ -1,5 +1,6 @@
 // expertmesh generate: runs a batch of prompts through the whole model in one process.
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -36,8 +37,17 @@ int GenerateMain(int argc, char** argv) {
   sp.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   sp.top_k = absl::GetFlag(FLAGS_top_k);
   sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
-  if (sp.temperature < 0 || sp.top_k < 0 || !(sp.top_p > 0 && sp.top_p <= 1)) {
-    return Fail(absl::InvalidArgumentError("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1"), 2);
+  if (!(sp.temperature >= 0)) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--temperature ", sp.temperature, ": must be >= 0 (0 = greedy)")), 2);
+  }
+  if (sp.top_k < 0) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--top-k ", sp.top_k, ": must be >= 0 (0 = no top-k filter)")), 2);
+  }
+  if (!(sp.top_p > 0 && sp.top_p <= 1)) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--top-p ", sp.top_p, ": must be in (0, 1] (1 = no top-p filter)")), 2);
+  }
+  if (absl::GetFlag(FLAGS_max_new_tokens) < 0) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--max-new-tokens ", absl::GetFlag(FLAGS_max_new_tokens), ": must be >= 0")), 2);
   }
   std::vector<int32_t> stop;
   for (const auto& s : absl::GetFlag(FLAGS_stop_token_ids)) {
@@ -49,12 +59,15 @@ int GenerateMain(int argc, char** argv) {
   }
   auto prompts = ReadPrompts(prompts_path);
   if (!prompts.ok()) return Fail(prompts.status());
+  if (!std::filesystem::is_directory(dir)) {
+    return Fail(absl::NotFoundError(absl::StrCat("--checkpoint ", dir, ": no such folder")));
+  }
   auto cfg = ModelConfig::FromFile(dir + "/config.json");
   if (!cfg.ok()) return Fail(cfg.status());
   const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   std::vector<worker::GenerationRequest> reqs;
   for (size_t i = 0; i < prompts->size(); ++i) {
-    absl::Status s = worker::ValidatePrompt(*cfg, (*prompts)[i], max_new, absl::StrCat(prompts_path, ": prompt ", i));
+    absl::Status s = worker::ValidatePrompt(*cfg, (*prompts)[i], max_new, absl::StrCat(prompts_path, ": prompt index ", i));
     if (!s.ok()) return Fail(s);
     worker::GenerationRequest r;
     r.prompt = (*prompts)[i];

@@ -277,8 +277,8 @@ absl::Status ValidatePrompt(const ModelConfig& cfg, const std::vector<int32_t>& 
   if (tokens.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": empty prompt (need at least one token)"));
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= cfg.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": token ", i, " = ", tokens[i], " is out of range [0, ",
-                                                     cfg.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(what, ": token ", i, " = ", tokens[i],
+                                                     " is out of range [0, vocab_size = ", cfg.vocab_size, ")"));
     }
   }
   if (max_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": max_new_tokens must be >= 0"));

@@ -360,9 +360,9 @@ class BadInputTest(unittest.TestCase):
     def test_prompts(self):
         ok = json.dumps(PROMPT)
         cases = [
-            ("empty_prompt", [ok, '{"tokens": []}'], [".jsonl", "prompt 1", "empty"]),
-            ("token_id_eq_vocab", [ok, ok, '{"tokens": [3, 1024]}'], [".jsonl", "prompt 2", "1024", "[0, 1024)"]),
-            ("token_id_negative", ['{"tokens": [-1]}'], [".jsonl", "-1", "[0, 1024)"]),
+            ("empty_prompt", [ok, '{"tokens": []}'], [".jsonl", "prompt index 1", "empty"]),
+            ("token_id_eq_vocab", [ok, ok, '{"tokens": [3, 1024]}'], [".jsonl", "prompt index 2", "1024", "vocab_size = 1024"]),
+            ("token_id_negative", ['{"tokens": [-1]}'], [".jsonl", "-1", "vocab_size = 1024"]),
             ("malformed_line", [ok, '{"tokens": [1, 2'], [".jsonl:2", "tokens"]),
             ("missing_tokens_key", ['{"toks": [1, 2]}'], [".jsonl:1", "tokens"]),
             ("token_not_integer", ['{"tokens": [1, "a"]}'], [".jsonl:1", "token 1", "integer"]),
@@ -373,7 +373,7 @@ class BadInputTest(unittest.TestCase):
                 self.expect_error(case, ["--checkpoint", GOOD], fragments, prompts=lines)
         with self.subTest(case="prompt_longer_than_context"):
             long = json.dumps({"tokens": [i % 1024 for i in range(5000)]})
-            self.expect_error("prompt_longer_than_context", ["--checkpoint", GOOD], ["prompt 0", "4096"],
+            self.expect_error("prompt_longer_than_context", ["--checkpoint", GOOD], ["prompt index 0", "4096"],
                               prompts=[long])
         with self.subTest(case="no_prompts"):
             self.expect_error("no_prompts", ["--checkpoint", GOOD], [".jsonl", "prompts"], prompts=[])
@@ -398,12 +398,12 @@ class BadInputTest(unittest.TestCase):
 
     def test_flags(self):
         cases = [
-            ("max_new_tokens_negative", ["--max-new-tokens", "-1"], ["max_new_tokens"]),
+            ("max_new_tokens_negative", ["--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
             ("max_new_tokens_huge", ["--max-new-tokens", "2000000000"], ["2000000000", "4096"]),
-            ("top_p_above_1", ["--temperature", "1", "--top-p", "1.5"], ["top_p"]),
-            ("top_p_zero", ["--temperature", "1", "--top-p", "0"], ["top_p"]),
-            ("temperature_negative", ["--temperature", "-1"], ["temperature"]),
-            ("top_k_negative", ["--temperature", "1", "--top-k", "-3"], ["top_k"]),
+            ("top_p_above_1", ["--temperature", "1", "--top-p", "1.5"], ["--top-p 1.5"]),
+            ("top_p_zero", ["--temperature", "1", "--top-p", "0"], ["--top-p 0"]),
+            ("temperature_negative", ["--temperature", "-1"], ["--temperature -1"]),
+            ("top_k_negative", ["--temperature", "1", "--top-k", "-3"], ["--top-k -3"]),
             ("dump_logits_unwritable", ["--dump-logits", "/nonexistent-dir/x.safetensors"], ["/nonexistent-dir"]),
         ]
         for case, extra, fragments in cases:
