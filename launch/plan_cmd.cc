@@ -186,6 +186,12 @@ int EvaluateOne(const ModelConfig& cfg, const topology::Cluster& c, const topolo
   return r->fits ? 0 : 4;
 }
 
+std::string SloText(Phase phase, const topology::SearchOptions& o) {
+  const double v = phase == Phase::kDecode ? o.max_tpot_ms : o.max_ttft_ms;
+  if (v <= 0) return "none set";
+  return absl::StrFormat("%s <= %g ms", phase == Phase::kDecode ? "TPOT" : "TTFT", v);
+}
+
 int SearchPhase(const ModelConfig& cfg, const topology::Cluster& c, const topology::Workload& w, Phase phase,
                 nlohmann::json* json, std::string* csv, std::vector<SimResult>* best_out,
                 std::vector<topology::SearchResult>* all) {
@@ -213,8 +219,7 @@ int SearchPhase(const ModelConfig& cfg, const topology::Cluster& c, const topolo
     std::printf("\n%s on %s: %lld plans evaluated, %lld over memory, %lld over the SLO (%s), %zu feasible\n",
                 name.c_str(), c.name.c_str(), static_cast<long long>(s->evaluated),
                 static_cast<long long>(s->over_memory), static_cast<long long>(s->over_slo),
-                phase == Phase::kDecode ? absl::StrFormat("TPOT <= %g ms", o.max_tpot_ms).c_str()
-                                        : absl::StrFormat("TTFT <= %g ms", o.max_ttft_ms).c_str(),
+                SloText(phase, o).c_str(),
                 s->ranked.size());
     std::printf("%s\n", Header(phase).c_str());
     for (size_t i = 0; i < s->ranked.size() && i < static_cast<size_t>(absl::GetFlag(FLAGS_top)); ++i) {

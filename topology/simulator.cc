@@ -544,7 +544,10 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
   r.plan = std::move(plan);
   r.expert_imbalance = imbalance_n > 0 ? imbalance_sum / imbalance_n : 1.0;
   r.stage_time_ms = worst_stage * 1e3;
-  const double per_device = d.batch_per_device / worst_stage;
+  // A column of pp devices (one per stage) moves one batch of batch_per_device
+  // tokens through all stages every stage step (decode: pp groups in flight,
+  // each advancing one stage per step), so per device it is 1 / pp of that.
+  const double per_device = d.batch_per_device / (worst_stage * static_cast<double>(d.pp));
   const double devices_per_node = static_cast<double>(d.devices()) / static_cast<double>(d.nodes);
   if (d.phase == Phase::kDecode) {
     r.tpot_ms = r.stage_time_ms * static_cast<double>(d.pp);

@@ -131,6 +131,10 @@ TEST(DiscoverTest, NvidiaSmiParsers) {
   EXPECT_EQ(ParseNvlinkCount("\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tNV18\t0-51\nGPU1\tNV18\t X \t0-51\n"), 18);
   EXPECT_EQ(ParseNvlinkCount("\tGPU0\tGPU1\nGPU0\t X \tPIX\nGPU1\tPIX\t X \n"), 0);
   EXPECT_EQ(ParseNvlinkCount("\tGPU0\nGPU0\t X \n"), 0);
+  // Verbatim from a one-GPU H100 machine (with the terminal underline codes).
+  EXPECT_EQ(ParseNvlinkCount("\t\x1b[4mGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
+                             "GPU0\t X \t0-15\t0\t\tN/A\n\nLegend:\n\n  X    = Self\n"),
+            0);
 }
 
 TEST(WorkloadTest, ShippedWorkloadsParse) {
