@@ -514,6 +514,7 @@ v1::ClusterStatus Coordinator::GetClusterStatus() const {
     ws->set_active_sequences(w.active_sequences);
     ws->set_steps(w.steps);
     ws->set_tokens_processed(w.tokens_processed);
+    *ws->mutable_times() = w.times;
   }
   for (const auto& [layer, counts] : expert_load_) {
     v1::LayerExpertLoad* l = st.add_expert_load();
@@ -674,9 +675,16 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     }
     Worker& w = workers_[static_cast<size_t>(id)];
     for (const auto& l : request.expert_load()) {
-      std::vector<int64_t>& sum = expert_load_[l.layer()];
+      auto it = expert_load_.find(l.layer());
+      if (it == expert_load_.end() || it->second.size() != static_cast<size_t>(l.tokens_per_expert_size())) {
+        LOG(WARNING) << "coordinator: worker " << id << " reported load of layer " << l.layer() << " for "
+                     << l.tokens_per_expert_size() << " experts; ignored (not a MoE layer of the plan)";
+        continue;
+      }
+      std::vector<int64_t>& sum = it->second;
       for (int e = 0; e < l.tokens_per_expert_size(); ++e) sum[static_cast<size_t>(e)] += l.tokens_per_expert(e);
     }
+    w.times = request.times();
     w.last_heartbeat = absl::Now();
     w.heartbeat_seen = true;
     w.active_sequences = request.active_sequences();

@@ -164,6 +164,7 @@ class Coordinator {
     bool heartbeat_seen = false;
     int32_t active_sequences = 0;
     int64_t steps = 0, tokens_processed = 0;
+    v1::StageTimes times;
     std::set<std::string> assigned;            // seq_ids (stage-0 workers)
     std::vector<std::string> pending_cancel;   // seq_ids to send as `cancel`
   };

@@ -70,18 +70,17 @@ absl::Status SendMessage(comm::Communicator* c, int peer, const std::string& byt
   return c->Run(b, absl::Now() + timeout);
 }
 
-absl::StatusOr<std::string> RecvMessage(comm::Communicator* c, int peer, absl::Duration timeout) {
-  uint64_t n = 0;
-  comm::Batch b;
-  b.Recv(peer, &n, sizeof(n));
-  RETURN_IF_ERROR(c->Run(b, absl::Now() + timeout));
-  if (n > (1ull << 34)) return absl::DataLossError(absl::StrCat("message of ", n, " bytes announced: corrupt"));
-  std::string bytes(n, '\0');
-  b.Clear();
-  b.Recv(peer, bytes.data(), n);
-  RETURN_IF_ERROR(c->Run(b, absl::Now() + timeout));
-  return bytes;
-}
+// ------------------------------------------------------------ time accounting
+
+// Where a worker's time goes (seconds, cumulative). Written by the stage
+// thread only, read by the heartbeat thread.
+struct Times {
+  std::atomic<double> transfer{0}, idle{0}, control{0}, embed_head{0}, dispatch{0}, combine{0}, expert{0};
+};
+
+void Add(std::atomic<double>* a, double v) { a->store(a->load(std::memory_order_relaxed) + v, std::memory_order_relaxed); }
+
+double Seconds(absl::Time since) { return absl::ToDoubleSeconds(absl::Now() - since); }
 
 // ------------------------------------------------------------ MoE runners with load counting
 
@@ -106,8 +105,16 @@ class LoadCounter {
 
 class CountingLocalMoe : public MoeRunner {
  public:
-  explicit CountingLocalMoe(LoadCounter* counter) : counter_(counter) {}
+  CountingLocalMoe(LoadCounter* counter, Times* times) : counter_(counter), times_(times) {}
   absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
+    const absl::Time t0 = absl::Now();
+    absl::Status s = RunImpl(w, layer, x, T, y);
+    Add(&times_->expert, Seconds(t0));
+    return s;
+  }
+
+ private:
+  absl::Status RunImpl(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) {
     std::fill(y, y + T * w.hidden, 0.0f);
     if (T == 0) return absl::OkStatus();
     std::vector<int32_t> ids;
@@ -119,15 +126,15 @@ class CountingLocalMoe : public MoeRunner {
     return absl::OkStatus();
   }
 
- private:
   LoadCounter* counter_;
+  Times* times_;
 };
 
 class ExpertParallelRunner : public MoeRunner {
  public:
   ExpertParallelRunner(comm::Communicator* comm, const topology::StagePlan* stage, LoadCounter* counter,
-                       absl::Duration timeout)
-      : comm_(comm), stage_(stage), counter_(counter), timeout_(timeout) {}
+                       Times* times, absl::Duration timeout)
+      : comm_(comm), stage_(stage), counter_(counter), times_(times), timeout_(timeout) {}
   absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
     auto it = engines_.find(layer);
     if (it == engines_.end()) {
@@ -139,19 +146,27 @@ class ExpertParallelRunner : public MoeRunner {
       o.timeout = timeout_;
       it = engines_.emplace(layer, std::make_unique<ExpertParallelMoe>(comm_, &pl->second, &w, o)).first;
     }
+    const absl::Time t0 = absl::Now();
     if (T > 0) {  // load report: the router is cheap next to the experts (E*H vs 9*3*H*I per token)
       std::vector<int32_t> ids;
       std::vector<float> weights;
       RouteTokens(w, x, T, &ids, &weights);
       counter_->Add(layer, w.router_params.num_experts, ids);
     }
-    return it->second->Forward(x, T, y);
+    absl::Status s = it->second->Forward(x, T, y);
+    const double total = Seconds(t0);
+    const DispatchTimes& dt = it->second->dispatcher().times();
+    Add(&times_->dispatch, dt.dispatch_total());
+    Add(&times_->combine, dt.combine_total());
+    Add(&times_->expert, std::max(0.0, total - dt.dispatch_total() - dt.combine_total()));
+    return s;
   }
 
  private:
   comm::Communicator* comm_;
   const topology::StagePlan* stage_;
   LoadCounter* counter_;
+  Times* times_;
   absl::Duration timeout_;
   std::map<int64_t, std::unique_ptr<ExpertParallelMoe>> engines_;
 };
@@ -208,6 +223,11 @@ class Worker {
   std::vector<v1::SequenceUpdate> updates_;
   absl::Time last_sync_ok_;
   bool sync_warned_ = false;
+
+  Times t_;
+  absl::Time serving_since_ = absl::Now();
+  absl::StatusOr<std::string> Recv(int peer);
+  absl::Status Send(int peer, const std::string& bytes);
 
   std::atomic<bool> shutdown_{false};
   std::atomic<bool> stop_heartbeats_{false};
@@ -278,9 +298,10 @@ absl::Status Worker::Setup() {
     std::vector<int> ids;
     for (int r = 0; r < plan_.ep; ++r) ids.push_back(static_cast<int>(plan_.WorkerId(stage_, r)));
     ASSIGN_OR_RETURN(stage_comm_, MakeComm(absl::StrCat("stage", stage_), ids));
-    moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, o_.step_timeout);
+    moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, &t_,
+                                                  o_.step_timeout);
   } else {
-    moe_ = std::make_unique<CountingLocalMoe>(&load_);
+    moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
   }
   if (plan_.pp > 1) {
     std::vector<int> ids;
@@ -288,8 +309,35 @@ absl::Status Worker::Setup() {
     ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids));
   }
   engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
+  serving_since_ = absl::Now();
   hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Worker::Recv(int peer) {
+  // The size header arrives when the peer is done with its step: waiting for
+  // it is idle time; the body that follows is transfer.
+  const absl::Time t0 = absl::Now();
+  uint64_t n = 0;
+  comm::Batch b;
+  b.Recv(peer, &n, sizeof(n));
+  RETURN_IF_ERROR(lane_comm_->Run(b, absl::Now() + o_.step_timeout));
+  const absl::Time t1 = absl::Now();
+  Add(&t_.idle, absl::ToDoubleSeconds(t1 - t0));
+  if (n > (1ull << 34)) return absl::DataLossError(absl::StrCat("message of ", n, " bytes announced: corrupt"));
+  std::string bytes(n, '\0');
+  b.Clear();
+  b.Recv(peer, bytes.data(), n);
+  RETURN_IF_ERROR(lane_comm_->Run(b, absl::Now() + o_.step_timeout));
+  Add(&t_.transfer, Seconds(t1));
+  return bytes;
+}
+
+absl::Status Worker::Send(int peer, const std::string& bytes) {
+  const absl::Time t0 = absl::Now();
+  absl::Status s = SendMessage(lane_comm_.get(), peer, bytes, o_.step_timeout);
+  Add(&t_.transfer, Seconds(t0));
+  return s;
 }
 
 void Worker::HeartbeatLoop() {
@@ -306,6 +354,20 @@ void Worker::HeartbeatLoop() {
     req.set_steps(steps_.load());
     req.set_tokens_processed(tokens_.load());
     req.set_exiting(exiting);
+    if (engine_ != nullptr) {
+      const EngineTimes& et = engine_->times();  // plain doubles written by the stage thread: a torn read is harmless
+      v1::StageTimes* t = req.mutable_times();
+      t->set_attention_s(et.attention);
+      t->set_dense_s(et.dense);
+      t->set_expert_s(t_.expert.load());
+      t->set_dispatch_s(t_.dispatch.load());
+      t->set_combine_s(t_.combine.load());
+      t->set_transfer_s(t_.transfer.load());
+      t->set_idle_s(t_.idle.load());
+      t->set_embed_head_s(t_.embed_head.load());
+      t->set_control_s(t_.control.load());
+      t->set_wall_s(absl::ToDoubleSeconds(absl::Now() - serving_since_));
+    }
     for (auto& [layer, counts] : load_.Take()) {
       auto* l = req.add_expert_load();
       l->set_layer(static_cast<int32_t>(layer));
@@ -535,7 +597,9 @@ absl::Status Worker::RunStage0() {
   std::vector<float> hidden, logits;
   while (true) {
     bool want_stop = false;
+    absl::Time t0 = absl::Now();
     RETURN_IF_ERROR(SyncWithCoordinator(&want_stop));
+    Add(&t_.control, Seconds(t0));
     active_ = static_cast<int64_t>(seqs_.size());
     MicroBatch mb;
     std::vector<Segment> segs;
@@ -546,8 +610,10 @@ absl::Status Worker::RunStage0() {
     int32_t mine[3] = {segs.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0};
     std::vector<int32_t> gathered(3 * E);
     if (stage_comm_ != nullptr) {
+      t0 = absl::Now();
       RETURN_IF_ERROR(stage_comm_->AllGather(mine, gathered.data(), sizeof(mine), comm::MemoryKind::kHost,
                                              absl::Now() + o_.step_timeout));
+      Add(&t_.idle, Seconds(t0));
     } else {
       std::memcpy(gathered.data(), mine, sizeof(mine));
     }
@@ -560,7 +626,7 @@ absl::Status Worker::RunStage0() {
     if (any_stop && !any_work && all_drained) {
       if (!last) {
         mb.kind = BatchKind::kStop;
-        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(mb), o_.step_timeout));
+        RETURN_IF_ERROR(Send(1, Encode(mb)));
       }
       LOG(INFO) << "worker " << worker_id_ << ": stopping after " << tick << " steps";
       return absl::OkStatus();
@@ -568,7 +634,7 @@ absl::Status Worker::RunStage0() {
     if (!any_work) {
       if (inflight > 0) {  // drain: wait for a return (releases go out with a later micro-batch)
         release_.insert(release_.end(), mb.release.begin(), mb.release.end());
-        ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), plan_.pp - 1, o_.step_timeout));
+        ASSIGN_OR_RETURN(std::string bytes, Recv(plan_.pp - 1));
         ASSIGN_OR_RETURN(Return r, DecodeReturn(bytes));
         --inflight;
         RETURN_IF_ERROR(ApplyReturn(r));
@@ -580,13 +646,15 @@ absl::Status Worker::RunStage0() {
         idle.kind = BatchKind::kIdle;
         idle.tick = tick;
         idle.release = std::move(mb.release);
-        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(idle), o_.step_timeout));
+        RETURN_IF_ERROR(Send(1, Encode(idle)));
         ++inflight;
         last_sent = absl::Now();
       } else {
         release_.insert(release_.end(), mb.release.begin(), mb.release.end());
       }
+      t0 = absl::Now();
       absl::SleepFor(absl::Milliseconds(5));
+      Add(&t_.idle, Seconds(t0));
       continue;
     }
     // A work step (this lane may have zero tokens).
@@ -595,11 +663,14 @@ absl::Status Worker::RunStage0() {
     int64_t T = 0;
     for (const auto& s : segs) T += s.n;
     active_ = static_cast<int64_t>(seqs_.size());
+    t0 = absl::Now();
     engine_->Embed(segs, &hidden);
+    Add(&t_.embed_head, Seconds(t0));
     RETURN_IF_ERROR(engine_->RunLayers(segs, &hidden));
     ++steps_;
     tokens_ += T;
     if (last) {
+      t0 = absl::Now();
       Return r;
       engine_->Head(segs, hidden, &logits);
       const int64_t V = cfg_.vocab_size;
@@ -609,16 +680,17 @@ absl::Status Worker::RunStage0() {
         r.keys.push_back(m.key);
         r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
       }
+      Add(&t_.embed_head, Seconds(t0));
       RETURN_IF_ERROR(ApplyReturn(r));
       continue;
     }
     mb.hidden = std::move(hidden);
-    RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 1, Encode(mb), o_.step_timeout));
+    RETURN_IF_ERROR(Send(1, Encode(mb)));
     hidden.clear();
     ++inflight;
     last_sent = absl::Now();
     if (inflight >= plan_.pp) {
-      ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), plan_.pp - 1, o_.step_timeout));
+      ASSIGN_OR_RETURN(std::string bytes, Recv(plan_.pp - 1));
       ASSIGN_OR_RETURN(Return r, DecodeReturn(bytes));
       --inflight;
       RETURN_IF_ERROR(ApplyReturn(r));
@@ -634,12 +706,12 @@ absl::Status Worker::RunDownstream() {
   std::vector<float> logits;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   while (true) {
-    ASSIGN_OR_RETURN(std::string bytes, RecvMessage(lane_comm_.get(), stage_ - 1, o_.step_timeout));
+    ASSIGN_OR_RETURN(std::string bytes, Recv(stage_ - 1));
     ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, H));
     for (uint64_t k : mb.release) caches.erase(k);
     active_ = static_cast<int64_t>(caches.size());
     if (mb.kind == BatchKind::kStop) {
-      if (!last) RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, bytes, o_.step_timeout));
+      if (!last) RETURN_IF_ERROR(Send(stage_ + 1, bytes));
       LOG(INFO) << "worker " << worker_id_ << ": stopping";
       return absl::OkStatus();
     }
@@ -648,9 +720,9 @@ absl::Status Worker::RunDownstream() {
         Return r;
         r.kind = BatchKind::kIdle;
         r.tick = mb.tick;
-        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 0, Encode(r), o_.step_timeout));
+        RETURN_IF_ERROR(Send(0, Encode(r)));
       } else {
-        RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, bytes, o_.step_timeout));
+        RETURN_IF_ERROR(Send(stage_ + 1, bytes));
       }
       continue;
     }
@@ -674,6 +746,7 @@ absl::Status Worker::RunDownstream() {
     ++steps_;
     tokens_ += static_cast<int64_t>(mb.hidden.size()) / H;
     if (last) {
+      const absl::Time t0 = absl::Now();
       Return r;
       r.tick = mb.tick;
       engine_->Head(segs, mb.hidden, &logits);
@@ -683,9 +756,10 @@ absl::Status Worker::RunDownstream() {
         r.keys.push_back(m.key);
         r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
       }
-      RETURN_IF_ERROR(SendMessage(lane_comm_.get(), 0, Encode(r), o_.step_timeout));
+      Add(&t_.embed_head, Seconds(t0));
+      RETURN_IF_ERROR(Send(0, Encode(r)));
     } else {
-      RETURN_IF_ERROR(SendMessage(lane_comm_.get(), stage_ + 1, Encode(mb), o_.step_timeout));
+      RETURN_IF_ERROR(Send(stage_ + 1, Encode(mb)));
     }
   }
 }
