@@ -137,6 +137,29 @@ absl::StatusOr<std::vector<ExpertPlacement>> RebalanceExperts(const std::vector<
   return out;
 }
 
+absl::Status PlaceExpertsWithEplb(const ModelConfig& cfg, const std::map<int64_t, std::vector<double>>& expert_load,
+                                  int64_t ranks_per_node, Plan* plan) {
+  EplbOptions o;
+  o.num_ranks = plan->ep;
+  o.ranks_per_node = std::min(ranks_per_node, plan->ep);
+  o.num_groups = cfg.n_group > 0 && cfg.n_routed_experts % cfg.n_group == 0 ? cfg.n_group : 1;
+  o.redundant = plan->redundant_experts;
+  for (auto& stage : plan->stages) {
+    for (auto& [layer, placement] : stage.placement) {
+      auto it = expert_load.find(layer);
+      std::vector<double> load = it != expert_load.end() ? it->second
+                                                         : std::vector<double>(cfg.n_routed_experts, 1.0);
+      if (static_cast<int64_t>(load.size()) != cfg.n_routed_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("eplb: layer ", layer, " has loads for ", load.size(),
+                                                       " experts; the model has ", cfg.n_routed_experts));
+      }
+      ASSIGN_OR_RETURN(std::vector<ExpertPlacement> p, RebalanceExperts({load}, o));
+      placement = std::move(p[0]);
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::vector<double> RankLoads(const ExpertPlacement& p, const std::vector<double>& expert_load) {
   std::vector<double> rank(p.num_ranks(), 0.0);
   for (int64_t e = 0; e < p.num_experts(); ++e) {

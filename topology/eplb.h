@@ -21,9 +21,12 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/config.h"
+#include "topology/plan.h"
 #include "topology/placement.h"
 
 namespace expertmesh::topology {
@@ -41,6 +44,13 @@ struct EplbOptions {
 // returns one placement per layer. Errors say which divisibility failed.
 absl::StatusOr<std::vector<ExpertPlacement>> RebalanceExperts(const std::vector<std::vector<double>>& loads,
                                                               const EplbOptions& options);
+
+// Replaces every MoE layer's placement in `plan` (from BuildPlan) with EPLB's,
+// from observed loads (MoE layer index -> tokens per expert, as in
+// PlanOptions::expert_load; layers without loads are treated as uniform).
+// `ranks_per_node`: EP ranks sharing one NVLink domain.
+absl::Status PlaceExpertsWithEplb(const ModelConfig& cfg, const std::map<int64_t, std::vector<double>>& expert_load,
+                                  int64_t ranks_per_node, Plan* plan);
 
 // Expected load of each rank when expert e's load splits evenly over its replicas.
 std::vector<double> RankLoads(const ExpertPlacement& p, const std::vector<double>& expert_load);

@@ -310,7 +310,11 @@ void Append(std::vector<OpCost>* a, const std::vector<OpCost>& b) { a->insert(a-
 absl::StatusOr<MemoryBreakdown> DeploymentMemory(const ModelConfig& cfg, const Cluster& cluster, const Workload& w,
                                                  const Deployment& d) {
   RETURN_IF_ERROR(ValidateDeployment(d, cluster, cfg));
-  ASSIGN_OR_RETURN(Plan plan, BuildPlan(cfg, PlanOptions{d.pp, d.ep, d.redundant_experts}));
+  PlanOptions po;
+  po.pp = d.pp;
+  po.ep = d.ep;
+  po.redundant_experts = d.redundant_experts;
+  ASSIGN_OR_RETURN(Plan plan, BuildPlan(cfg, po));
   const Shape s = MakeShape(w, d);
   const double copies = s.mb.tokens * static_cast<double>(cfg.num_experts_per_tok);
   return ComputeMemory(cfg, cluster, w, d, plan, CountWeights(cfg), copies);
@@ -362,8 +366,6 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
   po.redundant_experts = d.redundant_experts;
   ASSIGN_OR_RETURN(Plan plan, BuildPlan(cfg, po));
   const int64_t E = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
-  const int64_t rpn = std::min(c.devices_per_node(), d.ep);
-  const int64_t moe_layers = cfg.num_moe_layers();
   PreparedPlacement own;
   if (opt.prepared == nullptr) {
     ASSIGN_OR_RETURN(own, PreparePlacement(cfg, c, w, d, opt));

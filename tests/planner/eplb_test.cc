@@ -94,6 +94,24 @@ TEST(EplbTest, Errors) {
   EXPECT_FALSE(p.ok());
 }
 
+TEST(EplbTest, PlacesTheRuntimePlan) {
+  const ModelConfig cfg = *ModelConfig::Preset("tiny");  // 256 experts, 3 MoE layers
+  PlanOptions po;
+  po.pp = 1;
+  po.ep = 4;
+  po.redundant_experts = 4;
+  auto plan = BuildPlan(cfg, po);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<double> hot(256, 1.0);
+  hot[17] = 50;
+  ASSERT_TRUE(PlaceExpertsWithEplb(cfg, {{1, hot}}, 2, &*plan).ok());
+  const ExpertPlacement& l1 = plan->stages[0].placement.at(1);
+  EXPECT_GE(l1.replicas(17).size(), 2u);
+  EXPECT_EQ(l1.num_slots(), 260);
+  EXPECT_EQ(plan->stages[0].placement.at(2).replicas(17).size(), 1u);  // no load given: uniform
+  EXPECT_FALSE(PlaceExpertsWithEplb(cfg, {{1, {1.0, 2.0}}}, 2, &*plan).ok());
+}
+
 TEST(EplbTest, PackingAndReplicationPrimitives) {
   const std::vector<int64_t> pack = BalancedPacking({10, 9, 1, 1}, 2);
   EXPECT_NE(pack[0], pack[1]);  // the two heavy items split
