@@ -543,6 +543,9 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
   }
 
   r.deployment = d;
+  if (r.deployment.context <= 0) {  // report the context the workload supplied
+    r.deployment.context = d.phase == Phase::kDecode ? w.DecodeContext() : w.prompt_tokens;
+  }
   r.plan = std::move(plan);
   r.expert_imbalance = imbalance_n > 0 ? imbalance_sum / imbalance_n : 1.0;
   r.stage_time_ms = worst_stage * 1e3;
