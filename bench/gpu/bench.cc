@@ -52,6 +52,15 @@ bool Section(const char* name) { return g_only.empty() || g_only == name; }
     }                                                                                                \
   } while (0)
 
+// A failed launch inside a timed lambda is recorded, not fatal: the other
+// measurements still run (TRY), and the operation's line says FAILED.
+std::string g_error;
+#define TRY(expr)                                                        \
+  do {                                                                   \
+    absl::Status s_ = (expr);                                            \
+    if (!s_.ok() && g_error.empty()) g_error = s_.ToString();            \
+  } while (0)
+
 template <typename T>
 T* DevAlloc(size_t n) {
   void* p = nullptr;
@@ -100,6 +109,21 @@ void Report(const std::string& name, double ms, double bytes, double flops, cons
       "\"tflops\": %.2f, \"pct\": %.2f, \"goal_kind\": \"%s\", \"goal_pct\": %.0f}\n",
       name.c_str(), ms, floor_ms, bytes, flops, gbs, tflops, pct, goal_kind.c_str(), goal_pct);
   std::fflush(stdout);
+}
+
+// Runs fn once to check it, then times it and reports (or reports the error).
+void Measure(const std::string& name, const std::function<void()>& fn, double bytes, double flops,
+             const std::string& goal_kind, double goal_pct) {
+  g_error.clear();
+  fn();
+  cudaError_t e = cudaDeviceSynchronize();
+  if (e != cudaSuccess && g_error.empty()) g_error = cudaGetErrorString(e);
+  if (!g_error.empty()) {
+    std::printf("%-40s FAILED: %s\n", name.c_str(), g_error.c_str());
+    std::printf("RESULT {\"name\": \"%s\", \"error\": \"see bench.log\"}\n", name.c_str());
+    return;
+  }
+  Report(name, TimeMs(fn), bytes, flops, goal_kind, goal_pct);
 }
 
 }  // namespace
@@ -167,23 +191,25 @@ int main(int argc, char** argv) {
     em::bench::FillUniformF32(logits, T * E, seed++, -4, 4);
     em::bench::FillUniformF32(bias, E, seed++, -0.1f, 0.1f);
     em::bench::FillUniformBf16(x, T * H, seed++, -2, 2);
-    auto route = [&] { OK(cuda::Route(logits, bias, T, rp, ids, wts, nullptr)); };
-    auto layout = [&] { OK(cuda::ExpertLayout(ctx, ids, T, K, E, off, pos)); };
-    auto permute = [&] { OK(cuda::Permute(x, T, H, pos, K, xp, nullptr)); };
+    auto route = [&] { TRY(cuda::Route(logits, bias, T, rp, ids, wts, nullptr)); };
+    auto layout = [&] { TRY(cuda::ExpertLayout(ctx, ids, T, K, E, off, pos)); };
+    auto permute = [&] { TRY(cuda::Permute(x, T, H, pos, K, xp, nullptr)); };
     const double b_route = T * E * 4.0 + E * 4.0 + T * K * 8.0;
     const double b_perm = T * H * 2.0 + T * K * H * 2.0 + T * K * 4.0;
-    Report("router (fused, V3 grouped top-8)", TimeMs(route), b_route, 0, "hbm", 0);
-    Report("expert layout (3 kernels)", TimeMs(layout), T * K * 4.0 * 2 + (E + 1) * 4.0, 0, "hbm", 0);
-    Report("permute (4096 x 8 rows of 7168)", TimeMs(permute), b_perm, 0, "hbm", 0);
-    Report("router + permute", TimeMs([&] {
-             route();
-             layout();
-             permute();
-           }),
-           b_route + b_perm + T * K * 4.0, 0, "hbm", 50);
-    Report("combine (weighted, 8 rows per token)",
-           TimeMs([&] { OK(cuda::Combine(xp, pos, wts, T, K, H, y, false, nullptr)); }),
-           T * K * H * 2.0 + T * H * 2.0 + T * K * 8.0, 0, "hbm", 0);
+    Measure("router (fused, V3 grouped top-8)", route, b_route, 0, "hbm", 0);
+    Measure("expert layout (3 kernels)", layout, T * K * 4.0 * 2 + (E + 1) * 4.0, 0, "hbm", 0);
+    Measure("permute (4096 x 8 rows of 7168)", permute, b_perm, 0, "hbm", 0);
+    Measure(
+        "router + permute",
+        [&] {
+          route();
+          layout();
+          permute();
+        },
+        b_route + b_perm + T * K * 4.0, 0, "hbm", 50);
+    Measure(
+        "combine (weighted, 8 rows per token)", [&] { TRY(cuda::Combine(xp, pos, wts, T, K, H, y, false, nullptr)); },
+        T * K * H * 2.0 + T * H * 2.0 + T * K * 8.0, 0, "hbm", 0);
     for (void* p : {(void*)logits, (void*)bias, (void*)x, (void*)xp, (void*)y, (void*)ids, (void*)wts, (void*)off,
                     (void*)pos})
       CK(cudaFree(p));
@@ -240,20 +266,22 @@ int main(int argc, char** argv) {
         gw.gate_up.push_back(wgu + e * 2 * I * H);
         gw.down.push_back(wd + e * H * I);
       }
-      Report("grouped experts bf16 (cuBLASLt)", TimeMs([&] { OK(cuda::GroupedExperts(ctx, gw, xp, offs.data(), op)); }),
-             wbytes_bf16 + abytes, flops, "mma", 60);
+      Measure(
+          "grouped experts bf16 (cuBLASLt)", [&] { TRY(cuda::GroupedExperts(ctx, gw, xp, offs.data(), op)); },
+          wbytes_bf16 + abytes, flops, "mma", 60);
       CK(cudaFree(wgu));
       CK(cudaFree(wd));
     }
     {
       uint8_t* wgu = DevAlloc<uint8_t>(E * 2 * I * H);
       uint8_t* wd = DevAlloc<uint8_t>(E * H * I);
-      float* sgu = DevAlloc<float>(E * (2 * I / 128) * (H / 128));
-      float* sd = DevAlloc<float>(E * (H / 128) * (I / 128));
+      // Per-row scales as ExpandFp8Scales makes them at load: [K/128][N] per expert.
+      float* sgu = DevAlloc<float>(E * (H / 128) * 2 * I);
+      float* sd = DevAlloc<float>(E * (I / 128) * H);
       em::bench::FillUniformFp8(wgu, E * 2 * I * H, seed++, 240.0f);
       em::bench::FillUniformFp8(wd, E * H * I, seed++, 240.0f);
-      em::bench::FillUniformF32(sgu, E * (2 * I / 128) * (H / 128), seed++, 1e-4f, 2e-4f);
-      em::bench::FillUniformF32(sd, E * (H / 128) * (I / 128), seed++, 1e-4f, 2e-4f);
+      em::bench::FillUniformF32(sgu, E * (H / 128) * 2 * I, seed++, 1e-4f, 2e-4f);
+      em::bench::FillUniformF32(sd, E * (I / 128) * H, seed++, 1e-4f, 2e-4f);
       cuda::GroupedExpertWeights gw;
       gw.num_experts = E;
       gw.hidden = H;
@@ -262,12 +290,13 @@ int main(int argc, char** argv) {
       for (int64_t e = 0; e < E; ++e) {
         gw.gate_up.push_back(wgu + e * 2 * I * H);
         gw.down.push_back(wd + e * H * I);
-        gw.gate_up_scale.push_back(sgu + e * (2 * I / 128) * (H / 128));
-        gw.down_scale.push_back(sd + e * (H / 128) * (I / 128));
+        gw.gate_up_scale.push_back(sgu + e * (H / 128) * 2 * I);
+        gw.down_scale.push_back(sd + e * (I / 128) * H);
       }
-      Report("grouped experts fp8 (cuBLASLt 128x128)",
-             TimeMs([&] { OK(cuda::GroupedExperts(ctx, gw, xp, offs.data(), op, off)); }), wbytes_bf16 / 2 + abytes, flops,
-             "mma", 0);
+      Measure(
+          "grouped experts fp8 (cuBLASLt 128x128)",
+          [&] { TRY(cuda::GroupedExperts(ctx, gw, xp, offs.data(), op, off)); }, wbytes_bf16 / 2 + abytes, flops, "mma",
+          0);
       for (void* p : {(void*)wgu, (void*)wd, (void*)sgu, (void*)sd}) CK(cudaFree(p));
     }
     for (void* p : {(void*)logits, (void*)ids, (void*)wts, (void*)off, (void*)pos, (void*)x, (void*)xp, (void*)op})
@@ -309,15 +338,21 @@ int main(int argc, char** argv) {
     p.softmax_scale = shape.softmax_scale;
     const double bytes = B * S * D * 2.0 + B * H * D * 2.0 + B * H * L * 2.0;
     const double flops = 2.0 * B * H * S * (D + L);
-    Report("MLA decode (B64, 4K ctx, 128 heads)", TimeMs([&] { OK(cuda::MlaDecode(ctx, p)); }), bytes, flops, "hbm",
-           50);
+    p.kernel = 1;
+    Measure("MLA decode, mma.sync kernel", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 0);
+    p.kernel = 2;
+    Measure("MLA decode, wgmma kernel", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 0);
+    p.kernel = 0;
+    Measure("MLA decode (B64, 4K ctx, 128 heads)", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 50);
     const double proj_flops = 2.0 * B * H * (shape.nope * L + L * shape.v);
-    Report("MLA absorbed: absorb + decode + out-proj", TimeMs([&] {
-             OK(cuda::MlaAbsorbQuery(ctx, shape, q, B, wkvb, qa));
-             OK(cuda::MlaDecode(ctx, p));
-             OK(cuda::MlaProjectOut(ctx, shape, ol, B, wkvb, out));
-           }),
-           bytes + H * (shape.nope + shape.v) * L * 2.0, flops + proj_flops, "hbm", 0);
+    Measure(
+        "MLA absorbed: absorb + decode + out-proj",
+        [&] {
+          TRY(cuda::MlaAbsorbQuery(ctx, shape, q, B, wkvb, qa));
+          TRY(cuda::MlaDecode(ctx, p));
+          TRY(cuda::MlaProjectOut(ctx, shape, ol, B, wkvb, out));
+        },
+        bytes + H * (shape.nope + shape.v) * L * 2.0, flops + proj_flops, "hbm", 0);
     for (void* ptr : {(void*)cache, (void*)qa, (void*)ol, (void*)q, (void*)wkvb, (void*)out, (void*)table, (void*)lens})
       CK(cudaFree(ptr));
   }

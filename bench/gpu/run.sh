@@ -45,10 +45,13 @@ say "build (standalone CMake project bench/gpu)"
 deps=()
 [ -d "$root/.gpudeps" ] && deps=(-DEM_DEPS="$root/.gpudeps")
 export PATH="$PATH:/usr/local/cuda/bin"
-if cmake -S bench/gpu -B "$build" -G Ninja "${deps[@]}" >"$out/build.log" 2>&1 &&
-  ninja -C "$build" >>"$out/build.log" 2>&1; then
+gen=(-G Ninja)
+command -v ninja >/dev/null || gen=(-G "Unix Makefiles")
+if timeout 400 cmake -S bench/gpu -B "$build" "${gen[@]}" "${deps[@]}" >"$out/build.log" 2>&1 &&
+  timeout 400 cmake --build "$build" -j "$(nproc)" >>"$out/build.log" 2>&1; then
   bin="$build"
   cuobjdump -res-usage "$build/libem_gpu_kernels.a" 2>/dev/null | grep -E "Function|REG" >>"$out/build.log"
+  echo "HGMMA instructions in the kernels: $(cuobjdump --dump-sass "$build/libem_gpu_kernels.a" 2>/dev/null | grep -c HGMMA)" | tee -a "$out/build.log"
 else
   tail -30 "$out/build.log"
   if [ -x "$root/.gpudeps/prebuilt/em_gpu_tests" ]; then
@@ -61,26 +64,26 @@ else
 fi
 
 say "tests (CUDA kernels vs CPU kernels)"
-timeout 300 "$bin/em_gpu_tests" 2>&1 | tee "$out/tests.log" | grep -E "^\[ (error|info) |^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|random seed"
+timeout 240 "$bin/em_gpu_tests" 2>&1 | tee "$out/tests.log" | grep -E "^\[ (error|info) |^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|random seed"
 say "tests exit ${PIPESTATUS[0]}"
 
 say "benchmark"
-timeout 240 "$bin/em_gpu_bench" 2>&1 | tee "$out/bench.log" | grep -v '^RESULT'
+timeout 180 "$bin/em_gpu_bench" 2>&1 | tee "$out/bench.log" | grep -v '^RESULT'
 say "benchmark exit ${PIPESTATUS[0]}"
 
 say "PyTorch, same operations"
-PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu/torch_bench.py --offsets-from "$out/bench.log" 2>&1 |
+PYTHONUNBUFFERED=1 timeout 180 python3 bench/gpu/torch_bench.py --offsets-from "$out/bench.log" 2>&1 |
   tee "$out/torch.log" | grep -v '^RESULT'
+
+say "summary"
+python3 bench/gpu/summary.py "$out" | tee "$out/summary.md"
 
 if [ "${EM_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   say "ncu: speed of light of the MLA decode, permute and router kernels"
   : >"$out/ncu.txt"
   for k in MlaDecodeFast:mla PermuteKernel:router RouteKernel:router; do
-    timeout 90 ncu --clock-control none -k regex:"${k%%:*}" -c 1 --section SpeedOfLight \
+    timeout 60 ncu --clock-control none -k regex:"${k%%:*}" -c 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis "$bin/em_gpu_bench" --only "${k##*:}" --reps 1 >>"$out/ncu.txt" 2>&1
   done
   grep -E "MlaDecodeFast|PermuteKernel|RouteKernel|Duration|Throughput|DRAM|L2 Cache|Mem Busy" "$out/ncu.txt" | head -60
 fi
-
-say "summary"
-python3 bench/gpu/summary.py "$out" | tee "$out/summary.md"

@@ -151,34 +151,57 @@ def main():
             print(f"torch._grouped_mm: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
     del wgu, wd
 
-    # fp8 experts with DeepSeek's block scales through torch._scaled_mm (1x128 x 128x128).
-    try:
-        wq_gu = torch.empty(E, 2 * I, H, device=dev).uniform_(-240, 240).to(torch.float8_e4m3fn)
-        wq_d = torch.empty(E, H, I, device=dev).uniform_(-240, 240).to(torch.float8_e4m3fn)
-        ws_gu = torch.empty(E, 2 * I // 128, H // 128, device=dev).uniform_(1e-4, 2e-4)
-        ws_d = torch.empty(E, H // 128, I // 128, device=dev).uniform_(1e-4, 2e-4)
+    # fp8 experts through torch._scaled_mm, both block-scaling recipes (Hopper's
+    # cuBLASLt accepts only one of the two operand assignments; ours is the second).
+    wq_gu = torch.empty(E, 2 * I, H, device=dev).uniform_(-240, 240).to(torch.float8_e4m3fn)
+    wq_d = torch.empty(E, H, I, device=dev).uniform_(-240, 240).to(torch.float8_e4m3fn)
+    ws_gu = torch.empty(E, 2 * I // 128, H // 128, device=dev).uniform_(1e-4, 2e-4)
+    ws_d = torch.empty(E, H // 128, I // 128, device=dev).uniform_(1e-4, 2e-4)
 
-        def quant(t):  # 1x128 activation blocks, scales outer-dim-major
-            M, Kd = t.shape
-            blk = t.float().view(M, Kd // 128, 128)
-            s = blk.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
-            q = (blk / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(M, Kd)
-            return q, s.t().contiguous().t()
+    def quant_1x128(t):  # DeepSeek's activation tiles; scales outer-dim-major
+        M, Kd = t.shape
+        blk = t.float().view(M, Kd // 128, 128)
+        s = blk.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
+        q = (blk / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(M, Kd)
+        return q, s.t().contiguous().t()
 
+    def quant_128x128(t):  # 128 tokens x 128 channels; scales [L4, MB] with stride [1, L4]
+        M, Kd = t.shape
+        MB, KB = (M + 127) // 128, Kd // 128
+        pad = torch.zeros(MB * 128, Kd, dtype=torch.float32, device=t.device)
+        pad[:M] = t.float()
+        blk = pad.view(MB, 128, KB, 128)
+        s = blk.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        q = (blk / s[:, None, :, None]).to(torch.float8_e4m3fn).view(MB * 128, Kd)[:M]
+        L4 = (KB + 3) // 4 * 4
+        sp = torch.ones(MB, L4, device=t.device)
+        sp[:, :KB] = s
+        return q, sp.t()
+
+    row_gu = ws_gu.repeat_interleave(128, dim=1)  # [E, 2I, KB]: 1x128 rows of the 128x128 blocks
+    row_d = ws_d.repeat_interleave(128, dim=1)
+    recipes = {
+        "1x128 acts x 128x128 weights (DeepSeek)": (quant_1x128, lambda e: ws_gu[e].t(), lambda e: ws_d[e].t()),
+        "128x128 acts x 1x128 weights (ours)": (
+            quant_128x128, lambda e: row_gu[e].t().contiguous().t(), lambda e: row_d[e].t().contiguous().t()),
+    }
+    for rname, (quant, sg, sd) in recipes.items():
         def experts_fp8():
             for e in range(E):
                 s, t = offs[e], offs[e + 1]
                 if s == t:
                     continue
                 q, sc = quant(xp[s:t])
-                h = torch._scaled_mm(q, wq_gu[e].t(), scale_a=sc, scale_b=ws_gu[e].t(), out_dtype=torch.bfloat16)
+                h = torch._scaled_mm(q, wq_gu[e].t(), scale_a=sc, scale_b=sg(e), out_dtype=torch.bfloat16)
                 q2, sc2 = quant(F.silu(h[:, :I]) * h[:, I:])
-                out[s:t] = torch._scaled_mm(q2, wq_d[e].t(), scale_a=sc2, scale_b=ws_d[e].t(),
-                                            out_dtype=torch.bfloat16)
+                out[s:t] = torch._scaled_mm(q2, wq_d[e].t(), scale_a=sc2, scale_b=sd(e), out_dtype=torch.bfloat16)
 
-        result("grouped experts fp8 (cuBLASLt 128x128)", time_ms(experts_fp8, reps=reps), impl="torch._scaled_mm loop")
-    except Exception as ex:  # noqa: BLE001
-        print(f"fp8 experts through torch._scaled_mm: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+        try:
+            result("grouped experts fp8 (cuBLASLt 128x128)", time_ms(experts_fp8, reps=reps),
+                   impl=f"torch._scaled_mm loop, {rname}")
+        except Exception as ex:  # noqa: BLE001
+            print(f"fp8 experts, torch._scaled_mm {rname}: {type(ex).__name__}: {str(ex)[:240]}", flush=True)
+    del wq_gu, wq_d
     del xp, out
 
     # MLA decode: batch 64, 4K context, 128 heads, kv_lora 512, rope 64 (contiguous cache).
@@ -193,14 +216,6 @@ def main():
         return torch.bmm(p, kv[:, :, :L])
 
     result("MLA decode (B64, 4K ctx, 128 heads)", time_ms(mla_decode, reps=reps), impl="bmm-softmax-bmm")
-    try:
-        def mla_sdpa():
-            k = kv.unsqueeze(1)  # one latent "head", shared by all 128 query heads
-            return F.scaled_dot_product_attention(q.unsqueeze(2), k, k[..., :L], scale=scale, enable_gqa=True)
-
-        result("MLA decode (B64, 4K ctx, 128 heads)", time_ms(mla_sdpa, reps=reps), impl="sdpa(enable_gqa)")
-    except Exception as ex:  # noqa: BLE001
-        print(f"sdpa MLA: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
     qn = torch.empty(B, Hh, 192, dtype=torch.bfloat16, device=dev).uniform_(-1, 1)
     wkvb = torch.empty(Hh, 256, L, dtype=torch.bfloat16, device=dev).uniform_(-0.05, 0.05)
 

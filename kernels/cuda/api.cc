@@ -152,7 +152,11 @@ absl::Status MlaDecode(Context& ctx, const MlaDecodeParams& p) {
   const bool fast = internal::MlaFastPathSupported(p.kv_lora, p.rope);
   if (!fast && p.kv_lora > 1024) return Bad("MlaDecode", absl::StrCat("kv_lora ", p.kv_lora, " > 1024 (generic path)"));
   internal::MlaDecodeArgs a{p.q, p.kv_cache, p.block_table, p.seq_lens, p.out, p.batch, p.q_len, p.heads, p.kv_lora,
-                            p.rope, p.page_size, p.max_pages, p.softmax_scale, 1, nullptr, nullptr};
+                            p.rope, p.page_size, p.max_pages, p.softmax_scale, 1, p.kernel, nullptr, nullptr};
+  if (p.kernel < 0 || p.kernel > 2) return Bad("MlaDecode", "kernel must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
+  if (fast && p.kernel == 2 && !internal::MlaWgmmaAvailable()) {
+    return absl::FailedPreconditionError("cuda::MlaDecode: the wgmma kernel needs an sm_90 (Hopper) device");
+  }
   PoolScope scope(ctx.pool());
   if (fast) {
     int splits = p.num_splits;
@@ -163,7 +167,7 @@ absl::Status MlaDecode(Context& ctx, const MlaDecodeParams& p) {
       const int64_t ctas = p.batch * internal::MlaRowBlocks(p.q_len, p.heads);
       // Enough CTAs for one wave; each split keeps >= 4 tiles (256 tokens) of the longest cache.
       const int64_t max_tiles = (p.max_pages * p.page_size + 63) / 64;
-      int64_t want = ctas >= sms ? 1 : (sms + ctas - 1) / ctas;
+      int64_t want = std::max<int64_t>(1, sms / std::max<int64_t>(ctas, 1));  // whole waves only
       want = std::min<int64_t>(want, std::max<int64_t>(1, max_tiles / 4));
       splits = static_cast<int>(std::min<int64_t>(want, 64));
     }

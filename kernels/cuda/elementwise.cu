@@ -163,63 +163,86 @@ __global__ void DequantFp8Kernel(const uint8_t* __restrict__ q, int64_t rows, in
   }
 }
 
-// Group (expert) of a row by binary search over offsets [groups+1].
-__device__ __forceinline__ int64_t GroupOf(const int32_t* offsets, int64_t groups, int64_t row) {
-  int64_t lo = 0, hi = groups - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (offsets[mid] <= row) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
-
-// One warp per (row, 128-block): 4 values per lane, amax, scale, store.
+// Activation quantisation to fp8 with one scale per 128 tokens x 128
+// channels, the layout cuBLASLt's BLK128x128_32F mode reads for the B operand
+// (scale[slot * L4 + kb], L4 = K/128 rounded up to 4). Rows are split into
+// groups (experts) by offsets; group g's token blocks take the slots
+// floor(o_g/128) + g + mb, mb = 0, 1, ... (disjoint for any group sizes, so a
+// slot is a function of the device offsets alone). One CTA of 256 threads per
+// (slot, kb): thread = (row, half of 128 channels).
 template <bool kSiluMul>
-__global__ void QuantFp8Kernel(const uint16_t* __restrict__ in, int64_t M, int64_t K,
-                               const int32_t* __restrict__ offsets, int64_t groups, uint8_t* __restrict__ q,
-                               float* __restrict__ scale) {
-  const int64_t kb_count = K / 128;
-  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= M * kb_count) return;
-  const int64_t m = warp / kb_count, kb = warp % kb_count;
-  float v[4];
-  if (kSiluMul) {  // in is [M, 2K]: gate then up
-    const uint2 g = *reinterpret_cast<const uint2*>(in + m * 2 * K + kb * 128 + lane * 4);
-    const uint2 u = *reinterpret_cast<const uint2*>(in + m * 2 * K + K + kb * 128 + lane * 4);
-    const float gf[4] = {__uint_as_float(g.x << 16), __uint_as_float(g.x & 0xffff0000u), __uint_as_float(g.y << 16),
-                         __uint_as_float(g.y & 0xffff0000u)};
-    const float uf[4] = {__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
-                         __uint_as_float(u.y & 0xffff0000u)};
+__global__ void QuantFp8BlocksKernel(const uint16_t* __restrict__ in, int64_t M, int64_t K,
+                                     const int32_t* __restrict__ offsets, int64_t groups, int64_t L4,
+                                     uint8_t* __restrict__ q, float* __restrict__ scale) {
+  __shared__ float red[32];
+  const int64_t slot = blockIdx.x, kb = blockIdx.y;
+  int64_t g = 0, o = 0, n = M;
+  if (offsets != nullptr) {
+    int64_t lo = 0, hi = groups - 1;  // last group whose first slot is <= slot
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) >> 1;
+      if (offsets[mid] / 128 + mid <= slot) lo = mid;
+      else hi = mid - 1;
+    }
+    g = lo;
+    o = offsets[g];
+    n = offsets[g + 1] - o;
+  }
+  const int64_t mb = slot - (o / 128 + g);
+  if (mb < 0 || mb * 128 >= n) return;  // idle slot (uniform over the block)
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int64_t row = o + mb * 128 + r;
+  const bool valid = mb * 128 + r < n;
+  float v[64];
+  if (valid) {
+    const int64_t c0 = kb * 128 + half * 64;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // Round through bf16 so the fp8 path sees the same activation as the bf16 path.
-      v[i] = Bf16Bits2F(F2Bf16Bits(Silu(gf[i]) * uf[i]));
+    for (int c = 0; c < 8; ++c) {
+      if (kSiluMul) {  // in is [M, 2K]: gate then up
+        float gf[8], uf[8];
+        Unpack8(*reinterpret_cast<const uint4*>(in + row * 2 * K + c0 + c * 8), gf);
+        Unpack8(*reinterpret_cast<const uint4*>(in + row * 2 * K + K + c0 + c * 8), uf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[c * 8 + i] = Bf16Bits2F(F2Bf16Bits(Silu(gf[i]) * uf[i]));
+      } else {
+        Unpack8(*reinterpret_cast<const uint4*>(in + row * K + c0 + c * 8), &v[c * 8]);
+      }
     }
   } else {
-    const uint2 g = *reinterpret_cast<const uint2*>(in + m * K + kb * 128 + lane * 4);
-    v[0] = __uint_as_float(g.x << 16);
-    v[1] = __uint_as_float(g.x & 0xffff0000u);
-    v[2] = __uint_as_float(g.y << 16);
-    v[3] = __uint_as_float(g.y & 0xffff0000u);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) v[i] = 0.0f;
   }
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-  amax = WarpMax(amax);
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = BlockMax(amax, red);
   const float s = amax > 0.0f ? amax / kFp8Max : 1.0f;
   const float inv = 1.0f / s;
-  const uint32_t packed = static_cast<uint32_t>(FToFp8(v[0] * inv)) | (static_cast<uint32_t>(FToFp8(v[1] * inv)) << 8) |
-                          (static_cast<uint32_t>(FToFp8(v[2] * inv)) << 16) |
-                          (static_cast<uint32_t>(FToFp8(v[3] * inv)) << 24);
-  *reinterpret_cast<uint32_t*>(q + m * K + kb * 128 + lane * 4) = packed;
-  if (lane == 0) {
-    int64_t o = 0, n = M;
-    if (offsets != nullptr) {
-      const int64_t g = GroupOf(offsets, groups, m);
-      o = offsets[g];
-      n = offsets[g + 1] - o;
+  if (valid) {
+    uint8_t* dst = q + row * K + kb * 128 + half * 64;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float* f = &v[c * 16 + k * 4];
+        w[k] = static_cast<uint32_t>(FToFp8(f[0] * inv)) | (static_cast<uint32_t>(FToFp8(f[1] * inv)) << 8) |
+               (static_cast<uint32_t>(FToFp8(f[2] * inv)) << 16) | (static_cast<uint32_t>(FToFp8(f[3] * inv)) << 24);
+      }
+      *reinterpret_cast<uint4*>(dst + c * 16) = make_uint4(w[0], w[1], w[2], w[3]);
     }
-    scale[o * kb_count + kb * n + (m - o)] = s;
+  }
+  if (threadIdx.x == 0) scale[slot * L4 + kb] = s;
+}
+
+// row_scale[kb * N + n] = scale_inv[(n / 128) * ceil(K / 128) + kb].
+__global__ void ExpandFp8ScalesKernel(const float* __restrict__ scale_inv, int64_t N, int64_t K,
+                                      float* __restrict__ row_scale) {
+  const int64_t kbs = K / 128, kbin = (K + 127) / 128, total = kbs * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t kb = i / N, n = i % N;
+    row_scale[i] = scale_inv[(n / 128) * kbin + kb];
   }
 }
 
@@ -284,19 +307,30 @@ cudaError_t DequantFp8Blocks(const Fp8* q, int64_t rows, int64_t cols, const flo
   return cudaGetLastError();
 }
 
-cudaError_t QuantFp8Rows(const Bf16* x, int64_t M, int64_t K, const int32_t* offsets, int64_t groups, Fp8* q,
-                         float* scale, cudaStream_t s) {
-  const int64_t warps = M * (K / 128);
-  if (warps == 0) return cudaSuccess;
-  QuantFp8Kernel<false><<<GridFor(warps * 32, 256, INT32_MAX), 256, 0, s>>>(x, M, K, offsets, groups, q, scale);
+int64_t Fp8ScaleSlots(int64_t M, int64_t groups) { return M / 128 + groups + 1; }
+
+cudaError_t QuantFp8Blocks(const Bf16* x, int64_t M, int64_t K, const int32_t* offsets, int64_t groups, Fp8* q,
+                           float* scale, cudaStream_t s) {
+  if (M == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(offsets != nullptr ? Fp8ScaleSlots(M, groups) : (M + 127) / 128),
+                  static_cast<unsigned>(K / 128));
+  QuantFp8BlocksKernel<false><<<grid, 256, 0, s>>>(x, M, K, offsets, groups, Fp8ScaleStride(K), q, scale);
   return cudaGetLastError();
 }
 
-cudaError_t SiluMulQuantFp8Rows(const Bf16* gate_up, int64_t M, int64_t I, const int32_t* offsets, int64_t groups,
-                                Fp8* q, float* scale, cudaStream_t s) {
-  const int64_t warps = M * (I / 128);
-  if (warps == 0) return cudaSuccess;
-  QuantFp8Kernel<true><<<GridFor(warps * 32, 256, INT32_MAX), 256, 0, s>>>(gate_up, M, I, offsets, groups, q, scale);
+cudaError_t SiluMulQuantFp8Blocks(const Bf16* gate_up, int64_t M, int64_t I, const int32_t* offsets, int64_t groups,
+                                  Fp8* q, float* scale, cudaStream_t s) {
+  if (M == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(offsets != nullptr ? Fp8ScaleSlots(M, groups) : (M + 127) / 128),
+                  static_cast<unsigned>(I / 128));
+  QuantFp8BlocksKernel<true><<<grid, 256, 0, s>>>(gate_up, M, I, offsets, groups, Fp8ScaleStride(I), q, scale);
+  return cudaGetLastError();
+}
+
+cudaError_t ExpandFp8Scales(const float* scale_inv, int64_t N, int64_t K, float* row_scale, cudaStream_t s) {
+  const int64_t n = (K / 128) * N;
+  if (n == 0) return cudaSuccess;
+  ExpandFp8ScalesKernel<<<GridFor(n, 256), 256, 0, s>>>(scale_inv, N, K, row_scale);
   return cudaGetLastError();
 }
 

@@ -111,7 +111,7 @@ struct GemmSpec {
   cudaDataType_t at = CUDA_R_16BF, bt = CUDA_R_16BF, ct = CUDA_R_16BF;
   int64_t lda = 0, ldb = 0, ldc = 0;
   int64_t batch = 1, sa = 0, sb = 0, sc = 0;
-  bool fp8_block = false;  // A: 128x128 block scales, B: 1x128 block scales
+  bool fp8_block = false;  // A: 1x128 (per row) scales, B: 128x128 block scales
   bool accumulate = false;
 };
 
@@ -207,7 +207,8 @@ absl::StatusOr<Plan*> GetPlan(Context::Impl* impl, const GemmSpec& g, int al_a, 
   lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa));
   lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb));
   if (g.fp8_block) {
-    const int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    // Hopper's cuBLASLt pairs a 1x128 A with a 128x128 B (the other way round is NOT_SUPPORTED).
+    const int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, mb = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
     st = LtStatus(lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof(ma)), "A scale mode");
     if (st.ok()) st = LtStatus(lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof(mb)), "B scale mode");
     if (!st.ok()) return fail(absl::UnimplementedError(
@@ -276,9 +277,9 @@ GemmSpec LinearSpec(int64_t M, int64_t K, int64_t N, cudaDataType_t in, cudaData
 }
 
 absl::Status CheckFp8Shape(const char* op, int64_t K, int64_t N) {
-  if (K % 128 != 0 || (K / 128) % 4 != 0 || N % 16 != 0) {
+  if (K % 128 != 0 || N % 16 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "cuda::", op, ": native fp8 needs K % 512 == 0 and N % 16 == 0 (K=", K, ", N=", N,
+        "cuda::", op, ": native fp8 needs K % 128 == 0 and N % 16 == 0 (K=", K, ", N=", N,
         "); dequantise this weight with DequantFp8Blocks and use the bf16 path"));
   }
   return absl::OkStatus();
@@ -325,21 +326,43 @@ absl::Status Linear(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Bf1
   return RunGemm(ctx, g, w, x, y);
 }
 
-absl::Status LinearFp8(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Fp8* w, const float* scale_inv,
+int64_t Fp8ActScaleFloats(int64_t M, int64_t K) { return (M + 127) / 128 * internal::Fp8ScaleStride(K); }
+
+absl::Status ExpandFp8Scales(const float* scale_inv, int64_t N, int64_t K, float* row_scale, Stream stream) {
+  if (K % 128 != 0) return absl::InvalidArgumentError(absl::StrCat("cuda::ExpandFp8Scales: K % 128 != 0 (K=", K, ")"));
+  return CudaStatus(internal::ExpandFp8Scales(scale_inv, N, K, row_scale, static_cast<cudaStream_t>(stream)),
+                    "ExpandFp8Scales");
+}
+
+absl::Status QuantizeActivationsFp8(const Bf16* x, int64_t M, int64_t K, Fp8* xq, float* x_scale, Stream stream) {
+  if (K % 128 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda::QuantizeActivationsFp8: K % 128 != 0 (K=", K, ")"));
+  }
+  return CudaStatus(internal::QuantFp8Blocks(x, M, K, nullptr, 1, xq, x_scale, static_cast<cudaStream_t>(stream)),
+                    "QuantizeActivationsFp8");
+}
+
+absl::Status LinearFp8Prequantized(Context& ctx, const Fp8* xq, const float* x_scale, int64_t M, int64_t K,
+                                   const Fp8* w, const float* w_row_scale, int64_t N, Bf16* y) {
+  absl::Status st = CheckFp8Shape("LinearFp8", K, N);
+  if (!st.ok() || M == 0) return st;
+  GemmSpec g = LinearSpec(M, K, N, CUDA_R_8F_E4M3, CUDA_R_16BF);
+  g.fp8_block = true;
+  return RunGemm(ctx, g, w, xq, y, w_row_scale, x_scale);
+}
+
+absl::Status LinearFp8(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Fp8* w, const float* w_row_scale,
                        int64_t N, Bf16* y) {
   absl::Status st = CheckFp8Shape("LinearFp8", K, N);
   if (!st.ok() || M == 0) return st;
   PoolScope scope(ctx.pool());
   auto xq = ctx.pool().AllocArray<Fp8>(M * K);
   if (!xq.ok()) return xq.status();
-  auto xs = ctx.pool().AllocArray<float>(M * (K / 128));
+  auto xs = ctx.pool().AllocArray<float>(Fp8ActScaleFloats(M, K));
   if (!xs.ok()) return xs.status();
-  st = CudaStatus(internal::QuantFp8Rows(x, M, K, nullptr, 1, *xq, *xs, static_cast<cudaStream_t>(ctx.stream())),
-                  "LinearFp8: quantise x");
+  st = QuantizeActivationsFp8(x, M, K, *xq, *xs, ctx.stream());
   if (!st.ok()) return st;
-  GemmSpec g = LinearSpec(M, K, N, CUDA_R_8F_E4M3, CUDA_R_16BF);
-  g.fp8_block = true;
-  return RunGemm(ctx, g, w, *xq, y, scale_inv, *xs);
+  return LinearFp8Prequantized(ctx, *xq, *xs, M, K, w, w_row_scale, N, y);
 }
 
 absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const Bf16* x_perm,
@@ -393,12 +416,14 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
     }
     return absl::OkStatus();
   }
-  // fp8: quantise activations per expert group (1x128 scales), block-scaled GEMMs.
+  // fp8: quantise activations per expert (128x128 token blocks), block-scaled GEMMs.
   auto doff = ctx.pool().AllocArray<int32_t>(E + 1);
   auto xq = ctx.pool().AllocArray<Fp8>(rows * H);
-  auto xs = ctx.pool().AllocArray<float>(rows * (H / 128));
+  const int64_t slots = internal::Fp8ScaleSlots(rows, E);
+  const int64_t l4h = internal::Fp8ScaleStride(H), l4i = internal::Fp8ScaleStride(I);
+  auto xs = ctx.pool().AllocArray<float>(slots * l4h);
   auto aq = ctx.pool().AllocArray<Fp8>(rows * I);
-  auto as = ctx.pool().AllocArray<float>(rows * (I / 128));
+  auto as = ctx.pool().AllocArray<float>(slots * l4i);
   for (const absl::Status& a : {doff.status(), xq.status(), xs.status(), aq.status(), as.status()}) {
     if (!a.ok()) return a;
   }
@@ -411,7 +436,7 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
                     "GroupedExperts: offsets");
     offs = *doff;
   }
-  if (st.ok()) st = CudaStatus(internal::QuantFp8Rows(x_perm, rows, H, offs, E, *xq, *xs, s), "quantise x");
+  if (st.ok()) st = CudaStatus(internal::QuantFp8Blocks(x_perm, rows, H, offs, E, *xq, *xs, s), "quantise x");
   if (!st.ok()) return st;
   GemmSpec g1 = LinearSpec(0, H, 2 * I, CUDA_R_8F_E4M3, CUDA_R_16BF);
   g1.fp8_block = true;
@@ -419,10 +444,10 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
     const int64_t o = host_offsets[e], n = host_offsets[e + 1] - o;
     if (n == 0) continue;
     g1.n = n;
-    st = RunGemm(ctx, g1, w.gate_up[e], *xq + o * H, *gu + o * 2 * I, w.gate_up_scale[e], *xs + o * (H / 128));
+    st = RunGemm(ctx, g1, w.gate_up[e], *xq + o * H, *gu + o * 2 * I, w.gate_up_scale[e], *xs + (o / 128 + e) * l4h);
     if (!st.ok()) return st;
   }
-  st = CudaStatus(internal::SiluMulQuantFp8Rows(*gu, rows, I, offs, E, *aq, *as, s), "quantise activation");
+  st = CudaStatus(internal::SiluMulQuantFp8Blocks(*gu, rows, I, offs, E, *aq, *as, s), "quantise activation");
   if (!st.ok()) return st;
   GemmSpec g2 = LinearSpec(0, I, H, CUDA_R_8F_E4M3, CUDA_R_16BF);
   g2.fp8_block = true;
@@ -430,7 +455,7 @@ absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const B
     const int64_t o = host_offsets[e], n = host_offsets[e + 1] - o;
     if (n == 0) continue;
     g2.n = n;
-    st = RunGemm(ctx, g2, w.down[e], *aq + o * I, out_perm + o * H, w.down_scale[e], *as + o * (I / 128));
+    st = RunGemm(ctx, g2, w.down[e], *aq + o * I, out_perm + o * H, w.down_scale[e], *as + (o / 128 + e) * l4i);
     if (!st.ok()) return st;
   }
   return absl::OkStatus();

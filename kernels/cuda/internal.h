@@ -26,16 +26,22 @@ cudaError_t CastBf16ToF32(const Bf16* x, int64_t n, float* y, cudaStream_t s);
 cudaError_t DequantFp8Blocks(const Fp8* q, int64_t rows, int64_t cols, const float* scale_inv, int64_t br,
                              int64_t bc, Bf16* out, cudaStream_t s);
 
-// fp8 activation quantisation, one fp32 scale per 1x128 block, in the layout
-// cuBLASLt's VEC128_32F mode reads: rows are split into groups (experts) by
-// offsets [groups+1] (device, int32); group g with rows [o_g, o_g + n_g) keeps
-// its scales at scale + o_g * (K/128), as [K/128][n_g] (row index fastest).
-// K % 128 == 0. offsets may be null: one group of all M rows.
-cudaError_t QuantFp8Rows(const Bf16* x, int64_t M, int64_t K, const int32_t* offsets, int64_t groups, Fp8* q,
-                         float* scale, cudaStream_t s);
+// fp8 activations for cuBLASLt block scaling (B operand, BLK128x128_32F):
+// one fp32 scale per 128 tokens x 128 channels. Rows are split into groups
+// (experts) by offsets [groups+1] (device, int32; null: one group of M rows).
+// Group g's token block mb has scale row floor(o_g/128) + g + mb, i.e. its
+// scales are scale + (o_g/128 + g) * L4 as [blocks][L4], L4 = Fp8ScaleStride(K).
+// Buffers hold Fp8ScaleSlots(M, groups) * L4 floats. K % 128 == 0.
+inline int64_t Fp8ScaleStride(int64_t K) { return (K / 128 + 3) / 4 * 4; }
+int64_t Fp8ScaleSlots(int64_t M, int64_t groups);
+cudaError_t QuantFp8Blocks(const Bf16* x, int64_t M, int64_t K, const int32_t* offsets, int64_t groups, Fp8* q,
+                           float* scale, cudaStream_t s);
 // The same for silu(gate) * up of a fused [M, 2I] gate/up output (K = I).
-cudaError_t SiluMulQuantFp8Rows(const Bf16* gate_up, int64_t M, int64_t I, const int32_t* offsets, int64_t groups,
-                                Fp8* q, float* scale, cudaStream_t s);
+cudaError_t SiluMulQuantFp8Blocks(const Bf16* gate_up, int64_t M, int64_t I, const int32_t* offsets, int64_t groups,
+                                  Fp8* q, float* scale, cudaStream_t s);
+// Weight scales for the A operand (VEC128_32F): row_scale[kb * N + n] =
+// scale_inv[n / 128][kb] (exact: every row of a 128x128 block shares its scale).
+cudaError_t ExpandFp8Scales(const float* scale_inv, int64_t N, int64_t K, float* row_scale, cudaStream_t s);
 
 // moe.cu
 cudaError_t Route(const float* logits, const float* bias, int64_t T, int64_t E, int64_t G, int64_t topk_groups,
@@ -62,12 +68,16 @@ struct MlaDecodeArgs {
   int64_t batch, q_len, heads, kv_lora, rope, page_size, max_pages;
   float softmax_scale;
   int num_splits;
+  int kernel;       // 0: best available, 1: mma.sync (mla.cu), 2: wgmma (mla_sm90a.cu)
   float* o_part;    // [num_splits, batch, q_len*heads, kv_lora] when num_splits > 1
   float* lse_part;  // [num_splits, batch, q_len*heads]
 };
 bool MlaFastPathSupported(int64_t kv_lora, int64_t rope);
 int MlaRowBlocks(int64_t q_len, int64_t heads);  // CTAs per sequence along rows (fast path)
 cudaError_t MlaDecode(const MlaDecodeArgs& a, cudaStream_t s);
+// mla_sm90a.cu: the wgmma kernel (built for sm_90a only; available on CC 9.0).
+bool MlaWgmmaAvailable();
+cudaError_t MlaDecodeWgmma(const MlaDecodeArgs& a, cudaStream_t s);
 cudaError_t MlaCopyRope(const Bf16* q, int64_t N, int64_t heads, int64_t nope, int64_t rope, int64_t kv_lora,
                         Bf16* q_abs, cudaStream_t s);
 

@@ -190,13 +190,27 @@ enum class OutType { kBf16, kF32 };
 absl::Status Linear(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Bf16* w, int64_t N, void* y,
                     OutType out_type, bool accumulate = false);
 
-// The same with an fp8 weight and its 128x128 block scales
-// (scale_inv [ceil(N/128), ceil(K/128)] fp32, w = q * scale_inv): native FP8
-// tensor-core GEMM through cuBLASLt block scaling; x is quantised on the fly
-// to fp8 with one scale per 1x128 block (DeepSeek's activation recipe).
-// K % 128 == 0, N % 16 == 0. y is bf16.
-absl::Status LinearFp8(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Fp8* w, const float* scale_inv,
+// Native fp8 GEMMs (tensor cores, cuBLASLt block scaling; Hopper's cuBLASLt
+// takes per-row 1x128 scales on the A operand and 128x128 blocks on B):
+//   weights are A: the checkpoint's 128x128 scale_inv [ceil(N/128), ceil(K/128)]
+//     expanded once at load by ExpandFp8Scales into row scales [K/128][N]
+//     (exact: the rows of a block share its scale);
+//   activations are B: quantised on the fly to e4m3 with one scale per 128
+//     tokens x 128 channels (amax / 448), a coarser grain than DeepSeek's
+//     1x128 activation tiles, forced by that operand assignment (see
+//     docs/PERFORMANCE.md).
+// K % 128 == 0 and N % 16 == 0. y is bf16.
+absl::Status ExpandFp8Scales(const float* scale_inv, int64_t N, int64_t K, float* row_scale, Stream stream);
+absl::Status LinearFp8(Context& ctx, const Bf16* x, int64_t M, int64_t K, const Fp8* w, const float* w_row_scale,
                        int64_t N, Bf16* y);
+// The two halves of LinearFp8, for producers that already hold fp8 tokens:
+// x_scale has Fp8ActScaleFloats(M, K) floats, [ceil(M/128)][L4] with
+// L4 = K/128 rounded up to a multiple of 4 (scale of token block mb, channel
+// block kb at mb * L4 + kb).
+int64_t Fp8ActScaleFloats(int64_t M, int64_t K);
+absl::Status QuantizeActivationsFp8(const Bf16* x, int64_t M, int64_t K, Fp8* xq, float* x_scale, Stream stream);
+absl::Status LinearFp8Prequantized(Context& ctx, const Fp8* xq, const float* x_scale, int64_t M, int64_t K,
+                                   const Fp8* w, const float* w_row_scale, int64_t N, Bf16* y);
 
 // Dequantises an fp8 block-scaled [rows, cols] weight to bf16 (the load-time
 // path): out = q * scale_inv[r / br][c / bc].
@@ -207,7 +221,9 @@ absl::Status DequantFp8Blocks(const Fp8* q, int64_t rows, int64_t cols, const fl
 // Permute): for each local expert e with rows [offsets[e], offsets[e+1]):
 //   out_perm[rows] = down_e(silu(x . gate_e^T) * (x . up_e^T)).
 // Weights are per expert device pointers (gate_up [2I, H] gate rows first,
-// down [H, I]) in bf16, or fp8 with block scales when fp8 is set. The
+// down [H, I]) in bf16, or fp8 with expanded scales (see LinearFp8) when fp8
+// is set; fp8 activations are quantised per expert (blocks never straddle
+// two experts). The
 // offsets are host values (copy ExpertLayout's offsets back first): one
 // cuBLASLt GEMM pair per non-empty expert plus one activation kernel. The fp8
 // path also reads them on the device: pass ExpertLayout's device offsets as
@@ -220,8 +236,8 @@ struct GroupedExpertWeights {
   bool fp8 = false;
   std::vector<const void*> gate_up;           // [E] -> [2I, H] bf16 or fp8
   std::vector<const void*> down;              // [E] -> [H, I]
-  std::vector<const float*> gate_up_scale;    // fp8 only: [E] -> [2I/128, H/128]
-  std::vector<const float*> down_scale;       // fp8 only: [E] -> [H/128, I/128]
+  std::vector<const float*> gate_up_scale;    // fp8 only: [E] -> ExpandFp8Scales rows [H/128][2I]
+  std::vector<const float*> down_scale;       // fp8 only: [E] -> ExpandFp8Scales rows [I/128][H]
 };
 absl::Status GroupedExperts(Context& ctx, const GroupedExpertWeights& w, const Bf16* x_perm,
                             const int64_t* host_offsets, Bf16* out_perm,
@@ -257,9 +273,11 @@ struct MlaDecodeParams {
   int64_t max_pages = 0;              // columns of block_table
   float softmax_scale = 0.0f;         // MlaShape::softmax_scale
   int num_splits = 0;                 // KV splits per (sequence, row block); 0: chosen from the SM count
+  int kernel = 0;                     // 0: best available, 1: mma.sync, 2: wgmma (sm_90a, Hopper)
 };
-// Tensor-core kernel (mma.sync bf16, 64 rows x 64 tokens per tile) for
-// kv_lora 512 / rope 64 (DeepSeek-V3); a simple kernel for other shapes.
+// kv_lora 512 / rope 64 (DeepSeek-V3): tensor-core flash decoding, 64 query
+// rows x 64 tokens per tile, with wgmma on Hopper (sm_90a build) or mma.sync
+// elsewhere; a simple CUDA-core kernel for other shapes (small test models).
 absl::Status MlaDecode(Context& ctx, const MlaDecodeParams& p);
 
 }  // namespace expertmesh::kernels::cuda

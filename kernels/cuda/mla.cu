@@ -1,6 +1,7 @@
 // MLA decode attention (absorbed form) over a paged latent cache.
 //
-// Fast path (kv_lora 512, rope 64): flash-decoding with bf16 tensor cores
+// Fast paths (kv_lora 512, rope 64): the wgmma kernel of mla_sm90a.cu on
+// Hopper, else this flash-decoding kernel on bf16 tensor cores
 // (mma.sync m16n8k16). A CTA of 8 warps takes 64 query rows (a row is one
 // (query, head) pair: all heads of a sequence share the cache, so the heads
 // are the M dimension of two GEMMs) of one sequence and walks its cache in
@@ -415,6 +416,13 @@ int MlaRowBlocks(int64_t q_len, int64_t heads) { return static_cast<int>((q_len 
 cudaError_t MlaDecode(const MlaDecodeArgs& a, cudaStream_t s) {
   if (a.batch == 0 || a.q_len * a.heads == 0) return cudaSuccess;
   const int rows_total = static_cast<int>(a.q_len * a.heads);
+  if (MlaFastPathSupported(a.kv_lora, a.rope) && a.kernel != 1 && (a.kernel == 2 || MlaWgmmaAvailable())) {
+    cudaError_t err = MlaDecodeWgmma(a, s);
+    if (err != cudaSuccess || a.num_splits == 1) return err;
+    MlaCombineKernel<<<dim3(rows_total, static_cast<unsigned>(a.batch)), 128, 0, s>>>(
+        a.o_part, a.lse_part, static_cast<int>(a.batch), rows_total, a.num_splits, kL, a.out);
+    return cudaGetLastError();
+  }
   if (MlaFastPathSupported(a.kv_lora, a.rope)) {
     static bool attr_set = false;
     if (!attr_set) {

@@ -52,17 +52,22 @@ TEST(GpuGemm, LinearMatchesCpu) {
   EM_EXPECT_CLOSE("Linear fp32 accumulate", dyf.Download(), ref2, 1e-5);
 }
 
-// DeepSeek's activation recipe on the CPU: one scale per 1x128 block,
-// s = amax / 448, x ~ fp8(x / s) * s.
-std::vector<float> QuantDequantRows(const std::vector<float>& x, int64_t M, int64_t K) {
+// The GPU's activation quantisation on the CPU: one scale per 128 tokens x
+// 128 channels, s = amax / 448, x ~ fp8(x / s) * s.
+std::vector<float> QuantDequantBlocks(const std::vector<float>& x, int64_t M, int64_t K) {
   std::vector<float> y(x.size());
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m0 = 0; m0 < M; m0 += 128) {
+    const int64_t m1 = std::min(M, m0 + 128);
     for (int64_t kb = 0; kb < K / 128; ++kb) {
-      const float* r = &x[m * K + kb * 128];
       float amax = 0;
-      for (int i = 0; i < 128; ++i) amax = std::max(amax, std::fabs(r[i]));
+      for (int64_t m = m0; m < m1; ++m)
+        for (int i = 0; i < 128; ++i) amax = std::max(amax, std::fabs(x[m * K + kb * 128 + i]));
       const float s = amax > 0 ? amax / kF8E4M3Max : 1.0f, inv = 1.0f / s;
-      for (int i = 0; i < 128; ++i) y[m * K + kb * 128 + i] = F8E4M3ToFloat(FloatToF8E4M3(r[i] * inv)) * s;
+      for (int64_t m = m0; m < m1; ++m)
+        for (int i = 0; i < 128; ++i) {
+          const int64_t at = m * K + kb * 128 + i;
+          y[at] = F8E4M3ToFloat(FloatToF8E4M3(x[at] * inv)) * s;
+        }
     }
   }
   return y;
@@ -83,18 +88,71 @@ TEST(GpuGemm, LinearFp8MatchesCpu) {
     std::vector<float> wdq(N * K);
     for (int64_t r = 0; r < N; ++r)
       for (int64_t c = 0; c < K; ++c) wdq[r * K + c] = F8E4M3ToFloat(q[r * K + c]) * sc[(r / 128) * (K / 128) + c / 128];
-    const std::vector<float> xdq = QuantDequantRows(x, M, K);
+    const std::vector<float> xdq = QuantDequantBlocks(x, M, K);
     std::vector<float> ref(M * N), ref_bf16_x(M * N);
     kernels::Linear(xdq.data(), M, K, wdq.data(), N, ref.data());
     kernels::Linear(x.data(), M, K, wdq.data(), N, ref_bf16_x.data());
     DeviceBuffer<uint16_t> dx(xb), dy(M * N);
     DeviceBuffer<uint8_t> dq(q);
-    DeviceBuffer<float> dsc(sc);
-    EM_ASSERT_OK(cuda::LinearFp8(*ctx, dx.get(), M, K, dq.get(), dsc.get(), N, dy.get()));
+    DeviceBuffer<float> dsc(sc), drow(K / 128 * N);
+    EM_ASSERT_OK(cuda::ExpandFp8Scales(dsc.get(), N, K, drow.get(), nullptr));
+    EM_ASSERT_OK(cuda::LinearFp8(*ctx, dx.get(), M, K, dq.get(), drow.get(), N, dy.get()));
     const auto y = gputest::FromBf16(dy.Download());
     EM_EXPECT_CLOSE(("LinearFp8 M=" + std::to_string(M) + " vs same quant").c_str(), y, ref, 1e-2);
     EM_EXPECT_CLOSE("LinearFp8 vs bf16 activations", y, ref_bf16_x, 1e-1);
   }
+}
+
+// Which scale layout cuBLASLt reads: random fp8 operands and distinct random
+// scales, the GPU result against the CPU under each candidate layout (the
+// documented one must match; the others are printed to diagnose a mismatch).
+TEST(GpuGemm, Fp8ScaleLayoutProbe) {
+  EM_SKIP_WITHOUT_GPU();
+  auto ctx = MakeContext();
+  ASSERT_NE(ctx, nullptr);
+  auto rng = gputest::Rng();
+  const int64_t M = 200, K = 640, N = 256, KB = K / 128, L4 = (KB + 3) / 4 * 4, MB = (M + 127) / 128;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> sd(0.5f, 2.0f);
+  std::vector<uint8_t> xq(M * K), wq(N * K);
+  for (auto* v : {&xq, &wq})
+    for (auto& b : *v) {
+      do b = static_cast<uint8_t>(byte(rng));
+      while ((b & 0x7f) == 0x7f || std::fabs(F8E4M3ToFloat(b)) > 16.0f);  // no NaN, modest values
+    }
+  std::vector<float> xs(MB * L4), ws(KB * N);
+  for (auto& v : xs) v = sd(rng);
+  for (auto& v : ws) v = sd(rng);
+  DeviceBuffer<uint8_t> dxq(xq), dwq(wq);
+  DeviceBuffer<float> dxs(xs), dws(ws);
+  DeviceBuffer<uint16_t> dy(M * N);
+  EM_ASSERT_OK(cuda::LinearFp8Prequantized(*ctx, dxq.get(), dxs.get(), M, K, dwq.get(), dws.get(), N, dy.get()));
+  const auto y = gputest::FromBf16(dy.Download());
+  // a: weight row scale (n, kb); b: activation block scale (mb, kb).
+  auto ref = [&](bool a_kmajor, bool b_mfast) {
+    std::vector<float> r(M * N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          const float sa = a_kmajor ? ws[n * KB + kb] : ws[kb * N + n];
+          const float sb = b_mfast ? xs[kb * MB + m / 128] : xs[(m / 128) * L4 + kb];
+          double d = 0;
+          for (int64_t k = kb * 128; k < kb * 128 + 128; ++k)
+            d += static_cast<double>(F8E4M3ToFloat(xq[m * K + k])) * F8E4M3ToFloat(wq[n * K + k]);
+          acc += d * sa * sb;
+        }
+        r[m * N + n] = static_cast<float>(acc);
+      }
+    return r;
+  };
+  const char* names[4] = {"a [kb][n], b [mb][L4] (documented)", "a [n][kb], b [mb][L4]", "a [kb][n], b [kb][mb]",
+                          "a [n][kb], b [kb][mb]"};
+  for (int h = 0; h < 4; ++h) {
+    const auto e = gputest::Compare(y, ref(h & 1, h & 2));
+    std::printf("[ error     ] fp8 scale layout %-36s rel_l2 %.3e\n", names[h], e.rel_l2);
+  }
+  EM_EXPECT_CLOSE("fp8 GEMM, documented scale layout", y, ref(false, false), 1e-2);
 }
 
 struct MlaCase {
@@ -103,6 +161,7 @@ struct MlaCase {
   std::vector<int64_t> seq_lens;
   int64_t q_len;
   int num_splits;  // 0: auto
+  int kernel = 0;  // MlaDecodeParams::kernel
 };
 
 void RunMla(const MlaCase& c) {
@@ -169,6 +228,7 @@ void RunMla(const MlaCase& c) {
   p.max_pages = max_pages;
   p.softmax_scale = s.softmax_scale;
   p.num_splits = c.num_splits;
+  p.kernel = c.kernel;
   EM_ASSERT_OK(cuda::MlaDecode(*ctx, p));
   EM_ASSERT_OK(cuda::MlaProjectOut(*ctx, s, dol.get(), N, dw.get(), dout.get()));
   EM_ASSERT_OK(ctx->Synchronize());
@@ -209,9 +269,18 @@ void RunMla(const MlaCase& c) {
 
 TEST(GpuMla, DecodeTensorCorePathMatchesCpu) {
   EM_SKIP_WITHOUT_GPU();
-  RunMla({"MLA V3 dims, decode", 128, 128, 64, 128, 512, {1, 63, 64, 65, 700, 2100}, 1, 0});
-  RunMla({"MLA V3 dims, 2 queries (MTP)", 16, 128, 64, 128, 512, {2, 130, 1000}, 2, 0});
-  RunMla({"MLA V3 dims, 3 splits", 32, 128, 64, 128, 512, {5, 64, 1500}, 1, 3});
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  std::vector<std::pair<int, std::string>> kernels = {{1, "mma.sync"}};
+  if (major == 9) kernels.push_back({2, "wgmma"});
+  for (const auto& [kernel, kname] : kernels) {
+    const std::string n1 = "MLA V3 dims, decode, " + kname, n2 = "MLA V3, 2 queries (MTP), " + kname,
+                      n3 = "MLA V3, 3 splits, " + kname;
+    RunMla({n1.c_str(), 128, 128, 64, 128, 512, {1, 63, 64, 65, 700, 2100}, 1, 0, kernel});
+    RunMla({n2.c_str(), 16, 128, 64, 128, 512, {2, 130, 1000}, 2, 0, kernel});
+    RunMla({n3.c_str(), 32, 128, 64, 128, 512, {5, 64, 1500}, 1, 3, kernel});
+  }
 }
 
 TEST(GpuMla, DecodeGenericPathMatchesCpu) {

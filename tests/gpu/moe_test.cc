@@ -235,6 +235,9 @@ void RunMoe(bool fp8) {
             (*m)[r * cols + c] = F8E4M3ToFloat(q[r * cols + c]) * s[(r / 128) * (cols / 128) + c / 128];
         q8.push_back(std::make_unique<DeviceBuffer<uint8_t>>(q));
         sc.push_back(std::make_unique<DeviceBuffer<float>>(s));
+        // Load time: the checkpoint's 128x128 scales -> per-row scales.
+        sc.push_back(std::make_unique<DeviceBuffer<float>>(static_cast<size_t>(cols / 128 * rows)));
+        EM_ASSERT_OK(cuda::ExpandFp8Scales(sc[sc.size() - 2]->get(), rows, cols, sc.back()->get(), nullptr));
         (m == &ex.gate_up ? gw.gate_up : gw.down).push_back(q8.back()->get());
         (m == &ex.gate_up ? gw.gate_up_scale : gw.down_scale).push_back(sc.back()->get());
       } else {
