@@ -129,7 +129,8 @@ int BenchMain(int argc, char** argv) {
   const std::string what = pos.size() > 1 ? pos[1] : "";
   if (what == "layer") return BenchLayer();
   if (what == "moe-alltoall") return BenchMoeAlltoall(argc, argv);
-  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer or moe-alltoall (see --help)\n");
+  if (what == "serve") return BenchServe();
+  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall or serve (see --help)\n");
   return 2;
 }
 

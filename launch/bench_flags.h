@@ -12,4 +12,6 @@ ABSL_DECLARE_FLAG(double, min_seconds);
 namespace expertmesh::launch {
 // `expertmesh bench moe-alltoall` (launch/bench_alltoall.cc).
 int BenchMoeAlltoall(int argc, char** argv);
+// `expertmesh bench serve` (launch/bench_serve.cc).
+int BenchServe();
 }  // namespace expertmesh::launch

@@ -222,6 +222,7 @@ class Worker {
   std::vector<uint64_t> release_;
   std::vector<v1::SequenceUpdate> updates_;
   absl::Time last_sync_ok_;
+  absl::Time last_sync_ = absl::InfinitePast();
   bool sync_warned_ = false;
 
   Times t_;
@@ -595,11 +596,17 @@ absl::Status Worker::RunStage0() {
   last_sync_ok_ = absl::Now();
   uint64_t tick = 0;
   std::vector<float> hidden, logits;
+  bool want_stop = false;
   while (true) {
-    bool want_stop = false;
+    // Sync with the coordinator at most every 20 ms while busy (each call is a
+    // gRPC round trip); every loop while idle, so new work starts at once.
     absl::Time t0 = absl::Now();
-    RETURN_IF_ERROR(SyncWithCoordinator(&want_stop));
-    Add(&t_.control, Seconds(t0));
+    if (seqs_.empty() || t0 - last_sync_ >= absl::Milliseconds(20) || shutdown_.load()) {
+      const bool busy = !seqs_.empty();
+      RETURN_IF_ERROR(SyncWithCoordinator(&want_stop));
+      last_sync_ = absl::Now();
+      Add(busy ? &t_.control : &t_.idle, Seconds(t0));  // polling for work while idle is idle time
+    }
     active_ = static_cast<int64_t>(seqs_.size());
     MicroBatch mb;
     std::vector<Segment> segs;
