@@ -71,20 +71,19 @@ EpDispatcher::EpDispatcher(comm::Communicator* comm, const topology::ExpertPlace
                            DispatchOptions options)
     : comm_(comm), placement_(placement), options_(options) {
   const int64_t H = options_.hidden;
-  header_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(WireEntry));
+  gather_ = comm_->caps().gather_sends;
+  meta_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(WireEntry));
   // fp8 payload: the scales first (4-byte aligned), then one byte per value.
-  payload_bytes_ = options_.fp8 ? (H + kFp8Block - 1) / kFp8Block * 4 + H : H * 4;
-  record_bytes_ = RoundUp(header_bytes_ + payload_bytes_, 16);
+  row_bytes_ = options_.fp8 ? RoundUp((H + kFp8Block - 1) / kFp8Block * 4 + H, 4) : H * 4;
+  record_bytes_ = meta_bytes_ + row_bytes_;
   const size_t P = static_cast<size_t>(comm_->size());
   send_count_.assign(P, 0);
   send_start_.assign(P + 1, 0);
   recv_count_.assign(P, 0);
+  rec_start_.assign(P + 1, 0);
+  recv_off_.assign(P, 0);
+  seg_start_.assign(P + 1, 0);
   slot_start_.assign(static_cast<size_t>(num_local_slots()) + 1, 0);
-}
-
-const float* EpDispatcher::token(int64_t i) const {
-  if (options_.fp8) return recv_x_.data() + i * options_.hidden;
-  return reinterpret_cast<const float*>(recv_buf_.data() + i * record_bytes_ + header_bytes_);
 }
 
 absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* weights) {
@@ -95,7 +94,8 @@ absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* we
   pair_weight_.assign(weights, weights + T * K);
   std::fill(send_count_.begin(), send_count_.end(), 0);
   // Replica of every (token, k); tokens per destination rank, each counted once.
-  std::vector<int64_t> last(static_cast<size_t>(P), -1);
+  std::vector<int64_t>& last = scratch_;
+  last.assign(static_cast<size_t>(P), -1);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k) {
       const int32_t e = ids[t * K + k];
@@ -115,99 +115,146 @@ absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* we
   send_start_[0] = 0;
   for (int p = 0; p < P; ++p) send_start_[p + 1] = send_start_[p] + send_count_[p];
   num_send_ = send_start_[P];
-  // Record order: by destination, tokens ascending inside each. The combine
-  // receive buffer has the same order, so record j's partial row is row j.
+  // Records by destination, tokens ascending inside each; each token's
+  // records listed by ascending destination (the combine's summation order).
   send_token_.resize(static_cast<size_t>(num_send_));
   token_start_.assign(static_cast<size_t>(T + 1), 0);
   token_records_.resize(static_cast<size_t>(num_send_));
+  meta_.resize(static_cast<size_t>(num_send_ * meta_bytes_));
   std::vector<int64_t> fill(send_start_.begin(), send_start_.end() - 1);
-  std::fill(last.begin(), last.end(), -1);
   int64_t n = 0;
   for (int64_t t = 0; t < T; ++t) {
     token_start_[t] = n;
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t r = pair_rank_[t * K + k];
-      if (last[r] == t) continue;
-      last[r] = t;
-      const int64_t j = fill[r]++;
-      send_token_[j] = static_cast<int32_t>(t);
-      token_records_[n++] = j;
+    for (int r = 0; r < P; ++r) {
+      WireEntry* hdr = nullptr;
+      int64_t m = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (pair_rank_[t * K + k] != r) continue;
+        if (hdr == nullptr) {
+          const int64_t j = fill[r]++;
+          send_token_[j] = static_cast<int32_t>(t);
+          token_records_[n++] = j;
+          hdr = reinterpret_cast<WireEntry*>(meta_.data() + j * meta_bytes_);
+        }
+        hdr[m++] = WireEntry{pair_slot_[t * K + k], pair_weight_[t * K + k]};
+      }
+      if (hdr != nullptr) {
+        for (; m < K; ++m) hdr[m] = WireEntry{-1, 0.0f};
+      }
     }
   }
   token_start_[T] = n;
   return absl::OkStatus();
 }
 
-void EpDispatcher::Pack(const float* x) {
-  const int P = comm_->size();
-  const int64_t H = options_.hidden, K = options_.top_k;
-  send_buf_.resize(static_cast<size_t>(num_send_ * record_bytes_));
-  const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
+void EpDispatcher::Pack() {
+  const int P = comm_->size(), me = comm_->rank();
+  const int64_t H = options_.hidden;
+  const char* rows = reinterpret_cast<const char*>(x_);
   if (options_.fp8) {
-    // Quantise each token once, then copy its bytes to every destination.
-    quant_.resize(static_cast<size_t>(T_ * payload_bytes_));
+    // Quantise each token once; every destination gets the same bytes.
+    const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
+    quant_.resize(static_cast<size_t>(T_ * row_bytes_));
     for (int64_t t = 0; t < T_; ++t) {
-      char* dst = quant_.data() + t * payload_bytes_;
-      QuantizeFp8Blocks(x + t * H, H, reinterpret_cast<uint8_t*>(dst + nscale * 4), reinterpret_cast<float*>(dst));
+      char* dst = quant_.data() + t * row_bytes_;
+      QuantizeFp8Blocks(x_ + t * H, H, reinterpret_cast<uint8_t*>(dst + nscale * 4), reinterpret_cast<float*>(dst));
     }
+    rows = quant_.data();
   }
-  for (int r = 0; r < P; ++r) {
-    for (int64_t j = send_start_[r]; j < send_start_[r + 1]; ++j) {
-      const int64_t t = send_token_[j];
-      char* rec = send_buf_.data() + j * record_bytes_;
-      WireEntry* hdr = reinterpret_cast<WireEntry*>(rec);
-      int64_t m = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (pair_rank_[t * K + k] == r) hdr[m++] = WireEntry{pair_slot_[t * K + k], pair_weight_[t * K + k]};
+  if (gather_) {
+    // Describe each remote block as pieces: its metas, then runs of
+    // consecutive token rows (merged into one piece each).
+    segs_.clear();
+    for (int p = 0; p < P; ++p) {
+      seg_start_[p] = static_cast<int64_t>(segs_.size());
+      if (p == me || send_count_[p] == 0) continue;
+      segs_.push_back({meta_.data() + send_start_[p] * meta_bytes_,
+                       static_cast<size_t>(send_count_[p] * meta_bytes_)});
+      for (int64_t j = send_start_[p]; j < send_start_[p + 1];) {
+        int64_t e = j + 1;
+        while (e < send_start_[p + 1] && send_token_[e] == send_token_[e - 1] + 1) ++e;
+        segs_.push_back({rows + send_token_[j] * row_bytes_, static_cast<size_t>((e - j) * row_bytes_)});
+        j = e;
       }
-      for (; m < K; ++m) hdr[m] = WireEntry{-1, 0.0f};
-      if (options_.fp8) {
-        std::memcpy(rec + header_bytes_, quant_.data() + t * payload_bytes_, static_cast<size_t>(payload_bytes_));
-      } else {
-        std::memcpy(rec + header_bytes_, x + t * H, static_cast<size_t>(H * 4));
-      }
+    }
+    seg_start_[P] = static_cast<int64_t>(segs_.size());
+    return;
+  }
+  // No gathered sends: copy the remote blocks into one staging buffer.
+  pack_.resize(static_cast<size_t>(num_send_ * record_bytes_));
+  for (int p = 0; p < P; ++p) {
+    if (p == me) continue;
+    char* dst = pack_.data() + send_start_[p] * record_bytes_;
+    std::memcpy(dst, meta_.data() + send_start_[p] * meta_bytes_, static_cast<size_t>(send_count_[p] * meta_bytes_));
+    dst += send_count_[p] * meta_bytes_;
+    for (int64_t j = send_start_[p]; j < send_start_[p + 1]; ++j, dst += row_bytes_) {
+      std::memcpy(dst, rows + send_token_[j] * row_bytes_, static_cast<size_t>(row_bytes_));
     }
   }
 }
 
 absl::Status EpDispatcher::Unpack() {
+  const int P = comm_->size(), me = comm_->rank();
   const int64_t H = options_.hidden, K = options_.top_k;
-  const int64_t S = static_cast<int64_t>(placement_->slots_of_rank(comm_->rank()).size());
-  slot_start_.assign(static_cast<size_t>(S + 1), 0);
-  for (int64_t i = 0; i < num_recv_; ++i) {
-    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(recv_buf_.data() + i * record_bytes_);
-    int64_t m = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t s = hdr[k].slot;
-      if (s < 0) continue;
-      if (s >= S) {
-        return absl::InternalError(absl::StrCat("dispatch: rank ", comm_->rank(), " received a record for slot ", s,
-                                                " but holds ", S, " slots; the ranks' placements disagree"));
-      }
-      ++slot_start_[s + 1];
-      ++m;
+  const int64_t S = num_local_slots();
+  // Where the metas and payloads of each source's records are.
+  std::vector<const char*> meta(static_cast<size_t>(P)), payload(static_cast<size_t>(P));
+  for (int q = 0; q < P; ++q) {
+    if (q == me) {
+      meta[q] = meta_.data() + send_start_[me] * meta_bytes_;
+      payload[q] = nullptr;  // this rank's own tokens: rows of x (or quant_), by send_token_
+    } else {
+      meta[q] = recv_buf_.data() + recv_off_[q];
+      payload[q] = meta[q] + recv_count_[q] * meta_bytes_;
     }
-    if (m == 0) {
-      return absl::InternalError(
-          absl::StrCat("dispatch: rank ", comm_->rank(), " received record ", i, " that names no slot"));
+  }
+  slot_start_.assign(static_cast<size_t>(S + 1), 0);
+  for (int q = 0; q < P; ++q) {
+    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(meta[q]);
+    for (int64_t i = 0; i < recv_count_[q]; ++i, hdr += K) {
+      int64_t m = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t s = hdr[k].slot;
+        if (s < 0) continue;
+        if (s >= S) {
+          return absl::InternalError(absl::StrCat("dispatch: rank ", me, " received from rank ", q,
+                                                  " a record for slot ", s, " but holds ", S,
+                                                  " slots; the ranks' placements disagree"));
+        }
+        ++slot_start_[s + 1];
+        ++m;
+      }
+      if (m == 0) {
+        return absl::InternalError(absl::StrCat("dispatch: rank ", me, " received from rank ", q,
+                                                " a record that names no slot"));
+      }
     }
   }
   for (int64_t s = 0; s < S; ++s) slot_start_[s + 1] += slot_start_[s];
   slot_entries_.resize(static_cast<size_t>(slot_start_[S]));
-  std::vector<int64_t> fill(slot_start_.begin(), slot_start_.end() - 1);
-  for (int64_t i = 0; i < num_recv_; ++i) {
-    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(recv_buf_.data() + i * record_bytes_);
-    for (int64_t k = 0; k < K; ++k) {
-      if (hdr[k].slot >= 0) slot_entries_[fill[hdr[k].slot]++] = SlotEntry{i, hdr[k].weight};
-    }
-  }
-  if (options_.fp8) {
-    const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
-    recv_x_.resize(static_cast<size_t>(num_recv_ * H));
-    for (int64_t i = 0; i < num_recv_; ++i) {
-      const char* p = recv_buf_.data() + i * record_bytes_ + header_bytes_;
-      DequantizeFp8Blocks(reinterpret_cast<const uint8_t*>(p + nscale * 4), reinterpret_cast<const float*>(p), H,
-                          recv_x_.data() + i * H);
+  std::vector<int64_t>& fill = scratch_;
+  fill.assign(slot_start_.begin(), slot_start_.end() - 1);
+  tok_ptr_.resize(static_cast<size_t>(num_recv_));
+  if (options_.fp8) recv_x_.resize(static_cast<size_t>(num_recv_ * H));
+  const int64_t nscale = (H + kFp8Block - 1) / kFp8Block;
+  for (int q = 0; q < P; ++q) {
+    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(meta[q]);
+    for (int64_t i = 0; i < recv_count_[q]; ++i, hdr += K) {
+      const int64_t rec = rec_start_[q] + i;
+      for (int64_t k = 0; k < K; ++k) {
+        if (hdr[k].slot >= 0) slot_entries_[fill[hdr[k].slot]++] = SlotEntry{rec, hdr[k].weight};
+      }
+      const char* row = q == me ? (options_.fp8 ? quant_.data() + send_token_[send_start_[me] + i] * row_bytes_
+                                                : reinterpret_cast<const char*>(x_ + send_token_[send_start_[me] + i] * H))
+                                : payload[q] + i * row_bytes_;
+      if (options_.fp8) {
+        float* out = recv_x_.data() + rec * H;
+        DequantizeFp8Blocks(reinterpret_cast<const uint8_t*>(row + nscale * 4), reinterpret_cast<const float*>(row), H,
+                            out);
+        tok_ptr_[rec] = out;
+      } else {
+        tok_ptr_[rec] = reinterpret_cast<const float*>(row);
+      }
     }
   }
   return absl::OkStatus();
@@ -215,7 +262,7 @@ absl::Status EpDispatcher::Unpack() {
 
 absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* ids, const float* weights) {
   times_ = DispatchTimes{};
-  const int P = comm_->size();
+  const int P = comm_->size(), me = comm_->rank();
   if (placement_->num_ranks() != P) {
     return absl::InvalidArgumentError(absl::StrCat("dispatch: the placement has ", placement_->num_ranks(),
                                                    " ranks but the communicator has ", P));
@@ -226,29 +273,33 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
   if (T < 0 || (T > 0 && (x == nullptr || ids == nullptr || weights == nullptr))) {
     return absl::InvalidArgumentError("dispatch: T < 0 or null inputs");
   }
+  x_ = x;
   T_ = T;
   auto t0 = Clock::now();
   RETURN_IF_ERROR(Layout(T, ids, weights));
   times_.layout = Since(t0);
 
   t0 = Clock::now();
-  Pack(x);
+  Pack();
   times_.pack = Since(t0);
 
   t0 = Clock::now();
   const absl::Time deadline = absl::Now() + options_.timeout;
   RETURN_IF_ERROR(comm_->AllToAll(send_count_.data(), recv_count_.data(), sizeof(int64_t), comm::MemoryKind::kHost,
                                   deadline));
-  num_recv_ = 0;
-  std::vector<int64_t> recv_start(static_cast<size_t>(P) + 1, 0);
-  for (int p = 0; p < P; ++p) {
-    if (recv_count_[p] < 0) {
-      return absl::InternalError(absl::StrCat("dispatch: rank ", p, " announced ", recv_count_[p], " records"));
+  rec_start_[0] = 0;
+  size_t off = 0;
+  for (int q = 0; q < P; ++q) {
+    if (recv_count_[q] < 0 || (q == me && recv_count_[q] != send_count_[q])) {
+      return absl::InternalError(absl::StrCat("dispatch: rank ", q, " announced ", recv_count_[q], " records"));
     }
-    recv_start[p + 1] = recv_start[p] + recv_count_[p];
+    rec_start_[q + 1] = rec_start_[q] + recv_count_[q];
+    recv_off_[q] = off;
+    if (q != me) off += static_cast<size_t>(recv_count_[q] * record_bytes_);
   }
-  num_recv_ = recv_start[P];
-  recv_buf_.resize(static_cast<size_t>(num_recv_ * record_bytes_));
+  num_recv_ = rec_start_[P];
+  recv_buf_.resize(off);
+  // The byte matrices of this step (self blocks included), for the benchmark.
   const size_t rb = static_cast<size_t>(record_bytes_), hb = static_cast<size_t>(options_.hidden * 4);
   auto& d = dispatch_layout_;
   auto& c = combine_layout_;
@@ -260,14 +311,29 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
     d.send_bytes[p] = static_cast<size_t>(send_count_[p]) * rb;
     d.send_offsets[p] = static_cast<size_t>(send_start_[p]) * rb;
     d.recv_bytes[p] = static_cast<size_t>(recv_count_[p]) * rb;
-    d.recv_offsets[p] = static_cast<size_t>(recv_start[p]) * rb;
-    // The combine is the dispatch reversed, with rows of H floats.
+    d.recv_offsets[p] = static_cast<size_t>(rec_start_[p]) * rb;
     c.send_bytes[p] = static_cast<size_t>(recv_count_[p]) * hb;
-    c.send_offsets[p] = static_cast<size_t>(recv_start[p]) * hb;
+    c.send_offsets[p] = static_cast<size_t>(rec_start_[p]) * hb;
     c.recv_bytes[p] = static_cast<size_t>(send_count_[p]) * hb;
     c.recv_offsets[p] = static_cast<size_t>(send_start_[p]) * hb;
   }
-  RETURN_IF_ERROR(comm_->AllToAllV(send_buf_.data(), recv_buf_.data(), d, comm::MemoryKind::kHost, deadline));
+  // One message per remote peer each way (zero-byte ones too: every pair
+  // exchanges, so a peer with nothing to say still completes the step).
+  batch_.Clear();
+  batch_.memory = comm::MemoryKind::kHost;
+  for (int i = 1; i < P; ++i) {
+    const int p = (me + i) % P;
+    if (gather_) {
+      batch_.SendGather(p, segs_.data() + seg_start_[p], static_cast<size_t>(seg_start_[p + 1] - seg_start_[p]));
+    } else {
+      batch_.Send(p, pack_.data() + send_start_[p] * record_bytes_, d.send_bytes[p]);
+    }
+  }
+  for (int i = 1; i < P; ++i) {
+    const int q = (me + P - i) % P;
+    batch_.Recv(q, recv_buf_.data() + recv_off_[q], d.recv_bytes[q]);
+  }
+  RETURN_IF_ERROR(comm_->Run(batch_, deadline));
   times_.dispatch_comm = Since(t0);
 
   t0 = Clock::now();
@@ -277,27 +343,68 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
   return absl::OkStatus();
 }
 
+const float* EpDispatcher::CombineRow(int64_t j) const {
+  const int me = comm_->rank();
+  const int64_t H = options_.hidden;
+  if (j >= send_start_[me] && j < send_start_[me + 1]) {
+    return combine_send_.data() + (rec_start_[me] + (j - send_start_[me])) * H;  // never left this rank
+  }
+  return combine_recv_.data() + j * H;
+}
+
+namespace {
+
+// y[0..H) = rows[0] + rows[1] + ... (left to right), 8 lanes at a time.
+void SumRows(float* y, const float* const* rows, int64_t m, int64_t H) {
+  typedef float V8 __attribute__((vector_size(32)));
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    V8 acc, v;
+    std::memcpy(&acc, rows[0] + h, sizeof(V8));
+    for (int64_t r = 1; r < m; ++r) {
+      std::memcpy(&v, rows[r] + h, sizeof(V8));
+      acc += v;
+    }
+    std::memcpy(y + h, &acc, sizeof(V8));
+  }
+  for (; h < H; ++h) {
+    float acc = rows[0][h];
+    for (int64_t r = 1; r < m; ++r) acc += rows[r][h];
+    y[h] = acc;
+  }
+}
+
+}  // namespace
+
 absl::Status EpDispatcher::Combine(float* y) {
+  const int P = comm_->size(), me = comm_->rank();
   const int64_t H = options_.hidden;
   auto t0 = Clock::now();
   combine_recv_.resize(static_cast<size_t>(num_send_ * H));
-  RETURN_IF_ERROR(comm_->AllToAllV(combine_send_.data(), combine_recv_.data(), combine_layout_,
-                                   comm::MemoryKind::kHost, absl::Now() + options_.timeout));
+  batch_.Clear();
+  batch_.memory = comm::MemoryKind::kHost;
+  const auto& c = combine_layout_;
+  for (int i = 1; i < P; ++i) {
+    const int q = (me + i) % P;
+    batch_.Send(q, reinterpret_cast<const char*>(combine_send_.data()) + c.send_offsets[q], c.send_bytes[q]);
+  }
+  for (int i = 1; i < P; ++i) {
+    const int p = (me + P - i) % P;
+    batch_.Recv(p, reinterpret_cast<char*>(combine_recv_.data()) + c.recv_offsets[p], c.recv_bytes[p]);
+  }
+  RETURN_IF_ERROR(comm_->Run(batch_, absl::Now() + options_.timeout));
   times_.combine_comm = Since(t0);
 
   t0 = Clock::now();
+  std::vector<const float*> rows(static_cast<size_t>(std::max(P, 1)));
   for (int64_t t = 0; t < T_; ++t) {
-    float* yt = y + t * H;
     const int64_t b = token_start_[t], e = token_start_[t + 1];
     if (b == e) {
-      std::fill(yt, yt + H, 0.0f);
+      std::fill(y + t * H, y + (t + 1) * H, 0.0f);
       continue;
     }
-    std::memcpy(yt, combine_recv_.data() + token_records_[b] * H, static_cast<size_t>(H * 4));
-    for (int64_t j = b + 1; j < e; ++j) {
-      const float* src = combine_recv_.data() + token_records_[j] * H;
-      for (int64_t h = 0; h < H; ++h) yt[h] += src[h];
-    }
+    for (int64_t j = b; j < e; ++j) rows[j - b] = CombineRow(token_records_[j]);
+    SumRows(y + t * H, rows.data(), e - b, H);
   }
   times_.combine = Since(t0);
   return absl::OkStatus();

@@ -5,8 +5,11 @@
 //   1. layout — for each token and each of its top-k experts, the replica
 //      (rank, local slot) from the ExpertPlacement; tokens per destination rank;
 //   2. pack — each token goes ONCE to each destination rank, as one record:
-//      the list of that rank's (slot, weight) pairs followed by the hidden
-//      state (fp32, or fp8 e4m3 with one fp32 scale per 128 values);
+//      the list of that rank's (slot, weight) pairs and the hidden state
+//      (fp32, or fp8 e4m3 with one fp32 scale per 128 values). One message
+//      per destination: [the records' (slot, weight) lists][their payloads],
+//      gathered by the transport straight from x where it can (no staging
+//      copy); this rank's own records never leave it (read in place);
 //   3. dispatch all-to-all-v (after a small all-to-all of record counts);
 //   4. the expert side: grouped by local slot, every record's token runs
 //      through the experts the record names; the weighted outputs are summed
@@ -56,9 +59,9 @@ constexpr int64_t kFp8Block = 128;
 // Wall time of the phases of the last Dispatch and Combine, in seconds.
 struct DispatchTimes {
   double layout = 0;         // replica choice, counts, record order
-  double pack = 0;           // copy (and quantise) tokens into the send buffer
+  double pack = 0;           // quantise (fp8), describe or copy the remote blocks
   double dispatch_comm = 0;  // counts all-to-all + payload all-to-all-v
-  double unpack = 0;         // index received records by slot (and dequantise)
+  double unpack = 0;         // index received records by slot (and dequantise fp8)
   double combine_comm = 0;   // partial rows all-to-all-v
   double combine = 0;        // sum of partial rows into the output, in token order
   double dispatch_total() const { return layout + pack + dispatch_comm + unpack; }
@@ -82,11 +85,17 @@ class EpDispatcher {
   // (router output; ids are logical experts). Blocking: returns when this
   // rank has received every record sent to it, or an error from the
   // communicator (each all-to-all has the options' timeout as deadline).
-  // x, ids and weights may be released once it returns. T may be 0.
+  // x must stay valid and unchanged until Combine returns: this rank's own
+  // records are read in place and remote ones are sent straight from x
+  // (gathered sends) when the communicator can. ids and weights may be
+  // released once Dispatch returns. T may be 0.
   absl::Status Dispatch(const float* x, int64_t T, const int32_t* ids, const float* weights);
 
-  // Expert side, valid after Dispatch until the next Dispatch.
+  // Expert side, valid after Dispatch until the next Dispatch. Records are
+  // numbered by source rank (rank 0's first), in each source's token order.
   int64_t num_records() const { return num_recv_; }
+  // Records that came from source rank r: [record_start(r), record_start(r + 1)).
+  int64_t record_start(int r) const { return rec_start_[static_cast<size_t>(r)]; }
   // Slots the placement puts on this rank (0 if the placement has fewer ranks).
   int64_t num_local_slots() const {
     if (comm_->rank() >= placement_->num_ranks()) return 0;
@@ -100,7 +109,7 @@ class EpDispatcher {
   // The logical expert of local slot s.
   int32_t slot_expert(int64_t s) const { return placement_->slots_of_rank(comm_->rank())[s]; }
   // Hidden state of record i (H floats; dequantised when fp8).
-  const float* token(int64_t i) const;
+  const float* token(int64_t i) const { return tok_ptr_[static_cast<size_t>(i)]; }
   // The partial-sum row of record i (H floats). Uninitialised after
   // Dispatch: the expert side must write every row (each record names at
   // least one slot), e.g. assign at a record's first entry and add after.
@@ -113,54 +122,69 @@ class EpDispatcher {
 
   const DispatchTimes& times() const { return times_; }
   int64_t hidden() const { return options_.hidden; }
-  // Bytes this rank sent in the last dispatch / combine (self included) and
-  // the record size on the wire.
+  // Bytes of the last dispatch / combine matrix row of this rank (self
+  // block included) and the bytes of one record on the wire (its (slot,
+  // weight) list plus the payload).
   int64_t dispatch_bytes_sent() const { return num_send_ * record_bytes_; }
   int64_t combine_bytes_sent() const { return num_recv_ * options_.hidden * 4; }
   int64_t record_bytes() const { return record_bytes_; }
   // Records this rank sent in the last dispatch: one per (token, destination rank).
   int64_t num_sent_records() const { return num_send_; }
-  // The byte layouts of the last dispatch and combine all-to-all-v (for the
-  // benchmark's plain all-to-all-v of the same matrix).
+  // The byte layouts of the last dispatch and combine all-to-all-v, self
+  // block included (the benchmark runs the transport's plain all-to-all-v of
+  // exactly these matrices).
   const comm::AllToAllVLayout& dispatch_layout() const { return dispatch_layout_; }
   const comm::AllToAllVLayout& combine_layout() const { return combine_layout_; }
 
  private:
   absl::Status Layout(int64_t T, const int32_t* ids, const float* weights);
-  void Pack(const float* x);
+  void Pack();
   absl::Status Unpack();
+  // Row of the combine result for sent record j (received, or this rank's own).
+  const float* CombineRow(int64_t j) const;
 
   comm::Communicator* comm_;
   const topology::ExpertPlacement* placement_;
   DispatchOptions options_;
-  int64_t header_bytes_ = 0;  // top_k * (int32 slot, float weight)
-  int64_t payload_bytes_ = 0;
-  int64_t record_bytes_ = 0;
+  bool gather_ = false;        // the communicator sends gathered pieces
+  int64_t meta_bytes_ = 0;     // per record: top_k (int32 slot, float weight)
+  int64_t row_bytes_ = 0;      // per record: the payload (fp32 row, or fp8 scales + codes)
+  int64_t record_bytes_ = 0;   // meta_bytes_ + row_bytes_
 
-  // Sender side (this rank's tokens).
+  // Sender side (this rank's tokens). Sent records are grouped by
+  // destination, tokens ascending inside each group.
+  const float* x_ = nullptr;
   int64_t T_ = 0;
   int64_t num_send_ = 0;
   std::vector<int64_t> send_count_;       // records per destination rank
-  std::vector<int64_t> send_start_;       // first record of each destination
+  std::vector<int64_t> send_start_;       // first record of each destination (P + 1)
   std::vector<int32_t> send_token_;       // token of each sent record
-  std::vector<int64_t> token_start_;      // CSR: records of token t...
-  std::vector<int64_t> token_records_;    // ...in the combine receive buffer
-  std::vector<char> send_buf_;
-  std::vector<char> quant_;               // fp8: each token quantised once
+  std::vector<int64_t> token_start_;      // CSR: the sent records of token t...
+  std::vector<int64_t> token_records_;    // ...ascending by destination rank
+  std::vector<char> meta_;                // [num_send_] (slot, weight) lists
+  std::vector<char> quant_;               // fp8: [T_] payloads, each token quantised once
+  std::vector<char> pack_;                // without gathered sends: packed remote blocks
+  std::vector<comm::Segment> segs_;       // gathered sends: pieces of every remote block
+  std::vector<int64_t> seg_start_;        // (P + 1)
   // Receiver side (records for this rank's slots).
   int64_t num_recv_ = 0;
   std::vector<int64_t> recv_count_;
-  std::vector<char> recv_buf_;
+  std::vector<int64_t> rec_start_;        // first record of each source rank (P + 1)
+  std::vector<size_t> recv_off_;          // byte offset of each remote source's block in recv_buf_
+  std::vector<char> recv_buf_;            // per remote source: [n metas][n payloads]
+  std::vector<const float*> tok_ptr_;     // token(i)
   std::vector<float> recv_x_;             // fp8: dequantised records
   std::vector<int64_t> slot_start_;       // CSR by local slot
   std::vector<SlotEntry> slot_entries_;
   std::vector<float> combine_send_;       // [num_recv_, H]
-  std::vector<float> combine_recv_;       // [num_send_, H]
+  std::vector<float> combine_recv_;       // [num_send_, H] (this rank's own rows stay in combine_send_)
   comm::AllToAllVLayout dispatch_layout_, combine_layout_;
+  comm::Batch batch_;
   DispatchTimes times_;
   // Scratch for Layout.
   std::vector<int32_t> pair_rank_, pair_slot_;
   std::vector<float> pair_weight_;
+  std::vector<int64_t> scratch_;
 };
 
 // The MoE layer with routed experts spread over the ranks of `comm`:

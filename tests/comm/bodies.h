@@ -23,7 +23,8 @@
   X(MoeRankWithoutSlots)           \
   X(MoeAllTokensToOneRank)         \
   X(MoeZeroLocalTokens)            \
-  X(MoeFp8Dispatch)
+  X(MoeFp8Dispatch)                \
+  X(MoeStagedSends)
 
 namespace expertmesh::comm_bodies {
 

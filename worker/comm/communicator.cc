@@ -46,13 +46,21 @@ absl::Status Communicator::Validate(const Batch& batch) const {
     return absl::InvalidArgumentError(absl::StrCat(
         backend(), " communicator moves host memory only; copy device data to the host or use the nccl backend"));
   }
+  for (const Batch::Op& op : batch.recvs) {
+    if (op.segs != nullptr) return absl::InvalidArgumentError("batch receives must be contiguous (no segments)");
+  }
+  for (const Batch::Op& op : batch.sends) {
+    if (op.segs != nullptr && !c.gather_sends) {
+      return absl::InvalidArgumentError(absl::StrCat(backend(), " communicator has no gathered sends; pack first"));
+    }
+  }
   for (const auto* ops : {&batch.sends, &batch.recvs}) {
     for (const Batch::Op& op : *ops) {
       if (op.peer < 0 || op.peer >= size_) {
         return absl::InvalidArgumentError(
             absl::StrCat("batch names peer ", op.peer, ", outside [0, ", size_, ")"));
       }
-      if (op.data == nullptr && op.bytes > 0) {
+      if (op.data == nullptr && op.segs == nullptr && op.bytes > 0) {
         return absl::InvalidArgumentError(absl::StrCat("batch op with peer ", op.peer, " has a null buffer of ",
                                                        op.bytes, " bytes"));
       }
@@ -98,7 +106,15 @@ absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) {
         return absl::InvalidArgumentError(absl::StrCat("batch sends ", s.bytes, " bytes to self but receives ",
                                                        op.bytes, " bytes from self"));
       }
-      if (op.bytes > 0 && op.data != s.data) std::memmove(op.data, s.data, op.bytes);
+      if (s.segs != nullptr) {
+        char* dst = static_cast<char*>(op.data);
+        for (size_t i = 0; i < s.nsegs; ++i) {
+          if (s.segs[i].bytes > 0) std::memmove(dst, s.segs[i].data, s.segs[i].bytes);
+          dst += s.segs[i].bytes;
+        }
+      } else if (op.bytes > 0 && op.data != s.data) {
+        std::memmove(op.data, s.data, op.bytes);
+      }
     }
     if (next != self_sends.size()) {
       return absl::InvalidArgumentError(

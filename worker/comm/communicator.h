@@ -60,25 +60,56 @@ const char* MemoryKindName(MemoryKind kind);
 struct Caps {
   bool host_memory = false;    // Run accepts MemoryKind::kHost batches
   bool device_memory = false;  // Run accepts MemoryKind::kDevice batches (CUDA pointers)
+  bool gather_sends = false;   // Batch::SendGather (one message from many pieces, no staging copy)
 };
 
-// One batch of point-to-point transfers. The batch does not own the buffers:
-// they must stay valid (sends unchanged, receives untouched) until Run returns.
-// A zero-byte transfer is allowed and still matches a zero-byte peer operation.
+// A piece of a gathered send.
+struct Segment {
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+
+// One batch of point-to-point transfers. The batch does not own the buffers
+// (nor the segment arrays of gathered sends): they must stay valid (sends
+// unchanged, receives untouched) until Run returns. A zero-byte transfer is
+// allowed and still matches a zero-byte peer operation.
 struct Batch {
   struct Op {
     int peer = 0;          // rank in the communicator, may be this rank
-    void* data = nullptr;  // may be null when bytes == 0
-    size_t bytes = 0;
+    void* data = nullptr;  // may be null when bytes == 0 (or when segs is set)
+    size_t bytes = 0;      // total bytes of the message
+    const Segment* segs = nullptr;  // gathered send: nsegs pieces, in order
+    size_t nsegs = 0;
   };
   MemoryKind memory = MemoryKind::kHost;
   std::vector<Op> sends;
   std::vector<Op> recvs;
 
   void Send(int peer, const void* data, size_t bytes) {
-    sends.push_back({peer, const_cast<void*>(data), bytes});
+    Op op;
+    op.peer = peer;
+    op.data = const_cast<void*>(data);
+    op.bytes = bytes;
+    sends.push_back(op);
   }
-  void Recv(int peer, void* data, size_t bytes) { recvs.push_back({peer, data, bytes}); }
+  // One message made of the pieces segs[0..n), received by the peer as one
+  // contiguous Recv of their total size. Needs caps().gather_sends.
+  void SendGather(int peer, const Segment* segs, size_t n) {
+    Op op;
+    op.peer = peer;
+    op.segs = segs;
+    op.nsegs = n;
+    for (size_t i = 0; i < n; ++i) op.bytes += segs[i].bytes;
+    if (op.bytes == 0) op.segs = nullptr;  // an empty message needs no pieces
+    sends.push_back(op);
+  }
+  void Recv(int peer, void* data, size_t bytes) {
+    Op op;
+    op.peer = peer;
+    op.data = data;
+    op.bytes = bytes;
+    recvs.push_back(op);
+  }
   void Clear() {
     sends.clear();
     recvs.clear();

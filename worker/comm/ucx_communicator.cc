@@ -51,6 +51,7 @@ class UcxCommunicator : public Communicator {
   Caps caps() const override {
     Caps c;
     c.host_memory = true;
+    c.gather_sends = true;
     return c;
   }
 
@@ -101,13 +102,18 @@ class UcxCommunicator : public Communicator {
  protected:
   absl::Status RunRemote(const Batch& batch, absl::Time deadline) override {
     const size_t n = batch.sends.size() + batch.recvs.size();
-    pending_.assign(n, Pending{});
+    pending_.resize(n);  // keeps each entry's iov capacity from batch to batch
     size_t k = 0;
     absl::Status error;
     for (const Batch::Op& op : batch.recvs) {
       if (!error.ok()) break;
       Pending& q = pending_[k++];
-      q = Pending{nullptr, op.peer, op.bytes, false, {}, true};
+      q.req = nullptr;
+      q.peer = op.peer;
+      q.bytes = op.bytes;
+      q.send = false;
+      q.info = ucp_tag_recv_info_t{};
+      q.done = true;
       ucp_request_param_t p{};
       // The received length arrives through the callback. Immediate
       // completion is turned off: UCX 1.13 left recv_info unset on that path.
@@ -131,13 +137,30 @@ class UcxCommunicator : public Communicator {
     for (const Batch::Op& op : batch.sends) {
       if (!error.ok()) break;
       Pending& q = pending_[k++];
-      q = Pending{nullptr, op.peer, op.bytes, true, {}, true};
+      q.req = nullptr;
+      q.peer = op.peer;
+      q.bytes = op.bytes;
+      q.send = true;
+      q.done = true;
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-      p.datatype = ucp_dt_make_contig(1);
       p.memory_type = UCS_MEMORY_TYPE_HOST;
+      const void* buffer = op.data;
+      size_t count = op.bytes;
+      p.datatype = ucp_dt_make_contig(1);
+      if (op.segs != nullptr) {
+        // Gathered send: UCX reads the pieces in place (iov datatype); the
+        // iov array lives in q until the request completes.
+        q.iov.clear();
+        for (size_t i = 0; i < op.nsegs; ++i) {
+          if (op.segs[i].bytes > 0) q.iov.push_back({const_cast<void*>(op.segs[i].data), op.segs[i].bytes});
+        }
+        p.datatype = ucp_dt_make_iov();
+        buffer = q.iov.data();
+        count = q.iov.size();
+      }
       const uint64_t tag = Tag(rank(), send_seq_[op.peer]++);
-      ucs_status_ptr_t r = ucp_tag_send_nbx(eps_[op.peer], op.data, op.bytes, tag, &p);
+      ucs_status_ptr_t r = ucp_tag_send_nbx(eps_[op.peer], buffer, count, tag, &p);
       if (UCS_PTR_IS_ERR(r)) {
         error = PeerError(op.peer, UCS_PTR_STATUS(r), "send to");
       } else if (r != nullptr) {
@@ -196,6 +219,7 @@ class UcxCommunicator : public Communicator {
     bool send = false;
     ucp_tag_recv_info_t info{};
     bool done = true;
+    std::vector<ucp_dt_iov_t> iov;  // gathered sends
   };
 
   static void OnRecvDone(void* /*request*/, ucs_status_t /*status*/, const ucp_tag_recv_info_t* info,
