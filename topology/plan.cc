@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "topology/eplb.h"
 
 namespace expertmesh::topology {
 
@@ -92,6 +93,19 @@ absl::StatusOr<Plan> BuildPlan(const ModelConfig& c, const PlanOptions& o) {
     }
     begin = st.layer_end;
     p.stages.push_back(std::move(st));
+  }
+  for (const auto& [layer, load] : o.expert_load) {
+    if (layer < 0 || layer >= N || !c.IsMoeLayer(layer)) {
+      return absl::InvalidArgumentError(absl::StrCat("expert load given for layer ", layer, ", not a MoE layer"));
+    }
+  }
+  if ((c.n_routed_experts + o.redundant_experts) % o.ep == 0) {
+    absl::Status s = PlaceExpertsWithEplb(c, o.expert_load, o.ranks_per_node > 0 ? o.ranks_per_node : o.ep, &p);
+    if (!s.ok()) return s;
+  } else if (!o.expert_load.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("EPLB needs n_routed_experts + redundant experts (",
+                                                   c.n_routed_experts + o.redundant_experts,
+                                                   ") divisible by --ep ", o.ep));
   }
   return p;
 }

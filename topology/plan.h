@@ -43,6 +43,9 @@ struct PlanOptions {
   // Optional observed load, tokens per expert per MoE layer (layer -> counts);
   // layers without it are treated as uniform.
   std::map<int64_t, std::vector<double>> expert_load;
+  // EP ranks sharing one fast domain (NVLink node), for EPLB's hierarchical
+  // policy; 0: all ranks of a stage on one node.
+  int64_t ranks_per_node = 0;
 };
 
 // Relative compute of each main-model layer per token (FLOPs of its weights'
@@ -51,7 +54,10 @@ std::vector<double> LayerCosts(const ModelConfig& cfg);
 
 // Splits layers into `pp` contiguous stages minimising the most expensive
 // stage (the first also pays nothing for the embedding lookup; the last pays
-// the lm_head), places experts per stage, and validates everything.
+// the lm_head), places experts per stage with EPLB (topology/eplb.h; from the
+// observed load, or uniform load) when (experts + redundant) divides over the
+// EP ranks — else contiguously with the extra slots round-robin — and
+// validates everything.
 absl::StatusOr<Plan> BuildPlan(const ModelConfig& cfg, const PlanOptions& options);
 
 }  // namespace expertmesh::topology
