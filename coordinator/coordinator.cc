@@ -676,9 +676,9 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     Worker& w = workers_[static_cast<size_t>(id)];
     for (const auto& l : request.expert_load()) {
       auto it = expert_load_.find(l.layer());
-      if (it == expert_load_.end() || it->second.size() != static_cast<size_t>(l.tokens_per_expert_size())) {
+      if (it == expert_load_.end() || it->second.size() < static_cast<size_t>(l.tokens_per_expert_size())) {
         LOG(WARNING) << "coordinator: worker " << id << " reported load of layer " << l.layer() << " for "
-                     << l.tokens_per_expert_size() << " experts; ignored (not a MoE layer of the plan)";
+                     << l.tokens_per_expert_size() << " experts; ignored (not a MoE layer of the plan, or too many experts)";
         continue;
       }
       std::vector<int64_t>& sum = it->second;
