@@ -81,9 +81,9 @@ python3 bench/gpu/summary.py "$out" | tee "$out/summary.md"
 if [ "${EM_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   say "ncu: speed of light of the MLA decode, permute and router kernels"
   : >"$out/ncu.txt"
-  for k in MlaDecodeFast:mla PermuteKernel:router RouteKernel:router; do
+  for k in MlaDecodeWgmma:mla MlaDecodeFast:mla PermuteKernel:router; do
     timeout 60 ncu --clock-control none -k regex:"${k%%:*}" -c 1 --section SpeedOfLight \
-      --section MemoryWorkloadAnalysis "$bin/em_gpu_bench" --only "${k##*:}" --reps 1 >>"$out/ncu.txt" 2>&1
+      --section WarpStateStats --section Occupancy "$bin/em_gpu_bench" --only "${k##*:}" --reps 1 >>"$out/ncu.txt" 2>&1
   done
-  grep -E "MlaDecodeFast|PermuteKernel|RouteKernel|Duration|Throughput|DRAM|L2 Cache|Mem Busy" "$out/ncu.txt" | head -60
+  grep -E "MlaDecode|PermuteKernel|Duration|Throughput|Stall|Warp Cycles" "$out/ncu.txt" | head -60
 fi

@@ -45,6 +45,9 @@ def main():
     for r in ours:
         if r["name"].startswith(("ceiling.", "info.")):
             continue
+        if "error" in r:
+            print(f"| {r['name']} | FAILED | | | | | |")
+            continue
         kind = {"hbm": "of HBM BW", "mma": "of bf16 peak"}.get(r["goal_kind"], "of floor")
         achieved = f"{r['pct']:.1f}% {kind}"
         if r["goal_pct"] > 0:

@@ -165,7 +165,7 @@ def main():
         q = (blk / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(M, Kd)
         return q, s.t().contiguous().t()
 
-    def quant_128x128(t):  # 128 tokens x 128 channels; scales [L4, MB] with stride [1, L4]
+    def quant_128x128(t):  # 128 tokens x 128 channels; scales (MB, KB), rows padded to 4 (16-byte strides)
         M, Kd = t.shape
         MB, KB = (M + 127) // 128, Kd // 128
         pad = torch.zeros(MB * 128, Kd, dtype=torch.float32, device=t.device)
@@ -176,14 +176,15 @@ def main():
         L4 = (KB + 3) // 4 * 4
         sp = torch.ones(MB, L4, device=t.device)
         sp[:, :KB] = s
-        return q, sp.t()
+        return q, sp[:, :KB]
 
-    row_gu = ws_gu.repeat_interleave(128, dim=1)  # [E, 2I, KB]: 1x128 rows of the 128x128 blocks
-    row_d = ws_d.repeat_interleave(128, dim=1)
+    # 1x128 weight scales (rows of the 128x128 blocks) as (KB, N) contiguous: the scale_b of a [K, N] operand.
+    row_gu = ws_gu.repeat_interleave(128, dim=1).transpose(1, 2).contiguous()
+    row_d = ws_d.repeat_interleave(128, dim=1).transpose(1, 2).contiguous()
     recipes = {
         "1x128 acts x 128x128 weights (DeepSeek)": (quant_1x128, lambda e: ws_gu[e].t(), lambda e: ws_d[e].t()),
         "128x128 acts x 1x128 weights (ours)": (
-            quant_128x128, lambda e: row_gu[e].t().contiguous().t(), lambda e: row_d[e].t().contiguous().t()),
+            quant_128x128, lambda e: row_gu[e], lambda e: row_d[e]),
     }
     for rname, (quant, sg, sd) in recipes.items():
         def experts_fp8():

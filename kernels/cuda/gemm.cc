@@ -186,7 +186,8 @@ absl::Status MakeLayout(const LtApi* lt, cublasLtMatrixLayout_t* l, cudaDataType
                   "batch stride");
 }
 
-absl::StatusOr<Plan*> GetPlan(Context::Impl* impl, const GemmSpec& g, int al_a, int al_b, int al_c) {
+absl::StatusOr<Plan*> GetPlan(Context::Impl* impl, const GemmSpec& g, int al_a, int al_b, int al_c,
+                              const float* a_scale, const float* b_scale) {
   const PlanKey key{g.ta, g.tb, g.m, g.n, g.k, g.at, g.bt, g.ct, g.lda, g.ldb, g.ldc, g.batch, g.sa, g.sb, g.sc,
                     g.fp8_block, g.accumulate, al_a, al_b, al_c};
   auto it = impl->plans.find(key);
@@ -213,26 +214,41 @@ absl::StatusOr<Plan*> GetPlan(Context::Impl* impl, const GemmSpec& g, int al_a, 
     if (st.ok()) st = LtStatus(lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof(mb)), "B scale mode");
     if (!st.ok()) return fail(absl::UnimplementedError(
         absl::StrCat(st.message(), ": this cuBLASLt has no fp8 block scaling (needs CUDA 12.9+)")));
+    // The heuristic validates the scale pointers too: set this call's (each call sets its own).
+    lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale));
+    lt->DescSet(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale));
   }
   st = MakeLayout(lt, &p.a, g.at, g.ta ? g.k : g.m, g.ta ? g.m : g.k, g.lda, g.batch, g.sa);
   if (st.ok()) st = MakeLayout(lt, &p.b, g.bt, g.tb ? g.n : g.k, g.tb ? g.k : g.n, g.ldb, g.batch, g.sb);
   if (st.ok()) st = MakeLayout(lt, &p.c, g.ct, g.m, g.n, g.ldc, g.batch, g.sc);
   if (!st.ok()) return fail(st);
-  cublasLtMatmulPreference_t pref = nullptr;
-  st = LtStatus(lt->PrefCreate(&pref), "cublasLtMatmulPreferenceCreate");
-  if (!st.ok()) return fail(st);
-  const uint64_t ws = impl->workspace_bytes;
-  lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  const uint32_t aa = al_a, ab = al_b, ac = al_c;
-  lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof(aa));
-  lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab));
-  lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac));
-  lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac));
+  // Ask with the operands' real alignments; if refused, once more with the defaults.
   cublasLtMatmulHeuristicResult_t res = {};
   int found = 0;
-  st = LtStatus(lt->Heuristic(impl->handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &res, &found),
-                "cublasLtMatmulAlgoGetHeuristic");
-  lt->PrefDestroy(pref);
+  std::string tried;
+  for (int attempt = 0; attempt < 2 && found == 0; ++attempt) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    st = LtStatus(lt->PrefCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    if (!st.ok()) return fail(st);
+    const uint64_t ws = impl->workspace_bytes;
+    lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    if (attempt == 0) {
+      const uint32_t aa = al_a, ab = al_b, ac = al_c;
+      lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof(aa));
+      lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab));
+      lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac));
+      lt->PrefSet(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac));
+    }
+    st = LtStatus(lt->Heuristic(impl->handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &res, &found),
+                  "cublasLtMatmulAlgoGetHeuristic");
+    lt->PrefDestroy(pref);
+    if (!st.ok()) absl::StrAppend(&tried, tried.empty() ? "" : "; ", st.message());
+  }
+  if (found > 0) st = absl::OkStatus();
+  if (!st.ok()) {
+    st = absl::Status(st.code(), absl::StrCat(tried, " (cuBLASLt ", lt->GetVersion(), ", m=", g.m, " n=", g.n,
+                                              " k=", g.k, g.fp8_block ? ", fp8 block-scaled" : "", ")"));
+  }
   if (st.ok() && found == 0) {
     st = absl::UnimplementedError(absl::StrCat("cuBLASLt has no algorithm for m=", g.m, " n=", g.n, " k=", g.k,
                                                g.fp8_block ? " (fp8 block-scaled)" : "", " batch=", g.batch));
@@ -247,7 +263,7 @@ absl::Status RunGemm(Context& ctx, const GemmSpec& g, const void* A, const void*
   if (g.m == 0 || g.n == 0 || g.batch == 0) return absl::OkStatus();
   auto impl = EnsureLt(ctx);
   if (!impl.ok()) return impl.status();
-  auto plan = GetPlan(*impl, g, AlignOf(A), AlignOf(B), AlignOf(C));
+  auto plan = GetPlan(*impl, g, AlignOf(A), AlignOf(B), AlignOf(C), a_scale, b_scale);
   if (!plan.ok()) return plan.status();
   const LtApi* lt = (*impl)->lt;
   Plan* p = *plan;

@@ -109,19 +109,18 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeFastKernel(const FastArg
     CpAsync16(sQa + Swz(r, c), src, valid);
   }
   const int32_t* bt = a.block_table + static_cast<int64_t>(b) * a.max_pages;
+  // Tile loads: 4 threads per cache row, one page lookup per thread and tile.
+  const int lr = tid >> 2, lc = tid & 3;
   auto load_tile = [&](int tile, int buf) {
     const uint32_t dst = SmemAddr(sKV + buf * kTileBytes);
-    const int j0 = tile * kBN;
-    for (int i = tid; i < kBN * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int j = j0 + r;
-      const bool valid = j < tok_end;
-      const uint16_t* src = a.cache;
-      if (valid) {
-        const int64_t page = bt[j / a.page_size];
-        src = a.cache + (page * a.page_size + j % a.page_size) * kD + c * 8;
-      }
-      CpAsync16(dst + Swz(r, c), src, valid);
+    const int j = tile * kBN + lr;
+    const bool valid = j < tok_end;
+    const uint16_t* src = a.cache;
+    if (valid) src = a.cache + (static_cast<int64_t>(bt[j / a.page_size]) * a.page_size + j % a.page_size) * kD;
+#pragma unroll
+    for (int k = 0; k < kChunks / 4; ++k) {
+      const int c = lc + k * 4;
+      CpAsync16(dst + Swz(lr, c), valid ? src + c * 8 : src, valid);
     }
   };
   const int ntiles = tile_end > tile_begin ? tile_end - tile_begin : 0;
@@ -416,7 +415,7 @@ int MlaRowBlocks(int64_t q_len, int64_t heads) { return static_cast<int>((q_len 
 cudaError_t MlaDecode(const MlaDecodeArgs& a, cudaStream_t s) {
   if (a.batch == 0 || a.q_len * a.heads == 0) return cudaSuccess;
   const int rows_total = static_cast<int>(a.q_len * a.heads);
-  if (MlaFastPathSupported(a.kv_lora, a.rope) && a.kernel != 1 && (a.kernel == 2 || MlaWgmmaAvailable())) {
+  if (MlaFastPathSupported(a.kv_lora, a.rope) && a.kernel != 1 && (a.kernel >= 2 || MlaWgmmaAvailable())) {
     cudaError_t err = MlaDecodeWgmma(a, s);
     if (err != cudaSuccess || a.num_splits == 1) return err;
     MlaCombineKernel<<<dim3(rows_total, static_cast<unsigned>(a.batch)), 128, 0, s>>>(

@@ -19,11 +19,15 @@
 namespace expertmesh::kernels::cuda::internal {
 namespace {
 
-constexpr int kL = 512, kD = 576, kBM = 64, kBN = 64, kThreads = 256;
-constexpr int kSlabBytes = 64 * 128;          // 64 rows x 64 dims of bf16
-constexpr int kTileBytes = (kD / 64) * kSlabBytes;  // 73728
-constexpr int kPBytes = 64 * 128;
-constexpr int kSmemBytes = 1024 + 3 * kTileBytes + kPBytes + 2 * kBM * 4;  // 230400 + 1024 alignment slack
+constexpr int kL = 512, kD = 576, kBM = 64, kThreads = 256;
+constexpr int kQSlab = kBM * 128;             // a 64-dim slab of the Q tile (64 rows x 128 B)
+constexpr int kQBytes = (kD / 64) * kQSlab;   // 73728
+constexpr int kPBytes = 64 * 128;             // P: 64 rows x up to 64 tokens
+// BN tokens per tile, STAGES tiles in flight: 64 x 2 or 32 x 4 (same 216 KB of tiles).
+template <int BN, int STAGES>
+constexpr int SmemBytes() {
+  return 1024 + kQBytes + STAGES * (kD / 64) * BN * 128 + kPBytes + 2 * kBM * 4;
+}
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct WgArgs {
@@ -42,9 +46,10 @@ struct WgArgs {
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// Byte offset of 16-byte chunk c (0..71) of row r (0..63): slab c/8, 128B swizzle.
-__device__ __forceinline__ uint32_t Off(int r, int c) {
-  return (c >> 3) * kSlabBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+// Byte offset of 16-byte chunk c (0..71) of row r in a tile of `rows` rows:
+// slab c/8 (64 dims, rows x 128 B), 128-byte swizzle inside the slab.
+__device__ __forceinline__ uint32_t Off(int r, int c, int rows) {
+  return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   const int n = valid ? 16 : 0;
@@ -72,11 +77,19 @@ __device__ __forceinline__ void FenceRegs(float* d) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-__device__ __forceinline__ void WgmmaS(float* d, uint64_t da, uint64_t db, int scale_d) {
+__device__ __forceinline__ void WgmmaS32(float* d, uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void WgmmaS16(float* d, uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
       : "l"(da), "l"(db), "r"(scale_d));
 }
 
@@ -87,31 +100,34 @@ __device__ __forceinline__ void WgmmaPV(float* d, uint64_t da, uint64_t db, int 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(da), "l"(db), "r"(scale_d));
 }
-
 #endif  // EM_HAVE_WGMMA
 
+template <int BN, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs a) {
 #ifdef EM_HAVE_WGMMA
+  constexpr int kSlab = BN * 128;               // a 64-dim slab of a KV tile
+  constexpr int kTile = (kD / 64) * kSlab;
+  constexpr int kNS = BN / 2;                   // S tokens per warpgroup
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = SmemAddr(smem_raw);
   uint8_t* smem = smem_raw + ((1024 - (raw & 1023)) & 1023);
   uint8_t* sQ = smem;
-  uint8_t* sKV = smem + kTileBytes;
-  uint8_t* sP = smem + 3 * kTileBytes;
+  uint8_t* sKV = smem + kQBytes;
+  uint8_t* sP = sKV + STAGES * kTile;
   float* sStat = reinterpret_cast<float*>(sP + kPBytes);  // [2][64]
 
   const int rb = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31;
-  const int wg = tid >> 7;               // warpgroup: S tokens [32wg, +32), O dims [256wg, +256)
+  const int wg = tid >> 7;                 // warpgroup: S tokens [kNS*wg, +kNS), O dims [256wg, +256)
   const int wrow = ((tid >> 5) & 3) * 16;  // the warp's 16 rows inside the 64
   const int rows_total = a.q_len * a.heads;
   const int row0 = rb * kBM;
   const int seq_len = a.seq_lens[b];
-  const int ntiles_all = (seq_len + kBN - 1) / kBN;
+  const int ntiles_all = (seq_len + BN - 1) / BN;
   const int per_split = (ntiles_all + a.num_splits - 1) / a.num_splits;
   const int tile_begin = split * per_split;
   const int tile_end = min(ntiles_all, tile_begin + per_split);
-  const int tok_end = min(seq_len, tile_end * kBN);
+  const int tok_end = min(seq_len, tile_end * BN);
   const int ntiles = tile_end > tile_begin ? tile_end - tile_begin : 0;
 
   const uint16_t* qb = a.q + static_cast<int64_t>(b) * rows_total * kD;
@@ -119,28 +135,31 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs
   for (int i = tid; i < kBM * (kD / 8); i += kThreads) {
     const int r = i / (kD / 8), c = i % (kD / 8);
     const bool valid = row0 + r < rows_total;
-    CpAsync16(sQa + Off(r, c), valid ? qb + static_cast<int64_t>(row0 + r) * kD + c * 8 : a.q, valid);
+    CpAsync16(sQa + Off(r, c, kBM), valid ? qb + static_cast<int64_t>(row0 + r) * kD + c * 8 : a.q, valid);
   }
   const int32_t* bt = a.block_table + static_cast<int64_t>(b) * a.max_pages;
+  // Tile loads: kTpr threads per cache row, one page lookup per thread and tile.
+  constexpr int kTpr = kThreads / BN;
+  const int lr = tid / kTpr, lc = tid % kTpr;
   auto load_tile = [&](int tile, int buf) {
-    const uint32_t dst = sKVa + buf * kTileBytes;
-    const int j0 = tile * kBN;
-    for (int i = tid; i < kBN * (kD / 8); i += kThreads) {
-      const int r = i / (kD / 8), c = i % (kD / 8);
-      const int j = j0 + r;
-      const bool valid = j < tok_end;
-      const uint16_t* src = a.cache;
-      if (valid) {
-        const int64_t page = bt[j / a.page_size];
-        src = a.cache + (page * a.page_size + j % a.page_size) * kD + c * 8;
-      }
-      CpAsync16(dst + Off(r, c), src, valid);
+    const uint32_t dst = sKVa + buf * kTile;
+    const int j = tile * BN + lr;
+    const bool valid = j < tok_end;
+    const uint16_t* src = a.cache;
+    if (valid) src = a.cache + (static_cast<int64_t>(bt[j / a.page_size]) * a.page_size + j % a.page_size) * kD;
+#pragma unroll
+    for (int k = 0; k < (kD / 8) / kTpr; ++k) {
+      const int c = lc + k * kTpr;
+      CpAsync16(dst + Off(lr, c, BN), valid ? src + c * 8 : src, valid);
     }
   };
-  if (ntiles > 0) load_tile(tile_begin, 0);
-  CpAsyncCommit();
+  // Prologue: tiles 0 .. STAGES-2 (the Q tile rides in the first group).
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < ntiles) load_tile(tile_begin + st, st);
+    CpAsyncCommit();
+  }
 
-  // This thread's two rows (accumulator layout of wgmma m64nN: warp rows, lane/4 and +8).
   float m[2], l[2];
   int visible[2];
 #pragma unroll
@@ -156,37 +175,37 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs
 
   for (int it = 0; it < ntiles; ++it) {
     const int tile = tile_begin + it;
-    if (it + 1 < ntiles) {
-      load_tile(tile + 1, (it + 1) & 1);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    // Keep STAGES-1 tiles in flight: issue tile it+STAGES-1 (always commit, so the count stays exact).
+    if (it + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (it + STAGES - 1) % STAGES);
+    CpAsyncCommit();
+    CpAsyncWait<STAGES - 1>();
     FenceProxyAsync();
     __syncthreads();
-    const uint32_t sK = sKVa + (it & 1) * kTileBytes;
+    const uint32_t sK = sKVa + (it % STAGES) * kTile;
 
-    // S[64 x 32] = Q . K^T over 576 dims: 36 wgmma m64n32k16 (A = Q, B = K rows 32wg..).
-    float s[16];
+    // S[64 x kNS] = Q . K^T over 576 dims: 36 wgmma m64n{kNS}k16 (A = Q, B = this warpgroup's K rows).
+    float s[kNS / 2];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.0f;
-    FenceRegs<16>(s);
+    for (int i = 0; i < kNS / 2; ++i) s[i] = 0.0f;
+    FenceRegs<kNS / 2>(s);
     WgFence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t slab = (kk >> 2) * kSlabBytes, kin = (kk & 3) * 32;
-      WgmmaS(s, Desc(sQa + slab + kin, 16, 1024), Desc(sK + slab + wg * 32 * 128 + kin, 16, 1024), kk > 0);
+      const uint32_t kin = (kk & 3) * 32;
+      const uint64_t da = Desc(sQa + (kk >> 2) * kQSlab + kin, 16, 1024);
+      const uint64_t db = Desc(sK + (kk >> 2) * kSlab + wg * kNS * 128 + kin, 16, 1024);
+      if constexpr (kNS == 32) WgmmaS32(s, da, db, kk > 0);
+      else WgmmaS16(s, da, db, kk > 0);
     }
     WgCommit();
     WgWait0();
-    FenceRegs<16>(s);
+    FenceRegs<kNS / 2>(s);
 
-    // Scale, mask, row max over this warpgroup's 32 tokens, exchanged with the other.
-    const int tok0 = tile * kBN + wg * 32 + (lane & 3) * 2;
+    // Scale, mask, row max over this warpgroup's tokens, exchanged with the other.
+    const int tok0 = tile * BN + wg * kNS + (lane & 3) * 2;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kNS / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ri = e >> 1;
@@ -217,28 +236,28 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs
         o[j * 4 + ri * 2 + 1] *= alpha;
       }
     }
-    // P -> shared (bf16, K-major 128B-swizzled rows of 64 tokens).
+    // P -> shared (bf16, K-major 128B-swizzled rows; columns [0, BN) used).
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kNS / 8; ++j)
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
         const float p0 = exp2f(s[j * 4 + ri * 2] - m_use[ri]);
         const float p1 = exp2f(s[j * 4 + ri * 2 + 1] - m_use[ri]);
         l[ri] += p0 + p1;
         const int row = wrow + ri * 8 + (lane >> 2);
-        const int col = wg * 32 + j * 8 + (lane & 3) * 2;
-        *reinterpret_cast<uint32_t*>(sP + row * 128 + ((((col >> 3) ^ (row & 7))) << 4) + (col & 7) * 2) =
+        const int col = wg * kNS + j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(sP + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
             Pack2(p0, p1);
       }
     FenceProxyAsync();
     __syncthreads();
 
-    // O[64 x 256] += P[64 x 64] . V[64 x dims 256wg..]: 4 wgmma m64n256k16, V MN-major.
+    // O[64 x 256] += P[64 x BN] . V[BN x dims 256wg..]: BN/16 wgmma m64n256k16, V MN-major.
     FenceRegs<128>(o);
     WgFence();
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      WgmmaPV(o, Desc(sPa + kk * 32, 16, 1024), Desc(sK + wg * 4 * kSlabBytes + kk * 16 * 128, kSlabBytes, 1024), 1);
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      WgmmaPV(o, Desc(sPa + kk * 32, 16, 1024), Desc(sK + wg * 4 * kSlab + kk * 16 * 128, kSlab, 1024), 1);
     }
     WgCommit();
     WgWait0();
@@ -290,17 +309,21 @@ bool MlaWgmmaAvailable() {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
     cudaFuncAttributes attr;
-    const bool image = cudaFuncGetAttributes(&attr, MlaDecodeWgmmaKernel) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, MlaDecodeWgmmaKernel<64, 2>) == cudaSuccess;
     cudaGetLastError();
     return image && major == 9 && minor == 0;
   }();
   return ok;
 }
 
-cudaError_t MlaDecodeWgmma(const MlaDecodeArgs& a, cudaStream_t s) {
+namespace {
+template <int BN, int STAGES>
+cudaError_t Launch(const MlaDecodeArgs& a, cudaStream_t s) {
   static bool attr_set = false;
+  constexpr int smem = SmemBytes<BN, STAGES>();
   if (!attr_set) {
-    cudaError_t err = cudaFuncSetAttribute(MlaDecodeWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    cudaError_t err =
+        cudaFuncSetAttribute(MlaDecodeWgmmaKernel<BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     attr_set = true;
   }
@@ -308,8 +331,14 @@ cudaError_t MlaDecodeWgmma(const MlaDecodeArgs& a, cudaStream_t s) {
            static_cast<int>(a.batch), static_cast<int>(a.q_len), static_cast<int>(a.heads),
            static_cast<int>(a.page_size), static_cast<int>(a.max_pages), a.num_splits, a.softmax_scale * kLog2e};
   dim3 grid(MlaRowBlocks(a.q_len, a.heads), static_cast<unsigned>(a.batch), a.num_splits);
-  MlaDecodeWgmmaKernel<<<grid, kThreads, kSmemBytes, s>>>(w);
+  MlaDecodeWgmmaKernel<BN, STAGES><<<grid, kThreads, smem, s>>>(w);
   return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t MlaDecodeWgmma(const MlaDecodeArgs& a, cudaStream_t s) {
+  // kernel 3: 32-token tiles, 4 stages in flight; otherwise 64-token tiles, 2 stages.
+  return a.kernel == 3 ? Launch<32, 4>(a, s) : Launch<64, 2>(a, s);
 }
 
 }  // namespace expertmesh::kernels::cuda::internal

@@ -273,7 +273,10 @@ TEST(GpuMla, DecodeTensorCorePathMatchesCpu) {
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   std::vector<std::pair<int, std::string>> kernels = {{1, "mma.sync"}};
-  if (major == 9) kernels.push_back({2, "wgmma"});
+  if (major == 9) {
+    kernels.push_back({2, "wgmma 64x2"});
+    kernels.push_back({3, "wgmma 32x4"});
+  }
   for (const auto& [kernel, kname] : kernels) {
     const std::string n1 = "MLA V3 dims, decode, " + kname, n2 = "MLA V3, 2 queries (MTP), " + kname,
                       n3 = "MLA V3, 3 splits, " + kname;
