@@ -76,12 +76,24 @@ int BenchLayer() {
   TensorSpec xs{"bench.x", {T, H}, false, TensorSpec::Init::kNormal, 1.0f};
   std::vector<float> x = RandomTensor(xs, 7), y(T * H);
 
-  std::fprintf(stderr, "bench layer: measuring SGEMM peak...\n");
+  std::fprintf(stderr, "bench layer: measuring SGEMM peak and memory bandwidth...\n");
   const double peak = kernels::MeasureSgemmPeakGflops(2048, 1.0);
+  const double bw = kernels::MeasureReadBandwidthGBps(1ll << 30, 1.0);
 
   std::fprintf(stderr, "bench layer: timing the MoE layer (T=%lld)...\n", static_cast<long long>(T));
   const double moe_s = TimeIt([&] { worker::MoeForwardLocal(lw.moe, x.data(), T, y.data()); });
   const double moe_flops = 2.0 * T * H * E + 2.0 * T * K * 3 * H * I + 2.0 * T * 3 * H * Is;
+  // Bytes a pass must read at least: the weights of every expert the batch
+  // routes to (each read once), router and shared expert, the activations.
+  std::vector<int32_t> ids;
+  std::vector<float> gate_w;
+  worker::RouteTokens(lw.moe, x.data(), T, &ids, &gate_w);
+  std::vector<char> used(E, 0);
+  for (int32_t e : ids) used[e] = 1;
+  const double experts_used = std::count(used.begin(), used.end(), 1);
+  const double moe_bytes = 4.0 * (experts_used * 3 * H * I + 3.0 * H * Is + E * H + 2.0 * T * H);
+  // Roofline: the time floor is the larger of compute at peak and bytes at bandwidth.
+  const double moe_floor_s = std::max(moe_flops / (peak * 1e9), moe_bytes / (bw * 1e9));
 
   std::fprintf(stderr, "bench layer: timing the MLA layer (prefill of %lld tokens)...\n", static_cast<long long>(T));
   worker::Engine engine(shard->get());
@@ -99,18 +111,25 @@ int BenchLayer() {
                            2.0 * nh * pairs * (qd + dv);
 
   const double moe_gf = moe_flops / moe_s / 1e9, mla_gf = mla_flops / mla_s / 1e9;
+  const double moe_roofline_gf = moe_flops / moe_floor_s / 1e9;
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = {{"preset", absl::GetFlag(FLAGS_preset)}, {"tokens", T},
-                        {"sgemm_peak_gflops", peak},
+                        {"sgemm_peak_gflops", peak}, {"read_bandwidth_gbps", bw},
+                        {"moe_weight_bytes", moe_bytes}, {"moe_experts_used", experts_used},
+                        {"moe_roofline_gflops", moe_roofline_gf}, {"moe_ratio_to_roofline", moe_gf / moe_roofline_gf},
                         {"moe_layer_s", moe_s}, {"moe_layer_gflops", moe_gf}, {"moe_ratio", moe_gf / peak},
                         {"mla_layer_s", mla_s}, {"mla_layer_gflops", mla_gf}, {"mla_ratio", mla_gf / peak}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("preset %s, %lld tokens; SGEMM peak (2048^3, same BLAS, this run): %.1f GFLOP/s\n",
-                absl::GetFlag(FLAGS_preset).c_str(), static_cast<long long>(T), peak);
+    std::printf("preset %s, %lld tokens; SGEMM peak (2048^3, same BLAS, this run): %.1f GFLOP/s; "
+                "memory read bandwidth (this run): %.1f GB/s\n",
+                absl::GetFlag(FLAGS_preset).c_str(), static_cast<long long>(T), peak, bw);
     std::printf("%-34s %10s %10s %8s\n", "layer", "ms", "GFLOP/s", "ratio");
     std::printf("%-34s %10.2f %10.1f %8.2f\n", "MoE (router + 8 routed + shared)", moe_s * 1e3, moe_gf, moe_gf / peak);
     std::printf("%-34s %10.2f %10.1f %8.2f\n", "MLA (prefill, causal)", mla_s * 1e3, mla_gf, mla_gf / peak);
+    std::printf("MoE roofline: %.0f experts used, %.0f MB of weights read once per pass -> floor %.2f ms = "
+                "%.1f GFLOP/s; MoE reaches %.2f of it\n",
+                experts_used, moe_bytes / 1e6, moe_floor_s * 1e3, moe_roofline_gf, moe_gf / moe_roofline_gf);
   }
   return 0;
 }

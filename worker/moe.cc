@@ -14,21 +14,21 @@ namespace expertmesh::worker {
 
 namespace {
 
-// Runs fn(e, xin, out, scratch) for every expert with tokens (start[e] <
+// Runs fn(e, xin, scratch) for every expert with tokens (start[e] <
 // start[e+1]). Large batches spread experts over one thread per core, each
 // calling single-threaded BLAS (small GEMMs scale better this way than with
 // BLAS's own threads); small ones run inline.
 void ParallelForExperts(const std::vector<int64_t>& start,
-                        const std::function<void(int64_t, float*, float*, float*)>& fn, int64_t H, int64_t I) {
+                        const std::function<void(int64_t, float*, float*)>& fn, int64_t H, int64_t I) {
   const int64_t E = static_cast<int64_t>(start.size()) - 1, total = start[E];
   int64_t max_tokens = 0;
   for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
   // As many threads as BLAS may use (OPENBLAS_NUM_THREADS, default: one per core).
   const int64_t threads = std::min<int64_t>(std::max(1, openblas_get_num_threads()), E);
   if (threads <= 1 || total < 64) {
-    std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
+    std::vector<float> xin(max_tokens * H), scratch(max_tokens * 3 * I);
     for (int64_t e = 0; e < E; ++e) {
-      if (start[e + 1] > start[e]) fn(e, xin.data(), out.data(), scratch.data());
+      if (start[e + 1] > start[e]) fn(e, xin.data(), scratch.data());
     }
     return;
   }
@@ -36,9 +36,9 @@ void ParallelForExperts(const std::vector<int64_t>& start,
   openblas_set_num_threads(1);
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
-    std::vector<float> xin(max_tokens * H), out(max_tokens * H), scratch(max_tokens * 3 * I);
+    std::vector<float> xin(max_tokens * H), scratch(max_tokens * 3 * I);
     for (int64_t e; (e = next.fetch_add(1)) < E;) {
-      if (start[e + 1] > start[e]) fn(e, xin.data(), out.data(), scratch.data());
+      if (start[e + 1] > start[e]) fn(e, xin.data(), scratch.data());
     }
   };
   std::vector<std::thread> pool;
@@ -85,25 +85,25 @@ void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, con
     CHECK(start[e + 1] == start[e] || w.experts[e].loaded())
         << "expert " << e << " is routed to but not loaded on this process";
   }
-  // Each expert writes its outputs into the rows of its (token, k) pairs, so
-  // experts can run on different threads; the weighted sum per token is then
-  // taken in a fixed order (bitwise the same result for any thread count).
-  std::vector<float> pair_out(T * K * H);
-  ParallelForExperts(start, [&](int64_t e, float* xin, float* out, float* scratch) {
+  // Each expert writes its outputs into its own contiguous rows of an
+  // expert-sorted buffer, so experts can run on different threads; the
+  // weighted sum per token is then taken in k order (bitwise the same result
+  // for any thread count).
+  std::vector<float> sorted_out(T * K * H);
+  std::vector<int64_t> pos_of_pair(T * K);
+  for (int64_t i = 0; i < T * K; ++i) pos_of_pair[order[i]] = i;
+  ParallelForExperts(start, [&](int64_t e, float* xin, float* scratch) {
     const int64_t n = start[e + 1] - start[e];
     for (int64_t j = 0; j < n; ++j) {
       std::memcpy(xin + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
     }
-    RunExpert(w.experts[e], H, I, xin, n, out, scratch);
-    for (int64_t j = 0; j < n; ++j) {
-      std::memcpy(pair_out.data() + order[start[e] + j] * H, out + j * H, H * sizeof(float));
-    }
+    RunExpert(w.experts[e], H, I, xin, n, sorted_out.data() + start[e] * H, scratch);
   }, H, I);
   for (int64_t t = 0; t < T; ++t) {
     float* yr = y + t * H;
     for (int64_t k = 0; k < K; ++k) {
       const float g = weights[t * K + k];
-      const float* o = pair_out.data() + (t * K + k) * H;
+      const float* o = sorted_out.data() + pos_of_pair[t * K + k] * H;
       for (int64_t h = 0; h < H; ++h) yr[h] += g * o[h];
     }
   }

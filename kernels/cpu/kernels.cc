@@ -306,4 +306,20 @@ double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
   return best;
 }
 
+double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds) {
+  const int64_t n = bytes / 4;
+  std::vector<float> a(n, 1.0f);
+  volatile float sink = cblas_sasum(static_cast<int>(n), a.data(), 1);  // warm up, fault the pages in
+  double best = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    sink = sink + cblas_sasum(static_cast<int>(n), a.data(), 1);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(bytes) / dt / 1e9);
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > min_seconds) break;
+  }
+  return best;
+}
+
 }  // namespace expertmesh::kernels

@@ -99,4 +99,8 @@ int32_t Sample(const float* logits, int64_t vocab, const SamplingParams& p, uint
 // Peak of BLAS SGEMM measured on square n x n matrices (GFLOP/s).
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds);
 
+// Memory read bandwidth (GB/s): BLAS sasum over `bytes` of floats, far larger
+// than the caches, best of repeated runs for at least min_seconds.
+double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds);
+
 }  // namespace expertmesh::kernels
