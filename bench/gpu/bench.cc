@@ -344,6 +344,8 @@ int main(int argc, char** argv) {
     Measure("MLA decode, wgmma 64-token tiles x 2", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 0);
     p.kernel = 3;
     Measure("MLA decode, wgmma 32-token tiles x 4", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 0);
+    p.kernel = 4;
+    Measure("MLA decode, wgmma 64x2, S on one WG", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 0);
     p.kernel = 0;
     Measure("MLA decode (B64, 4K ctx, 128 heads)", [&] { TRY(cuda::MlaDecode(ctx, p)); }, bytes, flops, "hbm", 50);
     const double proj_flops = 2.0 * B * H * (shape.nope * L + L * shape.v);

@@ -122,6 +122,19 @@ float cblas_snrm2(OPENBLAS_CONST blasint N, OPENBLAS_CONST float* X, OPENBLAS_CO
   return static_cast<float>(std::sqrt(s));
 }
 
+float cblas_sasum(OPENBLAS_CONST blasint n, OPENBLAS_CONST float* x, OPENBLAS_CONST blasint incx) {
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += std::fabs(x[static_cast<size_t>(i) * incx]);
+  return static_cast<float>(s);
+}
+
+CBLAS_INDEX cblas_isamax(OPENBLAS_CONST blasint n, OPENBLAS_CONST float* x, OPENBLAS_CONST blasint incx) {
+  CBLAS_INDEX best = 0;
+  for (int i = 1; i < n; ++i)
+    if (std::fabs(x[static_cast<size_t>(i) * incx]) > std::fabs(x[best * incx])) best = i;
+  return best;
+}
+
 void openblas_set_num_threads(int num_threads) { g_threads = num_threads; }
 int openblas_get_num_threads(void) { return Threads(); }
 

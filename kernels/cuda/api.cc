@@ -153,7 +153,7 @@ absl::Status MlaDecode(Context& ctx, const MlaDecodeParams& p) {
   if (!fast && p.kv_lora > 1024) return Bad("MlaDecode", absl::StrCat("kv_lora ", p.kv_lora, " > 1024 (generic path)"));
   internal::MlaDecodeArgs a{p.q, p.kv_cache, p.block_table, p.seq_lens, p.out, p.batch, p.q_len, p.heads, p.kv_lora,
                             p.rope, p.page_size, p.max_pages, p.softmax_scale, 1, p.kernel, nullptr, nullptr};
-  if (p.kernel < 0 || p.kernel > 3) return Bad("MlaDecode", "kernel must be 0 (auto), 1 (mma.sync), 2 or 3 (wgmma)");
+  if (p.kernel < 0 || p.kernel > 4) return Bad("MlaDecode", "kernel must be 0 (auto), 1 (mma.sync), 2-4 (wgmma)");
   if (fast && p.kernel >= 2 && !internal::MlaWgmmaAvailable()) {
     return absl::FailedPreconditionError("cuda::MlaDecode: the wgmma kernel needs an sm_90 (Hopper) device");
   }

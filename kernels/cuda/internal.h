@@ -68,7 +68,7 @@ struct MlaDecodeArgs {
   int64_t batch, q_len, heads, kv_lora, rope, page_size, max_pages;
   float softmax_scale;
   int num_splits;
-  int kernel;       // 0: best available, 1: mma.sync (mla.cu), 2/3: wgmma 64x2 / 32x4 (mla_sm90a.cu)
+  int kernel;       // 0: best available, 1: mma.sync (mla.cu), 2-4: wgmma variants (mla_sm90a.cu)
   float* o_part;    // [num_splits, batch, q_len*heads, kv_lora] when num_splits > 1
   float* lse_part;  // [num_splits, batch, q_len*heads]
 };

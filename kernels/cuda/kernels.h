@@ -273,8 +273,10 @@ struct MlaDecodeParams {
   int64_t max_pages = 0;              // columns of block_table
   float softmax_scale = 0.0f;         // MlaShape::softmax_scale
   int num_splits = 0;                 // KV splits per (sequence, row block); 0: chosen from the SM count
-  int kernel = 0;                     // 0: best available; 1: mma.sync; wgmma (sm_90a, Hopper) with
-                                      // 2: 64-token tiles x 2 stages, 3: 32-token tiles x 4 stages
+  int kernel = 0;                     // 0: best available (4 on Hopper, else 1); 1: mma.sync; wgmma
+                                      // (sm_90a): 2: 64-token tiles x 2 stages, S split over both
+                                      // warpgroups, 3: 32-token tiles x 4 stages, 4: as 2 with S and
+                                      // softmax on one warpgroup
 };
 // kv_lora 512 / rope 64 (DeepSeek-V3): tensor-core flash decoding, 64 query
 // rows x 64 tokens per tile, with wgmma on Hopper (sm_90a build) or mma.sync

@@ -93,6 +93,14 @@ __device__ __forceinline__ void WgmmaS16(float* d, uint64_t da, uint64_t db, int
       : "l"(da), "l"(db), "r"(scale_d));
 }
 
+__device__ __forceinline__ void WgmmaS64(float* d, uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
 __device__ __forceinline__ void WgmmaPV(float* d, uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -102,7 +110,11 @@ __device__ __forceinline__ void WgmmaPV(float* d, uint64_t da, uint64_t db, int 
 }
 #endif  // EM_HAVE_WGMMA
 
-template <int BN, int STAGES>
+// kOneWgS: warpgroup 0 computes S for all BN tokens and the softmax (no
+// row-max exchange, one barrier less), warpgroup 1 only rescales and
+// accumulates its half of O; otherwise each warpgroup computes S for half
+// the tokens and the row maxima meet in shared memory.
+template <int BN, int STAGES, bool kOneWgS>
 __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs a) {
 #ifdef EM_HAVE_WGMMA
   constexpr int kSlab = BN * 128;               // a 64-dim slab of a KV tile
@@ -183,74 +195,145 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs
     __syncthreads();
     const uint32_t sK = sKVa + (it % STAGES) * kTile;
 
-    // S[64 x kNS] = Q . K^T over 576 dims: 36 wgmma m64n{kNS}k16 (A = Q, B = this warpgroup's K rows).
-    float s[kNS / 2];
+    if constexpr (kOneWgS) {
+      if (wg == 0) {
+        // S[64 x BN] = Q . K^T: 36 wgmma m64n{BN}k16, all tokens of the tile.
+        float s[BN / 2];
 #pragma unroll
-    for (int i = 0; i < kNS / 2; ++i) s[i] = 0.0f;
-    FenceRegs<kNS / 2>(s);
-    WgFence();
+        for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
+        FenceRegs<BN / 2>(s);
+        WgFence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t kin = (kk & 3) * 32;
-      const uint64_t da = Desc(sQa + (kk >> 2) * kQSlab + kin, 16, 1024);
-      const uint64_t db = Desc(sK + (kk >> 2) * kSlab + wg * kNS * 128 + kin, 16, 1024);
-      if constexpr (kNS == 32) WgmmaS32(s, da, db, kk > 0);
-      else WgmmaS16(s, da, db, kk > 0);
-    }
-    WgCommit();
-    WgWait0();
-    FenceRegs<kNS / 2>(s);
+        for (int kk = 0; kk < kD / 16; ++kk) {
+          const uint32_t kin = (kk & 3) * 32;
+          const uint64_t da = Desc(sQa + (kk >> 2) * kQSlab + kin, 16, 1024);
+          const uint64_t db = Desc(sK + (kk >> 2) * kSlab + kin, 16, 1024);
+          if constexpr (BN == 64) WgmmaS64(s, da, db, kk > 0);
+          else WgmmaS32(s, da, db, kk > 0);
+        }
+        WgCommit();
+        WgWait0();
+        FenceRegs<BN / 2>(s);
+        const int tok0 = tile * BN + (lane & 3) * 2;
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ri = e >> 1;
+            const float v = tok0 + j * 8 + (e & 1) < visible[ri] ? s[j * 4 + e] * a.scale_log2 : -INFINITY;
+            s[j * 4 + e] = v;
+            mx[ri] = fmaxf(mx[ri], v);
+          }
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+          mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+          const float m_new = fmaxf(m[ri], mx[ri]);
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+          const float alpha = exp2f(m[ri] - m_use);
+          m[ri] = m_new;
+          l[ri] *= alpha;
+          const int row = wrow + ri * 8 + (lane >> 2);
+          if ((lane & 3) == 0) sStat[row] = alpha;  // for warpgroup 1
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            o[j * 4 + ri * 2] *= alpha;
+            o[j * 4 + ri * 2 + 1] *= alpha;
+          }
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j) {
+            const float p0 = exp2f(s[j * 4 + ri * 2] - m_use), p1 = exp2f(s[j * 4 + ri * 2 + 1] - m_use);
+            l[ri] += p0 + p1;
+            const int col = j * 8 + (lane & 3) * 2;
+            *reinterpret_cast<uint32_t*>(sP + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
+                Pack2(p0, p1);
+          }
+        }
+        FenceProxyAsync();
+      }
+      __syncthreads();
+      if (wg == 1) {
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          const float alpha = sStat[wrow + ri * 8 + (lane >> 2)];
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            o[j * 4 + ri * 2] *= alpha;
+            o[j * 4 + ri * 2 + 1] *= alpha;
+          }
+        }
+      }
+    } else {
+      // S[64 x kNS] = Q . K^T over 576 dims: 36 wgmma m64n{kNS}k16 (A = Q, B = this warpgroup's K rows).
+      float s[kNS / 2];
+  #pragma unroll
+      for (int i = 0; i < kNS / 2; ++i) s[i] = 0.0f;
+      FenceRegs<kNS / 2>(s);
+      WgFence();
+  #pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t kin = (kk & 3) * 32;
+        const uint64_t da = Desc(sQa + (kk >> 2) * kQSlab + kin, 16, 1024);
+        const uint64_t db = Desc(sK + (kk >> 2) * kSlab + wg * kNS * 128 + kin, 16, 1024);
+        if constexpr (kNS == 32) WgmmaS32(s, da, db, kk > 0);
+        else WgmmaS16(s, da, db, kk > 0);
+      }
+      WgCommit();
+      WgWait0();
+      FenceRegs<kNS / 2>(s);
 
-    // Scale, mask, row max over this warpgroup's tokens, exchanged with the other.
-    const int tok0 = tile * BN + wg * kNS + (lane & 3) * 2;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kNS / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ri = e >> 1;
-        const int tok = tok0 + j * 8 + (e & 1);
-        const float v = tok < visible[ri] ? s[j * 4 + e] * a.scale_log2 : -INFINITY;
-        s[j * 4 + e] = v;
-        mx[ri] = fmaxf(mx[ri], v);
-      }
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
-      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
-      if ((lane & 3) == 0) sStat[wg * kBM + wrow + ri * 8 + (lane >> 2)] = mx[ri];
-    }
-    __syncthreads();
-    float m_use[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int row = wrow + ri * 8 + (lane >> 2);
-      const float m_new = fmaxf(m[ri], fmaxf(sStat[row], sStat[kBM + row]));
-      m_use[ri] = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2f(m[ri] - m_use[ri]);
-      m[ri] = m_new;
-      l[ri] *= alpha;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[j * 4 + ri * 2] *= alpha;
-        o[j * 4 + ri * 2 + 1] *= alpha;
-      }
-    }
-    // P -> shared (bf16, K-major 128B-swizzled rows; columns [0, BN) used).
-#pragma unroll
-    for (int j = 0; j < kNS / 8; ++j)
-#pragma unroll
+      // Scale, mask, row max over this warpgroup's tokens, exchanged with the other.
+      const int tok0 = tile * BN + wg * kNS + (lane & 3) * 2;
+      float mx[2] = {-INFINITY, -INFINITY};
+  #pragma unroll
+      for (int j = 0; j < kNS / 8; ++j)
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ri = e >> 1;
+          const int tok = tok0 + j * 8 + (e & 1);
+          const float v = tok < visible[ri] ? s[j * 4 + e] * a.scale_log2 : -INFINITY;
+          s[j * 4 + e] = v;
+          mx[ri] = fmaxf(mx[ri], v);
+        }
+  #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
-        const float p0 = exp2f(s[j * 4 + ri * 2] - m_use[ri]);
-        const float p1 = exp2f(s[j * 4 + ri * 2 + 1] - m_use[ri]);
-        l[ri] += p0 + p1;
-        const int row = wrow + ri * 8 + (lane >> 2);
-        const int col = wg * kNS + j * 8 + (lane & 3) * 2;
-        *reinterpret_cast<uint32_t*>(sP + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
-            Pack2(p0, p1);
+        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+        mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+        if ((lane & 3) == 0) sStat[wg * kBM + wrow + ri * 8 + (lane >> 2)] = mx[ri];
       }
-    FenceProxyAsync();
-    __syncthreads();
+      __syncthreads();
+      float m_use[2];
+  #pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int row = wrow + ri * 8 + (lane >> 2);
+        const float m_new = fmaxf(m[ri], fmaxf(sStat[row], sStat[kBM + row]));
+        m_use[ri] = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = exp2f(m[ri] - m_use[ri]);
+        m[ri] = m_new;
+        l[ri] *= alpha;
+  #pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[j * 4 + ri * 2] *= alpha;
+          o[j * 4 + ri * 2 + 1] *= alpha;
+        }
+      }
+      // P -> shared (bf16, K-major 128B-swizzled rows; columns [0, BN) used).
+  #pragma unroll
+      for (int j = 0; j < kNS / 8; ++j)
+  #pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          const float p0 = exp2f(s[j * 4 + ri * 2] - m_use[ri]);
+          const float p1 = exp2f(s[j * 4 + ri * 2 + 1] - m_use[ri]);
+          l[ri] += p0 + p1;
+          const int row = wrow + ri * 8 + (lane >> 2);
+          const int col = wg * kNS + j * 8 + (lane & 3) * 2;
+          *reinterpret_cast<uint32_t*>(sP + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
+              Pack2(p0, p1);
+        }
+      FenceProxyAsync();
+      __syncthreads();
+    }
 
     // O[64 x 256] += P[64 x BN] . V[BN x dims 256wg..]: BN/16 wgmma m64n256k16, V MN-major.
     FenceRegs<128>(o);
@@ -270,13 +353,13 @@ __global__ void __launch_bounds__(kThreads, 1) MlaDecodeWgmmaKernel(const WgArgs
   for (int ri = 0; ri < 2; ++ri) {
     l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 1);
     l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 2);
-    if ((lane & 3) == 0) sStat[wg * kBM + wrow + ri * 8 + (lane >> 2)] = l[ri];
+    if ((lane & 3) == 0 && (!kOneWgS || wg == 0)) sStat[wg * kBM + wrow + ri * 8 + (lane >> 2)] = l[ri];
   }
   __syncthreads();
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     const int row = wrow + ri * 8 + (lane >> 2);
-    const float lt = sStat[row] + sStat[kBM + row];
+    const float lt = kOneWgS ? sStat[row] : sStat[row] + sStat[kBM + row];
     const int grow = row0 + row;
     if (grow >= rows_total) continue;
     const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
@@ -309,7 +392,7 @@ bool MlaWgmmaAvailable() {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
     cudaFuncAttributes attr;
-    const bool image = cudaFuncGetAttributes(&attr, MlaDecodeWgmmaKernel<64, 2>) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, MlaDecodeWgmmaKernel<64, 2, false>) == cudaSuccess;
     cudaGetLastError();
     return image && major == 9 && minor == 0;
   }();
@@ -317,13 +400,13 @@ bool MlaWgmmaAvailable() {
 }
 
 namespace {
-template <int BN, int STAGES>
+template <int BN, int STAGES, bool kOneWgS>
 cudaError_t Launch(const MlaDecodeArgs& a, cudaStream_t s) {
   static bool attr_set = false;
   constexpr int smem = SmemBytes<BN, STAGES>();
   if (!attr_set) {
     cudaError_t err =
-        cudaFuncSetAttribute(MlaDecodeWgmmaKernel<BN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(MlaDecodeWgmmaKernel<BN, STAGES, kOneWgS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     attr_set = true;
   }
@@ -331,14 +414,22 @@ cudaError_t Launch(const MlaDecodeArgs& a, cudaStream_t s) {
            static_cast<int>(a.batch), static_cast<int>(a.q_len), static_cast<int>(a.heads),
            static_cast<int>(a.page_size), static_cast<int>(a.max_pages), a.num_splits, a.softmax_scale * kLog2e};
   dim3 grid(MlaRowBlocks(a.q_len, a.heads), static_cast<unsigned>(a.batch), a.num_splits);
-  MlaDecodeWgmmaKernel<BN, STAGES><<<grid, kThreads, smem, s>>>(w);
+  MlaDecodeWgmmaKernel<BN, STAGES, kOneWgS><<<grid, kThreads, smem, s>>>(w);
   return cudaGetLastError();
 }
 }  // namespace
 
 cudaError_t MlaDecodeWgmma(const MlaDecodeArgs& a, cudaStream_t s) {
-  // kernel 3: 32-token tiles, 4 stages in flight; otherwise 64-token tiles, 2 stages.
-  return a.kernel == 3 ? Launch<32, 4>(a, s) : Launch<64, 2>(a, s);
+  // 2: 64-token tiles x 2 stages, S split over both warpgroups; 3: 32-token
+  // tiles x 4 stages; 4 (and auto): 64 x 2 with S and softmax on warpgroup 0.
+  switch (a.kernel) {
+    case 2:
+      return Launch<64, 2, false>(a, s);
+    case 3:
+      return Launch<32, 4, false>(a, s);
+    default:
+      return Launch<64, 2, true>(a, s);
+  }
 }
 
 }  // namespace expertmesh::kernels::cuda::internal

@@ -276,6 +276,7 @@ TEST(GpuMla, DecodeTensorCorePathMatchesCpu) {
   if (major == 9) {
     kernels.push_back({2, "wgmma 64x2"});
     kernels.push_back({3, "wgmma 32x4"});
+    kernels.push_back({4, "wgmma 64x2 1-WG S"});
   }
   for (const auto& [kernel, kname] : kernels) {
     const std::string n1 = "MLA V3 dims, decode, " + kname, n2 = "MLA V3, 2 queries (MTP), " + kname,
