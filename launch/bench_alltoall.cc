@@ -9,7 +9,7 @@
 // contiguously over the ranks. A step is: dispatch (layout, pack, counts +
 // payload all-to-all-v, unpack) → identity experts (each record's partial row
 // = sum of its weights × its token; not counted in dispatch or combine) →
-// combine (all-to-all-v of partial rows, sum in token order). The ceiling is
+// barrier → combine (all-to-all-v of partial rows, sum in token order). The ceiling is
 // the same communicator's AllToAllV of the dispatch byte matrix plus that of
 // the combine byte matrix, with counts known in advance:
 //   ratio = raw_alltoallv_s / (dispatch_s + combine_s).
@@ -39,6 +39,8 @@ ABSL_FLAG(int64_t, hidden, 7168, "moe-alltoall: values per token (hidden size)")
 ABSL_FLAG(int64_t, topk, 8, "moe-alltoall: experts per token");
 ABSL_FLAG(int64_t, experts, 256, "moe-alltoall: routed experts, placed contiguously over the ranks");
 ABSL_FLAG(bool, fp8, false, "moe-alltoall: dispatch payload as fp8 e4m3 + one fp32 scale per 128 values");
+ABSL_FLAG(bool, gather, true,
+          "moe-alltoall: send the dispatch payload straight from the tokens (gathered sends); false: stage a copy");
 
 namespace expertmesh::launch {
 namespace {
@@ -91,14 +93,18 @@ void IdentityExperts(worker::EpDispatcher* d, int64_t H, std::vector<float>* sum
   }
 }
 
-// Sums over timed steps, per rank.
-struct Sums {
-  double dispatch = 0, combine = 0, raw_dispatch = 0, raw_combine = 0, expert = 0;
-  double layout = 0, pack = 0, dispatch_comm = 0, unpack = 0, combine_comm = 0, combine_sum = 0;
-  double dispatch_bytes = 0, combine_bytes = 0;
-  static constexpr int kFields = 13;
-  const double* data() const { return &dispatch; }
+// What one rank measured in one timed step (seconds, bytes).
+enum Field {
+  kDispatch, kCombine, kRawDispatch, kRawCombine, kExpert, kLayout, kPack, kDispatchComm, kUnpack,
+  kCombineComm, kCombineSum, kDispatchBytes, kCombineBytes, kFields
 };
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "expertmesh bench moe-alltoall: %s\n", s.ToString().c_str());
@@ -152,6 +158,7 @@ int BenchMoeAlltoall(int argc, char** argv) {
   o.hidden = H;
   o.top_k = K;
   o.fp8 = fp8;
+  o.gather_sends = absl::GetFlag(FLAGS_gather);
   o.timeout = timeout;
   worker::EpDispatcher d(comm.get(), &placement, o);
 
@@ -159,7 +166,7 @@ int BenchMoeAlltoall(int argc, char** argv) {
   // combine matrix is never larger: H floats per record vs header + payload).
   std::vector<char> raw_send, raw_recv;
   auto deadline = [&] { return absl::Now() + timeout; };
-  Sums sums;
+  std::vector<double> steps;  // kFields per timed step, this rank
   const int64_t iters = absl::GetFlag(FLAGS_iters);
   const double min_s = absl::GetFlag(FLAGS_min_seconds);
   const auto start = Clock::now();
@@ -174,6 +181,9 @@ int BenchMoeAlltoall(int argc, char** argv) {
     t0 = Clock::now();
     IdentityExperts(&d, H, &sumw);
     const double expert_s = Since(t0);
+    // The ranks finish their experts at different times; that skew is the
+    // experts' and must not count as combine time.
+    if (absl::Status s = comm->Barrier(deadline()); !s.ok()) return Fail(s);
     t0 = Clock::now();
     if (absl::Status s = d.Combine(y.data()); !s.ok()) return Fail(s);
     const double combine_s = Since(t0);
@@ -199,19 +209,14 @@ int BenchMoeAlltoall(int argc, char** argv) {
     const double raw_c = Since(t0);
     if (!warmup) {
       const worker::DispatchTimes& tm = d.times();
-      sums.dispatch += dispatch_s;
-      sums.combine += combine_s;
-      sums.raw_dispatch += raw_d;
-      sums.raw_combine += raw_c;
-      sums.expert += expert_s;
-      sums.layout += tm.layout;
-      sums.pack += tm.pack;
-      sums.dispatch_comm += tm.dispatch_comm;
-      sums.unpack += tm.unpack;
-      sums.combine_comm += tm.combine_comm;
-      sums.combine_sum += tm.combine;
-      sums.dispatch_bytes += static_cast<double>(d.dispatch_bytes_sent());
-      sums.combine_bytes += static_cast<double>(d.combine_bytes_sent());
+      const double f[kFields] = {dispatch_s,      combine_s,
+                                 raw_d,           raw_c,
+                                 expert_s,        tm.layout,
+                                 tm.pack,         tm.dispatch_comm,
+                                 tm.unpack,       tm.combine_comm,
+                                 tm.combine,      static_cast<double>(d.dispatch_bytes_sent()),
+                                 static_cast<double>(d.combine_bytes_sent())};
+      steps.insert(steps.end(), f, f + kFields);
       ++timed;
     }
     // Every rank must agree on when to stop: rank 0 decides.
@@ -225,29 +230,53 @@ int BenchMoeAlltoall(int argc, char** argv) {
     if (!more) break;
   }
 
-  // Per-rank means, gathered; the step's times are the slowest rank's.
-  std::vector<double> mine(Sums::kFields), all(static_cast<size_t>(Sums::kFields * P));
-  for (int i = 0; i < Sums::kFields; ++i) mine[i] = sums.data()[i] / static_cast<double>(timed);
-  if (absl::Status s = comm->AllGather(mine.data(), all.data(), sizeof(double) * Sums::kFields,
-                                       comm::MemoryKind::kHost, deadline());
+  // Every rank's steps, gathered. A step's time is its slowest rank's (phase
+  // breakdowns: the mean over ranks); reported values are medians over the
+  // steps, robust to the bursts of other work on a shared host; the ratio is
+  // the median of the per-step ratios (engine and raw run back to back).
+  const size_t per_rank = steps.size();
+  std::vector<double> all(per_rank * static_cast<size_t>(P));
+  if (absl::Status s = comm->AllGather(steps.data(), all.data(), per_rank * sizeof(double), comm::MemoryKind::kHost,
+                                       deadline());
       !s.ok()) {
     return Fail(s);
   }
-  auto max_of = [&](int f) {
+  auto at = [&](int r, int64_t step, int f) {
+    return all[static_cast<size_t>(r) * per_rank + static_cast<size_t>(step * kFields + f)];
+  };
+  auto step_max = [&](int64_t st, int f) {
     double m = 0;
-    for (int r = 0; r < P; ++r) m = std::max(m, all[static_cast<size_t>(r * Sums::kFields + f)]);
+    for (int r = 0; r < P; ++r) m = std::max(m, at(r, st, f));
     return m;
   };
-  auto mean_of = [&](int f) {
+  auto step_mean = [&](int64_t st, int f) {
     double m = 0;
-    for (int r = 0; r < P; ++r) m += all[static_cast<size_t>(r * Sums::kFields + f)];
+    for (int r = 0; r < P; ++r) m += at(r, st, f);
     return m / P;
   };
-  enum { kD, kC, kRd, kRc, kX, kLay, kPack, kDcomm, kUnp, kCcomm, kCsum, kDb, kCb };
-  const double dispatch_s = max_of(kD), combine_s = max_of(kC), raw_s = max_of(kRd) + max_of(kRc);
-  const double arith = mean_of(kLay) + mean_of(kPack) + mean_of(kUnp) + mean_of(kCsum);
-  const double step = mean_of(kD) + mean_of(kC);
-  const double dbytes = mean_of(kDb), cbytes = mean_of(kCb);
+  auto median_max = [&](int f) {
+    std::vector<double> v;
+    for (int64_t st = 0; st < timed; ++st) v.push_back(step_max(st, f));
+    return Median(v);
+  };
+  auto median_mean = [&](int f) {
+    std::vector<double> v;
+    for (int64_t st = 0; st < timed; ++st) v.push_back(step_mean(st, f));
+    return Median(v);
+  };
+  std::vector<double> ratios, shares;
+  for (int64_t st = 0; st < timed; ++st) {
+    const double raw = step_max(st, kRawDispatch) + step_max(st, kRawCombine);
+    ratios.push_back(raw / (step_max(st, kDispatch) + step_max(st, kCombine)));
+    const double arith = step_mean(st, kLayout) + step_mean(st, kPack) + step_mean(st, kUnpack) +
+                         step_mean(st, kCombineSum);
+    shares.push_back(arith / (step_mean(st, kDispatch) + step_mean(st, kCombine)));
+  }
+  const double dispatch_s = median_max(kDispatch), combine_s = median_max(kCombine);
+  const double raw_d = median_max(kRawDispatch), raw_c = median_max(kRawCombine), raw_s = raw_d + raw_c;
+  const double ratio = Median(ratios), share = Median(shares);
+  const double dbytes = median_mean(kDispatchBytes), cbytes = median_mean(kCombineBytes);
+  auto mean_of = [&](int f) { return median_mean(f); };
   const unsigned cores = std::thread::hardware_concurrency();
   if (me == 0) {
     if (json) {
@@ -260,6 +289,7 @@ int BenchMoeAlltoall(int argc, char** argv) {
                           {"topk", K},
                           {"experts", E},
                           {"fp8", fp8},
+                          {"gather_sends", o.gather_sends},
                           {"steps", timed},
                           {"record_bytes", d.record_bytes()},
                           {"dispatch_bytes_per_rank", dbytes},
@@ -267,20 +297,20 @@ int BenchMoeAlltoall(int argc, char** argv) {
                           {"dispatch_s", dispatch_s},
                           {"combine_s", combine_s},
                           {"raw_alltoallv_s", raw_s},
-                          {"raw_dispatch_s", max_of(kRd)},
-                          {"raw_combine_s", max_of(kRc)},
-                          {"ratio", raw_s / (dispatch_s + combine_s)},
+                          {"raw_dispatch_s", raw_d},
+                          {"raw_combine_s", raw_c},
+                          {"ratio", ratio},
                           {"dispatch_gbps", dbytes / dispatch_s / 1e9},
                           {"combine_gbps", cbytes / combine_s / 1e9},
                           {"raw_gbps", (dbytes + cbytes) / raw_s / 1e9},
-                          {"layout_s", mean_of(kLay)},
+                          {"layout_s", mean_of(kLayout)},
                           {"pack_s", mean_of(kPack)},
-                          {"dispatch_comm_s", mean_of(kDcomm)},
-                          {"unpack_s", mean_of(kUnp)},
-                          {"combine_comm_s", mean_of(kCcomm)},
-                          {"combine_sum_s", mean_of(kCsum)},
-                          {"arithmetic_share", arith / step},
-                          {"identity_experts_s", mean_of(kX)}};
+                          {"dispatch_comm_s", mean_of(kDispatchComm)},
+                          {"unpack_s", mean_of(kUnpack)},
+                          {"combine_comm_s", mean_of(kCombineComm)},
+                          {"combine_sum_s", mean_of(kCombineSum)},
+                          {"arithmetic_share", share},
+                          {"identity_experts_s", mean_of(kExpert)}};
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("moe-alltoall over %s: %d ranks (%u cores%s), %lld tokens/rank, hidden %lld, top-%lld of %lld "
@@ -295,11 +325,12 @@ int BenchMoeAlltoall(int argc, char** argv) {
       std::printf("%-28s %10.2f %12.1f %10.2f\n", "combine", combine_s * 1e3, cbytes / 1e6, cbytes / combine_s / 1e9);
       std::printf("%-28s %10.2f %12.1f %10.2f\n", "raw all-to-all-v (ceiling)", raw_s * 1e3, (dbytes + cbytes) / 1e6,
                   (dbytes + cbytes) / raw_s / 1e9);
-      std::printf("ratio raw / (dispatch + combine) = %.3f\n", raw_s / (dispatch_s + combine_s));
-      std::printf("per-rank means, ms: layout %.2f, pack %.2f, dispatch comm %.2f, unpack %.2f, combine comm %.2f, "
-                  "combine sum %.2f; arithmetic share %.1f%%; identity experts (not counted) %.2f\n",
-                  mean_of(kLay) * 1e3, mean_of(kPack) * 1e3, mean_of(kDcomm) * 1e3, mean_of(kUnp) * 1e3,
-                  mean_of(kCcomm) * 1e3, mean_of(kCsum) * 1e3, 100 * arith / step, mean_of(kX) * 1e3);
+      std::printf("ratio raw / (dispatch + combine) = %.3f (median of %lld steps)\n", ratio,
+                  static_cast<long long>(timed));
+      std::printf("phases (mean over ranks), ms: layout %.2f, pack %.2f, dispatch comm %.2f, unpack %.2f, combine "
+                  "comm %.2f, combine sum %.2f; arithmetic share %.1f%%; identity experts (not counted) %.2f\n",
+                  mean_of(kLayout) * 1e3, mean_of(kPack) * 1e3, mean_of(kDispatchComm) * 1e3, mean_of(kUnpack) * 1e3,
+                  mean_of(kCombineComm) * 1e3, mean_of(kCombineSum) * 1e3, 100 * share, mean_of(kExpert) * 1e3);
     }
   }
   comm.reset();

@@ -71,7 +71,7 @@ EpDispatcher::EpDispatcher(comm::Communicator* comm, const topology::ExpertPlace
                            DispatchOptions options)
     : comm_(comm), placement_(placement), options_(options) {
   const int64_t H = options_.hidden;
-  gather_ = comm_->caps().gather_sends;
+  gather_ = options_.gather_sends && comm_->caps().gather_sends;
   meta_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(WireEntry));
   // fp8 payload: the scales first (4-byte aligned), then one byte per value.
   row_bytes_ = options_.fp8 ? RoundUp((H + kFp8Block - 1) / kFp8Block * 4 + H, 4) : H * 4;
@@ -115,16 +115,12 @@ absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* we
   send_start_[0] = 0;
   for (int p = 0; p < P; ++p) send_start_[p + 1] = send_start_[p] + send_count_[p];
   num_send_ = send_start_[P];
-  // Records by destination, tokens ascending inside each; each token's
-  // records listed by ascending destination (the combine's summation order).
+  // Records by destination, tokens ascending inside each, with the
+  // destination's (slot, weight) list of each.
   send_token_.resize(static_cast<size_t>(num_send_));
-  token_start_.assign(static_cast<size_t>(T + 1), 0);
-  token_records_.resize(static_cast<size_t>(num_send_));
   meta_.resize(static_cast<size_t>(num_send_ * meta_bytes_));
   std::vector<int64_t> fill(send_start_.begin(), send_start_.end() - 1);
-  int64_t n = 0;
   for (int64_t t = 0; t < T; ++t) {
-    token_start_[t] = n;
     for (int r = 0; r < P; ++r) {
       WireEntry* hdr = nullptr;
       int64_t m = 0;
@@ -133,7 +129,6 @@ absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* we
         if (hdr == nullptr) {
           const int64_t j = fill[r]++;
           send_token_[j] = static_cast<int32_t>(t);
-          token_records_[n++] = j;
           hdr = reinterpret_cast<WireEntry*>(meta_.data() + j * meta_bytes_);
         }
         hdr[m++] = WireEntry{pair_slot_[t * K + k], pair_weight_[t * K + k]};
@@ -143,7 +138,6 @@ absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* we
       }
     }
   }
-  token_start_[T] = n;
   return absl::OkStatus();
 }
 
@@ -354,33 +348,44 @@ const float* EpDispatcher::CombineRow(int64_t j) const {
 
 namespace {
 
-// y[0..H) = rows[0] + rows[1] + ... (left to right), 8 lanes at a time.
-void SumRows(float* y, const float* const* rows, int64_t m, int64_t H) {
-  typedef float V8 __attribute__((vector_size(32)));
+typedef float V8 __attribute__((vector_size(32)));
+
+// y[0..H) += row[0..H), 8 lanes at a time.
+void AddRow(float* y, const float* row, int64_t H) {
   int64_t h = 0;
   for (; h + 8 <= H; h += 8) {
-    V8 acc, v;
-    std::memcpy(&acc, rows[0] + h, sizeof(V8));
-    for (int64_t r = 1; r < m; ++r) {
-      std::memcpy(&v, rows[r] + h, sizeof(V8));
-      acc += v;
-    }
-    std::memcpy(y + h, &acc, sizeof(V8));
+    V8 a, b;
+    std::memcpy(&a, y + h, sizeof(V8));
+    std::memcpy(&b, row + h, sizeof(V8));
+    a += b;
+    std::memcpy(y + h, &a, sizeof(V8));
   }
-  for (; h < H; ++h) {
-    float acc = rows[0][h];
-    for (int64_t r = 1; r < m; ++r) acc += rows[r][h];
-    y[h] = acc;
-  }
+  for (; h < H; ++h) y[h] += row[h];
 }
 
 }  // namespace
+
+void EpDispatcher::AccumulateFrom(int p, float* y) {
+  const int64_t H = options_.hidden;
+  for (int64_t j = send_start_[p]; j < send_start_[p + 1]; ++j) {
+    const int64_t t = send_token_[j];
+    float* yt = y + t * H;
+    if (!combined_[t]) {
+      std::memcpy(yt, CombineRow(j), static_cast<size_t>(H * 4));
+      combined_[t] = 1;
+    } else {
+      AddRow(yt, CombineRow(j), H);
+    }
+  }
+}
 
 absl::Status EpDispatcher::Combine(float* y) {
   const int P = comm_->size(), me = comm_->rank();
   const int64_t H = options_.hidden;
   auto t0 = Clock::now();
+  double sum_s = 0;
   combine_recv_.resize(static_cast<size_t>(num_send_ * H));
+  combined_.assign(static_cast<size_t>(T_), 0);
   batch_.Clear();
   batch_.memory = comm::MemoryKind::kHost;
   const auto& c = combine_layout_;
@@ -388,25 +393,37 @@ absl::Status EpDispatcher::Combine(float* y) {
     const int q = (me + i) % P;
     batch_.Send(q, reinterpret_cast<const char*>(combine_send_.data()) + c.send_offsets[q], c.send_bytes[q]);
   }
+  // Receive i comes from rank me - 1 - i. Each token's partial rows are summed
+  // in a fixed order — this rank's own first, then receive 0, 1, ... — each
+  // block as soon as it and all before it have arrived, while the later ones
+  // are still in flight (the same result bits on every run).
+  std::vector<int> source(static_cast<size_t>(std::max(P - 1, 0)));
   for (int i = 1; i < P; ++i) {
     const int p = (me + P - i) % P;
+    source[i - 1] = p;
     batch_.Recv(p, reinterpret_cast<char*>(combine_recv_.data()) + c.recv_offsets[p], c.recv_bytes[p]);
   }
-  RETURN_IF_ERROR(comm_->Run(batch_, absl::Now() + options_.timeout));
-  times_.combine_comm = Since(t0);
-
-  t0 = Clock::now();
-  std::vector<const float*> rows(static_cast<size_t>(std::max(P, 1)));
+  auto s0 = Clock::now();
+  AccumulateFrom(me, y);
+  sum_s += Since(s0);
+  std::vector<char> arrived(source.size(), 0);
+  size_t next = 0;
+  auto on_recv = [&](size_t i) -> absl::Status {
+    arrived[i] = 1;
+    const auto a0 = Clock::now();
+    while (next < source.size() && arrived[next]) AccumulateFrom(source[next++], y);
+    sum_s += Since(a0);
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(comm_->Run(batch_, absl::Now() + options_.timeout, on_recv));
+  s0 = Clock::now();
+  while (next < source.size()) AccumulateFrom(source[next++], y);  // a backend that reports late
   for (int64_t t = 0; t < T_; ++t) {
-    const int64_t b = token_start_[t], e = token_start_[t + 1];
-    if (b == e) {
-      std::fill(y + t * H, y + (t + 1) * H, 0.0f);
-      continue;
-    }
-    for (int64_t j = b; j < e; ++j) rows[j - b] = CombineRow(token_records_[j]);
-    SumRows(y + t * H, rows.data(), e - b, H);
+    if (!combined_[t]) std::fill(y + t * H, y + (t + 1) * H, 0.0f);  // routed nowhere (top_k = 0 never happens)
   }
-  times_.combine = Since(t0);
+  sum_s += Since(s0);
+  times_.combine = sum_s;
+  times_.combine_comm = Since(t0) - sum_s;
   return absl::OkStatus();
 }
 

@@ -50,6 +50,9 @@ struct DispatchOptions {
   int64_t hidden = 0;        // H, values per token
   int64_t top_k = 0;         // experts per token
   bool fp8 = false;          // dispatch payload as e4m3 + one fp32 scale per 128 values
+  // Send the dispatch payload straight from x when the communicator can
+  // gather (Caps::gather_sends); false: copy it into a staging buffer first.
+  bool gather_sends = true;
   absl::Duration timeout = absl::Seconds(60);  // deadline of each all-to-all
 };
 
@@ -62,8 +65,8 @@ struct DispatchTimes {
   double pack = 0;           // quantise (fp8), describe or copy the remote blocks
   double dispatch_comm = 0;  // counts all-to-all + payload all-to-all-v
   double unpack = 0;         // index received records by slot (and dequantise fp8)
-  double combine_comm = 0;   // partial rows all-to-all-v
-  double combine = 0;        // sum of partial rows into the output, in token order
+  double combine_comm = 0;   // partial rows all-to-all-v (waiting, not summing)
+  double combine = 0;        // summing partial rows into the output (overlaps the transfers)
   double dispatch_total() const { return layout + pack + dispatch_comm + unpack; }
   double combine_total() const { return combine_comm + combine; }
   double arithmetic() const { return layout + pack + unpack + combine; }
@@ -142,6 +145,8 @@ class EpDispatcher {
   absl::Status Unpack();
   // Row of the combine result for sent record j (received, or this rank's own).
   const float* CombineRow(int64_t j) const;
+  // y[t] (=, first time, else +=) the rows of the records sent to rank p.
+  void AccumulateFrom(int p, float* y);
 
   comm::Communicator* comm_;
   const topology::ExpertPlacement* placement_;
@@ -159,8 +164,6 @@ class EpDispatcher {
   std::vector<int64_t> send_count_;       // records per destination rank
   std::vector<int64_t> send_start_;       // first record of each destination (P + 1)
   std::vector<int32_t> send_token_;       // token of each sent record
-  std::vector<int64_t> token_start_;      // CSR: the sent records of token t...
-  std::vector<int64_t> token_records_;    // ...ascending by destination rank
   std::vector<char> meta_;                // [num_send_] (slot, weight) lists
   std::vector<char> quant_;               // fp8: [T_] payloads, each token quantised once
   std::vector<char> pack_;                // without gathered sends: packed remote blocks
@@ -178,6 +181,7 @@ class EpDispatcher {
   std::vector<SlotEntry> slot_entries_;
   std::vector<float> combine_send_;       // [num_recv_, H]
   std::vector<float> combine_recv_;       // [num_send_, H] (this rank's own rows stay in combine_send_)
+  std::vector<char> combined_;            // per token: y row written yet
   comm::AllToAllVLayout dispatch_layout_, combine_layout_;
   comm::Batch batch_;
   DispatchTimes times_;

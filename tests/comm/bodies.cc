@@ -384,7 +384,9 @@ class NoGatherCommunicator : public comm::Communicator {
   }
 
  protected:
-  absl::Status RunRemote(const Batch& batch, absl::Time deadline) override { return inner_->Run(batch, deadline); }
+  absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* done) override {
+    return done != nullptr ? inner_->Run(batch, deadline, *done) : inner_->Run(batch, deadline);
+  }
 
  private:
   comm::Communicator* inner_;

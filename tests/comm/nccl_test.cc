@@ -13,7 +13,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/comm/bodies.h"
-#include "tests/comm/comm_test_util.h"
+#include "tests/comm/fork_launcher.h"
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/nccl_communicator.h"
 #include "worker/comm/registry.h"

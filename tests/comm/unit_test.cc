@@ -36,7 +36,7 @@ class LoopbackCommunicator : public comm::Communicator {
   }
 
  protected:
-  absl::Status RunRemote(const Batch&, absl::Time) override {
+  absl::Status RunRemote(const Batch&, absl::Time, const RecvDoneFn*) override {
     return absl::InternalError("loopback has no remote peers");
   }
 

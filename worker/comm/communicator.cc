@@ -69,7 +69,9 @@ absl::Status Communicator::Validate(const Batch& batch) const {
   return absl::OkStatus();
 }
 
-absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) {
+absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) { return Run(batch, deadline, nullptr); }
+
+absl::Status Communicator::Run(const Batch& batch, absl::Time deadline, const RecvDoneFn& on_recv_done) {
   if (aborted()) return abort_status();
   if (!broken_.ok()) {
     return absl::FailedPreconditionError(
@@ -79,10 +81,14 @@ absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) {
   if (absl::Status s = Validate(batch); !s.ok()) return s;
 
   const Batch* remote = &batch;
+  bool mapped = false;
+  std::vector<size_t> self_done;
   if (batch.memory == MemoryKind::kHost) {
     // Local transfers: the i-th send to self matches the i-th receive from self.
     remote_.Clear();
+    remote_recv_index_.clear();
     remote_.memory = batch.memory;
+    mapped = true;
     std::vector<const Batch::Op*> self_sends;
     for (const Batch::Op& op : batch.sends) {
       if (op.peer == rank_) {
@@ -92,11 +98,14 @@ absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) {
       }
     }
     size_t next = 0;
-    for (const Batch::Op& op : batch.recvs) {
+    for (size_t ri = 0; ri < batch.recvs.size(); ++ri) {
+      const Batch::Op& op = batch.recvs[ri];
       if (op.peer != rank_) {
         remote_.recvs.push_back(op);
+        remote_recv_index_.push_back(ri);
         continue;
       }
+      self_done.push_back(ri);
       if (next >= self_sends.size()) {
         return absl::InvalidArgumentError(
             absl::StrCat("batch receives from self (rank ", rank_, ") more often than it sends to self"));
@@ -123,7 +132,20 @@ absl::Status Communicator::Run(const Batch& batch, absl::Time deadline) {
     remote = &remote_;
   }
   absl::Status s;
-  if (!remote->sends.empty() || !remote->recvs.empty()) s = RunRemote(*remote, deadline);
+  if (on_recv_done) {
+    for (size_t ri : self_done) {
+      s = on_recv_done(ri);
+      if (!s.ok()) return s;  // nothing was posted yet: the communicator stays usable
+    }
+  }
+  RecvDoneFn remote_done;
+  if (on_recv_done) {
+    remote_done = mapped ? RecvDoneFn([&](size_t i) { return on_recv_done(remote_recv_index_[i]); })
+                         : on_recv_done;
+  }
+  if (!remote->sends.empty() || !remote->recvs.empty()) {
+    s = RunRemote(*remote, deadline, on_recv_done ? &remote_done : nullptr);
+  }
   if (!s.ok() && s.code() != absl::StatusCode::kInvalidArgument && s.code() != absl::StatusCode::kAborted) {
     broken_ = s;
   }

@@ -41,6 +41,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -142,6 +143,15 @@ class Communicator {
   // transfer completed with the expected size.
   absl::Status Run(const Batch& batch, absl::Time deadline);
 
+  // Called by Run on the owner thread once per receive of the batch, with its
+  // index in batch.recvs, as soon as that receive's data is complete (in
+  // completion order; receives from this rank first). Lets the caller work on
+  // one peer's data while the others are still arriving. It must not call the
+  // communicator; an error it returns ends the batch like a transport error.
+  using RecvDoneFn = std::function<absl::Status(size_t recv_index)>;
+  // Run, calling on_recv_done (may be null) as receives complete.
+  absl::Status Run(const Batch& batch, absl::Time deadline, const RecvDoneFn& on_recv_done);
+
   // All-to-all-v of bytes: the block [send_offsets[p], +send_bytes[p]) of
   // `send` goes to rank p, which receives it at recv_offsets[rank()] of its
   // `recv`. Every rank must call it (also with all counts zero). Blocking,
@@ -181,9 +191,10 @@ class Communicator {
 
   // Runs the remote part of a validated batch: every op has peer != rank()
   // unless the memory is device memory. Must poll `aborted()` and the
-  // deadline while waiting, and cancel or complete every posted transfer
-  // before returning an error (the caller's buffers are free afterwards).
-  virtual absl::Status RunRemote(const Batch& batch, absl::Time deadline) = 0;
+  // deadline while waiting, call on_recv_done(i) (when not null) once receive
+  // i is complete, and cancel or complete every posted transfer before
+  // returning an error (the caller's buffers are free afterwards).
+  virtual absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) = 0;
 
   bool aborted() const { return aborted_.load(std::memory_order_acquire); }
   absl::Status abort_status() const;
@@ -198,6 +209,7 @@ class Communicator {
   absl::Status abort_reason_;
   absl::Status broken_;      // owner thread only
   Batch remote_;             // scratch: the remote part of the current batch
+  std::vector<size_t> remote_recv_index_;  // batch.recvs index of each remote_.recvs entry
 };
 
 // Converts a deadline to a short human string ("in 2.5s", "3.1s ago").

@@ -136,11 +136,17 @@ class MpiCommunicator : public Communicator {
   }
 
  protected:
-  absl::Status RunRemote(const Batch& batch, absl::Time deadline) override {
+  absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) override {
     reqs_.clear();
     ops_.clear();
     // Receives first, so that eager messages land in posted buffers.
-    for (const Batch::Op& op : batch.recvs) RETURN_IF_ERROR(Post(op, /*send=*/false));
+    chunks_left_.assign(batch.recvs.size(), 0);
+    for (size_t i = 0; i < batch.recvs.size(); ++i) {
+      const size_t before = ops_.size();
+      RETURN_IF_ERROR(Post(batch.recvs[i], /*send=*/false));
+      for (size_t c = before; c < ops_.size(); ++c) ops_[c].recv_index = i;
+      chunks_left_[i] = ops_.size() - before;
+    }
     for (const Batch::Op& op : batch.sends) RETURN_IF_ERROR(Post(op, /*send=*/true));
     auto on_done = [&](int i, const MPI_Status& st) -> absl::Status {
       const Chunk& c = ops_[static_cast<size_t>(i)];
@@ -151,6 +157,7 @@ class MpiCommunicator : public Communicator {
         return absl::InternalError(absl::StrCat("mpi: rank ", rank(), " expected ", c.bytes, " bytes from rank ",
                                                 c.peer, " but got ", got, "; the ranks' batches disagree"));
       }
+      if (--chunks_left_[c.recv_index] == 0 && on_recv_done != nullptr) return (*on_recv_done)(c.recv_index);
       return absl::OkStatus();
     };
     auto describe = [&](int i) {
@@ -168,6 +175,7 @@ class MpiCommunicator : public Communicator {
     int peer;
     size_t bytes;
     bool send;
+    size_t recv_index = 0;  // receives: index in the batch
   };
 
   // A gathered send: one MPI message per kMaxChunk bytes of the message (the
@@ -244,6 +252,7 @@ class MpiCommunicator : public Communicator {
   MPI_Comm comm_;
   std::vector<MPI_Request> reqs_;
   std::vector<Chunk> ops_;
+  std::vector<size_t> chunks_left_;  // per receive: chunks not yet complete
 };
 
 class MpiBootstrap : public Bootstrap {

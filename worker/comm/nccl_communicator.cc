@@ -106,7 +106,7 @@ class NcclCommunicator : public Communicator {
   }
 
  protected:
-  absl::Status RunRemote(const Batch& batch, absl::Time deadline) override {
+  absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) override {
     if (comm_ == nullptr) return absl::FailedPreconditionError("nccl communicator was aborted");
     cudaError_t e = cudaSetDevice(device_);
     if (e != cudaSuccess) return CudaError(e, "cudaSetDevice");
@@ -161,7 +161,10 @@ class NcclCommunicator : public Communicator {
       ncclCommAbort(comm_);
       comm_ = nullptr;
       cudaStreamSynchronize(stream_);
+      return s;
     }
+    // A group completes as a whole: every receive is done now.
+    for (size_t i = 0; on_recv_done != nullptr && i < batch.recvs.size(); ++i) RETURN_IF_ERROR((*on_recv_done)(i));
     return s;
   }
 

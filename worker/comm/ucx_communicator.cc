@@ -100,14 +100,17 @@ class UcxCommunicator : public Communicator {
   }
 
  protected:
-  absl::Status RunRemote(const Batch& batch, absl::Time deadline) override {
+  absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) override {
+    on_recv_done_ = on_recv_done;
     const size_t n = batch.sends.size() + batch.recvs.size();
     pending_.resize(n);  // keeps each entry's iov capacity from batch to batch
     size_t k = 0;
     absl::Status error;
-    for (const Batch::Op& op : batch.recvs) {
+    for (size_t ri = 0; ri < batch.recvs.size(); ++ri) {
+      const Batch::Op& op = batch.recvs[ri];
       if (!error.ok()) break;
       Pending& q = pending_[k++];
+      q.recv_index = ri;
       q.req = nullptr;
       q.peer = op.peer;
       q.bytes = op.bytes;
@@ -219,6 +222,7 @@ class UcxCommunicator : public Communicator {
     bool send = false;
     ucp_tag_recv_info_t info{};
     bool done = true;
+    size_t recv_index = 0;          // receives: index in the batch
     std::vector<ucp_dt_iov_t> iov;  // gathered sends
   };
 
@@ -250,6 +254,7 @@ class UcxCommunicator : public Communicator {
       return absl::InternalError(absl::StrCat("ucx: rank ", rank(), " expected ", q.bytes, " bytes from rank ",
                                               q.peer, " but got ", q.info.length, "; the ranks' batches disagree"));
     }
+    if (!q.send && on_recv_done_ != nullptr) return (*on_recv_done_)(q.recv_index);
     return absl::OkStatus();
   }
 
@@ -319,6 +324,7 @@ class UcxCommunicator : public Communicator {
   std::vector<ucs_status_t> peer_status_;
   std::vector<uint32_t> send_seq_, recv_seq_;
   std::vector<Pending> pending_;
+  const RecvDoneFn* on_recv_done_ = nullptr;  // of the batch in progress
 };
 
 }  // namespace
