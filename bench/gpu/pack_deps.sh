@@ -22,4 +22,10 @@ cp "$lib"/libabsl_*.a "$lib"/libglog.a "$lib"/libgflags.a "$lib"/libgtest.a "$li
 # glog takes its stack traces from libunwind (a non-PIC archive: the standalone build links -no-pie).
 for f in libunwind.a liblzma.a; do [ -e "$lib/$f" ] && cp "$lib/$f" "$out/lib/"; done
 
+# Fallback binaries for run.sh (used only if the build on the GPU machine fails):
+# built here by `cmake -S bench/gpu -B build-gpu -G Ninja -DEM_DEPS=$PWD/.gpudeps && ninja -C build-gpu`.
+if [ -x "$root/build-gpu/em_gpu_tests" ] && [ -x "$root/build-gpu/em_gpu_bench" ]; then
+  mkdir -p "$out/prebuilt"
+  cp "$root/build-gpu/em_gpu_tests" "$root/build-gpu/em_gpu_bench" "$out/prebuilt/"
+fi
 du -sh "$out"
