@@ -7,8 +7,10 @@
 // Each rank routes --tokens random tokens (DeepSeek-style group-limited: 4 of
 // 8 expert groups, then top-k experts inside them) to --experts experts placed
 // contiguously over the ranks. A step is: dispatch (layout, pack, counts +
-// payload all-to-all-v, unpack) → identity experts (each record's partial row
-// = sum of its weights × its token; not counted in dispatch or combine) →
+// payload all-to-all-v, unpack) → identity experts (each record's token
+// gathered — fp8 dequantised there, as an fp8 expert GEMM would take it — and
+// its partial row = sum of its weights × token; not counted in dispatch or
+// combine) →
 // barrier → combine (all-to-all-v of partial rows, sum in token order). The ceiling is
 // the same communicator's AllToAllV of the dispatch byte matrix plus that of
 // the combine byte matrix, with counts known in advance:
@@ -87,9 +89,9 @@ void IdentityExperts(worker::EpDispatcher* d, int64_t H, std::vector<float>* sum
   }
   for (int64_t i = 0; i < d->num_records(); ++i) {
     const float g = (*sumw)[i];
-    const float* x = d->token(i);
     float* p = d->partial(i);
-    for (int64_t h = 0; h < H; ++h) p[h] = g * x[h];
+    d->GatherToken(i, p);  // the experts' input gather (dequantises fp8)
+    for (int64_t h = 0; h < H; ++h) p[h] *= g;
   }
 }
 
@@ -162,8 +164,7 @@ int BenchMoeAlltoall(int argc, char** argv) {
   o.timeout = timeout;
   worker::EpDispatcher d(comm.get(), &placement, o);
 
-  // The raw all-to-all-v buffers: as large as the dispatch byte matrix (the
-  // combine matrix is never larger: H floats per record vs header + payload).
+  // The raw all-to-all-v buffers (sized per step below).
   std::vector<char> raw_send, raw_recv;
   auto deadline = [&] { return absl::Now() + timeout; };
   std::vector<double> steps;  // kFields per timed step, this rank
@@ -190,8 +191,12 @@ int BenchMoeAlltoall(int argc, char** argv) {
     // --- the transport's own all-to-all-v of the same byte matrices ---
     const auto& dl = d.dispatch_layout();
     const auto& cl = d.combine_layout();
-    const size_t need_send = static_cast<size_t>(d.dispatch_bytes_sent());
-    const size_t need_recv = static_cast<size_t>(d.num_records() * d.record_bytes());
+    // raw_send sends the dispatch matrix and receives the combine one; raw_recv
+    // the other way round (with fp8 the combine rows are the larger).
+    const size_t need_send = static_cast<size_t>(
+        std::max(d.dispatch_bytes_sent(), d.num_sent_records() * H * static_cast<int64_t>(sizeof(float))));
+    const size_t need_recv = static_cast<size_t>(
+        std::max(d.num_records() * d.record_bytes(), d.combine_bytes_sent()));
     if (raw_send.size() < need_send) raw_send.resize(need_send, 1);
     if (raw_recv.size() < need_recv) raw_recv.resize(need_recv, 0);
     if (absl::Status s = comm->Barrier(deadline()); !s.ok()) return Fail(s);

@@ -64,7 +64,7 @@ struct DispatchTimes {
   double layout = 0;         // replica choice, counts, record order
   double pack = 0;           // quantise (fp8), describe or copy the remote blocks
   double dispatch_comm = 0;  // counts all-to-all + payload all-to-all-v
-  double unpack = 0;         // index received records by slot (and dequantise fp8)
+  double unpack = 0;         // index received records by slot
   double combine_comm = 0;   // partial rows all-to-all-v (waiting, not summing)
   double combine = 0;        // summing partial rows into the output (overlaps the transfers)
   double dispatch_total() const { return layout + pack + dispatch_comm + unpack; }
@@ -111,8 +111,13 @@ class EpDispatcher {
   }
   // The logical expert of local slot s.
   int32_t slot_expert(int64_t s) const { return placement_->slots_of_rank(comm_->rank())[s]; }
-  // Hidden state of record i (H floats; dequantised when fp8).
-  const float* token(int64_t i) const { return tok_ptr_[static_cast<size_t>(i)]; }
+  // Writes the hidden state of record i to out[0..H) (dequantising an fp8
+  // payload): what the expert side calls while gathering its input rows.
+  void GatherToken(int64_t i, float* out) const;
+  // The fp32 hidden state of record i in place (H floats), or null with fp8.
+  const float* token(int64_t i) const {
+    return options_.fp8 ? nullptr : reinterpret_cast<const float*>(rec_row_[static_cast<size_t>(i)]);
+  }
   // The partial-sum row of record i (H floats). Uninitialised after
   // Dispatch: the expert side must write every row (each record names at
   // least one slot), e.g. assign at a record's first entry and add after.
@@ -175,8 +180,7 @@ class EpDispatcher {
   std::vector<int64_t> rec_start_;        // first record of each source rank (P + 1)
   std::vector<size_t> recv_off_;          // byte offset of each remote source's block in recv_buf_
   std::vector<char> recv_buf_;            // per remote source: [n metas][n payloads]
-  std::vector<const float*> tok_ptr_;     // token(i)
-  std::vector<float> recv_x_;             // fp8: dequantised records
+  std::vector<const char*> rec_row_;      // payload of record i (in recv_buf_, x_ or quant_)
   std::vector<int64_t> slot_start_;       // CSR by local slot
   std::vector<SlotEntry> slot_entries_;
   std::vector<float> combine_send_;       // [num_recv_, H]
