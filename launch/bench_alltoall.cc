@@ -130,7 +130,9 @@ int BenchMoeAlltoall(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh bench moe-alltoall: need --tokens >= 0, --hidden > 0, 0 < --topk <= --experts\n");
     return 2;
   }
-  if (absl::Status s = comm::InitMpi(&argc, &argv); !s.ok()) return Fail(s);
+  // MPI gets no arguments: the verb's argv is already parsed (and need not be
+  // null-terminated, which MPI_Init expects of a real argv).
+  if (absl::Status s = comm::InitMpi(nullptr, nullptr); !s.ok()) return Fail(s);
   const absl::Duration timeout = absl::Seconds(300);
   std::unique_ptr<comm::Bootstrap> boot;
   if (backend == "ucx") {
@@ -206,6 +208,7 @@ int BenchMoeAlltoall(int argc, char** argv) {
       return Fail(s);
     }
     const double raw_d = Since(t0);
+    if (absl::Status s = comm->Barrier(deadline()); !s.ok()) return Fail(s);  // as before the engine's combine
     t0 = Clock::now();
     if (absl::Status s = comm->AllToAllV(raw_recv.data(), raw_send.data(), cl, comm::MemoryKind::kHost, deadline());
         !s.ok()) {

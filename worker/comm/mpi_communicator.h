@@ -26,6 +26,7 @@
 namespace expertmesh::comm {
 
 // MPI_Init_thread(MPI_THREAD_SERIALIZED) unless MPI is already initialised.
+// argc and argv may both be null; a given argv must end with a null pointer.
 absl::Status InitMpi(int* argc, char*** argv);
 // True between MPI_Init and MPI_Finalize.
 bool MpiInitialized();
