@@ -3,6 +3,8 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "worker/cuda_engine.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "checkpoint folder (config.json + safetensors shards + index)");
 ABSL_FLAG(std::string, preset, "tiny", "model preset: tiny, small or deepseek-v3");
@@ -25,3 +27,30 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "host:port the coordinator serves gRPC on (port 0 picks a free one; 0.0.0.0 for other machines)");
 ABSL_FLAG(std::string, journal, "",
           "coordinator journal file: accepted jobs survive a restart on the same file (empty: none)");
+
+ABSL_FLAG(std::string, device, "cpu", "where the model runs: cpu or cuda (one GPU per process)");
+ABSL_FLAG(std::string, cuda_precision, "bf16",
+          "--device cuda: bf16 (bf16 activations, bf16/fp8 weights, fp32 residual) or fp32 (matches the CPU)");
+ABSL_FLAG(bool, cuda_graphs, true, "--device cuda: capture decode steps in CUDA graphs and replay them");
+ABSL_FLAG(int64_t, cuda_cache_tokens, 1 << 17, "--device cuda: latent-cache capacity in tokens (all sequences)");
+ABSL_FLAG(int64_t, cuda_max_step_tokens, 16384, "--device cuda: most tokens in one step (sizes GPU scratch)");
+
+namespace expertmesh::launch {
+
+absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* o) {
+  const std::string d = absl::GetFlag(FLAGS_device);
+  if (d == "cpu") return false;
+  if (d != "cuda") return absl::InvalidArgumentError(absl::StrCat("--device ", d, ": expected cpu or cuda"));
+  auto p = worker::ParseCudaPrecision(absl::GetFlag(FLAGS_cuda_precision));
+  if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat("--cuda-precision: ", p.status().message()));
+  o->precision = *p;
+  o->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  o->cache_tokens = absl::GetFlag(FLAGS_cuda_cache_tokens);
+  o->max_step_tokens = absl::GetFlag(FLAGS_cuda_max_step_tokens);
+  if (o->cache_tokens <= 0 || o->max_step_tokens <= 0) {
+    return absl::InvalidArgumentError("--cuda-cache-tokens and --cuda-max-step-tokens must be positive");
+  }
+  return true;
+}
+
+}  // namespace expertmesh::launch

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/flags/declare.h"
+#include "absl/status/statusor.h"
 
 ABSL_DECLARE_FLAG(std::string, checkpoint);
 ABSL_DECLARE_FLAG(std::string, preset);
@@ -27,3 +28,19 @@ ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 ABSL_DECLARE_FLAG(std::vector<std::string>, layers_per_stage);
 ABSL_DECLARE_FLAG(std::string, listen);
 ABSL_DECLARE_FLAG(std::string, journal);
+
+// The device that runs the model (generate, worker, launch).
+ABSL_DECLARE_FLAG(std::string, device);
+ABSL_DECLARE_FLAG(std::string, cuda_precision);
+ABSL_DECLARE_FLAG(bool, cuda_graphs);
+ABSL_DECLARE_FLAG(int64_t, cuda_cache_tokens);
+ABSL_DECLARE_FLAG(int64_t, cuda_max_step_tokens);
+
+namespace expertmesh::worker {
+struct CudaEngineOptions;
+}
+namespace expertmesh::launch {
+// Reads --device: false for "cpu"; true for "cuda", with *options filled from
+// the --cuda-* flags; InvalidArgument (naming the flag) for anything else.
+absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* options);
+}  // namespace expertmesh::launch

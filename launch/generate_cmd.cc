@@ -1,4 +1,5 @@
 // expertmesh generate: runs a batch of prompts through the whole model in one process.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -11,6 +12,7 @@
 #include "launch/prompts.h"
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
+#include "worker/cuda_engine.h"
 #include "worker/generation.h"
 #include "worker/model.h"
 
@@ -77,11 +79,26 @@ int GenerateMain(int argc, char** argv) {
     r.stop_token_ids = stop;
     reqs.push_back(std::move(r));
   }
-  auto shard = worker::ModelShard::Load(dir, ShardFilter{});
-  if (!shard.ok()) return Fail(shard.status());
-  worker::Engine engine(shard->get());
+  worker::CudaEngineOptions cuda_opts;
+  auto use_cuda = DeviceFromFlags(&cuda_opts);
+  if (!use_cuda.ok()) return Fail(use_cuda.status(), 2);
   worker::GenerationStats stats;
-  auto results = worker::GenerateBatch(&engine, reqs, &stats);
+  absl::StatusOr<std::vector<worker::GenerationResult>> results;
+  std::string device = "cpu";
+  if (*use_cuda) {
+    auto engine = worker::CudaEngine::Load(dir, ShardFilter{}, cuda_opts);
+    if (!engine.ok()) return Fail(engine.status());
+    device = (*engine)->Describe();
+    results = worker::GenerateBatchCuda(engine->get(), reqs, &stats);
+    const auto& es = (*engine)->stats();
+    device += absl::StrCat("; ", es.graph_captures, " graphs captured, ", es.graph_replays, " replays, ",
+                           es.eager_steps, " eager steps");
+  } else {
+    auto shard = worker::ModelShard::Load(dir, ShardFilter{});
+    if (!shard.ok()) return Fail(shard.status());
+    worker::Engine engine(shard->get());
+    results = worker::GenerateBatch(&engine, reqs, &stats);
+  }
   if (!results.ok()) return Fail(results.status());
   const std::string dump = absl::GetFlag(FLAGS_dump_logits);
   if (!dump.empty()) {
@@ -102,6 +119,13 @@ int GenerateMain(int argc, char** argv) {
                results->size(), static_cast<long long>(stats.prompt_tokens), stats.prefill_s,
                static_cast<long long>(stats.generated_tokens), static_cast<long long>(stats.decode_steps),
                stats.decode_s);
+  if (*use_cuda) {
+    int64_t decoded = 0;  // tokens made by decode steps (each sequence's first comes from the prefill)
+    for (const auto& r : *results) decoded += std::max<int64_t>(0, static_cast<int64_t>(r.tokens.size()) - 1);
+    std::fprintf(stderr, "generate: device %s; decode %.1f tokens/s (%.3f ms per step)\n", device.c_str(),
+                 stats.decode_s > 0 ? decoded / stats.decode_s : 0.0,
+                 stats.decode_steps > 0 ? 1e3 * stats.decode_s / stats.decode_steps : 0.0);
+  }
   return 0;
 }
 
