@@ -14,8 +14,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "coordinator/plan_proto.h"
 #include "glog/logging.h"
-#include "nlohmann/json.hpp"
 #include "topology/plan.h"
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/mpi_communicator.h"
@@ -31,31 +31,19 @@ namespace {
 
 // ------------------------------------------------------------ plan
 
-absl::StatusOr<topology::Plan> PlanFromProto(const v1::Plan& p) {
-  topology::Plan plan;
-  plan.pp = p.pp();
-  plan.ep = p.ep();
-  plan.redundant_experts = p.redundant_experts();
-  for (const auto& sp : p.stages()) {
-    topology::StagePlan s;
-    s.layer_begin = sp.layer_begin();
-    s.layer_end = sp.layer_end();
-    s.has_embedding = sp.has_embedding();
-    s.has_head = sp.has_head();
-    for (const auto& [layer, js] : sp.placement_json()) {
-      nlohmann::json j = nlohmann::json::parse(js, nullptr, false);
-      if (j.is_discarded()) return absl::DataLossError(absl::StrCat("plan: placement of layer ", layer, " is not JSON"));
-      ASSIGN_OR_RETURN(auto pl, topology::ExpertPlacement::FromJson(j));
+// The plan from Register, checked against what this worker relies on.
+absl::StatusOr<topology::Plan> PlanFromRegister(const v1::Plan& p) {
+  ASSIGN_OR_RETURN(topology::Plan plan, coordinator::PlanFromProto(p));
+  if (static_cast<int64_t>(plan.stages.size()) != plan.pp || plan.pp < 1 || plan.ep < 1) {
+    return absl::DataLossError("plan: stages do not match pp/ep");
+  }
+  for (const auto& s : plan.stages) {
+    for (const auto& [layer, pl] : s.placement) {
       if (pl.num_ranks() != plan.ep) {
         return absl::DataLossError(absl::StrCat("plan: placement of layer ", layer, " has ", pl.num_ranks(),
                                                 " ranks, expected ep = ", plan.ep));
       }
-      s.placement[layer] = std::move(pl);
     }
-    plan.stages.push_back(std::move(s));
-  }
-  if (static_cast<int64_t>(plan.stages.size()) != plan.pp || plan.pp < 1 || plan.ep < 1) {
-    return absl::DataLossError("plan: stages do not match pp/ep");
   }
   return plan;
 }
@@ -203,6 +191,9 @@ class Worker {
   void ApplyToken(uint64_t key, int32_t token);
   absl::Status ApplyReturn(const Return& r);
   void BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs);
+  // Last stage: final norm + lm_head of each segment's last token, then sampling.
+  Return HeadAndSample(const MicroBatch& mb, const std::vector<Segment>& segs, const std::vector<float>& hidden);
+  std::vector<float> logits_;
 
   WorkerOptions o_;
   CoordinatorClient client_;
@@ -266,7 +257,7 @@ absl::Status Worker::Setup() {
   stage_ = reg.stage();
   ep_rank_ = reg.ep_rank();
   epoch_ = reg.epoch();
-  ASSIGN_OR_RETURN(plan_, PlanFromProto(reg.plan()));
+  ASSIGN_OR_RETURN(plan_, PlanFromRegister(reg.plan()));
   if (stage_ < 0 || stage_ >= plan_.pp || ep_rank_ < 0 || ep_rank_ >= plan_.ep) {
     return absl::DataLossError(absl::StrCat("coordinator assigned stage ", stage_, " rank ", ep_rank_,
                                             " outside its plan"));
@@ -400,7 +391,7 @@ absl::Status Worker::Reregister() {
   req.set_worker_id(worker_id_);
   LOG(INFO) << "worker " << worker_id_ << ": coordinator does not know this worker (restarted?): registering again";
   ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
-  ASSIGN_OR_RETURN(topology::Plan plan, PlanFromProto(reg.plan()));
+  ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg.plan()));
   if (reg.worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
     // The data plane and the loaded shard belong to the old plan.
     LOG(ERROR) << "worker " << worker_id_ << ": the restarted coordinator has another plan; exiting";
@@ -588,6 +579,23 @@ void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
   }
 }
 
+Return Worker::HeadAndSample(const MicroBatch& mb, const std::vector<Segment>& segs,
+                             const std::vector<float>& hidden) {
+  const absl::Time t0 = absl::Now();
+  Return r;
+  r.tick = mb.tick;
+  engine_->Head(segs, hidden, &logits_);
+  const int64_t V = cfg_.vocab_size;
+  for (size_t i = 0; i < mb.segments.size(); ++i) {  // every segment has n >= 1: one logits row each
+    const SegmentMeta& m = mb.segments[i];
+    kernels::SamplingParams sp{m.temperature, m.top_k, m.top_p, m.seed};
+    r.keys.push_back(m.key);
+    r.tokens.push_back(kernels::Sample(logits_.data() + i * V, V, sp, m.step));
+  }
+  Add(&t_.embed_head, Seconds(t0));
+  return r;
+}
+
 absl::Status Worker::RunStage0() {
   const bool last = plan_.pp == 1;
   const int E = static_cast<int>(plan_.ep);
@@ -595,7 +603,7 @@ absl::Status Worker::RunStage0() {
   absl::Time last_sent = absl::Now();
   last_sync_ok_ = absl::Now();
   uint64_t tick = 0;
-  std::vector<float> hidden, logits;
+  std::vector<float> hidden;
   bool want_stop = false;
   while (true) {
     // Sync with the coordinator at most every 20 ms while busy (each call is a
@@ -677,18 +685,7 @@ absl::Status Worker::RunStage0() {
     ++steps_;
     tokens_ += T;
     if (last) {
-      t0 = absl::Now();
-      Return r;
-      engine_->Head(segs, hidden, &logits);
-      const int64_t V = cfg_.vocab_size;
-      for (size_t i = 0; i < mb.segments.size(); ++i) {
-        const SegmentMeta& m = mb.segments[i];
-        kernels::SamplingParams sp{m.temperature, m.top_k, m.top_p, m.seed};
-        r.keys.push_back(m.key);
-        r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
-      }
-      Add(&t_.embed_head, Seconds(t0));
-      RETURN_IF_ERROR(ApplyReturn(r));
+      RETURN_IF_ERROR(ApplyReturn(HeadAndSample(mb, segs, hidden)));
       continue;
     }
     mb.hidden = std::move(hidden);
@@ -710,8 +707,7 @@ absl::Status Worker::RunStage0() {
 absl::Status Worker::RunDownstream() {
   const bool last = stage_ == plan_.pp - 1;
   std::map<uint64_t, SequenceCache> caches;
-  std::vector<float> logits;
-  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t H = cfg_.hidden_size;
   while (true) {
     ASSIGN_OR_RETURN(std::string bytes, Recv(stage_ - 1));
     ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, H));
@@ -753,18 +749,7 @@ absl::Status Worker::RunDownstream() {
     ++steps_;
     tokens_ += static_cast<int64_t>(mb.hidden.size()) / H;
     if (last) {
-      const absl::Time t0 = absl::Now();
-      Return r;
-      r.tick = mb.tick;
-      engine_->Head(segs, mb.hidden, &logits);
-      for (size_t i = 0; i < mb.segments.size(); ++i) {
-        const SegmentMeta& m = mb.segments[i];
-        kernels::SamplingParams sp{m.temperature, m.top_k, m.top_p, m.seed};
-        r.keys.push_back(m.key);
-        r.tokens.push_back(kernels::Sample(logits.data() + i * V, V, sp, m.step));
-      }
-      Add(&t_.embed_head, Seconds(t0));
-      RETURN_IF_ERROR(Send(0, Encode(r)));
+      RETURN_IF_ERROR(Send(0, Encode(HeadAndSample(mb, segs, mb.hidden))));
     } else {
       RETURN_IF_ERROR(Send(stage_ + 1, Encode(mb)));
     }
