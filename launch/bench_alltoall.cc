@@ -16,6 +16,9 @@
 // the combine byte matrix, with counts known in advance:
 //   ratio = raw_alltoallv_s / (dispatch_s + combine_s).
 // Both backends bootstrap over MPI; --backend ucx moves the data over UCX.
+// Without mpirun, UCX can bootstrap through a file store instead:
+//   for r in 0 1 2 3; do expertmesh bench moe-alltoall --backend ucx \
+//     --store_dir /tmp/run1 --rank $r --ranks 4 ... & done; wait
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -32,6 +35,7 @@
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
 #include "topology/placement.h"
+#include "worker/comm/bootstrap.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/registry.h"
 #include "worker/dispatch.h"
@@ -41,6 +45,11 @@ ABSL_FLAG(int64_t, hidden, 7168, "moe-alltoall: values per token (hidden size)")
 ABSL_FLAG(int64_t, topk, 8, "moe-alltoall: experts per token");
 ABSL_FLAG(int64_t, experts, 256, "moe-alltoall: routed experts, placed contiguously over the ranks");
 ABSL_FLAG(bool, fp8, false, "moe-alltoall: dispatch payload as fp8 e4m3 + one fp32 scale per 128 values");
+ABSL_FLAG(std::string, store_dir, "",
+          "moe-alltoall, ucx only: bootstrap through a file store in this folder instead of MPI, for N processes "
+          "started without mpirun, each with --rank and --ranks");
+ABSL_FLAG(int32_t, rank, -1, "moe-alltoall with --store_dir: this process's rank");
+ABSL_FLAG(int32_t, ranks, 0, "moe-alltoall with --store_dir: number of processes");
 ABSL_FLAG(bool, gather, true,
           "moe-alltoall: send the dispatch payload straight from the tokens (gathered sends); false: stage a copy");
 
@@ -130,12 +139,26 @@ int BenchMoeAlltoall(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh bench moe-alltoall: need --tokens >= 0, --hidden > 0, 0 < --topk <= --experts\n");
     return 2;
   }
+  const std::string store_dir = absl::GetFlag(FLAGS_store_dir);
+  const bool use_mpi = store_dir.empty();
+  if (!use_mpi && (backend != "ucx" || absl::GetFlag(FLAGS_rank) < 0 ||
+                   absl::GetFlag(FLAGS_rank) >= absl::GetFlag(FLAGS_ranks))) {
+    std::fprintf(stderr, "expertmesh bench moe-alltoall: --store_dir needs --backend ucx and 0 <= --rank < --ranks\n");
+    return 2;
+  }
   // MPI gets no arguments: the verb's argv is already parsed (and need not be
   // null-terminated, which MPI_Init expects of a real argv).
-  if (absl::Status s = comm::InitMpi(nullptr, nullptr); !s.ok()) return Fail(s);
+  if (use_mpi) {
+    if (absl::Status s = comm::InitMpi(nullptr, nullptr); !s.ok()) return Fail(s);
+  }
   const absl::Duration timeout = absl::Seconds(300);
+  std::unique_ptr<comm::Store> store;
   std::unique_ptr<comm::Bootstrap> boot;
-  if (backend == "ucx") {
+  if (!use_mpi) {
+    store = std::make_unique<comm::FileStore>(store_dir);
+    boot = std::make_unique<comm::StoreBootstrap>(store.get(), "bench", absl::GetFlag(FLAGS_rank),
+                                                  absl::GetFlag(FLAGS_ranks));
+  } else if (backend == "ucx") {
     auto b = comm::CreateMpiBootstrap(absl::Now() + timeout);
     if (!b.ok()) return Fail(b.status());
     boot = *std::move(b);
