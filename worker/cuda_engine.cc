@@ -156,7 +156,9 @@ struct CudaEngine::Impl {
   template <typename T>
   absl::StatusOr<T*> Upload(const T* data, size_t n) {
     ASSIGN_OR_RETURN(void* p, DevAlloc(n * sizeof(T)));
-    RETURN_IF_ERROR(Cuda(cudaMemcpy(p, data, n * sizeof(T), cudaMemcpyHostToDevice), "upload"));
+    // On the engine's (non-blocking) stream, so later kernels on it are ordered after the copy.
+    RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(p, data, n * sizeof(T), cudaMemcpyHostToDevice, stream), "upload"));
+    RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "upload"));
     weight_bytes += n * sizeof(T);
     return static_cast<T*>(p);
   }
@@ -205,6 +207,7 @@ CudaEngine::Impl::~Impl() {
   ClearGraphs();
   ctx.reset();
   for (void* p : allocations) cudaFree(p);
+  if (d_in != nullptr) cudaFree(d_in);
   if (h_in != nullptr) cudaFreeHost(h_in);
   if (h_out != nullptr) cudaFreeHost(h_out);
   if (h_offsets != nullptr) cudaFreeHost(h_offsets);
@@ -472,6 +475,8 @@ absl::Status CudaEngine::Impl::Build(const ShardFilter& filter, const Getter& ge
   co.stream = stream;
   co.pool_bytes = pool;
   ASSIGN_OR_RETURN(ctx, cu::Context::Create(co));
+  // Step inputs sized for the largest step up front (growing them drops the captured graphs).
+  RETURN_IF_ERROR(EnsureInputCapacity(3 * opts.max_step_tokens + 2 * opts.max_step_sequences + 4096));
   return Cuda(cudaStreamSynchronize(stream), "loading weights");
 }
 
@@ -875,6 +880,12 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     if (it == seqs.end()) return absl::InvalidArgumentError(absl::StrCat("CUDA engine: unknown sequence ", s.seq));
     if (s.n < 0) return absl::InvalidArgumentError("CUDA engine: negative segment length");
     if (embed && s.n > 0 && s.tokens == nullptr) return absl::InvalidArgumentError("CUDA engine: segment without tokens");
+    for (int64_t i = 0; embed && i < s.n; ++i) {
+      if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("CUDA engine: token id ", s.tokens[i], " out of range [0, ",
+                                                       c.vocab_size, ")"));
+      }
+    }
     if (it->second.length + s.n > c.max_position_embeddings) {
       return absl::InvalidArgumentError(absl::StrCat("CUDA engine: sequence ", s.seq, " would pass the context of ",
                                                      c.max_position_embeddings, " tokens"));
@@ -885,6 +896,10 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     if (s.n > 0) ++p.S_out;
     if (s.n != 1) p.decode = false;
     max_len = std::max(max_len, it->second.length + s.n);
+  }
+  if (head && io.logits == nullptr) return absl::InvalidArgumentError("CUDA engine: a shard with the head needs logits");
+  if (!embed && p.T > 0 && io.hidden_in == nullptr) {
+    return absl::InvalidArgumentError("CUDA engine: a shard without the embedding needs hidden_in");
   }
   if (p.S_out > opts.max_step_sequences) {
     return absl::InvalidArgumentError(absl::StrCat("CUDA engine: a step of ", p.S_out,
@@ -932,9 +947,6 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     for (int64_t i = 0; i < s.n; ++i, ++row) {
       const int64_t pos = q.length + i;
       h_in[p.o_tokens + row] = embed ? s.tokens[i] : 0;
-      if (embed && (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size)) {
-        return absl::InvalidArgumentError(absl::StrCat("CUDA engine: token id ", s.tokens[i], " out of range"));
-      }
       h_in[p.o_pos + row] = static_cast<int32_t>(pos);
       h_in[p.o_slots + row] = static_cast<int32_t>(q.pages[pos / opts.page_size] * opts.page_size + pos % opts.page_size);
     }
@@ -1003,7 +1015,6 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
   ++stats.steps;
   // Outputs.
   if (head) {
-    if (io.logits == nullptr) return absl::InvalidArgumentError("CUDA engine: a shard with the head needs logits");
     const int64_t n = p.S_out * c.vocab_size;
     RETURN_IF_ERROR(EnsureOutputCapacity(std::max<int64_t>(n, 1)));
     RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_out, out, n * sizeof(float), cudaMemcpyDeviceToHost, stream), "logits"));

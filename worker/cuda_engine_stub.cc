@@ -3,7 +3,7 @@
 // `--device cuda` fails with one clear line and the CPU path is unchanged.
 #include <cstdlib>
 
-#include "worker/cuda_engine.h"
+#include "worker/cuda_ep.h"
 
 namespace expertmesh::worker {
 
@@ -56,6 +56,20 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine*, con
                                                                 GenerationStats*) {
   return NoCuda();
 }
+
+struct CudaEpExchange::Impl {};
+CudaEpExchange::CudaEpExchange(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaEpExchange::~CudaEpExchange() = default;
+absl::StatusOr<std::unique_ptr<CudaEpExchange>> CudaEpExchange::Create(
+    CudaEngine*, comm::Communicator*, const std::map<int64_t, topology::ExpertPlacement>*, const CudaEpOptions&) {
+  return NoCuda();
+}
+absl::Status CudaEpExchange::Run(const Layer&) { return NoCuda(); }
+const CudaEpTimes& CudaEpExchange::times() const {
+  static const CudaEpTimes t;
+  return t;
+}
+void CudaEpExchange::set_on_route(std::function<void(int64_t, const int32_t*, int64_t)>) {}
 
 bool CudaEngineAvailable(std::string* why) {
   if (why != nullptr) *why = std::string(NoCuda().message());

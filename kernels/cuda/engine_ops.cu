@@ -371,6 +371,28 @@ __global__ void CombineAddKernel(const void* out_perm, bool bf16, const int32_t*
   }
 }
 
+__global__ void GatherRowsKernel(const void* x, bool bf16, int64_t H, const int32_t* idx, void* out) {
+  const int64_t j = blockIdx.x, src = static_cast<int64_t>(idx[j]) * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    if (bf16) {
+      static_cast<uint16_t*>(out)[j * H + i] = static_cast<const uint16_t*>(x)[src + i];
+    } else {
+      static_cast<float*>(out)[j * H + i] = static_cast<const float*>(x)[src + i];
+    }
+  }
+}
+
+__global__ void AddRecordRowsKernel(const float* rows, int64_t H, const int32_t* start, const int32_t* rec, float* y) {
+  const int64_t t = blockIdx.x;
+  const int32_t b = start[t], e = start[t + 1];
+  if (b == e) return;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int32_t r = b; r < e; ++r) acc += rows[static_cast<int64_t>(rec[r]) * H + i];
+    y[t * H + i] += acc;
+  }
+}
+
 // ---------------------------------------------------------------- grouped SwiGLU FFN (device offsets)
 
 constexpr int kFfnWarps = 8;     // warps per block
@@ -577,6 +599,19 @@ absl::Status SiluMulRowsF32(const float* gu, int64_t T, int64_t I, float* out, S
   if (T * I == 0) return absl::OkStatus();
   SiluMulF32Kernel<<<Blocks(T * I, 256), 256, 0, S(stream)>>>(gu, T, I, out);
   return Launched("SiluMulRowsF32");
+}
+
+absl::Status GatherRows(const void* x, Act type, int64_t H, const int32_t* idx, int64_t n, void* out, Stream stream) {
+  if (n == 0) return absl::OkStatus();
+  GatherRowsKernel<<<static_cast<unsigned>(n), 128, 0, S(stream)>>>(x, type == Act::kBf16, H, idx, out);
+  return Launched("GatherRows");
+}
+
+absl::Status AddRecordRows(const float* rows, int64_t H, const int32_t* start, const int32_t* rec, int64_t T, float* y,
+                           Stream stream) {
+  if (T == 0) return absl::OkStatus();
+  AddRecordRowsKernel<<<static_cast<unsigned>(T), 128, 0, S(stream)>>>(rows, H, start, rec, y);
+  return Launched("AddRecordRows");
 }
 
 absl::Status GroupedSwiGluFfn(const GroupedFfnArgs& a, Stream stream) {

@@ -157,4 +157,12 @@ struct GroupedFfnArgs {
 };
 absl::Status GroupedSwiGluFfn(const GroupedFfnArgs& a, Stream stream);
 
+// Expert-parallel exchange (worker/cuda_ep.cc):
+// out[j] = x[idx[j]] for j < n (rows of H values of type `type`).
+absl::Status GatherRows(const void* x, Act type, int64_t H, const int32_t* idx, int64_t n, void* out, Stream stream);
+// y[t] += sum of rows[rec[i]] for i in [start[t], start[t+1]) in that order
+// (rows fp32 [*, H], start [T + 1], y fp32 [T, H]).
+absl::Status AddRecordRows(const float* rows, int64_t H, const int32_t* start, const int32_t* rec, int64_t T, float* y,
+                           Stream stream);
+
 }  // namespace expertmesh::kernels::cuda

@@ -1,0 +1,295 @@
+// The CUDA engine against the CPU engine on the tiny model (random weights),
+// step by step: prefill, decode, sequences joining and leaving, pipeline
+// stages, CUDA graphs. Skips with one line without a GPU.
+//
+// Tolerances (relative L2 error of each logits row against the CPU engine):
+//   fp32 precision ..................... 1e-4 (seen ~1e-6: fp32 rounding in
+//                                        another summation order)
+//   bf16 precision ..................... 3e-2 (bf16 activations and weights)
+//   graph replay vs eager, stage split . bitwise (same kernels, same inputs)
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "worker/cuda_engine.h"
+#include "worker/model.h"
+
+namespace expertmesh::worker {
+namespace {
+
+#define EM_SKIP_WITHOUT_CUDA()                   \
+  do {                                           \
+    std::string em_why_;                         \
+    if (!CudaEngineAvailable(&em_why_)) {        \
+      GTEST_SKIP() << em_why_;                   \
+    }                                            \
+  } while (0)
+
+#define EM_ASSERT_OK(expr)                         \
+  do {                                             \
+    const ::absl::Status em_st_ = (expr);          \
+    ASSERT_TRUE(em_st_.ok()) << em_st_.ToString(); \
+  } while (0)
+
+constexpr uint64_t kSeed = 5;
+
+ModelConfig Tiny() { return *ModelConfig::Preset("tiny"); }
+
+double RelErr(const float* a, const float* b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+int32_t Argmax(const float* row, int64_t n) { return static_cast<int32_t>(std::max_element(row, row + n) - row); }
+
+std::vector<int32_t> RandomTokens(std::mt19937& rng, int64_t n, int64_t vocab) {
+  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// One scripted run: the same steps on the CPU engine and the CUDA engine.
+// Sequences are identified by index; tokens[i] holds the tokens of sequence
+// i's next segment.
+struct Twin {
+  Engine* cpu;
+  CudaEngine* gpu;
+  std::vector<SequenceCache> cpu_cache;
+  std::vector<CudaEngine::SeqId> gpu_seq;
+  int64_t vocab;
+
+  int Add() {
+    cpu_cache.push_back(cpu->NewCache());
+    gpu_seq.push_back(gpu->NewSequence());
+    return static_cast<int>(gpu_seq.size()) - 1;
+  }
+  // Runs one step; returns the worst relative logits error; *next gets the
+  // CPU's greedy token of each segment.
+  double Step(const std::vector<int>& ids, const std::vector<std::vector<int32_t>>& toks, std::vector<int32_t>* next,
+              std::vector<float>* gpu_logits_out = nullptr) {
+    std::vector<Segment> cs;
+    std::vector<CudaEngine::Segment> gs;
+    for (size_t j = 0; j < ids.size(); ++j) {
+      cs.push_back({&cpu_cache[ids[j]], toks[j].data(), static_cast<int64_t>(toks[j].size())});
+      gs.push_back({gpu_seq[ids[j]], toks[j].data(), static_cast<int64_t>(toks[j].size())});
+    }
+    std::vector<float> lc, lg;
+    absl::Status s = cpu->Forward(cs, &lc);
+    EXPECT_TRUE(s.ok()) << s;
+    s = gpu->Forward(gs, &lg);
+    EXPECT_TRUE(s.ok()) << s;
+    if (lc.size() != lg.size()) {
+      ADD_FAILURE() << "logits sizes " << lc.size() << " vs " << lg.size();
+      return 1e9;
+    }
+    double worst = 0;
+    next->clear();
+    for (size_t j = 0; j < ids.size(); ++j) {
+      worst = std::max(worst, RelErr(lg.data() + j * vocab, lc.data() + j * vocab, vocab));
+      next->push_back(Argmax(lc.data() + j * vocab, vocab));
+      EXPECT_EQ(gpu->SequenceLength(gpu_seq[ids[j]]), cpu_cache[ids[j]].length);
+    }
+    if (gpu_logits_out != nullptr) *gpu_logits_out = lg;
+    return worst;
+  }
+};
+
+CudaEngineOptions Opts(CudaPrecision p, bool graphs) {
+  CudaEngineOptions o;
+  o.precision = p;
+  o.cuda_graphs = graphs;
+  o.page_size = 16;  // several pages per sequence in a short test
+  o.cache_tokens = 4096;
+  o.max_step_tokens = 512;
+  return o;
+}
+
+// Prefill of three sequences, decode steps, a fourth joining (prefill mixed
+// with decodes) while one leaves, more decode steps; logits compared each step.
+void RunScript(CudaPrecision prec, double tol) {
+  const ModelConfig cfg = Tiny();
+  auto shard = ModelShard::Random(cfg, ShardFilter{}, kSeed);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  Engine cpu(shard->get());
+  auto gpu = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, true));
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  Twin tw{&cpu, gpu->get(), {}, {}, cfg.vocab_size};
+  std::mt19937 rng(7);
+  const int a = tw.Add(), b = tw.Add(), c = tw.Add();
+  std::vector<int32_t> next;
+  double worst = tw.Step({a, b, c}, {RandomTokens(rng, 7, cfg.vocab_size), RandomTokens(rng, 1, cfg.vocab_size),
+                                     RandomTokens(rng, 37, cfg.vocab_size)},
+                         &next);
+  EXPECT_LE(worst, tol) << "prefill";
+  std::vector<int> active = {a, b, c};
+  for (int step = 0; step < 6; ++step) {
+    std::vector<std::vector<int32_t>> toks;
+    for (int32_t t : next) toks.push_back({t});
+    const double e = tw.Step(active, toks, &next);
+    EXPECT_LE(e, tol) << "decode step " << step;
+    worst = std::max(worst, e);
+  }
+  // c leaves (its pages are reused by d), d joins with a prefill while a and b decode.
+  const int32_t next_a = next[0], next_b = next[1];
+  gpu->get()->ReleaseSequence(tw.gpu_seq[c]);
+  EXPECT_EQ(gpu->get()->SequenceLength(tw.gpu_seq[c]), -1);
+  const int d = tw.Add();
+  active = {a, d, b};
+  double e = tw.Step(active, {{next_a}, RandomTokens(rng, 21, cfg.vocab_size), {next_b}}, &next);
+  EXPECT_LE(e, tol) << "mixed step";
+  for (int step = 0; step < 20; ++step) {  // crosses page boundaries (page_size 16)
+    std::vector<std::vector<int32_t>> toks;
+    for (int32_t t : next) toks.push_back({t});
+    e = tw.Step(active, toks, &next);
+    EXPECT_LE(e, tol) << "decode step " << step << " after the join";
+    worst = std::max(worst, e);
+  }
+  const auto& st = gpu->get()->stats();
+  EXPECT_GT(st.graph_replays, 0);
+  std::printf("[ info ] %s precision: worst logits error %.3g over %lld steps (%lld graph replays, %lld captures)\n",
+              CudaPrecisionName(prec), worst, static_cast<long long>(st.steps),
+              static_cast<long long>(st.graph_replays), static_cast<long long>(st.graph_captures));
+}
+
+TEST(CudaEngine, Fp32StepsMatchCpuEngine) {
+  EM_SKIP_WITHOUT_CUDA();
+  RunScript(CudaPrecision::kFp32, 1e-4);
+}
+
+TEST(CudaEngine, Bf16StepsNearCpuEngine) {
+  EM_SKIP_WITHOUT_CUDA();
+  RunScript(CudaPrecision::kBf16, 3e-2);
+}
+
+// The same steps with and without CUDA graphs give bitwise equal logits.
+TEST(CudaEngine, GraphReplayEqualsEager) {
+  EM_SKIP_WITHOUT_CUDA();
+  const ModelConfig cfg = Tiny();
+  for (CudaPrecision prec : {CudaPrecision::kBf16, CudaPrecision::kFp32}) {
+    auto g = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, true));
+    auto e = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, false));
+    ASSERT_TRUE(g.ok() && e.ok());
+    std::mt19937 rng(3);
+    std::vector<CudaEngine::SeqId> gs, es;
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 4; ++i) {
+      gs.push_back((*g)->NewSequence());
+      es.push_back((*e)->NewSequence());
+      prompts.push_back(RandomTokens(rng, 3 + 11 * i, cfg.vocab_size));
+    }
+    std::vector<CudaEngine::Segment> sg, se;
+    for (int i = 0; i < 4; ++i) {
+      sg.push_back({gs[i], prompts[i].data(), static_cast<int64_t>(prompts[i].size())});
+      se.push_back({es[i], prompts[i].data(), static_cast<int64_t>(prompts[i].size())});
+    }
+    std::vector<float> lg, le;
+    EM_ASSERT_OK((*g)->Forward(sg, &lg));
+    EM_ASSERT_OK((*e)->Forward(se, &le));
+    std::vector<int32_t> next(4);
+    for (int step = 0; step < 24; ++step) {
+      ASSERT_EQ(lg.size(), le.size());
+      ASSERT_EQ(0, std::memcmp(lg.data(), le.data(), lg.size() * sizeof(float)))
+          << CudaPrecisionName(prec) << " step " << step;
+      const int n = step < 12 ? 4 : 2;  // the batch shrinks: another graph
+      sg.clear();
+      se.clear();
+      for (int i = 0; i < n; ++i) {
+        next[i] = Argmax(lg.data() + i * cfg.vocab_size, cfg.vocab_size);
+        sg.push_back({gs[i], &next[i], 1});
+        se.push_back({es[i], &next[i], 1});
+      }
+      EM_ASSERT_OK((*g)->Forward(sg, &lg));
+      EM_ASSERT_OK((*e)->Forward(se, &le));
+    }
+    EXPECT_GE((*g)->stats().graph_captures, 2);
+    EXPECT_GT((*g)->stats().graph_replays, 20);
+    EXPECT_EQ((*e)->stats().graph_replays, 0);
+  }
+}
+
+// Two pipeline stages (hidden states through the host, and left on the
+// device) give the whole model's logits.
+TEST(CudaEngine, PipelineStagesEqualWholeModel) {
+  EM_SKIP_WITHOUT_CUDA();
+  const ModelConfig cfg = Tiny();
+  const CudaEngineOptions o = Opts(CudaPrecision::kFp32, false);
+  ShardFilter f0, f1;
+  f0.layer_end = 2;
+  f0.head = false;
+  f1.layer_begin = 2;
+  f1.embed = false;
+  auto whole = CudaEngine::Random(cfg, ShardFilter{}, kSeed, o);
+  auto s0 = CudaEngine::Random(cfg, f0, kSeed, o);
+  auto s1 = CudaEngine::Random(cfg, f1, kSeed, o);
+  ASSERT_TRUE(whole.ok() && s0.ok() && s1.ok());
+  EXPECT_FALSE((*s0)->has_head());
+  EXPECT_FALSE((*s1)->has_embed());
+  std::mt19937 rng(11);
+  const auto p0 = RandomTokens(rng, 9, cfg.vocab_size), p1 = RandomTokens(rng, 4, cfg.vocab_size);
+  const auto w0 = (*whole)->NewSequence(), w1 = (*whole)->NewSequence();
+  const auto a0 = (*s0)->NewSequence(), a1 = (*s0)->NewSequence();
+  const auto b0 = (*s1)->NewSequence(), b1 = (*s1)->NewSequence();
+  std::vector<float> want, got, hidden;
+  EM_ASSERT_OK((*whole)->Forward({{w0, p0.data(), 9}, {w1, p1.data(), 4}}, &want));
+  CudaEngine::StageIo io0;
+  io0.hidden_out = &hidden;
+  EM_ASSERT_OK((*s0)->Step({{a0, p0.data(), 9}, {a1, p1.data(), 4}}, io0));
+  ASSERT_EQ(hidden.size(), static_cast<size_t>(13 * cfg.hidden_size));
+  CudaEngine::StageIo io1;
+  io1.hidden_in = hidden.data();
+  io1.logits = &got;
+  EM_ASSERT_OK((*s1)->Step({{b0, nullptr, 9}, {b1, nullptr, 4}}, io1));
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
+  // A decode step of one sequence (the other idle, n == 0) with the hidden
+  // states left on the device.
+  const int32_t t0 = Argmax(want.data(), cfg.vocab_size);
+  EM_ASSERT_OK((*whole)->Forward({{w0, &t0, 1}}, &want));
+  const float* dev_hidden = nullptr;
+  CudaEngine::StageIo io2;
+  io2.device_hidden_out = &dev_hidden;
+  EM_ASSERT_OK((*s0)->Step({{a0, &t0, 1}, {a1, nullptr, 0}}, io2));
+  ASSERT_NE(dev_hidden, nullptr);
+  CudaEngine::StageIo io3;
+  io3.hidden_in = dev_hidden;
+  io3.hidden_on_device = true;
+  io3.logits = &got;
+  EM_ASSERT_OK((*s1)->Step({{b0, nullptr, 1}, {b1, nullptr, 0}}, io3));
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
+  EXPECT_EQ((*s1)->SequenceLength(b0), 10);
+  EXPECT_EQ((*s1)->SequenceLength(b1), 4);
+}
+
+TEST(CudaEngine, ErrorsSayWhatToDo) {
+  EM_SKIP_WITHOUT_CUDA();
+  const ModelConfig cfg = Tiny();
+  CudaEngineOptions o = Opts(CudaPrecision::kBf16, true);
+  o.cache_tokens = 32;  // two pages of 16
+  auto g = CudaEngine::Random(cfg, ShardFilter{}, kSeed, o);
+  ASSERT_TRUE(g.ok()) << g.status();
+  std::vector<int32_t> toks(40, 1);
+  std::vector<float> logits;
+  const auto s = (*g)->NewSequence();
+  absl::Status st = (*g)->Forward({{s, toks.data(), 40}}, &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_NE(st.message().find("--cuda-cache-tokens"), std::string::npos) << st;
+  st = (*g)->Forward({{12345, toks.data(), 1}}, &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  // The engine is still usable after the refusals.
+  EM_ASSERT_OK((*g)->Forward({{s, toks.data(), 20}}, &logits));
+  EXPECT_EQ(logits.size(), static_cast<size_t>(cfg.vocab_size));
+}
+
+}  // namespace
+}  // namespace expertmesh::worker
