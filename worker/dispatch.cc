@@ -512,7 +512,7 @@ void ExpertParallelMoe::RunLocalExperts() {
   }
 }
 
-absl::Status ExpertParallelMoe::CheckLocalExperts() const {
+absl::Status ExpertParallelMoe::CheckLocalExperts() {
   if (checked_) return absl::OkStatus();
   const EpDispatcher& d = dispatcher_;
   if (w_->hidden != d.hidden()) {

@@ -15,13 +15,16 @@
 //      through the experts the record names; the weighted outputs are summed
 //      into ONE partial row per record (weights applied where the experts are);
 //   5. combine all-to-all-v: the partial rows go back to their owners;
-//   6. combine: each token's output is the sum of its partial rows, written
+//   6. combine: each token's output is the sum of its partial rows (in a
+//      fixed order, each block added while later ones are still arriving),
 //      in the original token order. The shared expert is added locally.
 // Every rank joins both all-to-alls, also with zero tokens or zero slots.
 //
 // EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the layer below
 // runs the SwiGLU experts; the benchmark runs identity experts).
 // ExpertParallelMoe is the whole layer and equals MoeForwardLocal.
+// Both are used by one thread (the communicator's owner); buffers are kept
+// and reused from step to step. See docs/EXPERT_PARALLEL.md.
 //
 //   DispatchOptions o;
 //   o.hidden = H;
@@ -30,7 +33,8 @@
 //   RETURN_IF_ERROR(d.Dispatch(x, T, ids, weights));
 //   for (int64_t s = 0; s < d.num_local_slots(); ++s)
 //     for (const EpDispatcher::SlotEntry& e : d.slot_entries(s))
-//       ... write or add e.weight * expert(d.token(e.record)) into d.partial(e.record) ...
+//       ... d.GatherToken(e.record, row); write or add e.weight * expert(row)
+//           into d.partial(e.record) ...
 //   RETURN_IF_ERROR(d.Combine(y));
 #pragma once
 
@@ -198,14 +202,18 @@ class EpDispatcher {
 // The MoE layer with routed experts spread over the ranks of `comm`:
 // router (replicated), dispatch, this rank's slots' experts, combine, shared
 // expert. `weights` must hold the router, the shared expert and the expert of
-// every slot placed on this rank (other experts may be absent).
+// every slot placed on this rank (other experts may be absent). comm,
+// placement and weights must outlive the layer.
 class ExpertParallelMoe {
  public:
   ExpertParallelMoe(comm::Communicator* comm, const topology::ExpertPlacement* placement, const MoeWeights* weights,
                     DispatchOptions options);
 
-  // y [T, H] = routed(x) + shared(x) for this rank's T tokens (T may be 0).
-  // Blocking and collective: every rank of comm calls it once per step.
+  // y [T, H] = routed(x) + shared(x) for this rank's T tokens (T may be 0;
+  // x and y do not overlap). Blocking and collective: every rank of comm
+  // calls it once per step. kFailedPrecondition, before any exchange, when a
+  // slot's expert is not loaded here; otherwise the dispatcher's and the
+  // communicator's errors (a deadline per all-to-all).
   absl::Status Forward(const float* x, int64_t T, float* y);
 
   const EpDispatcher& dispatcher() const { return dispatcher_; }
@@ -213,11 +221,11 @@ class ExpertParallelMoe {
   double expert_seconds() const { return expert_seconds_; }
 
  private:
-  absl::Status CheckLocalExperts() const;
+  absl::Status CheckLocalExperts();
   void RunLocalExperts();
 
   const MoeWeights* w_;
-  mutable bool checked_ = false;
+  bool checked_ = false;  // CheckLocalExperts passed
   EpDispatcher dispatcher_;
   double expert_seconds_ = 0;
   std::vector<float> xin_, out_, scratch_;

@@ -28,8 +28,12 @@
 // reports a failed peer, kAborted after `Abort`, kInvalidArgument for a
 // malformed batch. After any error other than kInvalidArgument the
 // communicator is broken: the transfers of the failed batch were cancelled
-// (their buffers are free again when Run returns) and every later call fails
-// with kFailedPrecondition naming the first error. Build a new one to go on.
+// (their buffers are free again when Run returns; the one exception is an MPI
+// send that its peer had already matched and that did not finish within a
+// 0.5 s grace: MPI still owns it, so keep a failed batch's send buffers until
+// the communicator is destroyed) and every later call fails with
+// kFailedPrecondition naming the first error (kAborted after Abort). Build a
+// new one to go on.
 //
 //   ASSIGN_OR_RETURN(auto comm, CreateCommunicator("mpi", nullptr, {}));
 //   Batch b;
