@@ -1,7 +1,9 @@
 // `expertmesh plan`: the capacity planner. Evaluates one deployment, or
 // searches all feasible ones under SLOs (ranked table + Pareto front), sizes a
-// fleet for a daily token volume, discovers the local machine, and prints the
-// validation table against published DeepSeek-V3 figures. See docs/PLANNER.md.
+// fleet for a daily token volume, discovers the local machine, prints the
+// validation table against published DeepSeek-V3 figures, calibrates a CPU
+// host's topology from `expertmesh bench` results and predicts a `bench
+// serve` batch job (--phase job). See docs/PLANNER.md.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +18,8 @@
 #include "common/status.h"
 #include "launch/flags.h"
 #include "launch/verbs.h"
+#include "topology/batch_job.h"
+#include "topology/calibration.h"
 #include "topology/cluster.h"
 #include "topology/discover.h"
 #include "topology/search.h"
@@ -27,7 +31,10 @@
 ABSL_FLAG(std::string, model, "deepseek-v3", "model preset (deepseek-v3, small, tiny) or path to config.json");
 ABSL_FLAG(std::string, topology, "", "cluster topology YAML (examples/topologies/)");
 ABSL_FLAG(std::string, workload, "", "workload YAML (examples/workloads/); default: 4K prompts, uniform load");
-ABSL_FLAG(std::string, phase, "", "prefill | decode (default: the workload's phase; `both` searches both)");
+ABSL_FLAG(std::string, phase, "",
+          "prefill | decode (default: the workload's phase; `both` searches both) | job: one batch job as `expertmesh "
+          "bench serve` runs it (--num-prompts, --prompt-len, --max-new-tokens on --pp x --ep; the tokens/s it "
+          "reports), or the job of a --measured result");
 ABSL_FLAG(int64_t, nodes, 0, "evaluate one plan on this many nodes (with --ep, --pp, ...); 0: search");
 // --pp, --ep and --redundant-experts are the shared cluster flags of launch/flags.cc; for `plan`, an
 // unset --ep means nodes * devices per node / pp and an unset --redundant-experts the smallest count
@@ -46,6 +53,17 @@ ABSL_FLAG(std::string, plot, "", "write an SVG: throughput vs latency with the P
                                  "step-time breakdown (one plan)");
 ABSL_FLAG(bool, discover, false, "print this machine's topology as YAML (hwloc or /proc, nvidia-smi when present)");
 ABSL_FLAG(bool, validate, false, "print predicted vs published DeepSeek-V3 figures with relative errors");
+ABSL_FLAG(std::vector<std::string>, calibrate_from, {},
+          "bench result files (JSON of `expertmesh bench layer`, `bench moe-alltoall`, `bench serve`, or "
+          "examples/planning/local-calibration/bench.json): fit the --topology CPU host's efficiency parameters and "
+          "print the calibrated topology YAML (examples/planning/calibrate_local.sh)");
+ABSL_FLAG(std::string, measured, "",
+          "--phase job: a `bench serve --json` result (or a file wrapping it); predicts that job (preset, pp, ep, "
+          "prompts, prompt length, new tokens taken from it unless given) and prints predicted vs measured");
+
+// `bench serve`'s job flags (launch/bench_serve.cc), read by --phase job.
+ABSL_DECLARE_FLAG(int32_t, num_prompts);
+ABSL_DECLARE_FLAG(int32_t, prompt_len);
 
 namespace expertmesh::launch {
 namespace {
@@ -184,6 +202,93 @@ int EvaluateOne(const ModelConfig& cfg, const topology::Cluster& c, const topolo
   for (const auto& [k, v] : r->critical_path_ms) std::printf("  %s %.2f", k.c_str(), v);
   std::printf("\n");
   return r->fits ? 0 : 4;
+}
+
+// --phase job: one batch job of `expertmesh bench serve`, predicted (and
+// compared with a measured result when --measured is given).
+int EvaluateJob(const topology::Cluster& c, const topology::Workload& w) {
+  nlohmann::json measured;
+  if (!absl::GetFlag(FLAGS_measured).empty()) {
+    auto found = topology::ReadBenchResults({absl::GetFlag(FLAGS_measured)});
+    if (!found.ok()) return Fail(found.status());
+    // A file of several runs: the one with the --pp / --ep given (else the first).
+    for (const auto& j : *found) {
+      if (!j.contains("stages") || !j.contains("tokens_per_s")) continue;
+      if (IsSet("pp") && j.value("pp", 0) != absl::GetFlag(FLAGS_pp)) continue;
+      if (IsSet("ep") && j.value("ep", 0) != absl::GetFlag(FLAGS_ep)) continue;
+      measured = j;
+      break;
+    }
+    if (measured.is_null()) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat(absl::GetFlag(FLAGS_measured), ": no `expertmesh bench serve --json` result in it")));
+    }
+  }
+  auto num = [&](const char* key) { return measured.contains(key) ? measured[key].get<double>() : 0.0; };
+  const bool from_file = !measured.is_null();
+  std::string model = absl::GetFlag(FLAGS_model);
+  if (from_file && !IsSet("model")) model = measured.value("preset", model);
+  auto cfg = ModelConfig::FromPresetOrPath(model);
+  if (!cfg.ok()) return Fail(cfg.status());
+  topology::BatchJob job;
+  job.prompts = from_file && !IsSet("num_prompts") ? static_cast<int64_t>(num("prompts"))
+                                                    : absl::GetFlag(FLAGS_num_prompts);
+  job.prompt_len = from_file && !IsSet("prompt_len") ? static_cast<int64_t>(num("prompt_len"))
+                                                      : absl::GetFlag(FLAGS_prompt_len);
+  if (from_file && !IsSet("max_new_tokens")) {
+    job.max_new_tokens = measured.contains("max_new_tokens")
+                             ? static_cast<int64_t>(num("max_new_tokens"))
+                             : static_cast<int64_t>(std::llround(num("generated_tokens") / std::max(1.0, num("prompts"))));
+  } else {
+    job.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  }
+  const int64_t pp = from_file && !IsSet("pp") ? static_cast<int64_t>(num("pp")) : absl::GetFlag(FLAGS_pp);
+  const int64_t ep = from_file && !IsSet("ep") ? static_cast<int64_t>(num("ep")) : absl::GetFlag(FLAGS_ep);
+  int64_t red = IsSet("redundant_experts") ? absl::GetFlag(FLAGS_redundant_experts) : 0;
+  while (!IsSet("redundant_experts") && (cfg->n_routed_experts + red) % ep != 0) ++red;
+  const int64_t nodes = std::max<int64_t>(1, absl::GetFlag(FLAGS_nodes));
+  auto r = topology::SimulateBatchJob(*cfg, c, w, nodes, pp, ep, red, job);
+  if (!r.ok()) return Fail(r.status());
+  const double err = from_file ? (r->tokens_per_s - num("tokens_per_s")) / num("tokens_per_s") : 0.0;
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = r->ToJson();
+    j["phase"] = "job";
+    j["model"] = model;
+    j["topology"] = c.name;
+    // The required keys of every `plan --json`: the job's devices and decode step.
+    const double devices = static_cast<double>(pp * ep);
+    j["tokens_per_s_per_device"] = r->tokens_per_s / devices;
+    j["tokens_per_s_per_node"] = r->tokens_per_s / static_cast<double>(nodes);
+    j["bottleneck"] = r->decode_step.bottleneck;
+    if (from_file) {
+      j["measured"] = {{"tokens_per_s", num("tokens_per_s")}, {"wall_s", num("wall_s")},
+                       {"generated_tokens", num("generated_tokens")}};
+      j["relative_error"] = err;
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("job: %lld prompts x %lld tokens, %lld new tokens each, on PP%lld x EP%lld (%s, %s; core share %.2f)\n",
+              static_cast<long long>(job.prompts), static_cast<long long>(job.prompt_len),
+              static_cast<long long>(job.max_new_tokens), static_cast<long long>(pp), static_cast<long long>(ep),
+              model.c_str(), c.name.c_str(), r->core_share);
+  std::printf("  %lld sequences per lane, %lld per micro-batch\n", static_cast<long long>(r->sequences_per_lane),
+              static_cast<long long>(r->sequences_per_micro_batch));
+  std::printf("  prefill %.3f s (stage step %.1f ms) + decode %.3f s (%lld x %lld stage steps of %.1f ms) + "
+              "overhead %.3f s = %.3f s\n",
+              r->prefill_s, r->prefill_step.stage_time_ms, r->decode_s,
+              static_cast<long long>(job.max_new_tokens - 1), static_cast<long long>(pp), r->decode_step.stage_time_ms,
+              r->overhead_s, r->wall_s);
+  std::printf("  predicted: %.1f generated tokens/s (%.1f prompt tokens/s)\n", r->tokens_per_s,
+              r->prompt_tokens_per_s);
+  if (from_file) {
+    std::printf("  measured:  %.1f generated tokens/s in %.3f s   error %+.1f%%\n", num("tokens_per_s"),
+                num("wall_s"), 100 * err);
+  }
+  std::printf("  decode stage step (ms):");
+  for (const auto& [k, v] : r->decode_step.breakdown_ms) std::printf("  %s %.2f", k.c_str(), v);
+  std::printf("\n");
+  return 0;
 }
 
 std::string SloText(Phase phase, const topology::SearchOptions& o) {
@@ -328,6 +433,21 @@ int PlanMain(int argc, char** argv) {
     }
     return topology::ValidationWithinBounds(*rows) ? 0 : 6;
   }
+  if (!absl::GetFlag(FLAGS_calibrate_from).empty()) {
+    if (absl::GetFlag(FLAGS_topology).empty()) {
+      return Fail(absl::InvalidArgumentError(
+          "--calibrate-from needs --topology BASE.yaml: the CPU host to calibrate (e.g. "
+          "examples/topologies/cpu-2core.yaml)"));
+    }
+    auto base = topology::LoadClusterFile(absl::GetFlag(FLAGS_topology));
+    if (!base.ok()) return Fail(base.status());
+    auto benches = topology::ReadBenchResults(absl::GetFlag(FLAGS_calibrate_from));
+    if (!benches.ok()) return Fail(benches.status());
+    auto cal = topology::CalibrateCpuHost(*base, *benches);
+    if (!cal.ok()) return Fail(cal.status());
+    std::printf("%s", cal->Yaml().c_str());
+    return 0;
+  }
   if (absl::GetFlag(FLAGS_topology).empty()) {
     return Fail(absl::InvalidArgumentError(
         "--topology FILE is required (examples/topologies/*.yaml, or write one with `expertmesh plan --discover`)"));
@@ -339,6 +459,9 @@ int PlanMain(int argc, char** argv) {
   auto w = LoadWorkload();
   if (!w.ok()) return Fail(w.status());
   std::string phase = absl::GetFlag(FLAGS_phase);
+  if (phase == "job" || (phase.empty() && !absl::GetFlag(FLAGS_measured).empty())) {
+    return EvaluateJob(*cluster, *w);
+  }
   if (phase.empty()) phase = w->phase;
   if (absl::GetFlag(FLAGS_nodes) > 0) {
     if (phase == "both") phase = "decode";

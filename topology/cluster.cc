@@ -34,6 +34,28 @@ double DeviceSpec::WeightBytes() const {
   return 4.0;
 }
 
+double DeviceSpec::CoreShare(int64_t devices_on_node) const {
+  if (host_cores <= 0 || devices_on_node <= host_cores) return 1.0;
+  return static_cast<double>(host_cores) / static_cast<double>(devices_on_node);
+}
+
+Cluster Cluster::WithCoreShare(int64_t devices_on_node) const {
+  Cluster c = *this;
+  const double s = node.device.CoreShare(devices_on_node);
+  if (s >= 1.0) return c;
+  DeviceSpec& d = c.node.device;
+  d.tflops_fp8_dense *= s;
+  d.tflops_bf16_dense *= s;
+  d.tflops_fp32_dense *= s;
+  d.hbm_gbytes_per_s *= s;
+  d.efficiency.kernel_overhead_us /= s;
+  d.efficiency.step_overhead_ms /= s;
+  // MPI over shared memory: the copies are CPU work of the two processes.
+  c.node.intra_node.gbytes_per_s_per_direction *= s;
+  c.node.intra_node.latency_us /= s;
+  return c;
+}
+
 double Cluster::NicBytesPerSPerDevice() const {
   if (node.nics.count <= 0 || node.device.count <= 0) return 0;
   return node.nics.gbits_per_s_per_direction * 1e9 / 8.0 * static_cast<double>(node.nics.count) /
@@ -89,6 +111,7 @@ Efficiency FamilyEfficiency(const std::string& family) {
   } else if (family == "cpu") {
     e.gemm_fp8 = 0.5;
     e.gemm_bf16 = 0.5;
+    e.gemm_fp32 = 0.5;
     e.attention_prefill = 0.3;
     e.attention_decode_compute = 0.3;
     e.attention_decode_memory = 0.5;
@@ -96,6 +119,9 @@ Efficiency FamilyEfficiency(const std::string& family) {
     e.kernel_overhead_us = 2.0;
     e.step_overhead_ms = 1.0;
     e.comm_sms = 0;
+    // Single-threaded OpenBLAS packs the weight panel before computing on it:
+    // memory and compute time add (docs/PLANNER.md, "Local calibration").
+    e.memory_compute_overlap = 0.0;
   }
   return e;
 }
@@ -117,11 +143,19 @@ absl::Status ParseEfficiency(MapReader& r, Efficiency* e) {
   RETURN_IF_ERROR(r.Double("kernel_overhead_us", false, &e->kernel_overhead_us));
   RETURN_IF_ERROR(r.Double("step_overhead_ms", false, &e->step_overhead_ms));
   RETURN_IF_ERROR(r.Int("comm_sms", false, &e->comm_sms));
-  for (double f : {e->gemm_fp8, e->gemm_bf16, e->attention_prefill, e->attention_decode_compute,
+  RETURN_IF_ERROR(r.Double("gemm_fp32", false, &e->gemm_fp32));
+  RETURN_IF_ERROR(r.Double("memory_compute_overlap", false, &e->memory_compute_overlap));
+  for (double f : {e->gemm_fp8, e->gemm_bf16, e->gemm_fp32, e->attention_prefill, e->attention_decode_compute,
                    e->attention_decode_memory, e->hbm}) {
     if (f <= 0 || f > 1) {
       return r.Error("efficiency fractions (gemm_*, attention_*, hbm) must be in (0, 1]");
     }
+  }
+  if (e->memory_compute_overlap < 0 || e->memory_compute_overlap > 1) {
+    return r.Error("`memory_compute_overlap` must be in [0, 1] (1: max of compute and memory time, 0: their sum)");
+  }
+  if (e->kernel_overhead_us < 0 || e->step_overhead_ms < 0) {
+    return r.Error("`kernel_overhead_us` and `step_overhead_ms` must be >= 0");
   }
   return r.CheckNoUnknownKeys();
 }
@@ -197,6 +231,12 @@ absl::StatusOr<Cluster> ParseClusterYaml(const std::string& text, const std::str
   RETURN_IF_ERROR(dev.Double("runtime_reserved_gib", false, &d.runtime_reserved_gib));
   d.gemm_dtype = d.tflops_fp8_dense > 0 ? "fp8" : (d.tflops_bf16_dense > 0 ? "bf16" : "fp32");
   RETURN_IF_ERROR(dev.String("gemm_dtype", false, &d.gemm_dtype, {"fp8", "bf16", "fp32"}));
+  d.runtime_path = Lower(d.kind).find("cpu") != std::string::npos ? "cpu" : "gpu";
+  RETURN_IF_ERROR(dev.String("runtime_path", false, &d.runtime_path, {"gpu", "cpu"}));
+  RETURN_IF_ERROR(dev.Int("host_cores", false, &d.host_cores, 0));
+  if (d.runtime_path == "cpu" && d.gemm_dtype != "fp32") {
+    return dev.Error("`node.device.runtime_path: cpu` computes in fp32: set `gemm_dtype: fp32`");
+  }
   if ((d.gemm_dtype == "fp8" && d.tflops_fp8_dense <= 0) || (d.gemm_dtype == "bf16" && d.tflops_bf16_dense <= 0)) {
     return dev.Error(absl::StrCat("`node.device.gemm_dtype` is ", d.gemm_dtype, " but tflops_", d.gemm_dtype,
                                   "_dense is not set"));
@@ -265,12 +305,19 @@ std::string ClusterToYaml(const Cluster& c) {
                         d.hbm_gbytes_per_s, d.sm_count);
   absl::StrAppendFormat(&s, "    runtime_reserved_gib: %g\n    gemm_dtype: %s\n", d.runtime_reserved_gib,
                         d.gemm_dtype);
+  absl::StrAppendFormat(&s, "    runtime_path: %s\n", 
+                        !d.runtime_path.empty() ? d.runtime_path
+                        : Lower(d.kind).find("cpu") != std::string::npos ? "cpu"
+                                                                           : "gpu");
+  if (d.host_cores > 0) absl::StrAppendFormat(&s, "    host_cores: %d\n", d.host_cores);
   absl::StrAppendFormat(&s,
                         "    efficiency:\n      gemm_fp8: %g\n      gemm_bf16: %g\n      attention_prefill: %g\n"
                         "      attention_decode_compute: %g\n      attention_decode_memory: %g\n      hbm: %g\n"
-                        "      kernel_overhead_us: %g\n      step_overhead_ms: %g\n      comm_sms: %d\n",
+                        "      kernel_overhead_us: %g\n      step_overhead_ms: %g\n      comm_sms: %d\n"
+                        "      gemm_fp32: %g\n      memory_compute_overlap: %g\n",
                         e.gemm_fp8, e.gemm_bf16, e.attention_prefill, e.attention_decode_compute,
-                        e.attention_decode_memory, e.hbm, e.kernel_overhead_us, e.step_overhead_ms, e.comm_sms);
+                        e.attention_decode_memory, e.hbm, e.kernel_overhead_us, e.step_overhead_ms, e.comm_sms,
+                        e.gemm_fp32, e.memory_compute_overlap);
   const FabricSpec& f = c.node.intra_node;
   absl::StrAppendFormat(&s,
                         "  intra_node:\n    kind: %s\n    gbytes_per_s_per_direction: %g\n    latency_us: %g\n"

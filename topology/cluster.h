@@ -32,6 +32,12 @@ struct Efficiency {
   double kernel_overhead_us = 4.0;         // fixed cost of one kernel (launch gap, ramp-up, tail), microseconds
   double step_overhead_ms = 0.0;           // host work per forward step (scheduling, sampling), milliseconds
   int64_t comm_sms = 0;                    // SMs a throughput-mode all-to-all kernel occupies while it runs
+  double gemm_fp32 = 0.5;                  // compute-bound FP32 GEMM (gemm_dtype fp32: every GEMM), fraction of FP32 peak
+  // How an operation's compute and memory times combine: 1 = max(compute,
+  // memory) (GPU kernels stream operands while computing); 0 = their sum
+  // (single-threaded BLAS packs operands, then computes); in between: max +
+  // (1 - overlap) * min.
+  double memory_compute_overlap = 1.0;
 };
 
 struct DeviceSpec {
@@ -45,6 +51,19 @@ struct DeviceSpec {
   int64_t sm_count = 0;             // streaming multiprocessors (GPU) or cores (CPU)
   double runtime_reserved_gib = 0;  // memory the runtime keeps (context, allocator slack, workspaces)
   std::string gemm_dtype;           // weights/GEMM dtype the runtime uses here: fp8, bf16 or fp32
+  // Which code path of the runtime runs on this device (docs/PLANNER.md,
+  // "Runtime paths"): "gpu" (fused and grouped kernels, DeepEP-style
+  // all-to-all with FP8 dispatch, two-micro-batch overlap) or "cpu" (OpenBLAS:
+  // one SGEMM per local expert with tokens, five per head and sequence in
+  // decode attention; fp32 activations, KV cache and MPI all-to-all, one
+  // message per (token, destination rank); no compute/communication overlap).
+  std::string runtime_path;
+  // CPU hosts: cores that all devices (runtime processes) of a node share; 0:
+  // every device is its own hardware. A plan with more devices on a node than
+  // cores gives each device host_cores / devices of the node's time: its
+  // compute, memory and fabric rates scale by that share, its fixed overheads
+  // by the inverse (see CoreShare).
+  int64_t host_cores = 0;
   Efficiency efficiency;
 
   // Peak dense FLOP/s for the GEMM dtype (fp8 -> fp8 peak, ...), and for BF16
@@ -53,6 +72,10 @@ struct DeviceSpec {
   double Bf16Flops() const;
   // Bytes per weight element for gemm_dtype (fp8: 1, bf16: 2, fp32: 4).
   double WeightBytes() const;
+  bool cpu_path() const { return runtime_path == "cpu"; }
+  // Share of a core each device gets when `devices_on_node` devices run on a
+  // node: min(1, host_cores / devices_on_node); 1 when host_cores is 0.
+  double CoreShare(int64_t devices_on_node) const;
 };
 
 // The fabric between devices of one node (NVLink/NVSwitch, PCIe, or shared
@@ -90,6 +113,11 @@ struct Cluster {
   double NicBytesPerSPerDevice() const;
   // Intra-node fabric bandwidth of one device, bytes/s per direction.
   double FabricBytesPerS() const;
+  // This cluster as seen by each device when `devices_on_node` devices share a
+  // node (node.device.host_cores): peaks, memory bandwidth and intra-node
+  // fabric bandwidth times the core share, kernel/step overheads and fabric
+  // latency divided by it. Unchanged when the share is 1.
+  Cluster WithCoreShare(int64_t devices_on_node) const;
 };
 
 // Parses a topology YAML document; `source` names it in error messages.

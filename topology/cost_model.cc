@@ -1,6 +1,7 @@
 #include "topology/cost_model.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -80,6 +81,7 @@ ModelWeights CountWeights(const ModelConfig& cfg) {
 }
 
 int64_t KvBytesPerTokenLayer(const ModelConfig& cfg, const std::string& kv_dtype) {
+  if (kv_dtype == "fp32") return 4 * cfg.kv_cache_dim();
   if (kv_dtype == "fp8") {
     // Latent in FP8 + one fp32 scale per 128 values + rope part in BF16 (FlashMLA FP8 layout).
     return cfg.kv_lora_rank + 4 * ((cfg.kv_lora_rank + 127) / 128) + 2 * cfg.qk_rope_head_dim;
@@ -108,12 +110,24 @@ const char* LimiterName(Limiter l) {
 double DeviceCostModel::ActInBytes() const { return d_.gemm_dtype == "fp8" ? 1.0 : ActOutBytes(); }
 double DeviceCostModel::ActOutBytes() const { return d_.gemm_dtype == "fp32" ? 4.0 : 2.0; }
 
+double DeviceCostModel::Combine(double tc, double tm) const {
+  const double ov = d_.efficiency.memory_compute_overlap;
+  return std::max(tc, tm) + (1.0 - ov) * std::min(tc, tm);
+}
+
+double DeviceCostModel::GemmRate(bool quantized_weight) const {
+  const Efficiency& e = d_.efficiency;
+  if (d_.gemm_dtype == "fp32") return d_.GemmFlops() * e.gemm_fp32;  // every GEMM is an SGEMM
+  if (quantized_weight) return d_.GemmFlops() * (d_.gemm_dtype == "fp8" ? e.gemm_fp8 : e.gemm_bf16);
+  return d_.Bf16Flops() * e.gemm_bf16;
+}
+
 OpCost DeviceCostModel::Finish(OpCost op, double compute_rate) const {
   const double tc = compute_rate > 0 ? op.flops / compute_rate : 0;
   const double tm = op.bytes / MemRate();
-  const double to = static_cast<double>(op.kernels) * d_.efficiency.kernel_overhead_us * 1e-6;
-  op.seconds = std::max(tc, tm) + to;
-  if (to > std::max(tc, tm)) {
+  const double to = op.kernels * d_.efficiency.kernel_overhead_us * 1e-6;
+  op.seconds = Combine(tc, tm) + to;
+  if (to > Combine(tc, tm)) {
     op.limiter = Limiter::kOverhead;
   } else {
     op.limiter = tc >= tm ? Limiter::kCompute : Limiter::kMemory;
@@ -121,64 +135,84 @@ OpCost DeviceCostModel::Finish(OpCost op, double compute_rate) const {
   return op;
 }
 
-OpCost DeviceCostModel::Gemm(const std::string& name, double m, double k, double n, bool quantized_weight) const {
+OpCost DeviceCostModel::Gemm(const std::string& name, double m, double k, double n, bool quantized_weight,
+                             double calls, double weight_reads) const {
   OpCost op{name};
   op.flops = 2.0 * m * k * n;
   double wbytes;
-  double rate;
   if (quantized_weight) {
     wbytes = d_.WeightBytes() + (d_.gemm_dtype == "fp8" ? 4.0 / (128.0 * 128.0) : 0.0);
-    rate = d_.GemmFlops() * (d_.gemm_dtype == "fp8" ? d_.efficiency.gemm_fp8 : d_.efficiency.gemm_bf16);
-    op.bytes = k * n * wbytes + m * k * ActInBytes() + m * n * ActOutBytes();
+    op.bytes = weight_reads * k * n * wbytes + m * k * ActInBytes() + m * n * ActOutBytes();
   } else {
     wbytes = d_.gemm_dtype == "fp32" ? 4.0 : 2.0;
-    rate = d_.Bf16Flops() * d_.efficiency.gemm_bf16;
-    op.bytes = k * n * wbytes + (m * k + m * n) * ActOutBytes();
+    op.bytes = weight_reads * k * n * wbytes + (m * k + m * n) * ActOutBytes();
   }
-  op.kernels = 1;
-  return Finish(op, rate);
+  op.kernels = calls;
+  return Finish(op, GemmRate(quantized_weight));
+}
+
+double ExpectedMaxOfNormals(int64_t n) {
+  // Tabulated for small n (Teichroew 1956); Blom's approximation beyond.
+  static const double kTable[] = {0, 0, 0.5642, 0.8463, 1.0294, 1.1630, 1.2672, 1.3522, 1.4236};
+  if (n <= 1) return 0;
+  if (n <= 8) return kTable[n];
+  // Phi^-1((n - 0.375) / (n + 0.25)) by a rational approximation of the inverse normal tail.
+  const double p = (static_cast<double>(n) - 0.375) / (static_cast<double>(n) + 0.25);
+  const double t = std::sqrt(-2.0 * std::log(1.0 - p));
+  return t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t);
 }
 
 OpCost DeviceCostModel::GroupedGemm(const std::string& name, const std::vector<double>& tokens_per_expert, double k,
-                                    double n) const {
+                                    double n, int64_t max_of_ranks) const {
   OpCost op{name};
-  double rows = 0;
-  for (double t : tokens_per_expert) rows += t;
+  double rows = 0, touched = 0, touched_var = 0;
+  for (double t : tokens_per_expert) {
+    rows += t;
+    const double p = 1.0 - std::exp(-std::max(t, 0.0));  // P(expert receives >= 1 token)
+    touched += p;
+    touched_var += p * (1.0 - p);
+  }
+  touched = std::min(static_cast<double>(tokens_per_expert.size()),
+                     touched + ExpectedMaxOfNormals(max_of_ranks) * std::sqrt(touched_var));
   const double wbytes = d_.WeightBytes() + (d_.gemm_dtype == "fp8" ? 4.0 / (128.0 * 128.0) : 0.0);
   op.flops = 2.0 * rows * k * n;
-  op.bytes = static_cast<double>(tokens_per_expert.size()) * k * n * wbytes + rows * (k * ActInBytes() + n * ActOutBytes());
-  op.kernels = tokens_per_expert.empty() ? 0 : 1;
-  const double rate = d_.GemmFlops() * (d_.gemm_dtype == "fp8" ? d_.efficiency.gemm_fp8 : d_.efficiency.gemm_bf16);
-  return Finish(op, rate);
+  op.bytes = touched * k * n * wbytes + rows * (k * ActInBytes() + n * ActOutBytes());
+  if (d_.cpu_path()) {
+    op.kernels = touched;
+  } else {
+    op.kernels = tokens_per_expert.empty() ? 0 : 1;
+  }
+  return Finish(op, GemmRate(true));
 }
 
-OpCost DeviceCostModel::Elementwise(const std::string& name, double bytes, int64_t kernels) const {
+OpCost DeviceCostModel::Elementwise(const std::string& name, double bytes, double kernels) const {
   OpCost op{name};
   op.bytes = bytes;
   op.kernels = kernels;
   return Finish(op, 0);
 }
 
-OpCost DeviceCostModel::AttentionPrefill(const std::string& name, double flops, double bytes) const {
+OpCost DeviceCostModel::AttentionPrefill(const std::string& name, double flops, double bytes, double calls) const {
   OpCost op{name};
   op.flops = flops;
   op.bytes = bytes;
-  op.kernels = 1;
+  op.kernels = calls;
   return Finish(op, d_.Bf16Flops() * d_.efficiency.attention_prefill);
 }
 
-OpCost DeviceCostModel::AttentionDecode(const std::string& name, double flops, double bytes) const {
+OpCost DeviceCostModel::AttentionDecode(const std::string& name, double flops, double bytes, double calls) const {
   // The decode kernel has its own memory efficiency (FlashMLA streams the
   // cache near peak bandwidth), so it is timed here rather than by Finish.
+  // GPU: split-KV attention + the combine of the splits (2 launches).
   OpCost op{name};
   op.flops = flops;
   op.bytes = bytes;
-  op.kernels = 2;  // split-KV attention + the combine of the splits
+  op.kernels = calls;
   const double tc = flops / (d_.Bf16Flops() * d_.efficiency.attention_decode_compute);
   const double tm = bytes / (d_.hbm_gbytes_per_s * 1e9 * d_.efficiency.attention_decode_memory);
-  const double to = 2 * d_.efficiency.kernel_overhead_us * 1e-6;
-  op.seconds = std::max(tc, tm) + to;
-  op.limiter = to > std::max(tc, tm) ? Limiter::kOverhead : (tc >= tm ? Limiter::kCompute : Limiter::kMemory);
+  const double to = calls * d_.efficiency.kernel_overhead_us * 1e-6;
+  op.seconds = Combine(tc, tm) + to;
+  op.limiter = to > Combine(tc, tm) ? Limiter::kOverhead : (tc >= tm ? Limiter::kCompute : Limiter::kMemory);
   return op;
 }
 
@@ -204,22 +238,28 @@ std::vector<OpCost> AttentionOps(const ModelConfig& c, const DeviceCostModel& de
   // kv_a_layernorm + rotary on q and k + append to the latent cache.
   ops.push_back(dev.Elementwise("kv_norm_rope_cache",
                                 T * (lora + rope) * 2 * a2 + T * nh * rope * 2 * a2 + T * static_cast<double>(kvb), 2));
+  // The CPU path runs attention one sequence at a time (kernels/cpu MlaExpanded
+  // and MlaAbsorbed): prefill one kv_b expansion per sequence and 3 SGEMMs per
+  // head; decode 5 SGEMMs per head (absorb q, two score parts, P x latent,
+  // absorb v), reading kv_b once per sequence. The GPU path launches each once
+  // for the whole batch.
+  const bool cpu = dev.device().cpu_path();
   if (!b.decode) {
     const double n = T / S;  // new tokens per sequence
     const double ctx_tokens = T + S * b.context;
     // Expand the latent K/V of the whole context (cached prefix included) per head.
-    ops.push_back(dev.Gemm("kv_b_proj", ctx_tokens, lora, nh * (nope + v), true));
+    ops.push_back(dev.Gemm("kv_b_proj", ctx_tokens, lora, nh * (nope + v), true, cpu ? S : 1, cpu ? S : 1));
     const double pairs = S * (n * b.context + n * (n + 1) / 2);  // causal (query, key) pairs
     const double flops = 2.0 * nh * (qk + v) * pairs;
     const double bytes = (T * nh * qk + ctx_tokens * nh * (qk + v) + T * nh * v) * a2;
-    ops.push_back(dev.AttentionPrefill("attention_core", flops, bytes));
+    ops.push_back(dev.AttentionPrefill("attention_core", flops, bytes, cpu ? 3 * nh * S : 1));
   } else {
     // Weight-absorbed MLA: q_nope -> latent, attention over the latent cache, latent -> v.
-    ops.push_back(dev.Gemm("q_absorb_bmm", T, nh * nope, lora, false));
+    ops.push_back(dev.Gemm("q_absorb_bmm", T, nh * nope, lora, false, cpu ? nh * S : 1, cpu ? S : 1));
     const double flops = 2.0 * nh * ((lora + rope) + lora) * b.context * T;
     const double bytes = S * b.context * static_cast<double>(kvb) + T * nh * (lora + rope + lora) * a2;
-    ops.push_back(dev.AttentionDecode("attention_core_mla", flops, bytes));
-    ops.push_back(dev.Gemm("v_absorb_bmm", T, nh * lora, v, false));
+    ops.push_back(dev.AttentionDecode("attention_core_mla", flops, bytes, cpu ? 3 * nh * S : 2));
+    ops.push_back(dev.Gemm("v_absorb_bmm", T, nh * lora, v, false, cpu ? nh * S : 1, cpu ? S : 1));
   }
   ops.push_back(dev.Elementwise("o_quant", T * nh * v * (a2 + a1), 1));
   ops.push_back(dev.Gemm("o_proj", T, nh * v, H, true));
@@ -252,14 +292,14 @@ std::vector<OpCost> SharedExpertOps(const ModelConfig& c, const DeviceCostModel&
 }
 
 std::vector<OpCost> RoutedExpertOps(const ModelConfig& c, const DeviceCostModel& dev,
-                                    const std::vector<double>& per_expert, double T) {
+                                    const std::vector<double>& per_expert, double T, int64_t max_of_ranks) {
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.moe_intermediate_size);
   const double a2 = dev.ActOutBytes(), a1 = dev.ActInBytes();
   double rows = 0;
   for (double t : per_expert) rows += t;
-  return {dev.GroupedGemm("experts_gate_up", per_expert, H, 2 * I),
+  return {dev.GroupedGemm("experts_gate_up", per_expert, H, 2 * I, max_of_ranks),
           dev.Elementwise("experts_swiglu", rows * I * (2 * a2 + a1), 1),
-          dev.GroupedGemm("experts_down", per_expert, I, H),
+          dev.GroupedGemm("experts_down", per_expert, I, H, max_of_ranks),
           // Weighted sum of the combined expert outputs + shared expert + residual.
           dev.Elementwise("moe_output_sum", T * H * 4 * a2, 1)};
 }

@@ -49,7 +49,8 @@ ModelWeights CountWeights(const ModelConfig& cfg);
 
 // KV cache bytes per token per layer: (kv_lora_rank + qk_rope_head_dim) values;
 // bf16: 2 B each (1,152 B at V3 size, 70,272 B over 61 layers); fp8: FlashMLA's
-// layout (latent in FP8 with one fp32 scale per 128 values, rope part BF16: 656 B).
+// layout (latent in FP8 with one fp32 scale per 128 values, rope part BF16: 656 B);
+// fp32: 4 B each (the CPU runtime's cache).
 int64_t KvBytesPerTokenLayer(const ModelConfig& cfg, const std::string& kv_dtype);
 
 enum class Limiter { kCompute, kMemory, kOverhead, kNvlink, kNic, kPipeline };
@@ -59,13 +60,14 @@ struct OpCost {
   std::string name;
   double flops = 0;
   double bytes = 0;      // HBM bytes (link bytes for communication)
-  int64_t kernels = 0;
+  double kernels = 0;    // launches (GPU) or BLAS calls (CPU path); expected values may be fractional
   double seconds = 0;
   Limiter limiter = Limiter::kCompute;
 };
 
-// Roofline timing on one device: time = max(flops / (peak * eff), bytes /
-// (HBM * eff_hbm)) + kernels * kernel_overhead.
+// Roofline timing on one device: time = combine(flops / (peak * eff), bytes /
+// (HBM * eff_hbm)) + kernels * kernel_overhead, where combine is the max of the
+// two (memory_compute_overlap = 1, GPUs) or their sum (0, single-threaded BLAS).
 class DeviceCostModel {
  public:
   explicit DeviceCostModel(const DeviceSpec& d) : d_(d) {}
@@ -73,14 +75,30 @@ class DeviceCostModel {
 
   // [m, k] x [k, n]. `quantized_weight`: the weight is an FP8-checkpoint linear
   // (runs in the device's gemm_dtype); otherwise BF16 (router, head, absorbed
-  // MLA BMMs).
-  OpCost Gemm(const std::string& name, double m, double k, double n, bool quantized_weight) const;
-  // One launch over several experts: tokens_per_expert[i] rows for local expert i.
+  // MLA BMMs); with gemm_dtype fp32 every GEMM is an SGEMM. `calls`: how many
+  // launches / BLAS calls the runtime splits it into (fixed cost each).
+  // `weight_reads`: how often the weight is read (the CPU path reads the MLA
+  // absorb / expand weights once per sequence).
+  OpCost Gemm(const std::string& name, double m, double k, double n, bool quantized_weight,
+              double calls = 1, double weight_reads = 1) const;
+  // Several experts: tokens_per_expert[i] rows (an expected count) for local
+  // expert i. Only experts that receive a token read their weights: expert i
+  // is touched with probability 1 - exp(-tokens_per_expert[i]) (Poisson
+  // arrivals), which matters only for small decode batches. GPU path: one
+  // grouped launch; CPU path: one SGEMM per touched expert.
+  // `max_of_ranks` > 1: this device is the slowest of that many EP ranks that
+  // wait for each other at the all-to-all; the touched-expert count is then
+  // its expected maximum over the ranks, mean + c(ranks) x its standard
+  // deviation (c = expected maximum of that many standard normals).
   OpCost GroupedGemm(const std::string& name, const std::vector<double>& tokens_per_expert, double k,
-                     double n) const;
-  OpCost Elementwise(const std::string& name, double bytes, int64_t kernels) const;
-  OpCost AttentionPrefill(const std::string& name, double flops, double bytes) const;
-  OpCost AttentionDecode(const std::string& name, double flops, double bytes) const;
+                     double n, int64_t max_of_ranks = 1) const;
+  OpCost Elementwise(const std::string& name, double bytes, double kernels) const;
+  OpCost AttentionPrefill(const std::string& name, double flops, double bytes, double calls = 1) const;
+  OpCost AttentionDecode(const std::string& name, double flops, double bytes, double calls = 2) const;
+  // Compute rate of a GEMM (FLOP/s) with its efficiency.
+  double GemmRate(bool quantized_weight) const;
+  // Combines compute and memory time per memory_compute_overlap.
+  double Combine(double compute_s, double memory_s) const;
   // Activation bytes per element read by / written by a GEMM in gemm_dtype.
   double ActInBytes() const;
   double ActOutBytes() const;
@@ -111,7 +129,11 @@ std::vector<OpCost> SharedExpertOps(const ModelConfig& cfg, const DeviceCostMode
 // Routed experts of one device: rows per local expert (received token copies),
 // then the weighted sum with the shared expert and the residual for `tokens`.
 std::vector<OpCost> RoutedExpertOps(const ModelConfig& cfg, const DeviceCostModel& dev,
-                                    const std::vector<double>& tokens_per_local_expert, double tokens);
+                                    const std::vector<double>& tokens_per_local_expert, double tokens,
+                                    int64_t max_of_ranks = 1);
+// Expected maximum of n independent standard normal variables (0 for n = 1;
+// 0.564 for 2, 1.029 for 4, 1.424 for 8).
+double ExpectedMaxOfNormals(int64_t n);
 // Embedding lookup of `tokens`; final norm, lm_head and sampling of `logit_tokens`.
 std::vector<OpCost> EmbedOps(const ModelConfig& cfg, const DeviceCostModel& dev, double tokens);
 std::vector<OpCost> HeadOps(const ModelConfig& cfg, const DeviceCostModel& dev, double logit_tokens);

@@ -187,6 +187,8 @@ absl::StatusOr<Cluster> DiscoverLocalMachine() {
   d.tflops_bf16_dense = 0;
   d.tflops_fp8_dense = 0;
   d.gemm_dtype = "fp32";
+  d.runtime_path = "cpu";
+  d.host_cores = h.cores;  // more runtime processes than this share the cores
   d.hbm_gib = h.mem_gib;
   // DRAM bandwidth is not discoverable without a benchmark: about 10 GB/s per
   // core is typical of a share of a server socket (measure and edit).

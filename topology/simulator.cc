@@ -71,6 +71,25 @@ double DispatchBytesPerCopy(const ModelConfig& cfg) {
 }
 double CombineBytesPerCopy(const ModelConfig& cfg) { return 2.0 * static_cast<double>(cfg.hidden_size); }
 
+double DispatchBytesPerCopy(const ModelConfig& cfg, const DeviceSpec& dev) {
+  if (!dev.cpu_path()) return DispatchBytesPerCopy(cfg);
+  return 4.0 * static_cast<double>(cfg.hidden_size) + 8.0 * static_cast<double>(cfg.num_experts_per_tok);
+}
+
+double CombineBytesPerCopy(const ModelConfig& cfg, const DeviceSpec& dev) {
+  if (!dev.cpu_path()) return CombineBytesPerCopy(cfg);
+  return 4.0 * static_cast<double>(cfg.hidden_size);
+}
+
+Workload WorkloadForPath(const Workload& w, const DeviceSpec& dev) {
+  Workload out = w;
+  if (dev.cpu_path()) {
+    out.overlap = Workload::Overlap::kNone;
+    out.kv_cache_dtype = "fp32";
+  }
+  return out;
+}
+
 namespace {
 
 // splitmix64 stream: deterministic across platforms and standard libraries.
@@ -164,6 +183,7 @@ Fanout SampleFanout(const ModelConfig& cfg, const ExpertPlacement& p, const std:
 AllToAllTime AllToAll(const ModelConfig& cfg, const Cluster& c, bool low_latency, int64_t ep, double tokens,
                       const Fanout& f, double imbalance) {
   AllToAllTime out;
+  if (c.node.device.cpu_path()) low_latency = false;  // one record per (token, destination rank)
   if (ep <= 1 || tokens <= 0) {
     out.dispatch_limiter = out.combine_limiter = Limiter::kNvlink;
     return out;
@@ -186,8 +206,8 @@ AllToAllTime AllToAll(const ModelConfig& cfg, const Cluster& c, bool low_latency
     *lim = t_nic >= t_nvl ? Limiter::kNic : Limiter::kNvlink;
     return std::max(t_nic, t_nvl) + latency;
   };
-  out.dispatch_s = time(DispatchBytesPerCopy(cfg), &out.dispatch_limiter);
-  out.combine_s = time(CombineBytesPerCopy(cfg), &out.combine_limiter);
+  out.dispatch_s = time(DispatchBytesPerCopy(cfg, c.node.device), &out.dispatch_limiter);
+  out.combine_s = time(CombineBytesPerCopy(cfg, c.node.device), &out.combine_limiter);
   return out;
 }
 
@@ -260,7 +280,7 @@ MemoryBreakdown ComputeMemory(const ModelConfig& cfg, const Cluster& c, const Wo
   // Live activations of the micro-batches in flight: residual stream + the
   // largest of attention working set, MoE receive/intermediate buffers, logits.
   const double H = static_cast<double>(cfg.hidden_size), nh = static_cast<double>(cfg.num_attention_heads);
-  const double T = s.mb.tokens, a2 = 2.0;
+  const double T = s.mb.tokens, a2 = dev.gemm_dtype == "fp32" ? 4.0 : 2.0;
   const double resid = 3.0 * T * H * a2;
   double attn;
   if (s.mb.decode) {
@@ -275,7 +295,10 @@ MemoryBreakdown ComputeMemory(const ModelConfig& cfg, const Cluster& c, const Wo
   const double moe = max_rank_copies * (H * 1.0 + 2.0 * I * a2 + H * a2);
   const double logits = s.logit_tokens * static_cast<double>(cfg.vocab_size) * 4.0;
   m.activations = static_cast<double>(s.micro) * (resid + std::max({attn, moe, logits}));
-  if (d.ep > 1) {
+  if (d.ep > 1 && dev.cpu_path()) {
+    // MPI dispatcher: send and receive buffers of the busiest rank's records.
+    m.comm_buffers = 2.0 * max_rank_copies * (DispatchBytesPerCopy(cfg, dev) + CombineBytesPerCopy(cfg, dev));
+  } else if (d.ep > 1) {
     if (d.phase == Phase::kDecode) {
       // Low-latency buffers, double-buffered, sized for every logical expert:
       // dispatch message 2H + 16 B (BF16 worst case + header), combine message
@@ -307,9 +330,10 @@ void Append(std::vector<OpCost>* a, const std::vector<OpCost>& b) { a->insert(a-
 
 }  // namespace
 
-absl::StatusOr<MemoryBreakdown> DeploymentMemory(const ModelConfig& cfg, const Cluster& cluster, const Workload& w,
+absl::StatusOr<MemoryBreakdown> DeploymentMemory(const ModelConfig& cfg, const Cluster& cluster, const Workload& w_in,
                                                  const Deployment& d) {
   RETURN_IF_ERROR(ValidateDeployment(d, cluster, cfg));
+  const Workload w = WorkloadForPath(w_in, cluster.node.device);
   PlanOptions po;
   po.pp = d.pp;
   po.ep = d.ep;
@@ -357,9 +381,13 @@ absl::StatusOr<PreparedPlacement> PreparePlacement(const ModelConfig& cfg, const
   return p;
 }
 
-absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, const Workload& w, const Deployment& d,
-                                   const SimOptions& opt) {
-  RETURN_IF_ERROR(ValidateDeployment(d, c, cfg));
+absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluster, const Workload& w_in,
+                                   const Deployment& d, const SimOptions& opt) {
+  RETURN_IF_ERROR(ValidateDeployment(d, cluster, cfg));
+  // Devices sharing a CPU host's cores run at their share of it (host_cores);
+  // the CPU path has its own overlap and KV cache (WorkloadForPath).
+  const Cluster c = cluster.WithCoreShare(d.nodes == 1 ? d.devices() : cluster.devices_per_node());
+  const Workload w = WorkloadForPath(w_in, c.node.device);
   PlanOptions po;
   po.pp = d.pp;
   po.ep = d.ep;
@@ -453,7 +481,10 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
       for (int32_t e : pl.slots_of_rank(busiest)) {
         per_slot.push_back(expert_copies[e] / static_cast<double>(pl.replicas(e).size()));
       }
-      const std::vector<OpCost> experts = RoutedExpertOps(cfg, dev, per_slot, T);
+      // Every rank waits for the slowest at the all-to-all: with few tokens per
+      // expert, the touched-expert count is random and the slowest rank's is
+      // its expected maximum over the EP ranks.
+      const std::vector<OpCost> experts = RoutedExpertOps(cfg, dev, per_slot, T, d.ep);
       const double a = SumSeconds(attn_piece), x = SumSeconds(experts);
       const AllToAllTime comm = AllToAll(cfg, c, low_latency, d.ep, T, r.fanout, imb);
       if (li == 0 || r.dispatch_us == 0) {
@@ -523,8 +554,8 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& c, con
     }
     if (d.pp > 1 && !st.has_head) {
       // Hidden states to the next stage: NIC when stages sit on different nodes.
-      const double bytes = T * static_cast<double>(cfg.hidden_size) * 2.0;
-      const bool cross_node = d.ep >= c.devices_per_node();
+      const double bytes = T * static_cast<double>(cfg.hidden_size) * dev.ActOutBytes();
+      const bool cross_node = d.nodes > 1 && d.ep >= c.devices_per_node();
       const double bw = cross_node ? c.NicBytesPerSPerDevice() : c.FabricBytesPerS();
       const double lat = (cross_node ? c.node.nics.latency_us : c.node.intra_node.latency_us) * 1e-6;
       const double tp = m * (bytes / bw + lat);

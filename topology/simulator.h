@@ -117,7 +117,9 @@ absl::StatusOr<MemoryBreakdown> DeploymentMemory(const ModelConfig& cfg, const C
 
 // All-to-all times of one MoE layer for `tokens` per rank: throughput mode
 // (prefill; dedup per node, NIC then intra-node forwarding) or low-latency
-// mode (decode; one message per (token, expert) copy). `imbalance` scales the
+// mode (decode; one message per (token, expert) copy). The CPU path always
+// sends one record per (token, destination rank) (the throughput-mode count on
+// one node) with its fp32 payloads. `imbalance` scales the
 // receive side of the busiest rank. Bytes per copy: hidden in FP8 + one fp32
 // scale per 128 values for dispatch (7,392 B at 7168), BF16 for combine.
 struct AllToAllTime {
@@ -136,5 +138,15 @@ Fanout SampleFanout(const ModelConfig& cfg, const ExpertPlacement& p, const std:
 // Dispatch bytes per token copy (FP8 + scales) and combine bytes (BF16).
 double DispatchBytesPerCopy(const ModelConfig& cfg);
 double CombineBytesPerCopy(const ModelConfig& cfg);
+// The same for the runtime path of `dev`: the CPU path sends fp32 rows plus
+// top_k (slot, weight) entries of 8 B per record (worker/dispatch.cc) and
+// combines fp32 partial rows.
+double DispatchBytesPerCopy(const ModelConfig& cfg, const DeviceSpec& dev);
+double CombineBytesPerCopy(const ModelConfig& cfg, const DeviceSpec& dev);
+
+// The workload as the device's runtime path serves it: the CPU path has no
+// compute/communication overlap and keeps an fp32 KV cache, whatever the
+// workload file asks for.
+Workload WorkloadForPath(const Workload& w, const DeviceSpec& dev);
 
 }  // namespace expertmesh::topology

@@ -1,5 +1,7 @@
 #include "topology/workload.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -22,9 +24,28 @@ absl::StatusOr<std::vector<std::vector<double>>> LoadExpertLoadJson(const std::s
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open expert-load file"));
   std::stringstream ss;
   ss << in.rdbuf();
-  const nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-  const std::string want = "expected {\"layers\": [[count per expert], ...]} (the runtime's load report)";
+  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  const std::string want =
+      "expected {\"layers\": [[count per expert], ...]} (the runtime's load report) or the output of "
+      "`expertmesh status --json` (its expert_load)";
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON; ", want));
+  if (j.is_object() && !j.contains("layers") && j.contains("expert_load") && j["expert_load"].is_array()) {
+    // `expertmesh status --json`: [{"layer": L, "tokens_per_expert": [...]}, ...] in layer order.
+    std::vector<std::pair<int64_t, nlohmann::json>> rows;
+    for (const auto& l : j["expert_load"]) {
+      if (!l.is_object() || !l.contains("tokens_per_expert")) continue;
+      nlohmann::json counts = nlohmann::json::array();
+      for (const auto& c : l["tokens_per_expert"]) {
+        // protobuf's JSON writes int64 as strings
+        counts.push_back(c.is_string() ? nlohmann::json(std::stod(c.get<std::string>())) : c);
+      }
+      rows.push_back({l.value("layer", int64_t{0}), std::move(counts)});
+    }
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    nlohmann::json layers = nlohmann::json::array();
+    for (auto& [layer, counts] : rows) layers.push_back(std::move(counts));
+    j = {{"layers", std::move(layers)}};
+  }
   if (!j.is_object() || !j.contains("layers") || !j["layers"].is_array() || j["layers"].empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", want));
   }
@@ -138,7 +159,7 @@ absl::StatusOr<Workload> ParseWorkloadYaml(const std::string& text, const std::s
   w.overlap = overlap == "none"         ? Workload::Overlap::kNone
               : overlap == "five_stage" ? Workload::Overlap::kFiveStage
                                         : Workload::Overlap::kTwoMicroBatch;
-  RETURN_IF_ERROR(r.String("kv_cache_dtype", false, &w.kv_cache_dtype, {"bf16", "fp8"}));
+  RETURN_IF_ERROR(r.String("kv_cache_dtype", false, &w.kv_cache_dtype, {"bf16", "fp8", "fp32"}));
 
   ASSIGN_OR_RETURN(MapReader slo, r.Child("slo", false));
   RETURN_IF_ERROR(slo.Double("max_ttft_ms", false, &w.max_ttft_ms));

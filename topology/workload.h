@@ -57,7 +57,7 @@ struct Workload {
   enum class Overlap { kTwoMicroBatch, kFiveStage, kNone };
   Overlap overlap = Overlap::kTwoMicroBatch;
   bool two_micro_batch_overlap() const { return overlap != Overlap::kNone; }
-  std::string kv_cache_dtype = "bf16";  // bf16 | fp8 (FlashMLA layout: 656 B per token per layer at V3 size)
+  std::string kv_cache_dtype = "bf16";  // bf16 | fp8 (FlashMLA layout: 656 B per token per layer at V3 size) | fp32 (CPU)
 
   int64_t DecodeContext() const {
     return decode_context_tokens > 0 ? decode_context_tokens : prompt_tokens + output_tokens / 2;
