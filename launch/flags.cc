@@ -2,8 +2,11 @@
 
 #include <vector>
 
+#include <cstdlib>
+
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "worker/comm/registry.h"
 #include "worker/cuda_engine.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "checkpoint folder (config.json + safetensors shards + index)");
@@ -34,6 +37,11 @@ ABSL_FLAG(std::string, cuda_precision, "bf16",
 ABSL_FLAG(bool, cuda_graphs, true, "--device cuda: capture decode steps in CUDA graphs and replay them");
 ABSL_FLAG(int64_t, cuda_cache_tokens, 1 << 17, "--device cuda: latent-cache capacity in tokens (all sequences)");
 ABSL_FLAG(int64_t, cuda_max_step_tokens, 16384, "--device cuda: most tokens in one step (sizes GPU scratch)");
+ABSL_FLAG(int32_t, cuda_device, -1,
+          "--device cuda: the GPU of this process; -1: the MPI/Slurm local rank modulo the GPUs seen, else 0");
+ABSL_FLAG(std::string, device_data_plane, "auto",
+          "workers with --device cuda: nccl (EP tokens and pipeline hidden states GPU to GPU), host (through the "
+          "host data plane) or auto (nccl when this build has it)");
 
 namespace expertmesh::launch {
 
@@ -47,10 +55,35 @@ absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* o) {
   o->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   o->cache_tokens = absl::GetFlag(FLAGS_cuda_cache_tokens);
   o->max_step_tokens = absl::GetFlag(FLAGS_cuda_max_step_tokens);
+  o->device = absl::GetFlag(FLAGS_cuda_device);
+  if (o->device < 0) {  // one GPU per process on a node: by local rank
+    int local = 0;
+    for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+      const char* e = std::getenv(v);
+      if (e != nullptr) {
+        local = std::atoi(e);
+        break;
+      }
+    }
+    const int n = worker::CudaDeviceCount();
+    o->device = n > 0 ? local % n : 0;
+  }
   if (o->cache_tokens <= 0 || o->max_step_tokens <= 0) {
     return absl::InvalidArgumentError("--cuda-cache-tokens and --cuda-max-step-tokens must be positive");
   }
+  std::string why;
+  if (!worker::CudaEngineAvailable(&why)) return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why));
   return true;
+}
+
+absl::StatusOr<std::string> DeviceDataPlaneFromFlags() {
+  const std::string d = absl::GetFlag(FLAGS_device_data_plane);
+  if (d == "nccl" || d == "host") return d;
+  if (d != "auto") return absl::InvalidArgumentError(absl::StrCat("--device-data-plane ", d, ": expected nccl, host or auto"));
+  for (const auto& b : comm::AvailableBackends()) {
+    if (b == "nccl") return std::string("nccl");
+  }
+  return std::string("host");
 }
 
 }  // namespace expertmesh::launch

@@ -35,6 +35,8 @@ ABSL_DECLARE_FLAG(std::string, cuda_precision);
 ABSL_DECLARE_FLAG(bool, cuda_graphs);
 ABSL_DECLARE_FLAG(int64_t, cuda_cache_tokens);
 ABSL_DECLARE_FLAG(int64_t, cuda_max_step_tokens);
+ABSL_DECLARE_FLAG(int32_t, cuda_device);
+ABSL_DECLARE_FLAG(std::string, device_data_plane);
 
 namespace expertmesh::worker {
 struct CudaEngineOptions;
@@ -43,4 +45,6 @@ namespace expertmesh::launch {
 // Reads --device: false for "cpu"; true for "cuda", with *options filled from
 // the --cuda-* flags; InvalidArgument (naming the flag) for anything else.
 absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* options);
+// --device-data-plane resolved: "nccl" or "host" ("auto": nccl when built).
+absl::StatusOr<std::string> DeviceDataPlaneFromFlags();
 }  // namespace expertmesh::launch

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/server.h"
 #include "launch/flags.h"
+#include "worker/cuda_engine.h"
 #include "launch/verbs.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/runtime/worker.h"
@@ -99,7 +100,14 @@ int LaunchMain(int argc, char** argv) {
       o.mpi_world_offset = 1;
       o.max_sequences = absl::GetFlag(FLAGS_launch_max_sequences);
       o.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_launch_step_timeout_s));
-      s = worker::runtime::RunWorker(o);
+      auto cuda = DeviceFromFlags(&o.cuda_options);
+      auto plane = DeviceDataPlaneFromFlags();
+      s = cuda.ok() ? plane.status() : cuda.status();
+      if (s.ok()) {
+        o.cuda = *cuda;
+        o.device_data_plane = *plane;
+        s = worker::runtime::RunWorker(o);
+      }
       if (!s.ok()) code = Fail(rank, std::string(s.message()), 1);
     }
   }

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "absl/flags/flag.h"
+#include "launch/flags.h"
 #include "launch/verbs.h"
 #include "worker/runtime/worker.h"
 
@@ -30,6 +31,16 @@ int WorkerMain(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh worker: the mpi data plane needs mpirun: use `expertmesh launch`\n");
     return 2;
   }
+  auto cuda = DeviceFromFlags(&o.cuda_options);
+  auto plane = DeviceDataPlaneFromFlags();
+  for (const absl::Status& st : {cuda.status(), plane.status()}) {
+    if (!st.ok()) {
+      std::fprintf(stderr, "expertmesh worker: %s\n", std::string(st.message()).c_str());
+      return 2;
+    }
+  }
+  o.cuda = *cuda;
+  o.device_data_plane = *plane;
   absl::Status s = worker::runtime::RunWorker(o);
   if (!s.ok()) {
     std::fprintf(stderr, "expertmesh worker: %s\n", std::string(s.message()).c_str());

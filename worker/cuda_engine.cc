@@ -1231,6 +1231,15 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engi
   return results;
 }
 
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
 bool CudaEngineAvailable(std::string* why) {
   std::string w;
   if (!cu::DeviceAvailable(&w)) {

@@ -191,5 +191,7 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engi
 // True when a CUDA device can run the engine; otherwise `why` says why not
 // in one line ("no CUDA device: ..."). Always false in builds without CUDA.
 bool CudaEngineAvailable(std::string* why);
+// CUDA devices this process sees (0 without a driver, a device or CUDA).
+int CudaDeviceCount();
 
 }  // namespace expertmesh::worker

@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "worker/cuda_ep.h"
+#include "worker/cuda_stage.h"
 
 namespace expertmesh::worker {
 
@@ -70,6 +71,11 @@ const CudaEpTimes& CudaEpExchange::times() const {
   return t;
 }
 void CudaEpExchange::set_on_route(std::function<void(int64_t, const int32_t*, int64_t)>) {}
+
+CudaDeviceBuffer::~CudaDeviceBuffer() = default;
+absl::Status CudaDeviceBuffer::Reserve(size_t) { return NoCuda(); }
+
+int CudaDeviceCount() { return 0; }
 
 bool CudaEngineAvailable(std::string* why) {
   if (why != nullptr) *why = std::string(NoCuda().message());

@@ -1,4 +1,5 @@
 #include "worker/cuda_ep.h"
+#include "worker/cuda_stage.h"
 
 #include <cuda_runtime.h>
 
@@ -307,6 +308,20 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
   t0 = Now();
   RETURN_IF_ERROR(cu::AddRecordRows(d_back.as<float>(), H, d_tok_start, d_tok_rec, T, l.y, stream));
   times.combine += Now() - t0;
+  return absl::OkStatus();
+}
+
+CudaDeviceBuffer::~CudaDeviceBuffer() {
+  if (data_ != nullptr) cudaFree(data_);
+}
+
+absl::Status CudaDeviceBuffer::Reserve(size_t bytes) {
+  if (bytes <= capacity_) return absl::OkStatus();
+  if (data_ != nullptr) cudaFree(data_);
+  data_ = nullptr;
+  capacity_ = 0;
+  RETURN_IF_ERROR(Cuda(cudaMalloc(&data_, bytes), "device buffer"));
+  capacity_ = bytes;
   return absl::OkStatus();
 }
 

@@ -8,15 +8,22 @@
 //   bf16 precision ..................... 3e-2 (bf16 activations and weights)
 //   graph replay vs eager, stage split . bitwise (same kernels, same inputs)
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "common/config.h"
+#include "topology/placement.h"
+#include "worker/comm/bootstrap.h"
+#include "worker/comm/registry.h"
 #include "worker/cuda_engine.h"
+#include "worker/cuda_ep.h"
+#include "worker/cuda_stage.h"
 #include "worker/model.h"
 
 namespace expertmesh::worker {
@@ -289,6 +296,64 @@ TEST(CudaEngine, ErrorsSayWhatToDo) {
   // The engine is still usable after the refusals.
   EM_ASSERT_OK((*g)->Forward({{s, toks.data(), 20}}, &logits));
   EXPECT_EQ(logits.size(), static_cast<size_t>(cfg.vocab_size));
+}
+
+// The EP exchange over a one-rank communicator (NCCL: device memory through
+// ncclSend/ncclRecv to itself; UCX: host staging) gives the local MoE's
+// logits. Multi-rank exchanges need one GPU per NCCL rank; see
+// docs/PERFORMANCE.md for what has run where.
+TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
+  EM_SKIP_WITHOUT_CUDA();
+  const ModelConfig cfg = Tiny();
+  int tested = 0;
+  for (const std::string& backend : comm::AvailableBackends()) {
+    if (backend != "nccl" && backend != "ucx") continue;
+    const std::string dir = ::testing::TempDir() + "/em_ep_" + backend + "_" + std::to_string(::getpid());
+    std::filesystem::remove_all(dir);
+    comm::FileStore store(dir);
+    comm::StoreBootstrap boot(&store, "ep", 0, 1);
+    comm::CommOptions co;
+    co.cuda_device = 0;
+    auto c = comm::CreateCommunicator(backend, &boot, co);
+    if (!c.ok() && backend == "ucx") {  // UCX's transports may be missing on a bare GPU machine
+      std::printf("[ info ] ucx: no one-rank communicator here (%s); not tested\n", c.status().ToString().c_str());
+      continue;
+    }
+    ASSERT_TRUE(c.ok()) << backend << ": " << c.status();
+    std::map<int64_t, topology::ExpertPlacement> placements;
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+      if (cfg.IsMoeLayer(l)) placements[l] = topology::ExpertPlacement::Uniform(cfg.n_routed_experts, 1);
+    }
+    for (CudaPrecision prec : {CudaPrecision::kFp32, CudaPrecision::kBf16}) {
+      auto local = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, false));
+      auto ep = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, false));
+      ASSERT_TRUE(local.ok() && ep.ok());
+      auto ex = CudaEpExchange::Create(ep->get(), c->get(), &placements, CudaEpOptions{});
+      ASSERT_TRUE(ex.ok()) << ex.status();
+      int64_t routed = 0;
+      (*ex)->set_on_route([&](int64_t, const int32_t*, int64_t n) { routed += n; });
+      (*ep)->SetExpertExchange(ex->get());
+      std::mt19937 rng(5);
+      const auto p0 = RandomTokens(rng, 13, cfg.vocab_size), p1 = RandomTokens(rng, 2, cfg.vocab_size);
+      CudaSequence a0(local->get()), a1(local->get()), b0(ep->get()), b1(ep->get());
+      std::vector<float> want, got;
+      EM_ASSERT_OK((*local)->Forward({{a0.id(), p0.data(), 13}, {a1.id(), p1.data(), 2}}, &want));
+      EM_ASSERT_OK((*ep)->Forward({{b0.id(), p0.data(), 13}, {b1.id(), p1.data(), 2}}, &got));
+      for (int step = 0; step < 4; ++step) {
+        ASSERT_EQ(got.size(), want.size());
+        EXPECT_LE(RelErr(got.data(), want.data(), static_cast<int64_t>(want.size())), 1e-6)
+            << backend << " " << CudaPrecisionName(prec) << " step " << step;
+        const int32_t t0 = Argmax(want.data(), cfg.vocab_size), t1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
+        EM_ASSERT_OK((*local)->Forward({{a0.id(), &t0, 1}, {a1.id(), &t1, 1}}, &want));
+        EM_ASSERT_OK((*ep)->Forward({{b0.id(), &t0, 1}, {b1.id(), &t1, 1}}, &got));
+      }
+      EXPECT_EQ(routed, (15 + 2 * 4) * cfg.num_experts_per_tok * static_cast<int64_t>(placements.size()));
+      EXPECT_EQ((*ep)->stats().graph_replays, 0);  // steps with an exchange run eagerly
+      (*ep)->SetExpertExchange(nullptr);
+    }
+    ++tested;
+  }
+  if (tested == 0) GTEST_SKIP() << "this build has neither NCCL nor UCX";
 }
 
 }  // namespace

@@ -20,6 +20,8 @@
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/registry.h"
+#include "worker/cuda_ep.h"
+#include "worker/cuda_stage.h"
 #include "worker/dispatch.h"
 #include "worker/model.h"
 #include "worker/runtime/coordinator_client.h"
@@ -169,7 +171,8 @@ class Worker {
  private:
   absl::Status Setup();
   absl::StatusOr<std::unique_ptr<comm::Communicator>> MakeComm(const std::string& name,
-                                                               const std::vector<int>& worker_ids);
+                                                               const std::vector<int>& worker_ids,
+                                                               const std::string& backend);
   absl::Status RunStage0();
   absl::Status RunDownstream();
   void HeartbeatLoop();
@@ -183,6 +186,7 @@ class Worker {
     kernels::SamplingParams sp;
     std::vector<int32_t> generated;
     SequenceCache cache;
+    CudaSequence gpu;  // --device cuda: the sequence's latent cache on the GPU
     bool in_flight = false, prefilled = false, dropped = false;
     int32_t next_token = 0;
   };
@@ -190,7 +194,14 @@ class Worker {
   void Finish(uint64_t key, v1::FinishReason reason);
   void ApplyToken(uint64_t key, int32_t token);
   absl::Status ApplyReturn(const Return& r);
-  void BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs);
+  void BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs, std::vector<CudaEngine::Segment>* gsegs);
+  // --device cuda: one step of this stage on the GPU. hidden_in: the previous
+  // stage's hidden states (host, or device with a device data plane), null on
+  // stage 0. On the last stage the logits land in logits_; else the hidden
+  // states go to *hidden_out (host) or stay on the device (*dev_hidden_out).
+  absl::Status GpuStep(const std::vector<CudaEngine::Segment>& segs, const float* hidden_in, bool hidden_on_device,
+                       std::vector<float>* hidden_out, const float** dev_hidden_out);
+  bool device_pipeline() const { return lane_dev_comm_ != nullptr; }
   // Last stage: final norm + lm_head of each segment's last token, then sampling.
   Return HeadAndSample(const MicroBatch& mb, const std::vector<Segment>& segs, const std::vector<float>& hidden);
   std::vector<float> logits_;
@@ -207,6 +218,12 @@ class Worker {
   LoadCounter load_;
   std::unique_ptr<MoeRunner> moe_;
   std::unique_ptr<Engine> engine_;
+  // --device cuda: the engine, its EP exchange and the device data plane.
+  std::unique_ptr<CudaEngine> gpu_;
+  std::unique_ptr<CudaEpExchange> gpu_ep_;
+  std::unique_ptr<comm::Communicator> stage_dev_comm_, lane_dev_comm_;
+  CudaDeviceBuffer gpu_hidden_;  // hidden states received over lane_dev_comm_
+  CudaEpTimes gpu_ep_seen_;      // exchange times already added to t_
 
   std::map<uint64_t, Seq> seqs_;
   uint64_t next_key_ = 1;
@@ -220,6 +237,9 @@ class Worker {
   absl::Time serving_since_ = absl::Now();
   absl::StatusOr<std::string> Recv(int peer);
   absl::Status Send(int peer, const std::string& bytes);
+  // The device data plane: T hidden rows (fp32) GPU to GPU over lane_dev_comm_.
+  absl::Status SendDeviceHidden(int peer, const float* dev, int64_t T);
+  absl::StatusOr<const float*> RecvDeviceHidden(int peer, int64_t T);
 
   std::atomic<bool> shutdown_{false};
   std::atomic<bool> stop_heartbeats_{false};
@@ -230,10 +250,11 @@ class Worker {
 };
 
 absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::string& name,
-                                                                     const std::vector<int>& worker_ids) {
+                                                                     const std::vector<int>& worker_ids,
+                                                                     const std::string& backend) {
   const int size = static_cast<int>(worker_ids.size());
   const int rank = static_cast<int>(std::find(worker_ids.begin(), worker_ids.end(), worker_id_) - worker_ids.begin());
-  if (o_.backend == "mpi") {
+  if (backend == "mpi") {
     std::vector<int> world;
     for (int w : worker_ids) world.push_back(w + o_.mpi_world_offset);
     // Tags keep the stage groups and lane groups apart (a worker is in one of each).
@@ -242,7 +263,8 @@ absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::
   }
   comm::StoreBootstrap boot(store_.get(), absl::StrCat(epoch_, "/", name), rank, size);
   comm::CommOptions opts;
-  return comm::CreateCommunicator(o_.backend, &boot, opts);
+  if (backend == "nccl") opts.cuda_device = o_.cuda_options.device;
+  return comm::CreateCommunicator(backend, &boot, opts);
 }
 
 absl::Status Worker::Setup() {
@@ -280,27 +302,52 @@ absl::Status Worker::Setup() {
   };
   const std::string dir = reg.plan().checkpoint();
   const absl::Time t0 = absl::Now();
-  ASSIGN_OR_RETURN(shard_, ModelShard::Load(dir, f));
-  cfg_ = shard_->config();
+  if (o_.cuda) {
+    ASSIGN_OR_RETURN(gpu_, CudaEngine::Load(dir, f, o_.cuda_options));
+    cfg_ = gpu_->config();
+    LOG(INFO) << "worker " << worker_id_ << ": on " << gpu_->Describe();
+  } else {
+    ASSIGN_OR_RETURN(shard_, ModelShard::Load(dir, f));
+    cfg_ = shard_->config();
+  }
   LOG(INFO) << "worker " << worker_id_ << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
             << dir << " in " << absl::FormatDuration(absl::Now() - t0);
+  const bool nccl = o_.cuda && o_.device_data_plane == "nccl";
 
   store_ = std::make_unique<CoordinatorStore>(&client_);
   if (plan_.ep > 1) {
     std::vector<int> ids;
     for (int r = 0; r < plan_.ep; ++r) ids.push_back(static_cast<int>(plan_.WorkerId(stage_, r)));
-    ASSIGN_OR_RETURN(stage_comm_, MakeComm(absl::StrCat("stage", stage_), ids));
-    moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, &t_,
-                                                  o_.step_timeout);
-  } else {
+    ASSIGN_OR_RETURN(stage_comm_, MakeComm(absl::StrCat("stage", stage_), ids, o_.backend));
+    if (o_.cuda) {
+      if (nccl) {
+        ASSIGN_OR_RETURN(stage_dev_comm_, MakeComm(absl::StrCat("stage", stage_, "-nccl"), ids, "nccl"));
+      }
+      CudaEpOptions eo;
+      eo.timeout = o_.step_timeout;
+      ASSIGN_OR_RETURN(gpu_ep_, CudaEpExchange::Create(gpu_.get(), nccl ? stage_dev_comm_.get() : stage_comm_.get(),
+                                                      &plan_.stages[stage_].placement, eo));
+      const int64_t num_experts = cfg_.n_routed_experts;
+      gpu_ep_->set_on_route([this, num_experts](int64_t layer, const int32_t* ids, int64_t n) {
+        load_.Add(layer, num_experts, std::vector<int32_t>(ids, ids + n));
+      });
+      gpu_->SetExpertExchange(gpu_ep_.get());
+    } else {
+      moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, &t_,
+                                                    o_.step_timeout);
+    }
+  } else if (!o_.cuda) {
     moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
   }
   if (plan_.pp > 1) {
     std::vector<int> ids;
     for (int s = 0; s < plan_.pp; ++s) ids.push_back(static_cast<int>(plan_.WorkerId(s, ep_rank_)));
-    ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids));
+    ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids, o_.backend));
+    if (nccl) {
+      ASSIGN_OR_RETURN(lane_dev_comm_, MakeComm(absl::StrCat("lane", ep_rank_, "-nccl"), ids, "nccl"));
+    }
   }
-  engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
+  if (!o_.cuda) engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
   serving_since_ = absl::Now();
   hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
   return absl::OkStatus();
@@ -332,6 +379,28 @@ absl::Status Worker::Send(int peer, const std::string& bytes) {
   return s;
 }
 
+absl::Status Worker::SendDeviceHidden(int peer, const float* dev, int64_t T) {
+  const absl::Time t0 = absl::Now();
+  comm::Batch b;
+  b.memory = comm::MemoryKind::kDevice;
+  b.Send(peer, dev, static_cast<size_t>(T * cfg_.hidden_size) * sizeof(float));
+  absl::Status s = lane_dev_comm_->Run(b, absl::Now() + o_.step_timeout);
+  Add(&t_.transfer, Seconds(t0));
+  return s;
+}
+
+absl::StatusOr<const float*> Worker::RecvDeviceHidden(int peer, int64_t T) {
+  const absl::Time t0 = absl::Now();
+  const size_t bytes = static_cast<size_t>(T * cfg_.hidden_size) * sizeof(float);
+  RETURN_IF_ERROR(gpu_hidden_.Reserve(std::max<size_t>(bytes, 1)));
+  comm::Batch b;
+  b.memory = comm::MemoryKind::kDevice;
+  b.Recv(peer, gpu_hidden_.data(), bytes);
+  RETURN_IF_ERROR(lane_dev_comm_->Run(b, absl::Now() + o_.step_timeout));
+  Add(&t_.transfer, Seconds(t0));
+  return static_cast<const float*>(gpu_hidden_.data());
+}
+
 void Worker::HeartbeatLoop() {
   bool warned = false;
   for (bool first = true;; first = false) {
@@ -346,8 +415,10 @@ void Worker::HeartbeatLoop() {
     req.set_steps(steps_.load());
     req.set_tokens_processed(tokens_.load());
     req.set_exiting(exiting);
-    if (engine_ != nullptr) {
-      const EngineTimes& et = engine_->times();  // plain doubles written by the stage thread: a torn read is harmless
+    if (engine_ != nullptr || gpu_ != nullptr) {
+      // Plain doubles written by the stage thread: a torn read is harmless. The
+      // GPU engine reports no per-kind compute split (its kernels run async).
+      const EngineTimes et = engine_ != nullptr ? engine_->times() : EngineTimes{};
       v1::StageTimes* t = req.mutable_times();
       t->set_attention_s(et.attention);
       t->set_dense_s(et.dense);
@@ -521,7 +592,11 @@ absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
     s.sp.top_k = s.req.sampling().top_k();
     s.sp.top_p = s.req.sampling().top_p() > 0 ? s.req.sampling().top_p() : 1.0f;
     s.sp.seed = s.req.sampling().seed();
-    s.cache = engine_->NewCache();
+    if (gpu_ != nullptr) {
+      s.gpu = CudaSequence(gpu_.get());
+    } else {
+      s.cache = engine_->NewCache();
+    }
     std::vector<int32_t> prompt(s.req.tokens().begin(), s.req.tokens().end());
     absl::Status v = ValidatePrompt(cfg_, prompt, s.req.max_new_tokens(), s.seq_id);
     if (!v.ok()) {  // the coordinator validates; this guards the worker against a bad peer
@@ -537,7 +612,7 @@ absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
   return absl::OkStatus();
 }
 
-void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
+void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs, std::vector<CudaEngine::Segment>* gsegs) {
   // At most 1/P of the live sequences per micro-batch, so P micro-batches
   // are in flight at once and the stages overlap.
   int64_t live = 0;
@@ -546,6 +621,7 @@ void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
   mb->segments.clear();
   mb->tokens.clear();
   segs->clear();
+  gsegs->clear();
   std::vector<std::pair<uint64_t, Seq*>> chosen;
   for (auto& [k, s] : seqs_) {
     if (static_cast<int64_t>(chosen.size()) >= cap) break;
@@ -556,7 +632,7 @@ void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
   for (auto& [k, s] : chosen) {
     SegmentMeta m;
     m.key = k;
-    m.start = s->cache.length;
+    m.start = gpu_ != nullptr ? s->gpu.length() : s->cache.length;
     if (!s->prefilled) {
       m.n = s->req.tokens_size();
       mb->tokens.insert(mb->tokens.end(), s->req.tokens().begin(), s->req.tokens().end());
@@ -574,7 +650,11 @@ void Worker::BuildMicroBatch(MicroBatch* mb, std::vector<Segment>* segs) {
   }
   int64_t off = 0;
   for (size_t i = 0; i < chosen.size(); ++i) {
-    segs->push_back({&chosen[i].second->cache, mb->tokens.data() + off, mb->segments[i].n});
+    if (gpu_ != nullptr) {
+      gsegs->push_back({chosen[i].second->gpu.id(), mb->tokens.data() + off, mb->segments[i].n});
+    } else {
+      segs->push_back({&chosen[i].second->cache, mb->tokens.data() + off, mb->segments[i].n});
+    }
     off += mb->segments[i].n;
   }
 }
@@ -584,7 +664,7 @@ Return Worker::HeadAndSample(const MicroBatch& mb, const std::vector<Segment>& s
   const absl::Time t0 = absl::Now();
   Return r;
   r.tick = mb.tick;
-  engine_->Head(segs, hidden, &logits_);
+  if (gpu_ == nullptr) engine_->Head(segs, hidden, &logits_);  // the GPU step has filled logits_
   const int64_t V = cfg_.vocab_size;
   for (size_t i = 0; i < mb.segments.size(); ++i) {  // every segment has n >= 1: one logits row each
     const SegmentMeta& m = mb.segments[i];
@@ -594,6 +674,28 @@ Return Worker::HeadAndSample(const MicroBatch& mb, const std::vector<Segment>& s
   }
   Add(&t_.embed_head, Seconds(t0));
   return r;
+}
+
+absl::Status Worker::GpuStep(const std::vector<CudaEngine::Segment>& segs, const float* hidden_in,
+                             bool hidden_on_device, std::vector<float>* hidden_out, const float** dev_hidden_out) {
+  CudaEngine::StageIo io;
+  io.hidden_in = hidden_in;
+  io.hidden_on_device = hidden_on_device;
+  if (gpu_->has_head()) {
+    io.logits = &logits_;
+  } else {
+    io.hidden_out = dev_hidden_out == nullptr ? hidden_out : nullptr;
+    io.device_hidden_out = dev_hidden_out;
+  }
+  absl::Status s = gpu_->Step(segs, io);
+  if (gpu_ep_ != nullptr) {  // exchange phases into the heartbeat's breakdown
+    const CudaEpTimes& now = gpu_ep_->times();
+    Add(&t_.dispatch, now.layout + now.dispatch_comm - gpu_ep_seen_.layout - gpu_ep_seen_.dispatch_comm);
+    Add(&t_.combine, now.combine_comm + now.combine - gpu_ep_seen_.combine_comm - gpu_ep_seen_.combine);
+    Add(&t_.expert, now.expert - gpu_ep_seen_.expert);
+    gpu_ep_seen_ = now;
+  }
+  return s;
 }
 
 absl::Status Worker::RunStage0() {
@@ -618,11 +720,12 @@ absl::Status Worker::RunStage0() {
     active_ = static_cast<int64_t>(seqs_.size());
     MicroBatch mb;
     std::vector<Segment> segs;
-    if (!want_stop) BuildMicroBatch(&mb, &segs);
+    std::vector<CudaEngine::Segment> gsegs;
+    if (!want_stop) BuildMicroBatch(&mb, &segs, &gsegs);
     mb.release = std::exchange(release_, {});
     // Agree with the other EP ranks of stage 0: work anywhere -> everyone runs
     // the layers; stop only when everyone is drained.
-    int32_t mine[3] = {segs.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0};
+    int32_t mine[3] = {mb.segments.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0};
     std::vector<int32_t> gathered(3 * E);
     if (stage_comm_ != nullptr) {
       t0 = absl::Now();
@@ -676,20 +779,26 @@ absl::Status Worker::RunStage0() {
     mb.kind = BatchKind::kWork;
     mb.tick = tick++;
     int64_t T = 0;
-    for (const auto& s : segs) T += s.n;
+    for (const auto& m : mb.segments) T += m.n;
     active_ = static_cast<int64_t>(seqs_.size());
-    t0 = absl::Now();
-    engine_->Embed(segs, &hidden);
-    Add(&t_.embed_head, Seconds(t0));
-    RETURN_IF_ERROR(engine_->RunLayers(segs, &hidden));
+    const float* dev_hidden = nullptr;
+    if (gpu_ != nullptr) {
+      RETURN_IF_ERROR(GpuStep(gsegs, nullptr, false, &hidden, device_pipeline() ? &dev_hidden : nullptr));
+    } else {
+      t0 = absl::Now();
+      engine_->Embed(segs, &hidden);
+      Add(&t_.embed_head, Seconds(t0));
+      RETURN_IF_ERROR(engine_->RunLayers(segs, &hidden));
+    }
     ++steps_;
     tokens_ += T;
     if (last) {
       RETURN_IF_ERROR(ApplyReturn(HeadAndSample(mb, segs, hidden)));
       continue;
     }
-    mb.hidden = std::move(hidden);
+    if (dev_hidden == nullptr) mb.hidden = std::move(hidden);
     RETURN_IF_ERROR(Send(1, Encode(mb)));
+    if (dev_hidden != nullptr) RETURN_IF_ERROR(SendDeviceHidden(1, dev_hidden, T));
     hidden.clear();
     ++inflight;
     last_sent = absl::Now();
@@ -707,12 +816,17 @@ absl::Status Worker::RunStage0() {
 absl::Status Worker::RunDownstream() {
   const bool last = stage_ == plan_.pp - 1;
   std::map<uint64_t, SequenceCache> caches;
+  std::map<uint64_t, CudaSequence> gcaches;  // --device cuda
   const int64_t H = cfg_.hidden_size;
   while (true) {
     ASSIGN_OR_RETURN(std::string bytes, Recv(stage_ - 1));
-    ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, H));
-    for (uint64_t k : mb.release) caches.erase(k);
-    active_ = static_cast<int64_t>(caches.size());
+    // With the device data plane the hidden states follow separately, GPU to GPU.
+    ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, device_pipeline() ? 0 : H));
+    for (uint64_t k : mb.release) {
+      caches.erase(k);
+      gcaches.erase(k);
+    }
+    active_ = static_cast<int64_t>(caches.size() + gcaches.size());
     if (mb.kind == BatchKind::kStop) {
       if (!last) RETURN_IF_ERROR(Send(stage_ + 1, bytes));
       LOG(INFO) << "worker " << worker_id_ << ": stopping";
@@ -730,7 +844,25 @@ absl::Status Worker::RunDownstream() {
       continue;
     }
     std::vector<Segment> segs;
+    std::vector<CudaEngine::Segment> gsegs;
+    int64_t T = 0;
     for (const auto& m : mb.segments) {
+      T += m.n;
+      if (gpu_ != nullptr) {
+        auto it = gcaches.find(m.key);
+        if (it == gcaches.end()) {
+          if (m.start != 0) {
+            return absl::DataLossError(absl::StrCat("stage ", stage_, ": sequence ", m.key, " continues at ", m.start,
+                                                    " but this stage has no cache for it"));
+          }
+          it = gcaches.emplace(m.key, CudaSequence(gpu_.get())).first;
+        } else if (it->second.length() != m.start) {
+          return absl::DataLossError(absl::StrCat("stage ", stage_, ": sequence ", m.key, " at ", m.start,
+                                                  " but this stage cached ", it->second.length(), " tokens"));
+        }
+        gsegs.push_back({it->second.id(), nullptr, m.n});
+        continue;
+      }
       auto it = caches.find(m.key);
       if (it == caches.end()) {
         if (m.start != 0) {
@@ -744,14 +876,26 @@ absl::Status Worker::RunDownstream() {
       }
       segs.push_back({&it->second, nullptr, m.n});
     }
-    active_ = static_cast<int64_t>(caches.size());
-    RETURN_IF_ERROR(engine_->RunLayers(segs, &mb.hidden));
+    active_ = static_cast<int64_t>(caches.size() + gcaches.size());
+    const float* dev_hidden = nullptr;
+    if (gpu_ != nullptr) {
+      const float* in = mb.hidden.data();
+      if (device_pipeline()) {
+        ASSIGN_OR_RETURN(in, RecvDeviceHidden(stage_ - 1, T));
+      }
+      std::vector<float> out;
+      RETURN_IF_ERROR(GpuStep(gsegs, in, device_pipeline(), &out, device_pipeline() && !last ? &dev_hidden : nullptr));
+      if (!last && dev_hidden == nullptr) mb.hidden = std::move(out);
+    } else {
+      RETURN_IF_ERROR(engine_->RunLayers(segs, &mb.hidden));
+    }
     ++steps_;
-    tokens_ += static_cast<int64_t>(mb.hidden.size()) / H;
+    tokens_ += T;
     if (last) {
       RETURN_IF_ERROR(Send(0, Encode(HeadAndSample(mb, segs, mb.hidden))));
     } else {
       RETURN_IF_ERROR(Send(stage_ + 1, Encode(mb)));
+      if (dev_hidden != nullptr) RETURN_IF_ERROR(SendDeviceHidden(stage_ + 1, dev_hidden, T));
     }
   }
 }
@@ -761,6 +905,8 @@ absl::Status Worker::Run() {
   if (s.ok()) s = stage_ == 0 ? RunStage0() : RunDownstream();
   if (!s.ok() && stage_comm_ != nullptr) stage_comm_->Abort(s);
   if (!s.ok() && lane_comm_ != nullptr) lane_comm_->Abort(s);
+  if (!s.ok() && stage_dev_comm_ != nullptr) stage_dev_comm_->Abort(s);
+  if (!s.ok() && lane_dev_comm_ != nullptr) lane_dev_comm_->Abort(s);
   StopHeartbeats();
   return s;
 }

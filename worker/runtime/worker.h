@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "worker/cuda_engine.h"
 
 namespace expertmesh::worker::runtime {
 
@@ -27,6 +28,13 @@ struct WorkerOptions {
   absl::Duration step_timeout = absl::Seconds(120);        // any data-plane wait
   absl::Duration register_timeout = absl::Seconds(300);
   absl::Duration coordinator_timeout = absl::Seconds(300);  // lost coordinator: give up after
+  // The shard on a GPU (CudaEngine) instead of the CPU engine.
+  bool cuda = false;
+  CudaEngineOptions cuda_options;
+  // With cuda: "nccl" moves the EP tokens and the pipeline's hidden states GPU
+  // to GPU over NCCL communicators (control messages stay on `backend`);
+  // "host" stages them through host memory over `backend`.
+  std::string device_data_plane = "host";
 };
 
 absl::Status RunWorker(const WorkerOptions& options);
