@@ -79,7 +79,9 @@ absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* o) {
 absl::StatusOr<std::string> DeviceDataPlaneFromFlags() {
   const std::string d = absl::GetFlag(FLAGS_device_data_plane);
   if (d == "nccl" || d == "host") return d;
-  if (d != "auto") return absl::InvalidArgumentError(absl::StrCat("--device-data-plane ", d, ": expected nccl, host or auto"));
+  if (d != "auto") {
+    return absl::InvalidArgumentError(absl::StrCat("--device-data-plane ", d, ": expected nccl, host or auto"));
+  }
   for (const auto& b : comm::AvailableBackends()) {
     if (b == "nccl") return std::string("nccl");
   }

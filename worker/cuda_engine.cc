@@ -30,15 +30,14 @@ namespace {
 absl::Status Cuda(cudaError_t e, absl::string_view what) {
   if (e == cudaSuccess) return absl::OkStatus();
   cudaGetLastError();
-  const std::string msg = absl::StrCat("CUDA engine: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  const std::string msg =
+      absl::StrCat("CUDA engine: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
   if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) return absl::FailedPreconditionError(msg);
   return absl::InternalError(msg);
 }
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // A weight tensor as read from the checkpoint: fp32 values, or the raw fp8
 // codes with their 128x128 block scales.
@@ -175,15 +174,15 @@ struct CudaEngine::Impl {
   absl::StatusOr<void*> ScratchAct(int64_t n) { return Scratch(static_cast<size_t>(n) * cu::ActBytes(act)); }
 
   // GEMM helpers on activations.
-  absl::Status Lin(const void* x, int64_t M, const DevLinear& w, void* y);         // y act
-  absl::Status LinF32(const void* x, int64_t M, const DevLinear& w, float* y);     // y fp32 (=)
-  absl::Status LinAcc(const void* x, int64_t M, const DevLinear& w, float* y);     // y fp32 (+=)
+  absl::Status Lin(const void* x, int64_t M, const DevLinear& w, void* y);      // y act
+  absl::Status LinF32(const void* x, int64_t M, const DevLinear& w, float* y);  // y fp32 (=)
+  absl::Status LinAcc(const void* x, int64_t M, const DevLinear& w, float* y);  // y fp32 (+=)
   absl::Status SiluMul(const void* gu, int64_t T, int64_t I, void* out);
   absl::Status Ffn(const void* x, int64_t T, const DevLinear& gu, const DevLinear& down, float* y);
 
   struct StepPlan {
     int64_t T = 0, S = 0, MP = 0;
-    bool decode = false;  // every segment n == 1
+    bool decode = false;                   // every segment n == 1
     std::vector<int64_t> seg_rows, seg_n;  // per segment (n > 0 only)
     int64_t S_out = 0;                     // segments with n > 0
     // Offsets (int32 elements) into the step input buffer.
@@ -284,7 +283,8 @@ absl::StatusOr<DevLinear> CudaEngine::Impl::MakeFused(const HostTensor& gate, co
     std::vector<float> v(t.fp8.size());
     const int64_t K = t.shape[1], sc = CeilDiv(K, 128);
     for (int64_t r = 0; r < t.shape[0]; ++r) {
-      for (int64_t c = 0; c < K; ++c) v[r * K + c] = F8E4M3ToFloat(t.fp8[r * K + c]) * t.scale[(r / 128) * sc + c / 128];
+      for (int64_t c = 0; c < K; ++c)
+        v[r * K + c] = F8E4M3ToFloat(t.fp8[r * K + c]) * t.scale[(r / 128) * sc + c / 128];
     }
     return v;
   };
@@ -314,7 +314,8 @@ absl::Status CudaEngine::Impl::Build(const ShardFilter& filter, const Getter& ge
   for (int64_t v : {c.hidden_size, c.intermediate_size, c.moe_intermediate_size}) {
     if (v % 8 != 0) {
       return absl::UnimplementedError(absl::StrCat(
-          "CUDA engine: hidden_size, intermediate_size and moe_intermediate_size must be multiples of 8 (got ", v, ")"));
+          "CUDA engine: hidden_size, intermediate_size and moe_intermediate_size must be multiples of 8 (got ", v,
+          ")"));
     }
   }
   std::map<std::string, TensorSpec> spec;
@@ -464,7 +465,8 @@ absl::Status CudaEngine::Impl::Build(const ShardFilter& filter, const Getter& ge
   const int64_t nh = c.num_attention_heads, L = c.kv_lora_rank, R = c.qk_rope_head_dim;
   const int64_t per_token_act = 2 * H + std::max<int64_t>(c.q_lora_rank, 0) + nh * c.qk_head_dim() + (L + R) +
                                 nh * (L + R) + nh * L + nh * c.v_head_dim + 3 * c.intermediate_size +
-                                k * (2 * H + 3 * I) + 3 * c.moe_intermediate_size * std::max<int64_t>(1, c.n_shared_experts);
+                                k * (2 * H + 3 * I) +
+                                3 * c.moe_intermediate_size * std::max<int64_t>(1, c.n_shared_experts);
   const int64_t per_token_f32 = 2 * H + c.n_routed_experts + 2 * k + 8;
   size_t per_token = static_cast<size_t>(per_token_act * cu::ActBytes(act) + per_token_f32 * 4 + k * 16);
   // Plus the logits of up to max_step_sequences segments and room for the kernels' own scratch.
@@ -502,8 +504,8 @@ absl::Status CudaEngine::Impl::Lin(const void* x, int64_t M, const DevLinear& w,
       return cu::Linear(*ctx, static_cast<const cu::Bf16*>(x), M, w.K, static_cast<const cu::Bf16*>(w.w), w.N, y,
                         cu::OutType::kBf16);
     case WType::kFp8:
-      return cu::LinearFp8(*ctx, static_cast<const cu::Bf16*>(x), M, w.K, static_cast<const cu::Fp8*>(w.w),
-                           w.row_scale, w.N, static_cast<cu::Bf16*>(y));
+      return cu::LinearFp8(*ctx, static_cast<const cu::Bf16*>(x), M, w.K, static_cast<const cu::Fp8*>(w.w), w.row_scale,
+                           w.N, static_cast<cu::Bf16*>(y));
   }
   return absl::InternalError("unknown weight type");
 }
@@ -569,8 +571,8 @@ absl::Status CudaEngine::Impl::Ffn(const void* x, int64_t T, const DevLinear& gu
 absl::Status CudaEngine::Impl::Attention(const DevLayer& Ly, size_t slot, const StepPlan& p, const void* x,
                                          float* resid) {
   const ModelConfig& c = cfg;
-  const int64_t T = p.T, nh = c.num_attention_heads, qd = c.qk_head_dim(), dn = c.qk_nope_head_dim,
-                dv = c.v_head_dim, L = c.kv_lora_rank, R = c.qk_rope_head_dim;
+  const int64_t T = p.T, nh = c.num_attention_heads, qd = c.qk_head_dim(), dn = c.qk_nope_head_dim, dv = c.v_head_dim,
+                L = c.kv_lora_rank, R = c.qk_rope_head_dim;
   cu::PoolScope scope(ctx->pool());
   ASSIGN_OR_RETURN(void* q, ScratchAct(T * nh * qd));
   if (c.q_lora_rank > 0) {
@@ -632,8 +634,8 @@ absl::Status CudaEngine::Impl::Attention(const DevLayer& Ly, size_t slot, const 
     g.K = dn;
     g.batch = nh;
     RETURN_IF_ERROR(cu::GemmF32(g, stream));
-    RETURN_IF_ERROR(cu::CopyRopePartF32(static_cast<const float*>(q), T * nh, dn, R, L, static_cast<float*>(q_abs),
-                                        stream));
+    RETURN_IF_ERROR(
+        cu::CopyRopePartF32(static_cast<const float*>(q), T * nh, dn, R, L, static_cast<float*>(q_abs), stream));
   }
   // Latent attention: decode steps in one call, else one call per segment.
   ASSIGN_OR_RETURN(void* o_lat, ScratchAct(T * nh * L));
@@ -749,9 +751,9 @@ absl::Status CudaEngine::Impl::RoutedLocal(const DevLayer& Ly, const void* x, in
       RETURN_IF_ERROR(Cuda(cudaMallocHost(&h_offsets32, (E + 1) * sizeof(int32_t)), "cudaMallocHost"));
       offsets_cap = E + 1;
     }
-    RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_offsets32, offsets, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                         stream),
-                         "expert offsets to host"));
+    RETURN_IF_ERROR(
+        Cuda(cudaMemcpyAsync(h_offsets32, offsets, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+             "expert offsets to host"));
     RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "expert offsets to host"));
     for (int64_t e = 0; e <= E; ++e) h_offsets[e] = h_offsets32[e];
     RETURN_IF_ERROR(cu::GroupedExperts(*ctx, ex.lt, static_cast<const cu::Bf16*>(xp), h_offsets,
@@ -879,11 +881,12 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     auto it = seqs.find(s.seq);
     if (it == seqs.end()) return absl::InvalidArgumentError(absl::StrCat("CUDA engine: unknown sequence ", s.seq));
     if (s.n < 0) return absl::InvalidArgumentError("CUDA engine: negative segment length");
-    if (embed && s.n > 0 && s.tokens == nullptr) return absl::InvalidArgumentError("CUDA engine: segment without tokens");
+    if (embed && s.n > 0 && s.tokens == nullptr)
+      return absl::InvalidArgumentError("CUDA engine: segment without tokens");
     for (int64_t i = 0; embed && i < s.n; ++i) {
       if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("CUDA engine: token id ", s.tokens[i], " out of range [0, ",
-                                                       c.vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("CUDA engine: token id ", s.tokens[i], " out of range [0, ", c.vocab_size, ")"));
       }
     }
     if (it->second.length + s.n > c.max_position_embeddings) {
@@ -897,13 +900,14 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     if (s.n != 1) p.decode = false;
     max_len = std::max(max_len, it->second.length + s.n);
   }
-  if (head && io.logits == nullptr) return absl::InvalidArgumentError("CUDA engine: a shard with the head needs logits");
+  if (head && io.logits == nullptr)
+    return absl::InvalidArgumentError("CUDA engine: a shard with the head needs logits");
   if (!embed && p.T > 0 && io.hidden_in == nullptr) {
     return absl::InvalidArgumentError("CUDA engine: a shard without the embedding needs hidden_in");
   }
   if (p.S_out > opts.max_step_sequences) {
-    return absl::InvalidArgumentError(absl::StrCat("CUDA engine: a step of ", p.S_out,
-                                                   " sequences exceeds max_step_sequences = ", opts.max_step_sequences));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CUDA engine: a step of ", p.S_out, " sequences exceeds max_step_sequences = ", opts.max_step_sequences));
   }
   if (p.T > opts.max_step_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("CUDA engine: a step of ", p.T, " tokens exceeds max_step_tokens = ",
@@ -915,9 +919,9 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
     const int64_t need = CeilDiv(q.length + s.n, opts.page_size);
     while (static_cast<int64_t>(q.pages.size()) < need) {
       if (free_pages.empty()) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "CUDA engine: the latent cache is full (", num_pages * opts.page_size,
-            " tokens over all sequences); raise --cuda-cache-tokens or run fewer sequences at once"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("CUDA engine: the latent cache is full (", num_pages * opts.page_size,
+                         " tokens over all sequences); raise --cuda-cache-tokens or run fewer sequences at once"));
       }
       q.pages.push_back(free_pages.back());
       free_pages.pop_back();
@@ -948,7 +952,8 @@ absl::Status CudaEngine::Impl::Step(const std::vector<Segment>& segs, const Stag
       const int64_t pos = q.length + i;
       h_in[p.o_tokens + row] = embed ? s.tokens[i] : 0;
       h_in[p.o_pos + row] = static_cast<int32_t>(pos);
-      h_in[p.o_slots + row] = static_cast<int32_t>(q.pages[pos / opts.page_size] * opts.page_size + pos % opts.page_size);
+      h_in[p.o_slots + row] =
+          static_cast<int32_t>(q.pages[pos / opts.page_size] * opts.page_size + pos % opts.page_size);
     }
     if (s.n > 0) h_in[p.o_last + out_i++] = static_cast<int32_t>(row - 1);
     h_in[p.o_lens + si] = static_cast<int32_t>(q.length + s.n);
@@ -1118,8 +1123,7 @@ std::string CudaEngine::Describe() const {
   return absl::StrFormat("%s, %s activations%s, %.1f MiB of weights, latent cache %d tokens, CUDA graphs %s",
                          m.device_name, CudaPrecisionName(m.opts.precision),
                          m.fp8_tensors > 0 ? absl::StrCat(", ", m.fp8_tensors, " fp8 weights") : "",
-                         m.weight_bytes / 1048576.0, m.num_pages * m.opts.page_size,
-                         m.opts.cuda_graphs ? "on" : "off");
+                         m.weight_bytes / 1048576.0, m.num_pages * m.opts.page_size, m.opts.cuda_graphs ? "on" : "off");
 }
 
 CudaEngine::SeqId CudaEngine::NewSequence() {

@@ -86,12 +86,12 @@ class ExpertExchange {
   // engine's stream (not yet synchronised); the exchange is done with them
   // when Run returns.
   struct Layer {
-    int64_t layer = 0;                // model layer index
-    int64_t T = 0;                    // this rank's tokens
-    const void* x = nullptr;          // [T, H] normed hidden states (activation type)
-    const int32_t* ids = nullptr;     // [T, k] routed logical experts
-    const float* weights = nullptr;   // [T, k] routing weights
-    float* y = nullptr;               // [T, H] fp32 residual: y[t] += the routed experts' output
+    int64_t layer = 0;               // model layer index
+    int64_t T = 0;                   // this rank's tokens
+    const void* x = nullptr;         // [T, H] normed hidden states (activation type)
+    const int32_t* ids = nullptr;    // [T, k] routed logical experts
+    const float* weights = nullptr;  // [T, k] routing weights
+    float* y = nullptr;              // [T, H] fp32 residual: y[t] += the routed experts' output
   };
   virtual absl::Status Run(const Layer& layer) = 0;
 };

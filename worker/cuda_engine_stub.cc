@@ -42,8 +42,7 @@ int64_t CudaEngine::SequenceLength(SeqId) const { return -1; }
 absl::Status CudaEngine::Forward(const std::vector<Segment>&, std::vector<float>*) { return NoCuda(); }
 absl::Status CudaEngine::Step(const std::vector<Segment>&, const StageIo&) { return NoCuda(); }
 void CudaEngine::SetExpertExchange(ExpertExchange*) {}
-absl::Status CudaEngine::RunLocalExperts(int64_t, const void*, int64_t, const int32_t*, const float*, int64_t,
-                                         float*) {
+absl::Status CudaEngine::RunLocalExperts(int64_t, const void*, int64_t, const int32_t*, const float*, int64_t, float*) {
   return NoCuda();
 }
 void* CudaEngine::stream() const { return nullptr; }

@@ -1,5 +1,4 @@
 #include "worker/cuda_ep.h"
-#include "worker/cuda_stage.h"
 
 #include <cuda_runtime.h>
 
@@ -10,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/cuda/engine_ops.h"
+#include "worker/cuda_stage.h"
 
 namespace expertmesh::worker {
 
@@ -20,13 +20,11 @@ namespace {
 absl::Status Cuda(cudaError_t e, absl::string_view what) {
   if (e == cudaSuccess) return absl::OkStatus();
   cudaGetLastError();
-  return absl::InternalError(absl::StrCat("CUDA EP exchange: ", what, ": ", cudaGetErrorName(e), " (",
-                                          cudaGetErrorString(e), ")"));
+  return absl::InternalError(
+      absl::StrCat("CUDA EP exchange: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
 }
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // A growable cudaMalloc'd (or pinned host) buffer.
 struct Buf {
@@ -79,10 +77,10 @@ struct CudaEpExchange::Impl {
   std::vector<int32_t> ids;
   std::vector<float> weights;
   std::vector<int64_t> send_count, recv_count;
-  std::vector<int32_t> send_token;            // token of each sent record (grouped by destination)
-  std::vector<int32_t> meta_ids;              // [records, k] logical experts for the destination, -1 pads
-  std::vector<float> meta_w;                  // [records, k]
-  std::vector<int32_t> tok_start, tok_rec;    // each token's records, in destination order
+  std::vector<int32_t> send_token;          // token of each sent record (grouped by destination)
+  std::vector<int32_t> meta_ids;            // [records, k] logical experts for the destination, -1 pads
+  std::vector<float> meta_w;                // [records, k]
+  std::vector<int32_t> tok_start, tok_rec;  // each token's records, in destination order
 
   // Device buffers.
   Buf d_upload, d_counts, d_xsend, d_xrecv, d_ids_recv, d_w_recv, d_out, d_back;
@@ -165,8 +163,8 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
   if (T > 0) {
     RETURN_IF_ERROR(h_ids.Reserve(T * K * sizeof(int32_t)));
     RETURN_IF_ERROR(h_w.Reserve(T * K * sizeof(float)));
-    RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_ids.p, l.ids, T * K * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
-                         "ids to host"));
+    RETURN_IF_ERROR(
+        Cuda(cudaMemcpyAsync(h_ids.p, l.ids, T * K * sizeof(int32_t), cudaMemcpyDeviceToHost, stream), "ids to host"));
     RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(h_w.p, l.weights, T * K * sizeof(float), cudaMemcpyDeviceToHost, stream),
                          "weights to host"));
     RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "routing to host"));
@@ -181,7 +179,8 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
     for (int64_t k = 0; k < K; ++k) {
       const int32_t e = ids[t * K + k];
       if (e < 0 || e >= E) {
-        return absl::InternalError(absl::StrCat("CUDA EP: token ", t, " routed to expert ", e, " outside [0, ", E, ")"));
+        return absl::InternalError(
+            absl::StrCat("CUDA EP: token ", t, " routed to expert ", e, " outside [0, ", E, ")"));
       }
       const int32_t r = pl.Replica(e, t).first;
       pair_rank[t * K + k] = r;
@@ -249,17 +248,16 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
     if (device_comm && !comm->caps().host_memory) {
       RETURN_IF_ERROR(d_counts.Reserve(2 * P * sizeof(int64_t)));
       int64_t* dc = d_counts.as<int64_t>();
-      RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(dc, send_count.data(), P * sizeof(int64_t), cudaMemcpyHostToDevice, stream),
-                           "counts"));
+      RETURN_IF_ERROR(
+          Cuda(cudaMemcpyAsync(dc, send_count.data(), P * sizeof(int64_t), cudaMemcpyHostToDevice, stream), "counts"));
       RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "counts"));
       RETURN_IF_ERROR(comm->AllToAll(dc, dc + P, sizeof(int64_t), comm::MemoryKind::kDevice, deadline));
-      RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(recv_count.data(), dc + P, P * sizeof(int64_t), cudaMemcpyDeviceToHost,
-                                           stream),
-                           "counts"));
+      RETURN_IF_ERROR(Cuda(
+          cudaMemcpyAsync(recv_count.data(), dc + P, P * sizeof(int64_t), cudaMemcpyDeviceToHost, stream), "counts"));
       RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "counts"));
     } else {
-      RETURN_IF_ERROR(comm->AllToAll(send_count.data(), recv_count.data(), sizeof(int64_t), comm::MemoryKind::kHost,
-                                     deadline));
+      RETURN_IF_ERROR(
+          comm->AllToAll(send_count.data(), recv_count.data(), sizeof(int64_t), comm::MemoryKind::kHost, deadline));
     }
   }
   std::vector<int64_t> rec_start(P + 1, 0);

@@ -18,9 +18,8 @@ namespace {
 absl::Status Launched(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e == cudaSuccess) return absl::OkStatus();
-  const std::string msg =
-      absl::StrCat("cuda::", what, ": CUDA error ", static_cast<int>(e), " (", cudaGetErrorName(e), ": ",
-                   cudaGetErrorString(e), ")");
+  const std::string msg = absl::StrCat("cuda::", what, ": CUDA error ", static_cast<int>(e), " (", cudaGetErrorName(e),
+                                       ": ", cudaGetErrorString(e), ")");
   if (e == cudaErrorInvalidValue || e == cudaErrorInvalidConfiguration) return absl::InvalidArgumentError(msg);
   if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) return absl::FailedPreconditionError(msg);
   return absl::InternalError(msg);
@@ -395,9 +394,9 @@ __global__ void AddRecordRowsKernel(const float* rows, int64_t H, const int32_t*
 
 // ---------------------------------------------------------------- grouped SwiGLU FFN (device offsets)
 
-constexpr int kFfnWarps = 8;     // warps per block
-constexpr int kFfnCols = 2;      // output columns per warp
-constexpr int kFfnRows = 8;      // rows per pass
+constexpr int kFfnWarps = 8;  // warps per block
+constexpr int kFfnCols = 2;   // output columns per warp
+constexpr int kFfnRows = 8;   // rows per pass
 
 // 8 consecutive values of a weight row (k % 8 == 0) as floats.
 template <WType W>
@@ -447,8 +446,8 @@ __device__ __forceinline__ void LoadX8(const void* x, int64_t off, bool bf16, fl
 // swiglu: out[r, c] = silu(x_r . w[c]) * (x_r . w[N + c]) with N = columns (I);
 // else:   out[r, c] = x_r . w[c].   K = inputs per row.
 template <WType W, bool kSwiglu>
-__global__ void __launch_bounds__(kFfnWarps * 32) GroupedFfnKernel(const GroupedFfnArgs a, const void* in,
-                                                                   void* out, int64_t N, int64_t K) {
+__global__ void __launch_bounds__(kFfnWarps * 32)
+    GroupedFfnKernel(const GroupedFfnArgs a, const void* in, void* out, int64_t N, int64_t K) {
   const int e = blockIdx.y;
   const int32_t r0 = a.offsets[e], r1 = a.offsets[e + 1];
   if (r1 <= r0) return;
@@ -521,8 +520,7 @@ absl::Status EmbedRowsF32(const void* table, Act table_type, int64_t H, const in
 absl::Status RowRmsNorm(const RowNormArgs& a, Stream stream) {
   if (a.n == 0) return absl::OkStatus();
   if (a.H <= 0 || a.n < 0) return Bad("RowRmsNorm", "H > 0, n >= 0");
-  RowNormKernel<<<static_cast<unsigned>(a.n), 128, 0, S(stream)>>>(a, a.x_type == Act::kBf16,
-                                                                   a.y_type == Act::kBf16);
+  RowNormKernel<<<static_cast<unsigned>(a.n), 128, 0, S(stream)>>>(a, a.x_type == Act::kBf16, a.y_type == Act::kBf16);
   return Launched("RowRmsNorm");
 }
 
@@ -533,8 +531,8 @@ absl::Status KvAppend(const KvAppendArgs& a, Stream stream) {
   return Launched("KvAppend");
 }
 
-absl::Status RopeApplyF32(float* x, int64_t tokens, int64_t vecs, int64_t token_stride, int64_t vec_stride,
-                          int64_t dim, const int32_t* positions, const double* inv_freq, Stream stream) {
+absl::Status RopeApplyF32(float* x, int64_t tokens, int64_t vecs, int64_t token_stride, int64_t vec_stride, int64_t dim,
+                          const int32_t* positions, const double* inv_freq, Stream stream) {
   if (tokens == 0 || vecs == 0) return absl::OkStatus();
   if (dim <= 0 || dim % 2 != 0) return Bad("RopeApplyF32", "dim must be even and positive");
   const int64_t half = dim / 2;
@@ -562,7 +560,8 @@ absl::Status CopyRopePartF32(const float* q, int64_t rows, int64_t nope, int64_t
 
 absl::Status MlaDecodeF32(const MlaDecodeF32Params& p, Stream stream) {
   if (p.batch == 0 || p.q_len * p.heads == 0) return absl::OkStatus();
-  if (p.kv_lora <= 0 || p.kv_lora > kMlaMaxL) return Bad("MlaDecodeF32", absl::StrCat("kv_lora in [1, 1024]: ", p.kv_lora));
+  if (p.kv_lora <= 0 || p.kv_lora > kMlaMaxL)
+    return Bad("MlaDecodeF32", absl::StrCat("kv_lora in [1, 1024]: ", p.kv_lora));
   if (p.page_size <= 0 || p.max_pages <= 0) return Bad("MlaDecodeF32", "page_size and max_pages must be positive");
   const size_t smem = (p.kv_lora + p.rope + kMlaThreads) * sizeof(float);
   dim3 grid(static_cast<unsigned>(p.q_len * p.heads), static_cast<unsigned>(p.batch));

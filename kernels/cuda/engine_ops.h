@@ -76,8 +76,8 @@ struct KvAppendArgs {
 absl::Status KvAppend(const KvAppendArgs& a, Stream stream);
 
 // fp32 rotary on interleaved pairs, the twin of kernels.h's RopeApply.
-absl::Status RopeApplyF32(float* x, int64_t tokens, int64_t vecs, int64_t token_stride, int64_t vec_stride,
-                          int64_t dim, const int32_t* positions, const double* inv_freq, Stream stream);
+absl::Status RopeApplyF32(float* x, int64_t tokens, int64_t vecs, int64_t token_stride, int64_t vec_stride, int64_t dim,
+                          const int32_t* positions, const double* inv_freq, Stream stream);
 
 // fp32 GEMM (CUDA cores, fp32 accumulation, no TF32), strided batches:
 //   y[b] (=, or += with accumulate) x[b] . op(w[b])
@@ -144,16 +144,16 @@ absl::Status SiluMulRowsF32(const float* gu, int64_t T, int64_t I, float* out, S
 struct GroupedFfnArgs {
   int64_t num_experts = 0, H = 0, I = 0;
   WType w_type = WType::kBf16;
-  const void* const* gate_up = nullptr;      // [E] -> [2I, H] (gate rows first)
-  const void* const* down = nullptr;         // [E] -> [H, I]
+  const void* const* gate_up = nullptr;         // [E] -> [2I, H] (gate rows first)
+  const void* const* down = nullptr;            // [E] -> [H, I]
   const float* const* gate_up_scale = nullptr;  // fp8: [E] -> [ceil(2I/128), ceil(H/128)]
   const float* const* down_scale = nullptr;     // fp8: [E] -> [ceil(H/128), ceil(I/128)]
-  const int32_t* offsets = nullptr;          // [E + 1], device
-  int64_t max_rows = 0;                      // bound on offsets[E] (grid sizing)
+  const int32_t* offsets = nullptr;             // [E + 1], device
+  int64_t max_rows = 0;                         // bound on offsets[E] (grid sizing)
   Act act = Act::kBf16;
-  const void* x_perm = nullptr;              // [rows, H]
-  void* act_buf = nullptr;                   // [rows, I] scratch
-  void* out_perm = nullptr;                  // [rows, H]
+  const void* x_perm = nullptr;  // [rows, H]
+  void* act_buf = nullptr;       // [rows, I] scratch
+  void* out_perm = nullptr;      // [rows, H]
 };
 absl::Status GroupedSwiGluFfn(const GroupedFfnArgs& a, Stream stream);
 

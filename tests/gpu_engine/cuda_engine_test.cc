@@ -10,6 +10,8 @@
 //                                        routing is chaotic under rounding, see
 //                                        test_generate_cuda.py)
 //   graph replay vs eager, stage split . bitwise (same kernels, same inputs)
+#include "worker/cuda_engine.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -25,7 +27,6 @@
 #include "topology/placement.h"
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/registry.h"
-#include "worker/cuda_engine.h"
 #include "worker/cuda_ep.h"
 #include "worker/cuda_stage.h"
 #include "worker/model.h"
@@ -33,12 +34,12 @@
 namespace expertmesh::worker {
 namespace {
 
-#define EM_SKIP_WITHOUT_CUDA()                   \
-  do {                                           \
-    std::string em_why_;                         \
-    if (!CudaEngineAvailable(&em_why_)) {        \
-      GTEST_SKIP() << em_why_;                   \
-    }                                            \
+#define EM_SKIP_WITHOUT_CUDA()            \
+  do {                                    \
+    std::string em_why_;                  \
+    if (!CudaEngineAvailable(&em_why_)) { \
+      GTEST_SKIP() << em_why_;            \
+    }                                     \
   } while (0)
 
 #define EM_ASSERT_OK(expr)                         \
@@ -138,8 +139,9 @@ void RunScript(CudaPrecision prec, double tol) {
   std::mt19937 rng(7);
   const int a = tw.Add(), b = tw.Add(), c = tw.Add();
   std::vector<int32_t> next;
-  double worst = tw.Step({a, b, c}, {RandomTokens(rng, 7, cfg.vocab_size), RandomTokens(rng, 1, cfg.vocab_size),
-                                     RandomTokens(rng, 37, cfg.vocab_size)},
+  double worst = tw.Step({a, b, c},
+                         {RandomTokens(rng, 7, cfg.vocab_size), RandomTokens(rng, 1, cfg.vocab_size),
+                          RandomTokens(rng, 37, cfg.vocab_size)},
                          &next);
   EXPECT_LE(worst, tol) << "prefill";
   std::vector<int> active = {a, b, c};
@@ -402,7 +404,8 @@ TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
         ASSERT_EQ(got.size(), want.size());
         EXPECT_LE(RelErr(got.data(), want.data(), static_cast<int64_t>(want.size())), 1e-6)
             << backend << " " << CudaPrecisionName(prec) << " step " << step;
-        const int32_t t0 = Argmax(want.data(), cfg.vocab_size), t1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
+        const int32_t t0 = Argmax(want.data(), cfg.vocab_size),
+                      t1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
         EM_ASSERT_OK((*local)->Forward({{a0.id(), &t0, 1}, {a1.id(), &t1, 1}}, &want));
         EM_ASSERT_OK((*ep)->Forward({{b0.id(), &t0, 1}, {b1.id(), &t1, 1}}, &got));
       }

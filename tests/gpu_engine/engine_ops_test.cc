@@ -8,6 +8,8 @@
 //   bf16 activations / weights ................... 2e-2 (rounded inputs and
 //                                                  outputs, 2^-9 each)
 //   moves, gathers, adds ......................... exact
+#include "kernels/cuda/engine_ops.h"
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -15,28 +17,27 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
-#include <tuple>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "common/dtype.h"
 #include "kernels/cpu/kernels.h"
-#include "kernels/cuda/engine_ops.h"
 #include "worker/cuda_engine.h"
 #include "worker/moe.h"
 
 namespace expertmesh::kernels::cuda {
 namespace {
 
-#define EM_SKIP_WITHOUT_CUDA()                         \
-  do {                                                 \
-    std::string em_why_;                               \
-    if (!worker::CudaEngineAvailable(&em_why_)) {      \
-      GTEST_SKIP() << em_why_;                         \
-    }                                                  \
+#define EM_SKIP_WITHOUT_CUDA()                    \
+  do {                                            \
+    std::string em_why_;                          \
+    if (!worker::CudaEngineAvailable(&em_why_)) { \
+      GTEST_SKIP() << em_why_;                    \
+    }                                             \
   } while (0)
 
 #define EM_ASSERT_OK(expr)                         \
@@ -266,7 +267,8 @@ TEST(EngineOps, RowNormGatherStridesAndTypes) {
   const auto x = Randn(rng, 7 * xs, 3.0f), w = Randn(rng, H);
   const std::vector<int32_t> rows = {6, 0, 3};
   std::vector<float> want(n * ys, 0.0f);
-  for (int64_t r = 0; r < n; ++r) kernels::RmsNorm(x.data() + rows[r] * xs, 1, H, w.data(), 1e-6f, want.data() + r * ys);
+  for (int64_t r = 0; r < n; ++r)
+    kernels::RmsNorm(x.data() + rows[r] * xs, 1, H, w.data(), 1e-6f, want.data() + r * ys);
   Dev dx(x), dw(w), dr(rows), dy(n * ys * 4);
   cudaMemset(dy.p, 0, dy.bytes);
   for (Act yt : {Act::kF32, Act::kBf16}) {
@@ -306,7 +308,8 @@ TEST(EngineOps, GroupedSwiGluFfnMatchesRunExpert) {
     auto deq = [](const std::vector<uint8_t>& q, const std::vector<float>& s, int64_t r, int64_t c) {
       std::vector<float> v(r * c);
       for (int64_t i = 0; i < r; ++i) {
-        for (int64_t j = 0; j < c; ++j) v[i * c + j] = F8E4M3ToFloat(q[i * c + j]) * s[(i / 128) * ((c + 127) / 128) + j / 128];
+        for (int64_t j = 0; j < c; ++j)
+          v[i * c + j] = F8E4M3ToFloat(q[i * c + j]) * s[(i / 128) * ((c + 127) / 128) + j / 128];
       }
       return v;
     };
@@ -378,7 +381,8 @@ TEST(EngineOps, GroupedSwiGluFfnMatchesRunExpert) {
       EM_ASSERT_OK(GroupedSwiGluFfn(a, nullptr));
       const std::vector<float> got = ba ? FromBf16Bits(dout.get<uint16_t>(rows * H)) : dout.get<float>(rows * H);
       const double tol = ba || bw ? 2e-2 : 1e-5;
-      EXPECT_LE(RelErr(got, want), tol) << "weights " << static_cast<int>(wt) << " activations " << (ba ? "bf16" : "fp32");
+      EXPECT_LE(RelErr(got, want), tol) << "weights " << static_cast<int>(wt) << " activations "
+                                        << (ba ? "bf16" : "fp32");
     }
   }
 }
