@@ -1174,6 +1174,36 @@ absl::Status CudaEngine::RunLocalExperts(int64_t layer, const void* x, int64_t r
 
 // ---------------------------------------------------------------- generation
 
+namespace {
+
+// Forward in consecutive groups of segments that fit one step (max_step_tokens,
+// max_step_sequences); sequences are independent, so the logits are those of
+// one big step.
+absl::Status ForwardInSteps(CudaEngine* engine, const std::vector<CudaEngine::Segment>& segs,
+                            std::vector<float>* logits) {
+  const CudaEngineOptions& o = engine->options();
+  logits->clear();
+  std::vector<CudaEngine::Segment> group;
+  std::vector<float> part;
+  int64_t tokens = 0;
+  for (size_t i = 0; i <= segs.size(); ++i) {
+    const bool fits = i < segs.size() && tokens + segs[i].n <= o.max_step_tokens &&
+                      static_cast<int64_t>(group.size()) < o.max_step_sequences;
+    if (!group.empty() && !fits) {
+      RETURN_IF_ERROR(engine->Forward(group, &part));
+      logits->insert(logits->end(), part.begin(), part.end());
+      group.clear();
+      tokens = 0;
+    }
+    if (i == segs.size()) break;
+    group.push_back(segs[i]);  // a segment longer than a step is refused by Forward with the reason
+    tokens += segs[i].n;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engine,
                                                                 const std::vector<GenerationRequest>& reqs,
                                                                 GenerationStats* stats) {
@@ -1196,7 +1226,7 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engi
   }
   std::vector<float> logits;
   double t0 = Now();
-  if (n > 0) RETURN_IF_ERROR(engine->Forward(segs, &logits));
+  if (n > 0) RETURN_IF_ERROR(ForwardInSteps(engine, segs, &logits));
   st.prefill_s = Now() - t0;
   const int64_t vocab = n > 0 ? static_cast<int64_t>(logits.size() / n) : 0;
   std::vector<int32_t> next(n, 0);
@@ -1215,7 +1245,7 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engi
   while (!active.empty()) {
     segs.clear();
     for (size_t i : active) segs.push_back({seq[i], &next[i], 1});
-    RETURN_IF_ERROR(engine->Forward(segs, &logits));
+    RETURN_IF_ERROR(ForwardInSteps(engine, segs, &logits));
     ++st.decode_steps;
     std::vector<size_t> still;
     for (size_t j = 0; j < active.size(); ++j) {

@@ -181,9 +181,11 @@ class CudaEngine {
 };
 
 // GenerateBatch (generation.h) on the GPU engine: the same schedule (all
-// prompts prefill together, then one token per active sequence per step)
-// and the same sampling (by each sequence's seed and step), so the tokens
-// equal the CPU's whenever the logits agree.
+// prompts prefill together, then one token per active sequence per step;
+// split into several engine steps where a step would exceed
+// max_step_tokens or max_step_sequences) and the same sampling (by each
+// sequence's seed and step), so the tokens equal the CPU's whenever the
+// logits agree.
 absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engine,
                                                                 const std::vector<GenerationRequest>& requests,
                                                                 GenerationStats* stats = nullptr);

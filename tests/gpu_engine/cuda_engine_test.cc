@@ -284,6 +284,37 @@ TEST(CudaEngine, PipelineStagesEqualWholeModel) {
   EXPECT_EQ((*s1)->SequenceLength(b1), 4);
 }
 
+// GenerateBatchCuda splits steps that exceed max_step_tokens / sequences; in
+// fp32 every row is computed the same way in any batch (CUDA-core kernels, no
+// cross-row reductions), so the results are bitwise those of one big step.
+TEST(CudaEngine, GenerateSplitsLargeSteps) {
+  EM_SKIP_WITHOUT_CUDA();
+  const ModelConfig cfg = Tiny();
+  CudaEngineOptions big = Opts(CudaPrecision::kFp32, true), small = big;
+  small.max_step_tokens = 64;
+  small.max_step_sequences = 2;
+  auto a = CudaEngine::Random(cfg, ShardFilter{}, kSeed, big);
+  auto b = CudaEngine::Random(cfg, ShardFilter{}, kSeed, small);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::mt19937 rng(4);
+  std::vector<GenerationRequest> reqs;
+  for (int64_t n : {40, 30, 50, 3, 1}) {
+    GenerationRequest r;
+    r.prompt = RandomTokens(rng, n, cfg.vocab_size);
+    r.max_new_tokens = 6;
+    reqs.push_back(r);
+  }
+  auto ra = GenerateBatchCuda(a->get(), reqs);
+  auto rb = GenerateBatchCuda(b->get(), reqs);
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ((*ra)[i].tokens, (*rb)[i].tokens) << "prompt " << i;
+    EXPECT_EQ((*ra)[i].prefill_logits, (*rb)[i].prefill_logits) << "prompt " << i;
+  }
+  EXPECT_GT((*b)->stats().steps, (*a)->stats().steps);
+}
+
 TEST(CudaEngine, ErrorsSayWhatToDo) {
   EM_SKIP_WITHOUT_CUDA();
   const ModelConfig cfg = Tiny();
