@@ -13,8 +13,8 @@
 #   tests/gpu_engine/pack.sh                        # here, after building
 #   device run, carry [".gpueng"]:  tests/gpu_engine/run_on_gpu.sh
 #
-# Logs go to $OUT (or ./out-gpueng): device.txt, engine_tests.log,
-# generate_tests.log, worker_tests.log, bench.log, summary.txt.
+# Logs go to $OUT (or ./out-gpueng): device.txt, engine_tests.log, memcheck.log,
+# generate_tests.log, worker_tests.log, bench.log, summary.txt (7 files).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -48,10 +48,23 @@ say "device"
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-say "engine tests (em_gpu_engine_tests)"
-timeout 300 "$bin/em_gpu_engine_tests" 2>&1 | tee "$out/engine_tests.log" |
-  grep -E "^\[ +(OK|FAILED|SKIPPED|PASSED) |^\[ info|Failure|Expected|Which is|error" | head -60
-say "engine tests exit ${PIPESTATUS[0]}"
+say "engine tests (em_gpu_engine_tests, one process per test so a crash costs one test)"
+: >"$out/engine_tests.log"
+for t in $("$bin/em_gpu_engine_tests" --gtest_list_tests | awk '/^[^ ]/ {s=$1} /^  / {print s $1}'); do
+  timeout 180 "$bin/em_gpu_engine_tests" --gtest_filter="$t" >>"$out/engine_tests.log" 2>&1
+  rc=$?
+  echo "[ exit ] $t $rc" >>"$out/engine_tests.log"
+  [ $rc -ne 0 ] && echo "   $t exited $rc"
+done
+grep -E "^\[ +(OK|FAILED|SKIPPED) +\] [^ ]+ \(|^\[ info|Failure|Expected|Which is" "$out/engine_tests.log" | head -80
+
+say "compute-sanitizer memcheck on the engine's kernels and one engine test"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/em_gpu_engine_tests" \
+    --gtest_filter='EngineOps.*:CudaEngine.PipelineStagesEqualWholeModel' >"$out/memcheck.log" 2>&1
+  echo "memcheck exit $? (0: clean, 9: errors found)"
+  grep -E "ERROR SUMMARY|Invalid|out of bounds" "$out/memcheck.log" | head -20
+fi
 
 say "generate --device cuda vs cpu (test_generate_cuda.py)"
 PYTHONUNBUFFERED=1 timeout 420 python3 tests/gpu_engine/test_generate_cuda.py --expertmesh "$em" \
@@ -95,7 +108,7 @@ PY
 
 say "summary"
 {
-  grep -E "^\[  (PASSED|FAILED) |^\[ info" "$out/engine_tests.log"
+  grep -E "^\[  FAILED|^\[ info|^\[ exit" "$out/engine_tests.log"
   sed -n '/== GPU engine vs CPU/,$p' "$out/generate_tests.log" | head -20
   grep -E "^Ran |^OK|^FAILED" "$out/generate_tests.log" "$out/worker_tests.log"
   grep "equal the CPU" "$out/worker_tests.log"
