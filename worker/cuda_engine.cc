@@ -37,7 +37,6 @@ absl::Status Cuda(cudaError_t e, absl::string_view what) {
   return absl::InternalError(msg);
 }
 
-double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // A weight tensor as read from the checkpoint: fp32 values, or the raw fp8
 // codes with their 128x128 block scales.
@@ -1218,51 +1217,15 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchCuda(CudaEngine* engi
       for (auto id : *s) e->ReleaseSequence(id);
     }
   } release{engine, &seq};
-  GenerationStats st;
   std::vector<CudaEngine::Segment> segs;
-  for (size_t i = 0; i < n; ++i) {
-    segs.push_back({seq[i], reqs[i].prompt.data(), static_cast<int64_t>(reqs[i].prompt.size())});
-    st.prompt_tokens += static_cast<int64_t>(reqs[i].prompt.size());
-  }
-  std::vector<float> logits;
-  double t0 = Now();
-  if (n > 0) RETURN_IF_ERROR(ForwardInSteps(engine, segs, &logits));
-  st.prefill_s = Now() - t0;
-  const int64_t vocab = n > 0 ? static_cast<int64_t>(logits.size() / n) : 0;
-  std::vector<int32_t> next(n, 0);
-  std::vector<size_t> active;
-  for (size_t i = 0; i < n; ++i) {
-    const float* row = logits.data() + i * vocab;
-    results[i].prefill_logits.assign(row, row + vocab);
-    if (reqs[i].max_new_tokens == 0) continue;
-    next[i] = kernels::Sample(row, vocab, reqs[i].sampling, 0);
-    results[i].tokens.push_back(next[i]);
-    const auto& stop = reqs[i].stop_token_ids;
-    const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
-    if (!stopped && reqs[i].max_new_tokens > 1) active.push_back(i);
-  }
-  t0 = Now();
-  while (!active.empty()) {
-    segs.clear();
-    for (size_t i : active) segs.push_back({seq[i], &next[i], 1});
-    RETURN_IF_ERROR(ForwardInSteps(engine, segs, &logits));
-    ++st.decode_steps;
-    std::vector<size_t> still;
-    for (size_t j = 0; j < active.size(); ++j) {
-      const size_t i = active[j];
-      const uint64_t step = results[i].tokens.size();
-      next[i] = kernels::Sample(logits.data() + j * vocab, vocab, reqs[i].sampling, step);
-      results[i].tokens.push_back(next[i]);
-      const auto& stop = reqs[i].stop_token_ids;
-      const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
-      if (!stopped && static_cast<int64_t>(results[i].tokens.size()) < reqs[i].max_new_tokens) still.push_back(i);
-    }
-    active.swap(still);
-  }
-  st.decode_s = Now() - t0;
-  for (const auto& r : results) st.generated_tokens += static_cast<int64_t>(r.tokens.size());
-  if (stats != nullptr) *stats = st;
-  return results;
+  return RunGeneration(
+      reqs,
+      [&](const std::vector<StepItem>& items, std::vector<float>* logits) {
+        segs.clear();
+        for (const StepItem& it : items) segs.push_back({seq[it.request], it.tokens, it.n});
+        return ForwardInSteps(engine, segs, logits);
+      },
+      stats);
 }
 
 int CudaDeviceCount() {

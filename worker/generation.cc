@@ -13,53 +13,45 @@ double Now() {
 }
 }  // namespace
 
-absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
-                                                            const std::vector<GenerationRequest>& reqs,
-                                                            GenerationStats* stats) {
+absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<GenerationRequest>& reqs,
+                                                            const StepFn& step, GenerationStats* stats) {
   const size_t n = reqs.size();
   std::vector<GenerationResult> results(n);
-  std::vector<SequenceCache> caches(n);
-  for (auto& c : caches) c = engine->NewCache();
   GenerationStats st;
-  // Prefill: every prompt in one batch.
-  std::vector<Segment> segs;
+  std::vector<StepItem> items;
   for (size_t i = 0; i < n; ++i) {
-    segs.push_back({&caches[i], reqs[i].prompt.data(), static_cast<int64_t>(reqs[i].prompt.size())});
+    items.push_back({i, reqs[i].prompt.data(), static_cast<int64_t>(reqs[i].prompt.size())});
     st.prompt_tokens += static_cast<int64_t>(reqs[i].prompt.size());
   }
   std::vector<float> logits;
   double t0 = Now();
-  if (n > 0) RETURN_IF_ERROR(engine->Forward(segs, &logits));
+  if (n > 0) RETURN_IF_ERROR(step(items, &logits));  // prefill: every prompt in one step
   st.prefill_s = Now() - t0;
   const int64_t vocab = n > 0 ? static_cast<int64_t>(logits.size() / n) : 0;
   std::vector<int32_t> next(n, 0);
+  // Samples request i's next token from `row`; true while it goes on.
+  auto advance = [&](size_t i, const float* row) {
+    next[i] = kernels::Sample(row, vocab, reqs[i].sampling, results[i].tokens.size());
+    results[i].tokens.push_back(next[i]);
+    const auto& stop = reqs[i].stop_token_ids;
+    const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
+    return !stopped && static_cast<int64_t>(results[i].tokens.size()) < reqs[i].max_new_tokens;
+  };
   std::vector<size_t> active;
   for (size_t i = 0; i < n; ++i) {
     const float* row = logits.data() + i * vocab;
     results[i].prefill_logits.assign(row, row + vocab);
-    if (reqs[i].max_new_tokens == 0) continue;
-    next[i] = kernels::Sample(row, vocab, reqs[i].sampling, 0);
-    results[i].tokens.push_back(next[i]);
-    const auto& stop = reqs[i].stop_token_ids;
-    const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
-    if (!stopped && reqs[i].max_new_tokens > 1) active.push_back(i);
+    if (reqs[i].max_new_tokens > 0 && advance(i, row)) active.push_back(i);
   }
-  // Decode: one token per active sequence per step.
   t0 = Now();
-  while (!active.empty()) {
-    segs.clear();
-    for (size_t i : active) segs.push_back({&caches[i], &next[i], 1});
-    RETURN_IF_ERROR(engine->Forward(segs, &logits));
+  while (!active.empty()) {  // decode: one token per live request per step
+    items.clear();
+    for (size_t i : active) items.push_back({i, &next[i], 1});
+    RETURN_IF_ERROR(step(items, &logits));
     ++st.decode_steps;
     std::vector<size_t> still;
     for (size_t j = 0; j < active.size(); ++j) {
-      const size_t i = active[j];
-      const uint64_t step = results[i].tokens.size();
-      next[i] = kernels::Sample(logits.data() + j * vocab, vocab, reqs[i].sampling, step);
-      results[i].tokens.push_back(next[i]);
-      const auto& stop = reqs[i].stop_token_ids;
-      const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
-      if (!stopped && static_cast<int64_t>(results[i].tokens.size()) < reqs[i].max_new_tokens) still.push_back(i);
+      if (advance(active[j], logits.data() + j * vocab)) still.push_back(active[j]);
     }
     active.swap(still);
   }
@@ -67,6 +59,22 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
   for (const auto& r : results) st.generated_tokens += static_cast<int64_t>(r.tokens.size());
   if (stats != nullptr) *stats = st;
   return results;
+}
+
+absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
+                                                            const std::vector<GenerationRequest>& reqs,
+                                                            GenerationStats* stats) {
+  std::vector<SequenceCache> caches(reqs.size());
+  for (auto& c : caches) c = engine->NewCache();
+  std::vector<Segment> segs;
+  return RunGeneration(
+      reqs,
+      [&](const std::vector<StepItem>& items, std::vector<float>* logits) {
+        segs.clear();
+        for (const StepItem& it : items) segs.push_back({&caches[it.request], it.tokens, it.n});
+        return engine->Forward(segs, logits);
+      },
+      stats);
 }
 
 }  // namespace expertmesh::worker

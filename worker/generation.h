@@ -31,7 +31,24 @@ struct GenerationStats {
   double prefill_s = 0, decode_s = 0;
 };
 
-// Runs all requests to completion. Requests must be validated (ValidatePrompt).
+// One step's work for one request: n new tokens (the whole prompt at first,
+// then the last sampled token).
+struct StepItem {
+  size_t request = 0;  // index into the requests
+  const int32_t* tokens = nullptr;
+  int64_t n = 0;
+};
+// Runs one step of an engine for `items` (each request at most once) and
+// returns the logits after each item's last token, [items, vocab].
+using StepFn = std::function<absl::Status(const std::vector<StepItem>& items, std::vector<float>* logits)>;
+
+// The scheduling of a batch, independent of the engine: every prompt in one
+// prefill step, then one token per live request per step until each reaches
+// max_new_tokens or emits a stop token. Requests must be validated.
+absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<GenerationRequest>& requests,
+                                                            const StepFn& step, GenerationStats* stats = nullptr);
+
+// RunGeneration on the CPU engine, one latent cache per request.
 absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
                                                             const std::vector<GenerationRequest>& requests,
                                                             GenerationStats* stats = nullptr);

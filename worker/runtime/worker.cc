@@ -177,6 +177,7 @@ class Worker {
   absl::Status RunDownstream();
   void HeartbeatLoop();
   absl::Status Reregister();
+  v1::RegisterRequest MakeRegisterRequest(int worker_id) const;
   void StopHeartbeats();
 
   // Stage 0 state.
@@ -267,14 +268,19 @@ absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::
   return comm::CreateCommunicator(backend, &boot, opts);
 }
 
-absl::Status Worker::Setup() {
+v1::RegisterRequest Worker::MakeRegisterRequest(int worker_id) const {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   v1::RegisterRequest req;
   req.set_host(host);
   req.set_pid(getpid());
-  req.set_worker_id(o_.requested_worker_id);
-  ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
+  req.set_worker_id(worker_id);
+  return req;
+}
+
+absl::Status Worker::Setup() {
+  ASSIGN_OR_RETURN(v1::RegisterResponse reg,
+                   client_.Register(MakeRegisterRequest(o_.requested_worker_id), absl::Now() + o_.register_timeout));
   worker_id_ = reg.worker_id();
   stage_ = reg.stage();
   ep_rank_ = reg.ep_rank();
@@ -454,14 +460,9 @@ void Worker::HeartbeatLoop() {
 }
 
 absl::Status Worker::Reregister() {
-  char host[256] = {0};
-  gethostname(host, sizeof(host) - 1);
-  v1::RegisterRequest req;
-  req.set_host(host);
-  req.set_pid(getpid());
-  req.set_worker_id(worker_id_);
   LOG(INFO) << "worker " << worker_id_ << ": coordinator does not know this worker (restarted?): registering again";
-  ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
+  ASSIGN_OR_RETURN(v1::RegisterResponse reg,
+                   client_.Register(MakeRegisterRequest(worker_id_), absl::Now() + o_.register_timeout));
   ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg.plan()));
   if (reg.worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
     // The data plane and the loaded shard belong to the old plan.
