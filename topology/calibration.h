@@ -17,6 +17,11 @@
 //   step_overhead_ms        (optional) one `bench serve` run, marked as the
 //                           calibration run: host work per stage step
 //
+// A `bench moe-alltoall` run wrapped with "busy_processes" (measured while
+// that many busy processes shared the cores) is reported as a note: the
+// worst case of a rank waiting for a descheduled peer, which the model does
+// not charge.
+//
 // The two bandwidth/efficiency pairs are solved together (fixed point): the
 // decode-sized MoE time depends mostly on the bandwidth, the prefill-sized one
 // mostly on the GEMM efficiency.
@@ -57,6 +62,7 @@ struct Calibration {
   Cluster cluster;
   std::vector<CalibratedParameter> parameters;
   std::vector<CalibrationCheck> checks;
+  std::vector<std::string> notes;  // measurements reported, not fitted (e.g. waits the model leaves out)
   // The calibrated topology: a comment block with the fitted parameters and
   // their sources, then the YAML of ClusterToYaml.
   std::string Yaml() const;

@@ -39,23 +39,6 @@ double DeviceSpec::CoreShare(int64_t devices_on_node) const {
   return static_cast<double>(host_cores) / static_cast<double>(devices_on_node);
 }
 
-Cluster Cluster::WithCoreShare(int64_t devices_on_node) const {
-  Cluster c = *this;
-  const double s = node.device.CoreShare(devices_on_node);
-  if (s >= 1.0) return c;
-  DeviceSpec& d = c.node.device;
-  d.tflops_fp8_dense *= s;
-  d.tflops_bf16_dense *= s;
-  d.tflops_fp32_dense *= s;
-  d.hbm_gbytes_per_s *= s;
-  d.efficiency.kernel_overhead_us /= s;
-  d.efficiency.step_overhead_ms /= s;
-  // MPI over shared memory: the copies are CPU work of the two processes.
-  c.node.intra_node.gbytes_per_s_per_direction *= s;
-  c.node.intra_node.latency_us /= s;
-  return c;
-}
-
 double Cluster::NicBytesPerSPerDevice() const {
   if (node.nics.count <= 0 || node.device.count <= 0) return 0;
   return node.nics.gbits_per_s_per_direction * 1e9 / 8.0 * static_cast<double>(node.nics.count) /

@@ -60,9 +60,9 @@ struct DeviceSpec {
   std::string runtime_path;
   // CPU hosts: cores that all devices (runtime processes) of a node share; 0:
   // every device is its own hardware. A plan with more devices on a node than
-  // cores gives each device host_cores / devices of the node's time: its
-  // compute, memory and fabric rates scale by that share, its fixed overheads
-  // by the inverse (see CoreShare).
+  // cores time-shares them: a stage step takes at least the CPU time of all
+  // the node's processes divided by host_cores (the simulator's "shared
+  // cores"; CoreShare is the even share of a core per device).
   int64_t host_cores = 0;
   Efficiency efficiency;
 
@@ -113,11 +113,6 @@ struct Cluster {
   double NicBytesPerSPerDevice() const;
   // Intra-node fabric bandwidth of one device, bytes/s per direction.
   double FabricBytesPerS() const;
-  // This cluster as seen by each device when `devices_on_node` devices share a
-  // node (node.device.host_cores): peaks, memory bandwidth and intra-node
-  // fabric bandwidth times the core share, kernel/step overheads and fabric
-  // latency divided by it. Unchanged when the share is 1.
-  Cluster WithCoreShare(int64_t devices_on_node) const;
 };
 
 // Parses a topology YAML document; `source` names it in error messages.

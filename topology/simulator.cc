@@ -384,9 +384,9 @@ absl::StatusOr<PreparedPlacement> PreparePlacement(const ModelConfig& cfg, const
 absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluster, const Workload& w_in,
                                    const Deployment& d, const SimOptions& opt) {
   RETURN_IF_ERROR(ValidateDeployment(d, cluster, cfg));
-  // Devices sharing a CPU host's cores run at their share of it (host_cores);
-  // the CPU path has its own overlap and KV cache (WorkloadForPath).
-  const Cluster c = cluster.WithCoreShare(d.nodes == 1 ? d.devices() : cluster.devices_per_node());
+  // The CPU path has its own overlap and KV cache (WorkloadForPath); devices
+  // sharing a CPU host's cores are handled after the stages are timed.
+  const Cluster& c = cluster;
   const Workload w = WorkloadForPath(w_in, c.node.device);
   PlanOptions po;
   po.pp = d.pp;
@@ -566,10 +566,31 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
     t += eff.step_overhead_ms * 1e-3;
     crit["host overhead"] += eff.step_overhead_ms;
     group("host_overhead", eff.step_overhead_ms * 1e-3);
+    r.stage_times_ms.push_back(t * 1e3);
     if (t > worst_stage) {
       worst_stage = t;
       r.critical_path_ms = crit;
       r.breakdown_ms = brk;
+    }
+  }
+
+  // Shared cores (node.device.host_cores < devices on a node): the node's
+  // processes time-share its cores and the scheduler gives a waiting or idle
+  // process's core to another, so a stage step lasts at least the CPU time
+  // of all the node's processes in one step divided by the cores (stage time
+  // x EP ranks, summed over the node's stages), and at least the slowest
+  // stage. Waits of a rank for a descheduled peer are not modelled
+  // (docs/PLANNER.md, "Local calibration").
+  const int64_t on_node = d.nodes == 1 ? d.devices() : c.devices_per_node();
+  if (c.node.device.host_cores > 0 && on_node > c.node.device.host_cores) {
+    double cpu = 0;
+    for (double st : r.stage_times_ms) cpu += st * 1e-3 * static_cast<double>(d.ep);
+    cpu *= static_cast<double>(on_node) / static_cast<double>(d.devices());  // this node's share of the processes
+    const double shared = cpu / static_cast<double>(c.node.device.host_cores);
+    if (shared > worst_stage) {
+      r.critical_path_ms["shared cores"] += (shared - worst_stage) * 1e3;
+      r.breakdown_ms["shared_cores"] += (shared - worst_stage) * 1e3;
+      worst_stage = shared;
     }
   }
 
@@ -646,6 +667,7 @@ nlohmann::json SimResult::ToJson() const {
     j["computed_tokens_per_s_per_device"] = computed_tokens_per_s_per_device;
   }
   j["stage_time_ms"] = stage_time_ms;
+  j["stage_times_ms"] = stage_times_ms;
   j["memory_gib_per_device"] = memory_gib_per_device;
   j["hbm_gib"] = hbm_gib;
   j["fits"] = fits;

@@ -88,7 +88,8 @@ absl::StatusOr<PreparedPlacement> PreparePlacement(const ModelConfig& cfg, const
 struct SimResult {
   Deployment deployment;
   Plan plan;                     // the runtime's plan (stages; EPLB placement of the slowest stage)
-  double stage_time_ms = 0;      // one step of one stage, overheads included
+  double stage_time_ms = 0;      // one step of one stage, overheads included (the slowest stage)
+  std::vector<double> stage_times_ms;  // one step of each stage
   double ttft_ms = 0;            // prefill
   double tpot_ms = 0;            // decode
   double tokens_per_s_per_device = 0;  // prefill: prompt tokens incl. cache hits; decode: output tokens

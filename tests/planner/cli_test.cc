@@ -1,6 +1,7 @@
 // `expertmesh plan` end to end: --json on every shipped topology (one plan and
 // a search), --csv and --plot files, and clear errors for bad input.
 #include <cstdio>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -38,6 +39,7 @@ const Case kCases[] = {
     {"gb200-nvl72.yaml", "deepseek-v3", "--nodes 1 --ep 72 --redundant-experts 32 --batch-per-device 64"},
     {"l40s-pcie.yaml", "deepseek-v3", "--nodes 4 --ep 32 --redundant-experts 0 --batch-per-device 8"},
     {"cpu-2core.yaml", "tiny", "--nodes 1 --ep 2 --batch-per-device 4"},
+    {"cpu-local-calibrated.yaml", "small", "--nodes 1 --pp 2 --ep 2 --batch-per-device 4"},
 };
 
 TEST(PlanCliTest, EveryShippedTopologyIsCovered) {
@@ -118,6 +120,49 @@ TEST(PlanCliTest, ErrorsAreClear) {
   out = RunPlan("", &rc);
   EXPECT_NE(rc, 0);
   EXPECT_NE(out.find("--topology FILE is required"), std::string::npos) << out;
+}
+
+TEST(PlanCliTest, JobPredictionAgainstAMeasuredRun) {
+  const std::string dir = kSrc + "/examples/planning/local-calibration";
+  int rc = 0;
+  const std::string out = RunPlan("--topology " + kSrc + "/examples/topologies/cpu-local-calibrated.yaml --workload " +
+                                      dir + "/workload.yaml --measured " + dir + "/serve-measured.json --pp 2 --ep 2 --json",
+                                  &rc);
+  ASSERT_EQ(rc, 0) << out;
+  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_EQ(j["phase"], "job");
+  EXPECT_EQ(j["pp"], 2);
+  EXPECT_EQ(j["ep"], 2);
+  EXPECT_EQ(j["job"]["prompts"], 16);
+  for (const char* k : {"tokens_per_s", "wall_s", "tokens_per_s_per_node", "tokens_per_s_per_device", "tpot_ms",
+                        "memory_gib_per_device", "bottleneck", "measured", "relative_error"}) {
+    EXPECT_TRUE(j.contains(k)) << k << " missing:\n" << out;
+  }
+  EXPECT_LE(std::abs(j["relative_error"].get<double>()), 0.20) << out;
+  // The same job from flags, as text.
+  const std::string text = RunPlan("--model small --topology " + kSrc +
+                                       "/examples/topologies/cpu-local-calibrated.yaml --phase job --pp 1 --ep 2 "
+                                       "--num-prompts 16 --prompt-len 64 --max-new-tokens 32",
+                                   &rc);
+  ASSERT_EQ(rc, 0) << text;
+  EXPECT_NE(text.find("generated tokens/s"), std::string::npos) << text;
+}
+
+TEST(PlanCliTest, CalibrateFromBenchResults) {
+  int rc = 0;
+  const std::string out = RunPlan("--topology " + kSrc + "/examples/topologies/cpu-2core.yaml --calibrate-from " + kSrc +
+                                      "/examples/planning/local-calibration/bench.json",
+                                  &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("Fitted parameters"), std::string::npos) << out;
+  EXPECT_NE(out.find("node.device.efficiency.gemm_fp32 = "), std::string::npos) << out;
+  EXPECT_NE(out.find("host_cores: 2"), std::string::npos) << out;
+  const std::string bad = RunPlan("--topology " + kSrc + "/examples/topologies/h800.yaml --calibrate-from " + kSrc +
+                                      "/examples/planning/local-calibration/bench.json",
+                                  &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(bad.find("CPU"), std::string::npos) << bad;
 }
 
 TEST(PlanCliTest, DiscoverPrintsATopology) {

@@ -87,26 +87,37 @@ TEST(LocalCalibrationTest, CommittedTopologyIsTheCalibrationOfTheCommittedBenchm
 
 // --- the pieces the local calibration added to the model -------------------
 
-TEST(LocalCalibrationTest, CoreShareScalesRatesAndOverheads) {
-  Cluster c;
-  c.node.device.kind = "cpu";
-  c.node.device.count = 4;
-  c.node.device.host_cores = 2;
-  c.node.device.tflops_fp32_dense = 0.166;
-  c.node.device.hbm_gbytes_per_s = 6;
-  c.node.device.efficiency.kernel_overhead_us = 1;
-  c.node.intra_node.gbytes_per_s_per_direction = 8;
-  c.node.intra_node.latency_us = 2;
-  EXPECT_DOUBLE_EQ(c.node.device.CoreShare(2), 1.0);
-  EXPECT_DOUBLE_EQ(c.node.device.CoreShare(4), 0.5);
-  const Cluster s = c.WithCoreShare(4);
-  EXPECT_DOUBLE_EQ(s.node.device.tflops_fp32_dense, 0.083);
-  EXPECT_DOUBLE_EQ(s.node.device.hbm_gbytes_per_s, 3);
-  EXPECT_DOUBLE_EQ(s.node.device.efficiency.kernel_overhead_us, 2);
-  EXPECT_DOUBLE_EQ(s.node.intra_node.gbytes_per_s_per_direction, 4);
-  EXPECT_DOUBLE_EQ(s.node.intra_node.latency_us, 4);
-  c.node.device.host_cores = 0;  // GPUs: never shared
-  EXPECT_DOUBLE_EQ(c.node.device.CoreShare(64), 1.0);
+TEST(LocalCalibrationTest, SharedCoresBoundTheStageStep) {
+  auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto cfg = ModelConfig::Preset("small");
+  ASSERT_TRUE(cfg.ok());
+  EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(2), 1.0);
+  EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(4), 0.5);
+  Deployment d;
+  d.phase = Phase::kDecode;
+  d.pp = 2;
+  d.ep = 2;
+  d.batch_per_device = 4;
+  d.context = 80;
+  auto shared = Simulate(*cfg, *cluster, Workload{}, d);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  Cluster own = *cluster;
+  own.node.device.host_cores = 0;  // every process on its own core
+  auto alone = Simulate(*cfg, own, Workload{}, d);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  // 4 processes on 2 cores: a step lasts the CPU time of all of them / 2.
+  ASSERT_EQ(alone->stage_times_ms.size(), 2u);
+  const double cpu = 2 * (alone->stage_times_ms[0] + alone->stage_times_ms[1]);
+  EXPECT_NEAR(shared->stage_time_ms, std::max(alone->stage_time_ms, cpu / 2), 1e-9);
+  EXPECT_GT(shared->stage_time_ms, alone->stage_time_ms);
+  EXPECT_GT(shared->critical_path_ms.count("shared cores"), 0u);
+  // 2 processes on 2 cores: nothing shared.
+  d.pp = 1;
+  auto two = Simulate(*cfg, *cluster, Workload{}, d);
+  auto two_alone = Simulate(*cfg, own, Workload{}, d);
+  ASSERT_TRUE(two.ok() && two_alone.ok());
+  EXPECT_DOUBLE_EQ(two->stage_time_ms, two_alone->stage_time_ms);
 }
 
 DeviceSpec Cpu() {
