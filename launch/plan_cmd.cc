@@ -33,8 +33,9 @@ ABSL_FLAG(std::string, topology, "", "cluster topology YAML (examples/topologies
 ABSL_FLAG(std::string, workload, "", "workload YAML (examples/workloads/); default: 4K prompts, uniform load");
 ABSL_FLAG(std::string, phase, "",
           "prefill | decode (default: the workload's phase; `both` searches both) | job: one batch job as `expertmesh "
-          "bench serve` runs it (--num-prompts, --prompt-len, --max-new-tokens on --pp x --ep; the tokens/s it "
-          "reports), or the job of a --measured result");
+          "bench serve` runs it and the generated tokens/s it reports: --num-prompts N --prompt-len L (the flags of "
+          "`bench serve`, default 32 and 64) --max-new-tokens M on --pp x --ep, or the job of a --measured result "
+          "(implies job)");
 ABSL_FLAG(int64_t, nodes, 0, "evaluate one plan on this many nodes (with --ep, --pp, ...); 0: search");
 // --pp, --ep and --redundant-experts are the shared cluster flags of launch/flags.cc; for `plan`, an
 // unset --ep means nodes * devices per node / pp and an unset --redundant-experts the smallest count
