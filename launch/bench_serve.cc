@@ -249,6 +249,7 @@ int RunServe() {
   const double prompt_tps = static_cast<double>(n) * len / *wall;
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = {{"preset", preset}, {"pp", pp}, {"ep", ep}, {"prompts", n}, {"prompt_len", len},
+                        {"max_new_tokens", new_tokens},
                         {"generated_tokens", generated}, {"wall_s", *wall}, {"tokens_per_s", tps},
                         {"prompt_tokens_per_s", prompt_tps}};
     for (int s = 0; s < pp; ++s) {
