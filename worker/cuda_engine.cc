@@ -483,22 +483,29 @@ absl::Status CudaEngine::Impl::Build(const ShardFilter& filter, const Getter& ge
 
 // ---------------------------------------------------------------- GEMM helpers
 
+namespace {
+// y[M, N] (+)= x[M, K] . W[N, K]^T for an fp32 weight, all rows contiguous.
+cu::GemmF32Args DenseF32(const void* x, int64_t M, const DevLinear& w, float* y, bool accumulate) {
+  cu::GemmF32Args g;
+  g.x = static_cast<const float*>(x);
+  g.ldx = w.K;
+  g.w = static_cast<const float*>(w.w);
+  g.ldw = w.K;
+  g.y = y;
+  g.ldy = w.N;
+  g.M = M;
+  g.N = w.N;
+  g.K = w.K;
+  g.accumulate = accumulate;
+  return g;
+}
+}  // namespace
+
 absl::Status CudaEngine::Impl::Lin(const void* x, int64_t M, const DevLinear& w, void* y) {
   if (M == 0) return absl::OkStatus();
   switch (w.type) {
-    case WType::kF32: {
-      cu::GemmF32Args g;
-      g.x = static_cast<const float*>(x);
-      g.ldx = w.K;
-      g.w = static_cast<const float*>(w.w);
-      g.ldw = w.K;
-      g.y = static_cast<float*>(y);
-      g.ldy = w.N;
-      g.M = M;
-      g.N = w.N;
-      g.K = w.K;
-      return cu::GemmF32(g, stream);
-    }
+    case WType::kF32:
+      return cu::GemmF32(DenseF32(x, M, w, static_cast<float*>(y), /*accumulate=*/false), stream);
     case WType::kBf16:
       return cu::Linear(*ctx, static_cast<const cu::Bf16*>(x), M, w.K, static_cast<const cu::Bf16*>(w.w), w.N, y,
                         cu::OutType::kBf16);
@@ -522,20 +529,8 @@ absl::Status CudaEngine::Impl::LinF32(const void* x, int64_t M, const DevLinear&
 absl::Status CudaEngine::Impl::LinAcc(const void* x, int64_t M, const DevLinear& w, float* y) {
   if (M == 0) return absl::OkStatus();
   switch (w.type) {
-    case WType::kF32: {
-      cu::GemmF32Args g;
-      g.x = static_cast<const float*>(x);
-      g.ldx = w.K;
-      g.w = static_cast<const float*>(w.w);
-      g.ldw = w.K;
-      g.y = y;
-      g.ldy = w.N;
-      g.M = M;
-      g.N = w.N;
-      g.K = w.K;
-      g.accumulate = true;
-      return cu::GemmF32(g, stream);
-    }
+    case WType::kF32:
+      return cu::GemmF32(DenseF32(x, M, w, y, /*accumulate=*/true), stream);
     case WType::kBf16:
       return cu::Linear(*ctx, static_cast<const cu::Bf16*>(x), M, w.K, static_cast<const cu::Bf16*>(w.w), w.N, y,
                         cu::OutType::kF32, /*accumulate=*/true);
