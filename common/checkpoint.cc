@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/random.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -74,17 +75,9 @@ void AddBlock(const ModelConfig& c, int64_t layer, bool moe, const ShardFilter& 
   }
 }
 
-// splitmix64: a tiny, well-mixed hash for seeding per-tensor generators.
-uint64_t Mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 uint64_t HashName(const std::string& s, uint64_t seed) {
-  uint64_t h = Mix(seed);
-  for (unsigned char ch : s) h = Mix(h ^ ch);
+  uint64_t h = SplitMix64(seed);
+  for (unsigned char ch : s) h = SplitMix64(h ^ ch);
   return h;
 }
 
@@ -201,8 +194,8 @@ std::vector<float> RandomTensor(const TensorSpec& s, uint64_t seed) {
   std::vector<float> v(static_cast<size_t>(s.numel()));
   uint64_t state = HashName(s.name, seed);
   auto uniform = [&state]() {  // (0, 1)
-    state = Mix(state);
-    return (static_cast<double>(state >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    state = SplitMix64(state);
+    return UnitInterval(state);
   };
   auto normal = [&]() {  // Box-Muller, one value per pair of uniforms: simple and exact
     const double u1 = uniform(), u2 = uniform();

@@ -9,6 +9,8 @@
 #include <numeric>
 #include <vector>
 
+#include "common/random.h"
+
 namespace expertmesh::kernels {
 
 void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
@@ -234,14 +236,6 @@ void MlaAbsorbed(const MlaShape& s, const float* q, int64_t Tq, const float* lat
   }
 }
 
-namespace {
-uint64_t Mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-}  // namespace
 
 int32_t Sample(const float* logits, int64_t V, const SamplingParams& p, uint64_t step) {
   if (p.temperature <= 0.0f) {
@@ -277,7 +271,7 @@ int32_t Sample(const float* logits, int64_t V, const SamplingParams& p, uint64_t
     for (int64_t i = 0; i < n; ++i) s += prob[i];
     for (int64_t i = 0; i < n; ++i) prob[i] /= s;
   }
-  const double u = (static_cast<double>(Mix64(Mix64(p.seed) ^ step) >> 11) + 0.5) / 9007199254740992.0;
+  const double u = UnitInterval(SplitMix64(SplitMix64(p.seed) ^ step));
   double cum = 0;
   for (int64_t i = 0; i < n; ++i) {
     cum += prob[i];
