@@ -136,13 +136,6 @@ int BenchLayer() {
 
 }  // namespace
 
-// Weak fallback until launch/bench_alltoall.cc (the expert-parallel benchmark)
-// is linked in; its strong definition replaces this one.
-__attribute__((weak)) int BenchMoeAlltoall(int, char**) {
-  std::fprintf(stderr, "expertmesh bench moe-alltoall: not part of this build\n");
-  return 3;
-}
-
 int BenchMain(int argc, char** argv) {
   std::vector<char*> pos = ParseVerbFlags(argc, argv);
   const std::string what = pos.size() > 1 ? pos[1] : "";
