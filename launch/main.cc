@@ -29,9 +29,13 @@ const Verb kVerbs[] = {
      "--top-p P --seed S] [--dump-logits FILE]\n\nPrompts are JSON lines {\"tokens\":[...]}; prints one JSON "
      "line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order.",
      GenerateMain},
-    {"bench", "launch/bench", "benchmarks: layer (MoE / MLA layer vs SGEMM peak)",
-     "expertmesh bench layer --preset small --tokens T [--json]\n\nTimes one MoE layer and one MLA layer "
-     "on the CPU kernels and reports GFLOP/s beside the SGEMM peak of the same BLAS, measured in the same run.",
+    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve (each beside its limit, same run)",
+     "expertmesh bench layer --preset small --tokens T [--json]\n"
+     "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
+     "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
+     "[--json]\n\nlayer: one MoE and one MLA layer on the CPU kernels, GFLOP/s beside the SGEMM peak and memory "
+     "bandwidth of the same run. moe-alltoall: dispatch/combine beside the transport's raw all-to-all-v of the same "
+     "bytes. serve: a local mpirun cluster serving a batch job, tokens/s and where each stage's time went.",
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
