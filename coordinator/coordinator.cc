@@ -252,6 +252,29 @@ void Coordinator::RevokeSequences(int worker_id, bool tell_worker) {
   w.assigned.clear();
 }
 
+void Coordinator::NewGenerationLocked(const std::string& reason) {
+  int64_t running = 0;
+  for (const Worker& w : workers_) running += static_cast<int64_t>(w.assigned.size());
+  ++generation_;
+  generation_issued_ = false;
+  LOG(WARNING) << "coordinator: data-plane generation " << generation_ << ": " << reason << "; " << running
+               << " running sequences go back to the queue and the workers rebuild their data planes";
+  for (size_t id = 0; id < workers_.size(); ++id) {
+    RevokeSequences(static_cast<int>(id), /*tell_worker=*/false);  // the workers drop everything themselves
+    workers_[id].pending_cancel.clear();
+  }
+  const std::string keep = absl::StrCat(epoch_, "/g", generation_, "/");
+  for (auto it = store_.begin(); it != store_.end();) {
+    if (it->first.rfind(keep, 0) == 0) {
+      ++it;
+      continue;
+    }
+    store_bytes_ -= static_cast<int64_t>(it->first.size() + it->second.size());
+    it = store_.erase(it);
+  }
+  changed_.notify_all();
+}
+
 Coordinator::Job* Coordinator::FindJob(const std::string& job_id) const {
   auto it = jobs_.find(job_id);
   return it == jobs_.end() ? nullptr : it->second.get();
@@ -524,6 +547,8 @@ v1::ClusterStatus Coordinator::GetClusterStatus() const {
   st.set_queued_sequences(static_cast<int32_t>(queued_));
   st.set_running_sequences(static_cast<int32_t>(running_));
   st.set_serving(ServingLocked());
+  st.set_generation(generation_);
+  st.set_workers_lost(workers_lost_);
   return st;
 }
 
@@ -544,7 +569,7 @@ void Coordinator::RequestShutdown() {
 // ---------------------------------------------------------------- WorkerService
 
 bool Coordinator::ClusterCompleteLocked() const {
-  return std::all_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.registered; });
+  return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) { return Live(w); });
 }
 
 bool Coordinator::ServingLocked() const {
@@ -593,6 +618,12 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
     }
   }
   Worker& w = workers_[static_cast<size_t>(id)];
+  const bool rejoin = request.rejoin_after_generation() > 0;
+  if (same(w) && !Live(w)) {  // a worker found MISSING that is alive after all
+    LOG(INFO) << "coordinator: worker " << id << " " << holder(w) << " is back";
+    w.health = v1::WORKER_HEALTH_STARTING;
+    w.registered_at = absl::Now();
+  }
   if (!same(w)) {
     if (w.registered) {
       LOG(WARNING) << "coordinator: worker " << id << " " << holder(w) << " is replaced by " << request.host() << ":"
@@ -608,6 +639,10 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
     LOG(INFO) << "coordinator: worker " << id << " (stage " << id / plan_.ep << ", ep_rank " << id % plan_.ep
               << ") registered from " << w.host << ":" << w.pid;
     changed_.notify_all();
+  }
+  if (rejoin && request.rejoin_after_generation() >= generation_) {
+    NewGenerationLocked(absl::StrCat("worker ", id, " reports that its data plane of generation ",
+                                     request.rejoin_after_generation(), " failed"));
   }
   const std::string host = w.host;
   const int pid = w.pid;
@@ -629,7 +664,7 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
                                                       "(expertmesh worker --coordinator ADDR)"));
     }
     if (!fail.ok()) {
-      if (still_mine) {
+      if (still_mine && !rejoin) {  // a rejoining worker keeps its place (and its loaded shard)
         workers_[static_cast<size_t>(id)] = Worker();  // free the place for someone else
         changed_.notify_all();
       }
@@ -643,6 +678,8 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
   resp.set_ep_rank(static_cast<int32_t>(id % plan_.ep));
   *resp.mutable_plan() = plan_proto_;
   resp.set_epoch(epoch_);
+  resp.set_generation(generation_);
+  generation_issued_ = true;
   lock.unlock();
   NotifyServing();
   return resp;
@@ -674,6 +711,10 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
       }
     }
     Worker& w = workers_[static_cast<size_t>(id)];
+    if (request.pid() != 0 && (request.pid() != w.pid || request.host() != w.host)) {
+      return absl::FailedPreconditionError(absl::StrCat("worker_id: ", id, " is now held by ", w.host, ":", w.pid,
+                                                        " (this worker was replaced after it went MISSING); exit"));
+    }
     for (const auto& l : request.expert_load()) {
       auto it = expert_load_.find(l.layer());
       if (it == expert_load_.end() || it->second.size() < static_cast<size_t>(l.tokens_per_expert_size())) {
@@ -691,9 +732,14 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     w.steps = request.steps();
     w.tokens_processed = request.tokens_processed();
     if (request.exiting()) {
+      const bool was_live = Live(w);
       if (w.health != v1::WORKER_HEALTH_EXITED) LOG(INFO) << "coordinator: worker " << id << " exited";
       w.health = v1::WORKER_HEALTH_EXITED;
       RevokeSequences(id, /*tell_worker=*/false);
+      if (was_live && !shutdown_requested_) {
+        ++workers_lost_;
+        if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", id, " exited unasked"));
+      }
     } else if (w.health != v1::WORKER_HEALTH_READY && w.health != v1::WORKER_HEALTH_EXITED) {
       LOG(INFO) << "coordinator: worker " << id << " is READY"
                 << (w.health == v1::WORKER_HEALTH_MISSING ? " again" : "");
@@ -701,6 +747,7 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     }
     resp.set_epoch(epoch_);
     resp.set_shutdown(shutdown_requested_);
+    resp.set_generation(generation_);
     changed_.notify_all();
   }
   Tick();
@@ -712,6 +759,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
   v1::SyncResponse resp;
   resp.set_epoch(epoch_);
   resp.set_shutdown(shutdown_requested_);
+  resp.set_generation(generation_);
   if (request.epoch() != epoch_) return resp;  // drop everything, sync again
   const int id = request.worker_id();
   if (id < 0 || id >= static_cast<int>(workers_.size()) || !workers_[static_cast<size_t>(id)].registered) {
@@ -723,6 +771,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
         absl::StrCat("worker_id: ", id, " is in stage ", id / plan_.ep, "; only stage-0 workers (ids 0..", plan_.ep - 1,
                      ") call Sync"));
   }
+  if (request.generation() != generation_) return resp;  // rebuild the data plane first
   Worker& w = workers_[static_cast<size_t>(id)];
   const int64_t now = NowMs();
   for (const v1::SequenceUpdate& u : request.updates()) {
@@ -839,6 +888,10 @@ void Coordinator::Tick() {
                      << absl::FormatDuration(now - (late_ready ? w.last_heartbeat : w.registered_at));
         w.health = v1::WORKER_HEALTH_MISSING;
         RevokeSequences(static_cast<int>(id), /*tell_worker=*/true);
+        if (!shutdown_requested_) {
+          ++workers_lost_;
+          if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", id, " is MISSING"));
+        }
         changed_.notify_all();
       }
     }

@@ -30,6 +30,16 @@
 //    already holds, oldest job first.
 //  * Epoch: random per Coordinator; the journal is replayed at creation, so
 //    unfinished sequences of unfinished jobs are queued again from scratch.
+//  * Generation: the data plane's version, 1 at start. It grows when a
+//    worker that served is found MISSING, exits unasked, or reports through
+//    Register(rejoin_after_generation) that its data plane failed. Every
+//    running sequence then goes back to the queue (from scratch; generation
+//    is deterministic per sequence), Heartbeat and Sync answer the new
+//    generation (Sync ignores updates of another generation and assigns
+//    nothing), and the workers rebuild their communicators once every place
+//    is held by a live worker again. "Complete" means every place registered
+//    and live (STARTING or READY), so a rejoining worker waits for the
+//    replacement of a lost one; it keeps its place while it waits.
 //  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
 //    once every registered worker sent exiting=true (or is MISSING), or
 //    shutdown_timeout_s after the request.
@@ -110,7 +120,8 @@ class Coordinator {
   absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& request, absl::Time deadline,
                                                 const std::function<bool()>& cancelled);
   // NOT_FOUND for a worker_id not registered with this coordinator (register
-  // again); INVALID_ARGUMENT for a malformed expert_load.
+  // again); INVALID_ARGUMENT for a malformed expert_load; FAILED_PRECONDITION
+  // when host/pid are given and another process now holds the place.
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
   // NOT_FOUND (not registered), FAILED_PRECONDITION (not a stage-0 worker).
   absl::StatusOr<v1::SyncResponse> Sync(const v1::SyncRequest& request);
@@ -183,6 +194,9 @@ class Coordinator {
   void Requeue(Job* j, int index);
   // Requeues every sequence of a worker; `tell_worker` also queues them as `cancel` for it.
   void RevokeSequences(int worker_id, bool tell_worker);
+  // Moves the data plane to the next generation (see the header comment):
+  // requeues every running sequence and drops the store keys of older ones.
+  void NewGenerationLocked(const std::string& reason);
   Job* FindJob(const std::string& job_id) const;
   bool ParseSeqId(const std::string& seq_id, Job** job, int* index) const;
   v1::Job JobProto(const Job& j, bool with_results) const;
@@ -216,6 +230,9 @@ class Coordinator {
   int64_t next_job_ = 1;
   std::vector<Worker> workers_;
   std::map<int64_t, std::vector<int64_t>> expert_load_;   // MoE layer -> tokens per logical expert
+  int64_t generation_ = 1;
+  bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
+  int64_t workers_lost_ = 0;
   std::map<std::string, std::string> store_;
   int64_t store_bytes_ = 0;
   bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;

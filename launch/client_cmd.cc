@@ -229,6 +229,8 @@ int StatusMain(int argc, char** argv) {
               server.c_str(), st.serving() ? "SERVING" : "NOT SERVING", p.pp(), p.ep(), p.redundant_experts(),
               st.queued_sequences(), st.running_sequences());
   std::printf("checkpoint %s\n", p.checkpoint().c_str());
+  std::printf("data-plane generation %lld, %lld workers lost since the coordinator started\n",
+              static_cast<long long>(st.generation()), static_cast<long long>(st.workers_lost()));
   for (const auto& sp : p.stages()) {
     std::string moe;
     if (!sp.placement_json().empty()) {

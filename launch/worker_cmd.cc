@@ -12,6 +12,9 @@ ABSL_FLAG(int32_t, worker_id, -1, "keep this worker id (after a restart); -1: th
 ABSL_FLAG(std::string, data_plane, "ucx", "data plane between workers: ucx (standalone) or mpi (under mpirun)");
 ABSL_FLAG(int32_t, max_sequences, 64, "sequences a stage-0 worker holds at once (continuous batching)");
 ABSL_FLAG(int32_t, step_timeout_s, 120, "seconds any data-plane wait may take before the peer counts as lost");
+ABSL_FLAG(int32_t, rejoin_timeout_s, 600,
+          "after a lost peer: seconds to wait for the cluster to be complete again (start a replacement "
+          "`expertmesh worker`) before this worker exits");
 
 namespace expertmesh::launch {
 
@@ -27,6 +30,7 @@ int WorkerMain(int argc, char** argv) {
   o.requested_worker_id = absl::GetFlag(FLAGS_worker_id);
   o.max_sequences = absl::GetFlag(FLAGS_max_sequences);
   o.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
+  o.rejoin_timeout = absl::Seconds(absl::GetFlag(FLAGS_rejoin_timeout_s));
   if (o.backend == "mpi") {
     std::fprintf(stderr, "expertmesh worker: the mpi data plane needs mpirun: use `expertmesh launch`\n");
     return 2;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "coordinator/server.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/health.grpc.pb.h"
@@ -342,6 +343,7 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   v1::SyncRequest bogus;
   bogus.set_worker_id(0);
   bogus.set_epoch(w[0]->epoch());
+  bogus.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = bogus.add_updates();
   u->set_seq_id(id + "/0");
   u->add_new_tokens(1);
@@ -413,20 +415,107 @@ TEST_F(CoordinatorTest, HealthFollowsWorkersAndMissingHeartbeatsMakeMissing) {
   EXPECT_FALSE(st.serving());
   EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health("expertmesh.v1.JobService"), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
-  // Its sequences went back to the queue; worker 0 picks them up.
-  EXPECT_EQ(st.queued_sequences(), 2);
+  // The data plane moved to generation 2: every running sequence (worker 0's
+  // too) went back to the queue, and worker 0's next Sync is told so.
+  EXPECT_EQ(st.generation(), 2);
+  EXPECT_EQ(st.workers_lost(), 1);
+  EXPECT_EQ(st.queued_sequences(), 4);
+  EXPECT_EQ(st.running_sequences(), 0);
   ASSERT_OK(w[0]->Step(4));
-  EXPECT_EQ(w[0]->held(), 4u);
-  // If the missing worker comes back it is told to drop them.
-  v1::SyncResponse resp;
+  EXPECT_TRUE(w[0]->stale());
+  EXPECT_EQ(w[0]->held(), 0u);
+  // Worker 0 rejoins; it waits while worker 1 is MISSING.
+  grpc::Status rejoined;
+  std::thread t([&] { rejoined = w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(w[0]->generation(), 1);  // still waiting
+  // Worker 1 was alive after all: a heartbeat makes it READY, the cluster is complete again.
   ASSERT_OK(w[1]->Heartbeat());
-  ASSERT_OK(w[1]->Step(4, 1, &resp));
-  EXPECT_EQ(resp.cancel_size(), 2);
-  EXPECT_EQ(w[1]->held(), 0u);
+  t.join();
+  ASSERT_OK(rejoined);
+  EXPECT_EQ(w[0]->generation(), 2);
+  ASSERT_OK(w[1]->Register(1, "fakehost", 101, 10, /*rejoin_after=*/1));  // already past 1: no new generation
+  EXPECT_EQ(w[1]->generation(), 2);
   EXPECT_EQ(Status().workers(1).health(), v1::WORKER_HEALTH_READY);
   EXPECT_EQ(Health(""), grpc::health::v1::HealthCheckResponse::SERVING);
   RunUntilFinal(w, 2, id);
   EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(Status().generation(), 2);
+}
+
+TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
+  Start(Options(1, 2));
+  auto w = RegisterAll(2);
+  EXPECT_EQ(w[0]->generation(), 1);
+  const v1::SubmitJobRequest req = Batch(6, 12);
+  const std::string id = Submit(req);
+  for (int i = 0; i < 4; ++i) {  // some tokens on both workers
+    for (auto& x : w) ASSERT_OK(x->Heartbeat());
+    ASSERT_OK(w[0]->Step(3));
+    ASSERT_OK(w[1]->Step(3));
+  }
+  ASSERT_EQ(w[1]->held(), 3u);
+  // A replacement started early waits: every place is held by a live worker.
+  FakeWorker early(channel_);
+  EXPECT_GRPC_ERROR(early.Register(-1, "newhost", 555), RESOURCE_EXHAUSTED, "all alive");
+  // Worker 1 dies (no more heartbeats): MISSING, generation 2.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until && Status().generation() == 1) {
+    ASSERT_OK(w[0]->Heartbeat());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  v1::HeartbeatResponse hb;
+  ASSERT_OK(w[0]->Heartbeat(false, {}, &hb));
+  EXPECT_EQ(hb.generation(), 2);
+  EXPECT_EQ(Status().queued_sequences(), 6);
+  // The replacement takes the place of the lost worker; the cluster is complete.
+  FakeWorker repl(channel_);
+  ASSERT_OK(repl.Register(-1, "newhost", 555));
+  EXPECT_EQ(repl.id(), 1);
+  EXPECT_EQ(repl.generation(), 2);
+  // The lost worker's process, should it still run, is told to exit.
+  EXPECT_GRPC_ERROR(w[1]->Heartbeat(), FAILED_PRECONDITION, "now held by newhost:555");
+  // Worker 0 rejoins at once (the cluster is complete); tokens from before are gone.
+  ASSERT_OK(w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1));
+  EXPECT_EQ(w[0]->generation(), 2);
+  ASSERT_OK(repl.Heartbeat());
+  std::vector<std::unique_ptr<FakeWorker>> now;
+  now.push_back(std::move(w[0]));
+  now.push_back(std::make_unique<FakeWorker>(std::move(repl)));
+  RunUntilFinal(now, 2, id);
+  const v1::Job j = GetJob(id);
+  ASSERT_EQ(j.state(), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(j.results_size(), 6);
+  for (const auto& r : j.results()) ExpectFakeTokens(req, r);
+  v1::ClusterStatus st = Status();
+  EXPECT_EQ(st.generation(), 2);
+  EXPECT_EQ(st.workers_lost(), 1);
+  EXPECT_EQ(st.workers(1).host(), "newhost");
+
+  // A worker whose exchange fails (no one lost) moves the cluster on by itself,
+  // and the store forgets the old generation's keys.
+  const std::string old_key = absl::StrCat(now[0]->epoch(), "/g2/stage0/addr0");
+  {
+    grpc::ClientContext ctx;
+    v1::StoreSetRequest sreq;
+    sreq.set_key(old_key);
+    sreq.set_value("x");
+    v1::StoreSetResponse sresp;
+    ASSERT_OK(now[0]->stub()->StoreSet(&ctx, sreq, &sresp));
+  }
+  ASSERT_OK(now[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/2));
+  EXPECT_EQ(now[0]->generation(), 3);
+  {
+    grpc::ClientContext ctx;
+    v1::StoreGetRequest greq;
+    greq.set_key(old_key);
+    v1::StoreGetResponse gresp;
+    ASSERT_OK(now[0]->stub()->StoreGet(&ctx, greq, &gresp));
+    EXPECT_FALSE(gresp.found());
+  }
+  ASSERT_OK(now[1]->Step(3));
+  EXPECT_TRUE(now[1]->stale());
+  EXPECT_EQ(Status().workers_lost(), 1);
 }
 
 TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {

@@ -44,6 +44,8 @@ class FakeWorker(threading.Thread):
         self.channel = grpc.insecure_channel(server, options=[("grpc.max_reconnect_backoff_ms", 500)])
         self.stop = threading.Event()
         self.worker_id = -1
+        self.generation = 0
+        self.rejoin_after = 0
         self.shutdown_seen = False
         self.cancelled = []
 
@@ -54,9 +56,11 @@ class FakeWorker(threading.Thread):
         return f(req, timeout=timeout)
 
     def register(self):
-        r = self.call("Register", self.pb.RegisterRequest(host="py", pid=self.pid, worker_id=self.worker_id),
+        r = self.call("Register", self.pb.RegisterRequest(host="py", pid=self.pid, worker_id=self.worker_id,
+                                                          rejoin_after_generation=self.rejoin_after),
                       self.pb.RegisterResponse, timeout=30)
-        self.worker_id, self.stage, self.epoch = r.worker_id, r.stage, r.epoch
+        self.worker_id, self.stage, self.epoch, self.generation = r.worker_id, r.stage, r.epoch, r.generation
+        self.rejoin_after = 0
 
     def run(self):
         pb = self.pb
@@ -80,7 +84,7 @@ class FakeWorker(threading.Thread):
                 if self.stage != 0:
                     time.sleep(0.05)
                     continue
-                req = pb.SyncRequest(worker_id=self.worker_id, epoch=self.epoch)
+                req = pb.SyncRequest(worker_id=self.worker_id, epoch=self.epoch, generation=self.generation)
                 for seq_id, s in list(held.items()):
                     u = req.updates.add(seq_id=seq_id)
                     t = fake_token(s["tokens"], s["seed"], s["step"])
@@ -97,6 +101,11 @@ class FakeWorker(threading.Thread):
                 if r.epoch != self.epoch:
                     held.clear()
                     self.need_register = True
+                    continue
+                if r.generation != self.generation:  # a real worker rebuilds its data plane
+                    held.clear()
+                    self.need_register = True
+                    self.rejoin_after = self.generation
                     continue
                 for c in r.cancel:
                     held.pop(c, None)

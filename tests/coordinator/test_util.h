@@ -77,17 +77,25 @@ class FakeWorker {
  public:
   explicit FakeWorker(std::shared_ptr<grpc::Channel> ch) : stub_(v1::WorkerService::NewStub(ch)) {}
 
-  grpc::Status Register(int worker_id = -1, const std::string& host = "fakehost", int pid = -1, double timeout_s = 10) {
+  // rejoin_after: > 0 registers again after the data plane of that generation failed.
+  grpc::Status Register(int worker_id = -1, const std::string& host = "fakehost", int pid = -1, double timeout_s = 10,
+                        int64_t rejoin_after = 0) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int>(timeout_s * 1000)));
     v1::RegisterRequest req;
     req.set_host(host);
     req.set_pid(pid >= 0 ? pid : 1000 + worker_id);
     req.set_worker_id(worker_id);
+    req.set_rejoin_after_generation(rejoin_after);
     grpc::Status s = stub_->Register(&ctx, req, &reg_);
     if (s.ok()) {
       id_ = reg_.worker_id();
       epoch_ = reg_.epoch();
+      generation_ = reg_.generation();
+      host_ = host;
+      pid_ = req.pid();
+      held_.clear();
+      stale_ = false;
     }
     return s;
   }
@@ -97,6 +105,8 @@ class FakeWorker {
     grpc::ClientContext ctx;
     v1::HeartbeatRequest req;
     req.set_worker_id(id_);
+    req.set_host(host_);
+    req.set_pid(pid_);
     req.set_active_sequences(static_cast<int32_t>(held_.size()));
     req.set_exiting(exiting);
     for (const auto& l : load) *req.add_expert_load() = l;
@@ -112,6 +122,7 @@ class FakeWorker {
     v1::SyncRequest req;
     req.set_worker_id(id_);
     req.set_epoch(epoch_);
+    req.set_generation(generation_);
     std::vector<std::string> done;
     for (auto& [seq_id, s] : held_) {
       v1::SequenceUpdate* u = req.add_updates();
@@ -145,6 +156,10 @@ class FakeWorker {
       held_.clear();  // the coordinator restarted: drop everything
       epoch_ = resp.epoch();
     }
+    if (resp.generation() != generation_) {
+      held_.clear();  // a real worker rebuilds its data plane (Register with rejoin_after_generation)
+      stale_ = true;
+    }
     for (const auto& c : resp.cancel()) {
       held_.erase(c);
       cancelled_.push_back(c);
@@ -157,6 +172,9 @@ class FakeWorker {
   int id() const { return id_; }
   void set_id(int id) { id_ = id; }
   const std::string& epoch() const { return epoch_; }
+  int64_t generation() const { return generation_; }
+  void set_generation(int64_t g) { generation_ = g; }
+  bool stale() const { return stale_; }  // a Sync answered another generation
   void set_epoch(const std::string& e) { epoch_ = e; }
   const v1::RegisterResponse& registration() const { return reg_; }
   size_t held() const { return held_.size(); }
@@ -173,6 +191,10 @@ class FakeWorker {
   v1::RegisterResponse reg_;
   int id_ = -1;
   std::string epoch_;
+  int64_t generation_ = 0;
+  std::string host_;
+  int pid_ = 0;
+  bool stale_ = false;
   std::map<std::string, Held> held_;
   std::vector<std::string> cancelled_;
 };

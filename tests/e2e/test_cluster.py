@@ -4,8 +4,9 @@ Under mpirun (`expertmesh launch`: rank 0 coordinator, MPI data plane) and
 standalone (`expertmesh coordinator` + workers, UCX data plane), a batch of
 16 prompts of different lengths submitted over gRPC must return exactly the
 tokens `expertmesh generate` returns in one process: greedy, and seeded
-sampling. Also: cancel, gRPC health, and a coordinator killed with SIGKILL
-mid-job and restarted on its journal.
+sampling. Also: cancel, gRPC health, a coordinator killed with SIGKILL
+mid-job and restarted on its journal, and workers killed with SIGKILL mid-job
+and replaced by new `expertmesh worker` processes.
 
 Run: EXPERTMESH=build/launch/expertmesh /usr/bin/python3 tests/e2e/test_cluster.py [Class.test]
 """
@@ -109,18 +110,18 @@ class MpirunTest(ClusterCase):
 
 
 class StandaloneTest(ClusterCase):
-    def start_coordinator(self, port, journal, log):
+    def start_coordinator(self, port, journal, log, heartbeat_timeout_s=30):
         p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
-                      f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", "30"],
+                      f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s)],
                      os.path.join(self.tmp, log))
         self.procs.append(p)
         return p
 
-    def start_cluster(self):
+    def start_cluster(self, heartbeat_timeout_s=30):
         port = cu.free_port()
         server = f"127.0.0.1:{port}"
         journal = os.path.join(self.tmp, "journal")
-        coord = self.start_coordinator(port, journal, "coordinator.log")
+        coord = self.start_coordinator(port, journal, "coordinator.log", heartbeat_timeout_s)
         workers = [cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"worker{i}.log"))
                    for i in range(4)]
         self.procs += workers
@@ -180,6 +181,67 @@ class StandaloneTest(ClusterCase):
         jobs = json.loads(cu.run(["jobs", "--server", server, "--json"]).stdout)
         self.assertIn(job, [j["job_id"] for j in jobs["jobs"]])
         self.shutdown(server, [coord2] + workers)
+
+
+    def test_lost_workers_are_replaced_and_the_job_finishes(self):
+        # 5 s without a heartbeat makes a worker MISSING (loaded 2-core CI machines stall for a second or two).
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=5)
+        long_new = 300  # ~10 s of work for the cluster, restarted from scratch after each loss
+        want = cu.results(cu.run(["generate", "--checkpoint", self.f.ckpt, "--prompts", self.f.prompts,
+                                  "--max-new-tokens", str(long_new)]).stdout)
+        rid = "e2e-lost-worker-1"
+        cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens", str(long_new),
+                "--request-id", rid, "--detach"])
+        by_pid = {p.pid: p for p in workers}
+        replacements = []
+        # A stage-1 worker first, then a stage-0 worker (it holds sequences), each replaced while the job runs.
+        for n, victim_id in enumerate([3, 0]):
+            st = self.wait_generating(server, 1 + n)
+            pid = [w for w in st["workers"] if w["worker_id"] == victim_id][0]["pid"]
+            victim = by_pid.pop(pid)
+            cu.kill(victim, signal.SIGKILL)
+            # The replacement starts at once: it waits until the coordinator finds the victim MISSING.
+            r = cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"replacement{n}.log"))
+            self.procs.append(r)
+            replacements.append(r)
+            by_pid[r.pid] = r
+            st = self.wait_generation(server, 2 + n)
+            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+            self.assertEqual([w for w in st["workers"] if w["worker_id"] == victim_id][0]["pid"], r.pid)
+        # The same request id waits for the job; its tokens are those of a single process.
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        # And the healed cluster serves new work.
+        self.assertEqual(self.submit(server), self.f.greedy)
+        survivors = [p for p in workers if p.pid in by_pid]
+        self.shutdown(server, [coord] + list(by_pid.values()))
+        for p in survivors:  # they kept their shard and rebuilt only the data plane, twice
+            log = cu.read_log(p)
+            self.assertIn("data plane rebuilt for generation 2", open(p.log_path).read())
+            self.assertIn("data plane rebuilt for generation 3", open(p.log_path).read(), log)
+
+    def wait_generation(self, server, generation, timeout=120):
+        """Waits until the cluster serves again in data-plane generation `generation`."""
+        deadline = time.time() + timeout
+        st = {}
+        while time.time() < deadline:
+            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            if st.get("serving") and int(st.get("generation", 0)) == generation:
+                return st
+            time.sleep(0.2)
+        self.fail(f"the cluster did not serve in generation {generation} within {timeout}s: {st}")
+
+    def wait_generating(self, server, generation, timeout=60):
+        """Waits until the cluster serves in `generation` with sequences running, then half a second more."""
+        deadline = time.time() + timeout
+        st = {}
+        while time.time() < deadline:
+            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            if st.get("serving") and int(st.get("generation", 0)) == generation and st["running_sequences"] > 0:
+                time.sleep(0.5)
+                return st
+            time.sleep(0.2)
+        self.fail(f"the cluster did not run the job in generation {generation}: {st}")
 
 
 class BadRequestTest(ClusterCase):

@@ -125,7 +125,13 @@ class ExpertParallelRunner : public MoeRunner {
   ExpertParallelRunner(comm::Communicator* comm, const topology::StagePlan* stage, LoadCounter* counter,
                        Times* times, absl::Duration timeout)
       : comm_(comm), stage_(stage), counter_(counter), times_(times), timeout_(timeout) {}
+  // A new data plane (after a lost peer): the per-layer engines go with the old one.
+  void Reset(comm::Communicator* comm) {
+    comm_ = comm;
+    engines_.clear();
+  }
   absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
+    if (comm_ == nullptr) return absl::FailedPreconditionError("no data plane (being rebuilt)");
     auto it = engines_.find(layer);
     if (it == engines_.end()) {
       auto pl = stage_->placement.find(layer);
@@ -170,6 +176,17 @@ class Worker {
 
  private:
   absl::Status Setup();
+  // Creates the communicators of generation dp_generation_ (and the EP
+  // exchange on top); TearDownDataPlane aborts and destroys them.
+  absl::Status BuildDataPlane();
+  void TearDownDataPlane(const absl::Status& reason);
+  // Aborts the communicators from any thread (they stay allocated).
+  void AbortDataPlane(const absl::Status& reason);
+  // After a data-plane failure: drop every sequence, wait (Register with
+  // rejoin_after_generation) until the cluster is complete again, rebuild.
+  // False: the cluster was shut down meanwhile (exit cleanly).
+  absl::StatusOr<bool> Rejoin(const absl::Status& why);
+  bool Recoverable(const absl::Status& s);
   absl::StatusOr<std::unique_ptr<comm::Communicator>> MakeComm(const std::string& name,
                                                                const std::vector<int>& worker_ids,
                                                                const std::string& backend);
@@ -215,6 +232,14 @@ class Worker {
   ModelConfig cfg_;
   std::unique_ptr<ModelShard> shard_;
   std::unique_ptr<CoordinatorStore> store_;
+  // dp_mu_ guards the communicator pointers against AbortDataPlane from the
+  // heartbeat thread (the stage thread, which owns them, reads them without
+  // it), and the (epoch, generation) the data plane was built for.
+  std::mutex dp_mu_;
+  std::string dp_epoch_;
+  int64_t dp_generation_ = 0;
+  bool dp_stale_ = false;          // the coordinator moved to another generation
+  absl::Status fatal_;             // this worker must exit (its place was taken over)
   std::unique_ptr<comm::Communicator> stage_comm_, lane_comm_;
   LoadCounter load_;
   std::unique_ptr<MoeRunner> moe_;
@@ -262,8 +287,15 @@ absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::
     const int tag = name.rfind("stage", 0) == 0 ? 100 + stage_ : 10000 + ep_rank_;
     return comm::CreateMpiGroupCommunicator(world, tag);
   }
-  comm::StoreBootstrap boot(store_.get(), absl::StrCat(epoch_, "/", name), rank, size);
+  std::string prefix;
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    prefix = absl::StrCat(dp_epoch_, "/g", dp_generation_, "/", name);
+  }
+  comm::StoreBootstrap boot(store_.get(), prefix, rank, size);
   comm::CommOptions opts;
+  // Peers may still be loading their shard (a replacement loads after it registered).
+  opts.connect_timeout = std::max(opts.connect_timeout, o_.register_timeout);
   if (backend == "nccl") opts.cuda_device = o_.cuda_options.device;
   return comm::CreateCommunicator(backend, &boot, opts);
 }
@@ -279,8 +311,19 @@ v1::RegisterRequest Worker::MakeRegisterRequest(int worker_id) const {
 }
 
 absl::Status Worker::Setup() {
-  ASSIGN_OR_RETURN(v1::RegisterResponse reg,
-                   client_.Register(MakeRegisterRequest(o_.requested_worker_id), absl::Now() + o_.register_timeout));
+  // A replacement started before the coordinator noticed the loss of the
+  // worker it replaces finds every place held: it waits for one to free up.
+  const absl::Time deadline = absl::Now() + o_.register_timeout;
+  absl::StatusOr<v1::RegisterResponse> r;
+  for (bool logged = false;; logged = true) {
+    r = client_.Register(MakeRegisterRequest(o_.requested_worker_id), deadline);
+    const bool full = absl::IsResourceExhausted(r.status()) || absl::IsAlreadyExists(r.status());
+    if (!full || absl::Now() + absl::Seconds(1) >= deadline) break;
+    if (!logged) LOG(INFO) << "no place free yet (" << r.status().message() << "); waiting";
+    absl::SleepFor(absl::Seconds(1));
+  }
+  RETURN_IF_ERROR(r.status());
+  const v1::RegisterResponse& reg = *r;
   worker_id_ = reg.worker_id();
   stage_ = reg.stage();
   ep_rank_ = reg.ep_rank();
@@ -318,17 +361,58 @@ absl::Status Worker::Setup() {
   }
   LOG(INFO) << "worker " << worker_id_ << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
             << dir << " in " << absl::FormatDuration(absl::Now() - t0);
-  const bool nccl = o_.cuda && o_.device_data_plane == "nccl";
-
   store_ = std::make_unique<CoordinatorStore>(&client_);
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    dp_epoch_ = reg.epoch();
+    dp_generation_ = reg.generation();
+  }
+  if (plan_.ep > 1 && !o_.cuda) {
+    moe_ = std::make_unique<ExpertParallelRunner>(nullptr, &plan_.stages[stage_], &load_, &t_, o_.step_timeout);
+  } else if (!o_.cuda) {
+    moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
+  }
+  RETURN_IF_ERROR(BuildDataPlane());
+  if (!o_.cuda) engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
+  serving_since_ = absl::Now();
+  hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
+  return absl::OkStatus();
+}
+
+absl::Status Worker::BuildDataPlane() {
+  const bool nccl = o_.cuda && o_.device_data_plane == "nccl";
+  std::unique_ptr<comm::Communicator> stage_comm, lane_comm, stage_dev_comm, lane_dev_comm;
   if (plan_.ep > 1) {
     std::vector<int> ids;
     for (int r = 0; r < plan_.ep; ++r) ids.push_back(static_cast<int>(plan_.WorkerId(stage_, r)));
-    ASSIGN_OR_RETURN(stage_comm_, MakeComm(absl::StrCat("stage", stage_), ids, o_.backend));
-    if (o_.cuda) {
-      if (nccl) {
-        ASSIGN_OR_RETURN(stage_dev_comm_, MakeComm(absl::StrCat("stage", stage_, "-nccl"), ids, "nccl"));
+    ASSIGN_OR_RETURN(stage_comm, MakeComm(absl::StrCat("stage", stage_), ids, o_.backend));
+    if (nccl) {
+      ASSIGN_OR_RETURN(stage_dev_comm, MakeComm(absl::StrCat("stage", stage_, "-nccl"), ids, "nccl"));
+    }
+  }
+  if (plan_.pp > 1) {
+    std::vector<int> ids;
+    for (int s = 0; s < plan_.pp; ++s) ids.push_back(static_cast<int>(plan_.WorkerId(s, ep_rank_)));
+    ASSIGN_OR_RETURN(lane_comm, MakeComm(absl::StrCat("lane", ep_rank_), ids, o_.backend));
+    if (nccl) {
+      ASSIGN_OR_RETURN(lane_dev_comm, MakeComm(absl::StrCat("lane", ep_rank_, "-nccl"), ids, "nccl"));
+    }
+  }
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    stage_comm_ = std::move(stage_comm);
+    lane_comm_ = std::move(lane_comm);
+    stage_dev_comm_ = std::move(stage_dev_comm);
+    lane_dev_comm_ = std::move(lane_dev_comm);
+    if (dp_stale_) {  // the generation moved on while we connected: fail the first step, rejoin again
+      const absl::Status why = absl::AbortedError("the data-plane generation moved on while connecting");
+      for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+        if (c != nullptr) c->Abort(why);
       }
+    }
+  }
+  if (plan_.ep > 1) {
+    if (o_.cuda) {
       CudaEpOptions eo;
       eo.timeout = o_.step_timeout;
       ASSIGN_OR_RETURN(gpu_ep_, CudaEpExchange::Create(gpu_.get(), nccl ? stage_dev_comm_.get() : stage_comm_.get(),
@@ -338,25 +422,35 @@ absl::Status Worker::Setup() {
         load_.Add(layer, num_experts, std::vector<int32_t>(ids, ids + n));
       });
       gpu_->SetExpertExchange(gpu_ep_.get());
+      gpu_ep_seen_ = gpu_ep_->times();
     } else {
-      moe_ = std::make_unique<ExpertParallelRunner>(stage_comm_.get(), &plan_.stages[stage_], &load_, &t_,
-                                                    o_.step_timeout);
-    }
-  } else if (!o_.cuda) {
-    moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
-  }
-  if (plan_.pp > 1) {
-    std::vector<int> ids;
-    for (int s = 0; s < plan_.pp; ++s) ids.push_back(static_cast<int>(plan_.WorkerId(s, ep_rank_)));
-    ASSIGN_OR_RETURN(lane_comm_, MakeComm(absl::StrCat("lane", ep_rank_), ids, o_.backend));
-    if (nccl) {
-      ASSIGN_OR_RETURN(lane_dev_comm_, MakeComm(absl::StrCat("lane", ep_rank_, "-nccl"), ids, "nccl"));
+      static_cast<ExpertParallelRunner*>(moe_.get())->Reset(stage_comm_.get());
     }
   }
-  if (!o_.cuda) engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
-  serving_since_ = absl::Now();
-  hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
   return absl::OkStatus();
+}
+
+void Worker::AbortDataPlane(const absl::Status& reason) {
+  std::lock_guard<std::mutex> l(dp_mu_);
+  for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+    if (c != nullptr) c->Abort(reason);
+  }
+}
+
+void Worker::TearDownDataPlane(const absl::Status& reason) {
+  AbortDataPlane(reason);
+  if (gpu_ != nullptr) gpu_->SetExpertExchange(nullptr);
+  gpu_ep_.reset();
+  if (moe_ != nullptr && plan_.ep > 1 && !o_.cuda) static_cast<ExpertParallelRunner*>(moe_.get())->Reset(nullptr);
+  std::unique_ptr<comm::Communicator> a, b, c, d;
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    a = std::move(stage_comm_);
+    b = std::move(lane_comm_);
+    c = std::move(stage_dev_comm_);
+    d = std::move(lane_dev_comm_);
+  }
+  // Destroyed outside the lock: closing endpoints to a dead peer may take a grace period.
 }
 
 absl::StatusOr<std::string> Worker::Recv(int peer) {
@@ -417,6 +511,12 @@ void Worker::HeartbeatLoop() {
     const bool exiting = stop_heartbeats_.load();
     v1::HeartbeatRequest req;
     req.set_worker_id(worker_id_);
+    {
+      char host[256] = {0};
+      gethostname(host, sizeof(host) - 1);
+      req.set_host(host);
+      req.set_pid(getpid());
+    }
     req.set_active_sequences(static_cast<int32_t>(active_.load()));
     req.set_steps(steps_.load());
     req.set_tokens_processed(tokens_.load());
@@ -446,6 +546,29 @@ void Worker::HeartbeatLoop() {
     if (r.ok()) {
       warned = false;
       if (r->shutdown()) shutdown_ = true;
+      bool moved = false;
+      int64_t mine = 0;
+      {
+        std::lock_guard<std::mutex> l(dp_mu_);
+        mine = dp_generation_;
+        moved = r->epoch() == dp_epoch_ && r->generation() != dp_generation_ && !dp_stale_;
+        if (moved) dp_stale_ = true;
+      }
+      if (moved) {
+        LOG(WARNING) << "worker " << worker_id_ << ": the cluster moved to data-plane generation " << r->generation()
+                     << " (this worker runs " << mine << "): aborting the data plane";
+        AbortDataPlane(absl::AbortedError(absl::StrCat("the cluster moved to data-plane generation ",
+                                                       r->generation(), " (a worker was lost or replaced)")));
+      }
+    } else if (r.status().code() == absl::StatusCode::kFailedPrecondition && !exiting) {
+      // Our place belongs to a replacement now: nothing of ours is valid.
+      LOG(ERROR) << "worker " << worker_id_ << ": " << r.status().message();
+      {
+        std::lock_guard<std::mutex> l(dp_mu_);
+        if (fatal_.ok()) fatal_ = r.status();
+      }
+      shutdown_ = true;
+      AbortDataPlane(r.status());
     } else if (r.status().code() == absl::StatusCode::kNotFound && !exiting) {
       // A restarted coordinator (new epoch, journal replayed) does not know us
       // yet: take our old place again. Sync picks up the new epoch.
@@ -470,7 +593,14 @@ absl::Status Worker::Reregister() {
     shutdown_ = true;
     return absl::FailedPreconditionError("coordinator restarted with a different plan");
   }
-  LOG(INFO) << "worker " << worker_id_ << ": registered again, epoch " << reg.epoch();
+  {
+    // Same processes, same data plane: it now answers to the new coordinator's generation.
+    std::lock_guard<std::mutex> l(dp_mu_);
+    dp_epoch_ = reg.epoch();
+    dp_generation_ = reg.generation();
+  }
+  LOG(INFO) << "worker " << worker_id_ << ": registered again, epoch " << reg.epoch() << ", generation "
+            << reg.generation();
   return absl::OkStatus();
 }
 
@@ -543,6 +673,14 @@ absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
   v1::SyncRequest req;
   req.set_worker_id(worker_id_);
   req.set_epoch(epoch_);
+  int64_t generation = 0;
+  std::string dp_epoch;
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    generation = dp_generation_;
+    dp_epoch = dp_epoch_;
+  }
+  req.set_generation(generation);
   for (auto& u : updates_) *req.add_updates() = u;
   const int64_t live = static_cast<int64_t>(seqs_.size());
   req.set_free_slots(static_cast<int32_t>(std::max<int64_t>(0, o_.max_sequences - live)));
@@ -575,6 +713,15 @@ absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
       Finish(k, v1::FINISH_REASON_CANCELLED);
     }
     updates_.clear();
+    return absl::OkStatus();
+  }
+  if (r->generation() != generation) {
+    // Nothing was applied or assigned. With the coordinator our data plane was
+    // built for, the generation moved on: rebuild. Otherwise (a restarted
+    // coordinator) wait until the heartbeat thread registered again.
+    if (r->epoch() == dp_epoch) {
+      return absl::AbortedError(absl::StrCat("the cluster moved to data-plane generation ", r->generation()));
+    }
     return absl::OkStatus();
   }
   for (const auto& id : r->cancel()) {
@@ -901,13 +1048,71 @@ absl::Status Worker::RunDownstream() {
   }
 }
 
+bool Worker::Recoverable(const absl::Status& s) {
+  if (o_.backend == "mpi") return false;  // under mpirun a lost process ends the job
+  std::lock_guard<std::mutex> l(dp_mu_);
+  if (!fatal_.ok()) return false;
+  if (dp_stale_) return true;
+  // A failed exchange leaves its communicator broken; other errors (a lost
+  // coordinator, corrupt messages) are not the data plane's.
+  for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+    if (c != nullptr && !c->health().ok()) return true;
+  }
+  return absl::IsAborted(s);  // Sync: the generation moved on
+}
+
+absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
+  const absl::Time t0 = absl::Now();
+  int64_t failed = 0;
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    failed = dp_generation_;
+  }
+  LOG(WARNING) << "worker " << worker_id_ << ": data plane of generation " << failed << " failed (" << why.message()
+               << "); dropping " << seqs_.size() << " sequences and waiting for the cluster to be complete again";
+  TearDownDataPlane(why);
+  seqs_.clear();  // the coordinator put them back in its queue
+  release_.clear();
+  updates_.clear();
+  active_ = 0;
+  v1::RegisterRequest req = MakeRegisterRequest(worker_id_);
+  req.set_rejoin_after_generation(failed);
+  absl::StatusOr<v1::RegisterResponse> reg = client_.Register(req, absl::Now() + o_.rejoin_timeout);
+  if (!reg.ok()) {
+    if (shutdown_.load() && fatal_.ok()) return false;  // the cluster was shut down meanwhile
+    return absl::UnavailableError(absl::StrCat("rejoining after the data plane failed: ", reg.status().message()));
+  }
+  ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg->plan()));
+  if (reg->worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
+    return absl::FailedPreconditionError("rejoining: the coordinator has another plan or place for this worker");
+  }
+  epoch_ = reg->epoch();
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    dp_epoch_ = reg->epoch();
+    dp_generation_ = reg->generation();
+    dp_stale_ = false;
+  }
+  RETURN_IF_ERROR(BuildDataPlane());
+  LOG(INFO) << "worker " << worker_id_ << ": data plane rebuilt for generation " << reg->generation() << " in "
+            << absl::FormatDuration(absl::Now() - t0);
+  return true;
+}
+
 absl::Status Worker::Run() {
   absl::Status s = Setup();
-  if (s.ok()) s = stage_ == 0 ? RunStage0() : RunDownstream();
-  if (!s.ok() && stage_comm_ != nullptr) stage_comm_->Abort(s);
-  if (!s.ok() && lane_comm_ != nullptr) lane_comm_->Abort(s);
-  if (!s.ok() && stage_dev_comm_ != nullptr) stage_dev_comm_->Abort(s);
-  if (!s.ok() && lane_dev_comm_ != nullptr) lane_dev_comm_->Abort(s);
+  while (s.ok()) {
+    s = stage_ == 0 ? RunStage0() : RunDownstream();
+    if (s.ok() || !Recoverable(s)) break;
+    absl::StatusOr<bool> again = Rejoin(s);
+    s = again.status();
+    if (s.ok() && !*again) break;  // shut down while waiting to rejoin
+  }
+  if (!s.ok()) AbortDataPlane(s);
+  {
+    std::lock_guard<std::mutex> l(dp_mu_);
+    if (!fatal_.ok()) s = fatal_;
+  }
   StopHeartbeats();
   return s;
 }

@@ -28,6 +28,9 @@ struct WorkerOptions {
   absl::Duration step_timeout = absl::Seconds(120);        // any data-plane wait
   absl::Duration register_timeout = absl::Seconds(300);
   absl::Duration coordinator_timeout = absl::Seconds(300);  // lost coordinator: give up after
+  // After a data-plane failure (a peer lost): how long to wait for the
+  // cluster to be complete again (a replacement worker) before exiting.
+  absl::Duration rejoin_timeout = absl::Seconds(600);
   // The shard on a GPU (CudaEngine) instead of the CPU engine.
   bool cuda = false;
   CudaEngineOptions cuda_options;
