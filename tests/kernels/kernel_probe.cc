@@ -88,6 +88,23 @@ void LinearCases(Probe* p) {
   }
 }
 
+// LinearFewRows (the no-packing kernel of MoE experts): remainders of its
+// 4-row blocks of w (N % 4), of its 3-row blocks of x (M % 3) and of its
+// 8-float steps over K (K % 8), and the expert shapes of the tiny preset.
+void FewRowsCases(Probe* p) {
+  struct C { int64_t M, K, N; const char* name; };
+  for (const C& c : {C{17, 160, 96, "fewrows_a"}, C{1, 24, 160, "fewrows_b"}, C{5, 13, 7, "fewrows_c"},
+                     C{48, 256, 130, "fewrows_d"}, C{2, 1024, 5, "fewrows_e"}, C{4, 3, 1, "fewrows_f"}}) {
+    auto x = p->Normal(c.M * c.K), w = p->Normal(c.N * c.K, 0.1f);
+    Guarded y(c.M * c.N);
+    k::LinearFewRows(x.data(), c.M, c.K, w.data(), c.N, y.data());
+    p->Put(std::string(c.name) + ".x", {c.M, c.K}, x);
+    p->Put(std::string(c.name) + ".w", {c.N, c.K}, w);
+    p->Put(std::string(c.name) + ".y", {c.M, c.N}, y.Values());
+    p->Scalar(std::string(c.name) + ".overrun", y.Overrun());
+  }
+}
+
 void NormCases(Probe* p) {
   const int64_t T = 5, H = 160;
   auto x = p->Normal(T * H, 3.0f), w = p->Normal(H, 0.2f);
@@ -326,6 +343,7 @@ int main(int argc, char** argv) {
   }
   Probe p(seed);
   LinearCases(&p);
+  FewRowsCases(&p);
   NormCases(&p);
   SwigluCases(&p);
   RopeCases(&p);

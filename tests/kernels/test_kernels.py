@@ -10,7 +10,7 @@ output with tests/reference/ds3_ref.py in float64.
       [--moe-probe build/tests/kernels/em_moe_probe] [--workdir DIR]
 
 Tolerances (the kernels compute in fp32, inputs are exact fp32 values):
-  Linear, SwiGlu, MLA (expanded and absorbed), MoE layer: ||diff|| / ||ref|| <= 1e-5 per case
+  Linear, LinearFewRows, SwiGlu, MLA (expanded and absorbed), MoE layer: ||diff|| / ||ref|| <= 1e-5 per case
   RmsNorm: per row ||diff|| / ||ref|| <= 1e-5;  SiluMul: |diff| <= 1e-5 |ref| + 1e-30
   Rope: inverse frequencies relative 1e-6; rotated vectors per vector 1e-5
         (positions up to 65536); the non-rope part of each head bit-identical
@@ -99,6 +99,11 @@ class KernelTest(Base):
             if s(c + ".accumulate"):
                 want = want + T[c + ".y0"]
             self.assertRel(T[c + ".y"], want, TOL, c)
+
+    def test_linear_few_rows(self):
+        for c in ("fewrows_a", "fewrows_b", "fewrows_c", "fewrows_d", "fewrows_e", "fewrows_f"):
+            self.assertRel(T[c + ".y"], ref.linear(T[c + ".x"], T[c + ".w"]), TOL, c)
+            self.assertEqual(s(c + ".overrun"), 0, "%s: wrote past y" % c)
 
     def test_rmsnorm(self):
         want = ref.rms_norm(T["rmsnorm.x"], T["rmsnorm.w"], s("rmsnorm.eps"))
