@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <numeric>
 #include <thread>
 
 #include "glog/logging.h"
@@ -14,106 +16,160 @@ namespace expertmesh::worker {
 
 namespace {
 
-// Runs fn(e, xin, scratch) for every expert with tokens (start[e] <
-// start[e+1]). Large batches spread experts over one thread per core, each
-// calling single-threaded BLAS (small GEMMs scale better this way than with
-// BLAS's own threads); small ones run inline.
-void ParallelForExperts(const std::vector<int64_t>& start,
-                        const std::function<void(int64_t, float*, float*)>& fn, int64_t H, int64_t I) {
-  const int64_t E = static_cast<int64_t>(start.size()) - 1, total = start[E];
-  int64_t max_tokens = 0;
-  for (int64_t e = 0; e < E; ++e) max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
-  // As many threads as BLAS may use (OPENBLAS_NUM_THREADS, default: one per core).
-  const int64_t threads = std::min<int64_t>(std::max(1, openblas_get_num_threads()), E);
-  if (threads <= 1 || total < 64) {
-    std::vector<float> xin(max_tokens * H), scratch(max_tokens * 3 * I);
-    for (int64_t e = 0; e < E; ++e) {
-      if (start[e + 1] > start[e]) fn(e, xin.data(), scratch.data());
-    }
+// Tokens per task when a token-parallel step (router, shared expert, the
+// final weighted sum) is split over threads.
+constexpr int64_t kTokenChunk = 64;
+
+// Runs fn(task, thread) for every task in [0, n) on one thread per core (as
+// many as BLAS may use: OPENBLAS_NUM_THREADS, default one per core; thread 0
+// is the caller), each taking the next task from a shared counter, with BLAS
+// single-threaded inside: small GEMMs scale better side by side than with
+// BLAS's threads, and no BLAS pool thread spins beside ours. One thread, or
+// one task: runs inline.
+void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  const int blas_threads = std::max(1, openblas_get_num_threads());
+  const int64_t threads = std::min<int64_t>(blas_threads, n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-  const int blas_threads = openblas_get_num_threads();
   openblas_set_num_threads(1);
   std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    std::vector<float> xin(max_tokens * H), scratch(max_tokens * 3 * I);
-    for (int64_t e; (e = next.fetch_add(1)) < E;) {
-      if (start[e + 1] > start[e]) fn(e, xin.data(), scratch.data());
-    }
+  auto work = [&](int64_t thread) {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i, thread);
   };
   std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
-  worker();
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
   for (auto& t : pool) t.join();
   openblas_set_num_threads(blas_threads);
+}
+
+// An expert's GEMM: the no-packing kernel for the few tokens an expert
+// usually sees when BLAS runs single-threaded (inside ParallelFor, or a
+// process with OPENBLAS_NUM_THREADS=1), BLAS otherwise.
+void ExpertLinear(const float* x, int64_t T, int64_t K, const float* w, int64_t N, float* y) {
+  if (T <= kernels::kLinearFewRowsMax && openblas_get_num_threads() == 1) {
+    kernels::LinearFewRows(x, T, K, w, N, y);
+  } else {
+    kernels::Linear(x, T, K, w, N, y);
+  }
+}
+
+// Routed experts (and, with_shared, the shared expert) on x[T,H], added to
+// y: y[t] += sum over k of weights[t,k] * expert[ids[t,k]](x[t]) (in k
+// order), then y[t] += shared(x[t]). Every expert with tokens and every
+// token chunk of the shared expert is one task of one ParallelFor, largest
+// first; each writes its own rows (routed outputs into an expert-sorted
+// buffer), so the sums, taken afterwards per token, are bitwise the same for
+// any thread count.
+void ExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids, const float* weights,
+                       int64_t K, bool with_shared, float* y) {
+  const int64_t H = w.hidden, I = w.expert_inter, Is = w.shared_inter, E = static_cast<int64_t>(w.experts.size());
+  with_shared = with_shared && Is > 0;
+  const int64_t pairs = ids != nullptr ? T * K : 0;
+  if (T == 0 || (pairs == 0 && !with_shared)) return;
+  // Counting sort of (token, k) pairs by expert.
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t i = 0; i < pairs; ++i) ++start[ids[i] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> order(pairs), fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < pairs; ++i) order[fill[ids[i]]++] = i;
+  for (int64_t e = 0; e < E; ++e) {
+    CHECK(start[e + 1] == start[e] || w.experts[e].loaded())
+        << "expert " << e << " is routed to but not loaded on this process";
+  }
+  std::vector<int64_t> pos_of_pair(pairs);
+  for (int64_t i = 0; i < pairs; ++i) pos_of_pair[order[i]] = i;
+  // Tasks: shared-expert chunks (-1 - chunk), then experts by descending
+  // token count (the longest first, so the threads finish together).
+  const int64_t shared_chunks = with_shared ? (T + kTokenChunk - 1) / kTokenChunk : 0;
+  std::vector<int64_t> tasks;
+  for (int64_t c = 0; c < shared_chunks; ++c) tasks.push_back(-1 - c);
+  const size_t first_expert = tasks.size();
+  int64_t max_tokens = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1] > start[e]) tasks.push_back(e);
+    max_tokens = std::max(max_tokens, start[e + 1] - start[e]);
+  }
+  std::stable_sort(tasks.begin() + first_expert, tasks.end(), [&](int64_t a, int64_t b) {
+    return start[a + 1] - start[a] > start[b + 1] - start[b];
+  });
+  // Outputs and per-thread buffers are written before they are read: no
+  // zero-filling.
+  std::unique_ptr<float[]> sorted_out(new float[pairs * H]);
+  std::unique_ptr<float[]> shared_out(new float[with_shared ? T * H : 0]);
+  const int64_t threads = std::max(1, openblas_get_num_threads());
+  const int64_t scratch_floats = std::max(max_tokens * 3 * I, with_shared ? kTokenChunk * 3 * Is : 0);
+  std::vector<std::unique_ptr<float[]>> xin(threads), scratch(threads);
+  ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t thread) {
+    if (!scratch[thread]) {
+      xin[thread].reset(new float[max_tokens * H]);
+      scratch[thread].reset(new float[scratch_floats]);
+    }
+    const int64_t task = tasks[i];
+    if (task < 0) {  // shared expert on tokens [t0, t0 + n)
+      const int64_t t0 = (-1 - task) * kTokenChunk, n = std::min(kTokenChunk, T - t0);
+      RunExpert(w.shared, H, Is, x + t0 * H, n, shared_out.get() + t0 * H, scratch[thread].get());
+      return;
+    }
+    const int64_t e = task, n = start[e + 1] - start[e];
+    float* in = xin[thread].get();
+    for (int64_t j = 0; j < n; ++j) {
+      std::memcpy(in + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
+    }
+    RunExpert(w.experts[e], H, I, in, n, sorted_out.get() + start[e] * H, scratch[thread].get());
+  });
+  ParallelFor((T + kTokenChunk - 1) / kTokenChunk, [&](int64_t chunk, int64_t) {
+    for (int64_t t = chunk * kTokenChunk; t < std::min(T, (chunk + 1) * kTokenChunk); ++t) {
+      float* yr = y + t * H;
+      for (int64_t k = 0; k < (ids != nullptr ? K : 0); ++k) {
+        const float g = weights[t * K + k];
+        const float* o = sorted_out.get() + pos_of_pair[t * K + k] * H;
+        for (int64_t h = 0; h < H; ++h) yr[h] += g * o[h];
+      }
+      if (with_shared) {
+        const float* s = shared_out.get() + t * H;
+        for (int64_t h = 0; h < H; ++h) yr[h] += s[h];
+      }
+    }
+  });
 }
 
 }  // namespace
 
 void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int32_t>* ids,
                  std::vector<float>* weights) {
-  const int64_t E = w.router_params.num_experts, K = w.router_params.top_k;
-  std::vector<float> logits(T * E);
-  kernels::Linear(x, T, w.hidden, w.router.data(), E, logits.data());
+  const int64_t E = w.router_params.num_experts, K = w.router_params.top_k, H = w.hidden;
   ids->resize(T * K);
   weights->resize(T * K);
-  kernels::Route(logits.data(), w.bias.empty() ? nullptr : w.bias.data(), T, w.router_params, ids->data(),
-                 weights->data());
+  std::vector<float> logits(T * E);
+  // Token chunks on parallel threads (single-threaded BLAS); one chunk inline.
+  ParallelFor((T + kTokenChunk - 1) / kTokenChunk, [&](int64_t chunk, int64_t) {
+    const int64_t t0 = chunk * kTokenChunk, n = std::min(kTokenChunk, T - t0);
+    kernels::Linear(x + t0 * H, n, H, w.router.data(), E, logits.data() + t0 * E);
+    kernels::Route(logits.data() + t0 * E, w.bias.empty() ? nullptr : w.bias.data(), n, w.router_params,
+                   ids->data() + t0 * K, weights->data() + t0 * K);
+  });
 }
 
 void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int64_t T, float* out,
                float* scratch) {
   if (T == 0) return;
   float* gu = scratch;  // [T, 2I]
-  kernels::Linear(x, T, H, e.gate_up.data(), 2 * I, gu);
+  ExpertLinear(x, T, H, e.gate_up.data(), 2 * I, gu);
   float* act = scratch + T * 2 * I;  // [T, I]
   for (int64_t t = 0; t < T; ++t) kernels::SiluMul(gu + t * 2 * I, gu + t * 2 * I + I, I, act + t * I);
-  kernels::Linear(act, T, I, e.down.data(), H, out);
+  ExpertLinear(act, T, I, e.down.data(), H, out);
 }
 
 void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,
                              const float* weights, int64_t K, float* y) {
-  const int64_t H = w.hidden, I = w.expert_inter, E = static_cast<int64_t>(w.experts.size());
-  if (T == 0) return;
-  // Counting sort of (token, k) pairs by expert.
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t i = 0; i < T * K; ++i) ++start[ids[i] + 1];
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> order(T * K), fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < T * K; ++i) order[fill[ids[i]]++] = i;
-  for (int64_t e = 0; e < E; ++e) {
-    CHECK(start[e + 1] == start[e] || w.experts[e].loaded())
-        << "expert " << e << " is routed to but not loaded on this process";
-  }
-  // Each expert writes its outputs into its own contiguous rows of an
-  // expert-sorted buffer, so experts can run on different threads; the
-  // weighted sum per token is then taken in k order (bitwise the same result
-  // for any thread count).
-  std::vector<float> sorted_out(T * K * H);
-  std::vector<int64_t> pos_of_pair(T * K);
-  for (int64_t i = 0; i < T * K; ++i) pos_of_pair[order[i]] = i;
-  ParallelForExperts(start, [&](int64_t e, float* xin, float* scratch) {
-    const int64_t n = start[e + 1] - start[e];
-    for (int64_t j = 0; j < n; ++j) {
-      std::memcpy(xin + j * H, x + (order[start[e] + j] / K) * H, H * sizeof(float));
-    }
-    RunExpert(w.experts[e], H, I, xin, n, sorted_out.data() + start[e] * H, scratch);
-  }, H, I);
-  for (int64_t t = 0; t < T; ++t) {
-    float* yr = y + t * H;
-    for (int64_t k = 0; k < K; ++k) {
-      const float g = weights[t * K + k];
-      const float* o = sorted_out.data() + pos_of_pair[t * K + k] * H;
-      for (int64_t h = 0; h < H; ++h) yr[h] += g * o[h];
-    }
-  }
+  ExpertsAccumulate(w, x, T, ids, weights, K, /*with_shared=*/false, y);
 }
 
 void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, float* y) {
-  if (w.shared_inter == 0 || T == 0) return;
-  std::vector<float> out(T * w.hidden), scratch(T * 3 * w.shared_inter);
-  RunExpert(w.shared, w.hidden, w.shared_inter, x, T, out.data(), scratch.data());
-  for (int64_t i = 0; i < T * w.hidden; ++i) y[i] += out[i];
+  ExpertsAccumulate(w, x, T, nullptr, nullptr, 0, /*with_shared=*/true, y);
 }
 
 void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y) {
@@ -122,8 +178,7 @@ void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y) {
   std::vector<int32_t> ids;
   std::vector<float> weights;
   RouteTokens(w, x, T, &ids, &weights);
-  RoutedExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, y);
-  SharedExpertAccumulate(w, x, T, y);
+  ExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, /*with_shared=*/true, y);
 }
 
 }  // namespace expertmesh::worker

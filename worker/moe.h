@@ -48,7 +48,9 @@ void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, floa
 void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y);
 
 // Runs one expert (gate_up fused) on T contiguous tokens: out[T,H] (overwritten).
-// scratch: 2*T*I floats.
+// scratch: 3*T*I floats. A GEMM with T <= kernels::kLinearFewRowsMax rows runs on
+// kernels::LinearFewRows when BLAS is single-threaded (OPENBLAS_NUM_THREADS=1,
+// or inside the MoE layer's own threads), on BLAS otherwise.
 void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int64_t T, float* out,
                float* scratch);
 
