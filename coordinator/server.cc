@@ -94,8 +94,9 @@ std::shared_ptr<grpc::Channel> CoordinatorServer::InProcessChannel() {
   return server_->InProcessChannel(args);
 }
 
-void CoordinatorServer::Wait() {
-  while (!coordinator_->WaitForShutdown(absl::Seconds(1))) {
+void CoordinatorServer::Wait(const std::atomic<int>* stop) {
+  while (!coordinator_->WaitForShutdown(absl::Milliseconds(200))) {
+    if (stop != nullptr && stop->load() != 0) return;
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return;
   }
@@ -122,10 +123,20 @@ void CoordinatorServer::Stop() {
 }
 
 absl::Status RunCoordinator(const CoordinatorOptions& options,
-                            std::function<void(const std::string& bound_address)> on_listening) {
+                            std::function<void(const std::string& bound_address)> on_listening,
+                            const std::atomic<int>* stop) {
   ASSIGN_OR_RETURN(std::unique_ptr<CoordinatorServer> server, CoordinatorServer::Start(options));
   if (on_listening) on_listening(server->address());
-  server->Wait();
+  server->Wait(stop);
+  if (stop != nullptr && stop->load() != 0) {
+    const v1::ClusterStatus st = server->coordinator()->GetClusterStatus();
+    LOG(WARNING) << "coordinator: stopping on signal " << stop->load() << " with " << st.queued_sequences()
+                 << " sequences queued and " << st.running_sequences() << " running; "
+                 << (options.journal_path.empty()
+                         ? "no --journal was given, so unfinished jobs are lost"
+                         : "their jobs are in the journal " + options.journal_path +
+                               ": a coordinator started on it finishes them (the workers wait for it)");
+  }
   LOG(INFO) << "coordinator: shutting down";
   server->Stop();
   return absl::OkStatus();

@@ -6,6 +6,7 @@
 //   RETURN_IF_ERROR(RunCoordinator(o, [](const std::string& addr) { /* tell the workers */ }));
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -37,9 +38,9 @@ class CoordinatorServer {
   std::shared_ptr<grpc::Channel> InProcessChannel();
   Coordinator* coordinator() { return coordinator_.get(); }
 
-  // Blocks until a Shutdown request completed (workers exited or the timeout)
-  // or Stop() was called.
-  void Wait();
+  // Blocks until a Shutdown request completed (workers exited or the timeout),
+  // Stop() was called, or *stop (if given) turns non-zero.
+  void Wait(const std::atomic<int>* stop = nullptr);
   // Stops serving at once: waiting calls answer UNAVAILABLE, in-flight calls
   // get a short grace period. Nothing is written to the journal afterwards,
   // so a test can "crash" a coordinator with it and start another on the
@@ -62,9 +63,13 @@ class CoordinatorServer {
 };
 
 // `expertmesh coordinator` and rank 0 of `expertmesh launch`: serves until a
-// Shutdown request completes. `on_listening` gets the bound address once the
-// server accepts calls (may be empty).
+// Shutdown request completes, or until *stop (if given; e.g. set by SIGTERM)
+// turns non-zero: then it stops serving at once and leaves the workers
+// running (they re-register with the next coordinator on the same journal).
+// `on_listening` gets the bound address once the server accepts calls (may
+// be empty).
 absl::Status RunCoordinator(const CoordinatorOptions& options,
-                            std::function<void(const std::string& bound_address)> on_listening);
+                            std::function<void(const std::string& bound_address)> on_listening,
+                            const std::atomic<int>* stop = nullptr);
 
 }  // namespace expertmesh::coordinator

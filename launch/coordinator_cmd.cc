@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/server.h"
 #include "launch/flags.h"
+#include "launch/signals.h"
 #include "launch/verbs.h"
 
 ABSL_FLAG(int32_t, max_queued_sequences, 65536, "sequences waiting for a worker, over all jobs (more: RESOURCE_EXHAUSTED)");
@@ -49,6 +50,8 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
 }
 
 int CoordinatorMain(int argc, char** argv) {
+  static std::atomic<bool> graceful{true};
+  WatchTerminationSignals(&graceful);  // SIGTERM/SIGINT: stop serving, keep the journal, leave workers running
   ParseVerbFlags(argc, argv);
   coordinator::CoordinatorOptions o;
   absl::Status s = CoordinatorOptionsFromFlags(&o);
@@ -65,7 +68,7 @@ int CoordinatorMain(int argc, char** argv) {
       std::ofstream(tmp) << address << "\n";
       std::rename(tmp.c_str(), address_file.c_str());
     }
-  });
+  }, &TerminationSignal());
   if (!s.ok()) {
     std::fprintf(stderr, "expertmesh coordinator: %s\n", std::string(s.message()).c_str());
     return 1;

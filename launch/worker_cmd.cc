@@ -4,6 +4,7 @@
 
 #include "absl/flags/flag.h"
 #include "launch/flags.h"
+#include "launch/signals.h"
 #include "launch/verbs.h"
 #include "worker/runtime/worker.h"
 
@@ -19,8 +20,13 @@ ABSL_FLAG(int32_t, rejoin_timeout_s, 600,
 namespace expertmesh::launch {
 
 int WorkerMain(int argc, char** argv) {
+  // SIGTERM/SIGINT: at once while starting; once serving, leave the cluster cleanly.
+  static std::atomic<bool> serving{false};
+  WatchTerminationSignals(&serving);
   ParseVerbFlags(argc, argv);
   worker::runtime::WorkerOptions o;
+  o.stop_signal = &TerminationSignal();
+  o.serving = &serving;
   o.coordinator = absl::GetFlag(FLAGS_coordinator);
   if (o.coordinator.empty()) {
     std::fprintf(stderr, "expertmesh worker: --coordinator HOST:PORT is required\n");

@@ -220,6 +220,44 @@ class StandaloneTest(ClusterCase):
             self.assertIn("data plane rebuilt for generation 2", open(p.log_path).read())
             self.assertIn("data plane rebuilt for generation 3", open(p.log_path).read(), log)
 
+    def test_sigterm_worker_leaves_and_sigterm_coordinator_keeps_the_job(self):
+        # A long heartbeat timeout: the leaving worker must be noticed through its goodbye, not a timeout.
+        server, port, journal, coord, workers = self.start_cluster(heartbeat_timeout_s=60)
+        long_new = 300
+        want = cu.results(cu.run(["generate", "--checkpoint", self.f.ckpt, "--prompts", self.f.prompts,
+                                  "--max-new-tokens", str(long_new)]).stdout)
+        rid = "e2e-sigterm-1"
+        cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens", str(long_new),
+                "--request-id", rid, "--detach"])
+        st = self.wait_generating(server, 1)
+        pid = [w for w in st["workers"] if w["worker_id"] == 2][0]["pid"]
+        leaving = [p for p in workers if p.pid == pid][0]
+        t0 = time.time()
+        leaving.send_signal(signal.SIGTERM)
+        self.assertEqual(leaving.wait(timeout=30), 0, cu.read_log(leaving))
+        self.assertIn("left the cluster on request", cu.read_log(leaving))
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            if int(st.get("generation", 0)) == 2:
+                break
+            time.sleep(0.1)
+        self.assertEqual(int(st.get("generation", 0)), 2, st)
+        self.assertLess(time.time() - t0, 20)
+        self.assertEqual([w for w in st["workers"] if w["worker_id"] == 2][0]["health"], "WORKER_HEALTH_EXITED")
+        repl = cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, "replacement.log"))
+        self.procs.append(repl)
+        self.wait_generating(server, 2)
+        # SIGTERM the coordinator: it stops at once with exit code 0, the job stays in the journal.
+        coord.send_signal(signal.SIGTERM)
+        self.assertEqual(coord.wait(timeout=30), 0, cu.read_log(coord))
+        self.assertIn("their jobs are in the journal", cu.read_log(coord))
+        coord2 = self.start_coordinator(port, journal, "coordinator2.log", 60)
+        cu.wait_serving(server, timeout=120)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        self.shutdown(server, [coord2, repl] + [p for p in workers if p is not leaving])
+
     def wait_generation(self, server, generation, timeout=120):
         """Waits until the cluster serves again in data-plane generation `generation`."""
         deadline = time.time() + timeout

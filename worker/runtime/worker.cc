@@ -240,6 +240,7 @@ class Worker {
   int64_t dp_generation_ = 0;
   bool dp_stale_ = false;          // the coordinator moved to another generation
   absl::Status fatal_;             // this worker must exit (its place was taken over)
+  std::atomic<bool> leaving_{false};  // stop requested by a signal
   std::unique_ptr<comm::Communicator> stage_comm_, lane_comm_;
   LoadCounter load_;
   std::unique_ptr<MoeRunner> moe_;
@@ -273,6 +274,8 @@ class Worker {
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;
   std::thread hb_thread_;
+  absl::Time last_heartbeat_ = absl::InfinitePast();
+  bool StopRequested() const { return o_.stop_signal != nullptr && o_.stop_signal->load() != 0; }
 };
 
 absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::string& name,
@@ -503,11 +506,21 @@ absl::StatusOr<const float*> Worker::RecvDeviceHidden(int peer, int64_t T) {
 
 void Worker::HeartbeatLoop() {
   bool warned = false;
+  if (o_.serving != nullptr) *o_.serving = true;
   for (bool first = true;; first = false) {
     if (!first) {  // the first heartbeat goes out at once: the worker is READY
       std::unique_lock<std::mutex> l(hb_mu_);
-      hb_cv_.wait_for(l, std::chrono::seconds(1), [this] { return stop_heartbeats_.load(); });
+      hb_cv_.wait_for(l, std::chrono::milliseconds(o_.stop_signal != nullptr ? 200 : 1000),
+                      [this] { return stop_heartbeats_.load(); });
+      const bool stop_now = StopRequested() && !leaving_.load();
+      if (!stop_heartbeats_.load() && !stop_now && absl::Now() - last_heartbeat_ < absl::Seconds(1)) continue;
     }
+    if (StopRequested() && !leaving_.exchange(true)) {
+      LOG(WARNING) << "worker " << worker_id_ << ": signal " << o_.stop_signal->load()
+                   << ": leaving the cluster (its sequences go back to the coordinator's queue)";
+      AbortDataPlane(absl::CancelledError("this worker is leaving (signal)"));
+    }
+    last_heartbeat_ = absl::Now();
     const bool exiting = stop_heartbeats_.load();
     v1::HeartbeatRequest req;
     req.set_worker_id(worker_id_);
@@ -856,6 +869,7 @@ absl::Status Worker::RunStage0() {
   std::vector<float> hidden;
   bool want_stop = false;
   while (true) {
+    if (leaving_.load()) return absl::CancelledError("leaving on request");
     // Sync with the coordinator at most every 20 ms while busy (each call is a
     // gRPC round trip); every loop while idle, so new work starts at once.
     absl::Time t0 = absl::Now();
@@ -1050,6 +1064,7 @@ absl::Status Worker::RunDownstream() {
 
 bool Worker::Recoverable(const absl::Status& s) {
   if (o_.backend == "mpi") return false;  // under mpirun a lost process ends the job
+  if (leaving_.load()) return false;
   std::lock_guard<std::mutex> l(dp_mu_);
   if (!fatal_.ok()) return false;
   if (dp_stale_) return true;
@@ -1108,11 +1123,16 @@ absl::Status Worker::Run() {
     s = again.status();
     if (s.ok() && !*again) break;  // shut down while waiting to rejoin
   }
+  if (leaving_.load()) {
+    LOG(INFO) << "worker " << worker_id_ << ": left the cluster on request";
+    s = absl::OkStatus();
+  }
   if (!s.ok()) AbortDataPlane(s);
   {
     std::lock_guard<std::mutex> l(dp_mu_);
     if (!fatal_.ok()) s = fatal_;
   }
+  if (o_.serving != nullptr) *o_.serving = false;
   StopHeartbeats();
   return s;
 }

@@ -11,6 +11,7 @@
 // step, so every rank joins every MoE all-to-all, also with zero tokens.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "absl/status/status.h"
@@ -38,6 +39,13 @@ struct WorkerOptions {
   // to GPU over NCCL communicators (control messages stay on `backend`);
   // "host" stages them through host memory over `backend`.
   std::string device_data_plane = "host";
+  // Leaving on request (SIGTERM): once *stop_signal turns non-zero the worker
+  // aborts its data plane, tells the coordinator it is exiting (its sequences
+  // go back to the queue; the others rebuild without it until a replacement
+  // registers) and RunWorker returns OK. *serving (if given) is set while the
+  // worker can leave that way (from its first heartbeat on).
+  const std::atomic<int>* stop_signal = nullptr;
+  std::atomic<bool>* serving = nullptr;
 };
 
 absl::Status RunWorker(const WorkerOptions& options);
