@@ -216,9 +216,10 @@ class StandaloneTest(ClusterCase):
         survivors = [p for p in workers if p.pid in by_pid]
         self.shutdown(server, [coord] + list(by_pid.values()))
         for p in survivors:  # they kept their shard and rebuilt only the data plane, twice
-            log = cu.read_log(p)
-            self.assertIn("data plane rebuilt for generation 2", open(p.log_path).read())
-            self.assertIn("data plane rebuilt for generation 3", open(p.log_path).read(), log)
+            with open(p.log_path) as f:
+                log = f.read()
+            self.assertIn("data plane rebuilt for generation 2", log)
+            self.assertIn("data plane rebuilt for generation 3", log)
 
     def test_sigterm_worker_leaves_and_sigterm_coordinator_keeps_the_job(self):
         # A long heartbeat timeout: the leaving worker must be noticed through its goodbye, not a timeout.

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -242,6 +243,9 @@ class Worker {
   absl::Status fatal_;             // this worker must exit (its place was taken over)
   std::atomic<bool> leaving_{false};  // stop requested by a signal
   std::unique_ptr<comm::Communicator> stage_comm_, lane_comm_;
+  std::array<comm::Communicator*, 4> CommsLocked() const {  // with dp_mu_ held (or on the stage thread)
+    return {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()};
+  }
   LoadCounter load_;
   std::unique_ptr<MoeRunner> moe_;
   std::unique_ptr<Engine> engine_;
@@ -385,21 +389,24 @@ absl::Status Worker::Setup() {
 absl::Status Worker::BuildDataPlane() {
   const bool nccl = o_.cuda && o_.device_data_plane == "nccl";
   std::unique_ptr<comm::Communicator> stage_comm, lane_comm, stage_dev_comm, lane_dev_comm;
+  // A group's host communicator and, with the NCCL device plane, its NCCL twin.
+  auto group = [&](const std::string& name, const std::vector<int>& ids, std::unique_ptr<comm::Communicator>* host,
+                   std::unique_ptr<comm::Communicator>* dev) -> absl::Status {
+    ASSIGN_OR_RETURN(*host, MakeComm(name, ids, o_.backend));
+    if (nccl) {
+      ASSIGN_OR_RETURN(*dev, MakeComm(name + "-nccl", ids, "nccl"));
+    }
+    return absl::OkStatus();
+  };
   if (plan_.ep > 1) {
     std::vector<int> ids;
     for (int r = 0; r < plan_.ep; ++r) ids.push_back(static_cast<int>(plan_.WorkerId(stage_, r)));
-    ASSIGN_OR_RETURN(stage_comm, MakeComm(absl::StrCat("stage", stage_), ids, o_.backend));
-    if (nccl) {
-      ASSIGN_OR_RETURN(stage_dev_comm, MakeComm(absl::StrCat("stage", stage_, "-nccl"), ids, "nccl"));
-    }
+    RETURN_IF_ERROR(group(absl::StrCat("stage", stage_), ids, &stage_comm, &stage_dev_comm));
   }
   if (plan_.pp > 1) {
     std::vector<int> ids;
     for (int s = 0; s < plan_.pp; ++s) ids.push_back(static_cast<int>(plan_.WorkerId(s, ep_rank_)));
-    ASSIGN_OR_RETURN(lane_comm, MakeComm(absl::StrCat("lane", ep_rank_), ids, o_.backend));
-    if (nccl) {
-      ASSIGN_OR_RETURN(lane_dev_comm, MakeComm(absl::StrCat("lane", ep_rank_, "-nccl"), ids, "nccl"));
-    }
+    RETURN_IF_ERROR(group(absl::StrCat("lane", ep_rank_), ids, &lane_comm, &lane_dev_comm));
   }
   {
     std::lock_guard<std::mutex> l(dp_mu_);
@@ -409,7 +416,7 @@ absl::Status Worker::BuildDataPlane() {
     lane_dev_comm_ = std::move(lane_dev_comm);
     if (dp_stale_) {  // the generation moved on while we connected: fail the first step, rejoin again
       const absl::Status why = absl::AbortedError("the data-plane generation moved on while connecting");
-      for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+      for (comm::Communicator* c : CommsLocked()) {
         if (c != nullptr) c->Abort(why);
       }
     }
@@ -435,7 +442,7 @@ absl::Status Worker::BuildDataPlane() {
 
 void Worker::AbortDataPlane(const absl::Status& reason) {
   std::lock_guard<std::mutex> l(dp_mu_);
-  for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+  for (comm::Communicator* c : CommsLocked()) {
     if (c != nullptr) c->Abort(reason);
   }
 }
@@ -1070,7 +1077,7 @@ bool Worker::Recoverable(const absl::Status& s) {
   if (dp_stale_) return true;
   // A failed exchange leaves its communicator broken; other errors (a lost
   // coordinator, corrupt messages) are not the data plane's.
-  for (comm::Communicator* c : {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()}) {
+  for (comm::Communicator* c : CommsLocked()) {
     if (c != nullptr && !c->health().ok()) return true;
   }
   return absl::IsAborted(s);  // Sync: the generation moved on
