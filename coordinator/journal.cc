@@ -14,7 +14,7 @@ namespace expertmesh::coordinator {
 namespace {
 
 constexpr uint32_t kMagic = 0x314a4d45;  // "EMJ1" little-endian
-constexpr size_t kHeader = 12;
+constexpr size_t kHeader = Journal::kRecordHeaderBytes;
 constexpr uint32_t kMaxRecord = 1u << 30;
 
 absl::Status ErrnoStatus(int err, const std::string& what) {
@@ -55,6 +55,38 @@ absl::Status WriteAll(int fd, const std::string& data, const std::string& path) 
   return absl::OkStatus();
 }
 
+std::string DirOf(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+// Makes creations and renames in the folder of `path` durable.
+absl::Status FsyncDir(const std::string& path) {
+  const std::string dir = DirOf(path);
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return ErrnoStatus(errno, absl::StrCat(dir, ": open folder"));
+  const int rc = ::fsync(dfd);
+  const int err = errno;
+  ::close(dfd);
+  if (rc != 0) return ErrnoStatus(err, absl::StrCat(dir, ": fsync folder"));
+  return absl::OkStatus();
+}
+
+std::string EncodeAll(const std::vector<std::string>& payloads, absl::Status* status) {
+  std::string data;
+  size_t total = 0;
+  for (const auto& p : payloads) total += kHeader + p.size();
+  data.reserve(total);
+  for (const auto& p : payloads) {
+    if (p.size() > kMaxRecord) {
+      *status = absl::InvalidArgumentError("journal: record larger than 1 GiB");
+      return {};
+    }
+    data += Journal::EncodeRecord(p);
+  }
+  return data;
+}
+
 }  // namespace
 
 uint32_t Journal::Crc32c(const void* data, size_t n) {
@@ -90,16 +122,17 @@ absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path, 
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat(path, ": cannot open journal"));
   std::unique_ptr<Journal> j(new Journal(path, fd, 0));
-  {
-    // Make a newly created file's directory entry durable too.
-    const size_t slash = path.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
+  // A compaction that crashed before its rename: the journal itself is the
+  // complete old one, the half-written copy is garbage.
+  const std::string leftover = j->compact_path();
+  if (::unlink(leftover.c_str()) == 0) {
+    LOG(WARNING) << leftover << ": deleted the leftover of a compaction interrupted by a crash; " << path
+                 << " is complete";
+  } else if (errno != ENOENT) {
+    return ErrnoStatus(errno, absl::StrCat(leftover, ": cannot delete the leftover of an interrupted compaction"));
   }
+  // Make a newly created file's directory entry (and the unlink) durable too.
+  FsyncDir(path).IgnoreError();
   // Read the whole file; journals of batch jobs are small next to memory.
   std::string data;
   char buf[1 << 16];
@@ -160,12 +193,10 @@ Journal::~Journal() {
 
 absl::Status Journal::Append(const std::vector<std::string>& payloads) {
   if (payloads.empty()) return absl::OkStatus();
-  std::string data;
-  for (const auto& p : payloads) {
-    if (p.size() > kMaxRecord) return absl::InvalidArgumentError("journal: record larger than 1 GiB");
-    data += EncodeRecord(p);
-  }
-  absl::Status s = WriteAll(fd_, data, path_);
+  absl::Status s;
+  const std::string data = EncodeAll(payloads, &s);
+  if (!s.ok()) return s;
+  s = WriteAll(fd_, data, path_);
   if (s.ok() && ::fdatasync(fd_) != 0) s = ErrnoStatus(errno, absl::StrCat(path_, ": fdatasync"));
   if (!s.ok()) {
     // Drop whatever part reached the file so the next append starts clean.
@@ -175,6 +206,38 @@ absl::Status Journal::Append(const std::vector<std::string>& payloads) {
     return s;
   }
   size_ += static_cast<int64_t>(data.size());
+  return absl::OkStatus();
+}
+
+absl::Status Journal::Rewrite(const std::vector<std::string>& payloads) {
+  absl::Status s;
+  const std::string data = EncodeAll(payloads, &s);
+  if (!s.ok()) return s;
+  const std::string tmp = compact_path();
+  const int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat(tmp, ": cannot create the compacted journal"));
+  s = WriteAll(fd, data, tmp);
+  if (s.ok() && ::fsync(fd) != 0) s = ErrnoStatus(errno, absl::StrCat(tmp, ": fsync"));
+  // Until the rename succeeds the old journal is the journal.
+  if (s.ok() && ::rename(tmp.c_str(), path_.c_str()) != 0) {
+    s = ErrnoStatus(errno, absl::StrCat("rename ", tmp, " to ", path_));
+  }
+  if (!s.ok()) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  // The renamed file is the journal now: append to it whatever happens next.
+  // The descriptor still points at it (same inode), so there is nothing to
+  // reopen that could fail.
+  ::close(fd_);
+  fd_ = fd;
+  size_ = static_cast<int64_t>(data.size());
+  s = FsyncDir(path_);
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("compacted journal ", path_, " is in use, but the rename may not "
+                                               "survive a power loss: ", s.message()));
+  }
   return absl::OkStatus();
 }
 

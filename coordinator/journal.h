@@ -9,9 +9,17 @@
 // good record before new records are appended. A corrupt record followed by
 // more data is DATA_LOSS: the journal was damaged by something else.
 //
+// Compaction: Rewrite(records) replaces the whole file with the given
+// records. It writes them to "<path>.compact" (one write, fsync), renames that
+// over <path>, fsyncs the folder, and appends to the new file from then on.
+// Whatever the crash point, <path> is either the old or the new journal, each
+// complete; a "<path>.compact" left by a crash before the rename is deleted by
+// the next Open.
+//
 //   ASSIGN_OR_RETURN(auto journal, Journal::Open("coord.journal", &records));
 //   for (const std::string& r : records) Replay(r);
 //   RETURN_IF_ERROR(journal->Append({payload}));   // durable on OK
+//   RETURN_IF_ERROR(journal->Rewrite(live_records));  // compaction
 #pragma once
 
 #include <cstdint>
@@ -28,7 +36,8 @@ class Journal {
   // Opens (creating if needed) the journal at `path`, returns the payloads of
   // its intact records in `records`, and positions for appending. Errors:
   // INVALID_ARGUMENT for an empty path, the errno as a status for I/O
-  // failures, DATA_LOSS for corruption before the last record.
+  // failures, DATA_LOSS for corruption before the last record. A leftover
+  // "<path>.compact" (a compaction interrupted before its rename) is deleted.
   static absl::StatusOr<std::unique_ptr<Journal>> Open(const std::string& path, std::vector<std::string>* records);
   ~Journal();
   Journal(const Journal&) = delete;
@@ -39,8 +48,19 @@ class Journal {
   // truncated away when possible) and the caller must not acknowledge.
   absl::Status Append(const std::vector<std::string>& payloads);
 
+  // Replaces the journal's content with these records (see the top of this
+  // file), crash-safely. On an error before the rename the old file stays in
+  // use, unchanged, and "<path>.compact" is removed. If only the final fsync
+  // of the folder fails, the new file is in use (appends go there) but the
+  // rename may not survive a power loss; the error says so.
+  absl::Status Rewrite(const std::vector<std::string>& payloads);
+
   const std::string& path() const { return path_; }
+  std::string compact_path() const { return path_ + ".compact"; }
   int64_t size_bytes() const { return size_; }
+
+  // Bytes a record takes on disk besides its payload.
+  static constexpr int64_t kRecordHeaderBytes = 12;
 
   // Encoding of one record; exposed for tests that write torn records.
   static std::string EncodeRecord(const std::string& payload);

@@ -1,4 +1,7 @@
-// The journal file format (torn tails, corruption) and request validation.
+// The journal file format (torn tails, corruption, compaction by Rewrite) and request validation.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <limits>
 
@@ -75,6 +78,95 @@ TEST(JournalTest, TornLastRecordIsDroppedAndTruncated) {
   ASSERT_OK(j.status());
   ASSERT_EQ(records.size(), 3u);
   EXPECT_EQ(records[2], "after");
+}
+
+bool Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
+TEST(JournalTest, RewriteReplacesTheContentAndAppendsContinueInTheNewFile) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    for (int i = 0; i < 50; ++i) ASSERT_OK((*j)->Append({"old record " + std::to_string(i)}));
+    const int64_t before = (*j)->size_bytes();
+    ASSERT_OK((*j)->Rewrite({"kept-1", "kept-2"}));
+    const int64_t after = static_cast<int64_t>(Journal::EncodeRecord("kept-1").size() * 2);
+    EXPECT_EQ((*j)->size_bytes(), after);
+    EXPECT_EQ(FileSize(path), after);
+    EXPECT_LT(after, before);
+    EXPECT_FALSE(Exists((*j)->compact_path())) << "renamed away";
+    ASSERT_OK((*j)->Append({"after"}));
+    EXPECT_EQ(FileSize(path), (*j)->size_bytes());
+    ASSERT_OK((*j)->Rewrite({}));  // an empty journal is fine too
+    EXPECT_EQ(FileSize(path), 0);
+    ASSERT_OK((*j)->Rewrite({"kept-1", "kept-2"}));
+    ASSERT_OK((*j)->Append({"after"}));
+  }
+  auto j = Journal::Open(path, &records);
+  ASSERT_OK(j.status());
+  EXPECT_EQ(records, (std::vector<std::string>{"kept-1", "kept-2", "after"}));
+}
+
+TEST(JournalTest, LeftoverOfACrashedCompactionIsDeletedAndNothingIsLost) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    ASSERT_OK((*j)->Append({"a", "b", "c"}));
+  }
+  // The crash hit between writing "<path>.compact" and the rename: a complete
+  // or a half-written copy lies next to the complete old journal.
+  for (const std::string& leftover : {Journal::EncodeRecord("b"), Journal::EncodeRecord("b").substr(0, 7)}) {
+    AppendRaw(path + ".compact", leftover);
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    EXPECT_EQ(records, (std::vector<std::string>{"a", "b", "c"}));
+    EXPECT_FALSE(Exists(path + ".compact"));
+  }
+}
+
+TEST(JournalTest, TornTailAfterARewriteIsDropped) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    ASSERT_OK((*j)->Append({"x", "y", "z"}));
+    ASSERT_OK((*j)->Rewrite({"y"}));
+    ASSERT_OK((*j)->Append({"w"}));
+  }
+  const int64_t good = FileSize(path);
+  AppendRaw(path, Journal::EncodeRecord("torn by a crash").substr(0, 20));
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    EXPECT_EQ(records, (std::vector<std::string>{"y", "w"}));
+    EXPECT_EQ(FileSize(path), good);
+  }
+}
+
+TEST(JournalTest, FailedRewriteKeepsTheOldJournalInUse) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> records;
+  {
+    auto j = Journal::Open(path, &records);
+    ASSERT_OK(j.status());
+    ASSERT_OK((*j)->Append({"a", "b"}));
+    // "<path>.compact" cannot be created: a folder is in the way.
+    ASSERT_EQ(::mkdir((*j)->compact_path().c_str(), 0755), 0);
+    EXPECT_FALSE((*j)->Rewrite({"b"}).ok());
+    ASSERT_OK((*j)->Append({"c"}));
+    ASSERT_EQ(::rmdir((*j)->compact_path().c_str()), 0);
+  }
+  auto j = Journal::Open(path, &records);
+  ASSERT_OK(j.status());
+  EXPECT_EQ(records, (std::vector<std::string>{"a", "b", "c"}));
 }
 
 TEST(JournalTest, CorruptionBeforeTheEndIsDataLoss) {
