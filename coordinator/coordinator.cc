@@ -1,9 +1,11 @@
 #include "coordinator/coordinator.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <unordered_set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -23,6 +25,8 @@ constexpr int64_t kMaxStoreBytes = 64 << 20;
 constexpr size_t kMaxStoreValue = 4 << 20;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+std::string JobIdOf(int64_t n) { return absl::StrFormat("job-%06d", n); }
 
 std::string NewEpoch() {
   std::random_device rd;
@@ -109,6 +113,12 @@ absl::Status Coordinator::Init() {
       !(o.shutdown_timeout_s >= 0) || !(o.monitor_interval_s > 0)) {
     return absl::InvalidArgumentError("coordinator timeouts must be > 0");
   }
+  if (!(o.job_retention_s >= 0) || std::isinf(o.job_retention_s)) {
+    return absl::InvalidArgumentError("--job-retention-s must be >= 0 seconds (0 keeps jobs forever)");
+  }
+  if (o.journal_compact_min_bytes < 0 || o.journal_compact_min_waste_bytes < 0) {
+    return absl::InvalidArgumentError("journal compaction thresholds must be >= 0 bytes");
+  }
   const std::string config_path = o.checkpoint + "/config.json";
   ASSIGN_OR_RETURN(model_json_, ReadFile(config_path));
   ASSIGN_OR_RETURN(config_, ModelConfig::FromFile(config_path));
@@ -134,6 +144,15 @@ absl::Status Coordinator::Init() {
     ASSIGN_OR_RETURN(journal_, Journal::Open(o.journal_path, &records));
     std::lock_guard<std::mutex> lock(mu_);
     RETURN_IF_ERROR(Annotate(Replay(records), o.journal_path));
+    records.clear();
+    records.shrink_to_fit();
+    compacted_bytes_ = journal_->size_bytes();
+    const int64_t expired = ExpireJobsLocked(NowMs());
+    if (expired > 0) {
+      LOG(INFO) << "coordinator: " << expired << " jobs of the journal ended more than " << o.job_retention_s
+                << " s ago (--job-retention-s) and are forgotten";
+    }
+    MaybeCompactJournalLocked();
   } else {
     LOG(WARNING) << "coordinator: no journal (--journal FILE): accepted jobs are lost if this process dies";
   }
@@ -147,11 +166,20 @@ absl::Status Coordinator::Init() {
 
 bool Coordinator::Final(const Job& j) const { return IsFinalState(j.state); }
 
+void Coordinator::BecameFinal(Job* j) { final_by_time_.emplace(j->finished_ms, j); }
+
+void Coordinator::CountJournalRecord(Job* j, size_t payload_bytes) {
+  const int64_t n = Journal::kRecordHeaderBytes + static_cast<int64_t>(payload_bytes);
+  j->journal_bytes += n;
+  live_journal_bytes_ += n;
+}
+
 void Coordinator::UpdateJobState(Job* j, int64_t now_ms) {
   if (Final(*j)) return;
   if (j->num_done == static_cast<int>(j->seqs.size())) {
     j->state = v1::JOB_STATE_SUCCEEDED;
     j->finished_ms = now_ms;
+    BecameFinal(j);
   } else if (j->num_done > 0 || j->num_assigned > 0) {
     j->state = v1::JOB_STATE_RUNNING;
   } else {
@@ -187,8 +215,10 @@ void Coordinator::FinishSequence(Job* j, int index, std::vector<int32_t> tokens,
     *f->mutable_tokens() = r.tokens();
     f->set_finish_reason(reason);
     pending_records_.push_back(rec.SerializeAsString());
+    CountJournalRecord(j, pending_records_.back().size());
   }
   j->results.push_back(std::move(r));
+  j->result_ms.push_back(now_ms);
   UpdateJobState(j, now_ms);
   j->result_states.push_back(j->state);
 }
@@ -197,6 +227,7 @@ void Coordinator::CancelUnfinished(Job* j, int64_t now_ms) {
   // The job turns CANCELLED first, so every result below carries that state.
   j->state = v1::JOB_STATE_CANCELLED;
   j->finished_ms = now_ms;
+  BecameFinal(j);
   for (int i = 0; i < static_cast<int>(j->seqs.size()); ++i) {
     Sequence& s = j->seqs[static_cast<size_t>(i)];
     if (s.state == SeqState::kDone) continue;
@@ -324,6 +355,157 @@ absl::Status Coordinator::FlushJournal() {
   return s;
 }
 
+absl::Status Coordinator::JobNotFound(const std::string& job_id) const {
+  // Ids are handed out in order and never reused (compaction keeps a mark of
+  // the last one), so a well-formed id below next_job_ that is not here was
+  // forgotten by retention, even before a restart.
+  int64_t n = 0;
+  if (absl::StartsWith(job_id, "job-") && absl::SimpleAtoi(job_id.substr(4), &n) && n >= 1 && n < next_job_ &&
+      job_id == JobIdOf(n)) {
+    const std::string now = options_.job_retention_s > 0 ? absl::StrCat(options_.job_retention_s, " s")
+                                                           : "0 s = forever; it expired under an earlier setting";
+    return absl::NotFoundError(absl::StrCat("job_id: job \"", job_id,
+                                            "\" expired: jobs are forgotten, results included, once they have been "
+                                            "final for the retention period (--job-retention-s, now ",
+                                            now, ")"));
+  }
+  return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id, "\""));
+}
+
+void Coordinator::MaintainLocked() {
+  const absl::Time now = absl::Now();
+  if (now < next_maintenance_) return;
+  next_maintenance_ = now + absl::Seconds(options_.monitor_interval_s);
+  ExpireJobsLocked(absl::ToUnixMillis(now));
+  MaybeCompactJournalLocked();
+}
+
+int64_t Coordinator::ExpireJobsLocked(int64_t now_ms) {
+  if (!(options_.job_retention_s > 0)) return 0;
+  const int64_t cutoff = now_ms - static_cast<int64_t>(std::llround(options_.job_retention_s * 1000));
+  std::unordered_set<const Job*> gone;
+  while (!final_by_time_.empty() && final_by_time_.begin()->first <= cutoff) {
+    gone.insert(final_by_time_.begin()->second);
+    final_by_time_.erase(final_by_time_.begin());
+  }
+  if (gone.empty()) return 0;
+  // Queue entries of final jobs are stale (skipped when popped) but point at
+  // the jobs: they go first.
+  queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const auto& e) { return gone.count(e.first) > 0; }),
+               queue_.end());
+  for (const Job* j : gone) {
+    VLOG(1) << "coordinator: forgetting " << j->id << " (" << v1::JobState_Name(j->state) << " since "
+            << absl::FormatTime(absl::FromUnixMillis(j->finished_ms)) << ")";
+    job_order_.erase(j->order);
+    auto r = by_request_id_.find(j->client_request_id);
+    if (r != by_request_id_.end() && r->second == j->id) by_request_id_.erase(r);
+    live_journal_bytes_ -= j->journal_bytes;
+    const std::string id = j->id;
+    jobs_.erase(id);  // destroys *j
+  }
+  VLOG(1) << "coordinator: forgot " << gone.size() << " jobs final for more than " << options_.job_retention_s
+          << " s; " << jobs_.size() << " jobs kept";
+  changed_.notify_all();
+  return static_cast<int64_t>(gone.size());
+}
+
+void Coordinator::MaybeCompactJournalLocked() {
+  if (journal_ == nullptr || stopped_) return;
+  const int64_t now_ms = NowMs();
+  if (now_ms < compact_retry_at_ms_) return;
+  const int64_t size = journal_->size_bytes();
+  const int64_t waste = size - live_journal_bytes_;
+  const int64_t grown_at = std::max(options_.journal_compact_min_bytes, 2 * compacted_bytes_);
+  std::string why;
+  if (waste > 0 && waste >= std::max(options_.journal_compact_min_waste_bytes, size / 4)) {
+    why = absl::StrCat("about ", waste, " bytes belong to forgotten jobs");
+  } else if (size >= grown_at && size > 0) {
+    why = absl::StrCat("grew past ", grown_at, " bytes");
+  } else {
+    return;
+  }
+  absl::Status s = CompactJournalLocked(why);
+  if (!s.ok()) {
+    compact_retry_at_ms_ = now_ms + 60000;
+    LOG(ERROR) << "coordinator: journal compaction failed (retrying in 60 s; the journal in use is complete): " << s;
+  }
+}
+
+absl::Status Coordinator::CompactJournalLocked(const std::string& why) {
+  const absl::Time t0 = absl::Now();
+  const int64_t before = journal_->size_bytes();
+  // Per retained job, in submission order: the records that replay it as it
+  // is. Results with finish reason CANCELLED come from CancelJob and are
+  // covered by its JobCancelled record, as in the original journal.
+  std::vector<std::string> payloads;
+  int64_t live = 0;
+  auto add = [&](Job* j, const JournalRecord& rec) {
+    payloads.push_back(rec.SerializeAsString());
+    const int64_t n = Journal::kRecordHeaderBytes + static_cast<int64_t>(payloads.back().size());
+    if (j != nullptr) j->journal_bytes += n;
+    live += n;
+  };
+  for (auto& entry : job_order_) {
+    Job* j = entry.second;
+    j->journal_bytes = 0;
+    JournalRecord sub;
+    sub.set_unix_ms(j->submitted_ms);
+    sub.set_job_id(j->id);
+    sub.mutable_submitted()->set_client_request_id(j->client_request_id);
+    sub.mutable_submitted()->set_request(j->request.SerializeAsString());
+    add(j, sub);
+    for (size_t i = 0; i < j->results.size(); ++i) {
+      const v1::SequenceResult& r = j->results[i];
+      if (r.finish_reason() == v1::FINISH_REASON_CANCELLED) continue;
+      JournalRecord rec;
+      rec.set_unix_ms(j->result_ms[i]);
+      rec.set_job_id(j->id);
+      SequenceFinished* f = rec.mutable_finished();
+      f->set_index(r.index());
+      *f->mutable_tokens() = r.tokens();
+      f->set_finish_reason(r.finish_reason());
+      add(j, rec);
+    }
+    if (j->state == v1::JOB_STATE_CANCELLED) {
+      JournalRecord rec;
+      rec.set_unix_ms(j->finished_ms);
+      rec.set_job_id(j->id);
+      rec.mutable_cancelled();
+      add(j, rec);
+    }
+  }
+  // The last id handed out, should its job be gone: a restart continues after it.
+  const std::string last_id = JobIdOf(next_job_ - 1);
+  if (next_job_ > 1 && FindJob(last_id) == nullptr) {
+    JournalRecord mark;
+    mark.set_unix_ms(NowMs());
+    mark.set_job_id(last_id);
+    mark.mutable_cancelled();
+    add(nullptr, mark);
+  }
+  live_journal_bytes_ = live;
+  RETURN_IF_ERROR(journal_->Rewrite(payloads));
+  compacted_bytes_ = journal_->size_bytes();
+  ++compactions_;
+  last_compaction_ = absl::Now() - t0;
+  LOG(INFO) << "coordinator: compacted the journal " << journal_->path() << " (" << why << "): " << before << " -> "
+            << compacted_bytes_ << " bytes, " << payloads.size() << " records of " << jobs_.size() << " jobs, in "
+            << absl::FormatDuration(last_compaction_);
+  return absl::OkStatus();
+}
+
+Coordinator::JournalStats Coordinator::journal_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  JournalStats st;
+  if (journal_ == nullptr) return st;
+  st.size_bytes = journal_->size_bytes();
+  st.live_bytes = live_journal_bytes_;
+  st.compacted_bytes = compacted_bytes_;
+  st.compactions = compactions_;
+  st.last_compaction = last_compaction_;
+  return st;
+}
+
 absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
   replaying_ = true;
   int64_t n = 0;
@@ -335,6 +517,12 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
       return absl::DataLossError(absl::StrCat("record ", n, " is not a journal record"));
     }
     Job* j = FindJob(rec.job_id());
+    // Ids are never reused: every record counts, including the JobCancelled
+    // of a forgotten job that compaction keeps as the mark of the last id.
+    int64_t num = 0;
+    if (absl::StartsWith(rec.job_id(), "job-") && absl::SimpleAtoi(rec.job_id().substr(4), &num)) {
+      next_job_ = std::max(next_job_, num + 1);
+    }
     switch (rec.kind_case()) {
       case JournalRecord::kSubmitted: {
         if (j != nullptr) {
@@ -351,12 +539,10 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
         }
         job->seqs.resize(static_cast<size_t>(job->request.sequences_size()));
         queued_ += job->request.sequences_size();  // queue_ entries are added after the replay
-        int64_t num = 0;
-        if (absl::StartsWith(job->id, "job-") && absl::SimpleAtoi(job->id.substr(4), &num)) {
-          next_job_ = std::max(next_job_, num + 1);
-        }
         if (!job->client_request_id.empty()) by_request_id_[job->client_request_id] = job->id;
-        job_order_.push_back(job.get());
+        job->order = next_order_++;
+        CountJournalRecord(job.get(), bytes.size());
+        job_order_[job->order] = job.get();
         jobs_[job->id] = std::move(job);
         break;
       }
@@ -366,13 +552,19 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
           LOG(WARNING) << "journal record " << n << ": result for unknown sequence " << rec.job_id() << "/" << index;
           break;
         }
+        if (j->seqs[static_cast<size_t>(index)].state != SeqState::kDone) CountJournalRecord(j, bytes.size());
         std::vector<int32_t> tokens(rec.finished().tokens().begin(), rec.finished().tokens().end());
         FinishSequence(j, index, std::move(tokens), static_cast<v1::FinishReason>(rec.finished().finish_reason()),
                        rec.unix_ms());
         break;
       }
       case JournalRecord::kCancelled:
-        if (j != nullptr && !Final(*j)) CancelUnfinished(j, rec.unix_ms());
+        if (j != nullptr && !Final(*j)) {
+          CountJournalRecord(j, bytes.size());
+          CancelUnfinished(j, rec.unix_ms());
+        } else if (j == nullptr) {
+          live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(bytes.size());  // the id mark
+        }
         break;
       default:
         LOG(WARNING) << "journal record " << n << ": unknown kind; ignored";
@@ -382,7 +574,8 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
   // Unfinished jobs: check them against the current model, then queue what is left.
   const JobLimits limits{config_.vocab_size, config_.max_position_embeddings, INT32_MAX};
   const int64_t now = NowMs();
-  for (Job* j : job_order_) {
+  for (auto& entry : job_order_) {
+    Job* j = entry.second;
     if (Final(*j)) continue;
     absl::Status s = ValidateSubmitJob(j->request, limits);
     if (!s.ok()) {
@@ -390,6 +583,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
       j->state = v1::JOB_STATE_FAILED;
       j->error = absl::StrCat("after a coordinator restart the job no longer fits the model: ", s.message());
       j->finished_ms = now;
+      BecameFinal(j);
       LOG(WARNING) << "journal: job " << j->id << " failed: " << j->error;
       continue;
     }
@@ -425,7 +619,7 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
                                                      options_.max_queued_sequences, "; retry later"));
   }
   auto job = std::make_unique<Job>();
-  job->id = absl::StrFormat("job-%06d", next_job_);
+  job->id = JobIdOf(next_job_);
   job->client_request_id = request.client_request_id();
   job->request = request;
   job->submitted_ms = NowMs();
@@ -436,11 +630,13 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
     rec.set_job_id(job->id);
     rec.mutable_submitted()->set_client_request_id(job->client_request_id);
     rec.mutable_submitted()->set_request(request.SerializeAsString());
-    absl::Status s = journal_->Append({rec.SerializeAsString()});
+    const std::string payload = rec.SerializeAsString();
+    absl::Status s = journal_->Append({payload});
     if (!s.ok()) {
       LOG(ERROR) << "coordinator: cannot journal job " << job->id << ": " << s;
       return absl::UnavailableError(absl::StrCat("cannot journal the job, so it was not accepted: ", s.message()));
     }
+    CountJournalRecord(job.get(), payload.size());
   }
   ++next_job_;
   for (int i = 0; i < request.sequences_size(); ++i) queue_.emplace_back(job.get(), i);
@@ -448,7 +644,8 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
   if (!job->client_request_id.empty()) by_request_id_[job->client_request_id] = job->id;
   resp.set_job_id(job->id);
   VLOG(1) << "coordinator: accepted " << job->id << " with " << request.sequences_size() << " sequences";
-  job_order_.push_back(job.get());
+  job->order = next_order_++;
+  job_order_[job->order] = job.get();
   jobs_[job->id] = std::move(job);
   changed_.notify_all();
   return resp;
@@ -458,7 +655,7 @@ absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& job_id) const {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
   std::lock_guard<std::mutex> lock(mu_);
   const Job* j = FindJob(job_id);
-  if (j == nullptr) return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id, "\""));
+  if (j == nullptr) return JobNotFound(job_id);
   return JobProto(*j, /*with_results=*/true);
 }
 
@@ -466,9 +663,10 @@ absl::StatusOr<bool> Coordinator::WaitJobResults(const std::string& job_id, size
                                                  std::vector<v1::WatchJobResponse>* out) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
   std::unique_lock<std::mutex> lock(mu_);
-  const Job* j = FindJob(job_id);
-  if (j == nullptr) return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id, "\""));
   while (true) {
+    // Looked up again after every wait: retention may forget the job meanwhile.
+    const Job* j = FindJob(job_id);
+    if (j == nullptr) return JobNotFound(job_id);
     if (*cursor < j->results.size()) {
       for (; *cursor < j->results.size(); ++*cursor) {
         v1::WatchJobResponse r;
@@ -489,7 +687,7 @@ absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
   std::lock_guard<std::mutex> lock(mu_);
   Job* j = FindJob(job_id);
-  if (j == nullptr) return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id, "\""));
+  if (j == nullptr) return JobNotFound(job_id);
   if (!Final(*j)) {
     const int64_t now = NowMs();
     if (journal_ != nullptr && !stopped_) {
@@ -497,8 +695,10 @@ absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
       rec.set_unix_ms(now);
       rec.set_job_id(j->id);
       rec.mutable_cancelled();
-      absl::Status s = journal_->Append({rec.SerializeAsString()});
+      const std::string payload = rec.SerializeAsString();
+      absl::Status s = journal_->Append({payload});
       if (!s.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the cancellation: ", s.message()));
+      CountJournalRecord(j, payload.size());
     }
     CancelUnfinished(j, now);
     LOG(INFO) << "coordinator: cancelled " << j->id;
@@ -513,7 +713,7 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsReq
   std::lock_guard<std::mutex> lock(mu_);
   v1::ListJobsResponse resp;
   for (auto it = job_order_.rbegin(); it != job_order_.rend() && static_cast<size_t>(resp.jobs_size()) < limit; ++it) {
-    *resp.add_jobs() = JobProto(**it, /*with_results=*/false);
+    *resp.add_jobs() = JobProto(*it->second, /*with_results=*/false);
   }
   return resp;
 }
@@ -906,6 +1106,7 @@ void Coordinator::Tick() {
         changed_.notify_all();
       }
     }
+    MaintainLocked();
   }
   NotifyServing();
 }

@@ -30,6 +30,17 @@
 //    already holds, oldest job first.
 //  * Epoch: random per Coordinator; the journal is replayed at creation, so
 //    unfinished sequences of unfinished jobs are queued again from scratch.
+//  * Retention: a job final (SUCCEEDED, CANCELLED, FAILED) for longer than
+//    job_retention_s is forgotten (memory and, at the next compaction, the
+//    journal); GetJob / WatchJob / CancelJob then answer NOT_FOUND saying it
+//    expired, and its client_request_id no longer deduplicates. Job ids are
+//    never reused.
+//  * Journal compaction rewrites the journal with only the records the
+//    retained jobs need (Journal::Rewrite), under the mutex: at creation when
+//    the records of forgotten jobs take journal_compact_min_waste_bytes and a
+//    quarter of the file, likewise whenever retention forgets jobs, and when
+//    the file grows past max(journal_compact_min_bytes, 2 x its size after the
+//    last compaction).
 //  * Generation: the data plane's version, 1 at start. It grows when a
 //    worker that served is found MISSING, exits unasked, or reports through
 //    Register(rejoin_after_generation) that its data plane failed. Every
@@ -83,6 +94,11 @@ struct CoordinatorOptions {
   double register_timeout_s = 600;        // how long Register waits for the cluster to be complete
   double shutdown_timeout_s = 30;         // Shutdown: how long to wait for the workers' exiting heartbeats
   double monitor_interval_s = 0.1;        // health monitor period
+  // Jobs final for longer than this are forgotten; 0 keeps them forever.
+  double job_retention_s = 86400;
+  // Journal compaction thresholds (see the header comment). Tests use small ones.
+  int64_t journal_compact_min_bytes = int64_t{64} << 20;
+  int64_t journal_compact_min_waste_bytes = int64_t{1} << 20;
 };
 
 class Coordinator {
@@ -147,6 +163,16 @@ class Coordinator {
   const ModelConfig& config() const { return config_; }
   const CoordinatorOptions& options() const { return options_; }
 
+  // The journal as the compaction logic sees it (zeros without a journal).
+  struct JournalStats {
+    int64_t size_bytes = 0;          // the file now
+    int64_t live_bytes = 0;          // what a compaction would keep (estimate)
+    int64_t compacted_bytes = 0;     // the file right after the last compaction (or at start)
+    int64_t compactions = 0;         // by this Coordinator, including at start
+    absl::Duration last_compaction;  // how long the last one held the mutex
+  };
+  JournalStats journal_stats() const;
+
  private:
   enum class SeqState { kQueued, kAssigned, kDone };
   struct Sequence {
@@ -162,6 +188,9 @@ class Coordinator {
     std::vector<Sequence> seqs;
     std::vector<v1::SequenceResult> results;   // in finishing order
     std::vector<v1::JobState> result_states;   // job state after each result
+    std::vector<int64_t> result_ms;            // when each result was journaled (kept by compaction)
+    int64_t order = 0;                         // key in job_order_
+    int64_t journal_bytes = 0;                 // bytes its records take in a compacted journal
     int64_t submitted_ms = 0, finished_ms = 0, generated_tokens = 0;
     int num_assigned = 0, num_done = 0;
     std::string error;
@@ -186,6 +215,8 @@ class Coordinator {
 
   // All below run with mu_ held.
   bool Final(const Job& j) const;
+  // Call once when a job turns final: starts its retention clock.
+  void BecameFinal(Job* j);
   void UpdateJobState(Job* j, int64_t now_ms);
   // Records a final result and queues its journal record (see FlushJournal).
   void FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason, int64_t now_ms);
@@ -198,6 +229,18 @@ class Coordinator {
   // requeues every running sequence and drops the store keys of older ones.
   void NewGenerationLocked(const std::string& reason);
   Job* FindJob(const std::string& job_id) const;
+  // NOT_FOUND for a job_id FindJob does not know: "expired" for ids this
+  // coordinator (or its journal) handed out, "no job" otherwise.
+  absl::Status JobNotFound(const std::string& job_id) const;
+  // Adds one journal record of `payload_bytes` to the job's live bytes.
+  void CountJournalRecord(Job* j, size_t payload_bytes);
+  // Retention and compaction; at most once per monitor interval from Tick.
+  void MaintainLocked();
+  // Forgets jobs final since before now_ms - job_retention_s; returns how many.
+  int64_t ExpireJobsLocked(int64_t now_ms);
+  // Compacts when a threshold of the header comment is passed.
+  void MaybeCompactJournalLocked();
+  absl::Status CompactJournalLocked(const std::string& why);
   bool ParseSeqId(const std::string& seq_id, Job** job, int* index) const;
   v1::Job JobProto(const Job& j, bool with_results) const;
   bool ServingLocked() const;
@@ -223,8 +266,16 @@ class Coordinator {
   std::vector<std::string> pending_records_;
   bool replaying_ = false;
   std::map<std::string, std::unique_ptr<Job>> jobs_;
-  std::vector<Job*> job_order_;                           // submission order
+  std::map<int64_t, Job*> job_order_;                     // submission order (Job::order)
+  int64_t next_order_ = 1;
+  std::set<std::pair<int64_t, Job*>> final_by_time_;      // (finished_ms, job): the retention clock
   std::unordered_map<std::string, std::string> by_request_id_;
+  int64_t live_journal_bytes_ = 0;                        // sum of Job::journal_bytes (+ the id mark)
+  int64_t compacted_bytes_ = 0;                           // journal size after the last compaction
+  int64_t compactions_ = 0;
+  absl::Duration last_compaction_;
+  int64_t compact_retry_at_ms_ = 0;                       // back-off after a failed compaction
+  absl::Time next_maintenance_;
   std::deque<std::pair<Job*, int>> queue_;                // entries whose sequence left kQueued are skipped
   int64_t queued_ = 0, running_ = 0;
   int64_t next_job_ = 1;

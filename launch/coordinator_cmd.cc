@@ -17,6 +17,9 @@ ABSL_FLAG(double, heartbeat_timeout_s, 10, "a READY worker without a heartbeat t
 ABSL_FLAG(double, startup_timeout_s, 1800, "a registered worker without a first heartbeat (loading) this long becomes MISSING");
 ABSL_FLAG(double, register_timeout_s, 600, "how long Register waits for all pp*ep workers");
 ABSL_FLAG(double, shutdown_timeout_s, 30, "how long Shutdown waits for the workers' last heartbeats");
+ABSL_FLAG(double, job_retention_s, 86400,
+          "a job final (succeeded, cancelled, failed) this long is forgotten, results included: GetJob answers "
+          "NOT_FOUND (expired), its client_request_id no longer deduplicates, the journal is compacted; 0 = keep forever");
 ABSL_FLAG(std::string, expert_load, "",
           "observed expert load for placement: JSON {\"<layer>\": [tokens per expert]} or `expertmesh status --json`");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
@@ -46,6 +49,7 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   o->startup_timeout_s = absl::GetFlag(FLAGS_startup_timeout_s);
   o->register_timeout_s = absl::GetFlag(FLAGS_register_timeout_s);
   o->shutdown_timeout_s = absl::GetFlag(FLAGS_shutdown_timeout_s);
+  o->job_retention_s = absl::GetFlag(FLAGS_job_retention_s);
   return absl::OkStatus();
 }
 

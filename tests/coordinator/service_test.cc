@@ -2,11 +2,16 @@
 // localhost port), with fake workers driven by the test.
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
+#include <filesystem>
 #include <limits>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "coordinator/journal_records.pb.h"
 #include "coordinator/server.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/health.grpc.pb.h"
@@ -676,6 +681,345 @@ TEST_F(CoordinatorTest, KeyValueStore) {
   EXPECT_EQ(got.value(), std::string("\x01\x00\x02", 3));
   set.set_key("");
   EXPECT_GRPC_ERROR(w.stub()->StoreSet(&c4, set, &sr), INVALID_ARGUMENT, "key: empty");
+}
+
+// ---------------------------------------------------------------- retention and journal compaction
+
+grpc::Status GetJobStatus(v1::JobService::Stub* jobs, const std::string& id, v1::Job* out = nullptr) {
+  grpc::ClientContext ctx;
+  v1::GetJobRequest req;
+  req.set_job_id(id);
+  v1::Job j;
+  grpc::Status s = jobs->GetJob(&ctx, req, &j);
+  if (out != nullptr) *out = j;
+  return s;
+}
+
+std::vector<std::string> ListIds(v1::JobService::Stub* jobs) {
+  grpc::ClientContext ctx;
+  v1::ListJobsRequest req;
+  req.set_limit(100000);
+  v1::ListJobsResponse resp;
+  EXPECT_TRUE(jobs->ListJobs(&ctx, req, &resp).ok());
+  std::vector<std::string> ids;
+  for (const auto& j : resp.jobs()) ids.push_back(j.job_id());
+  return ids;
+}
+
+int64_t FileBytes(const std::string& path) {
+  std::error_code ec;
+  const auto n = std::filesystem::file_size(path, ec);
+  return ec ? -1 : static_cast<int64_t>(n);
+}
+
+// Moves the records of `jobs` back in time, as if they were written `age` ago.
+void AgeJobs(const std::string& journal, const std::set<std::string>& jobs, absl::Duration age) {
+  std::vector<std::string> records;
+  auto j = Journal::Open(journal, &records);
+  ASSERT_OK(j.status());
+  for (std::string& r : records) {
+    JournalRecord rec;
+    ASSERT_TRUE(rec.ParseFromString(r));
+    if (jobs.count(rec.job_id()) == 0) continue;
+    rec.set_unix_ms(rec.unix_ms() - absl::ToInt64Milliseconds(age));
+    r = rec.SerializeAsString();
+  }
+  ASSERT_OK((*j)->Rewrite(records));
+}
+
+TEST_F(CoordinatorTest, RetentionForgetsFinishedJobsButNeverUnfinishedOnes) {
+  CoordinatorOptions o = Options(1, 1);
+  o.job_retention_s = 0.5;
+  o.journal_compact_min_waste_bytes = 0;  // compact as soon as retention forgets a job
+  Start(o);
+  auto w = RegisterAll(1);
+  const std::string done = Submit(Batch(3, 4, "req-a"));
+  RunUntilFinal(w, 1, done);
+  const int64_t with_done = FileBytes(o.journal_path);
+  const std::string queued = Submit(Batch(2, 4, "req-b"));  // no worker steps any more: stays QUEUED
+  grpc::Status gone;
+  for (int i = 0; i < 200; ++i) {
+    gone = GetJobStatus(jobs_.get(), done);
+    if (!gone.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND) << testing::StatusText(gone);
+  EXPECT_NE(gone.error_message().find("job_id: job \"" + done + "\" expired"), std::string::npos) << gone.error_message();
+  EXPECT_NE(gone.error_message().find("--job-retention-s"), std::string::npos) << gone.error_message();
+  {
+    grpc::ClientContext c1, c2;
+    v1::CancelJobRequest c;
+    c.set_job_id(done);
+    v1::Job j;
+    EXPECT_GRPC_ERROR(jobs_->CancelJob(&c1, c, &j), NOT_FOUND, "expired");
+    v1::WatchJobRequest wr;
+    wr.set_job_id(done);
+    auto reader = jobs_->WatchJob(&c2, wr);
+    v1::WatchJobResponse m;
+    EXPECT_FALSE(reader->Read(&m));
+    EXPECT_GRPC_ERROR(reader->Finish(), NOT_FOUND, "expired");
+  }
+  EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), "job-999999"), NOT_FOUND, "no job \"job-999999\"");
+  // Well past the retention period the unfinished job is still there.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  EXPECT_EQ(GetJob(queued).state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(ListIds(jobs_.get()), std::vector<std::string>{queued});
+  EXPECT_EQ(Status().queued_sequences(), 2);
+  // The journal was compacted down to the queued job.
+  const Coordinator::JournalStats st = server_->coordinator()->journal_stats();
+  EXPECT_GE(st.compactions, 1);
+  EXPECT_EQ(st.size_bytes, FileBytes(o.journal_path));
+  EXPECT_LT(st.size_bytes, with_done);
+  // A retry of an expired submission is a new job; one of a kept job is deduplicated.
+  v1::SubmitJobResponse again, dup;
+  ASSERT_OK(SubmitStatus(Batch(3, 4, "req-a"), &again));
+  EXPECT_FALSE(again.deduplicated());
+  EXPECT_GT(again.job_id(), queued);
+  ASSERT_OK(SubmitStatus(Batch(2, 4, "req-b"), &dup));
+  EXPECT_TRUE(dup.deduplicated());
+  EXPECT_EQ(dup.job_id(), queued);
+  // After a restart: the expired id still reads as expired, the others are back.
+  server_->Stop();
+  server_.reset();
+  Start(o);
+  EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), done), NOT_FOUND, "expired");
+  EXPECT_EQ(GetJob(queued).state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(GetJob(again.job_id()).state(), v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorTest, RetentionZeroKeepsJobsForever) {
+  CoordinatorOptions o = Options(1, 1);
+  o.job_retention_s = 0;
+  Start(o);
+  auto w = RegisterAll(1);
+  const std::string id = Submit(Batch(2, 2));
+  RunUntilFinal(w, 1, id);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_SUCCEEDED);
+  o.job_retention_s = -1;
+  server_.reset();
+  EXPECT_EQ(CoordinatorServer::Start(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CoordinatorTest, CompactionKeepsEveryRetainedJobBitIdenticalAcrossRestarts) {
+  CoordinatorOptions o = Options(1, 2);
+  o.journal_compact_min_waste_bytes = 0;
+  Start(o);
+  auto w = RegisterAll(2);
+  for (auto& x : w) ASSERT_OK(x->Heartbeat());
+  std::set<std::string> old;  // to be aged past the retention period
+  for (int i = 0; i < 8; ++i) {
+    const std::string id = Submit(Batch(6, 5, absl::StrCat("old-", i)));
+    RunUntilFinal(w, 2, id);
+    old.insert(id);
+  }
+  const v1::SubmitJobRequest s_req = Batch(5, 3, "keep-s");
+  const std::string succeeded = Submit(s_req);
+  RunUntilFinal(w, 2, succeeded);
+  auto cancel = [&](const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::CancelJobRequest c;
+    c.set_job_id(id);
+    v1::Job j;
+    ASSERT_OK(jobs_->CancelJob(&ctx, c, &j));
+  };
+  // One sequence finished, the rest queued, then cancelled.
+  const std::string part_cancelled = Submit(Batch(4, 3));
+  ASSERT_OK(w[0]->Step(1));
+  ASSERT_OK(w[0]->Step(0, 3));
+  cancel(part_cancelled);
+  // Unfinished: one sequence finished, the rest queued (no worker holds one).
+  const v1::SubmitJobRequest p_req = Batch(4, 3, "keep-p");
+  const std::string partial = Submit(p_req);
+  ASSERT_OK(w[1]->Step(1));
+  ASSERT_OK(w[1]->Step(0, 3));
+  const std::string cancelled = Submit(Batch(3, 3));
+  cancel(cancelled);
+  const v1::SubmitJobRequest q_req = Batch(2, 3, "keep-q");
+  const std::string queued = Submit(q_req);
+  const std::string last = Submit(Batch(1, 3));  // the newest id, aged too: ids must still continue after it
+  cancel(last);
+  old.insert(last);
+  ASSERT_EQ(w[0]->held() + w[1]->held(), 0u);
+  std::map<std::string, v1::Job> before;
+  for (const std::string& id : ListIds(jobs_.get())) {
+    if (old.count(id) == 0) before[id] = GetJob(id);
+  }
+  ASSERT_EQ(before.size(), 5u);
+  EXPECT_EQ(before[partial].state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(before[partial].num_finished(), 1);
+  EXPECT_EQ(before[part_cancelled].num_finished(), 4);
+  EXPECT_EQ(server_->coordinator()->journal_stats().compactions, 0) << "24 h retention: nothing to drop yet";
+  server_->Stop();
+  server_.reset();
+  AgeJobs(o.journal_path, old, absl::Hours(25));
+  const int64_t size_before = FileBytes(o.journal_path);
+  // A crash between writing "<journal>.compact" and its rename left a copy behind.
+  std::ofstream(o.journal_path + ".compact", std::ios::binary) << Journal::EncodeRecord("half a compaction");
+
+  auto expect_same_jobs = [&](const char* when) {
+    std::vector<std::string> want;
+    for (const auto& [id, j] : before) want.insert(want.begin(), id);  // newest first
+    EXPECT_EQ(ListIds(jobs_.get()), want) << when;
+    for (const auto& [id, j] : before) {
+      v1::Job now;
+      ASSERT_OK(GetJobStatus(jobs_.get(), id, &now));
+      EXPECT_EQ(now.SerializeAsString(), j.SerializeAsString()) << when << ": " << id << "\nbefore: "
+                                                                << j.ShortDebugString() << "\nnow: " << now.ShortDebugString();
+    }
+    for (const std::string& id : old) EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), id), NOT_FOUND, "expired");
+    EXPECT_EQ(Status().queued_sequences(), 3 + 2) << when;
+  };
+
+  // Start 2: the aged jobs expire at once and the journal is compacted.
+  Start(o);
+  Coordinator::JournalStats st = server_->coordinator()->journal_stats();
+  EXPECT_FALSE(std::filesystem::exists(o.journal_path + ".compact"));
+  EXPECT_EQ(st.compactions, 1);
+  EXPECT_EQ(st.size_bytes, FileBytes(o.journal_path));
+  EXPECT_LT(st.size_bytes * 3, size_before) << "8 of 13 jobs, the biggest ones, were dropped";
+  std::printf("compaction at start: %lld -> %lld bytes in %s\n", static_cast<long long>(size_before),
+              static_cast<long long>(st.size_bytes), absl::FormatDuration(st.last_compaction).c_str());
+  expect_same_jobs("after the compaction");
+  const int64_t compacted = st.size_bytes;
+
+  // Start 3 on the compacted journal: nothing to compact, the same jobs.
+  server_->Stop();
+  server_.reset();
+  Start(o);
+  st = server_->coordinator()->journal_stats();
+  EXPECT_EQ(st.compactions, 0);
+  EXPECT_EQ(FileBytes(o.journal_path), compacted);
+  expect_same_jobs("after a restart on the compacted journal");
+
+  // Start 4 after a crash tore the last append of the compacted journal.
+  server_->Stop();
+  server_.reset();
+  std::ofstream(o.journal_path, std::ios::binary | std::ios::app)
+      << Journal::EncodeRecord(std::string(60, 'x')).substr(0, 30);
+  Start(o);
+  EXPECT_EQ(FileBytes(o.journal_path), compacted);
+  expect_same_jobs("after a torn tail");
+  // Ids continue after the newest one, although its job is gone.
+  const std::string next = Submit(Batch(1, 1));
+  EXPECT_GT(next, last);
+  // The workers finish the kept unfinished jobs from the compacted journal.
+  auto w2 = RegisterAll(2, {0, 1});
+  RunUntilFinal(w2, 2, queued);
+  RunUntilFinal(w2, 2, partial);
+  const v1::Job p = GetJob(partial);
+  EXPECT_EQ(p.state(), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(p.results_size(), 4);
+  for (const auto& r : p.results()) ExpectFakeTokens(p_req, r);
+  const v1::Job q = GetJob(queued);
+  EXPECT_EQ(q.state(), v1::JOB_STATE_SUCCEEDED);
+  for (const auto& r : q.results()) ExpectFakeTokens(q_req, r);
+}
+
+TEST_F(CoordinatorTest, JournalIsCompactedWhenItGrowsAndStaysReplayable) {
+  CoordinatorOptions o = Options(1, 1);
+  o.job_retention_s = 0;                    // nothing expires: only the growth rule
+  o.journal_compact_min_bytes = 4096;
+  Start(o);
+  auto w = RegisterAll(1);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 12; ++i) {
+    ids.push_back(Submit(Batch(8, 8)));
+    RunUntilFinal(w, 1, ids.back());
+  }
+  for (int i = 0; i < 100 && server_->coordinator()->journal_stats().compactions == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const Coordinator::JournalStats st = server_->coordinator()->journal_stats();
+  EXPECT_GE(st.compactions, 1);
+  EXPECT_LT(st.size_bytes, std::max<int64_t>(4096, 2 * st.compacted_bytes) + 4096);
+  std::map<std::string, std::string> before;
+  for (const auto& id : ids) before[id] = GetJob(id).SerializeAsString();
+  server_->Stop();
+  server_.reset();
+  std::ofstream(o.journal_path, std::ios::binary | std::ios::app) << std::string(5, '\x45');  // torn header
+  Start(o);
+  for (const auto& id : ids) EXPECT_EQ(GetJob(id).SerializeAsString(), before[id]) << id;
+}
+
+// A journal of EM_COMPACTION_TEST_MB (default 8) MiB of finished jobs, every
+// other one older than the retention period: the start replays it, forgets
+// half, compacts, and a second start finds the same jobs.
+TEST(CompactionAtStartTest, LargeJournalHalvesAndReplaysTheSame) {
+  TempDir dir;
+  CoordinatorOptions o;
+  o.checkpoint = WriteTinyCheckpoint(dir.path());
+  o.journal_path = dir.path() + "/journal";
+  const char* env = std::getenv("EM_COMPACTION_TEST_MB");
+  const int64_t target = (env != nullptr ? std::atoll(env) : 8) << 20;
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  int64_t jobs = 0;
+  {
+    std::vector<std::string> records;
+    auto j = Journal::Open(o.journal_path, &records);
+    ASSERT_OK(j.status());
+    std::vector<std::string> batch;
+    while ((*j)->size_bytes() < target) {
+      ++jobs;
+      const std::string id = absl::StrFormat("job-%06d", jobs);
+      const int64_t t = now_ms - (jobs % 2 == 0 ? absl::ToInt64Milliseconds(absl::Hours(30)) : 60000);
+      v1::SubmitJobRequest req;
+      for (int i = 0; i < 8; ++i) {
+        v1::SequenceRequest* s = req.add_sequences();
+        for (int k = 0; k < 64; ++k) s->add_tokens(static_cast<int32_t>((jobs * 31 + i * 7 + k) % 1024));
+        s->set_max_new_tokens(64);
+      }
+      JournalRecord sub;
+      sub.set_unix_ms(t);
+      sub.set_job_id(id);
+      sub.mutable_submitted()->set_request(req.SerializeAsString());
+      batch.push_back(sub.SerializeAsString());
+      for (int i = 0; i < 8; ++i) {
+        JournalRecord fin;
+        fin.set_unix_ms(t + i);
+        fin.set_job_id(id);
+        fin.mutable_finished()->set_index(i);
+        for (int k = 0; k < 64; ++k) fin.mutable_finished()->add_tokens(static_cast<int32_t>((jobs + k) % 1024));
+        fin.mutable_finished()->set_finish_reason(v1::FINISH_REASON_LENGTH);
+        batch.push_back(fin.SerializeAsString());
+      }
+      if (batch.size() >= 900) {
+        ASSERT_OK((*j)->Append(batch));
+        batch.clear();
+      }
+    }
+    ASSERT_OK((*j)->Append(batch));
+  }
+  const int64_t before = FileBytes(o.journal_path);
+  const absl::Time t0 = absl::Now();
+  auto c = Coordinator::Create(o);
+  ASSERT_OK(c.status());
+  const absl::Duration start = absl::Now() - t0;
+  const Coordinator::JournalStats st = (*c)->journal_stats();
+  std::printf("start on a %lld-byte journal of %lld jobs: %s (compaction %s) -> %lld bytes\n",
+              static_cast<long long>(before), static_cast<long long>(jobs), absl::FormatDuration(start).c_str(),
+              absl::FormatDuration(st.last_compaction).c_str(), static_cast<long long>(st.size_bytes));
+  EXPECT_EQ(st.compactions, 1);
+  EXPECT_EQ(st.size_bytes, FileBytes(o.journal_path));
+  EXPECT_NEAR(static_cast<double>(st.size_bytes) / static_cast<double>(before), 0.5, 0.02);
+  v1::ListJobsRequest all;
+  all.set_limit(1 << 30);
+  auto listed = (*c)->ListJobs(all);
+  ASSERT_OK(listed.status());
+  EXPECT_EQ(listed->jobs_size(), (jobs + 1) / 2);
+  std::vector<std::string> kept;
+  for (const auto& j : listed->jobs()) kept.push_back((*c)->GetJob(j.job_id())->SerializeAsString());
+  c->reset();
+  auto again = Coordinator::Create(o);
+  ASSERT_OK(again.status());
+  EXPECT_EQ((*again)->journal_stats().compactions, 0);
+  auto relisted = (*again)->ListJobs(all);
+  ASSERT_OK(relisted.status());
+  ASSERT_EQ(relisted->jobs_size(), static_cast<int>(kept.size()));
+  for (int i = 0; i < relisted->jobs_size(); ++i) {
+    EXPECT_EQ((*again)->GetJob(relisted->jobs(i).job_id())->SerializeAsString(), kept[static_cast<size_t>(i)]);
+  }
+  EXPECT_EQ((*again)->GetJob(absl::StrFormat("job-%06d", 2)).status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(RunCoordinatorTest, ServesOnARealPortAndExitsOnShutdown) {
