@@ -15,10 +15,20 @@
 #include "worker/cuda_engine.h"
 #include "worker/generation.h"
 #include "worker/model.h"
+#include "worker/mtp.h"
 
 ABSL_FLAG(std::string, dump_logits, "",
           "write the logits after each prompt's last token to this safetensors file (tensor \"logits\", "
           "float32 [num_prompts, vocab_size])");
+
+ABSL_FLAG(std::string, speculative, "",
+          "speculative decoding: \"mtp\" drafts one token per step with the checkpoint's multi-token-prediction "
+          "layer and verifies it with the main model (CPU engine only; same tokens as without it, greedy or "
+          "sampled); prints the acceptance rate on stderr. Empty (default): off");
+ABSL_FLAG(std::string, dump_mtp_logits, "",
+          "with --speculative mtp: write the MTP module's logits at every prompt position to this safetensors "
+          "file (tensor \"mtp_logits.<i>\" float32 [prompt length, vocab_size] for prompt i; row j predicts token "
+          "j+2, the last row uses the first generated token)");
 
 namespace expertmesh::launch {
 
@@ -59,6 +69,16 @@ int GenerateMain(int argc, char** argv) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("--stop_token_ids: \"", s, "\" is not an integer")), 2);
     }
   }
+  const std::string speculative = absl::GetFlag(FLAGS_speculative), mtp_dump = absl::GetFlag(FLAGS_dump_mtp_logits);
+  if (!speculative.empty() && speculative != "mtp") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--speculative ", speculative,
+                                                        ": unknown method (the one supported is \"mtp\"; "
+                                                        "leave it out for plain decoding)")), 2);
+  }
+  if (!mtp_dump.empty() && speculative.empty()) {
+    return Fail(absl::InvalidArgumentError("--dump-mtp-logits needs --speculative mtp (the MTP layer runs only "
+                                           "in speculative decoding)"), 2);
+  }
   auto prompts = ReadPrompts(prompts_path);
   if (!prompts.ok()) return Fail(prompts.status());
   if (!std::filesystem::is_directory(dir)) {
@@ -82,7 +102,12 @@ int GenerateMain(int argc, char** argv) {
   worker::CudaEngineOptions cuda_opts;
   auto use_cuda = DeviceFromFlags(&cuda_opts);
   if (!use_cuda.ok()) return Fail(use_cuda.status(), 2);
+  if (*use_cuda && !speculative.empty()) {
+    return Fail(absl::InvalidArgumentError("--speculative mtp runs on the CPU engine only; leave out --device cuda "
+                                           "or --speculative"), 2);
+  }
   worker::GenerationStats stats;
+  worker::SpeculativeStats spec_stats;
   absl::StatusOr<std::vector<worker::GenerationResult>> results;
   std::string device = "cpu";
   if (*use_cuda) {
@@ -97,7 +122,13 @@ int GenerateMain(int argc, char** argv) {
     auto shard = worker::ModelShard::Load(dir, ShardFilter{});
     if (!shard.ok()) return Fail(shard.status());
     worker::Engine engine(shard->get());
-    results = worker::GenerateBatch(&engine, reqs, &stats);
+    if (speculative.empty()) {
+      results = worker::GenerateBatch(&engine, reqs, &stats);
+    } else {
+      auto mtp = worker::MtpModule::Load(dir);
+      if (!mtp.ok()) return Fail(mtp.status());
+      results = worker::GenerateBatchSpeculative(&engine, mtp->get(), reqs, &stats, &spec_stats, !mtp_dump.empty());
+    }
   }
   if (!results.ok()) return Fail(results.status());
   const std::string dump = absl::GetFlag(FLAGS_dump_logits);
@@ -107,6 +138,15 @@ int GenerateMain(int argc, char** argv) {
     for (const auto& r : *results) all.insert(all.end(), r.prefill_logits.begin(), r.prefill_logits.end());
     w.AddF32("logits", {static_cast<int64_t>(results->size()), cfg->vocab_size}, all);
     absl::Status s = w.Write(dump);
+    if (!s.ok()) return Fail(s);
+  }
+  if (!mtp_dump.empty()) {
+    SafetensorsWriter w;
+    for (size_t i = 0; i < results->size(); ++i) {
+      w.AddF32(absl::StrCat("mtp_logits.", i), {static_cast<int64_t>(reqs[i].prompt.size()), cfg->vocab_size},
+               (*results)[i].mtp_prompt_logits);
+    }
+    absl::Status s = w.Write(mtp_dump);
     if (!s.ok()) return Fail(s);
   }
   for (size_t i = 0; i < results->size(); ++i) {
@@ -119,6 +159,14 @@ int GenerateMain(int argc, char** argv) {
                results->size(), static_cast<long long>(stats.prompt_tokens), stats.prefill_s,
                static_cast<long long>(stats.generated_tokens), static_cast<long long>(stats.decode_steps),
                stats.decode_s);
+  if (!speculative.empty()) {
+    std::fprintf(stderr,
+                 "generate: speculative mtp: %lld drafts, %lld accepted (acceptance rate %.3f); %.3f tokens per "
+                 "sequence per main-model decode step (1 without speculation), %lld main-model decode steps\n",
+                 static_cast<long long>(spec_stats.drafts), static_cast<long long>(spec_stats.accepted),
+                 spec_stats.acceptance_rate(), spec_stats.tokens_per_step(),
+                 static_cast<long long>(stats.decode_steps));
+  }
   if (*use_cuda) {
     int64_t decoded = 0;  // tokens made by decode steps (each sequence's first comes from the prefill)
     for (const auto& r : *results) decoded += std::max<int64_t>(0, static_cast<int64_t>(r.tokens.size()) - 1);

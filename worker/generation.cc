@@ -1,7 +1,9 @@
 #include "worker/generation.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cstring>
 
 #include "common/status.h"
 
@@ -75,6 +77,189 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
         return engine->Forward(segs, logits);
       },
       stats);
+}
+
+absl::StatusOr<std::vector<GenerationResult>> GenerateBatchSpeculative(Engine* engine, const MtpModule* mtp,
+                                                                       const std::vector<GenerationRequest>& reqs,
+                                                                       GenerationStats* stats,
+                                                                       SpeculativeStats* spec_stats,
+                                                                       bool keep_mtp_logits) {
+  const ModelConfig& cfg = mtp->config();
+  const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
+  const size_t n = reqs.size();
+  std::vector<GenerationResult> results(n);
+  GenerationStats st;
+  SpeculativeStats sp;
+  std::vector<SequenceCache> main_cache(n), mtp_cache(n);
+  for (size_t i = 0; i < n; ++i) {
+    main_cache[i] = engine->NewCache();
+    mtp_cache[i] = mtp->NewCache();
+    st.prompt_tokens += static_cast<int64_t>(reqs[i].prompt.size());
+  }
+  std::vector<int32_t> last(n, 0);    // the last emitted token (not yet in the main cache)
+  std::vector<int32_t> draft(n, -1);  // the MTP's proposal for the token after `last` (-1: none)
+  auto remaining = [&](size_t i) { return reqs[i].max_new_tokens - static_cast<int64_t>(results[i].tokens.size()); };
+  // Emits token t for request i; true while it goes on.
+  auto emit = [&](size_t i, int32_t t) {
+    results[i].tokens.push_back(t);
+    last[i] = t;
+    const auto& stop = reqs[i].stop_token_ids;
+    return std::find(stop.begin(), stop.end(), t) == stop.end() && remaining(i) > 0;
+  };
+  auto argmax = [](const float* row, int64_t v) {
+    return static_cast<int32_t>(std::max_element(row, row + v) - row);
+  };
+
+  // MTP inputs of one step: per request, the verified positions' main hidden
+  // rows and their next tokens.
+  struct MtpItem {
+    size_t request;
+    std::array<int32_t, 2> next;
+    int64_t n;
+  };
+  std::vector<float> mtp_hidden, mtp_out, logits;
+  std::vector<int32_t> prompt_next;  // prefill: t_{i+1} for every prompt position, all requests
+  // Runs the MTP on `items` (hidden rows in mtp_hidden, same order) and sets
+  // each request's draft to the argmax at its last position.
+  auto run_mtp = [&](const std::vector<MtpItem>& items, const std::vector<const int32_t*>& toks,
+                     bool keep) -> absl::Status {
+    if (items.empty()) return absl::OkStatus();
+    std::vector<Segment> segs;
+    for (size_t k = 0; k < items.size(); ++k) segs.push_back({&mtp_cache[items[k].request], toks[k], items[k].n});
+    RETURN_IF_ERROR(mtp->Forward(engine, segs, mtp_hidden.data(), &mtp_out));
+    int64_t row = 0;
+    std::vector<float> lastrows;
+    for (const auto& it : items) {
+      if (keep) {
+        mtp->Logits(mtp_out.data() + row * H, it.n, &logits);
+        results[it.request].mtp_prompt_logits = logits;
+      }
+      row += it.n;
+      lastrows.insert(lastrows.end(), mtp_out.begin() + (row - 1) * H, mtp_out.begin() + row * H);
+    }
+    mtp->Logits(lastrows.data(), static_cast<int64_t>(items.size()), &logits);
+    for (size_t k = 0; k < items.size(); ++k) draft[items[k].request] = argmax(logits.data() + k * V, V);
+    return absl::OkStatus();
+  };
+
+  // Prefill: every prompt in one main step, then the MTP over every prompt position.
+  std::vector<size_t> active;
+  double t0 = Now();
+  if (n > 0) {
+    std::vector<Segment> segs;
+    for (size_t i = 0; i < n; ++i) {
+      segs.push_back({&main_cache[i], reqs[i].prompt.data(), static_cast<int64_t>(reqs[i].prompt.size())});
+    }
+    std::vector<float> normed;
+    RETURN_IF_ERROR(engine->ForwardHidden(segs, &normed));
+    std::vector<float> lastrows;
+    int64_t row = 0;
+    for (size_t i = 0; i < n; ++i) {
+      row += static_cast<int64_t>(reqs[i].prompt.size());
+      lastrows.insert(lastrows.end(), normed.begin() + (row - 1) * H, normed.begin() + row * H);
+    }
+    engine->HeadRows(lastrows.data(), static_cast<int64_t>(n), &logits);
+    std::vector<int32_t> first(n);
+    std::vector<bool> needs_mtp(n, false);
+    for (size_t i = 0; i < n; ++i) {
+      const float* r = logits.data() + i * V;
+      results[i].prefill_logits.assign(r, r + V);
+      first[i] = kernels::Sample(r, V, reqs[i].sampling, 0);
+      const bool goes_on = reqs[i].max_new_tokens > 0 && emit(i, first[i]);
+      if (goes_on) active.push_back(i);
+      needs_mtp[i] = keep_mtp_logits || (goes_on && remaining(i) >= 2);
+    }
+    std::vector<MtpItem> items;
+    std::vector<const int32_t*> toks;
+    for (size_t i = 0; i < n; ++i) {
+      const auto& p = reqs[i].prompt;
+      if (needs_mtp[i]) {
+        items.push_back({i, {0, 0}, static_cast<int64_t>(p.size())});
+        prompt_next.insert(prompt_next.end(), p.begin() + 1, p.end());
+        prompt_next.push_back(first[i]);
+      }
+    }
+    row = 0;
+    int64_t off = 0, mrow = 0;
+    mtp_hidden.resize(prompt_next.size() * H);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t len = static_cast<int64_t>(reqs[i].prompt.size());
+      if (needs_mtp[i]) {
+        std::memcpy(mtp_hidden.data() + mrow * H, normed.data() + row * H, len * H * sizeof(float));
+        toks.push_back(prompt_next.data() + off);
+        off += len;
+        mrow += len;
+      }
+      row += len;
+    }
+    RETURN_IF_ERROR(run_mtp(items, toks, keep_mtp_logits));
+  }
+  st.prefill_s = Now() - t0;
+
+  // Decode: verify [last, draft] (or [last] when one token is left), accept or
+  // roll back, then let the MTP propose the next draft.
+  t0 = Now();
+  std::vector<std::array<int32_t, 2>> buf(n);
+  while (!active.empty()) {
+    std::vector<Segment> segs;
+    for (size_t i : active) {
+      const bool with_draft = draft[i] >= 0 && remaining(i) >= 2;
+      if (!with_draft) draft[i] = -1;
+      buf[i] = {last[i], std::max(draft[i], 0)};
+      segs.push_back({&main_cache[i], buf[i].data(), with_draft ? 2 : 1});
+    }
+    std::vector<float> normed;
+    RETURN_IF_ERROR(engine->ForwardHidden(segs, &normed));
+    engine->HeadRows(normed.data(), static_cast<int64_t>(normed.size()) / H, &logits);
+    ++st.decode_steps;
+    sp.sequence_steps += static_cast<int64_t>(active.size());
+    std::vector<size_t> still;
+    std::vector<MtpItem> items;
+    mtp_hidden.clear();
+    int64_t row = 0;
+    for (size_t k = 0; k < active.size(); ++k) {
+      const size_t i = active[k];
+      const int64_t seg_n = segs[k].n;
+      const int32_t d = draft[i];
+      const size_t before = results[i].tokens.size();
+      const int32_t x = kernels::Sample(logits.data() + row * V, V, reqs[i].sampling, before);
+      bool goes_on = emit(i, x);
+      MtpItem it{i, {x, 0}, 1};
+      if (d >= 0) {
+        ++sp.drafts;
+        if (x == d) {
+          ++sp.accepted;
+          if (goes_on) {  // the draft's logits are valid: one more token from this step
+            const int32_t y = kernels::Sample(logits.data() + (row + 1) * V, V, reqs[i].sampling, before + 1);
+            goes_on = emit(i, y);
+            it.next[1] = y;
+            it.n = 2;
+          }
+        } else {
+          main_cache[i].Truncate(main_cache[i].length - 1);  // drop the rejected draft's entry
+        }
+      }
+      sp.decode_tokens += static_cast<int64_t>(results[i].tokens.size() - before);
+      draft[i] = -1;
+      if (goes_on) {
+        still.push_back(i);
+        if (remaining(i) >= 2) {  // a draft is worth proposing
+          mtp_hidden.insert(mtp_hidden.end(), normed.begin() + row * H, normed.begin() + (row + it.n) * H);
+          items.push_back(it);
+        }  // else: one token left, verified without a draft; the MTP cache may fall behind
+      }
+      row += seg_n;
+    }
+    std::vector<const int32_t*> toks;
+    for (auto& it : items) toks.push_back(it.next.data());
+    RETURN_IF_ERROR(run_mtp(items, toks, false));
+    active.swap(still);
+  }
+  st.decode_s = Now() - t0;
+  for (const auto& r : results) st.generated_tokens += static_cast<int64_t>(r.tokens.size());
+  if (stats != nullptr) *stats = st;
+  if (spec_stats != nullptr) *spec_stats = sp;
+  return results;
 }
 
 }  // namespace expertmesh::worker

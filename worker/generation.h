@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/cpu/kernels.h"
 #include "worker/model.h"
+#include "worker/mtp.h"
 
 namespace expertmesh::worker {
 
@@ -24,6 +25,10 @@ struct GenerationRequest {
 struct GenerationResult {
   std::vector<int32_t> tokens;   // generated ids only
   std::vector<float> prefill_logits;  // logits after the prompt's last token [vocab]
+  // Speculative decoding with keep_mtp_logits only: the MTP module's logits
+  // at every prompt position i (predicting t_{i+2}; the last row uses the
+  // first generated token as t_{i+1}), [prompt length, vocab].
+  std::vector<float> mtp_prompt_logits;
 };
 
 struct GenerationStats {
@@ -52,5 +57,29 @@ absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<Ge
 absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(Engine* engine,
                                                             const std::vector<GenerationRequest>& requests,
                                                             GenerationStats* stats = nullptr);
+
+// Speculative decoding with the MTP module, one draft token per sequence and
+// step: the main model verifies [last token, draft] in one forward; the draft
+// is accepted when it equals the token the main model samples at its
+// position (greedy: the argmax; with temperature the same seeded draw as
+// plain generation), so the tokens are those of GenerateBatch (up to float
+// rounding of the different batch shapes, which matters only at near-ties).
+// A rejected draft's main-cache entry is truncated; the MTP cache only ever
+// receives verified positions. Sequences with one token left verify no draft.
+struct SpeculativeStats {
+  int64_t drafts = 0;          // draft tokens the main model verified
+  int64_t accepted = 0;        // of which it accepted
+  int64_t sequence_steps = 0;  // sum over decode steps of the sequences in the step
+  int64_t decode_tokens = 0;   // tokens emitted by decode steps
+  double acceptance_rate() const { return drafts > 0 ? static_cast<double>(accepted) / drafts : 0.0; }
+  // Tokens per sequence per main-model decode step (1 without speculation).
+  double tokens_per_step() const {
+    return sequence_steps > 0 ? static_cast<double>(decode_tokens) / sequence_steps : 0.0;
+  }
+};
+
+absl::StatusOr<std::vector<GenerationResult>> GenerateBatchSpeculative(
+    Engine* engine, const MtpModule* mtp, const std::vector<GenerationRequest>& requests,
+    GenerationStats* stats = nullptr, SpeculativeStats* spec_stats = nullptr, bool keep_mtp_logits = false);
 
 }  // namespace expertmesh::worker

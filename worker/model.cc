@@ -26,6 +26,59 @@ std::vector<float> Fuse(std::vector<float> gate, const std::vector<float>& up) {
 
 }  // namespace
 
+absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter& filter, const WeightGetter& get,
+                              LayerWeights* lw) {
+  lw->index = l;
+  lw->is_moe = c.IsMoeLayer(l);
+  const std::string p = absl::StrCat("model.layers.", l, ".");
+  RETURN_IF_ERROR(get(p + "input_layernorm.weight", &lw->input_norm));
+  RETURN_IF_ERROR(get(p + "post_attention_layernorm.weight", &lw->post_norm));
+  const std::string a = p + "self_attn.";
+  if (c.q_lora_rank > 0) {
+    RETURN_IF_ERROR(get(a + "q_a_proj.weight", &lw->attn.q_a));
+    RETURN_IF_ERROR(get(a + "q_a_layernorm.weight", &lw->attn.q_a_norm));
+    RETURN_IF_ERROR(get(a + "q_b_proj.weight", &lw->attn.q_b));
+  } else {
+    RETURN_IF_ERROR(get(a + "q_proj.weight", &lw->attn.q));
+  }
+  RETURN_IF_ERROR(get(a + "kv_a_proj_with_mqa.weight", &lw->attn.kv_a));
+  RETURN_IF_ERROR(get(a + "kv_a_layernorm.weight", &lw->attn.kv_a_norm));
+  RETURN_IF_ERROR(get(a + "kv_b_proj.weight", &lw->attn.kv_b));
+  RETURN_IF_ERROR(get(a + "o_proj.weight", &lw->attn.o));
+  const std::string m = p + "mlp.";
+  std::vector<float> g, u;
+  if (!lw->is_moe) {
+    RETURN_IF_ERROR(get(m + "gate_proj.weight", &g));
+    RETURN_IF_ERROR(get(m + "up_proj.weight", &u));
+    lw->dense.gate_up = Fuse(std::move(g), u);
+    RETURN_IF_ERROR(get(m + "down_proj.weight", &lw->dense.down));
+  } else {
+    MoeWeights& mw = lw->moe;
+    mw.hidden = c.hidden_size;
+    mw.expert_inter = c.moe_intermediate_size;
+    mw.shared_inter = c.moe_intermediate_size * c.n_shared_experts;
+    mw.router_params = kernels::RouterParams::FromConfig(c);
+    RETURN_IF_ERROR(get(m + "gate.weight", &mw.router));
+    RETURN_IF_ERROR(get(m + "gate.e_score_correction_bias", &mw.bias));
+    mw.experts.resize(c.n_routed_experts);
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      if (filter.expert && !filter.expert(l, e)) continue;
+      const std::string ep = absl::StrCat(m, "experts.", e, ".");
+      RETURN_IF_ERROR(get(ep + "gate_proj.weight", &g));
+      RETURN_IF_ERROR(get(ep + "up_proj.weight", &u));
+      mw.experts[e].gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(get(ep + "down_proj.weight", &mw.experts[e].down));
+    }
+    if (c.n_shared_experts > 0) {
+      RETURN_IF_ERROR(get(m + "shared_experts.gate_proj.weight", &g));
+      RETURN_IF_ERROR(get(m + "shared_experts.up_proj.weight", &u));
+      mw.shared.gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(get(m + "shared_experts.down_proj.weight", &mw.shared.down));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& dir, const ShardFilter& filter) {
   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
   ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
@@ -67,54 +120,7 @@ absl::Status ModelShard::Build(const ShardFilter& filter, const Getter& get_spec
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     LayerWeights lw;
-    lw.index = l;
-    lw.is_moe = c.IsMoeLayer(l);
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    RETURN_IF_ERROR(get(p + "input_layernorm.weight", &lw.input_norm));
-    RETURN_IF_ERROR(get(p + "post_attention_layernorm.weight", &lw.post_norm));
-    const std::string a = p + "self_attn.";
-    if (c.q_lora_rank > 0) {
-      RETURN_IF_ERROR(get(a + "q_a_proj.weight", &lw.attn.q_a));
-      RETURN_IF_ERROR(get(a + "q_a_layernorm.weight", &lw.attn.q_a_norm));
-      RETURN_IF_ERROR(get(a + "q_b_proj.weight", &lw.attn.q_b));
-    } else {
-      RETURN_IF_ERROR(get(a + "q_proj.weight", &lw.attn.q));
-    }
-    RETURN_IF_ERROR(get(a + "kv_a_proj_with_mqa.weight", &lw.attn.kv_a));
-    RETURN_IF_ERROR(get(a + "kv_a_layernorm.weight", &lw.attn.kv_a_norm));
-    RETURN_IF_ERROR(get(a + "kv_b_proj.weight", &lw.attn.kv_b));
-    RETURN_IF_ERROR(get(a + "o_proj.weight", &lw.attn.o));
-    const std::string m = p + "mlp.";
-    std::vector<float> g, u;
-    if (!lw.is_moe) {
-      RETURN_IF_ERROR(get(m + "gate_proj.weight", &g));
-      RETURN_IF_ERROR(get(m + "up_proj.weight", &u));
-      lw.dense.gate_up = Fuse(std::move(g), u);
-      RETURN_IF_ERROR(get(m + "down_proj.weight", &lw.dense.down));
-    } else {
-      MoeWeights& mw = lw.moe;
-      mw.hidden = c.hidden_size;
-      mw.expert_inter = c.moe_intermediate_size;
-      mw.shared_inter = c.moe_intermediate_size * c.n_shared_experts;
-      mw.router_params = kernels::RouterParams::FromConfig(c);
-      RETURN_IF_ERROR(get(m + "gate.weight", &mw.router));
-      RETURN_IF_ERROR(get(m + "gate.e_score_correction_bias", &mw.bias));
-      mw.experts.resize(c.n_routed_experts);
-      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-        if (filter.expert && !filter.expert(l, e)) continue;
-        const std::string ep = absl::StrCat(m, "experts.", e, ".");
-        RETURN_IF_ERROR(get(ep + "gate_proj.weight", &g));
-        RETURN_IF_ERROR(get(ep + "up_proj.weight", &u));
-        mw.experts[e].gate_up = Fuse(std::move(g), u);
-        RETURN_IF_ERROR(get(ep + "down_proj.weight", &mw.experts[e].down));
-      }
-      if (c.n_shared_experts > 0) {
-        RETURN_IF_ERROR(get(m + "shared_experts.gate_proj.weight", &g));
-        RETURN_IF_ERROR(get(m + "shared_experts.up_proj.weight", &u));
-        mw.shared.gate_up = Fuse(std::move(g), u);
-        RETURN_IF_ERROR(get(m + "shared_experts.down_proj.weight", &mw.shared.down));
-      }
-    }
+    RETURN_IF_ERROR(LoadBlockWeights(c, l, filter, get, &lw));
     layers_.push_back(std::move(lw));
   }
   return absl::OkStatus();
@@ -203,7 +209,8 @@ void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Se
   kernels::Linear(attn.data(), T, nh * dv, w.o.data(), H, out);
 }
 
-absl::Status Engine::RunLayers(const std::vector<Segment>& segs, std::vector<float>* hidden) {
+absl::Status Engine::RunBlock(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs,
+                              std::vector<float>* hidden) {
   const int64_t H = cfg_.hidden_size;
   int64_t T = 0;
   for (const auto& s : segs) T += s.n;
@@ -212,26 +219,34 @@ absl::Status Engine::RunLayers(const std::vector<Segment>& segs, std::vector<flo
   }
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   std::vector<float> normed(T * H), branch(T * H);
-  const auto& layers = shard_->layers();
-  for (size_t li = 0; li < layers.size(); ++li) {
-    const LayerWeights& lw = layers[li];
-    double t0 = Now();
-    kernels::RmsNorm(hidden->data(), T, H, lw.input_norm.data(), eps, normed.data());
-    Attention(lw, li, segs, normed.data(), T, branch.data());
-    for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
-    double t1 = Now();
-    times_.attention += t1 - t0;
-    kernels::RmsNorm(hidden->data(), T, H, lw.post_norm.data(), eps, normed.data());
-    if (lw.is_moe) {
-      RETURN_IF_ERROR(moe_->Run(lw.moe, lw.index, normed.data(), T, branch.data()));
-      times_.moe += Now() - t1;
-    } else {
-      std::vector<float> scratch(T * 3 * cfg_.intermediate_size);
-      RunExpert(lw.dense, H, cfg_.intermediate_size, normed.data(), T, branch.data(), scratch.data());
-      times_.dense += Now() - t1;
-    }
-    for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+  double t0 = Now();
+  kernels::RmsNorm(hidden->data(), T, H, lw.input_norm.data(), eps, normed.data());
+  Attention(lw, slot, segs, normed.data(), T, branch.data());
+  for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+  double t1 = Now();
+  times_.attention += t1 - t0;
+  kernels::RmsNorm(hidden->data(), T, H, lw.post_norm.data(), eps, normed.data());
+  if (lw.is_moe) {
+    RETURN_IF_ERROR(moe_->Run(lw.moe, lw.index, normed.data(), T, branch.data()));
+    times_.moe += Now() - t1;
+  } else {
+    std::vector<float> scratch(T * 3 * cfg_.intermediate_size);
+    RunExpert(lw.dense, H, cfg_.intermediate_size, normed.data(), T, branch.data(), scratch.data());
+    times_.dense += Now() - t1;
   }
+  for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+  return absl::OkStatus();
+}
+
+absl::Status Engine::RunLayers(const std::vector<Segment>& segs, std::vector<float>* hidden) {
+  const int64_t H = cfg_.hidden_size;
+  int64_t T = 0;
+  for (const auto& s : segs) T += s.n;
+  if (static_cast<int64_t>(hidden->size()) != T * H) {
+    return absl::InvalidArgumentError(absl::StrCat("hidden has ", hidden->size(), " values, expected ", T * H));
+  }
+  const auto& layers = shard_->layers();
+  for (size_t li = 0; li < layers.size(); ++li) RETURN_IF_ERROR(RunBlock(layers[li], li, segs, hidden));
   for (const auto& s : segs) s.cache->length += s.n;
   return absl::OkStatus();
 }
@@ -270,6 +285,45 @@ absl::Status Engine::Forward(const std::vector<Segment>& segs, std::vector<float
   Head(segs, hidden, logits);
   times_.embed_head += Now() - t0;
   return absl::OkStatus();
+}
+
+absl::Status Engine::ForwardHidden(const std::vector<Segment>& segs, std::vector<float>* normed) {
+  if (!shard_->has_embed() || !shard_->has_head() || shard_->layer_begin() != 0 ||
+      shard_->layer_end() != cfg_.num_hidden_layers) {
+    return absl::FailedPreconditionError("ForwardHidden needs a shard holding the whole model");
+  }
+  for (const auto& s : segs) {
+    if (s.n <= 0) return absl::InvalidArgumentError("ForwardHidden: every segment needs at least one token");
+  }
+  double t0 = Now();
+  Embed(segs, normed);
+  times_.embed_head += Now() - t0;
+  RETURN_IF_ERROR(RunLayers(segs, normed));
+  t0 = Now();
+  const int64_t H = cfg_.hidden_size, T = static_cast<int64_t>(normed->size()) / H;
+  kernels::RmsNorm(normed->data(), T, H, shard_->final_norm().data(), static_cast<float>(cfg_.rms_norm_eps),
+                   normed->data());
+  times_.embed_head += Now() - t0;
+  return absl::OkStatus();
+}
+
+void Engine::HeadRows(const float* normed, int64_t n, std::vector<float>* logits) const {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  logits->resize(n * V);
+  if (n > 0) kernels::Linear(normed, n, H, shard_->lm_head().data(), V, logits->data());
+}
+
+void SequenceCache::Truncate(int64_t n) {
+  CHECK(n >= 0 && n <= length) << "Truncate(" << n << ") of a cache holding " << length << " tokens";
+  if (n == length) return;
+  for (auto* per_layer : {&latent, &k_pe}) {
+    for (auto& v : *per_layer) {
+      if (v.empty()) continue;
+      const size_t per_token = v.size() / static_cast<size_t>(length);
+      v.resize(static_cast<size_t>(n) * per_token);
+    }
+  }
+  length = n;
 }
 
 absl::Status ValidatePrompt(const ModelConfig& cfg, const std::vector<int32_t>& tokens, int64_t max_new_tokens,

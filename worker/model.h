@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -46,6 +47,15 @@ struct LayerWeights {
   ExpertWeights dense;  // dense layers: fused gate_up [2I, H], down [H, I]
   MoeWeights moe;       // MoE layers
 };
+
+// Reads one tensor of the checkpoint spec by name into *out (fp32).
+using WeightGetter = std::function<absl::Status(const std::string& name, std::vector<float>* out)>;
+
+// Loads the transformer block of layer `l` (input/post norms, MLA attention,
+// dense MLP or MoE with the experts `filter` selects) through `get`. Used for
+// the main layers by ModelShard and for the MTP layer (worker/mtp.h).
+absl::Status LoadBlockWeights(const ModelConfig& cfg, int64_t l, const ShardFilter& filter, const WeightGetter& get,
+                              LayerWeights* lw);
 
 class ModelShard {
  public:
@@ -84,6 +94,10 @@ struct SequenceCache {
   std::vector<std::vector<float>> latent;  // [layer][pos * kv_lora]
   std::vector<std::vector<float>> k_pe;    // [layer][pos * rope]
   int64_t length = 0;                      // tokens cached
+
+  // Drops the entries of positions >= n (0 <= n <= length), e.g. those of a
+  // rejected speculative draft token.
+  void Truncate(int64_t n);
 };
 
 // `n` new tokens of one sequence at positions [cache->length, cache->length + n).
@@ -127,6 +141,19 @@ class Engine {
   void Head(const std::vector<Segment>& segs, const std::vector<float>& hidden, std::vector<float>* logits) const;
   // Embed + RunLayers + Head (the shard must hold the whole model).
   absl::Status Forward(const std::vector<Segment>& segs, std::vector<float>* logits);
+  // Embed + RunLayers + final norm (model.norm) of every new token: normed[T, H]
+  // (the shard must hold the whole model). The logits of any row are
+  // HeadRows of it; the MTP module takes these rows as its hidden input.
+  absl::Status ForwardHidden(const std::vector<Segment>& segs, std::vector<float>* normed);
+  // lm_head of n rows of final-normed hidden states: logits[n, vocab].
+  void HeadRows(const float* normed, int64_t n, std::vector<float>* logits) const;
+
+  // One transformer block (RMSNorm, attention, residual, RMSNorm, dense MLP or
+  // MoE, residual) on hidden[T, H] in place; attention appends the segments'
+  // tokens to the caches at `cache_slot` (cache lengths are not advanced).
+  // RunLayers runs the shard's layers through it; the MTP module its own block.
+  absl::Status RunBlock(const LayerWeights& lw, size_t cache_slot, const std::vector<Segment>& segs,
+                        std::vector<float>* hidden);
 
   const EngineTimes& times() const { return times_; }
 

@@ -477,14 +477,42 @@ class Model:
         hn = rms_norm(h, self.w(p + "post_attention_layernorm.weight"), self.eps)
         return h + (self.moe(hn, p) if self.is_moe(layer) else self.dense_mlp(hn, p + "mlp."))
 
-    def forward(self, tokens):
-        """Logits [T, vocab] for every position of one sequence."""
+    def hidden(self, tokens):
+        """The final hidden states after the final RMSNorm (model.norm), [T, H]."""
         tokens = np.asarray(tokens, dtype=np.int64)
         x = self.w("model.embed_tokens.weight")[tokens]
         for layer in range(self.cfg["num_hidden_layers"]):
             x = self.block(x, layer)
-        x = rms_norm(x, self.w("model.norm.weight"), self.eps)
-        return linear(x, self.w("lm_head.weight"))
+        return rms_norm(x, self.w("model.norm.weight"), self.eps)
+
+    def forward(self, tokens):
+        """Logits [T, vocab] for every position of one sequence."""
+        return linear(self.hidden(tokens), self.w("lm_head.weight"))
+
+    def mtp_forward(self, tokens):
+        """The first multi-token-prediction module (layer L = num_hidden_layers;
+        DeepSeek-V3 paper section 2.2, as vLLM / SGLang run it) over one
+        sequence t_0 .. t_T (T + 1 tokens): logits [T, vocab], row i predicting
+        t_{i+2} from the main model's final-normed hidden state h_i and t_{i+1}:
+
+          x_i = eh_proj([enorm(embed_L(t_{i+1})), hnorm(h_i)])   (embedding first)
+          y   = block_L(x) at positions 0 .. T-1 (causal MLA + MoE, like a main layer)
+          logits = shared_head.head(shared_head.norm(y))
+
+        No position-0 masking of the embedding (vLLM zeroes it there; the
+        paper and SGLang do not)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        assert len(tokens) >= 2, "the MTP needs t_{i+1}: at least two tokens"
+        L = self.cfg["num_hidden_layers"]
+        p = "model.layers.%d." % L
+        h = self.hidden(tokens[:-1])
+        e = self.w(p + "embed_tokens.weight")[tokens[1:]]
+        x = np.concatenate([rms_norm(e, self.w(p + "enorm.weight"), self.eps),
+                            rms_norm(h, self.w(p + "hnorm.weight"), self.eps)], axis=-1)
+        x = linear(x, self.w(p + "eh_proj.weight"))
+        x = self.block(x, L)
+        x = rms_norm(x, self.w(p + "shared_head.norm.weight"), self.eps)
+        return linear(x, self.w(p + "shared_head.head.weight"))
 
     def last_logits(self, tokens):
         return self.forward(tokens)[-1]
