@@ -79,6 +79,11 @@ int GenerateMain(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError("--dump-mtp-logits needs --speculative mtp (the MTP layer runs only "
                                            "in speculative decoding)"), 2);
   }
+  if (!speculative.empty() && absl::GetFlag(FLAGS_device) != "cpu") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--speculative mtp runs on the CPU engine only; leave out "
+                                                        "--device ", absl::GetFlag(FLAGS_device),
+                                                        " or --speculative")), 2);
+  }
   auto prompts = ReadPrompts(prompts_path);
   if (!prompts.ok()) return Fail(prompts.status());
   if (!std::filesystem::is_directory(dir)) {
@@ -102,10 +107,6 @@ int GenerateMain(int argc, char** argv) {
   worker::CudaEngineOptions cuda_opts;
   auto use_cuda = DeviceFromFlags(&cuda_opts);
   if (!use_cuda.ok()) return Fail(use_cuda.status(), 2);
-  if (*use_cuda && !speculative.empty()) {
-    return Fail(absl::InvalidArgumentError("--speculative mtp runs on the CPU engine only; leave out --device cuda "
-                                           "or --speculative"), 2);
-  }
   worker::GenerationStats stats;
   worker::SpeculativeStats spec_stats;
   absl::StatusOr<std::vector<worker::GenerationResult>> results;
