@@ -178,7 +178,7 @@ class ModelInvariants(unittest.TestCase):
         rng = np.random.default_rng(5)
         H, heads = 24, 2
         t = {"model.embed_tokens.weight": (50, H), "model.norm.weight": (H,), "lm_head.weight": (50, H)}
-        for l in range(2):
+        for l in range(3):                      # layer 2: the MTP layer (MoE)
             p = "model.layers.%d." % l
             t.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
                       p + "self_attn.q_a_proj.weight": (12, H), p + "self_attn.q_a_layernorm.weight": (12,),
@@ -192,8 +192,11 @@ class ModelInvariants(unittest.TestCase):
             for m in mlps:
                 t.update({p + m + "gate_proj.weight": (inter, H), p + m + "up_proj.weight": (inter, H),
                           p + m + "down_proj.weight": (H, inter)})
-            if l == 1:
+            if l >= 1:
                 t.update({p + "mlp.gate.weight": (8, H), p + "mlp.gate.e_score_correction_bias": (8,)})
+        t.update({"model.layers.2.embed_tokens.weight": (50, H), "model.layers.2.enorm.weight": (H,),
+                  "model.layers.2.hnorm.weight": (H,), "model.layers.2.eh_proj.weight": (H, 2 * H),
+                  "model.layers.2.shared_head.norm.weight": (H,), "model.layers.2.shared_head.head.weight": (50, H)})
         tensors = {n: (rng.normal(size=s) * (0.3 if len(s) == 2 else 0.1) + (1.0 if "norm" in n else 0.0))
                    .astype(np.float32) for n, s in t.items()}
         with tempfile.TemporaryDirectory() as d:
@@ -209,6 +212,25 @@ class ModelInvariants(unittest.TestCase):
             self.assertEqual(toks[0], int(np.argmax(full[2])))
             for i in range(4):
                 np.testing.assert_allclose(lg[i], m.last_logits(seq[:3] + toks[:i]))
+
+            # MTP: row i depends on t_0 .. t_{i+1} only (causal), and is built
+            # from [enorm(embed(t_{i+1})), hnorm(h_i)] in that order
+            mtp = m.mtp_forward(seq)
+            self.assertEqual(mtp.shape, (8, 50))
+            for k in (1, 4, 7):
+                np.testing.assert_allclose(m.mtp_forward(seq[:k + 1]), mtp[:k], rtol=1e-12, atol=1e-12)
+            p = "model.layers.2."
+            eh = m.w(p + "eh_proj.weight").copy()
+            m._w[p + "eh_proj.weight"] = np.concatenate([eh[:, :H], 0 * eh[:, H:]], axis=1)   # embedding only
+            x0 = ref.rms_norm(m.w(p + "embed_tokens.weight")[seq[1]], m.w(p + "enorm.weight"), m.eps)
+            x0 = ref.linear(x0, m._w[p + "eh_proj.weight"][:, :H])
+            y0 = m.block(x0[None], 2)              # position 0 attends only to itself
+            want = ref.linear(ref.rms_norm(y0, m.w(p + "shared_head.norm.weight"), m.eps),
+                              m.w(p + "shared_head.head.weight"))[0]
+            np.testing.assert_allclose(m.mtp_forward(seq[:2])[0], want, rtol=1e-12)
+            other = [(seq[0] + 1) % 50] + seq[1:2]   # another t_0: h_0 changes, no effect with hidden columns 0
+            np.testing.assert_allclose(m.mtp_forward(other)[0], want, rtol=1e-12)
+            m._w[p + "eh_proj.weight"] = eh
 
 
 if __name__ == "__main__":
