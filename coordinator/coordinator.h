@@ -87,6 +87,7 @@ struct CoordinatorOptions {
   std::string expert_load_file;
   std::string listen = "127.0.0.1:0";     // host:port; port 0 picks a free one
   std::string journal_path;               // empty: no journal (accepted jobs die with the process)
+  std::string metrics_listen;             // host:port for Prometheus GET /metrics; empty: off
   int max_queued_sequences = 65536;       // sequences waiting for a worker, over all jobs
   int max_sequences_per_job = 4096;
   double heartbeat_timeout_s = 10;        // READY -> MISSING without a heartbeat

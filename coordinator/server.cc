@@ -80,6 +80,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
       self->cv_.wait_for(lock, absl::ToChronoNanoseconds(period));
     }
   });
+  if (!options.metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(s->metrics_, MetricsServer::Start(s->coordinator_.get(), options.metrics_listen));
+    LOG(INFO) << "coordinator: Prometheus metrics on http://"
+              << options.metrics_listen.substr(0, options.metrics_listen.rfind(':')) << ":" << s->metrics_->port()
+              << "/metrics";
+  }
   LOG(INFO) << "coordinator: listening on " << s->address_ << " (JobService, ClusterService, WorkerService, health, "
             << "reflection)";
   return s;
@@ -111,6 +117,7 @@ void CoordinatorServer::Stop() {
   }
   cv_.notify_all();
   if (monitor_.joinable()) monitor_.join();
+  metrics_.reset();  // no scrape reads the coordinator after this
   if (coordinator_ != nullptr) coordinator_->Stop();
   if (server_ != nullptr) {
     if (server_->GetHealthCheckService() != nullptr) {

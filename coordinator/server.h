@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator.h"
+#include "coordinator/metrics.h"
 #include "grpcpp/grpcpp.h"
 
 namespace expertmesh::coordinator {
@@ -37,6 +38,8 @@ class CoordinatorServer {
   int port() const { return port_; }
   std::shared_ptr<grpc::Channel> InProcessChannel();
   Coordinator* coordinator() { return coordinator_.get(); }
+  // The port of GET /metrics (options.metrics_listen), 0 when off.
+  int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
 
   // Blocks until a Shutdown request completed (workers exited or the timeout),
   // Stop() was called, or *stop (if given) turns non-zero.
@@ -54,6 +57,7 @@ class CoordinatorServer {
   std::unique_ptr<ClusterServiceImpl> cluster_;
   std::unique_ptr<WorkerServiceImpl> workers_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsServer> metrics_;
   std::thread monitor_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -22,6 +22,9 @@ ABSL_FLAG(double, job_retention_s, 86400,
           "NOT_FOUND (expired), its client_request_id no longer deduplicates, the journal is compacted; 0 = keep forever");
 ABSL_FLAG(std::string, expert_load, "",
           "observed expert load for placement: JSON {\"<layer>\": [tokens per expert]} or `expertmesh status --json`");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "serve Prometheus metrics (GET /metrics: workers, sequences, jobs, tokens, time breakdown, expert load, "
+          "data-plane generation) on this host:port, e.g. 0.0.0.0:9400; empty: off");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {
@@ -42,6 +45,7 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   }
   o->listen = absl::GetFlag(FLAGS_listen);
   o->journal_path = absl::GetFlag(FLAGS_journal);
+  o->metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o->expert_load_file = absl::GetFlag(FLAGS_expert_load);
   o->max_queued_sequences = absl::GetFlag(FLAGS_max_queued_sequences);
   o->max_sequences_per_job = absl::GetFlag(FLAGS_max_sequences_per_job);

@@ -9,6 +9,7 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libyaml-cpp-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  prometheus-cpp-dev libcpp-httplib-dev  # the coordinator's /metrics endpoint
   libopenmpi-dev openmpi-bin             # MPI data plane and mpirun
   libucx-dev                             # UCX data plane
   libhwloc-dev hwloc                     # topology discovery

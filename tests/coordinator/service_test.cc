@@ -12,7 +12,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "coordinator/journal_records.pb.h"
+#include "coordinator/metrics.h"
 #include "coordinator/server.h"
+#include "httplib.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/health.grpc.pb.h"
 #include "tests/coordinator/test_util.h"
@@ -553,6 +555,47 @@ TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
   FakeWorker stranger(channel_);
   stranger.set_id(7);
   EXPECT_GRPC_ERROR(stranger.Heartbeat(), NOT_FOUND, "worker_id: 7 is not registered");
+}
+
+TEST_F(CoordinatorTest, MetricsOverHttpFollowTheCluster) {
+  CoordinatorOptions o = Options(1, 2);
+  o.metrics_listen = "127.0.0.1:0";
+  Start(o);
+  ASSERT_GT(server_->metrics_port(), 0);
+  httplib::Client http("127.0.0.1", server_->metrics_port());
+  auto scrape = [&] {
+    auto r = http.Get("/metrics");
+    EXPECT_TRUE(r) << "GET /metrics failed";
+    if (!r) return std::string();
+    EXPECT_EQ(r->status, 200);
+    EXPECT_NE(r->get_header_value("Content-Type").find("text/plain"), std::string::npos);
+    return r->body;
+  };
+  auto has = [](const std::string& text, const std::string& line) {
+    return text.find("\n" + line + "\n") != std::string::npos;
+  };
+  std::string m = scrape();
+  EXPECT_TRUE(has(m, "expertmesh_serving 0")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_workers{health=\"unregistered\"} 2")) << m;
+  auto w = RegisterAll(2);
+  v1::LayerExpertLoad l1;
+  l1.set_layer(1);
+  for (int e = 0; e < 256; ++e) l1.add_tokens_per_expert(e == 7 ? 64 : 1);  // 319 pairs, hottest 64
+  ASSERT_OK(w[0]->Heartbeat(false, {l1}));
+  ASSERT_OK(w[1]->Heartbeat());
+  const v1::SubmitJobRequest req = Batch(3, 4);
+  const std::string id = Submit(req);
+  RunUntilFinal(w, 2, id);
+  m = scrape();
+  EXPECT_TRUE(has(m, "expertmesh_serving 1")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_workers{health=\"ready\"} 2")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_jobs{state=\"succeeded\"} 1")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_sequences{state=\"queued\"} 0")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_data_plane_generation 1")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_expert_routed_tokens_total{layer=\"1\"} 319")) << m;
+  EXPECT_NE(m.find("expertmesh_expert_load_imbalance{layer=\"1\"} 51.3"), std::string::npos) << m;  // 64 / (319/256)
+  EXPECT_NE(m.find("# TYPE expertmesh_worker_time_seconds_total counter"), std::string::npos) << m;
+  EXPECT_TRUE(has(MetricsText(*server_->coordinator()), "expertmesh_jobs{state=\"succeeded\"} 1"));
 }
 
 TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults) {

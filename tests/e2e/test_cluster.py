@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster_util as cu  # noqa: E402
@@ -111,8 +112,10 @@ class MpirunTest(ClusterCase):
 
 class StandaloneTest(ClusterCase):
     def start_coordinator(self, port, journal, log, heartbeat_timeout_s=30):
+        self.metrics_port = cu.free_port()
         p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
-                      f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s)],
+                      f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s),
+                      "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
                      os.path.join(self.tmp, log))
         self.procs.append(p)
         return p
@@ -137,6 +140,19 @@ class StandaloneTest(ClusterCase):
         st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
         routed = sum(sum(int(c) for c in l["tokens_per_expert"]) for l in st["expert_load"])  # int64 as JSON strings
         self.assertGreater(routed, 0)
+        # Prometheus metrics say the same.
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            metrics = {}
+            for line in r.read().decode().splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    metrics[name] = float(value)
+        self.assertEqual(metrics["expertmesh_serving"], 1)
+        self.assertEqual(metrics['expertmesh_workers{health="ready"}'], 4)
+        self.assertEqual(metrics['expertmesh_jobs{state="succeeded"}'], 2)
+        self.assertEqual(sum(v for k, v in metrics.items() if k.startswith("expertmesh_expert_routed_tokens_total")),
+                         routed)
+        self.assertGreater(sum(v for k, v in metrics.items() if k.startswith("expertmesh_worker_tokens_total")), 0)
         self.shutdown(server, [coord] + workers)
 
     def test_cancel_stops_the_work(self):
