@@ -26,8 +26,9 @@ const Verb kVerbs[] = {
      CheckpointMain},
     {"generate", "launch/generate_cmd.cc", "run a batch of prompts through the model in one process",
      "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
-     "--top-p P --seed S] [--dump-logits FILE]\n\nPrompts are JSON lines {\"tokens\":[...]}; prints one JSON "
-     "line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order.",
+     "--top-p P --seed S] [--dump-logits FILE] [--speculative mtp]\n\nPrompts are JSON lines {\"tokens\":[...]}; "
+     "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
+     "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
      GenerateMain},
     {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
@@ -39,7 +40,9 @@ const Verb kVerbs[] = {
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
-     "layers and experts the plan gives it, joins the UCX data plane and serves until shutdown.",
+     "layers and experts the plan gives it, joins the UCX data plane and serves until shutdown. Started while "
+     "a worker is MISSING, it takes that worker's place; after a lost peer it keeps its shard and rejoins "
+     "(--rejoin-timeout-s). SIGTERM: leaves the cluster cleanly.",
      WorkerMain},
     {"launch", "launch/launch_cmd.cc", "the whole cluster under mpirun (rank 0 coordinator, ranks 1..P*E workers)",
      "mpirun -np 1+P*E expertmesh launch --checkpoint DIR --pp P --ep E [--redundant-experts R] "
@@ -49,8 +52,9 @@ const Verb kVerbs[] = {
      LaunchMain},
     {"coordinator", "launch/coordinator_cmd.cc", "the coordinator of a standalone cluster (jobs, plan, health)",
      "expertmesh coordinator --checkpoint DIR --pp P --ep E [--redundant-experts R] [--layers-per-stage a,b,..] "
-     "--listen HOST:PORT --journal FILE\n\nServes JobService, ClusterService and WorkerService (docs/API.md) "
-     "until `expertmesh shutdown`; jobs in the journal survive a restart.",
+     "--listen HOST:PORT --journal FILE [--metrics-listen HOST:PORT]\n\nServes JobService, ClusterService and "
+     "WorkerService (docs/API.md) until `expertmesh shutdown` (or SIGTERM: stops, workers wait for its "
+     "successor); jobs in the journal survive a restart; Prometheus metrics on --metrics-listen.",
      CoordinatorMain},
     {"submit", "launch/client_cmd.cc", "submit a batch of prompts to a coordinator and print the results",
      "expertmesh submit --server HOST:PORT --prompts FILE --max-new-tokens N [--temperature T --top-k K --top-p P "
