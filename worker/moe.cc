@@ -45,17 +45,6 @@ void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   openblas_set_num_threads(blas_threads);
 }
 
-// An expert's GEMM: the no-packing kernel for the few tokens an expert
-// usually sees when BLAS runs single-threaded (inside ParallelFor, or a
-// process with OPENBLAS_NUM_THREADS=1), BLAS otherwise.
-void ExpertLinear(const float* x, int64_t T, int64_t K, const float* w, int64_t N, float* y) {
-  if (T <= kernels::kLinearFewRowsMax && openblas_get_num_threads() == 1) {
-    kernels::LinearFewRows(x, T, K, w, N, y);
-  } else {
-    kernels::Linear(x, T, K, w, N, y);
-  }
-}
-
 // Routed experts (and, with_shared, the shared expert) on x[T,H], added to
 // y: y[t] += sum over k of weights[t,k] * expert[ids[t,k]](x[t]) (in k
 // order), then y[t] += shared(x[t]). Every expert with tokens and every
@@ -157,10 +146,10 @@ void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int
                float* scratch) {
   if (T == 0) return;
   float* gu = scratch;  // [T, 2I]
-  ExpertLinear(x, T, H, e.gate_up.data(), 2 * I, gu);
+  kernels::Linear(x, T, H, e.gate_up.data(), 2 * I, gu);  // few tokens: LinearFewRows
   float* act = scratch + T * 2 * I;  // [T, I]
   for (int64_t t = 0; t < T; ++t) kernels::SiluMul(gu + t * 2 * I, gu + t * 2 * I + I, I, act + t * I);
-  ExpertLinear(act, T, I, e.down.data(), H, out);
+  kernels::Linear(act, T, I, e.down.data(), H, out);
 }
 
 void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,

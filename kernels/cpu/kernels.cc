@@ -17,14 +17,13 @@
 
 namespace expertmesh::kernels {
 
-void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
-  if (M == 0 || N == 0) return;
+namespace {
+
+void BlasLinear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
               static_cast<int>(K), 1.0f, x, static_cast<int>(K), w, static_cast<int>(K),
               accumulate ? 1.0f : 0.0f, y, static_cast<int>(N));
 }
-
-namespace {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EM_FEW_ROWS_AVX2 1
@@ -111,7 +110,18 @@ void LinearFewRows(const float* x, int64_t M, int64_t K, const float* w, int64_t
     return;
   }
 #endif
-  Linear(x, M, K, w, N, y);
+  BlasLinear(x, M, K, w, N, y, false);
+}
+
+void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  // Few rows on a single BLAS thread (an MoE expert, a decode step's
+  // projections and lm_head on a worker): no packing of w (see LinearFewRows).
+  if (!accumulate && M <= kLinearFewRowsMax && openblas_get_num_threads() == 1) {
+    LinearFewRows(x, M, K, w, N, y);
+    return;
+  }
+  BlasLinear(x, M, K, w, N, y, accumulate);
 }
 
 void RmsNorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* y) {

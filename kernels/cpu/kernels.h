@@ -13,7 +13,9 @@
 namespace expertmesh::kernels {
 
 // y[M,N] = x[M,K] . w[N,K]^T (a linear layer with PyTorch's [out, in] weight);
-// with accumulate, y += x . w^T.
+// with accumulate, y += x . w^T. BLAS SGEMM, except for M <= kLinearFewRowsMax
+// without accumulate while BLAS runs single-threaded (workers, the MoE layer's
+// own threads): LinearFewRows.
 void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
             bool accumulate = false);
 
