@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import ds3_ref as ref  # noqa: E402
+from cli_io import parse_output, write_prompts  # noqa: E402
 
 ARGS = None
 SEED = 11
@@ -82,24 +83,6 @@ def make_prompts(models):
         for dt in models:
             results[dt].append(res[dt])
     return prompts, results
-
-
-def write_prompts(path, prompts):
-    with open(path, "w") as f:
-        for p in prompts:
-            f.write(json.dumps({"tokens": p}) + "\n")
-
-
-def parse_output(test, stdout, n):
-    lines = [l for l in stdout.splitlines() if l.strip()]
-    test.assertEqual(len(lines), n, "expected one stdout line per prompt, got:\n" + stdout[:2000])
-    out = []
-    for i, l in enumerate(lines):
-        obj = json.loads(l)
-        test.assertEqual(obj.get("index"), i, "line %d: %s" % (i, l))
-        test.assertIsInstance(obj.get("tokens"), list, l)
-        out.append(obj["tokens"])
-    return out
 
 
 class Env:

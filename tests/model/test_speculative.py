@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import ds3_ref as ref  # noqa: E402
+from cli_io import parse_output, write_prompts  # noqa: E402
 
 ARGS = None
 SEED = 11
@@ -51,12 +52,6 @@ MAX_ERR = {}
 
 def run(args, timeout=180):
     return subprocess.run([ARGS.expertmesh] + args, capture_output=True, text=True, timeout=timeout)
-
-
-def write_prompts(path, prompts):
-    with open(path, "w") as f:
-        for p in prompts:
-            f.write(json.dumps({"tokens": p}) + "\n")
 
 
 def doctor(src, dst, scale):
@@ -89,17 +84,6 @@ def doctor(src, dst, scale):
                 v = v * (scale if int(n.split(".")[2]) < L else 0.0)
             out[n] = np.asarray(replace.get(n, v), dtype=np.float32)
         ref.write_safetensors(os.path.join(dst, fn), out)
-
-
-def parse_output(test, stdout, n):
-    lines = [l for l in stdout.splitlines() if l.strip()]
-    test.assertEqual(len(lines), n, "expected one stdout line per prompt, got:\n" + stdout[:2000])
-    out = []
-    for i, l in enumerate(lines):
-        obj = json.loads(l)
-        test.assertEqual(obj.get("index"), i, l)
-        out.append(obj["tokens"])
-    return out
 
 
 class Env:

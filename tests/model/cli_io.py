@@ -1,0 +1,23 @@
+"""Prompt files in and `expertmesh generate` output out, shared by the tests
+of this folder (JSON lines: {"tokens": [...]} in, {"index": i, "tokens": [...]}
+out, one line per prompt in input order)."""
+import json
+
+
+def write_prompts(path, prompts):
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"tokens": p}) + "\n")
+
+
+def parse_output(test, stdout, n):
+    """The token lists of generate's stdout; fails `test` unless there are n lines, in index order."""
+    lines = [l for l in stdout.splitlines() if l.strip()]
+    test.assertEqual(len(lines), n, "expected one stdout line per prompt, got:\n" + stdout[:2000])
+    out = []
+    for i, l in enumerate(lines):
+        obj = json.loads(l)
+        test.assertEqual(obj.get("index"), i, "line %d: %s" % (i, l))
+        test.assertIsInstance(obj.get("tokens"), list, l)
+        out.append(obj["tokens"])
+    return out
