@@ -253,7 +253,7 @@ absl::Status Engine::RunLayers(const std::vector<Segment>& segs, std::vector<flo
 
 void Engine::Head(const std::vector<Segment>& segs, const std::vector<float>& hidden,
                   std::vector<float>* logits) const {
-  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t H = cfg_.hidden_size;
   std::vector<float> last;
   int64_t row = 0;
   for (const auto& s : segs) {
@@ -264,42 +264,35 @@ void Engine::Head(const std::vector<Segment>& segs, const std::vector<float>& hi
   const int64_t n = static_cast<int64_t>(last.size()) / H;
   kernels::RmsNorm(last.data(), n, H, shard_->final_norm().data(), static_cast<float>(cfg_.rms_norm_eps),
                    last.data());
-  logits->resize(n * V);
-  kernels::Linear(last.data(), n, H, shard_->lm_head().data(), V, logits->data());
+  HeadRows(last.data(), n, logits);
+}
+
+absl::Status Engine::EmbedAndRun(const char* what, const std::vector<Segment>& segs, std::vector<float>* hidden) {
+  if (!shard_->has_embed() || !shard_->has_head() || shard_->layer_begin() != 0 ||
+      shard_->layer_end() != cfg_.num_hidden_layers) {
+    return absl::FailedPreconditionError(absl::StrCat(what, " needs a shard holding the whole model"));
+  }
+  for (const auto& s : segs) {
+    if (s.n <= 0) return absl::InvalidArgumentError(absl::StrCat(what, ": every segment needs at least one token"));
+  }
+  const double t0 = Now();
+  Embed(segs, hidden);
+  times_.embed_head += Now() - t0;
+  return RunLayers(segs, hidden);
 }
 
 absl::Status Engine::Forward(const std::vector<Segment>& segs, std::vector<float>* logits) {
-  if (!shard_->has_embed() || !shard_->has_head() || shard_->layer_begin() != 0 ||
-      shard_->layer_end() != cfg_.num_hidden_layers) {
-    return absl::FailedPreconditionError("Forward needs a shard holding the whole model");
-  }
-  for (const auto& s : segs) {
-    if (s.n <= 0) return absl::InvalidArgumentError("Forward: every segment needs at least one token");
-  }
-  double t0 = Now();
   std::vector<float> hidden;
-  Embed(segs, &hidden);
-  times_.embed_head += Now() - t0;
-  RETURN_IF_ERROR(RunLayers(segs, &hidden));
-  t0 = Now();
+  RETURN_IF_ERROR(EmbedAndRun("Forward", segs, &hidden));
+  const double t0 = Now();
   Head(segs, hidden, logits);
   times_.embed_head += Now() - t0;
   return absl::OkStatus();
 }
 
 absl::Status Engine::ForwardHidden(const std::vector<Segment>& segs, std::vector<float>* normed) {
-  if (!shard_->has_embed() || !shard_->has_head() || shard_->layer_begin() != 0 ||
-      shard_->layer_end() != cfg_.num_hidden_layers) {
-    return absl::FailedPreconditionError("ForwardHidden needs a shard holding the whole model");
-  }
-  for (const auto& s : segs) {
-    if (s.n <= 0) return absl::InvalidArgumentError("ForwardHidden: every segment needs at least one token");
-  }
-  double t0 = Now();
-  Embed(segs, normed);
-  times_.embed_head += Now() - t0;
-  RETURN_IF_ERROR(RunLayers(segs, normed));
-  t0 = Now();
+  RETURN_IF_ERROR(EmbedAndRun("ForwardHidden", segs, normed));
+  const double t0 = Now();
   const int64_t H = cfg_.hidden_size, T = static_cast<int64_t>(normed->size()) / H;
   kernels::RmsNorm(normed->data(), T, H, shard_->final_norm().data(), static_cast<float>(cfg_.rms_norm_eps),
                    normed->data());

@@ -165,6 +165,10 @@ class Engine {
 
  private:
 
+  // Forward's and ForwardHidden's common part: checks (`what` names the
+  // caller in errors), embedding and every layer.
+  absl::Status EmbedAndRun(const char* what, const std::vector<Segment>& segs, std::vector<float>* hidden);
+
   const ModelShard* shard_;
   const ModelConfig& cfg_;
   LocalMoeRunner local_moe_;
