@@ -114,6 +114,7 @@ struct LayerMeasurement {
   int64_t tokens = 0;
   double moe_s = 0, mla_s = 0, sgemm_gflops = 0;
   int copies = 0;
+  std::vector<double> moe_copy_s, mla_copy_s;  // each concurrent copy's own time
   std::vector<std::string> commands;
 };
 
@@ -180,6 +181,8 @@ absl::StatusOr<Calibration> CalibrateCpuHost(const Cluster& base, const std::vec
       m.tokens = T;
       m.moe_s += Num(j, "moe_layer_s");
       m.mla_s += Num(j, "mla_layer_s");
+      m.moe_copy_s.push_back(Num(j, "moe_layer_s"));
+      m.mla_copy_s.push_back(Num(j, "mla_layer_s"));
       m.sgemm_gflops += Num(j, "sgemm_peak_gflops");
       ++m.copies;
       if (j.contains("_command")) m.commands.push_back(j["_command"].get<std::string>());
@@ -314,6 +317,43 @@ absl::StatusOr<Calibration> CalibrateCpuHost(const Cluster& base, const std::vec
     if (m.tokens != t_big) {
       cal.checks.push_back({absl::StrCat(describe(m), ": MLA layer s"), m.mla_s,
                             mla_time(d, static_cast<double>(m.tokens))});
+    }
+  }
+
+  // 4b. Rank skew: concurrent copies of the same layer benchmark are
+  // processes doing identical work at the same time on this host, as the EP
+  // ranks of a stage do between two all-to-alls; their spread is the spread
+  // of a rank's speed. Pooled relative variance over every layer (MoE and
+  // MLA) of the main preset's runs (the tiny preset's cache-resident
+  // microsecond layers are left out: the serving ranks stream their weights
+  // from memory for milliseconds between all-to-alls). Each copy's time is
+  // its mean over >= MIN_SECONDS, so this is the persistent part of the
+  // spread: a lower bound of the spread over one stretch of compute.
+  {
+    double sum_rel_var = 0;
+    int samples = 0, runs = 0;
+    for (const auto& [k, m] : layers) {
+      if (m.preset != main_preset || m.copies < 2) continue;
+      ++runs;
+      for (const std::vector<double>* v : {&m.moe_copy_s, &m.mla_copy_s}) {
+        double mean = 0;
+        for (double x : *v) mean += x;
+        mean /= static_cast<double>(v->size());
+        if (mean <= 0) continue;
+        double var = 0;
+        for (double x : *v) var += (x - mean) * (x - mean);
+        var /= static_cast<double>(v->size() - 1);
+        sum_rel_var += var / (mean * mean);
+        ++samples;
+      }
+    }
+    if (samples > 0) {
+      e.rank_speed_cv = std::sqrt(sum_rel_var / samples);
+      cal.parameters.push_back(
+          {"node.device.efficiency.rank_speed_cv", e.rank_speed_cv,
+           absl::StrCat("spread of concurrent copies of bench layer --preset ", main_preset, " (", runs,
+                        " runs, MoE and MLA layers: ", samples,
+                        " samples): standard deviation of a copy's time over the mean, pooled")});
     }
   }
 

@@ -12,6 +12,10 @@
 //   gemm_fp32               bench layer --preset small at a prefill-sized token
 //                           count: the MoE layer's per-expert SGEMMs
 //   attention_prefill       the MLA layer of that same run (causal prefill)
+//   rank_speed_cv           the spread of the concurrent copies of that
+//                           preset's runs (identical work on the same host at
+//                           once, as the EP ranks of a stage): pooled standard
+//                           deviation over mean of their MoE and MLA times
 //   intra_node.*            bench moe-alltoall (MPI, 2 ranks) at two token
 //                           counts: latency and bandwidth of dispatch + combine
 //   step_overhead_ms        (optional) one `bench serve` run, marked as the

@@ -128,6 +128,7 @@ absl::Status ParseEfficiency(MapReader& r, Efficiency* e) {
   RETURN_IF_ERROR(r.Int("comm_sms", false, &e->comm_sms));
   RETURN_IF_ERROR(r.Double("gemm_fp32", false, &e->gemm_fp32));
   RETURN_IF_ERROR(r.Double("memory_compute_overlap", false, &e->memory_compute_overlap));
+  RETURN_IF_ERROR(r.Double("rank_speed_cv", false, &e->rank_speed_cv));
   for (double f : {e->gemm_fp8, e->gemm_bf16, e->gemm_fp32, e->attention_prefill, e->attention_decode_compute,
                    e->attention_decode_memory, e->hbm}) {
     if (f <= 0 || f > 1) {
@@ -136,6 +137,9 @@ absl::Status ParseEfficiency(MapReader& r, Efficiency* e) {
   }
   if (e->memory_compute_overlap < 0 || e->memory_compute_overlap > 1) {
     return r.Error("`memory_compute_overlap` must be in [0, 1] (1: max of compute and memory time, 0: their sum)");
+  }
+  if (e->rank_speed_cv < 0 || e->rank_speed_cv >= 1) {
+    return r.Error("`rank_speed_cv` must be in [0, 1) (coefficient of variation of a rank's speed)");
   }
   if (e->kernel_overhead_us < 0 || e->step_overhead_ms < 0) {
     return r.Error("`kernel_overhead_us` and `step_overhead_ms` must be >= 0");
@@ -301,6 +305,7 @@ std::string ClusterToYaml(const Cluster& c) {
                         e.gemm_fp8, e.gemm_bf16, e.attention_prefill, e.attention_decode_compute,
                         e.attention_decode_memory, e.hbm, e.kernel_overhead_us, e.step_overhead_ms, e.comm_sms,
                         e.gemm_fp32, e.memory_compute_overlap);
+  if (e.rank_speed_cv > 0) absl::StrAppendFormat(&s, "      rank_speed_cv: %g\n", e.rank_speed_cv);
   const FabricSpec& f = c.node.intra_node;
   absl::StrAppendFormat(&s,
                         "  intra_node:\n    kind: %s\n    gbytes_per_s_per_direction: %g\n    latency_us: %g\n"

@@ -38,6 +38,13 @@ struct Efficiency {
   // (single-threaded BLAS packs operands, then computes); in between: max +
   // (1 - overlap) * min.
   double memory_compute_overlap = 1.0;
+  // Coefficient of variation of one process's speed on the same work as its
+  // peers (0: every rank runs at the same speed). Every all-to-all waits for
+  // the slowest of the EP ranks, so each stretch of compute between two of
+  // them lasts the expected maximum over the ranks: mean + c(EP) x this x
+  // mean (c = ExpectedMaxOfNormals). CPU hosts: fitted from concurrent copies
+  // of `bench layer` (docs/PLANNER.md, "Local calibration").
+  double rank_speed_cv = 0.0;
 };
 
 struct DeviceSpec {

@@ -440,12 +440,23 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
   double imbalance_sum = 0;
   int64_t imbalance_n = 0;
   double max_rank_copies = T * k;
+  // Rank skew: with EP > 1 every all-to-all waits for the slowest rank of the
+  // stage, so each stretch of compute between two all-to-alls (attention ->
+  // dispatch, experts -> combine, and the head, embedding and dense layers up
+  // to the next step's first dispatch) lasts the expected maximum over the EP
+  // ranks. A rank's speed varies by rank_speed_cv (its standard deviation over
+  // the mean, measured on identical work: calibration.cc); the routed experts
+  // also vary with the routing (GroupedGemm: the slowest rank's touched
+  // experts), and the two independent deviations add in quadrature.
+  const double skew_c = d.ep > 1 ? ExpectedMaxOfNormals(d.ep) : 0.0;
+  const double cv = eff.rank_speed_cv;
   for (const StagePlan& st : plan.stages) {
-    double t = 0;
+    double t = 0, skew = 0;
     std::map<std::string, double> crit, brk;
     auto group = [&](const std::string& name, double sec) { brk[name] += sec * 1e3; };
     if (st.has_embedding) {
       const auto ops = EmbedOps(cfg, dev, T);
+      skew += m * skew_c * cv * SumSeconds(ops);
       t += m * SumSeconds(ops);
       Attribute(ops, m, ko, &crit);
       group("embedding", m * SumSeconds(ops));
@@ -453,6 +464,7 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
     for (int64_t l = st.layer_begin; l < st.layer_end; ++l) {
       if (!cfg.IsMoeLayer(l)) {
         const double a = SumSeconds(attn), x = SumSeconds(dense);
+        skew += m * skew_c * cv * (a + x);
         t += m * (a + x);
         Attribute(attn, m, ko, &crit);
         Attribute(dense, m, ko, &crit);
@@ -486,6 +498,13 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
       // its expected maximum over the EP ranks.
       const std::vector<OpCost> experts = RoutedExpertOps(cfg, dev, per_slot, T, d.ep);
       const double a = SumSeconds(attn_piece), x = SumSeconds(experts);
+      if (skew_c > 0 && cv > 0) {
+        // x is the routing's expected slowest rank: mean + c x sigma_routing.
+        const double x_mean = SumSeconds(RoutedExpertOps(cfg, dev, per_slot, T, 1));
+        const double sigma_routing = std::max(0.0, x - x_mean) / skew_c, sigma_speed = cv * x_mean;
+        const double slowest = x_mean + skew_c * std::sqrt(sigma_routing * sigma_routing + sigma_speed * sigma_speed);
+        skew += m * (skew_c * cv * a + (slowest - x));
+      }
       const AllToAllTime comm = AllToAll(cfg, c, low_latency, d.ep, T, r.fanout, imb);
       if (li == 0 || r.dispatch_us == 0) {
         r.dispatch_us = comm.dispatch_s * 1e6;
@@ -548,6 +567,7 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
     }
     if (st.has_head) {
       const auto ops = HeadOps(cfg, dev, s.logit_tokens);
+      skew += m * skew_c * cv * SumSeconds(ops);
       t += m * SumSeconds(ops);
       Attribute(ops, m, ko, &crit);
       group("head", m * SumSeconds(ops));
@@ -562,6 +582,11 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
       t += tp;
       crit[LimiterName(Limiter::kPipeline)] += tp * 1e3;
       group("pipeline_send", tp);
+    }
+    if (skew > 0) {
+      t += skew;
+      crit["rank skew"] += skew * 1e3;
+      group("rank_skew", skew);
     }
     t += eff.step_overhead_ms * 1e-3;
     crit["host overhead"] += eff.step_overhead_ms;
@@ -579,8 +604,10 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
   // process's core to another, so a stage step lasts at least the CPU time
   // of all the node's processes in one step divided by the cores (stage time
   // x EP ranks, summed over the node's stages), and at least the slowest
-  // stage. Waits of a rank for a descheduled peer are not modelled
-  // (docs/PLANNER.md, "Local calibration").
+  // stage. The stage times include the rank skew: a rank waiting at an
+  // all-to-all polls with sched_yield (worker/comm/mpi_communicator.cc) and
+  // stays runnable. Waits for a peer descheduled by the scheduler itself are
+  // not modelled (docs/PLANNER.md, "Local calibration").
   const int64_t on_node = d.nodes == 1 ? d.devices() : c.devices_per_node();
   if (c.node.device.host_cores > 0 && on_node > c.node.device.host_cores) {
     double cpu = 0;

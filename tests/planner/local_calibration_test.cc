@@ -9,6 +9,7 @@
 //   examples/planning/local-calibration/serve-measured.json  measured runs, with their commands
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include "common/config.h"
@@ -149,6 +150,75 @@ TEST(LocalCalibrationTest, GroupedGemmReadsOnlyTouchedExperts) {
   // Many tokens per expert: every expert is read once, as before.
   const OpCost big = dev.GroupedGemm("g", std::vector<double>(8, 1000), 1024, 512, 8);
   EXPECT_NEAR(big.kernels, 8, 1e-6);
+}
+
+TEST(LocalCalibrationTest, RankSkewChargesTheSlowestEpRank) {
+  auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto cfg = ModelConfig::Preset("small");
+  ASSERT_TRUE(cfg.ok());
+  Cluster even = *cluster;
+  even.node.device.efficiency.rank_speed_cv = 0;
+  Cluster skewed = even;
+  skewed.node.device.efficiency.rank_speed_cv = 0.1;
+  Deployment d;
+  d.phase = Phase::kDecode;
+  d.pp = 1;
+  d.ep = 2;
+  d.batch_per_device = 8;
+  d.context = 80;
+  auto a = Simulate(*cfg, even, Workload{}, d);
+  auto b = Simulate(*cfg, skewed, Workload{}, d);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->breakdown_ms.count("rank_skew"), 0u);
+  ASSERT_GT(b->breakdown_ms.count("rank_skew"), 0u);
+  const double skew = b->breakdown_ms.at("rank_skew");
+  EXPECT_NEAR(b->stage_time_ms, a->stage_time_ms + skew, 1e-9);
+  // At most c(2) x cv x the compute (the experts' routing deviation is
+  // already charged and adds in quadrature), at least that for the
+  // non-expert compute.
+  double compute = 0, experts = a->breakdown_ms.at("routed_experts");
+  for (const char* k : {"attention", "dense_mlp", "router+shared_expert", "head", "embedding", "routed_experts"}) {
+    if (a->breakdown_ms.count(k)) compute += a->breakdown_ms.at(k);
+  }
+  EXPECT_LE(skew, 0.5642 * 0.1 * compute + 1e-9);
+  EXPECT_GE(skew, 0.5642 * 0.1 * (compute - experts) - 1e-9);
+  // One rank: nothing to wait for.
+  d.ep = 1;
+  auto one = Simulate(*cfg, skewed, Workload{}, d);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->breakdown_ms.count("rank_skew"), 0u);
+}
+
+TEST(LocalCalibrationTest, RankSpeedSpreadFromConcurrentCopies) {
+  auto base = LoadClusterFile(kSrc + "/examples/topologies/cpu-2core.yaml");
+  ASSERT_TRUE(base.ok()) << base.status();
+  auto benches = ReadBenchResults({kDir + "/bench.json"});
+  ASSERT_TRUE(benches.ok()) << benches.status();
+  // The pooled relative spread of the small preset's concurrent copies.
+  double sum = 0;
+  int n = 0;
+  std::map<int64_t, std::vector<std::pair<double, double>>> copies;  // tokens -> (moe, mla) per copy
+  for (const auto& j : *benches) {
+    if (!j.contains("moe_layer_s") || j.value("preset", std::string()) != "small") continue;
+    copies[j["tokens"].get<int64_t>()].push_back({j["moe_layer_s"].get<double>(), j["mla_layer_s"].get<double>()});
+  }
+  for (const auto& [t, v] : copies) {
+    if (v.size() < 2) continue;
+    for (int which = 0; which < 2; ++which) {
+      double mean = 0, var = 0;
+      for (const auto& c : v) mean += which == 0 ? c.first : c.second;
+      mean /= v.size();
+      for (const auto& c : v) var += std::pow((which == 0 ? c.first : c.second) - mean, 2);
+      var /= v.size() - 1;
+      sum += var / (mean * mean);
+      ++n;
+    }
+  }
+  ASSERT_GT(n, 0);
+  auto cal = CalibrateCpuHost(*base, *benches);
+  ASSERT_TRUE(cal.ok()) << cal.status();
+  EXPECT_NEAR(cal->cluster.node.device.efficiency.rank_speed_cv, std::sqrt(sum / n), 1e-12);
 }
 
 TEST(LocalCalibrationTest, CpuTimesAddComputeAndMemory) {
