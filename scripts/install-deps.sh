@@ -13,6 +13,7 @@ PKGS=(
   libopenmpi-dev openmpi-bin             # MPI data plane and mpirun
   libucx-dev                             # UCX data plane
   libhwloc-dev hwloc                     # topology discovery
+  iproute2                               # e2e: network namespaces as hosts
   python3 python3-numpy python3-grpcio   # test oracles and the example client
 )
 missing=()

@@ -62,10 +62,12 @@ def read_log(p):
     return ""
 
 
-def start(args, log_path, mpirun_np=None):
-    cmd = ([*MPIRUN, "-np", str(mpirun_np)] if mpirun_np else []) + [EXPERTMESH] + args
+def start(args, log_path, mpirun_np=None, wrap=(), env=None):
+    """Starts `expertmesh args` (under mpirun -np N, or after `wrap`, e.g. `ip netns exec NS`)."""
+    cmd = list(wrap) + ([*MPIRUN, "-np", str(mpirun_np)] if mpirun_np else []) + [EXPERTMESH] + args
     with open(log_path, "w") as log:  # the child keeps its own descriptor
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(ENV, **(env or {})),
+                             start_new_session=True)
     p.log_path = log_path
     return p
 
@@ -119,3 +121,68 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class NetnsHosts:
+    """N "hosts" on this machine: network namespaces em<id>h1..hN, each with its
+    own loopback and one veth into a bridge em<id>br in the root namespace
+    (10.<a>.<b>.1/24); host i is 10.<a>.<b>.(10 + i). Processes run in host i
+    through `wrap(i)` = ["ip", "netns", "exec", name]. Needs root (CAP_NET_ADMIN)
+    and iproute2; `available()` says why not. Everything is removed by down(),
+    also after a failure halfway through up()."""
+
+    def __init__(self, n):
+        self.n = n
+        tag = os.getpid() % 10000
+        self.prefix = f"em{tag}"
+        self.subnet = f"10.{77 + tag // 250 % 100}.{tag % 250}"
+        self.bridge = self.prefix + "br"
+        self.names = [f"{self.prefix}h{i}" for i in range(1, n + 1)]
+
+    @staticmethod
+    def available():
+        if os.geteuid() != 0:
+            return "needs root for ip netns"
+        probe = f"emprobe{os.getpid() % 100000}"
+        r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if r.returncode != 0:
+            return "ip netns add failed: " + (r.stderr.strip() or "?")
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return ""
+
+    def _ip(self, *args, ns=None):
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+    def address(self, i):
+        return f"{self.subnet}.{10 + i}"
+
+    def wrap(self, i):
+        return ["ip", "netns", "exec", self.names[i - 1]]
+
+    def up(self):
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+            self._ip("link", "set", self.bridge, "up")
+            for i, ns in enumerate(self.names, start=1):
+                self._ip("netns", "add", ns)
+                outer, inner = f"{self.prefix}v{i}", f"{self.prefix}p{i}"
+                self._ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+                self._ip("link", "set", inner, "netns", ns)
+                self._ip("link", "set", outer, "master", self.bridge)
+                self._ip("link", "set", outer, "up")
+                self._ip("addr", "add", f"{self.address(i)}/24", "dev", inner, ns=ns)
+                self._ip("link", "set", inner, "up", ns=ns)
+                self._ip("link", "set", "lo", "up", ns=ns)
+        except Exception:
+            self.down()
+            raise
+        return self
+
+    def down(self):
+        for ns in self.names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its veth pair along
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

@@ -5,8 +5,9 @@ standalone (`expertmesh coordinator` + workers, UCX data plane), a batch of
 16 prompts of different lengths submitted over gRPC must return exactly the
 tokens `expertmesh generate` returns in one process: greedy, and seeded
 sampling. Also: cancel, gRPC health, a coordinator killed with SIGKILL
-mid-job and restarted on its journal, and workers killed with SIGKILL mid-job
-and replaced by new `expertmesh worker` processes.
+mid-job and restarted on its journal, workers killed with SIGKILL mid-job
+and replaced by new `expertmesh worker` processes, SIGTERM, Prometheus
+metrics, and a cluster spread over three network namespaces (UCX over TCP).
 
 Run: EXPERTMESH=build/launch/expertmesh /usr/bin/python3 tests/e2e/test_cluster.py [Class.test]
 """
@@ -297,6 +298,36 @@ class StandaloneTest(ClusterCase):
                 return st
             time.sleep(0.2)
         self.fail(f"the cluster did not run the job in generation {generation}: {st}")
+
+
+class MultiHostTest(ClusterCase):
+    """A standalone cluster over a real network: three network namespaces as hosts
+    (coordinator on host 1, two workers on each of hosts 2 and 3), UCX over TCP
+    between the workers (UCX_TLS=tcp: no shared memory even between the workers of
+    one host), gRPC over the hosts' addresses, the client on the root namespace."""
+
+    def test_three_hosts_over_tcp(self):
+        why = cu.NetnsHosts.available()
+        if why:
+            self.skipTest("no network namespaces here: " + why)
+        hosts = cu.NetnsHosts(3).up()
+        self.addCleanup(hosts.down)
+        port = 50051
+        server = f"{hosts.address(1)}:{port}"
+        coord = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
+                          f"0.0.0.0:{port}", "--heartbeat-timeout-s", "30"],
+                         os.path.join(self.tmp, "coordinator.log"), wrap=hosts.wrap(1))
+        self.procs.append(coord)
+        workers = []
+        for i in range(4):
+            workers.append(cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"worker{i}.log"),
+                                    wrap=hosts.wrap(2 + i // 2), env={"UCX_TLS": "tcp"}))
+            time.sleep(0.3)  # registration order = worker id: ids 0-1 on host 2, 2-3 on host 3
+        self.procs += workers
+        st = cu.wait_serving(server, timeout=120)
+        self.assertEqual(sorted(w["pid"] for w in st["workers"]), sorted(p.pid for p in workers))
+        self.check_batch(server)
+        self.shutdown(server, [coord] + workers)
 
 
 class BadRequestTest(ClusterCase):
