@@ -420,7 +420,15 @@ void Coordinator::MaybeCompactJournalLocked() {
   if (waste > 0 && waste >= std::max(options_.journal_compact_min_waste_bytes, size / 4)) {
     why = absl::StrCat("about ", waste, " bytes belong to forgotten jobs");
   } else if (size >= grown_at && size > 0) {
-    why = absl::StrCat("grew past ", grown_at, " bytes");
+    if (waste < size / 8) {
+      // Every record still belongs to a kept job: a rewrite would copy the
+      // file under the lock and gain nothing. Look again when it has doubled.
+      VLOG(1) << "coordinator: journal at " << size << " bytes, about " << waste
+              << " reclaimable: not compacted";
+      compacted_bytes_ = size;
+      return;
+    }
+    why = absl::StrCat("grew past ", grown_at, " bytes, about ", waste, " bytes reclaimable");
   } else {
     return;
   }

@@ -40,7 +40,7 @@
 //    the records of forgotten jobs take journal_compact_min_waste_bytes and a
 //    quarter of the file, likewise whenever retention forgets jobs, and when
 //    the file grows past max(journal_compact_min_bytes, 2 x its size after the
-//    last compaction).
+//    last compaction or check) with at least an eighth of it reclaimable.
 //  * Generation: the data plane's version, 1 at start. It grows when a
 //    worker that served is found MISSING, exits unasked, or reports through
 //    Register(rejoin_after_generation) that its data plane failed. Every

@@ -959,23 +959,24 @@ TEST_F(CoordinatorTest, CompactionKeepsEveryRetainedJobBitIdenticalAcrossRestart
   for (const auto& r : q.results()) ExpectFakeTokens(q_req, r);
 }
 
-TEST_F(CoordinatorTest, JournalIsCompactedWhenItGrowsAndStaysReplayable) {
+TEST_F(CoordinatorTest, GrowingJournalWithNothingToReclaimIsNotRewrittenAndStaysReplayable) {
   CoordinatorOptions o = Options(1, 1);
   o.job_retention_s = 0;                    // nothing expires: only the growth rule
   o.journal_compact_min_bytes = 4096;
   Start(o);
   auto w = RegisterAll(1);
   std::vector<std::string> ids;
-  for (int i = 0; i < 12; ++i) {
+  for (int i = 0; i < 24; ++i) {
     ids.push_back(Submit(Batch(8, 8)));
     RunUntilFinal(w, 1, ids.back());
   }
-  for (int i = 0; i < 100 && server_->coordinator()->journal_stats().compactions == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // monitor ticks
   const Coordinator::JournalStats st = server_->coordinator()->journal_stats();
-  EXPECT_GE(st.compactions, 1);
-  EXPECT_LT(st.size_bytes, std::max<int64_t>(4096, 2 * st.compacted_bytes) + 4096);
+  EXPECT_GT(st.size_bytes, 2 * 4096);       // it grew past the threshold (twice) ...
+  EXPECT_EQ(st.compactions, 0);             // ... but every record belongs to a kept job
+  EXPECT_EQ(st.live_bytes, st.size_bytes);
+  EXPECT_GT(st.compacted_bytes, 4096);      // re-armed at the size it had then
+  EXPECT_LE(st.compacted_bytes, st.size_bytes);
   std::map<std::string, std::string> before;
   for (const auto& id : ids) before[id] = GetJob(id).SerializeAsString();
   server_->Stop();
