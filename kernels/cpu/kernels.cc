@@ -306,37 +306,56 @@ void MlaExpanded(const MlaShape& s, const float* q, int64_t Tq, const float* lat
 void MlaAbsorbed(const MlaShape& s, const float* q, int64_t Tq, const float* latent, const float* k_pe,
                  int64_t S, const float* w_kv_b, float* out, float* scratch) {
   const int64_t H = s.heads, dn = s.nope, dr = s.rope, dv = s.v, qd = dn + dr, kvd = dn + dv, L = s.kv_lora;
-  float* qa = scratch;            // [Tq, L] absorbed query of one head
-  float* ol = qa + Tq * L;        // [Tq, L] latent output of one head
-  float* sc = ol + Tq * L;        // [Tq, S] scores
-  for (int64_t h = 0; h < H; ++h) {
-    const float* wk = w_kv_b + h * kvd * L;  // [dn, L]
-    const float* wv = wk + dn * L;           // [dv, L]
-    // qa[t] = q_nope[t] . W_uk  ([Tq, dn] x [dn, L])
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(L),
-                static_cast<int>(dn), 1.0f, q + h * qd, static_cast<int>(H * qd), wk, static_cast<int>(L), 0.0f,
-                qa, static_cast<int>(L));
-    // scores = qa . latent^T + q_pe . k_pe^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
-                static_cast<int>(L), 1.0f, qa, static_cast<int>(L), latent, static_cast<int>(L), 0.0f, sc,
-                static_cast<int>(S));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
-                static_cast<int>(dr), 1.0f, q + h * qd + dn, static_cast<int>(H * qd), k_pe,
-                static_cast<int>(dr), 1.0f, sc, static_cast<int>(S));
-    for (int64_t t = 0; t < Tq; ++t) {
-      const int64_t visible = S - Tq + t + 1;
-      float* row = sc + t * S;
-      for (int64_t j = 0; j < visible; ++j) row[j] *= s.softmax_scale;
-      Softmax(row, visible);
-      std::fill(row + visible, row + S, 0.0f);
+  // Rows (head h, query t), head-major: the latent cache is shared by all
+  // heads (one KV head, as in MQA), so the scores and the latent outputs of
+  // every head are one GEMM each against it; only W_uk and W_uv are per head.
+  const int64_t R = H * Tq;
+  float* qa = scratch;    // [R, L] absorbed queries
+  float* ol = qa + R * L; // [R, L] latent outputs
+  float* sc = ol + R * L; // [R, S] scores, then probabilities
+  for (int64_t h = 0; h < H; ++h) {  // qa[h, t] = q_nope[t, h] . W_uk(h)  ([Tq, dn] x [dn, L])
+    const float* wk = w_kv_b + h * kvd * L;
+    if (Tq == 1) {
+      cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(dn), static_cast<int>(L), 1.0f, wk,
+                  static_cast<int>(L), q + h * qd, 1, 0.0f, qa + h * L, 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(L),
+                  static_cast<int>(dn), 1.0f, q + h * qd, static_cast<int>(H * qd), wk, static_cast<int>(L), 0.0f,
+                  qa + h * Tq * L, static_cast<int>(L));
     }
-    // ol = P . latent ([Tq, S] x [S, L]); out_h = ol . W_uv^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(Tq), static_cast<int>(L),
-                static_cast<int>(S), 1.0f, sc, static_cast<int>(S), latent, static_cast<int>(L), 0.0f, ol,
-                static_cast<int>(L));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(dv),
-                static_cast<int>(L), 1.0f, ol, static_cast<int>(L), wv, static_cast<int>(L), 0.0f, out + h * dv,
-                static_cast<int>(H * dv));
+  }
+  Linear(qa, R, L, latent, S, sc);  // scores = qa . latent^T, all heads at once
+  for (int64_t h = 0; h < H; ++h) {  // += q_pe . k_pe^T
+    if (Tq == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(S), static_cast<int>(dr), 1.0f, k_pe,
+                  static_cast<int>(dr), q + h * qd + dn, 1, 1.0f, sc + h * S, 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(S),
+                  static_cast<int>(dr), 1.0f, q + h * qd + dn, static_cast<int>(H * qd), k_pe, static_cast<int>(dr),
+                  1.0f, sc + h * Tq * S, static_cast<int>(S));
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t visible = S - Tq + r % Tq + 1;
+    float* row = sc + r * S;
+    for (int64_t j = 0; j < visible; ++j) row[j] *= s.softmax_scale;
+    Softmax(row, visible);
+    std::fill(row + visible, row + S, 0.0f);
+  }
+  // ol = P . latent ([R, S] x [S, L]), all heads at once
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(R), static_cast<int>(L),
+              static_cast<int>(S), 1.0f, sc, static_cast<int>(S), latent, static_cast<int>(L), 0.0f, ol,
+              static_cast<int>(L));
+  for (int64_t h = 0; h < H; ++h) {  // out[t, h] = ol[h, t] . W_uv(h)^T
+    const float* wv = w_kv_b + h * kvd * L + dn * L;  // [dv, L]
+    if (Tq == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(dv), static_cast<int>(L), 1.0f, wv,
+                  static_cast<int>(L), ol + h * L, 1, 0.0f, out + h * dv, 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(Tq), static_cast<int>(dv),
+                  static_cast<int>(L), 1.0f, ol + h * Tq * L, static_cast<int>(L), wv, static_cast<int>(L), 0.0f,
+                  out + h * dv, static_cast<int>(H * dv));
+    }
   }
 }
 
