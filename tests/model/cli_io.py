@@ -2,6 +2,8 @@
 of this folder (JSON lines: {"tokens": [...]} in, {"index": i, "tokens": [...]}
 out, one line per prompt in input order)."""
 import json
+import os
+import shutil
 
 
 def write_prompts(path, prompts):
@@ -20,4 +22,20 @@ def parse_output(test, stdout, n):
         test.assertEqual(obj.get("index"), i, "line %d: %s" % (i, l))
         test.assertIsInstance(obj.get("tokens"), list, l)
         out.append(obj["tokens"])
+    return out
+
+
+def make_tiny_checkpoints(run, workdir, dtypes, seed, extra=None):
+    """`expertmesh checkpoint --preset tiny` once per dtype into workdir/tiny_<dtype>
+    (extra: dtype -> more flags); returns {dtype: folder}. `run(args)` runs expertmesh."""
+    out = {}
+    for dt in dtypes:
+        d = os.path.join(workdir, "tiny_" + dt)
+        shutil.rmtree(d, ignore_errors=True)
+        args = ["checkpoint", "--preset", "tiny", "--dtype", dt, "--seed", str(seed), "--out", d]
+        args += (extra or {}).get(dt, [])
+        r = run(args)
+        if r.returncode != 0:
+            raise RuntimeError("expertmesh %s failed: %s" % (" ".join(args), r.stderr))
+        out[dt] = d
     return out

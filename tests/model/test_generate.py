@@ -20,7 +20,6 @@ weights of the three dtypes agree within their rounding.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import unittest
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import ds3_ref as ref  # noqa: E402
-from cli_io import parse_output, write_prompts  # noqa: E402
+from cli_io import make_tiny_checkpoints, parse_output, write_prompts  # noqa: E402
 
 ARGS = None
 SEED = 11
@@ -94,17 +93,8 @@ class Env:
         if cls.ready:
             return
         os.makedirs(ARGS.workdir, exist_ok=True)
-        cls.ckpt = {}
-        for dt in DTYPES:
-            d = os.path.join(ARGS.workdir, "tiny_" + dt)
-            shutil.rmtree(d, ignore_errors=True)
-            args = ["checkpoint", "--preset", "tiny", "--dtype", dt, "--seed", str(SEED), "--out", d]
-            if dt == "bf16":
-                args += ["--shard_size", "4000000"]        # several shards + index
-            r = run(args)
-            if r.returncode != 0:
-                raise RuntimeError("expertmesh %s failed: %s" % (" ".join(args), r.stderr))
-            cls.ckpt[dt] = d
+        cls.ckpt = make_tiny_checkpoints(run, ARGS.workdir, DTYPES, SEED,
+                                         extra={"bf16": ["--shard_size", "4000000"]})  # several shards + index
         cls.models = {dt: ref.Model(cls.ckpt[dt]) for dt in DTYPES}
         cls.prompts, cls.ref = make_prompts(cls.models)
         cls.prompt_file = os.path.join(ARGS.workdir, "prompts.jsonl")

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import ds3_ref as ref  # noqa: E402
-from cli_io import parse_output, write_prompts  # noqa: E402
+from cli_io import make_tiny_checkpoints, parse_output, write_prompts  # noqa: E402
 
 ARGS = None
 SEED = 11
@@ -94,14 +94,7 @@ class Env:
         if cls.ready:
             return
         os.makedirs(ARGS.workdir, exist_ok=True)
-        cls.ckpt = {}
-        for dt in ("fp32", "fp8"):
-            d = os.path.join(ARGS.workdir, "tiny_" + dt)
-            shutil.rmtree(d, ignore_errors=True)
-            r = run(["checkpoint", "--preset", "tiny", "--dtype", dt, "--seed", str(SEED), "--out", d])
-            if r.returncode != 0:
-                raise RuntimeError("expertmesh checkpoint failed: " + r.stderr)
-            cls.ckpt[dt] = d
+        cls.ckpt = make_tiny_checkpoints(run, ARGS.workdir, ("fp32", "fp8"), SEED)
         d = os.path.join(ARGS.workdir, "tiny_doctored")
         shutil.rmtree(d, ignore_errors=True)
         doctor(cls.ckpt["fp32"], d, DOCTOR_SCALE)
