@@ -29,6 +29,17 @@ const std::string kDir = kSrc + "/examples/planning/local-calibration";
 // The goal of issue 5 for the local check.
 constexpr double kBound = 0.20;
 
+// A decode step of bench serve's shape (KV length 80: 64 prompt + half of 32 new).
+Deployment Decode(int64_t pp, int64_t ep, int64_t batch_per_device) {
+  Deployment d;
+  d.phase = Phase::kDecode;
+  d.pp = pp;
+  d.ep = ep;
+  d.batch_per_device = batch_per_device;
+  d.context = 80;
+  return d;
+}
+
 TEST(LocalCalibrationTest, ServeRunsPredictedWithinTwentyPercent) {
   auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
   ASSERT_TRUE(cluster.ok()) << cluster.status();
@@ -95,12 +106,7 @@ TEST(LocalCalibrationTest, SharedCoresBoundTheStageStep) {
   ASSERT_TRUE(cfg.ok());
   EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(2), 1.0);
   EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(4), 0.5);
-  Deployment d;
-  d.phase = Phase::kDecode;
-  d.pp = 2;
-  d.ep = 2;
-  d.batch_per_device = 4;
-  d.context = 80;
+  Deployment d = Decode(/*pp=*/2, /*ep=*/2, /*batch_per_device=*/4);
   auto shared = Simulate(*cfg, *cluster, Workload{}, d);
   ASSERT_TRUE(shared.ok()) << shared.status();
   Cluster own = *cluster;
@@ -161,12 +167,7 @@ TEST(LocalCalibrationTest, RankSkewChargesTheSlowestEpRank) {
   even.node.device.efficiency.rank_speed_cv = 0;
   Cluster skewed = even;
   skewed.node.device.efficiency.rank_speed_cv = 0.1;
-  Deployment d;
-  d.phase = Phase::kDecode;
-  d.pp = 1;
-  d.ep = 2;
-  d.batch_per_device = 8;
-  d.context = 80;
+  Deployment d = Decode(/*pp=*/1, /*ep=*/2, /*batch_per_device=*/8);
   auto a = Simulate(*cfg, even, Workload{}, d);
   auto b = Simulate(*cfg, skewed, Workload{}, d);
   ASSERT_TRUE(a.ok() && b.ok());
