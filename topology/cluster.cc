@@ -48,6 +48,7 @@ double Cluster::NicBytesPerSPerDevice() const {
 double Cluster::FabricBytesPerS() const { return node.intra_node.gbytes_per_s_per_direction * 1e9; }
 
 using internal::MapReader;
+using internal::ParseYamlDocument;
 
 namespace {
 
@@ -180,13 +181,7 @@ bool LookupDeviceKind(const std::string& name, DeviceSpec* out) {
 }
 
 absl::StatusOr<Cluster> ParseClusterYaml(const std::string& text, const std::string& source) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(text);
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid YAML (line ", e.mark.line + 1,
-                                                   ", column ", e.mark.column + 1, "): ", e.msg));
-  }
+  ASSIGN_OR_RETURN(const YAML::Node root, ParseYamlDocument(text, source));
   MapReader top(root, "", source);
   RETURN_IF_ERROR(top.CheckIsMap());
   Cluster c;

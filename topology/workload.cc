@@ -18,6 +18,7 @@
 namespace expertmesh::topology {
 
 using internal::MapReader;
+using internal::ParseYamlDocument;
 
 absl::StatusOr<std::vector<std::vector<double>>> LoadExpertLoadJson(const std::string& path) {
   std::ifstream in(path);
@@ -134,13 +135,7 @@ std::string LoadDistribution::Describe() const {
 
 absl::StatusOr<Workload> ParseWorkloadYaml(const std::string& text, const std::string& source,
                                            const std::string& base_dir) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(text);
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid YAML (line ", e.mark.line + 1,
-                                                   ", column ", e.mark.column + 1, "): ", e.msg));
-  }
+  ASSIGN_OR_RETURN(const YAML::Node root, ParseYamlDocument(text, source));
   MapReader r(root, "", source);
   RETURN_IF_ERROR(r.CheckIsMap());
   Workload w;

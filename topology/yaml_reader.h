@@ -17,6 +17,16 @@
 
 namespace expertmesh::topology::internal {
 
+// Parses a whole YAML document; a syntax error names `source`, line and column.
+inline absl::StatusOr<YAML::Node> ParseYamlDocument(const std::string& text, const std::string& source) {
+  try {
+    return YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid YAML (line ", e.mark.line + 1, ", column ",
+                                                   e.mark.column + 1, "): ", e.msg));
+  }
+}
+
 // Walks one YAML mapping, remembering which keys were read so that unknown
 // keys (typos such as `hbm_gb`) are reported with the list of known ones.
 class MapReader {
