@@ -306,6 +306,13 @@ void Coordinator::NewGenerationLocked(const std::string& reason) {
   changed_.notify_all();
 }
 
+void Coordinator::WorkerLostLocked(int worker_id, const std::string& how) {
+  if (shutdown_requested_) return;  // leaving is expected then
+  ++workers_lost_;
+  // Without a Register answered in this generation no data plane exists to rebuild.
+  if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", worker_id, " ", how));
+}
+
 Coordinator::Job* Coordinator::FindJob(const std::string& job_id) const {
   auto it = jobs_.find(job_id);
   return it == jobs_.end() ? nullptr : it->second.get();
@@ -726,6 +733,13 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsReq
   return resp;
 }
 
+std::map<v1::JobState, int64_t> Coordinator::JobCountsByState() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::map<v1::JobState, int64_t> n;
+  for (const auto& [id, j] : jobs_) ++n[j->state];
+  return n;
+}
+
 // ---------------------------------------------------------------- ClusterService
 
 v1::ClusterStatus Coordinator::GetClusterStatus() const {
@@ -944,10 +958,7 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
       if (w.health != v1::WORKER_HEALTH_EXITED) LOG(INFO) << "coordinator: worker " << id << " exited";
       w.health = v1::WORKER_HEALTH_EXITED;
       RevokeSequences(id, /*tell_worker=*/false);
-      if (was_live && !shutdown_requested_) {
-        ++workers_lost_;
-        if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", id, " exited unasked"));
-      }
+      if (was_live) WorkerLostLocked(id, "exited unasked");
     } else if (w.health != v1::WORKER_HEALTH_READY && w.health != v1::WORKER_HEALTH_EXITED) {
       LOG(INFO) << "coordinator: worker " << id << " is READY"
                 << (w.health == v1::WORKER_HEALTH_MISSING ? " again" : "");
@@ -1096,10 +1107,7 @@ void Coordinator::Tick() {
                      << absl::FormatDuration(now - (late_ready ? w.last_heartbeat : w.registered_at));
         w.health = v1::WORKER_HEALTH_MISSING;
         RevokeSequences(static_cast<int>(id), /*tell_worker=*/true);
-        if (!shutdown_requested_) {
-          ++workers_lost_;
-          if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", id, " is MISSING"));
-        }
+        WorkerLostLocked(static_cast<int>(id), "is MISSING");
         changed_.notify_all();
       }
     }

@@ -123,6 +123,8 @@ class Coordinator {
                                       std::vector<v1::WatchJobResponse>* out);
   absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);  // idempotent; NOT_FOUND
   absl::StatusOr<v1::ListJobsResponse> ListJobs(const v1::ListJobsRequest& request) const;
+  // How many jobs the coordinator holds in each state (for metrics: no copies).
+  std::map<v1::JobState, int64_t> JobCountsByState() const;
 
   // ---- ClusterService
   v1::ClusterStatus GetClusterStatus() const;
@@ -229,6 +231,9 @@ class Coordinator {
   // Moves the data plane to the next generation (see the header comment):
   // requeues every running sequence and drops the store keys of older ones.
   void NewGenerationLocked(const std::string& reason);
+  // A live worker went MISSING or exited unasked (`how` says which): counts
+  // it and moves to a new generation (nothing during shutdown).
+  void WorkerLostLocked(int worker_id, const std::string& how);
   Job* FindJob(const std::string& job_id) const;
   // NOT_FOUND for a job_id FindJob does not know: "expired" for ids this
   // coordinator (or its journal) handed out, "no job" otherwise.

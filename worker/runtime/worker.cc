@@ -51,6 +51,12 @@ absl::StatusOr<topology::Plan> PlanFromRegister(const v1::Plan& p) {
   return plan;
 }
 
+std::string ThisHost() {
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
 // ------------------------------------------------------------ messages over a communicator
 
 absl::Status SendMessage(comm::Communicator* c, int peer, const std::string& bytes, absl::Duration timeout) {
@@ -172,7 +178,7 @@ class ExpertParallelRunner : public MoeRunner {
 
 class Worker {
  public:
-  explicit Worker(const WorkerOptions& o) : o_(o), client_(o.coordinator) {}
+  explicit Worker(const WorkerOptions& o) : o_(o), client_(o.coordinator), host_(ThisHost()) {}
   absl::Status Run();
 
  private:
@@ -227,6 +233,7 @@ class Worker {
 
   WorkerOptions o_;
   CoordinatorClient client_;
+  const std::string host_;  // sent with Register and every Heartbeat
   int worker_id_ = -1, stage_ = 0, ep_rank_ = 0;
   std::string epoch_;
   topology::Plan plan_;
@@ -248,6 +255,7 @@ class Worker {
   }
   LoadCounter load_;
   std::unique_ptr<MoeRunner> moe_;
+  ExpertParallelRunner* ep_runner_ = nullptr;  // moe_ when it is the CPU EP runner
   std::unique_ptr<Engine> engine_;
   // --device cuda: the engine, its EP exchange and the device data plane.
   std::unique_ptr<CudaEngine> gpu_;
@@ -308,10 +316,8 @@ absl::StatusOr<std::unique_ptr<comm::Communicator>> Worker::MakeComm(const std::
 }
 
 v1::RegisterRequest Worker::MakeRegisterRequest(int worker_id) const {
-  char host[256] = {0};
-  gethostname(host, sizeof(host) - 1);
   v1::RegisterRequest req;
-  req.set_host(host);
+  req.set_host(host_);
   req.set_pid(getpid());
   req.set_worker_id(worker_id);
   return req;
@@ -375,7 +381,9 @@ absl::Status Worker::Setup() {
     dp_generation_ = reg.generation();
   }
   if (plan_.ep > 1 && !o_.cuda) {
-    moe_ = std::make_unique<ExpertParallelRunner>(nullptr, &plan_.stages[stage_], &load_, &t_, o_.step_timeout);
+    auto runner = std::make_unique<ExpertParallelRunner>(nullptr, &plan_.stages[stage_], &load_, &t_, o_.step_timeout);
+    ep_runner_ = runner.get();
+    moe_ = std::move(runner);
   } else if (!o_.cuda) {
     moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
   }
@@ -434,7 +442,7 @@ absl::Status Worker::BuildDataPlane() {
       gpu_->SetExpertExchange(gpu_ep_.get());
       gpu_ep_seen_ = gpu_ep_->times();
     } else {
-      static_cast<ExpertParallelRunner*>(moe_.get())->Reset(stage_comm_.get());
+      ep_runner_->Reset(stage_comm_.get());
     }
   }
   return absl::OkStatus();
@@ -451,7 +459,7 @@ void Worker::TearDownDataPlane(const absl::Status& reason) {
   AbortDataPlane(reason);
   if (gpu_ != nullptr) gpu_->SetExpertExchange(nullptr);
   gpu_ep_.reset();
-  if (moe_ != nullptr && plan_.ep > 1 && !o_.cuda) static_cast<ExpertParallelRunner*>(moe_.get())->Reset(nullptr);
+  if (ep_runner_ != nullptr) ep_runner_->Reset(nullptr);
   std::unique_ptr<comm::Communicator> a, b, c, d;
   {
     std::lock_guard<std::mutex> l(dp_mu_);
@@ -531,12 +539,8 @@ void Worker::HeartbeatLoop() {
     const bool exiting = stop_heartbeats_.load();
     v1::HeartbeatRequest req;
     req.set_worker_id(worker_id_);
-    {
-      char host[256] = {0};
-      gethostname(host, sizeof(host) - 1);
-      req.set_host(host);
-      req.set_pid(getpid());
-    }
+    req.set_host(host_);
+    req.set_pid(getpid());
     req.set_active_sequences(static_cast<int32_t>(active_.load()));
     req.set_steps(steps_.load());
     req.set_tokens_processed(tokens_.load());
