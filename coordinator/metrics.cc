@@ -1,14 +1,15 @@
 #include "coordinator/metrics.h"
 
 #include <algorithm>
-#include <climits>
 #include <thread>
 #include <map>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "common/status.h"
 #include "absl/time/clock.h"
 #include "httplib.h"
@@ -54,25 +55,14 @@ class Families {
   std::vector<MetricFamily> out_;
 };
 
-std::string HealthName(v1::WorkerHealth h) {
-  switch (h) {
-    case v1::WORKER_HEALTH_STARTING: return "starting";
-    case v1::WORKER_HEALTH_READY: return "ready";
-    case v1::WORKER_HEALTH_MISSING: return "missing";
-    case v1::WORKER_HEALTH_EXITED: return "exited";
-    default: return "unregistered";
-  }
+// The API's enum names as label values: "JOB_STATE_SUCCEEDED" -> "succeeded".
+std::string LabelOf(const std::string& enum_name, absl::string_view prefix) {
+  return absl::AsciiStrToLower(absl::StripPrefix(enum_name, prefix));
 }
 
-std::string JobStateName(v1::JobState s) {
-  switch (s) {
-    case v1::JOB_STATE_QUEUED: return "queued";
-    case v1::JOB_STATE_RUNNING: return "running";
-    case v1::JOB_STATE_SUCCEEDED: return "succeeded";
-    case v1::JOB_STATE_CANCELLED: return "cancelled";
-    case v1::JOB_STATE_FAILED: return "failed";
-    default: return "unspecified";
-  }
+// A place's health; UNSPECIFIED is a place no worker has registered for.
+std::string HealthLabel(v1::WorkerHealth h) {
+  return h == v1::WORKER_HEALTH_UNSPECIFIED ? "unregistered" : LabelOf(v1::WorkerHealth_Name(h), "WORKER_HEALTH_");
 }
 
 std::vector<MetricFamily> Collect(const Coordinator& c) {
@@ -89,19 +79,22 @@ std::vector<MetricFamily> Collect(const Coordinator& c) {
   f.Add(st.queued_sequences(), {{"state", "queued"}});
   f.Add(st.running_sequences(), {{"state", "running"}});
 
-  std::map<std::string, int> jobs = {{"queued", 0}, {"running", 0}, {"succeeded", 0}, {"cancelled", 0}, {"failed", 0}};
-  v1::ListJobsRequest all;
-  all.set_limit(INT32_MAX);
-  if (auto list = c.ListJobs(all); list.ok()) {
-    for (const v1::Job& j : list->jobs()) ++jobs[JobStateName(j.state())];
-  }
+  const std::map<v1::JobState, int64_t> by_state = c.JobCountsByState();
   f.Start("expertmesh_jobs", "jobs the coordinator holds (finished ones until --job-retention-s), by state",
           MetricType::Gauge);
-  for (const auto& [state, n] : jobs) f.Add(n, {{"state", state}});
+  for (v1::JobState s : {v1::JOB_STATE_CANCELLED, v1::JOB_STATE_FAILED, v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING,
+                         v1::JOB_STATE_SUCCEEDED}) {
+    auto it = by_state.find(s);
+    f.Add(static_cast<double>(it == by_state.end() ? 0 : it->second),
+          {{"state", LabelOf(v1::JobState_Name(s), "JOB_STATE_")}});
+  }
 
-  std::map<std::string, int> health = {{"starting", 0}, {"ready", 0}, {"missing", 0}, {"exited", 0},
-                                       {"unregistered", 0}};
-  for (const v1::WorkerStatus& w : st.workers()) ++health[HealthName(w.health())];
+  std::map<std::string, int> health;  // every health, zero or not, in label order
+  for (v1::WorkerHealth h : {v1::WORKER_HEALTH_UNSPECIFIED, v1::WORKER_HEALTH_STARTING, v1::WORKER_HEALTH_READY,
+                             v1::WORKER_HEALTH_MISSING, v1::WORKER_HEALTH_EXITED}) {
+    health[HealthLabel(h)] = 0;
+  }
+  for (const v1::WorkerStatus& w : st.workers()) ++health[HealthLabel(w.health())];
   f.Start("expertmesh_workers", "worker places by health (pp x ep places)", MetricType::Gauge);
   for (const auto& [h, n] : health) f.Add(n, {{"health", h}});
 
