@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import tempfile
 import time
 
 EXPERTMESH = os.environ.get("EXPERTMESH", "expertmesh")
@@ -85,20 +84,26 @@ def kill(p, sig=signal.SIGKILL):
         p.wait(timeout=20)
 
 
-def wait_serving(server, timeout=120):
+def wait_status(server, ready, what, timeout=120, period=0.2):
+    """Polls `expertmesh status --json` until ready(status) holds and returns that status; an
+    unreachable coordinator counts as not ready. Fails naming `what` and the last answer."""
     end = time.time() + timeout
     last = ""
     while time.time() < end:
         p = run(["status", "--server", server, "--json"], check=False, timeout=30)
         if p.returncode == 0:
             st = json.loads(p.stdout)
-            if st.get("serving"):
+            if ready(st):
                 return st
             last = p.stdout[-500:]
         else:
             last = p.stderr[-500:]
-        time.sleep(0.2)
-    raise AssertionError(f"cluster at {server} not serving within {timeout}s: {last}")
+        time.sleep(period)
+    raise AssertionError(f"cluster at {server}: {what} not seen within {timeout}s: {last}")
+
+
+def wait_serving(server, timeout=120):
+    return wait_status(server, lambda st: st.get("serving"), "serving", timeout)
 
 
 def health(server, service=""):

@@ -13,7 +13,6 @@ Run: EXPERTMESH=build/launch/expertmesh /usr/bin/python3 tests/e2e/test_cluster.
 """
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -162,15 +161,8 @@ class StandaloneTest(ClusterCase):
                                  "3000", "--detach"]).stdout)["job_id"]
         time.sleep(1.0)
         cu.run(["cancel", "--server", server, "--job", job])
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
-            if st["running_sequences"] == 0 and st["queued_sequences"] == 0 and \
-                    all(w["active_sequences"] == 0 for w in st["workers"]):
-                break
-            time.sleep(0.3)
-        else:
-            self.fail(f"work did not stop after cancel: {st}")
+        cu.wait_status(server, lambda st: st["running_sequences"] == 0 and st["queued_sequences"] == 0 and
+                       all(w["active_sequences"] == 0 for w in st["workers"]), "work stopped after cancel", 30, 0.3)
         jobs = json.loads(cu.run(["jobs", "--server", server, "--json"]).stdout)
         state = [j for j in jobs["jobs"] if j["job_id"] == job][0]["state"]
         self.assertEqual(state, "JOB_STATE_CANCELLED")
@@ -254,12 +246,7 @@ class StandaloneTest(ClusterCase):
         leaving.send_signal(signal.SIGTERM)
         self.assertEqual(leaving.wait(timeout=30), 0, cu.read_log(leaving))
         self.assertIn("left the cluster on request", cu.read_log(leaving))
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
-            if int(st.get("generation", 0)) == 2:
-                break
-            time.sleep(0.1)
+        st = cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2, "generation 2", 20, 0.1)
         self.assertEqual(int(st.get("generation", 0)), 2, st)
         self.assertLess(time.time() - t0, 20)
         self.assertEqual([w for w in st["workers"] if w["worker_id"] == 2][0]["health"], "WORKER_HEALTH_EXITED")
@@ -278,30 +265,18 @@ class StandaloneTest(ClusterCase):
 
     def wait_generation(self, server, generation, timeout=120):
         """Waits until the cluster serves again in data-plane generation `generation`."""
-        deadline = time.time() + timeout
-        st = {}
-        while time.time() < deadline:
-            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
-            if st.get("serving") and int(st.get("generation", 0)) == generation:
-                return st
-            time.sleep(0.2)
-        self.fail(f"the cluster did not serve in generation {generation} within {timeout}s: {st}")
+        return cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) == generation,
+                              f"serving in generation {generation}", timeout)
 
     def wait_generating(self, server, generation, timeout=60):
         """Waits until the cluster serves in `generation` and runs the job there (then half a second
         more), or has already finished it (a fast machine; the caller's checks hold either way)."""
-        deadline = time.time() + timeout
-        st = {}
-        while time.time() < deadline:
-            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
-            if st.get("serving") and int(st.get("generation", 0)) == generation:
-                if st["running_sequences"] > 0:
-                    time.sleep(0.5)
-                    return st
-                if st["queued_sequences"] == 0:
-                    return st
-            time.sleep(0.2)
-        self.fail(f"the cluster did not run the job in generation {generation}: {st}")
+        st = cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) == generation and
+                            (st["running_sequences"] > 0 or st["queued_sequences"] == 0),
+                            f"the job running in generation {generation}", timeout)
+        if st["running_sequences"] > 0:
+            time.sleep(0.5)
+        return st
 
 
 class MultiHostTest(ClusterCase):
