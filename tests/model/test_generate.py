@@ -18,7 +18,6 @@ weights of the three dtypes agree within their rounding.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
