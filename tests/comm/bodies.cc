@@ -192,7 +192,7 @@ void SilentPeerHitsDeadline(comm::Communicator* comm) {
   EXPECT_TRUE(s.code() == absl::StatusCode::kDeadlineExceeded || s.code() == absl::StatusCode::kUnavailable) << s;
   EXPECT_NE(std::string(s.message()).find("rank " + std::to_string(silent)), std::string::npos) << s;
   if (s.code() == absl::StatusCode::kDeadlineExceeded) EXPECT_GE(waited, kDeadline - 0.05);
-  EXPECT_LT(waited, kDeadline + 2.5) << "the deadline was not honoured";
+  EXPECT_LT(waited, kDeadline + 3.5) << "the deadline was not honoured";  // see DeadPeerFailsWithinDeadline
   const absl::Status again = comm->Run(b, In(kDeadline));
   EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition) << again;
 }
@@ -221,7 +221,11 @@ void DeadPeerFailsWithinDeadline(comm::Communicator* comm) {
   // transport reports the failed peer itself.
   EXPECT_TRUE(s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_NE(std::string(s.message()).find("rank " + std::to_string(dying)), std::string::npos) << s;
-  EXPECT_LT(waited, kDeadline + 1.5) << "the deadline was not honoured";
+  // The bound: the deadline, the cleanup after it (kCancelGrace, 0.5 s) and
+  // scheduling slack for 8 ranks oversubscribed on a 2-core machine that runs
+  // other tests at the same time (4.7 s was seen there). A hang would run into
+  // the launcher's timeout instead.
+  EXPECT_LT(waited, kDeadline + 3.5) << "the deadline was not honoured";
   std::printf("[rank %d] dead peer reported after %.2f s as: %s\n", me, waited, s.ToString().c_str());
 }
 

@@ -42,7 +42,7 @@ class UcxCommunicator : public Communicator {
       void* req = ucp_worker_flush_nbx(worker_, &p);
       WaitRequest(req, absl::Now() + kFlushGrace);
     }
-    CloseEndpoints();
+    CloseEndpoints(absl::Now() + kCancelGrace);
     if (worker_ != nullptr) ucp_worker_destroy(worker_);
     if (context_ != nullptr) ucp_cleanup(context_);
   }
@@ -274,13 +274,14 @@ class UcxCommunicator : public Communicator {
 
   // Cancels what is still pending and closes the endpoints (the communicator
   // is broken after this), so that no transfer touches the caller's buffers
-  // once RunRemote returns.
+  // once RunRemote returns. Takes at most kCancelGrace in all: the endpoint
+  // closes and the cancelled requests share one grace window.
   void CancelPending() {
     for (Pending& q : pending_) {
       if (!q.done && !q.send) ucp_request_cancel(worker_, q.req);
     }
-    CloseEndpoints();
     const absl::Time grace = absl::Now() + kCancelGrace;
+    CloseEndpoints(grace);
     for (Pending& q : pending_) {
       if (q.done) continue;
       while (ucp_request_check_status(q.req) == UCS_INPROGRESS && absl::Now() < grace) {
@@ -301,8 +302,8 @@ class UcxCommunicator : public Communicator {
   }
 
   // Closes every endpoint at once (force: no goodbye to the peer), waiting
-  // at most kCancelGrace in total.
-  void CloseEndpoints() {
+  // for the closes until `grace` at the latest.
+  void CloseEndpoints(absl::Time grace) {
     std::vector<void*> reqs;
     for (ucp_ep_h& ep : eps_) {
       if (ep == nullptr) continue;
@@ -313,7 +314,6 @@ class UcxCommunicator : public Communicator {
       if (r != nullptr && !UCS_PTR_IS_ERR(r)) reqs.push_back(r);
       ep = nullptr;
     }
-    const absl::Time grace = absl::Now() + kCancelGrace;
     for (void* r : reqs) WaitRequest(r, grace);
   }
 
