@@ -119,6 +119,13 @@ absl::Status Coordinator::Init() {
   if (o.journal_compact_min_bytes < 0 || o.journal_compact_min_waste_bytes < 0) {
     return absl::InvalidArgumentError("journal compaction thresholds must be >= 0 bytes");
   }
+  if (!(o.eplb_interval_s >= 0) || std::isinf(o.eplb_interval_s)) {
+    return absl::InvalidArgumentError("--eplb-interval-s must be >= 0 seconds (0: rebalance only on request)");
+  }
+  if (!(o.eplb_min_gain >= 0 && o.eplb_min_gain < 1)) {
+    return absl::InvalidArgumentError("--eplb-min-gain must be in [0, 1)");
+  }
+  if (o.eplb_min_tokens < 0) return absl::InvalidArgumentError("--eplb-min-tokens must be >= 0");
   const std::string config_path = o.checkpoint + "/config.json";
   ASSIGN_OR_RETURN(model_json_, ReadFile(config_path));
   ASSIGN_OR_RETURN(config_, ModelConfig::FromFile(config_path));
@@ -132,18 +139,22 @@ absl::Status Coordinator::Init() {
   }
   ASSIGN_OR_RETURN(plan_, topology::BuildPlan(config_, po));
   plan_proto_ = PlanToProto(plan_, o.checkpoint, model_json_);
+  plan_proto_.set_placement_version(placement_version_);
   workers_.resize(static_cast<size_t>(plan_.num_workers()));
   for (const auto& st : plan_.stages) {
     for (const auto& [layer, placement] : st.placement) {
       expert_load_[layer].assign(static_cast<size_t>(placement.num_experts()), 0);
     }
   }
+  window_load_ = expert_load_;
+  if (o.eplb_interval_s > 0) next_auto_rebalance_ = absl::Now() + absl::Seconds(o.eplb_interval_s);
   epoch_ = NewEpoch();
   if (!o.journal_path.empty()) {
     std::vector<std::string> records;
     ASSIGN_OR_RETURN(journal_, Journal::Open(o.journal_path, &records));
     std::lock_guard<std::mutex> lock(mu_);
     RETURN_IF_ERROR(Annotate(Replay(records), o.journal_path));
+    live_journal_bytes_ += placement_record_bytes_;
     records.clear();
     records.shrink_to_fit();
     compacted_bytes_ = journal_->size_bytes();
@@ -288,6 +299,7 @@ void Coordinator::NewGenerationLocked(const std::string& reason) {
   for (const Worker& w : workers_) running += static_cast<int64_t>(w.assigned.size());
   ++generation_;
   generation_issued_ = false;
+  DropPendingPlacementLocked(absl::StrCat("data-plane generation ", generation_, " (", reason, ")"));
   LOG(WARNING) << "coordinator: data-plane generation " << generation_ << ": " << reason << "; " << running
                << " running sequences go back to the queue and the workers rebuild their data planes";
   for (size_t id = 0; id < workers_.size(); ++id) {
@@ -460,6 +472,12 @@ absl::Status Coordinator::CompactJournalLocked(const std::string& why) {
     if (j != nullptr) j->journal_bytes += n;
     live += n;
   };
+  if (placement_version_ > 1) {  // the workers' expert placement, before the jobs
+    JournalRecord rec;
+    rec.ParseFromString(PlacementRecord());
+    add(nullptr, rec);
+    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(payloads.back().size());
+  }
   for (auto& entry : job_order_) {
     Job* j = entry.second;
     j->journal_bytes = 0;
@@ -580,6 +598,10 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
         } else if (j == nullptr) {
           live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(bytes.size());  // the id mark
         }
+        break;
+      case JournalRecord::kPlacement:
+        placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(bytes.size());
+        ReplayPlacement(rec.placement().version(), rec.placement().plan_json());
         break;
       default:
         LOG(WARNING) << "journal record " << n << ": unknown kind; ignored";
@@ -771,6 +793,7 @@ v1::ClusterStatus Coordinator::GetClusterStatus() const {
   st.set_serving(ServingLocked());
   st.set_generation(generation_);
   st.set_workers_lost(workers_lost_);
+  *st.mutable_rebalance() = RebalanceStatusLocked();
   return st;
 }
 
@@ -945,7 +968,11 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
         continue;
       }
       std::vector<int64_t>& sum = it->second;
-      for (int e = 0; e < l.tokens_per_expert_size(); ++e) sum[static_cast<size_t>(e)] += l.tokens_per_expert(e);
+      std::vector<int64_t>& window = window_load_[l.layer()];
+      for (int e = 0; e < l.tokens_per_expert_size(); ++e) {
+        sum[static_cast<size_t>(e)] += l.tokens_per_expert(e);
+        window[static_cast<size_t>(e)] += l.tokens_per_expert(e);
+      }
     }
     w.times = request.times();
     w.last_heartbeat = absl::Now();
@@ -967,6 +994,7 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     resp.set_epoch(epoch_);
     resp.set_shutdown(shutdown_requested_);
     resp.set_generation(generation_);
+    PlacementHeartbeatLocked(id, request, &resp);
     changed_.notify_all();
   }
   Tick();
@@ -979,6 +1007,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
   resp.set_epoch(epoch_);
   resp.set_shutdown(shutdown_requested_);
   resp.set_generation(generation_);
+  resp.set_placement_version(placement_version_);
   if (request.epoch() != epoch_) return resp;  // drop everything, sync again
   const int id = request.worker_id();
   if (id < 0 || id >= static_cast<int>(workers_.size()) || !workers_[static_cast<size_t>(id)].registered) {
@@ -1123,6 +1152,7 @@ void Coordinator::Tick() {
       }
     }
     MaintainLocked();
+    AutoRebalanceLocked();
   }
   NotifyServing();
 }

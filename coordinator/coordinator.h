@@ -51,6 +51,19 @@
 //    is held by a live worker again. "Complete" means every place registered
 //    and live (STARTING or READY), so a rejoining worker waits for the
 //    replacement of a lost one; it keeps its place while it waits.
+//  * Placement version (expert rebalancing): 1 at start. RebalanceExperts
+//    (or every eplb_interval_s) computes EPLB placements from the load
+//    observed since the last rebalance (layers without load keep theirs) and,
+//    when the mean imbalance (max / mean rank load) drops by eplb_min_gain,
+//    makes it *pending* (version + 1): Heartbeat sends the pending plan to
+//    every worker until it reports it staged (its new experts loaded next to
+//    the ones in use). Once every worker staged it the placement is
+//    *committed*: journaled, answered by Register/Status, and Heartbeat and
+//    Sync report its version; stage-0 workers switch at the first step all of
+//    them know it and carry the version down the pipeline in that
+//    micro-batch, so every rank of a stage switches at the same step. A
+//    staging error or a new generation drops a pending placement; a restart
+//    replays the last committed one from the journal.
 //  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
 //    once every registered worker sent exiting=true (or is MISSING), or
 //    shutdown_timeout_s after the request.
@@ -100,6 +113,10 @@ struct CoordinatorOptions {
   // Journal compaction thresholds (see the header comment). Tests use small ones.
   int64_t journal_compact_min_bytes = int64_t{64} << 20;
   int64_t journal_compact_min_waste_bytes = int64_t{1} << 20;
+  // Expert rebalancing while serving (see the header comment).
+  double eplb_interval_s = 0;       // automatic: every this many seconds; 0: only on RebalanceExperts
+  double eplb_min_gain = 0.05;      // start only when the imbalance drops by at least this fraction
+  int64_t eplb_min_tokens = 2048;   // routed tokens per MoE layer (mean) observed since the last rebalance
 };
 
 class Coordinator {
@@ -129,6 +146,10 @@ class Coordinator {
   // ---- ClusterService
   v1::ClusterStatus GetClusterStatus() const;
   void RequestShutdown();
+  // Starts a rebalance (see the header comment). started = false with a
+  // reason when there is nothing to gain; FAILED_PRECONDITION when the
+  // cluster cannot rebalance now.
+  absl::StatusOr<v1::RebalanceExpertsResponse> RebalanceExperts(const v1::RebalanceExpertsRequest& request);
 
   // ---- WorkerService
   // Blocks until the cluster is complete, `deadline`, Stop(), or `cancelled()`
@@ -210,6 +231,15 @@ class Coordinator {
     v1::StageTimes times;
     std::set<std::string> assigned;            // seq_ids (stage-0 workers)
     std::vector<std::string> pending_cancel;   // seq_ids to send as `cancel`
+    int64_t placement_version = 0;             // from its heartbeats
+    int64_t staged_placement_version = 0;
+  };
+  // A rebalanced placement the workers are loading.
+  struct PendingPlacement {
+    int64_t version = 0;
+    topology::Plan plan;
+    v1::Plan proto;
+    double imbalance_before = 0, imbalance_after = 0;
   };
 
   explicit Coordinator(const CoordinatorOptions& options) : options_(options) {}
@@ -258,6 +288,21 @@ class Coordinator {
   // Writes the records queued by FinishSequence / CancelJob (one fsync).
   absl::Status FlushJournal();
   void NotifyServing();
+  // Rebalancing (coordinator/rebalance.cc), mu_ held.
+  absl::Status StartRebalanceLocked(bool force, v1::RebalanceExpertsResponse* resp);
+  // Heartbeat's part: records the worker's placement versions, hands out
+  // the pending plan, drops it on a staging error, commits when all staged.
+  void PlacementHeartbeatLocked(int worker_id, const v1::HeartbeatRequest& request, v1::HeartbeatResponse* resp);
+  void CommitPlacementLocked();
+  void DropPendingPlacementLocked(const std::string& why);
+  void AutoRebalanceLocked();
+  // Mean over MoE layers with observed load of max / mean rank load; also the mean tokens per layer.
+  double WindowImbalanceLocked(const topology::Plan& plan, int64_t* tokens_per_layer) const;
+  v1::RebalanceStatus RebalanceStatusLocked() const;
+  // Replay of a PlacementCommitted record: adopts it when it fits the plan's stages.
+  void ReplayPlacement(int64_t version, const std::string& plan_json);
+  // The PlacementCommitted record of the committed placement (version > 1).
+  std::string PlacementRecord() const;
 
   CoordinatorOptions options_;
   ModelConfig config_;
@@ -288,6 +333,15 @@ class Coordinator {
   std::vector<Worker> workers_;
   std::map<int64_t, std::vector<int64_t>> expert_load_;   // MoE layer -> tokens per logical expert
   int64_t generation_ = 1;
+  int64_t placement_version_ = 1;
+  std::optional<PendingPlacement> pending_placement_;
+  std::map<int64_t, std::vector<int64_t>> window_load_;   // expert load since the last rebalance
+  int64_t rebalances_ = 0;
+  double last_imbalance_before_ = 0, last_imbalance_after_ = 0;
+  int64_t last_rebalance_ms_ = 0;
+  std::string rebalance_error_;
+  int64_t placement_record_bytes_ = 0;   // its PlacementCommitted record in the journal
+  absl::Time next_auto_rebalance_ = absl::InfiniteFuture();
   bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
   int64_t workers_lost_ = 0;
   std::map<std::string, std::string> store_;

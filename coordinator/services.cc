@@ -97,6 +97,11 @@ grpc::Status ClusterServiceImpl::Shutdown(grpc::ServerContext*, const v1::Shutdo
   return grpc::Status::OK;
 }
 
+grpc::Status ClusterServiceImpl::RebalanceExperts(grpc::ServerContext*, const v1::RebalanceExpertsRequest* req,
+                                                  v1::RebalanceExpertsResponse* resp) {
+  return Answer(c_->RebalanceExperts(*req), resp);
+}
+
 // ---------------------------------------------------------------- WorkerService
 
 grpc::Status WorkerServiceImpl::Register(grpc::ServerContext* ctx, const v1::RegisterRequest* req,

@@ -35,6 +35,8 @@ class ClusterServiceImpl final : public v1::ClusterService::Service {
   grpc::Status GetClusterStatus(grpc::ServerContext*, const v1::GetClusterStatusRequest*,
                                 v1::ClusterStatus* resp) override;
   grpc::Status Shutdown(grpc::ServerContext*, const v1::ShutdownRequest*, v1::ShutdownResponse*) override;
+  grpc::Status RebalanceExperts(grpc::ServerContext*, const v1::RebalanceExpertsRequest* req,
+                                v1::RebalanceExpertsResponse* resp) override;
 
  private:
   Coordinator* c_;

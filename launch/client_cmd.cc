@@ -31,7 +31,10 @@ ABSL_FLAG(bool, detach, false, "submit: print {\"job_id\": ...} and return witho
 ABSL_FLAG(double, rpc_timeout_s, 30, "deadline of each unary call");
 ABSL_FLAG(double, retry_s, 300,
           "keep retrying while the coordinator is unreachable (e.g. restarting) for this long; 0 = no retries");
-ABSL_FLAG(double, wait_s, 60, "shutdown: wait this long for the coordinator to exit (0 = do not wait)");
+ABSL_FLAG(double, wait_s, 60,
+          "shutdown: wait this long for the coordinator to exit; rebalance: for the workers to switch (0 = do not "
+          "wait)");
+ABSL_FLAG(bool, force, false, "rebalance: start even when the predicted gain is below the coordinator's --eplb-min-gain");
 ABSL_FLAG(int32_t, limit, 20, "jobs: how many of the most recent jobs to list");
 
 namespace expertmesh::launch {
@@ -231,6 +234,19 @@ int StatusMain(int argc, char** argv) {
   std::printf("checkpoint %s\n", p.checkpoint().c_str());
   std::printf("data-plane generation %lld, %lld workers lost since the coordinator started\n",
               static_cast<long long>(st.generation()), static_cast<long long>(st.workers_lost()));
+  const v1::RebalanceStatus& rb = st.rebalance();
+  std::printf("expert placement version %lld, %lld rebalances%s; imbalance since then %.3f over %lld routed tokens "
+              "per MoE layer%s\n",
+              static_cast<long long>(rb.placement_version()), static_cast<long long>(rb.rebalances()),
+              rb.rebalances() > 0 ? absl::StrFormat(" (last %.3f -> %.3f)", rb.imbalance_before(),
+                                                    rb.imbalance_after()).c_str() : "",
+              rb.window_imbalance(), static_cast<long long>(rb.window_tokens()),
+              rb.interval_s() > 0 ? absl::StrFormat(", automatic every %g s", rb.interval_s()).c_str() : "");
+  if (rb.pending_version() > 0) {
+    std::printf("placement version %lld pending: %d of %d workers loaded it\n",
+                static_cast<long long>(rb.pending_version()), rb.workers_staged(), st.workers_size());
+  }
+  if (!rb.last_error().empty()) std::printf("last rebalance problem: %s\n", rb.last_error().c_str());
   for (const auto& sp : p.stages()) {
     std::string moe;
     if (!sp.placement_json().empty()) {
@@ -333,6 +349,63 @@ int JobsMain(int argc, char** argv) {
                 j.num_sequences(), static_cast<long long>(j.generated_tokens()), j.client_request_id().c_str());
   }
   return 0;
+}
+
+int RebalanceMain(int argc, char** argv) {
+  const char* verb = "rebalance";
+  ParseVerbFlags(argc, argv);
+  std::string server;
+  if (!ServerFlag(verb, &server)) return 2;
+  auto stub = v1::ClusterService::NewStub(Connect(server));
+  v1::RebalanceExpertsResponse r;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::RebalanceExpertsRequest req;
+    req.set_force(absl::GetFlag(FLAGS_force));
+    grpc::Status s = stub->RebalanceExperts(&ctx, req, &r);
+    if (!s.ok()) return FailRpc(verb, s, server);
+  }
+  auto print = [&](const std::string& outcome, int64_t version) {
+    std::printf("%s\n", nlohmann::json({{"outcome", outcome},
+                                        {"reason", r.reason()},
+                                        {"placement_version", version},
+                                        {"imbalance_before", r.imbalance_before()},
+                                        {"imbalance_after", r.imbalance_after()}})
+                            .dump()
+                            .c_str());
+  };
+  if (!r.started()) {
+    print("unchanged", 0);
+    return 0;
+  }
+  const double wait_s = absl::GetFlag(FLAGS_wait_s);
+  if (wait_s <= 0) {
+    print("pending", r.pending_version());
+    return 0;
+  }
+  std::fprintf(stderr, "rebalance: placement version %lld: imbalance %.3f -> %.3f; waiting for the workers to load "
+               "their new experts\n", static_cast<long long>(r.pending_version()), r.imbalance_before(),
+               r.imbalance_after());
+  const absl::Time until = absl::Now() + absl::Seconds(wait_s);
+  while (absl::Now() < until) {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::ClusterStatus st;
+    grpc::Status s = stub->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st);
+    if (!s.ok()) return FailRpc(verb, s, server);
+    const v1::RebalanceStatus& rb = st.rebalance();
+    if (rb.placement_version() >= r.pending_version()) {
+      print("committed", rb.placement_version());
+      return 0;
+    }
+    if (rb.pending_version() != r.pending_version()) {
+      return Fail(verb, absl::StrCat("placement version ", r.pending_version(), " was dropped: ", rb.last_error()));
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  return Fail(verb, absl::StrCat("placement version ", r.pending_version(), " still pending after ", wait_s,
+                                 " s (see `expertmesh status`)"));
 }
 
 int ShutdownMain(int argc, char** argv) {

@@ -25,6 +25,14 @@ ABSL_FLAG(std::string, expert_load, "",
 ABSL_FLAG(std::string, metrics_listen, "",
           "serve Prometheus metrics (GET /metrics: workers, sequences, jobs, tokens, time breakdown, expert load, "
           "data-plane generation) on this host:port, e.g. 0.0.0.0:9400; empty: off");
+ABSL_FLAG(double, eplb_interval_s, 0,
+          "rebalance experts while serving every this many seconds: EPLB on the load observed since the last "
+          "rebalance, the workers load their new experts next to the old ones and switch at one step; 0: only on "
+          "`expertmesh rebalance`");
+ABSL_FLAG(double, eplb_min_gain, 0.05,
+          "rebalance only when the mean imbalance (max / mean EP rank load over MoE layers) drops by this fraction");
+ABSL_FLAG(int64_t, eplb_min_tokens, 2048,
+          "rebalance only after this many routed tokens per MoE layer since the last rebalance");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {
@@ -54,6 +62,9 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   o->register_timeout_s = absl::GetFlag(FLAGS_register_timeout_s);
   o->shutdown_timeout_s = absl::GetFlag(FLAGS_shutdown_timeout_s);
   o->job_retention_s = absl::GetFlag(FLAGS_job_retention_s);
+  o->eplb_interval_s = absl::GetFlag(FLAGS_eplb_interval_s);
+  o->eplb_min_gain = absl::GetFlag(FLAGS_eplb_min_gain);
+  o->eplb_min_tokens = absl::GetFlag(FLAGS_eplb_min_tokens);
   return absl::OkStatus();
 }
 

@@ -68,6 +68,13 @@ const Verb kVerbs[] = {
     {"cancel", "launch/client_cmd.cc", "cancel a job", "expertmesh cancel --server HOST:PORT --job ID", CancelMain},
     {"shutdown", "launch/client_cmd.cc", "stop a cluster: workers first, then the coordinator",
      "expertmesh shutdown --server HOST:PORT [--wait-s S]", ShutdownMain},
+    {"rebalance", "launch/client_cmd.cc", "rebalance the experts over the EP ranks from the observed load, live",
+     "expertmesh rebalance --server HOST:PORT [--force] [--wait-s S]\n\nEPLB on the expert load observed since "
+     "the last rebalance; the workers load the experts they gain next to the ones in use and every stage switches "
+     "at one step, without stopping. Prints {\"outcome\": committed|pending|unchanged, \"reason\", "
+     "\"placement_version\", \"imbalance_before\", \"imbalance_after\"}. Automatic with the coordinator's "
+     "--eplb-interval-s.",
+     RebalanceMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };

@@ -34,6 +34,7 @@ int StatusMain(int argc, char** argv);
 int CancelMain(int argc, char** argv);
 int JobsMain(int argc, char** argv);
 int ShutdownMain(int argc, char** argv);
+int RebalanceMain(int argc, char** argv);
 
 // The coordinator's options from the flags (--checkpoint, --pp, --ep, --redundant-experts,
 // --layers-per-stage, --listen, --journal and coordinator_cmd.cc's own); `launch` uses it on rank 0.

@@ -90,6 +90,108 @@ absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& 
   return shard;
 }
 
+absl::StatusOr<ModelShard::ExpertSet> ModelShard::LoadExperts(
+    const std::string& dir, const std::map<int64_t, std::vector<int32_t>>& which) {
+  ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
+  for (const auto& [layer, ids] : which) {
+    if (layer < 0 || layer >= cfg.num_hidden_layers || !cfg.IsMoeLayer(layer)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer of ", dir));
+    }
+    for (int32_t e : ids) {
+      if (e < 0 || e >= cfg.n_routed_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("expert ", e, " of layer ", layer, " is out of range [0, ",
+                                                       cfg.n_routed_experts, ")"));
+      }
+    }
+  }
+  ShardFilter f;
+  f.embed = false;
+  f.head = false;
+  f.expert = [&which](int64_t l, int64_t e) {
+    auto it = which.find(l);
+    return it != which.end() && std::find(it->second.begin(), it->second.end(), e) != it->second.end();
+  };
+  // Only the routed experts' tensors (and their fp8 scales) of the spec.
+  std::map<std::string, TensorSpec> spec;
+  std::vector<TensorSpec> wanted;
+  for (auto& s : CheckpointSpec(cfg, f)) {
+    if (s.name.find(".mlp.experts.") == std::string::npos) continue;
+    wanted.push_back(s);
+    spec.emplace(s.name, s);
+  }
+  ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
+  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, wanted, cfg));
+  auto get = [&](const std::string& name, std::vector<float>* out) -> absl::Status {
+    auto it = spec.find(name);
+    if (it == spec.end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
+    ASSIGN_OR_RETURN(*out, LoadF32(*ckpt, it->second, cfg));
+    return absl::OkStatus();
+  };
+  ExpertSet out;
+  std::vector<float> g, u;
+  for (const auto& [layer, ids] : which) {
+    for (int32_t e : ids) {
+      const std::string p = absl::StrCat("model.layers.", layer, ".mlp.experts.", e, ".");
+      ExpertWeights& w = out[layer][e];
+      RETURN_IF_ERROR(get(p + "gate_proj.weight", &g));
+      RETURN_IF_ERROR(get(p + "up_proj.weight", &u));
+      w.gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(get(p + "down_proj.weight", &w.down));
+    }
+  }
+  return out;
+}
+
+LayerWeights* ModelShard::MoeLayer(int64_t layer) {
+  if (layer < layer_begin_ || layer >= layer_end_) return nullptr;
+  LayerWeights& lw = layers_[static_cast<size_t>(layer - layer_begin_)];
+  return lw.is_moe ? &lw : nullptr;
+}
+
+absl::Status ModelShard::ReplaceExperts(ExpertSet experts, const std::map<int64_t, std::set<int32_t>>& keep) {
+  // Check everything first: an error changes nothing.
+  for (const auto& [layer, ids] : experts) {
+    if (MoeLayer(layer) == nullptr) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer of this shard"));
+    for (const auto& [e, w] : ids) {
+      if (e < 0 || e >= cfg_.n_routed_experts || !w.loaded()) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": expert ", e, " is out of range or empty"));
+      }
+    }
+  }
+  for (const auto& [layer, ids] : keep) {
+    LayerWeights* lw = MoeLayer(layer);
+    if (lw == nullptr) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer of this shard"));
+    for (int32_t e : ids) {
+      const bool given = experts.count(layer) > 0 && experts[layer].count(e) > 0;
+      if (e < 0 || e >= cfg_.n_routed_experts || (!given && !lw->moe.experts[static_cast<size_t>(e)].loaded())) {
+        return absl::FailedPreconditionError(absl::StrCat("layer ", layer, ": expert ", e,
+                                                          " is to be kept but is neither loaded nor given"));
+      }
+    }
+  }
+  for (auto& [layer, ids] : experts) {
+    LayerWeights* lw = MoeLayer(layer);
+    for (auto& [e, w] : ids) lw->moe.experts[static_cast<size_t>(e)] = std::move(w);
+  }
+  for (const auto& [layer, ids] : keep) {
+    std::vector<ExpertWeights>& ex = MoeLayer(layer)->moe.experts;
+    for (size_t e = 0; e < ex.size(); ++e) {
+      if (ids.count(static_cast<int32_t>(e)) == 0) ex[e] = ExpertWeights();  // frees the memory
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<int32_t> ModelShard::LoadedExperts(int64_t layer) const {
+  std::vector<int32_t> out;
+  if (layer < layer_begin_ || layer >= layer_end_) return out;
+  const LayerWeights& lw = layers_[static_cast<size_t>(layer - layer_begin_)];
+  for (size_t e = 0; e < lw.moe.experts.size(); ++e) {
+    if (lw.moe.experts[e].loaded()) out.push_back(static_cast<int32_t>(e));
+  }
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Random(const ModelConfig& cfg, const ShardFilter& filter,
                                                                uint64_t seed) {
   RETURN_IF_ERROR(cfg.Validate());

@@ -21,7 +21,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -77,7 +79,23 @@ class ModelShard {
   const std::vector<float>& final_norm() const { return final_norm_; }
   const std::vector<float>& lm_head() const { return lm_head_; }
 
+  // Routed experts by MoE layer and logical id: what expert rebalancing
+  // loads next to the experts in use before the switch.
+  using ExpertSet = std::map<int64_t, std::map<int32_t, ExpertWeights>>;
+  // Reads the routed experts `which` (MoE layer -> logical ids) of the
+  // checkpoint in `dir`, validated like Load (every problem at once).
+  static absl::StatusOr<ExpertSet> LoadExperts(const std::string& dir,
+                                               const std::map<int64_t, std::vector<int32_t>>& which);
+  // Moves `experts` into the shard's MoE layers, then unloads every routed
+  // expert of the layers in `keep` that keep does not list. Errors (a layer
+  // outside the shard or not MoE, an id out of range, a kept expert neither
+  // loaded nor given) change nothing.
+  absl::Status ReplaceExperts(ExpertSet experts, const std::map<int64_t, std::set<int32_t>>& keep);
+  // Logical ids of the routed experts loaded for `layer` (empty outside the shard).
+  std::vector<int32_t> LoadedExperts(int64_t layer) const;
+
  private:
+  LayerWeights* MoeLayer(int64_t layer);
   using Getter = std::function<absl::StatusOr<std::vector<float>>(const TensorSpec&)>;
   absl::Status Build(const ShardFilter& filter, const Getter& get);
 

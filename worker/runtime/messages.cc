@@ -8,7 +8,7 @@ namespace expertmesh::worker::runtime {
 
 namespace {
 
-constexpr uint32_t kMicroBatchMagic = 0x454d4d42;  // "EMMB"
+constexpr uint32_t kMicroBatchMagic = 0x454d4d43;  // "EMMC" (with the placement version)
 constexpr uint32_t kReturnMagic = 0x454d5254;      // "EMRT"
 
 class Writer {
@@ -62,6 +62,7 @@ std::string Encode(const MicroBatch& mb) {
   w.Put(kMicroBatchMagic);
   w.Put(static_cast<uint32_t>(mb.kind));
   w.Put(mb.tick);
+  w.Put(mb.placement_version);
   w.PutVec(mb.release);
   w.PutVec(mb.segments);
   w.PutVec(mb.hidden);
@@ -73,7 +74,7 @@ absl::StatusOr<MicroBatch> DecodeMicroBatch(const std::string& bytes, int64_t hi
   uint32_t magic = 0, kind = 0;
   MicroBatch mb;
   if (!r.Get(&magic) || magic != kMicroBatchMagic || !r.Get(&kind) || kind > 2 || !r.Get(&mb.tick) ||
-      !r.GetVec(&mb.release) || !r.GetVec(&mb.segments) || !r.GetVec(&mb.hidden) || !r.done()) {
+      !r.Get(&mb.placement_version) || !r.GetVec(&mb.release) || !r.GetVec(&mb.segments) || !r.GetVec(&mb.hidden) || !r.done()) {
     return absl::DataLossError(absl::StrCat("malformed micro-batch message (", bytes.size(), " bytes)"));
   }
   mb.kind = static_cast<BatchKind>(kind);

@@ -35,6 +35,9 @@ struct SegmentMeta {
 struct MicroBatch {
   BatchKind kind = BatchKind::kWork;
   uint64_t tick = 0;
+  // The expert placement version this micro-batch runs with: a later stage
+  // switches to it (from its staged experts) before running its layers.
+  int64_t placement_version = 1;
   std::vector<uint64_t> release;      // sequences whose caches can be freed
   std::vector<SegmentMeta> segments;
   std::vector<int32_t> tokens;        // the segments' new tokens (for stage 0 only; not sent)

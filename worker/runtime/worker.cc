@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -199,6 +200,13 @@ class Worker {
                                                                const std::string& backend);
   absl::Status RunStage0();
   absl::Status RunDownstream();
+  // Expert rebalancing. StartStaging (heartbeat thread): loads, on a loader
+  // thread, the experts the pending plan puts on this rank that it does not
+  // hold. SwitchPlacement (stage thread, between steps): moves them in,
+  // unloads the ones it no longer holds and takes the new placement.
+  void StartStaging(int64_t version, const v1::Plan& proto);
+  absl::Status SwitchPlacement(int64_t version);
+  void JoinLoader();
   void HeartbeatLoop();
   absl::Status Reregister();
   v1::RegisterRequest MakeRegisterRequest(int worker_id) const;
@@ -254,6 +262,21 @@ class Worker {
     return {stage_comm_.get(), lane_comm_.get(), stage_dev_comm_.get(), lane_dev_comm_.get()};
   }
   LoadCounter load_;
+  // Rebalancing state. staging_mu_ guards staged_ and staging_error_, and
+  // plan_'s placements against the heartbeat thread (the stage thread, their
+  // only writer, reads them without it).
+  std::mutex staging_mu_;
+  struct Staged {
+    int64_t version = 0;
+    topology::Plan plan;
+    ModelShard::ExpertSet experts;
+  } staged_;
+  std::string staging_error_;               // reported once with the next heartbeat
+  std::atomic<int64_t> placement_version_{1};
+  std::atomic<int64_t> staged_version_{0};  // = staged_.version, readable without the lock
+  std::atomic<int64_t> loading_version_{0};
+  std::thread loader_;
+  int64_t committed_placement_ = 1;         // stage 0: from Sync
   std::unique_ptr<MoeRunner> moe_;
   ExpertParallelRunner* ep_runner_ = nullptr;  // moe_ when it is the CPU EP runner
   std::unique_ptr<Engine> engine_;
@@ -342,6 +365,8 @@ absl::Status Worker::Setup() {
   ep_rank_ = reg.ep_rank();
   epoch_ = reg.epoch();
   ASSIGN_OR_RETURN(plan_, PlanFromRegister(reg.plan()));
+  placement_version_ = std::max<int64_t>(1, reg.plan().placement_version());
+  committed_placement_ = placement_version_.load();
   if (stage_ < 0 || stage_ >= plan_.pp || ep_rank_ < 0 || ep_rank_ >= plan_.ep) {
     return absl::DataLossError(absl::StrCat("coordinator assigned stage ", stage_, " rank ", ep_rank_,
                                             " outside its plan"));
@@ -545,6 +570,12 @@ void Worker::HeartbeatLoop() {
     req.set_steps(steps_.load());
     req.set_tokens_processed(tokens_.load());
     req.set_exiting(exiting);
+    req.set_placement_version(placement_version_.load());
+    req.set_staged_placement_version(staged_version_.load());
+    {
+      std::lock_guard<std::mutex> l(staging_mu_);
+      req.set_staging_error(std::exchange(staging_error_, {}));
+    }
     if (engine_ != nullptr || gpu_ != nullptr) {
       // Plain doubles written by the stage thread: a torn read is harmless. The
       // GPU engine reports no per-kind compute split (its kernels run async).
@@ -577,6 +608,18 @@ void Worker::HeartbeatLoop() {
         mine = dp_generation_;
         moved = r->epoch() == dp_epoch_ && r->generation() != dp_generation_ && !dp_stale_;
         if (moved) dp_stale_ = true;
+      }
+      // Rebalancing: stage a pending placement; drop a staged one the
+      // coordinator dropped (neither pending nor committed any more).
+      const int64_t next = r->next_placement_version(), staged = staged_version_.load();
+      if (staged != 0 && staged != next && staged != r->placement_version() && loading_version_.load() == 0) {
+        std::lock_guard<std::mutex> l(staging_mu_);
+        LOG(INFO) << "worker " << worker_id_ << ": placement version " << staged << " was dropped; unloading its experts";
+        staged_ = Staged();
+        staged_version_ = 0;
+      } else if (next > placement_version_.load() && staged == 0 && loading_version_.load() == 0 &&
+                 r->has_next_plan()) {
+        StartStaging(next, r->next_plan());
       }
       if (moved) {
         LOG(WARNING) << "worker " << worker_id_ << ": the cluster moved to data-plane generation " << r->generation()
@@ -625,6 +668,99 @@ absl::Status Worker::Reregister() {
   }
   LOG(INFO) << "worker " << worker_id_ << ": registered again, epoch " << reg.epoch() << ", generation "
             << reg.generation();
+  return absl::OkStatus();
+}
+
+void Worker::JoinLoader() {
+  if (loader_.joinable()) loader_.join();
+}
+
+void Worker::StartStaging(int64_t version, const v1::Plan& proto) {
+  auto fail = [&](const std::string& why) {
+    LOG(ERROR) << "worker " << worker_id_ << ": cannot load placement version " << version << ": " << why;
+    std::lock_guard<std::mutex> l(staging_mu_);
+    staging_error_ = why;
+  };
+  if (gpu_ != nullptr) {
+    fail("expert rebalancing is not implemented for --device cuda workers (their experts live on the GPU)");
+    return;
+  }
+  absl::StatusOr<topology::Plan> plan = PlanFromRegister(proto);
+  if (!plan.ok()) {
+    fail(std::string(plan.status().message()));
+    return;
+  }
+  // The experts this rank's new slots need that it does not hold now.
+  std::map<int64_t, std::vector<int32_t>> need;
+  int64_t keep = 0;
+  {
+    std::lock_guard<std::mutex> l(staging_mu_);
+    if (plan->stages.size() != plan_.stages.size() || plan->stages[stage_].placement.size() !=
+                                                          plan_.stages[stage_].placement.size()) {
+      staging_error_ = "the pending plan has other stages or MoE layers than the one this worker runs";
+      return;
+    }
+    for (const auto& [layer, pl] : plan->stages[stage_].placement) {
+      const std::vector<int32_t> held = shard_->LoadedExperts(layer);
+      std::set<int32_t> want(pl.slots_of_rank(ep_rank_).begin(), pl.slots_of_rank(ep_rank_).end());
+      for (int32_t e : want) {
+        if (std::find(held.begin(), held.end(), e) == held.end()) {
+          need[layer].push_back(e);
+        } else {
+          ++keep;
+        }
+      }
+    }
+  }
+  int64_t n = 0;
+  for (const auto& [layer, ids] : need) n += static_cast<int64_t>(ids.size());
+  LOG(INFO) << "worker " << worker_id_ << ": staging placement version " << version << ": loading " << n
+            << " experts next to the ones in use (" << keep << " stay)";
+  JoinLoader();  // a finished earlier loader
+  loading_version_ = version;
+  const std::string dir = proto.checkpoint();
+  loader_ = std::thread([this, version, dir, need = std::move(need), plan = *std::move(plan), n]() mutable {
+    const absl::Time t0 = absl::Now();
+    absl::StatusOr<ModelShard::ExpertSet> experts = ModelShard::LoadExperts(dir, need);
+    std::lock_guard<std::mutex> l(staging_mu_);
+    if (!experts.ok()) {
+      LOG(ERROR) << "worker " << worker_id_ << ": loading the experts of placement version " << version
+                 << " failed: " << experts.status();
+      staging_error_ = std::string(experts.status().message());
+    } else {
+      staged_.version = version;
+      staged_.plan = std::move(plan);
+      staged_.experts = *std::move(experts);
+      staged_version_ = version;
+      LOG(INFO) << "worker " << worker_id_ << ": placement version " << version << " staged (" << n
+                << " experts loaded in " << absl::FormatDuration(absl::Now() - t0) << ")";
+    }
+    loading_version_ = 0;
+  });
+}
+
+absl::Status Worker::SwitchPlacement(int64_t version) {
+  const absl::Time t0 = absl::Now();
+  std::lock_guard<std::mutex> l(staging_mu_);
+  if (staged_version_.load() != version) {
+    return absl::InternalError(absl::StrCat("worker ", worker_id_, ": told to switch to placement version ", version,
+                                            " but it staged ", staged_version_.load(), " (the coordinator commits "
+                                            "only what every worker staged)"));
+  }
+  std::map<int64_t, std::set<int32_t>> keep;
+  for (const auto& [layer, pl] : staged_.plan.stages[stage_].placement) {
+    keep[layer] = std::set<int32_t>(pl.slots_of_rank(ep_rank_).begin(), pl.slots_of_rank(ep_rank_).end());
+  }
+  int64_t in = 0;
+  for (const auto& [layer, ids] : staged_.experts) in += static_cast<int64_t>(ids.size());
+  RETURN_IF_ERROR(shard_->ReplaceExperts(std::move(staged_.experts), keep));
+  for (size_t s = 0; s < plan_.stages.size(); ++s) plan_.stages[s].placement = staged_.plan.stages[s].placement;
+  if (ep_runner_ != nullptr) ep_runner_->Reset(stage_comm_.get());  // its engines point at the old placement
+  placement_version_ = version;
+  staged_ = Staged();
+  staged_version_ = 0;
+  LOG(INFO) << "worker " << worker_id_ << ": switched to placement version " << version << " (" << in
+            << " experts moved in) in " << absl::FormatDuration(absl::Now() - t0);
   return absl::OkStatus();
 }
 
@@ -724,6 +860,7 @@ absl::Status Worker::SyncWithCoordinator(bool* want_stop) {
   sync_warned_ = false;
   last_sync_ok_ = absl::Now();
   updates_.clear();
+  if (r->epoch() == epoch_ && r->generation() == generation) committed_placement_ = r->placement_version();
   if (r->shutdown()) shutdown_ = true;
   *want_stop = shutdown_.load();
   if (r->epoch() != epoch_) {
@@ -898,8 +1035,17 @@ absl::Status Worker::RunStage0() {
     mb.release = std::exchange(release_, {});
     // Agree with the other EP ranks of stage 0: work anywhere -> everyone runs
     // the layers; stop only when everyone is drained.
-    int32_t mine[3] = {mb.segments.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0};
-    std::vector<int32_t> gathered(3 * E);
+    // The 4th value: the placement version this rank can run from this step
+    // on (the committed one once its experts are staged); all switch to the
+    // smallest, so at the same step.
+    const int64_t active = placement_version_.load();
+    const int64_t offer = committed_placement_ > active && staged_version_.load() == committed_placement_
+                              ? committed_placement_
+                              : active;
+    int32_t mine[4] = {mb.segments.empty() ? 0 : 1, want_stop ? 1 : 0, inflight == 0 ? 1 : 0,
+                       static_cast<int32_t>(offer)};
+    constexpr int kAgree = 4;
+    std::vector<int32_t> gathered(kAgree * E);
     if (stage_comm_ != nullptr) {
       t0 = absl::Now();
       RETURN_IF_ERROR(stage_comm_->AllGather(mine, gathered.data(), sizeof(mine), comm::MemoryKind::kHost,
@@ -909,11 +1055,15 @@ absl::Status Worker::RunStage0() {
       std::memcpy(gathered.data(), mine, sizeof(mine));
     }
     bool any_work = false, any_stop = false, all_drained = true;
+    int64_t agreed = offer;
     for (int r = 0; r < E; ++r) {
-      any_work |= gathered[3 * r] != 0;
-      any_stop |= gathered[3 * r + 1] != 0;
-      all_drained &= gathered[3 * r + 2] != 0;
+      any_work |= gathered[kAgree * r] != 0;
+      any_stop |= gathered[kAgree * r + 1] != 0;
+      all_drained &= gathered[kAgree * r + 2] != 0;
+      agreed = std::min<int64_t>(agreed, gathered[kAgree * r + 3]);
     }
+    if (agreed > active) RETURN_IF_ERROR(SwitchPlacement(agreed));
+    mb.placement_version = placement_version_.load();
     if (any_stop && !any_work && all_drained) {
       if (!last) {
         mb.kind = BatchKind::kStop;
@@ -936,6 +1086,7 @@ absl::Status Worker::RunStage0() {
         MicroBatch idle;
         idle.kind = BatchKind::kIdle;
         idle.tick = tick;
+        idle.placement_version = placement_version_.load();
         idle.release = std::move(mb.release);
         RETURN_IF_ERROR(Send(1, Encode(idle)));
         ++inflight;
@@ -995,6 +1146,7 @@ absl::Status Worker::RunDownstream() {
     ASSIGN_OR_RETURN(std::string bytes, Recv(stage_ - 1));
     // With the device data plane the hidden states follow separately, GPU to GPU.
     ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, device_pipeline() ? 0 : H));
+    if (mb.placement_version > placement_version_.load()) RETURN_IF_ERROR(SwitchPlacement(mb.placement_version));
     for (uint64_t k : mb.release) {
       caches.erase(k);
       gcaches.erase(k);
@@ -1109,9 +1261,15 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
     return absl::UnavailableError(absl::StrCat("rejoining after the data plane failed: ", reg.status().message()));
   }
   ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg->plan()));
+  const int64_t committed = std::max<int64_t>(1, reg->plan().placement_version());
+  if (committed > placement_version_.load() && staged_version_.load() == committed) {
+    // Committed while this worker waited for the stage to switch: no step runs now.
+    RETURN_IF_ERROR(SwitchPlacement(committed));
+  }
   if (reg->worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
     return absl::FailedPreconditionError("rejoining: the coordinator has another plan or place for this worker");
   }
+  committed_placement_ = committed;
   epoch_ = reg->epoch();
   {
     std::lock_guard<std::mutex> l(dp_mu_);
@@ -1145,6 +1303,7 @@ absl::Status Worker::Run() {
   }
   if (o_.serving != nullptr) *o_.serving = false;
   StopHeartbeats();
+  JoinLoader();
   return s;
 }
 

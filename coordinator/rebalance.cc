@@ -1,0 +1,278 @@
+// Expert rebalancing while serving: the Coordinator's placement versions
+// (see "Placement version" in coordinator.h and docs/CLUSTER.md).
+
+#include <algorithm>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/journal_records.pb.h"
+#include "coordinator/plan_proto.h"
+#include "glog/logging.h"
+#include "topology/eplb.h"
+
+namespace expertmesh::coordinator {
+
+namespace {
+
+int64_t UnixMs() { return absl::ToUnixMillis(absl::Now()); }
+
+// Same stages, layers, experts and slot counts: a placement of one plan can
+// replace the other's.
+bool SameShape(const topology::Plan& a, const topology::Plan& b) {
+  if (a.pp != b.pp || a.ep != b.ep || a.redundant_experts != b.redundant_experts ||
+      a.stages.size() != b.stages.size()) {
+    return false;
+  }
+  for (size_t s = 0; s < a.stages.size(); ++s) {
+    const topology::StagePlan &x = a.stages[s], &y = b.stages[s];
+    if (x.layer_begin != y.layer_begin || x.layer_end != y.layer_end || x.has_embedding != y.has_embedding ||
+        x.has_head != y.has_head || x.placement.size() != y.placement.size()) {
+      return false;
+    }
+    for (const auto& [layer, p] : x.placement) {
+      auto it = y.placement.find(layer);
+      if (it == y.placement.end() || it->second.num_experts() != p.num_experts() ||
+          it->second.num_slots() != p.num_slots() || it->second.num_ranks() != p.num_ranks()) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+double Coordinator::WindowImbalanceLocked(const topology::Plan& plan, int64_t* tokens_per_layer) const {
+  double sum = 0;
+  int64_t layers = 0, loaded = 0, tokens = 0;
+  const int64_t top_k = std::max<int64_t>(1, config_.num_experts_per_tok);
+  for (const auto& stage : plan.stages) {
+    for (const auto& [layer, placement] : stage.placement) {
+      ++layers;
+      auto it = window_load_.find(layer);
+      if (it == window_load_.end()) continue;
+      const int64_t routed = std::accumulate(it->second.begin(), it->second.end(), int64_t{0});
+      if (routed == 0) continue;
+      tokens += routed / top_k;
+      sum += topology::ImbalanceFactor(placement, std::vector<double>(it->second.begin(), it->second.end()));
+      ++loaded;
+    }
+  }
+  if (tokens_per_layer != nullptr) *tokens_per_layer = layers > 0 ? tokens / layers : 0;
+  return loaded > 0 ? sum / static_cast<double>(loaded) : 1.0;
+}
+
+absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsResponse* resp) {
+  if (plan_.ep < 2) {
+    return absl::FailedPreconditionError("expert rebalancing needs --ep > 1 (with one EP rank a stage holds every "
+                                         "expert)");
+  }
+  if ((config_.n_routed_experts + plan_.redundant_experts) % plan_.ep != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expert rebalancing (EPLB) needs n_routed_experts + --redundant-experts (", config_.n_routed_experts, " + ",
+        plan_.redundant_experts, ") divisible by --ep ", plan_.ep));
+  }
+  if (shutdown_requested_ || stopped_) return absl::FailedPreconditionError("the cluster is shutting down");
+  if (pending_placement_.has_value()) {
+    int staged = 0;
+    for (const Worker& w : workers_) staged += w.staged_placement_version == pending_placement_->version ? 1 : 0;
+    return absl::FailedPreconditionError(absl::StrCat("placement version ", pending_placement_->version,
+                                                      " is still being loaded (", staged, " of ", workers_.size(),
+                                                      " workers staged it); try again when it is committed"));
+  }
+  if (!ServingLocked()) {
+    return absl::FailedPreconditionError("the cluster is not serving (every worker READY): rebalance once it is");
+  }
+  int64_t tokens = 0;
+  const double before = WindowImbalanceLocked(plan_, &tokens);
+  if (tokens == 0) {
+    return absl::FailedPreconditionError("no expert load observed since the last rebalance: run some jobs first");
+  }
+  resp->set_imbalance_before(before);
+  if (tokens < options_.eplb_min_tokens && !force) {
+    resp->set_reason(absl::StrCat("only ", tokens, " routed tokens per MoE layer observed since the last rebalance "
+                                  "(--eplb-min-tokens ", options_.eplb_min_tokens, ")"));
+    return absl::OkStatus();
+  }
+  topology::EplbOptions eo;
+  eo.num_ranks = plan_.ep;
+  eo.ranks_per_node = plan_.ep;  // the coordinator treats a stage's ranks as one node, as BuildPlan does
+  eo.num_groups = config_.n_group > 0 && config_.n_routed_experts % config_.n_group == 0 ? config_.n_group : 1;
+  eo.redundant = plan_.redundant_experts;
+  topology::Plan next = plan_;
+  for (auto& stage : next.stages) {
+    for (auto& [layer, placement] : stage.placement) {
+      auto it = window_load_.find(layer);
+      if (it == window_load_.end()) continue;
+      if (std::accumulate(it->second.begin(), it->second.end(), int64_t{0}) == 0) continue;  // keeps its placement
+      ASSIGN_OR_RETURN(std::vector<topology::ExpertPlacement> p,
+                       topology::RebalanceExperts({std::vector<double>(it->second.begin(), it->second.end())}, eo));
+      placement = std::move(p[0]);
+    }
+  }
+  const double after = WindowImbalanceLocked(next, nullptr);
+  resp->set_imbalance_after(after);
+  if (next.ToJson() == plan_.ToJson()) {
+    resp->set_reason("the placement EPLB computes for the observed load is the one in use");
+    return absl::OkStatus();
+  }
+  if (!force && after > before * (1.0 - options_.eplb_min_gain)) {
+    resp->set_reason(absl::StrFormat("the imbalance would only go from %.3f to %.3f (--eplb-min-gain %.2f)", before,
+                                     after, options_.eplb_min_gain));
+    return absl::OkStatus();
+  }
+  PendingPlacement p;
+  p.version = placement_version_ + 1;
+  p.proto = PlanToProto(next, options_.checkpoint, model_json_);
+  p.proto.set_placement_version(p.version);
+  p.plan = std::move(next);
+  p.imbalance_before = before;
+  p.imbalance_after = after;
+  LOG(INFO) << absl::StrFormat(
+      "coordinator: rebalancing experts: placement version %d (imbalance %.3f -> %.3f on %d routed tokens per MoE "
+      "layer); the workers load their new experts",
+      p.version, before, after, tokens);
+  pending_placement_ = std::move(p);
+  rebalance_error_.clear();
+  resp->set_started(true);
+  resp->set_pending_version(pending_placement_->version);
+  changed_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::RebalanceExpertsResponse> Coordinator::RebalanceExperts(const v1::RebalanceExpertsRequest& request) {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::RebalanceExpertsResponse resp;
+  RETURN_IF_ERROR(StartRebalanceLocked(request.force(), &resp));
+  return resp;
+}
+
+void Coordinator::PlacementHeartbeatLocked(int worker_id, const v1::HeartbeatRequest& request,
+                                           v1::HeartbeatResponse* resp) {
+  Worker& w = workers_[static_cast<size_t>(worker_id)];
+  w.placement_version = request.placement_version();
+  w.staged_placement_version = request.staged_placement_version();
+  if (pending_placement_.has_value()) {
+    if (!request.staging_error().empty()) {
+      DropPendingPlacementLocked(absl::StrCat("worker ", worker_id, " could not load it: ", request.staging_error()));
+    } else if (std::all_of(workers_.begin(), workers_.end(), [this](const Worker& x) {
+                 return Live(x) && x.staged_placement_version == pending_placement_->version;
+               })) {
+      CommitPlacementLocked();
+    }
+  }
+  resp->set_placement_version(placement_version_);
+  if (pending_placement_.has_value()) {
+    resp->set_next_placement_version(pending_placement_->version);
+    if (w.staged_placement_version != pending_placement_->version) *resp->mutable_next_plan() = pending_placement_->proto;
+  }
+}
+
+void Coordinator::CommitPlacementLocked() {
+  PendingPlacement& p = *pending_placement_;
+  const int64_t old_version = placement_version_;
+  topology::Plan old_plan = std::move(plan_);
+  plan_ = p.plan;
+  placement_version_ = p.version;
+  last_rebalance_ms_ = UnixMs();
+  if (journal_ != nullptr) {
+    // A restarted coordinator must serve the workers' placement: journal it first.
+    const std::string rec = PlacementRecord();
+    absl::Status s = journal_->Append({rec});
+    if (!s.ok()) {
+      plan_ = std::move(old_plan);
+      placement_version_ = old_version;
+      DropPendingPlacementLocked(absl::StrCat("journal write failed: ", s.message()));
+      return;
+    }
+    live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size()) - placement_record_bytes_;
+    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size());
+  }
+  plan_proto_ = std::move(p.proto);
+  ++rebalances_;
+  last_imbalance_before_ = p.imbalance_before;
+  last_imbalance_after_ = p.imbalance_after;
+  for (auto& [layer, counts] : window_load_) std::fill(counts.begin(), counts.end(), 0);
+  LOG(INFO) << "coordinator: placement version " << placement_version_
+            << " committed (every worker loaded it); the stages switch at their next step";
+  pending_placement_.reset();
+  changed_.notify_all();
+}
+
+void Coordinator::DropPendingPlacementLocked(const std::string& why) {
+  if (!pending_placement_.has_value()) return;
+  rebalance_error_ = absl::StrCat("placement version ", pending_placement_->version, " dropped: ", why);
+  LOG(WARNING) << "coordinator: " << rebalance_error_ << " (placement version " << placement_version_
+               << " stays in use)";
+  pending_placement_.reset();
+  changed_.notify_all();
+}
+
+void Coordinator::AutoRebalanceLocked() {
+  if (options_.eplb_interval_s <= 0) return;
+  const absl::Time now = absl::Now();
+  if (now < next_auto_rebalance_) return;
+  next_auto_rebalance_ = now + absl::Seconds(options_.eplb_interval_s);
+  if (pending_placement_.has_value() || !ServingLocked() || plan_.ep < 2) return;
+  v1::RebalanceExpertsResponse r;
+  absl::Status s = StartRebalanceLocked(/*force=*/false, &r);
+  if (!s.ok()) {
+    VLOG(1) << "coordinator: automatic rebalance: " << s.message();
+  } else if (!r.started()) {
+    LOG(INFO) << "coordinator: automatic rebalance skipped: " << r.reason();
+  }
+}
+
+v1::RebalanceStatus Coordinator::RebalanceStatusLocked() const {
+  v1::RebalanceStatus st;
+  st.set_placement_version(placement_version_);
+  if (pending_placement_.has_value()) {
+    st.set_pending_version(pending_placement_->version);
+    int staged = 0;
+    for (const Worker& w : workers_) staged += w.staged_placement_version == pending_placement_->version ? 1 : 0;
+    st.set_workers_staged(staged);
+  }
+  st.set_rebalances(rebalances_);
+  st.set_imbalance_before(last_imbalance_before_);
+  st.set_imbalance_after(last_imbalance_after_);
+  st.set_last_unix_ms(last_rebalance_ms_);
+  st.set_last_error(rebalance_error_);
+  st.set_interval_s(options_.eplb_interval_s);
+  int64_t tokens = 0;
+  st.set_window_imbalance(WindowImbalanceLocked(plan_, &tokens));
+  st.set_window_tokens(tokens);
+  return st;
+}
+
+void Coordinator::ReplayPlacement(int64_t version, const std::string& plan_json) {
+  absl::StatusOr<topology::Plan> plan = absl::InternalError("unparsable");
+  try {
+    plan = topology::Plan::FromJson(nlohmann::json::parse(plan_json));
+  } catch (const std::exception& e) {
+    plan = absl::DataLossError(e.what());
+  }
+  if (!plan.ok() || !SameShape(*plan, plan_)) {
+    LOG(WARNING) << "journal: the expert placement version " << version << " it holds "
+                 << (plan.ok() ? "does not fit this plan (other --pp/--ep/--redundant-experts/--layers-per-stage)"
+                               : std::string(plan.status().message()))
+                 << "; serving the placement built from the flags";
+    return;
+  }
+  plan_ = *std::move(plan);
+  placement_version_ = version;
+  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_);
+  plan_proto_.set_placement_version(version);
+}
+
+std::string Coordinator::PlacementRecord() const {
+  JournalRecord rec;
+  rec.set_unix_ms(last_rebalance_ms_ > 0 ? last_rebalance_ms_ : UnixMs());
+  rec.mutable_placement()->set_version(placement_version_);
+  rec.mutable_placement()->set_plan_json(plan_.ToJson().dump());
+  return rec.SerializeAsString();
+}
+
+}  // namespace expertmesh::coordinator

@@ -1,0 +1,301 @@
+// Expert rebalancing in the coordinator: pending and committed placement
+// versions, what Heartbeat, Sync, Register and the status say, the rules that
+// drop a pending placement, and the journal that keeps a committed one.
+// Workers are played by the test through the Coordinator object.
+#include <map>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/plan_proto.h"
+#include "gtest/gtest.h"
+#include "tests/coordinator/test_util.h"
+#include "topology/eplb.h"
+
+namespace expertmesh::coordinator {
+namespace {
+
+using testing::TempDir;
+using testing::WriteTinyCheckpoint;
+
+#define EXPECT_STATUS(expr, want_code, substring)                                               \
+  do {                                                                                          \
+    const absl::Status em_st_ = (expr);                                                         \
+    EXPECT_EQ(em_st_.code(), absl::StatusCode::want_code) << em_st_;                            \
+    EXPECT_NE(std::string(em_st_.message()).find(substring), std::string::npos) << em_st_;      \
+  } while (0)
+
+class RebalanceTest : public ::testing::Test {
+ protected:
+  CoordinatorOptions Options(int pp, int ep, int redundant = 0) {
+    CoordinatorOptions o;
+    o.checkpoint = WriteTinyCheckpoint(dir_.path());
+    o.pp = pp;
+    o.ep = ep;
+    o.redundant_experts = redundant;
+    o.journal_path = dir_.path() + "/journal";
+    o.heartbeat_timeout_s = 60;
+    o.register_timeout_s = 10;
+    o.eplb_min_tokens = 100;
+    return o;
+  }
+
+  void Start(const CoordinatorOptions& o) {
+    c_.reset();
+    auto c = Coordinator::Create(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    c_ = *std::move(c);
+  }
+
+  // Registers every place (Register blocks until all are taken) and makes them READY.
+  void RegisterAll() {
+    const int n = static_cast<int>(c_->plan().num_workers());
+    std::vector<std::thread> t;
+    for (int i = 0; i < n; ++i) {
+      t.emplace_back([this, i] {
+        v1::RegisterRequest r;
+        r.set_worker_id(i);
+        r.set_host("fakehost");
+        r.set_pid(100 + i);
+        auto resp = c_->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
+        EXPECT_TRUE(resp.ok()) << resp.status();
+      });
+    }
+    for (auto& x : t) x.join();
+    for (int i = 0; i < n; ++i) Beat(i, 1, 0);
+    ASSERT_TRUE(c_->serving());
+  }
+
+  v1::HeartbeatResponse Beat(int id, int64_t active, int64_t staged, const std::string& error = "",
+                             const std::vector<v1::LayerExpertLoad>& load = {}, bool exiting = false) {
+    v1::HeartbeatRequest r;
+    r.set_worker_id(id);
+    r.set_placement_version(active);
+    r.set_staged_placement_version(staged);
+    r.set_staging_error(error);
+    r.set_exiting(exiting);
+    for (const auto& l : load) *r.add_expert_load() = l;
+    auto resp = c_->Heartbeat(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return resp.ok() ? *resp : v1::HeartbeatResponse();
+  }
+
+  // Experts of each layer: `hot` tokens for the first 16 of rank 0's slots in
+  // the placement in use (all on rank 0), `cold` for the others.
+  v1::LayerExpertLoad Load(int layer, int64_t hot, int64_t cold) const {
+    v1::LayerExpertLoad l;
+    l.set_layer(layer);
+    std::vector<int64_t> counts(256, cold);
+    for (const auto& stage : c_->plan().stages) {
+      auto it = stage.placement.find(layer);
+      if (it == stage.placement.end()) continue;
+      const std::vector<int32_t>& slots = it->second.slots_of_rank(0);
+      for (size_t i = 0; i < 16 && i < slots.size(); ++i) counts[static_cast<size_t>(slots[i])] = hot;
+    }
+    for (int64_t c : counts) l.add_tokens_per_expert(c);
+    return l;
+  }
+  // The same as per-expert doubles.
+  static std::vector<double> Doubles(const v1::LayerExpertLoad& l) {
+    return std::vector<double>(l.tokens_per_expert().begin(), l.tokens_per_expert().end());
+  }
+
+  // Reports the skewed load of every MoE layer of the tiny model (1..3) from the stage that runs it.
+  void ReportSkewedLoad() {
+    const int ep = static_cast<int>(c_->plan().ep);
+    for (int id = 0; id < static_cast<int>(c_->plan().num_workers()); id += ep) {
+      std::vector<v1::LayerExpertLoad> load;
+      for (const auto& [layer, p] : c_->plan().stages[static_cast<size_t>(id / ep)].placement) {
+        load.push_back(Load(static_cast<int>(layer), 1000, 10));
+      }
+      Beat(id, c_->plan_proto().placement_version(), 0, "", load);
+    }
+  }
+
+  absl::StatusOr<v1::RebalanceExpertsResponse> Rebalance(bool force = false) {
+    v1::RebalanceExpertsRequest r;
+    r.set_force(force);
+    return c_->RebalanceExperts(r);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Coordinator> c_;
+};
+
+TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
+  Start(Options(2, 2));
+  RegisterAll();
+  const v1::Plan before = c_->plan_proto();
+  EXPECT_EQ(before.placement_version(), 1);
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  std::map<int, std::vector<double>> skew;
+  for (int layer = 1; layer <= 3; ++layer) skew[layer] = Doubles(Load(layer, 1000, 10));
+  ReportSkewedLoad();
+  v1::ClusterStatus st = c_->GetClusterStatus();
+  EXPECT_GT(st.rebalance().window_imbalance(), 1.5);  // the 16 hot experts all on rank 0
+  EXPECT_EQ(st.rebalance().window_tokens(), (16 * 1000 + 240 * 10) / 8);
+
+  auto r = Rebalance();
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->started()) << r->reason();
+  EXPECT_EQ(r->pending_version(), 2);
+  EXPECT_NEAR(r->imbalance_before(), st.rebalance().window_imbalance(), 1e-12);
+  EXPECT_LT(r->imbalance_after(), 1.02);
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "still being loaded (0 of 4 workers");
+
+  // Every worker is sent the pending plan until it reports it staged; nothing is committed before all did.
+  v1::HeartbeatResponse hb = Beat(0, 1, 0);
+  EXPECT_EQ(hb.placement_version(), 1);
+  EXPECT_EQ(hb.next_placement_version(), 2);
+  ASSERT_TRUE(hb.has_next_plan());
+  const v1::Plan next = hb.next_plan();
+  EXPECT_EQ(next.placement_version(), 2);
+  auto next_plan = PlanFromProto(next);
+  ASSERT_TRUE(next_plan.ok()) << next_plan.status();
+  for (const auto& stage : next_plan->stages) {
+    for (const auto& [layer, p] : stage.placement) {
+      EXPECT_LT(topology::ImbalanceFactor(p, skew[static_cast<int>(layer)]), 1.02) << "layer " << layer;
+    }
+  }
+  for (int id = 0; id < 3; ++id) {
+    hb = Beat(id, 1, 2);
+    EXPECT_FALSE(hb.has_next_plan()) << "worker " << id << " staged it already";
+    EXPECT_EQ(hb.next_placement_version(), 2);
+  }
+  st = c_->GetClusterStatus();
+  EXPECT_EQ(st.rebalance().pending_version(), 2);
+  EXPECT_EQ(st.rebalance().workers_staged(), 3);
+  EXPECT_EQ(st.plan().placement_version(), 1);
+  v1::SyncRequest sync;
+  sync.set_worker_id(0);
+  sync.set_epoch(c_->epoch());
+  sync.set_generation(1);
+  EXPECT_EQ(c_->Sync(sync)->placement_version(), 1);
+
+  hb = Beat(3, 1, 2);  // the last one: committed
+  EXPECT_EQ(hb.placement_version(), 2);
+  EXPECT_EQ(hb.next_placement_version(), 0);
+  EXPECT_FALSE(hb.has_next_plan());
+  EXPECT_EQ(c_->Sync(sync)->placement_version(), 2);
+  st = c_->GetClusterStatus();
+  EXPECT_EQ(st.plan().placement_version(), 2);
+  EXPECT_EQ(st.plan().stages(1).placement_json().at(2), next.stages(1).placement_json().at(2));
+  EXPECT_NE(st.plan().stages(1).placement_json().at(2), before.stages(1).placement_json().at(2));
+  EXPECT_EQ(st.rebalance().placement_version(), 2);
+  EXPECT_EQ(st.rebalance().pending_version(), 0);
+  EXPECT_EQ(st.rebalance().rebalances(), 1);
+  EXPECT_NEAR(st.rebalance().imbalance_after(), r->imbalance_after(), 1e-12);
+  EXPECT_EQ(st.rebalance().window_tokens(), 0);  // a new observation window
+  EXPECT_GT(st.rebalance().last_unix_ms(), 0);
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  // The load since start is kept for `status`.
+  EXPECT_EQ(Doubles(st.expert_load(0)), skew[1]);
+
+  // A restarted coordinator serves the committed placement (the workers run it).
+  Start(Options(2, 2));
+  EXPECT_EQ(c_->plan_proto().placement_version(), 2);
+  EXPECT_EQ(c_->plan_proto().stages(0).placement_json().at(1), next.stages(0).placement_json().at(1));
+  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+  // ... also after a journal compaction.
+  CoordinatorOptions o = Options(2, 2);
+  o.journal_compact_min_waste_bytes = 0;
+  o.job_retention_s = 0.001;
+  v1::SubmitJobRequest big;
+  for (int i = 0; i < 300; ++i) {
+    v1::SequenceRequest* s = big.add_sequences();
+    for (int t = 0; t < 60; ++t) s->add_tokens(t);
+    s->set_max_new_tokens(1);
+  }
+  auto job = c_->SubmitJob(big);
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_TRUE(c_->CancelJob(job->job_id()).ok());
+  absl::SleepFor(absl::Milliseconds(20));
+  Start(o);  // forgets the cancelled job and compacts
+  EXPECT_EQ(c_->journal_stats().compactions, 1);
+  Start(Options(2, 2));
+  EXPECT_EQ(c_->plan_proto().placement_version(), 2);
+  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+}
+
+TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
+  CoordinatorOptions o = Options(1, 2);
+  o.eplb_min_tokens = 1000000;
+  Start(o);
+  RegisterAll();
+  Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});  // uniform, 640 tokens per layer
+  auto r = Rebalance();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->started());
+  EXPECT_NE(r->reason().find("640 routed tokens per MoE layer"), std::string::npos) << r->reason();
+  EXPECT_NE(r->reason().find("--eplb-min-tokens 1000000"), std::string::npos) << r->reason();
+  // Enough tokens, but a uniform load gains nothing.
+  o.eplb_min_tokens = 100;
+  Start(o);
+  RegisterAll();
+  Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});
+  r = Rebalance();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->started());
+  EXPECT_NEAR(r->imbalance_before(), 1.0, 1e-9);
+  EXPECT_TRUE(r->reason().find("--eplb-min-gain") != std::string::npos ||
+              r->reason().find("is the one in use") != std::string::npos)
+      << r->reason();
+  EXPECT_EQ(c_->GetClusterStatus().rebalance().pending_version(), 0);
+}
+
+TEST_F(RebalanceTest, StagingErrorOrANewGenerationDropsThePendingPlacement) {
+  Start(Options(1, 2, 2));
+  RegisterAll();
+  ReportSkewedLoad();
+  auto r = Rebalance();
+  ASSERT_TRUE(r.ok() && r->started()) << r.status() << (r.ok() ? r->reason() : "");
+  Beat(0, 1, 2);
+  v1::HeartbeatResponse hb = Beat(1, 1, 0, "no space left on device");
+  EXPECT_EQ(hb.next_placement_version(), 0);
+  EXPECT_EQ(hb.placement_version(), 1);
+  v1::ClusterStatus st = c_->GetClusterStatus();
+  EXPECT_EQ(st.rebalance().pending_version(), 0);
+  EXPECT_EQ(st.rebalance().placement_version(), 1);
+  EXPECT_NE(st.rebalance().last_error().find("worker 1 could not load it: no space left on device"),
+            std::string::npos)
+      << st.rebalance().last_error();
+  // The observed load is still there: a new attempt gets the next version number.
+  r = Rebalance();
+  ASSERT_TRUE(r.ok() && r->started()) << r.status();
+  EXPECT_EQ(r->pending_version(), 2);
+  // A worker exits unasked: new data-plane generation, the pending placement goes.
+  Beat(1, 1, 0, "", {}, /*exiting=*/true);
+  st = c_->GetClusterStatus();
+  EXPECT_EQ(st.generation(), 2);
+  EXPECT_EQ(st.rebalance().pending_version(), 0);
+  EXPECT_NE(st.rebalance().last_error().find("data-plane generation 2"), std::string::npos)
+      << st.rebalance().last_error();
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "not serving");
+}
+
+TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
+  Start(Options(2, 1));
+  RegisterAll();
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "--ep > 1");
+  Start(Options(1, 2, 1));
+  RegisterAll();
+  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "(256 + 1) divisible by --ep 2");
+}
+
+TEST_F(RebalanceTest, AutomaticRebalanceStartsAfterTheInterval) {
+  CoordinatorOptions o = Options(1, 2);
+  o.eplb_interval_s = 0.2;
+  Start(o);
+  RegisterAll();
+  EXPECT_EQ(c_->GetClusterStatus().rebalance().interval_s(), 0.2);
+  ReportSkewedLoad();
+  // The monitor's Tick tries every interval (timing-tolerant: up to 10 s).
+  for (int i = 0; i < 200 && c_->GetClusterStatus().rebalance().pending_version() == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(50));
+    c_->Tick();
+  }
+  EXPECT_EQ(c_->GetClusterStatus().rebalance().pending_version(), 2);
+}
+
+}  // namespace
+}  // namespace expertmesh::coordinator
