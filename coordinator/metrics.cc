@@ -74,6 +74,15 @@ std::vector<MetricFamily> Collect(const Coordinator& c) {
         MetricType::Gauge, static_cast<double>(st.generation()));
   f.One("expertmesh_workers_lost_total", "workers found MISSING or exited unasked since the coordinator started",
         MetricType::Counter, static_cast<double>(st.workers_lost()));
+  const v1::RebalanceStatus& rb = st.rebalance();
+  f.One("expertmesh_expert_placement_version", "expert placement in use: 1 at start, +1 per committed rebalance",
+        MetricType::Gauge, static_cast<double>(rb.placement_version()));
+  f.One("expertmesh_expert_rebalances_total", "expert rebalances committed since the coordinator started",
+        MetricType::Counter, static_cast<double>(rb.rebalances()));
+  f.One("expertmesh_expert_rank_imbalance",
+        "mean over MoE layers of max / mean EP-rank load for the load observed since the last rebalance, on the "
+        "placement in use (1 = balanced)",
+        MetricType::Gauge, rb.window_imbalance());
 
   f.Start("expertmesh_sequences", "sequences of unfinished jobs by state", MetricType::Gauge);
   f.Add(st.queued_sequences(), {{"state", "queued"}});

@@ -592,6 +592,9 @@ TEST_F(CoordinatorTest, MetricsOverHttpFollowTheCluster) {
   EXPECT_TRUE(has(m, "expertmesh_jobs{state=\"succeeded\"} 1")) << m;
   EXPECT_TRUE(has(m, "expertmesh_sequences{state=\"queued\"} 0")) << m;
   EXPECT_TRUE(has(m, "expertmesh_data_plane_generation 1")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_expert_placement_version 1")) << m;
+  EXPECT_TRUE(has(m, "expertmesh_expert_rebalances_total 0")) << m;
+  EXPECT_NE(m.find("expertmesh_expert_rank_imbalance "), std::string::npos) << m;
   EXPECT_TRUE(has(m, "expertmesh_expert_routed_tokens_total{layer=\"1\"} 319")) << m;
   EXPECT_NE(m.find("expertmesh_expert_load_imbalance{layer=\"1\"} 51.3"), std::string::npos) << m;  // 64 / (319/256)
   EXPECT_NE(m.find("# TYPE expertmesh_worker_time_seconds_total counter"), std::string::npos) << m;

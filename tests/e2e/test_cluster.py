@@ -104,6 +104,21 @@ class MpirunTest(ClusterCase):
     def test_pp4_ep1(self):
         self.run_plan(4, 1)
 
+    def test_automatic_rebalance_over_mpi(self):
+        # Every second, whatever the gain: the placement changes under a running job.
+        p, server, _ = self.launch(2, 2, ["--redundant-experts", "4", "--eplb-interval-s", "1", "--eplb-min-tokens",
+                                          "1", "--eplb-min-gain", "0"])
+        long_new = 1000
+        want = cu.results(cu.run(["generate", "--checkpoint", self.f.ckpt, "--prompts", self.f.prompts,
+                                  "--max-new-tokens", str(long_new)]).stdout)
+        self.assertEqual(self.submit(server, new=long_new), want)
+        st = cu.wait_status(server, lambda st: int(st["plan"].get("placement_version", 0)) >= 2,
+                            "an automatic rebalance", 30, 0.2)
+        self.assertGreaterEqual(int(st["rebalance"]["rebalances"]), 1)
+        self.check_batch(server)
+        self.shutdown(server, [p])
+        self.assertIn("switched to placement version 2", cu.read_log(p))
+
     def test_uneven_stages_with_redundant_experts(self):
         st = self.run_plan(2, 2, ["--layers-per-stage", "1,3", "--redundant-experts", "16"])
         stages = st["plan"]["stages"]
@@ -111,11 +126,13 @@ class MpirunTest(ClusterCase):
 
 
 class StandaloneTest(ClusterCase):
+    coordinator_flags = ()  # more `expertmesh coordinator` flags, for every start of the case's coordinator
+
     def start_coordinator(self, port, journal, log, heartbeat_timeout_s=30):
         self.metrics_port = cu.free_port()
         p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
                       f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s),
-                      "--metrics-listen", f"127.0.0.1:{self.metrics_port}"],
+                      "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.coordinator_flags],
                      os.path.join(self.tmp, log))
         self.procs.append(p)
         return p
@@ -262,6 +279,49 @@ class StandaloneTest(ClusterCase):
         got = self.submit(server, ["--request-id", rid], new=long_new)
         self.assertEqual(got, want)
         self.shutdown(server, [coord2, repl] + [p for p in workers if p is not leaving])
+
+    def test_rebalance_mid_job_keeps_the_results_and_survives_a_restart(self):
+        self.coordinator_flags = ("--redundant-experts", "4")
+        server, port, journal, coord, workers = self.start_cluster()
+        self.assertEqual(self.submit(server), self.f.greedy)  # some expert load to balance
+        st = cu.wait_status(server, lambda st: int(st["rebalance"].get("window_tokens", 0)) > 0,
+                            "expert load reported", 30, 0.2)
+        before = st["plan"]
+        self.assertEqual(int(before.get("placement_version", 0)), 1)
+        long_new = 1500
+        want = cu.results(cu.run(["generate", "--checkpoint", self.f.ckpt, "--prompts", self.f.prompts,
+                                  "--max-new-tokens", str(long_new)]).stdout)
+        rid = "e2e-rebalance-1"
+        cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens", str(long_new),
+                "--request-id", rid, "--detach"])
+        self.wait_generating(server, 1)
+        # --force: the short warm-up is below --eplb-min-tokens.
+        out = json.loads(cu.run(["rebalance", "--server", server, "--force", "--wait-s", "60"]).stdout)
+        self.assertEqual(out["outcome"], "committed", out)
+        self.assertEqual(out["placement_version"], 2)
+        self.assertLess(out["imbalance_after"], out["imbalance_before"])
+        mid = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+        # The job is still running across the switch (1000 tokens take the tiny cluster several seconds).
+        self.assertGreater(mid["running_sequences"] + mid["queued_sequences"], 0, "job ended before the switch")
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+        self.assertEqual(int(st["plan"]["placement_version"]), 2)
+        self.assertEqual(int(st["rebalance"]["rebalances"]), 1)
+        self.assertNotEqual(st["plan"]["stages"], before["stages"])
+        for p in workers:  # every worker loaded its new experts and switched
+            log = cu.read_log(p)
+            self.assertIn("placement version 2 staged", log)
+            self.assertIn("switched to placement version 2", log)
+        # A restarted coordinator serves the committed placement from its journal; the workers keep theirs.
+        cu.kill(coord, signal.SIGKILL)
+        coord2 = self.start_coordinator(port, journal, "coordinator2.log")
+        st = cu.wait_serving(server, timeout=120)
+        self.assertEqual(int(st["plan"]["placement_version"]), 2)
+        self.assertEqual(st["plan"]["stages"], json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+                         ["plan"]["stages"])
+        self.assertEqual(self.submit(server), self.f.greedy)
+        self.shutdown(server, [coord2] + workers)
 
     def wait_generation(self, server, generation, timeout=120):
         """Waits until the cluster serves again in data-plane generation `generation`."""
