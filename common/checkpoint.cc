@@ -299,7 +299,8 @@ absl::Status GenerateCheckpoint(const ModelConfig& cfg_in, const GenerateOptions
       RETURN_IF_ERROR(flush());
       shard = shard_of[i];
     }
-    const TensorSpec& s = spec[i];
+    TensorSpec s = spec[i];
+    if (s.init == Init::kBias && o.router_bias_std >= 0) s.std = o.router_bias_std;
     std::vector<float> v = RandomTensor(s, o.seed);
     if (fp8 && s.fp8) {
       std::vector<uint8_t> q;

@@ -63,6 +63,10 @@ struct GenerateOptions {
   std::string dtype = "fp32";          // fp32 | bf16 | fp8
   uint64_t seed = 0;
   uint64_t shard_size_bytes = 5ull << 30;
+  // Standard deviation of every MoE layer's gate.e_score_correction_bias
+  // (negative: the spec's 0.05). Larger values make some experts hot: a
+  // skewed routing load, for expert-rebalancing studies.
+  float router_bias_std = -1.0f;
   std::function<void(const std::string& msg)> progress;  // optional
 };
 

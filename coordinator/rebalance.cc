@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <numeric>
+#include <set>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -41,6 +43,49 @@ bool SameShape(const topology::Plan& a, const topology::Plan& b) {
     }
   }
   return true;
+}
+
+// Experts of `next` that rank r does not hold in `old` (the weights rank r must load).
+int64_t ExpertsToLoad(const topology::ExpertPlacement& old, const topology::ExpertPlacement& next) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < next.num_ranks(); ++r) {
+    const std::set<int32_t> have(old.slots_of_rank(r).begin(), old.slots_of_rank(r).end());
+    for (int32_t e : std::set<int32_t>(next.slots_of_rank(r).begin(), next.slots_of_rank(r).end())) {
+      n += have.count(e) == 0 ? 1 : 0;
+    }
+  }
+  return n;
+}
+
+// EPLB computes a placement from scratch; its ranks are interchangeable (the
+// coordinator treats a stage's ranks as one node). Renumbers them so that
+// each keeps as many of its current experts as it can (greedy on the overlap
+// matrix): the same rank loads, far fewer experts to load.
+absl::StatusOr<topology::ExpertPlacement> KeepExpertsInPlace(const topology::ExpertPlacement& old,
+                                                            const topology::ExpertPlacement& next) {
+  const int64_t R = next.num_ranks();
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;  // (-overlap, new rank, old rank)
+  for (int64_t a = 0; a < R; ++a) {
+    const std::set<int32_t> mine(next.slots_of_rank(a).begin(), next.slots_of_rank(a).end());
+    for (int64_t b = 0; b < R; ++b) {
+      int64_t common = 0;
+      for (int32_t e : std::set<int32_t>(old.slots_of_rank(b).begin(), old.slots_of_rank(b).end())) {
+        common += mine.count(e);
+      }
+      pairs.emplace_back(-common, a, b);
+    }
+  }
+  std::sort(pairs.begin(), pairs.end());
+  std::vector<int64_t> to(R, -1);
+  std::vector<bool> taken(R, false);
+  for (const auto& [neg, a, b] : pairs) {
+    if (to[a] >= 0 || taken[b]) continue;
+    to[a] = b;
+    taken[b] = true;
+  }
+  std::vector<std::vector<int32_t>> slots(R);
+  for (int64_t a = 0; a < R; ++a) slots[to[a]] = next.slots_of_rank(a);
+  return topology::ExpertPlacement::Create(next.num_experts(), std::move(slots));
 }
 
 }  // namespace
@@ -102,21 +147,32 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   eo.ranks_per_node = plan_.ep;  // the coordinator treats a stage's ranks as one node, as BuildPlan does
   eo.num_groups = config_.n_group > 0 && config_.n_routed_experts % config_.n_group == 0 ? config_.n_group : 1;
   eo.redundant = plan_.redundant_experts;
+  // Per layer: EPLB's placement, its ranks renumbered to keep experts in
+  // place; a layer keeps its placement when it has no load in the window or
+  // (unless forced) gains less than eplb_min_gain itself.
   topology::Plan next = plan_;
+  int64_t moved = 0;
   for (auto& stage : next.stages) {
     for (auto& [layer, placement] : stage.placement) {
       auto it = window_load_.find(layer);
       if (it == window_load_.end()) continue;
-      if (std::accumulate(it->second.begin(), it->second.end(), int64_t{0}) == 0) continue;  // keeps its placement
-      ASSIGN_OR_RETURN(std::vector<topology::ExpertPlacement> p,
-                       topology::RebalanceExperts({std::vector<double>(it->second.begin(), it->second.end())}, eo));
-      placement = std::move(p[0]);
+      if (std::accumulate(it->second.begin(), it->second.end(), int64_t{0}) == 0) continue;
+      const std::vector<double> load(it->second.begin(), it->second.end());
+      ASSIGN_OR_RETURN(std::vector<topology::ExpertPlacement> p, topology::RebalanceExperts({load}, eo));
+      ASSIGN_OR_RETURN(topology::ExpertPlacement kept, KeepExpertsInPlace(placement, p[0]));
+      const double now = topology::ImbalanceFactor(placement, load), then = topology::ImbalanceFactor(kept, load);
+      if (!force && then > now * (1.0 - options_.eplb_min_gain)) continue;
+      moved += ExpertsToLoad(placement, kept);
+      placement = std::move(kept);
     }
   }
+  resp->set_experts_to_load(moved);
   const double after = WindowImbalanceLocked(next, nullptr);
   resp->set_imbalance_after(after);
   if (next.ToJson() == plan_.ToJson()) {
-    resp->set_reason("the placement EPLB computes for the observed load is the one in use");
+    resp->set_reason(force ? "the placement EPLB computes for the observed load is the one in use"
+                           : absl::StrFormat("no MoE layer's imbalance would drop by --eplb-min-gain %.2f",
+                                             options_.eplb_min_gain));
     return absl::OkStatus();
   }
   if (!force && after > before * (1.0 - options_.eplb_min_gain)) {
@@ -133,8 +189,8 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   p.imbalance_after = after;
   LOG(INFO) << absl::StrFormat(
       "coordinator: rebalancing experts: placement version %d (imbalance %.3f -> %.3f on %d routed tokens per MoE "
-      "layer); the workers load their new experts",
-      p.version, before, after, tokens);
+      "layer); the workers load %d experts they do not hold yet",
+      p.version, before, after, tokens, moved);
   pending_placement_ = std::move(p);
   rebalance_error_.clear();
   resp->set_started(true);

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -37,6 +38,11 @@ ABSL_FLAG(int32_t, num_prompts, 32, "serve: prompts in the measured batch");
 ABSL_FLAG(int32_t, prompt_len, 64, "serve: tokens per prompt");
 ABSL_FLAG(std::string, mpirun, "mpirun", "serve: the mpirun to start the local cluster with");
 ABSL_FLAG(std::string, bench_dir, "out/bench", "serve: where generated checkpoints and logs are kept");
+ABSL_FLAG(bool, rebalance, false,
+          "serve: measure a batch, rebalance the experts live (EPLB on the load observed so far), measure a second "
+          "batch of the same shape; prints both, the rebalance's own time and the per-rank expert time spread");
+ABSL_DECLARE_FLAG(double, router_bias_std);
+ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 
 namespace expertmesh::launch {
 
@@ -55,7 +61,7 @@ int Fail(const std::string& msg) {
 }
 
 // Starts `mpirun ... expertmesh launch` in its own process group.
-absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, const std::string& dir) {
+absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, int redundant, const std::string& dir) {
   Cluster c;
   const std::string addr_file = dir + "/serve.address";
   c.log = dir + "/serve.log";
@@ -65,7 +71,8 @@ absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, co
   std::vector<std::string> args = {absl::GetFlag(FLAGS_mpirun), "--allow-run-as-root", "--oversubscribe", "--mca",
                                    "btl", "self,vader", "-np", std::to_string(1 + pp * ep), self, "launch",
                                    "--checkpoint", ckpt, "--pp", std::to_string(pp), "--ep", std::to_string(ep),
-                                   "--listen", "127.0.0.1:0", "--address-file", addr_file};
+                                   "--redundant-experts", std::to_string(redundant), "--listen", "127.0.0.1:0",
+                                   "--address-file", addr_file};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -138,6 +145,107 @@ absl::StatusOr<double> RunJob(v1::JobService::Stub* jobs, const v1::SubmitJobReq
   }
 }
 
+// Per stage: the mean over its EP ranks of each kind of time in the window,
+// and each rank's expert seconds (their spread is the expert-load imbalance).
+struct Row {
+  double attention = 0, dense = 0, expert = 0, dispatch = 0, combine = 0, transfer = 0, idle = 0, embed_head = 0,
+         control = 0, wall = 0;
+  std::vector<double> rank_expert;
+};
+
+struct Measured {
+  double wall = 0;
+  int64_t generated = 0;
+  std::vector<Row> rows;
+  double tokens_per_s() const { return generated / wall; }
+};
+
+// Runs one job between two status snapshots (heartbeats carry the workers' times).
+absl::StatusOr<Measured> Measure(v1::JobService::Stub* jobs, v1::ClusterService::Stub* clus,
+                                 const v1::SubmitJobRequest& req, int pp, int ep) {
+  ASSIGN_OR_RETURN(v1::ClusterStatus before, GetStatus(clus));
+  std::fprintf(stderr, "bench serve: measuring %d prompts x %d tokens, %d new tokens each...\n",
+               req.sequences_size(), req.sequences(0).tokens_size(), req.sequences(0).max_new_tokens());
+  Measured m;
+  ASSIGN_OR_RETURN(m.wall, RunJob(jobs, req, &m.generated));
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSIGN_OR_RETURN(v1::ClusterStatus after, GetStatus(clus));
+  m.rows.assign(pp, Row());
+  for (Row& r : m.rows) r.rank_expert.assign(ep, 0.0);
+  for (int i = 0; i < after.workers_size(); ++i) {
+    const auto& a = after.workers(i).times();
+    const auto& b = before.workers(i).times();
+    Row& r = m.rows[after.workers(i).stage()];
+    r.attention += (a.attention_s() - b.attention_s()) / ep;
+    r.dense += (a.dense_s() - b.dense_s()) / ep;
+    r.expert += (a.expert_s() - b.expert_s()) / ep;
+    r.dispatch += (a.dispatch_s() - b.dispatch_s()) / ep;
+    r.combine += (a.combine_s() - b.combine_s()) / ep;
+    r.transfer += (a.transfer_s() - b.transfer_s()) / ep;
+    r.embed_head += (a.embed_head_s() - b.embed_head_s()) / ep;
+    r.control += (a.control_s() - b.control_s()) / ep;
+    r.rank_expert[after.workers(i).ep_rank()] = a.expert_s() - b.expert_s();
+  }
+  // Busy time only accrues during the job (the cluster is idle around it), so
+  // each stage's idle share is the job's wall time minus everything else.
+  for (Row& r : m.rows) {
+    const double busy = r.attention + r.dense + r.expert + r.dispatch + r.combine + r.transfer + r.embed_head +
+                        r.control;
+    r.wall = m.wall;
+    r.idle = std::max(0.0, m.wall - busy);
+  }
+  return m;
+}
+
+double MaxOverMean(const std::vector<double>& v) {
+  double mx = 0, sum = 0;
+  for (double x : v) {
+    mx = std::max(mx, x);
+    sum += x;
+  }
+  return sum > 0 ? mx * static_cast<double>(v.size()) / sum : 1.0;
+}
+
+nlohmann::json Json(const Measured& m, const std::string& preset, int pp, int ep, int n, int len, int64_t new_tokens) {
+  nlohmann::json j = {{"preset", preset}, {"pp", pp}, {"ep", ep}, {"prompts", n}, {"prompt_len", len},
+                      {"max_new_tokens", new_tokens}, {"generated_tokens", m.generated}, {"wall_s", m.wall},
+                      {"tokens_per_s", m.tokens_per_s()},
+                      {"prompt_tokens_per_s", static_cast<double>(n) * len / m.wall}};
+  for (int s = 0; s < pp; ++s) {
+    const Row& r = m.rows[s];
+    j["stages"].push_back({{"stage", s}, {"attention_s", r.attention}, {"dense_s", r.dense}, {"expert_s", r.expert},
+                           {"dispatch_s", r.dispatch}, {"combine_s", r.combine}, {"transfer_s", r.transfer},
+                           {"idle_s", r.idle}, {"embed_head_s", r.embed_head}, {"control_s", r.control},
+                           {"wall_s", r.wall}, {"rank_expert_s", r.rank_expert},
+                           {"expert_max_over_mean", MaxOverMean(r.rank_expert)}});
+  }
+  return j;
+}
+
+void Print(const Measured& m, const std::string& title, const std::string& preset, int pp, int ep, int n, int len,
+           int64_t new_tokens) {
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf("%s\n", Json(m, preset, pp, ep, n, len, new_tokens).dump().c_str());
+    return;
+  }
+  if (!title.empty()) std::printf("%s\n", title.c_str());
+  std::printf("preset %s, PP%d x EP%d, %d prompts x %d tokens, %lld generated tokens in %.2f s: "
+              "%.1f generated tokens/s (%.1f prompt tokens/s)\n",
+              preset.c_str(), pp, ep, n, len, static_cast<long long>(m.generated), m.wall, m.tokens_per_s(),
+              static_cast<double>(n) * len / m.wall);
+  std::printf("per stage, mean over its EP ranks: seconds of the job (%% of its wall time); idle = the rest\n");
+  std::printf("%-6s %15s %15s %15s %15s %15s %15s %15s %15s %15s   %s\n", "stage", "attention", "dense", "experts",
+              "dispatch", "combine", "pp-transfer", "idle", "embed+head", "control", "experts max/mean rank");
+  auto cell = [](double v, double w) { return absl::StrFormat("%.2f (%2.0f%%)", v, w > 0 ? 100 * v / w : 0.0); };
+  for (int s = 0; s < pp; ++s) {
+    const Row& r = m.rows[s];
+    std::printf("%-6d %15s %15s %15s %15s %15s %15s %15s %15s %15s   %.2f\n", s, cell(r.attention, r.wall).c_str(),
+                cell(r.dense, r.wall).c_str(), cell(r.expert, r.wall).c_str(), cell(r.dispatch, r.wall).c_str(),
+                cell(r.combine, r.wall).c_str(), cell(r.transfer, r.wall).c_str(), cell(r.idle, r.wall).c_str(),
+                cell(r.embed_head, r.wall).c_str(), cell(r.control, r.wall).c_str(), MaxOverMean(r.rank_expert));
+  }
+}
+
 int RunServe() {
   const std::string preset = absl::GetFlag(FLAGS_preset);
   const int pp = absl::GetFlag(FLAGS_pp), ep = absl::GetFlag(FLAGS_ep);
@@ -150,7 +258,8 @@ int RunServe() {
   std::filesystem::create_directories(dir);
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
-    ckpt = absl::StrCat(dir, "/", preset, "-fp8-seed0");
+    const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
+    ckpt = absl::StrCat(dir, "/", preset, "-fp8-seed0", bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
     if (!std::filesystem::exists(ckpt + "/config.json")) {
       auto cfg = ModelConfig::Preset(preset);
       if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
@@ -160,6 +269,7 @@ int RunServe() {
       o.out_dir = ckpt;
       o.dtype = "fp8";
       o.shard_size_bytes = 1ull << 30;
+      o.router_bias_std = static_cast<float>(bias_std);
       o.progress = [](const std::string& m) { std::fprintf(stderr, "bench serve: %s\n", m.c_str()); };
       absl::Status s = GenerateCheckpoint(*cfg, o);
       if (!s.ok()) return Fail(std::string(s.message()));
@@ -169,7 +279,7 @@ int RunServe() {
   if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
   std::fprintf(stderr, "bench serve: starting PP%d x EP%d (%d processes) on %s...\n", pp, ep, 1 + pp * ep,
                ckpt.c_str());
-  auto cluster = StartCluster(ckpt, pp, ep, dir);
+  auto cluster = StartCluster(ckpt, pp, ep, absl::GetFlag(FLAGS_redundant_experts), dir);
   if (!cluster.ok()) return Fail(std::string(cluster.status().message()));
   auto channel = grpc::CreateChannel(cluster->address, grpc::InsecureChannelCredentials());
   auto jobs = v1::JobService::NewStub(channel);
@@ -208,73 +318,53 @@ int RunServe() {
   auto warm = RunJob(jobs.get(), make(pp * ep, 8, 2), &generated);
   if (!warm.ok()) return finish(Fail(std::string(warm.status().message())));
   absl::SleepFor(absl::Milliseconds(1500));  // heartbeats carry the times
-  auto before = GetStatus(clus.get());
-  if (!before.ok()) return finish(Fail(std::string(before.status().message())));
-  std::fprintf(stderr, "bench serve: measuring %d prompts x %d tokens, %lld new tokens each...\n", n, len,
-               static_cast<long long>(new_tokens));
-  auto wall = RunJob(jobs.get(), make(n, len, new_tokens), &generated);
-  if (!wall.ok()) return finish(Fail(std::string(wall.status().message())));
-  absl::SleepFor(absl::Milliseconds(1500));
-  auto after = GetStatus(clus.get());
-  if (!after.ok()) return finish(Fail(std::string(after.status().message())));
-
-  // Per stage: the mean over its EP ranks of each kind of time in the window.
-  struct Row { double attention = 0, dense = 0, expert = 0, dispatch = 0, combine = 0, transfer = 0, idle = 0,
-               embed_head = 0, control = 0, wall = 0; };
-  std::vector<Row> rows(pp);
-  for (int i = 0; i < after->workers_size(); ++i) {
-    const auto& a = after->workers(i).times();
-    const auto& b = before->workers(i).times();
-    Row& r = rows[after->workers(i).stage()];
-    r.attention += (a.attention_s() - b.attention_s()) / ep;
-    r.dense += (a.dense_s() - b.dense_s()) / ep;
-    r.expert += (a.expert_s() - b.expert_s()) / ep;
-    r.dispatch += (a.dispatch_s() - b.dispatch_s()) / ep;
-    r.combine += (a.combine_s() - b.combine_s()) / ep;
-    r.transfer += (a.transfer_s() - b.transfer_s()) / ep;
-    r.idle += (a.idle_s() - b.idle_s()) / ep;
-    r.embed_head += (a.embed_head_s() - b.embed_head_s()) / ep;
-    r.control += (a.control_s() - b.control_s()) / ep;
-    r.wall += (a.wall_s() - b.wall_s()) / ep;
+  auto m = Measure(jobs.get(), clus.get(), make(n, len, new_tokens), pp, ep);
+  if (!m.ok()) return finish(Fail(std::string(m.status().message())));
+  if (!absl::GetFlag(FLAGS_rebalance)) {
+    Print(*m, "", preset, pp, ep, n, len, new_tokens);
+    return finish(0);
   }
-  // Busy time only accrues during the job (the cluster is idle around it), so
-  // each stage's idle share is the job's wall time minus everything else.
-  for (Row& r : rows) {
-    const double busy = r.attention + r.dense + r.expert + r.dispatch + r.combine + r.transfer + r.embed_head +
-                        r.control;
-    r.wall = *wall;
-    r.idle = std::max(0.0, *wall - busy);
+  // Rebalance live on the load of the warm-up and the first batch, then the same shape again.
+  const absl::Time t0 = absl::Now();
+  v1::RebalanceExpertsResponse rb;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::RebalanceExpertsRequest req;
+    req.set_force(true);
+    absl::Status s = Check(clus->RebalanceExperts(&ctx, req, &rb), "RebalanceExperts");
+    if (!s.ok()) return finish(Fail(std::string(s.message())));
   }
-  const double tps = generated / *wall;
-  const double prompt_tps = static_cast<double>(n) * len / *wall;
-  if (absl::GetFlag(FLAGS_json)) {
-    nlohmann::json j = {{"preset", preset}, {"pp", pp}, {"ep", ep}, {"prompts", n}, {"prompt_len", len},
-                        {"max_new_tokens", new_tokens},
-                        {"generated_tokens", generated}, {"wall_s", *wall}, {"tokens_per_s", tps},
-                        {"prompt_tokens_per_s", prompt_tps}};
-    for (int s = 0; s < pp; ++s) {
-      const Row& r = rows[s];
-      j["stages"].push_back({{"stage", s}, {"attention_s", r.attention}, {"dense_s", r.dense}, {"expert_s", r.expert},
-                             {"dispatch_s", r.dispatch}, {"combine_s", r.combine}, {"transfer_s", r.transfer},
-                             {"idle_s", r.idle}, {"embed_head_s", r.embed_head}, {"control_s", r.control},
-                             {"wall_s", r.wall}});
+  if (!rb.started()) return finish(Fail(absl::StrCat("the coordinator did not rebalance: ", rb.reason())));
+  while (true) {
+    auto st = GetStatus(clus.get());
+    if (!st.ok()) return finish(Fail(std::string(st.status().message())));
+    if (st->rebalance().placement_version() >= rb.pending_version()) break;
+    if (st->rebalance().pending_version() != rb.pending_version()) {
+      return finish(Fail(absl::StrCat("the rebalance was dropped: ", st->rebalance().last_error())));
     }
+    if (absl::Now() - t0 > absl::Minutes(10)) return finish(Fail("the rebalance did not commit in 10 minutes"));
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const double commit_s = absl::ToDoubleSeconds(absl::Now() - t0);
+  auto m2 = Measure(jobs.get(), clus.get(), make(n, len, new_tokens), pp, ep);
+  if (!m2.ok()) return finish(Fail(std::string(m2.status().message())));
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = {{"before", Json(*m, preset, pp, ep, n, len, new_tokens)},
+                        {"after", Json(*m2, preset, pp, ep, n, len, new_tokens)},
+                        {"imbalance_before", rb.imbalance_before()}, {"imbalance_after", rb.imbalance_after()},
+                        {"rebalance_commit_s", commit_s}, {"experts_to_load", rb.experts_to_load()},
+                        {"speedup", m2->tokens_per_s() / m->tokens_per_s()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("preset %s, PP%d x EP%d, %d prompts x %d tokens, %lld generated tokens in %.2f s: "
-                "%.1f generated tokens/s (%.1f prompt tokens/s)\n",
-                preset.c_str(), pp, ep, n, len, static_cast<long long>(generated), *wall, tps, prompt_tps);
-    std::printf("per stage, mean over its EP ranks: seconds of the job (%% of its wall time); idle = the rest\n");
-    std::printf("%-6s %15s %15s %15s %15s %15s %15s %15s %15s %15s\n", "stage", "attention", "dense", "experts",
-                "dispatch", "combine", "pp-transfer", "idle", "embed+head", "control");
-    auto cell = [](double v, double w) { return absl::StrFormat("%.2f (%2.0f%%)", v, w > 0 ? 100 * v / w : 0.0); };
-    for (int s = 0; s < pp; ++s) {
-      const Row& r = rows[s];
-      std::printf("%-6d %15s %15s %15s %15s %15s %15s %15s %15s %15s\n", s, cell(r.attention, r.wall).c_str(),
-                  cell(r.dense, r.wall).c_str(), cell(r.expert, r.wall).c_str(), cell(r.dispatch, r.wall).c_str(),
-                  cell(r.combine, r.wall).c_str(), cell(r.transfer, r.wall).c_str(), cell(r.idle, r.wall).c_str(),
-                  cell(r.embed_head, r.wall).c_str(), cell(r.control, r.wall).c_str());
-    }
+    Print(*m, "placement version 1 (built at start)", preset, pp, ep, n, len, new_tokens);
+    std::printf("\nrebalance: expert-load imbalance (max/mean EP-rank load, mean over MoE layers) %.3f -> %.3f; "
+                "%lld experts to load; committed %.2f s after the request (workers load the experts they gain while "
+                "serving, then switch at one step)\n\n",
+                rb.imbalance_before(), rb.imbalance_after(), static_cast<long long>(rb.experts_to_load()), commit_s);
+    Print(*m2, absl::StrCat("placement version ", rb.pending_version(), " (rebalanced)"), preset, pp, ep, n, len,
+          new_tokens);
+    std::printf("\nafter / before: %.3f x generated tokens/s\n", m2->tokens_per_s() / m->tokens_per_s());
   }
   return finish(0);
 }

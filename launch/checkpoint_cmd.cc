@@ -14,6 +14,9 @@ ABSL_FLAG(std::string, dtype, "fp32",
 ABSL_FLAG(std::string, out, "", "output folder (created if missing)");
 ABSL_FLAG(std::string, config, "", "optional config.json to use instead of --preset");
 ABSL_FLAG(uint64_t, shard_size, 5ull << 30, "maximum bytes per safetensors shard");
+ABSL_FLAG(double, router_bias_std, 0.05,
+          "standard deviation of the routers' e_score_correction_bias; larger values make some experts hot "
+          "(skewed expert load, e.g. 0.3 for rebalancing studies)");
 
 namespace expertmesh::launch {
 
@@ -36,6 +39,11 @@ int CheckpointMain(int argc, char** argv) {
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.shard_size_bytes = absl::GetFlag(FLAGS_shard_size);
+  o.router_bias_std = static_cast<float>(absl::GetFlag(FLAGS_router_bias_std));
+  if (!(o.router_bias_std >= 0)) {
+    std::fprintf(stderr, "expertmesh checkpoint: --router-bias-std must be >= 0\n");
+    return 2;
+  }
   o.progress = [](const std::string& m) { std::fprintf(stderr, "checkpoint: %s\n", m.c_str()); };
   absl::Status s = GenerateCheckpoint(*cfg, o);
   if (!s.ok()) {

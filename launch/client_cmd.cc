@@ -371,7 +371,8 @@ int RebalanceMain(int argc, char** argv) {
                                         {"reason", r.reason()},
                                         {"placement_version", version},
                                         {"imbalance_before", r.imbalance_before()},
-                                        {"imbalance_after", r.imbalance_after()}})
+                                        {"imbalance_after", r.imbalance_after()},
+                                        {"experts_to_load", r.experts_to_load()}})
                             .dump()
                             .c_str());
   };
@@ -385,8 +386,8 @@ int RebalanceMain(int argc, char** argv) {
     return 0;
   }
   std::fprintf(stderr, "rebalance: placement version %lld: imbalance %.3f -> %.3f; waiting for the workers to load "
-               "their new experts\n", static_cast<long long>(r.pending_version()), r.imbalance_before(),
-               r.imbalance_after());
+               "%lld experts\n", static_cast<long long>(r.pending_version()), r.imbalance_before(),
+               r.imbalance_after(), static_cast<long long>(r.experts_to_load()));
   const absl::Time until = absl::Now() + absl::Seconds(wait_s);
   while (absl::Now() < until) {
     grpc::ClientContext ctx;

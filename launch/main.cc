@@ -72,7 +72,7 @@ const Verb kVerbs[] = {
      "expertmesh rebalance --server HOST:PORT [--force] [--wait-s S]\n\nEPLB on the expert load observed since "
      "the last rebalance; the workers load the experts they gain next to the ones in use and every stage switches "
      "at one step, without stopping. Prints {\"outcome\": committed|pending|unchanged, \"reason\", "
-     "\"placement_version\", \"imbalance_before\", \"imbalance_after\"}. Automatic with the coordinator's "
+     "\"placement_version\", \"imbalance_before\", \"imbalance_after\", \"experts_to_load\"}. Automatic with the coordinator's "
      "--eplb-interval-s.",
      RebalanceMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",

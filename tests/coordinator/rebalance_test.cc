@@ -3,6 +3,7 @@
 // drop a pending placement, and the journal that keeps a committed one.
 // Workers are played by the test through the Coordinator object.
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -141,6 +142,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(r->pending_version(), 2);
   EXPECT_NEAR(r->imbalance_before(), st.rebalance().window_imbalance(), 1e-12);
   EXPECT_LT(r->imbalance_after(), 1.02);
+  EXPECT_GT(r->experts_to_load(), 0);
   EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "still being loaded (0 of 4 workers");
 
   // Every worker is sent the pending plan until it reports it staged; nothing is committed before all did.
@@ -152,11 +154,27 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(next.placement_version(), 2);
   auto next_plan = PlanFromProto(next);
   ASSERT_TRUE(next_plan.ok()) << next_plan.status();
-  for (const auto& stage : next_plan->stages) {
-    for (const auto& [layer, p] : stage.placement) {
-      EXPECT_LT(topology::ImbalanceFactor(p, skew[static_cast<int>(layer)]), 1.02) << "layer " << layer;
+  // Balanced, and the experts a rank must load are counted (ranks keep what they can:
+  // fewer than EPLB's own numbering of the ranks would need).
+  auto old_plan = PlanFromProto(before);
+  ASSERT_TRUE(old_plan.ok());
+  int64_t to_load = 0, unnumbered = 0;
+  for (size_t s = 0; s < next_plan->stages.size(); ++s) {
+    for (const auto& [layer, p] : next_plan->stages[s].placement) {
+      const std::vector<double>& load = skew[static_cast<int>(layer)];
+      EXPECT_LT(topology::ImbalanceFactor(p, load), 1.02) << "layer " << layer;
+      const topology::ExpertPlacement& was = old_plan->stages[s].placement.at(layer);
+      auto eplb = topology::RebalanceExperts({load}, {.num_ranks = 2, .ranks_per_node = 2, .num_groups = 8});
+      ASSERT_TRUE(eplb.ok());
+      for (int64_t rank = 0; rank < 2; ++rank) {
+        const std::set<int32_t> had(was.slots_of_rank(rank).begin(), was.slots_of_rank(rank).end());
+        for (int32_t e : p.slots_of_rank(rank)) to_load += had.count(e) ? 0 : 1;
+        for (int32_t e : (*eplb)[0].slots_of_rank(rank)) unnumbered += had.count(e) ? 0 : 1;
+      }
     }
   }
+  EXPECT_EQ(r->experts_to_load(), to_load);
+  EXPECT_LE(to_load, unnumbered);
   for (int id = 0; id < 3; ++id) {
     hb = Beat(id, 1, 2);
     EXPECT_FALSE(hb.has_next_plan()) << "worker " << id << " staged it already";
