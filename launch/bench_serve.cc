@@ -39,8 +39,9 @@ ABSL_FLAG(int32_t, prompt_len, 64, "serve: tokens per prompt");
 ABSL_FLAG(std::string, mpirun, "mpirun", "serve: the mpirun to start the local cluster with");
 ABSL_FLAG(std::string, bench_dir, "out/bench", "serve: where generated checkpoints and logs are kept");
 ABSL_FLAG(bool, rebalance, false,
-          "serve: measure a batch, rebalance the experts live (EPLB on the load observed so far), measure a second "
-          "batch of the same shape; prints both, the rebalance's own time and the per-rank expert time spread");
+          "serve: measure a batch, a control batch of the same shape on the same placement, rebalance the experts "
+          "live (EPLB on the load observed so far) and measure a batch after it; prints all three, the rebalance's "
+          "own time and the per-rank expert time spread");
 ABSL_DECLARE_FLAG(double, router_bias_std);
 ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 
@@ -324,7 +325,10 @@ int RunServe() {
     Print(*m, "", preset, pp, ep, n, len, new_tokens);
     return finish(0);
   }
-  // Rebalance live on the load of the warm-up and the first batch, then the same shape again.
+  // Control: a second batch on the same placement (what a second batch gains by itself).
+  auto control = Measure(jobs.get(), clus.get(), make(n, len, new_tokens), pp, ep);
+  if (!control.ok()) return finish(Fail(std::string(control.status().message())));
+  // Rebalance live on the load observed so far, then the same shape again.
   const absl::Time t0 = absl::Now();
   v1::RebalanceExpertsResponse rb;
   {
@@ -351,20 +355,25 @@ int RunServe() {
   if (!m2.ok()) return finish(Fail(std::string(m2.status().message())));
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = {{"before", Json(*m, preset, pp, ep, n, len, new_tokens)},
+                        {"control", Json(*control, preset, pp, ep, n, len, new_tokens)},
                         {"after", Json(*m2, preset, pp, ep, n, len, new_tokens)},
                         {"imbalance_before", rb.imbalance_before()}, {"imbalance_after", rb.imbalance_after()},
                         {"rebalance_commit_s", commit_s}, {"experts_to_load", rb.experts_to_load()},
-                        {"speedup", m2->tokens_per_s() / m->tokens_per_s()}};
+                        {"speedup", m2->tokens_per_s() / m->tokens_per_s()},
+                        {"control_ratio", control->tokens_per_s() / m->tokens_per_s()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
     Print(*m, "placement version 1 (built at start)", preset, pp, ep, n, len, new_tokens);
+    std::printf("\ncontrol: the same shape again on placement version 1: %.1f generated tokens/s (%.3f x)\n",
+                control->tokens_per_s(), control->tokens_per_s() / m->tokens_per_s());
     std::printf("\nrebalance: expert-load imbalance (max/mean EP-rank load, mean over MoE layers) %.3f -> %.3f; "
                 "%lld experts to load; committed %.2f s after the request (workers load the experts they gain while "
                 "serving, then switch at one step)\n\n",
                 rb.imbalance_before(), rb.imbalance_after(), static_cast<long long>(rb.experts_to_load()), commit_s);
     Print(*m2, absl::StrCat("placement version ", rb.pending_version(), " (rebalanced)"), preset, pp, ep, n, len,
           new_tokens);
-    std::printf("\nafter / before: %.3f x generated tokens/s\n", m2->tokens_per_s() / m->tokens_per_s());
+    std::printf("\nafter / before: %.3f x generated tokens/s (control, no rebalance: %.3f x)\n",
+                m2->tokens_per_s() / m->tokens_per_s(), control->tokens_per_s() / m->tokens_per_s());
   }
   return finish(0);
 }

@@ -34,9 +34,11 @@ const Verb kVerbs[] = {
      "expertmesh bench layer --preset small --tokens T [--json]\n"
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
      "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
-     "[--json]\n\nlayer: one MoE and one MLA layer on the CPU kernels, GFLOP/s beside the SGEMM peak and memory "
-     "bandwidth of the same run. moe-alltoall: dispatch/combine beside the transport's raw all-to-all-v of the same "
-     "bytes. serve: a local mpirun cluster serving a batch job, tokens/s and where each stage's time went.",
+     "[--redundant-experts R] [--router-bias-std S] [--rebalance] [--json]\n\nlayer: one MoE and one MLA layer on "
+     "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
+     "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. serve: a local mpirun cluster "
+     "serving a batch job, tokens/s and where each stage's time went; --rebalance: a second batch after a live "
+     "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up.",
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
