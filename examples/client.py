@@ -14,6 +14,7 @@ grpcio's generic channel methods, so no gRPC code generator is needed.
   examples/client.py --server 127.0.0.1:50051 watch job-000001
   examples/client.py --server 127.0.0.1:50051 cancel job-000001
   examples/client.py --server 127.0.0.1:50051 jobs
+  examples/client.py --server 127.0.0.1:50051 rebalance [--force]        # live expert rebalancing
   examples/client.py --server 127.0.0.1:50051 shutdown
 
 `submit` prints one line {"index":i,"tokens":[...]} per prompt in input order,
@@ -111,6 +112,10 @@ class Client:
         return self._unary("/expertmesh.v1.ClusterService/GetClusterStatus", self.pb.GetClusterStatusRequest(),
                            self.pb.ClusterStatus)
 
+    def rebalance(self, force):
+        return self._unary("/expertmesh.v1.ClusterService/RebalanceExperts",
+                           self.pb.RebalanceExpertsRequest(force=force), self.pb.RebalanceExpertsResponse)
+
     def shutdown(self):
         return self._unary("/expertmesh.v1.ClusterService/Shutdown", self.pb.ShutdownRequest(),
                            self.pb.ShutdownResponse)
@@ -195,6 +200,11 @@ def cmd_status(client, args):
     pb = client.pb
     print("serving: %s  plan: pp=%d ep=%d redundant_experts=%d  queued %d, running %d" % (
         st.serving, st.plan.pp, st.plan.ep, st.plan.redundant_experts, st.queued_sequences, st.running_sequences))
+    rb = st.rebalance
+    print("expert placement version %d, %d rebalances, imbalance since the last one %.3f%s" % (
+        rb.placement_version, rb.rebalances, rb.window_imbalance,
+        ", version %d pending (%d workers loaded it)" % (rb.pending_version, rb.workers_staged)
+        if rb.pending_version else ""))
     for s in st.plan.stages:
         print("stage %d: layers [%d, %d)%s%s, %d MoE layers" % (
             s.stage, s.layer_begin, s.layer_end, " +embedding" if s.has_embedding else "",
@@ -227,6 +237,28 @@ def cmd_jobs(client, args):
     for j in client.list_jobs(args.limit).jobs:
         print("%s %s %d/%d %d tokens" % (j.job_id, client.pb.JobState.Name(j.state), j.num_finished,
                                          j.num_sequences, j.generated_tokens))
+    return 0
+
+
+def cmd_rebalance(client, args):
+    r = client.rebalance(args.force)
+    out = {"outcome": "unchanged", "reason": r.reason, "placement_version": 0,
+           "imbalance_before": r.imbalance_before, "imbalance_after": r.imbalance_after,
+           "experts_to_load": r.experts_to_load}
+    if r.started:
+        out["outcome"], out["placement_version"] = "pending", r.pending_version
+        end = time.time() + args.wait_s
+        while time.time() < end:
+            rb = client.status().rebalance
+            if rb.placement_version >= r.pending_version:
+                out["outcome"] = "committed"
+                break
+            if rb.pending_version != r.pending_version:
+                print("client.py: placement version %d was dropped: %s" % (r.pending_version, rb.last_error),
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    print(json.dumps(out, separators=(",", ":")))
     return 0
 
 
@@ -265,13 +297,16 @@ def main():
     c.add_argument("job_id")
     j = sub.add_parser("jobs", help="list recent jobs")
     j.add_argument("--limit", type=int, default=20)
+    r = sub.add_parser("rebalance", help="re-place the experts from the observed load, live (EPLB)")
+    r.add_argument("--force", action="store_true", help="even when the predicted gain is small")
+    r.add_argument("--wait-s", type=float, default=60, help="wait this long for the workers to switch (0: return)")
     sub.add_parser("shutdown", help="stop the workers, then the coordinator")
     args = p.parse_args()
 
     pb, health_pb = load_messages(args.proto)
     client = Client(args.server, pb, health_pb, args.timeout)
     handlers = {"submit": cmd_submit, "watch": cmd_watch, "status": cmd_status, "health": cmd_health,
-                "cancel": cmd_cancel, "jobs": cmd_jobs, "shutdown": cmd_shutdown}
+                "cancel": cmd_cancel, "jobs": cmd_jobs, "rebalance": cmd_rebalance, "shutdown": cmd_shutdown}
     try:
         return handlers[args.cmd](client, args)
     except grpc.RpcError as e:

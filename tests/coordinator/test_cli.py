@@ -208,6 +208,14 @@ def main():
     r = subprocess.run(em + ["submit", "--server", addr, "--prompts", prompts_file, "--max-new-tokens", "5000"],
                        capture_output=True, text=True, timeout=30)
     check(r.returncode == 1 and "INVALID_ARGUMENT: sequences[0].max_new_tokens" in r.stderr, "invalid submit\n" + r.stderr)
+    # The fake workers report no expert load: nothing to rebalance on, said by both clients.
+    r = subprocess.run(em + ["rebalance", "--server", addr], capture_output=True, text=True, timeout=30)
+    check(r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "no expert load observed" in r.stderr,
+          "expertmesh rebalance without load\n" + r.stderr)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "client.py"), "--server", addr, "rebalance"],
+                       capture_output=True, text=True, timeout=60)
+    check(r.returncode == 1 and "FAILED_PRECONDITION: no expert load observed" in r.stderr,
+          "client.py rebalance without load\n" + r.stderr)
     r = subprocess.run(em + ["cancel", "--server", addr, "--job", "job-999999"], capture_output=True, text=True)
     check(r.returncode == 1 and "NOT_FOUND" in r.stderr, "cancel of an unknown job")
 
