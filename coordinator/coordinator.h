@@ -55,7 +55,7 @@
 //    (or every eplb_interval_s) computes EPLB placements from the load
 //    observed since the last rebalance (layers without load keep theirs) and,
 //    when the mean imbalance (max / mean rank load) drops by eplb_min_gain,
-//    makes it *pending* (version + 1): Heartbeat sends the pending plan to
+//    makes it *pending* (a version never used before): Heartbeat sends the pending plan to
 //    every worker until it reports it staged (its new experts loaded next to
 //    the ones in use). Once every worker staged it the placement is
 //    *committed*: journaled, answered by Register/Status, and Heartbeat and
@@ -334,6 +334,7 @@ class Coordinator {
   std::map<int64_t, std::vector<int64_t>> expert_load_;   // MoE layer -> tokens per logical expert
   int64_t generation_ = 1;
   int64_t placement_version_ = 1;
+  int64_t last_pending_version_ = 1;   // versions are never reused, also of dropped placements
   std::optional<PendingPlacement> pending_placement_;
   std::map<int64_t, std::vector<int64_t>> window_load_;   // expert load since the last rebalance
   int64_t rebalances_ = 0;

@@ -75,7 +75,7 @@ std::vector<MetricFamily> Collect(const Coordinator& c) {
   f.One("expertmesh_workers_lost_total", "workers found MISSING or exited unasked since the coordinator started",
         MetricType::Counter, static_cast<double>(st.workers_lost()));
   const v1::RebalanceStatus& rb = st.rebalance();
-  f.One("expertmesh_expert_placement_version", "expert placement in use: 1 at start, +1 per committed rebalance",
+  f.One("expertmesh_expert_placement_version", "expert placement in use: 1 at start, larger after each committed rebalance",
         MetricType::Gauge, static_cast<double>(rb.placement_version()));
   f.One("expertmesh_expert_rebalances_total", "expert rebalances committed since the coordinator started",
         MetricType::Counter, static_cast<double>(rb.rebalances()));

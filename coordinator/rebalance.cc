@@ -181,7 +181,10 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
     return absl::OkStatus();
   }
   PendingPlacement p;
-  p.version = placement_version_ + 1;
+  // A new number even after a dropped one: a worker may still hold the
+  // experts it staged for that one.
+  last_pending_version_ = std::max(last_pending_version_, placement_version_) + 1;
+  p.version = last_pending_version_;
   p.proto = PlanToProto(next, options_.checkpoint, model_json_);
   p.proto.set_placement_version(p.version);
   p.plan = std::move(next);

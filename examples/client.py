@@ -23,6 +23,7 @@ seed --seed + i. Errors print "client.py: CODE: message" and exit 1.
 """
 
 import argparse
+import atexit
 import importlib
 import json
 import os
@@ -52,6 +53,7 @@ message HealthCheckResponse {
 def load_messages(proto_path):
     """Generates expertmesh_pb2 and health_pb2 into a temporary folder and imports them."""
     out = tempfile.mkdtemp(prefix="expertmesh_client_")
+    atexit.register(shutil.rmtree, out, True)
     with open(os.path.join(out, "health.proto"), "w") as f:
         f.write(HEALTH_PROTO)
     proto_dir, proto_name = os.path.split(os.path.abspath(proto_path))

@@ -277,10 +277,14 @@ TEST_F(RebalanceTest, StagingErrorOrANewGenerationDropsThePendingPlacement) {
   EXPECT_NE(st.rebalance().last_error().find("worker 1 could not load it: no space left on device"),
             std::string::npos)
       << st.rebalance().last_error();
-  // The observed load is still there: a new attempt gets the next version number.
+  // The observed load is still there: a new attempt gets a new version number (worker 0
+  // still holds what it staged for version 2).
   r = Rebalance();
   ASSERT_TRUE(r.ok() && r->started()) << r.status();
-  EXPECT_EQ(r->pending_version(), 2);
+  EXPECT_EQ(r->pending_version(), 3);
+  hb = Beat(0, 1, 2);
+  EXPECT_EQ(hb.next_placement_version(), 3);
+  EXPECT_TRUE(hb.has_next_plan()) << "version 2 is not version 3";
   // A worker exits unasked: new data-plane generation, the pending placement goes.
   Beat(1, 1, 0, "", {}, /*exiting=*/true);
   st = c_->GetClusterStatus();

@@ -14,6 +14,7 @@ so every plan must give exactly the tokens of `generate --device cpu`:
     staged through host memory: NCCL refuses two ranks on one GPU, so the
     NCCL device plane needs a machine with two GPUs).
 """
+import atexit
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ class Fixture:
     def get(cls):
         if cls.dir is None:
             cls.dir = tempfile.mkdtemp(prefix="em-gpu-worker-")
+            if not os.environ.get("EM_KEEP_TMP"):
+                atexit.register(shutil.rmtree, cls.dir, True)
             cls.ckpt = os.path.join(cls.dir, "ckpt")
             cu.run(["checkpoint", "--preset", "tiny", "--dtype", "fp32", "--seed", "11", "--out", cls.ckpt])
             cls.prompts = os.path.join(cls.dir, "prompts.jsonl")
@@ -95,6 +98,7 @@ class CudaWorkers(unittest.TestCase):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="em-gpu-probe-")
+    atexit.register(shutil.rmtree, tmp, True)
     ck = os.path.join(tmp, "ck")
     cu.run(["checkpoint", "--preset", "tiny", "--dtype", "bf16", "--seed", "1", "--out", ck])
     pf = os.path.join(tmp, "p.jsonl")

@@ -204,7 +204,7 @@ class Worker {
   // thread, the experts the pending plan puts on this rank that it does not
   // hold. SwitchPlacement (stage thread, between steps): moves them in,
   // unloads the ones it no longer holds and takes the new placement.
-  void StartStaging(int64_t version, const v1::Plan& proto);
+  void StartStaging(int64_t version, const std::string& epoch, const v1::Plan& proto);
   absl::Status SwitchPlacement(int64_t version);
   void JoinLoader();
   void HeartbeatLoop();
@@ -268,6 +268,7 @@ class Worker {
   std::mutex staging_mu_;
   struct Staged {
     int64_t version = 0;
+    std::string epoch;  // of the coordinator that sent it (versions are unique per epoch)
     topology::Plan plan;
     ModelShard::ExpertSet experts;
   } staged_;
@@ -612,14 +613,20 @@ void Worker::HeartbeatLoop() {
       // Rebalancing: stage a pending placement; drop a staged one the
       // coordinator dropped (neither pending nor committed any more).
       const int64_t next = r->next_placement_version(), staged = staged_version_.load();
-      if (staged != 0 && staged != next && staged != r->placement_version() && loading_version_.load() == 0) {
+      bool other_epoch = false;
+      if (staged != 0) {
+        std::lock_guard<std::mutex> l(staging_mu_);
+        other_epoch = staged_.epoch != r->epoch();  // staged for a coordinator that has restarted since
+      }
+      if (staged != 0 && loading_version_.load() == 0 &&
+          (other_epoch || (staged != next && staged != r->placement_version()))) {
         std::lock_guard<std::mutex> l(staging_mu_);
         LOG(INFO) << "worker " << worker_id_ << ": placement version " << staged << " was dropped; unloading its experts";
         staged_ = Staged();
         staged_version_ = 0;
       } else if (next > placement_version_.load() && staged == 0 && loading_version_.load() == 0 &&
                  r->has_next_plan()) {
-        StartStaging(next, r->next_plan());
+        StartStaging(next, r->epoch(), r->next_plan());
       }
       if (moved) {
         LOG(WARNING) << "worker " << worker_id_ << ": the cluster moved to data-plane generation " << r->generation()
@@ -675,7 +682,7 @@ void Worker::JoinLoader() {
   if (loader_.joinable()) loader_.join();
 }
 
-void Worker::StartStaging(int64_t version, const v1::Plan& proto) {
+void Worker::StartStaging(int64_t version, const std::string& epoch, const v1::Plan& proto) {
   auto fail = [&](const std::string& why) {
     LOG(ERROR) << "worker " << worker_id_ << ": cannot load placement version " << version << ": " << why;
     std::lock_guard<std::mutex> l(staging_mu_);
@@ -719,7 +726,7 @@ void Worker::StartStaging(int64_t version, const v1::Plan& proto) {
   JoinLoader();  // a finished earlier loader
   loading_version_ = version;
   const std::string dir = proto.checkpoint();
-  loader_ = std::thread([this, version, dir, need = std::move(need), plan = *std::move(plan), n]() mutable {
+  loader_ = std::thread([this, version, epoch, dir, need = std::move(need), plan = *std::move(plan), n]() mutable {
     const absl::Time t0 = absl::Now();
     absl::StatusOr<ModelShard::ExpertSet> experts = ModelShard::LoadExperts(dir, need);
     std::lock_guard<std::mutex> l(staging_mu_);
@@ -729,6 +736,7 @@ void Worker::StartStaging(int64_t version, const v1::Plan& proto) {
       staging_error_ = std::string(experts.status().message());
     } else {
       staged_.version = version;
+      staged_.epoch = epoch;
       staged_.plan = std::move(plan);
       staged_.experts = *std::move(experts);
       staged_version_ = version;
