@@ -162,31 +162,44 @@ absl::Status ValidateCheckpoint(const ShardedCheckpoint& ck, const std::vector<T
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<float>> LoadF32(const ShardedCheckpoint& ck, const TensorSpec& s,
-                                           const ModelConfig& cfg) {
+absl::Status LoadF32Into(const ShardedCheckpoint& ck, const TensorSpec& s, const ModelConfig& cfg, float* out) {
   const TensorView* t = ck.Find(s.name);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat(s.name, ": missing from checkpoint ", ck.dir()));
   if (t->shape != s.shape) {
     return absl::InvalidArgumentError(absl::StrCat(s.name, ": shape ", ShapeString(t->shape), ", expected ",
                                                    ShapeString(s.shape)));
   }
-  std::vector<float> out(static_cast<size_t>(s.numel()));
-  ConvertToFloat(t->dtype, t->data, out.size(), out.data());
-  if (t->dtype == DType::kF8E4M3) {
-    const TensorView* sc = ck.Find(ScaleName(s.name));
-    const auto want = ScaleShape(s, cfg);
-    if (sc == nullptr || sc->dtype != DType::kF32 || sc->shape != want || s.shape.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(ScaleName(s.name), ": missing or not F32 ", ShapeString(want)));
-    }
-    const float* scale = reinterpret_cast<const float*>(sc->data);
-    const int64_t rows = s.shape[0], cols = s.shape[1];
-    const int64_t br = cfg.quantization_config.weight_block_rows, bc = cfg.quantization_config.weight_block_cols;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* srow = scale + (r / br) * want[1];
-      float* orow = out.data() + r * cols;
-      for (int64_t cc = 0; cc < cols; ++cc) orow[cc] *= srow[cc / bc];
+  if (t->dtype != DType::kF8E4M3) {
+    ConvertToFloat(t->dtype, t->data, static_cast<size_t>(s.numel()), out);
+    return absl::OkStatus();
+  }
+  const TensorView* sc = ck.Find(ScaleName(s.name));
+  const auto want = ScaleShape(s, cfg);
+  if (sc == nullptr || sc->dtype != DType::kF32 || sc->shape != want || s.shape.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(ScaleName(s.name), ": missing or not F32 ", ShapeString(want)));
+  }
+  // Decode and scale in one pass, a 128-column block at a time (no division per value).
+  const float* scale = reinterpret_cast<const float*>(sc->data);
+  const uint8_t* q = static_cast<const uint8_t*>(t->data);
+  const int64_t rows = s.shape[0], cols = s.shape[1];
+  const int64_t br = cfg.quantization_config.weight_block_rows, bc = cfg.quantization_config.weight_block_cols;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* srow = scale + (r / br) * want[1];
+    const uint8_t* qrow = q + r * cols;
+    float* orow = out + r * cols;
+    for (int64_t c0 = 0, b = 0; c0 < cols; c0 += bc, ++b) {
+      const float f = srow[b];
+      const int64_t c1 = std::min(cols, c0 + bc);
+      for (int64_t c = c0; c < c1; ++c) orow[c] = F8E4M3ToFloat(qrow[c]) * f;
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> LoadF32(const ShardedCheckpoint& ck, const TensorSpec& s,
+                                           const ModelConfig& cfg) {
+  std::vector<float> out(static_cast<size_t>(s.numel()));
+  RETURN_IF_ERROR(LoadF32Into(ck, s, cfg, out.data()));
   return out;
 }
 

@@ -57,6 +57,9 @@ absl::Status ValidateCheckpoint(const ShardedCheckpoint& ckpt, const std::vector
 // Reads one tensor as fp32, dequantising fp8 block-scaled weights.
 absl::StatusOr<std::vector<float>> LoadF32(const ShardedCheckpoint& ckpt, const TensorSpec& spec,
                                            const ModelConfig& cfg);
+// The same into out[0, spec.numel()): one pass over the stored bytes (fp8
+// codes decoded and scaled block by block), no temporary.
+absl::Status LoadF32Into(const ShardedCheckpoint& ckpt, const TensorSpec& spec, const ModelConfig& cfg, float* out);
 
 struct GenerateOptions {
   std::string out_dir;

@@ -18,13 +18,40 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Fuses gate [I,H] and up [I,H] into one [2I,H] matrix (gate rows first).
-std::vector<float> Fuse(std::vector<float> gate, const std::vector<float>& up) {
-  gate.insert(gate.end(), up.begin(), up.end());
-  return gate;
+// Reads gate [I,H] and up [I,H] straight into one [2I,H] matrix (gate rows first).
+absl::Status LoadFused(const WeightGetter& get, const std::string& prefix, int64_t rows, int64_t cols,
+                       std::vector<float>* gate_up) {
+  gate_up->clear();
+  gate_up->reserve(static_cast<size_t>(2 * rows * cols));
+  RETURN_IF_ERROR(get(prefix + "gate_proj.weight", gate_up));
+  return get(prefix + "up_proj.weight", gate_up);
 }
 
 }  // namespace
+
+WeightGetter MakeWeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill) {
+  auto by_name = std::make_shared<std::map<std::string, TensorSpec>>();
+  for (const TensorSpec& s : specs) by_name->emplace(s.name, s);
+  return [by_name, fill = std::move(fill)](const std::string& name, std::vector<float>* out) -> absl::Status {
+    auto it = by_name->find(name);
+    if (it == by_name->end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
+    const size_t at = out->size();
+    out->resize(at + static_cast<size_t>(it->second.numel()));
+    return fill(it->second, out->data() + at);
+  };
+}
+
+TensorFiller CheckpointFiller(const ShardedCheckpoint* ckpt, const ModelConfig& cfg) {
+  return [ckpt, cfg](const TensorSpec& s, float* out) { return LoadF32Into(*ckpt, s, cfg, out); };
+}
+
+TensorFiller RandomFiller(uint64_t seed) {
+  return [seed](const TensorSpec& s, float* out) {
+    const std::vector<float> v = RandomTensor(s, seed);
+    std::copy(v.begin(), v.end(), out);
+    return absl::OkStatus();
+  };
+}
 
 absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter& filter, const WeightGetter& get,
                               LayerWeights* lw) {
@@ -46,11 +73,9 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
   RETURN_IF_ERROR(get(a + "kv_b_proj.weight", &lw->attn.kv_b));
   RETURN_IF_ERROR(get(a + "o_proj.weight", &lw->attn.o));
   const std::string m = p + "mlp.";
-  std::vector<float> g, u;
+  const int64_t H = c.hidden_size;
   if (!lw->is_moe) {
-    RETURN_IF_ERROR(get(m + "gate_proj.weight", &g));
-    RETURN_IF_ERROR(get(m + "up_proj.weight", &u));
-    lw->dense.gate_up = Fuse(std::move(g), u);
+    RETURN_IF_ERROR(LoadFused(get, m, c.intermediate_size, H, &lw->dense.gate_up));
     RETURN_IF_ERROR(get(m + "down_proj.weight", &lw->dense.down));
   } else {
     MoeWeights& mw = lw->moe;
@@ -64,15 +89,11 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       if (filter.expert && !filter.expert(l, e)) continue;
       const std::string ep = absl::StrCat(m, "experts.", e, ".");
-      RETURN_IF_ERROR(get(ep + "gate_proj.weight", &g));
-      RETURN_IF_ERROR(get(ep + "up_proj.weight", &u));
-      mw.experts[e].gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(LoadFused(get, ep, mw.expert_inter, H, &mw.experts[e].gate_up));
       RETURN_IF_ERROR(get(ep + "down_proj.weight", &mw.experts[e].down));
     }
     if (c.n_shared_experts > 0) {
-      RETURN_IF_ERROR(get(m + "shared_experts.gate_proj.weight", &g));
-      RETURN_IF_ERROR(get(m + "shared_experts.up_proj.weight", &u));
-      mw.shared.gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(LoadFused(get, m + "shared_experts.", mw.shared_inter, H, &mw.shared.gate_up));
       RETURN_IF_ERROR(get(m + "shared_experts.down_proj.weight", &mw.shared.down));
     }
   }
@@ -85,8 +106,7 @@ absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& 
   RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, filter), cfg));
   auto shard = std::unique_ptr<ModelShard>(new ModelShard());
   shard->cfg_ = cfg;
-  const ShardedCheckpoint* ck = ckpt.get();
-  RETURN_IF_ERROR(shard->Build(filter, [ck, &cfg](const TensorSpec& s) { return LoadF32(*ck, s, cfg); }));
+  RETURN_IF_ERROR(shard->Build(filter, CheckpointFiller(ckpt.get(), cfg)));
   return shard;
 }
 
@@ -111,31 +131,20 @@ absl::StatusOr<ModelShard::ExpertSet> ModelShard::LoadExperts(
     auto it = which.find(l);
     return it != which.end() && std::find(it->second.begin(), it->second.end(), e) != it->second.end();
   };
-  // Only the routed experts' tensors (and their fp8 scales) of the spec.
-  std::map<std::string, TensorSpec> spec;
+  // Only the routed experts' tensors of the spec.
   std::vector<TensorSpec> wanted;
   for (auto& s : CheckpointSpec(cfg, f)) {
-    if (s.name.find(".mlp.experts.") == std::string::npos) continue;
-    wanted.push_back(s);
-    spec.emplace(s.name, s);
+    if (s.name.find(".mlp.experts.") != std::string::npos) wanted.push_back(s);
   }
   ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
   RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, wanted, cfg));
-  auto get = [&](const std::string& name, std::vector<float>* out) -> absl::Status {
-    auto it = spec.find(name);
-    if (it == spec.end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
-    ASSIGN_OR_RETURN(*out, LoadF32(*ckpt, it->second, cfg));
-    return absl::OkStatus();
-  };
+  const WeightGetter get = MakeWeightGetter(wanted, CheckpointFiller(ckpt.get(), cfg));
   ExpertSet out;
-  std::vector<float> g, u;
   for (const auto& [layer, ids] : which) {
     for (int32_t e : ids) {
       const std::string p = absl::StrCat("model.layers.", layer, ".mlp.experts.", e, ".");
       ExpertWeights& w = out[layer][e];
-      RETURN_IF_ERROR(get(p + "gate_proj.weight", &g));
-      RETURN_IF_ERROR(get(p + "up_proj.weight", &u));
-      w.gate_up = Fuse(std::move(g), u);
+      RETURN_IF_ERROR(LoadFused(get, p, cfg.moe_intermediate_size, cfg.hidden_size, &w.gate_up));
       RETURN_IF_ERROR(get(p + "down_proj.weight", &w.down));
     }
   }
@@ -197,22 +206,13 @@ absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Random(const ModelConfig
   RETURN_IF_ERROR(cfg.Validate());
   auto shard = std::unique_ptr<ModelShard>(new ModelShard());
   shard->cfg_ = cfg;
-  RETURN_IF_ERROR(shard->Build(filter, [seed](const TensorSpec& s) -> absl::StatusOr<std::vector<float>> {
-    return RandomTensor(s, seed);
-  }));
+  RETURN_IF_ERROR(shard->Build(filter, RandomFiller(seed)));
   return shard;
 }
 
-absl::Status ModelShard::Build(const ShardFilter& filter, const Getter& get_spec) {
+absl::Status ModelShard::Build(const ShardFilter& filter, const TensorFiller& fill) {
   const ModelConfig& c = cfg_;
-  std::map<std::string, TensorSpec> spec;
-  for (auto& s : CheckpointSpec(c, filter)) spec.emplace(s.name, s);
-  auto get = [&](const std::string& name, std::vector<float>* out) -> absl::Status {
-    auto it = spec.find(name);
-    if (it == spec.end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
-    ASSIGN_OR_RETURN(*out, get_spec(it->second));
-    return absl::OkStatus();
-  };
+  const WeightGetter get = MakeWeightGetter(CheckpointSpec(c, filter), fill);
   layer_begin_ = std::max<int64_t>(0, filter.layer_begin);
   layer_end_ = filter.layer_end < 0 ? c.num_hidden_layers : std::min(filter.layer_end, c.num_hidden_layers);
   if (filter.embed) RETURN_IF_ERROR(get("model.embed_tokens.weight", &embed_));

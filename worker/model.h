@@ -50,8 +50,17 @@ struct LayerWeights {
   MoeWeights moe;       // MoE layers
 };
 
-// Reads one tensor of the checkpoint spec by name into *out (fp32).
+// Reads one tensor of the checkpoint spec by name and appends it (fp32) to
+// *out: a fused matrix is two calls into one vector reserved for both.
 using WeightGetter = std::function<absl::Status(const std::string& name, std::vector<float>* out)>;
+// Writes the values of one tensor to out[0, spec.numel()).
+using TensorFiller = std::function<absl::Status(const TensorSpec& spec, float* out)>;
+// A WeightGetter over the tensors of `specs`, read through `fill`.
+WeightGetter MakeWeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill);
+// Fillers: a checkpoint's tensors (fp8 dequantised), or the generator's
+// random values for a seed (what `expertmesh checkpoint` writes in fp32).
+TensorFiller CheckpointFiller(const ShardedCheckpoint* ckpt, const ModelConfig& cfg);
+TensorFiller RandomFiller(uint64_t seed);
 
 // Loads the transformer block of layer `l` (input/post norms, MLA attention,
 // dense MLP or MoE with the experts `filter` selects) through `get`. Used for
@@ -96,8 +105,7 @@ class ModelShard {
 
  private:
   LayerWeights* MoeLayer(int64_t layer);
-  using Getter = std::function<absl::StatusOr<std::vector<float>>(const TensorSpec&)>;
-  absl::Status Build(const ShardFilter& filter, const Getter& get);
+  absl::Status Build(const ShardFilter& filter, const TensorFiller& fill);
 
   ModelConfig cfg_;
   int64_t layer_begin_ = 0, layer_end_ = 0;

@@ -41,8 +41,7 @@ absl::StatusOr<std::unique_ptr<MtpModule>> MtpModule::Load(const std::string& di
   RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, MtpFilter(cfg)), cfg));
   auto m = std::unique_ptr<MtpModule>(new MtpModule());
   m->cfg_ = cfg;
-  const ShardedCheckpoint* ck = ckpt.get();
-  RETURN_IF_ERROR(m->Build([ck, &cfg](const TensorSpec& s) { return LoadF32(*ck, s, cfg); }));
+  RETURN_IF_ERROR(m->Build(CheckpointFiller(ckpt.get(), cfg)));
   return m;
 }
 
@@ -51,22 +50,13 @@ absl::StatusOr<std::unique_ptr<MtpModule>> MtpModule::Random(const ModelConfig& 
   RETURN_IF_ERROR(NeedMtp(cfg));
   auto m = std::unique_ptr<MtpModule>(new MtpModule());
   m->cfg_ = cfg;
-  RETURN_IF_ERROR(m->Build([seed](const TensorSpec& s) -> absl::StatusOr<std::vector<float>> {
-    return RandomTensor(s, seed);
-  }));
+  RETURN_IF_ERROR(m->Build(RandomFiller(seed)));
   return m;
 }
 
-absl::Status MtpModule::Build(const Getter& get_spec) {
+absl::Status MtpModule::Build(const TensorFiller& fill) {
   const ShardFilter filter = MtpFilter(cfg_);
-  std::map<std::string, TensorSpec> spec;
-  for (auto& s : CheckpointSpec(cfg_, filter)) spec.emplace(s.name, s);
-  WeightGetter get = [&](const std::string& name, std::vector<float>* out) -> absl::Status {
-    auto it = spec.find(name);
-    if (it == spec.end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
-    ASSIGN_OR_RETURN(*out, get_spec(it->second));
-    return absl::OkStatus();
-  };
+  const WeightGetter get = MakeWeightGetter(CheckpointSpec(cfg_, filter), fill);
   const int64_t L = cfg_.num_hidden_layers;
   RETURN_IF_ERROR(LoadBlockWeights(cfg_, L, filter, get, &w_.block));
   const std::string p = absl::StrCat("model.layers.", L, ".");

@@ -68,8 +68,7 @@ class MtpModule {
   void Logits(const float* normed, int64_t n, std::vector<float>* logits) const;
 
  private:
-  using Getter = std::function<absl::StatusOr<std::vector<float>>(const TensorSpec&)>;
-  absl::Status Build(const Getter& get);
+  absl::Status Build(const TensorFiller& fill);
 
   ModelConfig cfg_;
   MtpWeights w_;
