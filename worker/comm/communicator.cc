@@ -88,6 +88,7 @@ absl::Status Communicator::Run(const Batch& batch, absl::Time deadline, const Re
     remote_.Clear();
     remote_recv_index_.clear();
     remote_.memory = batch.memory;
+    remote_.patient = batch.patient;
     mapped = true;
     std::vector<const Batch::Op*> self_sends;
     for (const Batch::Op& op : batch.sends) {

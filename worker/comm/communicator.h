@@ -87,6 +87,13 @@ struct Batch {
     size_t nsegs = 0;
   };
   MemoryKind memory = MemoryKind::kHost;
+  // The wait may be long: a receive of what a peer sends after its whole
+  // step, or when there is work (a pipeline stage's next micro-batch). After
+  // 100 ms without progress the host transports (MPI, UCX) poll in sleeps
+  // (comm/poll_backoff.h) instead of yielding, so a waiting rank does not keep
+  // a core busy. Off for exchanges whose transfers are in flight (all-to-all):
+  // large transfers need eager polling to progress.
+  bool patient = false;
   std::vector<Op> sends;
   std::vector<Op> recvs;
 
@@ -118,6 +125,7 @@ struct Batch {
   void Clear() {
     sends.clear();
     recvs.clear();
+    patient = false;
   }
 };
 

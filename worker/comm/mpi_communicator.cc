@@ -1,4 +1,5 @@
 #include "worker/comm/mpi_communicator.h"
+#include "worker/comm/poll_backoff.h"
 
 #include <mpi.h>
 #include <sched.h>
@@ -43,12 +44,13 @@ absl::Status MpiError(int code, absl::string_view what) {
 // be, released) before returning. `describe(i)` names request i in errors.
 template <typename OnDone, typename Aborted, typename Describe>
 absl::Status WaitAll(std::vector<MPI_Request>& reqs, absl::Time deadline, OnDone on_done, Aborted aborted,
-                     Describe describe, absl::string_view what) {
+                     Describe describe, absl::string_view what, bool patient = false) {
   const int n = static_cast<int>(reqs.size());
   std::vector<int> idx(reqs.size());
   std::vector<MPI_Status> st(reqs.size());
   int remaining = n;
   absl::Status error;
+  PollBackoff backoff;
   while (remaining > 0) {
     int count = 0;
     const int rc = MPI_Testsome(n, reqs.data(), &count, idx.data(), st.data());
@@ -65,6 +67,7 @@ absl::Status WaitAll(std::vector<MPI_Request>& reqs, absl::Time deadline, OnDone
       }
     }
     remaining -= count;
+    if (count > 0) backoff.Reset();
     if (!error.ok()) break;
     if (remaining == 0) break;
     if (aborted()) {
@@ -83,7 +86,11 @@ absl::Status WaitAll(std::vector<MPI_Request>& reqs, absl::Time deadline, OnDone
             pending.size() > 8 ? ", ..." : "", "); a peer died or stalled"));
         break;
       }
-      sched_yield();
+      if (patient) {
+        backoff.Wait();
+      } else {
+        sched_yield();
+      }
     }
   }
   if (error.ok()) return error;
@@ -165,7 +172,7 @@ class MpiCommunicator : public Communicator {
       return absl::StrCat(c.send ? "send to rank " : "receive from rank ", c.peer);
     };
     absl::Status s = WaitAll(reqs_, deadline, on_done, [this] { return aborted(); }, describe,
-                             absl::StrCat("mpi batch on rank ", rank(), " of ", size()));
+                             absl::StrCat("mpi batch on rank ", rank(), " of ", size()), batch.patient);
     if (s.code() == absl::StatusCode::kAborted) return abort_status();
     return s;
   }

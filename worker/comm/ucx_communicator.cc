@@ -1,4 +1,5 @@
 #include "worker/comm/ucx_communicator.h"
+#include "worker/comm/poll_backoff.h"
 
 #include <sched.h>
 #include <ucp/api/ucp.h>
@@ -173,6 +174,7 @@ class UcxCommunicator : public Communicator {
     }
     size_t remaining = 0;
     for (const Pending& q : pending_) remaining += q.done ? 0 : 1;
+    PollBackoff backoff;
     while (error.ok() && remaining > 0) {
       const unsigned progressed = ucp_worker_progress(worker_);
       size_t completed = 0;
@@ -204,7 +206,13 @@ class UcxCommunicator : public Communicator {
         error = DeadlineError(remaining);
         break;
       }
-      if (completed == 0 && progressed == 0) sched_yield();
+      if (completed > 0 || progressed > 0) {
+        backoff.Reset();
+      } else if (batch.patient) {
+        backoff.Wait();
+      } else {
+        sched_yield();
+      }
     }
     if (!error.ok()) CancelPending();
     return error;

@@ -504,6 +504,7 @@ absl::StatusOr<std::string> Worker::Recv(int peer) {
   uint64_t n = 0;
   comm::Batch b;
   b.Recv(peer, &n, sizeof(n));
+  b.patient = true;  // waits for the peer's whole step, or for work
   RETURN_IF_ERROR(lane_comm_->Run(b, absl::Now() + o_.step_timeout));
   const absl::Time t1 = absl::Now();
   Add(&t_.idle, absl::ToDoubleSeconds(t1 - t0));
