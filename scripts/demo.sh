@@ -2,8 +2,9 @@
 # The main job on one machine: install dependencies, build, generate the tiny
 # model, serve it on a local PP2 x EP2 cluster under mpirun (rank 0 the
 # coordinator, ranks 1-4 the workers, MPI data plane), submit a batch of
-# prompts over gRPC, print the generated tokens and the cluster status, and
-# shut the cluster down.
+# prompts over gRPC, print the generated tokens and the cluster status,
+# rebalance the experts live and check that the prompts give the same tokens
+# on the new placement, and shut the cluster down.
 #   PP=2 EP=2 PROMPTS=8 NEW_TOKENS=16 bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,10 +56,16 @@ done
 echo "== cluster at $SERVER is serving"
 
 echo "== submit $NUM_PROMPTS prompts, $NEW new tokens each"
-"$EM" submit --server "$SERVER" --prompts "$OUT/prompts.jsonl" --max-new-tokens "$NEW"
+"$EM" submit --server "$SERVER" --prompts "$OUT/prompts.jsonl" --max-new-tokens "$NEW" | tee "$OUT/before.jsonl"
 sleep 1.5   # one heartbeat: the expert load reaches the coordinator
 echo "== cluster status"
 "$EM" status --server "$SERVER"
+echo "== rebalance the experts live from the observed load (EPLB), then the same prompts again"
+"$EM" rebalance --server "$SERVER" --force
+"$EM" submit --server "$SERVER" --prompts "$OUT/prompts.jsonl" --max-new-tokens "$NEW" > "$OUT/after.jsonl"
+cmp -s "$OUT/before.jsonl" "$OUT/after.jsonl" || { echo "different tokens after the rebalance" >&2; exit 1; }
+"$EM" status --server "$SERVER" | grep "expert placement"
+echo "== the same tokens on the new placement"
 echo "== shut down"
 "$EM" shutdown --server "$SERVER"
 wait "$MPIRUN"
