@@ -69,6 +69,13 @@ void SetDeadline(grpc::ClientContext* ctx) {
                     std::chrono::milliseconds(static_cast<int64_t>(absl::GetFlag(FLAGS_rpc_timeout_s) * 1000)));
 }
 
+// GetClusterStatus with the --rpc-timeout-s deadline.
+grpc::Status FetchStatus(v1::ClusterService::Stub* stub, v1::ClusterStatus* st) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  return stub->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), st);
+}
+
 bool Retryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE || s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
 }
@@ -218,10 +225,8 @@ int StatusMain(int argc, char** argv) {
   std::string server;
   if (!ServerFlag(verb, &server)) return 2;
   auto stub = v1::ClusterService::NewStub(Connect(server));
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
   v1::ClusterStatus st;
-  grpc::Status s = stub->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st);
+  grpc::Status s = FetchStatus(stub.get(), &st);
   if (!s.ok()) return FailRpc(verb, s, server);
   if (absl::GetFlag(FLAGS_json)) {
     std::printf("%s\n", JsonOf(st).c_str());
@@ -390,10 +395,8 @@ int RebalanceMain(int argc, char** argv) {
                r.imbalance_after(), static_cast<long long>(r.experts_to_load()));
   const absl::Time until = absl::Now() + absl::Seconds(wait_s);
   while (absl::Now() < until) {
-    grpc::ClientContext ctx;
-    SetDeadline(&ctx);
     v1::ClusterStatus st;
-    grpc::Status s = stub->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st);
+    grpc::Status s = FetchStatus(stub.get(), &st);
     if (!s.ok()) return FailRpc(verb, s, server);
     const v1::RebalanceStatus& rb = st.rebalance();
     if (rb.placement_version() >= r.pending_version()) {
