@@ -862,6 +862,7 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
                        "), all alive; a worker may only replace one that is MISSING or EXITED"));
     }
   }
+  if (want >= 0 && request.has_running_plan()) AdoptRunningPlacementLocked(id, request.running_plan());
   Worker& w = workers_[static_cast<size_t>(id)];
   const bool rejoin = request.rejoin_after_generation() > 0;
   if (same(w) && !Live(w)) {  // a worker found MISSING that is alive after all

@@ -303,6 +303,9 @@ class Coordinator {
   void ReplayPlacement(int64_t version, const std::string& plan_json);
   // The PlacementCommitted record of the committed placement (version > 1).
   std::string PlacementRecord() const;
+  // Register's part: adopts the newer placement a re-registering worker runs
+  // when this coordinator has not rebalanced itself (see RegisterRequest).
+  void AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running);
 
   CoordinatorOptions options_;
   ModelConfig config_;

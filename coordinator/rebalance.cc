@@ -326,6 +326,43 @@ void Coordinator::ReplayPlacement(int64_t version, const std::string& plan_json)
   plan_proto_.set_placement_version(version);
 }
 
+void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running) {
+  const int64_t version = running.placement_version();
+  if (version <= placement_version_) return;
+  auto refuse = [&](const std::string& why) {
+    LOG(WARNING) << "coordinator: worker " << worker_id << " runs expert placement version " << version
+                 << "; not adopted (" << why << ")";
+  };
+  if (rebalances_ > 0 || pending_placement_.has_value() || last_pending_version_ > placement_version_) {
+    return refuse("this coordinator has rebalanced itself");
+  }
+  absl::StatusOr<topology::Plan> plan = PlanFromProto(running);
+  if (!plan.ok()) return refuse(std::string(plan.status().message()));
+  if (!SameShape(*plan, plan_) || running.checkpoint() != options_.checkpoint) {
+    return refuse("another plan shape or checkpoint");
+  }
+  topology::Plan old = std::move(plan_);
+  const int64_t old_version = placement_version_;
+  plan_ = *std::move(plan);
+  placement_version_ = version;
+  if (journal_ != nullptr) {  // a later restart on this journal serves it too
+    const std::string rec = PlacementRecord();
+    absl::Status s = journal_->Append({rec});
+    if (!s.ok()) {
+      plan_ = std::move(old);
+      placement_version_ = old_version;
+      return refuse(absl::StrCat("journal write failed: ", s.message()));
+    }
+    live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size()) - placement_record_bytes_;
+    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size());
+  }
+  last_pending_version_ = version;
+  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_);
+  plan_proto_.set_placement_version(version);
+  LOG(INFO) << "coordinator: adopted expert placement version " << version << " from worker " << worker_id
+            << " (the workers run it; this coordinator started without it)";
+}
+
 std::string Coordinator::PlacementRecord() const {
   JournalRecord rec;
   rec.set_unix_ms(last_rebalance_ms_ > 0 ? last_rebalance_ms_ : UnixMs());

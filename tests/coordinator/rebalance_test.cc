@@ -304,6 +304,73 @@ TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
   EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "(256 + 1) divisible by --ep 2");
 }
 
+// Registers every place again, as serving workers do with a restarted
+// coordinator, each sending `running` as the plan it runs.
+void RegisterWithRunningPlan(Coordinator* c, const v1::Plan& running, std::vector<v1::RegisterResponse>* out) {
+  const int n = static_cast<int>(c->plan().num_workers());
+  out->assign(static_cast<size_t>(n), v1::RegisterResponse());
+  std::vector<std::thread> t;
+  for (int i = 0; i < n; ++i) {
+    t.emplace_back([c, i, &running, out] {
+      v1::RegisterRequest r;
+      r.set_worker_id(i);
+      r.set_host("fakehost");
+      r.set_pid(100 + i);
+      *r.mutable_running_plan() = running;
+      auto resp = c->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
+      ASSERT_TRUE(resp.ok()) << resp.status();
+      (*out)[static_cast<size_t>(i)] = *resp;
+    });
+  }
+  for (auto& x : t) x.join();
+}
+
+TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTheWorkersRun) {
+  CoordinatorOptions o = Options(2, 2);
+  o.journal_path.clear();
+  Start(o);
+  // The workers run placement version 3: layer 2's two ranks swapped.
+  topology::Plan ran = c_->plan();
+  topology::ExpertPlacement& p2 = ran.stages[1].placement.at(2);
+  auto swapped = topology::ExpertPlacement::Create(p2.num_experts(), {p2.slots_of_rank(1), p2.slots_of_rank(0)});
+  ASSERT_TRUE(swapped.ok());
+  p2 = *swapped;
+  v1::Plan running = PlanToProto(ran, o.checkpoint, c_->plan_proto().model_json());
+  running.set_placement_version(3);
+  std::vector<v1::RegisterResponse> regs;
+  RegisterWithRunningPlan(c_.get(), running, &regs);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+  for (const auto& r : regs) {
+    EXPECT_EQ(r.plan().placement_version(), 3);
+    EXPECT_EQ(r.plan().stages(1).placement_json().at(2), running.stages(1).placement_json().at(2));
+  }
+  // The next rebalance gets a newer number.
+  for (int i = 0; i < 4; ++i) Beat(i, 3, 0);
+  ReportSkewedLoad();
+  auto r = Rebalance(/*force=*/true);
+  ASSERT_TRUE(r.ok() && r->started()) << r.status();
+  EXPECT_EQ(r->pending_version(), 4);
+
+  // A plan of another shape (another layer split) is not adopted; nor is anything
+  // by a coordinator that has rebalanced itself.
+  Start(o);
+  auto other = topology::BuildPlan(c_->config(), {.pp = 2, .ep = 2, .layers_per_stage = {1, 3}});
+  ASSERT_TRUE(other.ok()) << other.status();
+  v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json());
+  other_proto.set_placement_version(5);
+  RegisterWithRunningPlan(c_.get(), other_proto, &regs);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 1);
+
+  // With a journal, an adopted placement is journaled: a later restart serves it.
+  Start(Options(2, 2));
+  RegisterWithRunningPlan(c_.get(), running, &regs);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  Start(Options(2, 2));
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+}
+
 TEST_F(RebalanceTest, AutomaticRebalanceStartsAfterTheInterval) {
   CoordinatorOptions o = Options(1, 2);
   o.eplb_interval_s = 0.2;

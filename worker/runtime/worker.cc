@@ -278,6 +278,7 @@ class Worker {
   std::atomic<int64_t> loading_version_{0};
   std::thread loader_;
   int64_t committed_placement_ = 1;         // stage 0: from Sync
+  v1::Plan registered_plan_;                // as Register gave it (checkpoint, config text)
   std::unique_ptr<MoeRunner> moe_;
   ExpertParallelRunner* ep_runner_ = nullptr;  // moe_ when it is the CPU EP runner
   std::unique_ptr<Engine> engine_;
@@ -366,6 +367,7 @@ absl::Status Worker::Setup() {
   ep_rank_ = reg.ep_rank();
   epoch_ = reg.epoch();
   ASSIGN_OR_RETURN(plan_, PlanFromRegister(reg.plan()));
+  registered_plan_ = reg.plan();
   placement_version_ = std::max<int64_t>(1, reg.plan().placement_version());
   committed_placement_ = placement_version_.load();
   if (stage_ < 0 || stage_ >= plan_.pp || ep_rank_ < 0 || ep_rank_ >= plan_.ep) {
@@ -659,10 +661,20 @@ void Worker::HeartbeatLoop() {
 
 absl::Status Worker::Reregister() {
   LOG(INFO) << "worker " << worker_id_ << ": coordinator does not know this worker (restarted?): registering again";
-  ASSIGN_OR_RETURN(v1::RegisterResponse reg,
-                   client_.Register(MakeRegisterRequest(worker_id_), absl::Now() + o_.register_timeout));
+  v1::RegisterRequest req = MakeRegisterRequest(worker_id_);
+  std::string running;
+  {
+    // What this worker runs: a restarted coordinator without the journal
+    // that holds a rebalanced placement adopts it.
+    std::lock_guard<std::mutex> l(staging_mu_);
+    *req.mutable_running_plan() =
+        coordinator::PlanToProto(plan_, registered_plan_.checkpoint(), registered_plan_.model_json());
+    req.mutable_running_plan()->set_placement_version(placement_version_.load());
+    running = plan_.ToJson().dump();
+  }
+  ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
   ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg.plan()));
-  if (reg.worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
+  if (reg.worker_id() != worker_id_ || plan.ToJson().dump() != running) {
     // The data plane and the loaded shard belong to the old plan.
     LOG(ERROR) << "worker " << worker_id_ << ": the restarted coordinator has another plan; exiting";
     shutdown_ = true;
