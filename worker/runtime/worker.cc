@@ -310,6 +310,7 @@ class Worker {
   std::atomic<int64_t> steps_{0}, tokens_{0}, active_{0};
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;
+  bool beat_now_ = false;  // under hb_mu_: send the next heartbeat at once (a placement was staged)
   std::thread hb_thread_;
   absl::Time last_heartbeat_ = absl::InfinitePast();
   bool StopRequested() const { return o_.stop_signal != nullptr && o_.stop_signal->load() != 0; }
@@ -555,9 +556,12 @@ void Worker::HeartbeatLoop() {
     if (!first) {  // the first heartbeat goes out at once: the worker is READY
       std::unique_lock<std::mutex> l(hb_mu_);
       hb_cv_.wait_for(l, std::chrono::milliseconds(o_.stop_signal != nullptr ? 200 : 1000),
-                      [this] { return stop_heartbeats_.load(); });
+                      [this] { return stop_heartbeats_.load() || beat_now_; });
       const bool stop_now = StopRequested() && !leaving_.load();
-      if (!stop_heartbeats_.load() && !stop_now && absl::Now() - last_heartbeat_ < absl::Seconds(1)) continue;
+      const bool now = std::exchange(beat_now_, false);
+      if (!stop_heartbeats_.load() && !stop_now && !now && absl::Now() - last_heartbeat_ < absl::Seconds(1)) {
+        continue;
+      }
     }
     if (StopRequested() && !leaving_.exchange(true)) {
       LOG(WARNING) << "worker " << worker_id_ << ": signal " << o_.stop_signal->load()
@@ -757,6 +761,12 @@ void Worker::StartStaging(int64_t version, const std::string& epoch, const v1::P
                 << " experts loaded in " << absl::FormatDuration(absl::Now() - t0) << ")";
     }
     loading_version_ = 0;
+    {
+      // Tell the coordinator now (staged, or why not), not with the next periodic heartbeat.
+      std::lock_guard<std::mutex> h(hb_mu_);
+      beat_now_ = true;
+    }
+    hb_cv_.notify_all();
   });
 }
 
