@@ -26,6 +26,28 @@ using testing::WriteTinyCheckpoint;
     EXPECT_NE(std::string(em_st_.message()).find(substring), std::string::npos) << em_st_;      \
   } while (0)
 
+// Registers every place (Register blocks until all are taken); with
+// `running`, as serving workers do with a restarted coordinator, each sending
+// it as the plan it runs.
+void RegisterPlaces(Coordinator* c, const v1::Plan* running, std::vector<v1::RegisterResponse>* out) {
+  const int n = static_cast<int>(c->plan().num_workers());
+  out->assign(static_cast<size_t>(n), v1::RegisterResponse());
+  std::vector<std::thread> t;
+  for (int i = 0; i < n; ++i) {
+    t.emplace_back([c, i, running, out] {
+      v1::RegisterRequest r;
+      r.set_worker_id(i);
+      r.set_host("fakehost");
+      r.set_pid(100 + i);
+      if (running != nullptr) *r.mutable_running_plan() = *running;
+      auto resp = c->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
+      ASSERT_TRUE(resp.ok()) << resp.status();
+      (*out)[static_cast<size_t>(i)] = *resp;
+    });
+  }
+  for (auto& x : t) x.join();
+}
+
 class RebalanceTest : public ::testing::Test {
  protected:
   CoordinatorOptions Options(int pp, int ep, int redundant = 0) {
@@ -50,20 +72,9 @@ class RebalanceTest : public ::testing::Test {
 
   // Registers every place (Register blocks until all are taken) and makes them READY.
   void RegisterAll() {
-    const int n = static_cast<int>(c_->plan().num_workers());
-    std::vector<std::thread> t;
-    for (int i = 0; i < n; ++i) {
-      t.emplace_back([this, i] {
-        v1::RegisterRequest r;
-        r.set_worker_id(i);
-        r.set_host("fakehost");
-        r.set_pid(100 + i);
-        auto resp = c_->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
-        EXPECT_TRUE(resp.ok()) << resp.status();
-      });
-    }
-    for (auto& x : t) x.join();
-    for (int i = 0; i < n; ++i) Beat(i, 1, 0);
+    std::vector<v1::RegisterResponse> regs;
+    RegisterPlaces(c_.get(), nullptr, &regs);
+    for (int i = 0; i < static_cast<int>(regs.size()); ++i) Beat(i, 1, 0);
     ASSERT_TRUE(c_->serving());
   }
 
@@ -304,27 +315,6 @@ TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
   EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "(256 + 1) divisible by --ep 2");
 }
 
-// Registers every place again, as serving workers do with a restarted
-// coordinator, each sending `running` as the plan it runs.
-void RegisterWithRunningPlan(Coordinator* c, const v1::Plan& running, std::vector<v1::RegisterResponse>* out) {
-  const int n = static_cast<int>(c->plan().num_workers());
-  out->assign(static_cast<size_t>(n), v1::RegisterResponse());
-  std::vector<std::thread> t;
-  for (int i = 0; i < n; ++i) {
-    t.emplace_back([c, i, &running, out] {
-      v1::RegisterRequest r;
-      r.set_worker_id(i);
-      r.set_host("fakehost");
-      r.set_pid(100 + i);
-      *r.mutable_running_plan() = running;
-      auto resp = c->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
-      ASSERT_TRUE(resp.ok()) << resp.status();
-      (*out)[static_cast<size_t>(i)] = *resp;
-    });
-  }
-  for (auto& x : t) x.join();
-}
-
 TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTheWorkersRun) {
   CoordinatorOptions o = Options(2, 2);
   o.journal_path.clear();
@@ -338,7 +328,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   v1::Plan running = PlanToProto(ran, o.checkpoint, c_->plan_proto().model_json());
   running.set_placement_version(3);
   std::vector<v1::RegisterResponse> regs;
-  RegisterWithRunningPlan(c_.get(), running, &regs);
+  RegisterPlaces(c_.get(), &running, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
   EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
   for (const auto& r : regs) {
@@ -359,12 +349,12 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   ASSERT_TRUE(other.ok()) << other.status();
   v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json());
   other_proto.set_placement_version(5);
-  RegisterWithRunningPlan(c_.get(), other_proto, &regs);
+  RegisterPlaces(c_.get(), &other_proto, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 1);
 
   // With a journal, an adopted placement is journaled: a later restart serves it.
   Start(Options(2, 2));
-  RegisterWithRunningPlan(c_.get(), running, &regs);
+  RegisterPlaces(c_.get(), &running, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
