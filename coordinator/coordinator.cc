@@ -138,8 +138,7 @@ absl::Status Coordinator::Init() {
     ASSIGN_OR_RETURN(po.expert_load, ReadExpertLoad(o.expert_load_file));
   }
   ASSIGN_OR_RETURN(plan_, topology::BuildPlan(config_, po));
-  plan_proto_ = PlanToProto(plan_, o.checkpoint, model_json_);
-  plan_proto_.set_placement_version(placement_version_);
+  plan_proto_ = PlanToProto(plan_, o.checkpoint, model_json_, placement_version_);
   workers_.resize(static_cast<size_t>(plan_.num_workers()));
   for (const auto& st : plan_.stages) {
     for (const auto& [layer, placement] : st.placement) {
@@ -473,9 +472,7 @@ absl::Status Coordinator::CompactJournalLocked(const std::string& why) {
     live += n;
   };
   if (placement_version_ > 1) {  // the workers' expert placement, before the jobs
-    JournalRecord rec;
-    rec.ParseFromString(PlacementRecord());
-    add(nullptr, rec);
+    add(nullptr, PlacementRecord());
     placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(payloads.back().size());
   }
   for (auto& entry : job_order_) {

@@ -91,6 +91,8 @@
 
 namespace expertmesh::coordinator {
 
+class JournalRecord;  // coordinator/journal_records.proto (private to the coordinator)
+
 struct CoordinatorOptions {
   std::string checkpoint;                 // folder with config.json (weights are never read here)
   int pp = 1, ep = 1, redundant_experts = 0;
@@ -231,8 +233,7 @@ class Coordinator {
     v1::StageTimes times;
     std::set<std::string> assigned;            // seq_ids (stage-0 workers)
     std::vector<std::string> pending_cancel;   // seq_ids to send as `cancel`
-    int64_t placement_version = 0;             // from its heartbeats
-    int64_t staged_placement_version = 0;
+    int64_t staged_placement_version = 0;      // from its heartbeats
   };
   // A rebalanced placement the workers are loading.
   struct PendingPlacement {
@@ -302,7 +303,11 @@ class Coordinator {
   // Replay of a PlacementCommitted record: adopts it when it fits the plan's stages.
   void ReplayPlacement(int64_t version, const std::string& plan_json);
   // The PlacementCommitted record of the committed placement (version > 1).
-  std::string PlacementRecord() const;
+  JournalRecord PlacementRecord() const;
+  // Appends PlacementRecord() to the journal (if any) and counts its bytes as live.
+  absl::Status JournalPlacementLocked();
+  // Workers that reported the pending placement staged.
+  int WorkersStagedLocked() const;
   // Register's part: adopts the newer placement a re-registering worker runs
   // when this coordinator has not rebalanced itself (see RegisterRequest).
   void AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running);

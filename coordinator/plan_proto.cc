@@ -4,8 +4,10 @@
 
 namespace expertmesh::coordinator {
 
-v1::Plan PlanToProto(const topology::Plan& plan, const std::string& checkpoint, const std::string& model_json) {
+v1::Plan PlanToProto(const topology::Plan& plan, const std::string& checkpoint, const std::string& model_json,
+                     int64_t placement_version) {
   v1::Plan p;
+  p.set_placement_version(placement_version);
   p.set_pp(static_cast<int32_t>(plan.pp));
   p.set_ep(static_cast<int32_t>(plan.ep));
   p.set_redundant_experts(static_cast<int32_t>(plan.redundant_experts));

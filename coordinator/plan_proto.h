@@ -2,7 +2,7 @@
 // small library (em_plan_proto) so that workers can read the plan they get
 // from Register without linking the coordinator.
 //
-//   v1::Plan p = PlanToProto(plan, checkpoint_dir, config_json_text);
+//   v1::Plan p = PlanToProto(plan, checkpoint_dir, config_json_text, placement_version);
 //   ASSIGN_OR_RETURN(topology::Plan back, PlanFromProto(p));
 #pragma once
 
@@ -14,7 +14,8 @@
 
 namespace expertmesh::coordinator {
 
-v1::Plan PlanToProto(const topology::Plan& plan, const std::string& checkpoint, const std::string& model_json);
+v1::Plan PlanToProto(const topology::Plan& plan, const std::string& checkpoint, const std::string& model_json,
+                     int64_t placement_version = 1);
 
 // INVALID_ARGUMENT when the message is inconsistent (stage count, placement JSON).
 absl::StatusOr<topology::Plan> PlanFromProto(const v1::Plan& proto);

@@ -122,10 +122,9 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   }
   if (shutdown_requested_ || stopped_) return absl::FailedPreconditionError("the cluster is shutting down");
   if (pending_placement_.has_value()) {
-    int staged = 0;
-    for (const Worker& w : workers_) staged += w.staged_placement_version == pending_placement_->version ? 1 : 0;
     return absl::FailedPreconditionError(absl::StrCat("placement version ", pending_placement_->version,
-                                                      " is still being loaded (", staged, " of ", workers_.size(),
+                                                      " is still being loaded (", WorkersStagedLocked(), " of ",
+                                                      workers_.size(),
                                                       " workers staged it); try again when it is committed"));
   }
   if (!ServingLocked()) {
@@ -185,8 +184,7 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   // experts it staged for that one.
   last_pending_version_ = std::max(last_pending_version_, placement_version_) + 1;
   p.version = last_pending_version_;
-  p.proto = PlanToProto(next, options_.checkpoint, model_json_);
-  p.proto.set_placement_version(p.version);
+  p.proto = PlanToProto(next, options_.checkpoint, model_json_, p.version);
   p.plan = std::move(next);
   p.imbalance_before = before;
   p.imbalance_after = after;
@@ -212,7 +210,6 @@ absl::StatusOr<v1::RebalanceExpertsResponse> Coordinator::RebalanceExperts(const
 void Coordinator::PlacementHeartbeatLocked(int worker_id, const v1::HeartbeatRequest& request,
                                            v1::HeartbeatResponse* resp) {
   Worker& w = workers_[static_cast<size_t>(worker_id)];
-  w.placement_version = request.placement_version();
   w.staged_placement_version = request.staged_placement_version();
   if (pending_placement_.has_value()) {
     if (!request.staging_error().empty()) {
@@ -237,18 +234,13 @@ void Coordinator::CommitPlacementLocked() {
   plan_ = p.plan;
   placement_version_ = p.version;
   last_rebalance_ms_ = UnixMs();
-  if (journal_ != nullptr) {
-    // A restarted coordinator must serve the workers' placement: journal it first.
-    const std::string rec = PlacementRecord();
-    absl::Status s = journal_->Append({rec});
-    if (!s.ok()) {
-      plan_ = std::move(old_plan);
-      placement_version_ = old_version;
-      DropPendingPlacementLocked(absl::StrCat("journal write failed: ", s.message()));
-      return;
-    }
-    live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size()) - placement_record_bytes_;
-    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size());
+  // A restarted coordinator must serve the workers' placement: journal it first.
+  absl::Status s = JournalPlacementLocked();
+  if (!s.ok()) {
+    plan_ = std::move(old_plan);
+    placement_version_ = old_version;
+    DropPendingPlacementLocked(absl::StrCat("journal write failed: ", s.message()));
+    return;
   }
   plan_proto_ = std::move(p.proto);
   ++rebalances_;
@@ -290,9 +282,7 @@ v1::RebalanceStatus Coordinator::RebalanceStatusLocked() const {
   st.set_placement_version(placement_version_);
   if (pending_placement_.has_value()) {
     st.set_pending_version(pending_placement_->version);
-    int staged = 0;
-    for (const Worker& w : workers_) staged += w.staged_placement_version == pending_placement_->version ? 1 : 0;
-    st.set_workers_staged(staged);
+    st.set_workers_staged(WorkersStagedLocked());
   }
   st.set_rebalances(rebalances_);
   st.set_imbalance_before(last_imbalance_before_);
@@ -322,8 +312,7 @@ void Coordinator::ReplayPlacement(int64_t version, const std::string& plan_json)
   }
   plan_ = *std::move(plan);
   placement_version_ = version;
-  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_);
-  plan_proto_.set_placement_version(version);
+  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_, version);
 }
 
 void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running) {
@@ -345,30 +334,41 @@ void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& run
   const int64_t old_version = placement_version_;
   plan_ = *std::move(plan);
   placement_version_ = version;
-  if (journal_ != nullptr) {  // a later restart on this journal serves it too
-    const std::string rec = PlacementRecord();
-    absl::Status s = journal_->Append({rec});
-    if (!s.ok()) {
-      plan_ = std::move(old);
-      placement_version_ = old_version;
-      return refuse(absl::StrCat("journal write failed: ", s.message()));
-    }
-    live_journal_bytes_ += Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size()) - placement_record_bytes_;
-    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size());
+  absl::Status s = JournalPlacementLocked();  // a later restart on this journal serves it too
+  if (!s.ok()) {
+    plan_ = std::move(old);
+    placement_version_ = old_version;
+    return refuse(absl::StrCat("journal write failed: ", s.message()));
   }
   last_pending_version_ = version;
-  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_);
-  plan_proto_.set_placement_version(version);
+  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_, version);
   LOG(INFO) << "coordinator: adopted expert placement version " << version << " from worker " << worker_id
             << " (the workers run it; this coordinator started without it)";
 }
 
-std::string Coordinator::PlacementRecord() const {
+JournalRecord Coordinator::PlacementRecord() const {
   JournalRecord rec;
   rec.set_unix_ms(last_rebalance_ms_ > 0 ? last_rebalance_ms_ : UnixMs());
   rec.mutable_placement()->set_version(placement_version_);
   rec.mutable_placement()->set_plan_json(plan_.ToJson().dump());
-  return rec.SerializeAsString();
+  return rec;
+}
+
+absl::Status Coordinator::JournalPlacementLocked() {
+  if (journal_ == nullptr) return absl::OkStatus();
+  const std::string rec = PlacementRecord().SerializeAsString();
+  RETURN_IF_ERROR(journal_->Append({rec}));
+  const int64_t bytes = Journal::kRecordHeaderBytes + static_cast<int64_t>(rec.size());
+  live_journal_bytes_ += bytes - placement_record_bytes_;  // it replaces the previous placement record
+  placement_record_bytes_ = bytes;
+  return absl::OkStatus();
+}
+
+int Coordinator::WorkersStagedLocked() const {
+  if (!pending_placement_.has_value()) return 0;
+  return static_cast<int>(std::count_if(workers_.begin(), workers_.end(), [this](const Worker& w) {
+    return w.staged_placement_version == pending_placement_->version;
+  }));
 }
 
 }  // namespace expertmesh::coordinator

@@ -266,15 +266,14 @@ class Worker {
   // plan_'s placements against the heartbeat thread (the stage thread, their
   // only writer, reads them without it).
   std::mutex staging_mu_;
-  struct Staged {
-    int64_t version = 0;
+  struct Staged {  // its version: staged_version_
     std::string epoch;  // of the coordinator that sent it (versions are unique per epoch)
     topology::Plan plan;
     ModelShard::ExpertSet experts;
   } staged_;
   std::string staging_error_;               // reported once with the next heartbeat
   std::atomic<int64_t> placement_version_{1};
-  std::atomic<int64_t> staged_version_{0};  // = staged_.version, readable without the lock
+  std::atomic<int64_t> staged_version_{0};  // of staged_ (0: none); written under staging_mu_
   std::atomic<int64_t> loading_version_{0};
   std::thread loader_;
   int64_t committed_placement_ = 1;         // stage 0: from Sync
@@ -618,19 +617,17 @@ void Worker::HeartbeatLoop() {
         if (moved) dp_stale_ = true;
       }
       // Rebalancing: stage a pending placement; drop a staged one the
-      // coordinator dropped (neither pending nor committed any more).
+      // coordinator dropped (neither pending nor committed any more), or one
+      // staged for a coordinator that has restarted since.
       const int64_t next = r->next_placement_version(), staged = staged_version_.load();
-      bool other_epoch = false;
-      if (staged != 0) {
+      if (staged != 0 && loading_version_.load() == 0) {
         std::lock_guard<std::mutex> l(staging_mu_);
-        other_epoch = staged_.epoch != r->epoch();  // staged for a coordinator that has restarted since
-      }
-      if (staged != 0 && loading_version_.load() == 0 &&
-          (other_epoch || (staged != next && staged != r->placement_version()))) {
-        std::lock_guard<std::mutex> l(staging_mu_);
-        LOG(INFO) << "worker " << worker_id_ << ": placement version " << staged << " was dropped; unloading its experts";
-        staged_ = Staged();
-        staged_version_ = 0;
+        if (staged_.epoch != r->epoch() || (staged != next && staged != r->placement_version())) {
+          LOG(INFO) << "worker " << worker_id_ << ": placement version " << staged
+                    << " was dropped; unloading its experts";
+          staged_ = Staged();
+          staged_version_ = 0;
+        }
       } else if (next > placement_version_.load() && staged == 0 && loading_version_.load() == 0 &&
                  r->has_next_plan()) {
         StartStaging(next, r->epoch(), r->next_plan());
@@ -671,9 +668,8 @@ absl::Status Worker::Reregister() {
     // What this worker runs: a restarted coordinator without the journal
     // that holds a rebalanced placement adopts it.
     std::lock_guard<std::mutex> l(staging_mu_);
-    *req.mutable_running_plan() =
-        coordinator::PlanToProto(plan_, registered_plan_.checkpoint(), registered_plan_.model_json());
-    req.mutable_running_plan()->set_placement_version(placement_version_.load());
+    *req.mutable_running_plan() = coordinator::PlanToProto(plan_, registered_plan_.checkpoint(),
+                                                           registered_plan_.model_json(), placement_version_.load());
     running = plan_.ToJson().dump();
   }
   ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
@@ -752,7 +748,6 @@ void Worker::StartStaging(int64_t version, const std::string& epoch, const v1::P
                  << " failed: " << experts.status();
       staging_error_ = std::string(experts.status().message());
     } else {
-      staged_.version = version;
       staged_.epoch = epoch;
       staged_.plan = std::move(plan);
       staged_.experts = *std::move(experts);
