@@ -325,8 +325,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   auto swapped = topology::ExpertPlacement::Create(p2.num_experts(), {p2.slots_of_rank(1), p2.slots_of_rank(0)});
   ASSERT_TRUE(swapped.ok());
   p2 = *swapped;
-  v1::Plan running = PlanToProto(ran, o.checkpoint, c_->plan_proto().model_json());
-  running.set_placement_version(3);
+  const v1::Plan running = PlanToProto(ran, o.checkpoint, c_->plan_proto().model_json(), /*placement_version=*/3);
   std::vector<v1::RegisterResponse> regs;
   RegisterPlaces(c_.get(), &running, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
@@ -347,8 +346,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   Start(o);
   auto other = topology::BuildPlan(c_->config(), {.pp = 2, .ep = 2, .layers_per_stage = {1, 3}});
   ASSERT_TRUE(other.ok()) << other.status();
-  v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json());
-  other_proto.set_placement_version(5);
+  const v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json(), 5);
   RegisterPlaces(c_.get(), &other_proto, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 1);
 

@@ -55,6 +55,9 @@ BF16_TOL = 0.2
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT = []
 
+sys.path.insert(0, os.path.join(HERE, "..", "model"))
+from cli_io import make_tiny_checkpoints, parse_output, read_prompts, write_prompts  # noqa: E402
+
 
 def run(args, timeout=300):
     return subprocess.run([ARGS.expertmesh] + args, capture_output=True, text=True, timeout=timeout)
@@ -89,23 +92,6 @@ def argmax(row):
     return max(range(len(row)), key=lambda i: (row[i], -i))
 
 
-def read_prompts(path):
-    with open(path) as f:
-        return [json.loads(l)["tokens"] for l in f if l.strip()]
-
-
-def write_prompts(path, prompts):
-    with open(path, "w") as f:
-        for p in prompts:
-            f.write(json.dumps({"tokens": p}) + "\n")
-
-
-def parse_tokens(test, stdout, n):
-    lines = [l for l in stdout.splitlines() if l.strip()]
-    test.assertEqual(len(lines), n, stdout[:2000])
-    return [json.loads(l)["tokens"] for l in lines]
-
-
 class Env:
     ready = False
 
@@ -113,14 +99,7 @@ class Env:
     def setup(cls):
         if cls.ready:
             return
-        cls.ckpt = {}
-        for dt in DTYPES:
-            d = os.path.join(ARGS.workdir, "tiny_" + dt)
-            shutil.rmtree(d, ignore_errors=True)
-            r = run(["checkpoint", "--preset", "tiny", "--dtype", dt, "--seed", str(SEED), "--out", d])
-            if r.returncode != 0:
-                raise RuntimeError("expertmesh checkpoint --dtype %s failed: %s" % (dt, r.stderr))
-            cls.ckpt[dt] = d
+        cls.ckpt = make_tiny_checkpoints(run, ARGS.workdir, DTYPES, SEED)
         cls.prompts = read_prompts(os.path.join(HERE, "prompts.jsonl"))
         cls.prompt_file = os.path.join(ARGS.workdir, "prompts.jsonl")
         write_prompts(cls.prompt_file, cls.prompts)
@@ -139,7 +118,7 @@ class Env:
         r = run(["generate", "--checkpoint", cls.ckpt[dt], "--prompts", prompts_file, "--max-new-tokens",
                  str(new_tokens), "--dump-logits", dump] + extra)
         test.assertEqual(r.returncode, 0, "%s %s: %s" % (name, dt, r.stderr))
-        res = (parse_tokens(test, r.stdout, n_prompts), read_logits(dump), r.stderr)
+        res = (parse_output(test, r.stdout, n_prompts), read_logits(dump), r.stderr)
         for l in r.stderr.splitlines():
             if "device" in l:
                 REPORT.append("%s/%s: %s" % (name, dt, l.strip()))

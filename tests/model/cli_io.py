@@ -6,6 +6,11 @@ import os
 import shutil
 
 
+def read_prompts(path):
+    with open(path) as f:
+        return [json.loads(l)["tokens"] for l in f if l.strip()]
+
+
 def write_prompts(path, prompts):
     with open(path, "w") as f:
         for p in prompts:
