@@ -1,8 +1,10 @@
 #include "common/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -15,23 +17,60 @@ namespace {
 using nlohmann::json;
 
 // Reads optional key `k` of `j` into `out`; records a type error in `errs`.
+// Strict: an integer field takes only a JSON integer (160.7 or 160.0 is an
+// error, not 160), a bool only true/false, a number any finite JSON number.
 template <typename T>
 void Get(const json& j, const char* k, T* out, std::vector<std::string>* errs,
          const std::string& prefix = "") {
   auto it = j.find(k);
   if (it == j.end() || it->is_null()) return;
+  auto wrong = [&](const char* want) {
+    errs->push_back(absl::StrCat(prefix, k, ": wrong type (", it->type_name(), " ", it->dump(),
+                                 "; expected ", want, ")"));
+  };
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!it->is_boolean()) return wrong("true or false");
+  } else if constexpr (std::is_integral_v<T>) {
+    if (!it->is_number_integer()) return wrong("an integer");
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!it->is_number()) return wrong("a number");
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    if (!it->is_string()) return wrong("a string");
+  } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    bool ok = it->is_array();
+    for (const auto& v : *it) ok = ok && v.is_number_integer();
+    if (!ok) return wrong("an array of integers");
+  }
   try {
     *out = it->get<T>();
   } catch (const json::exception& e) {
-    errs->push_back(absl::StrCat(prefix, k, ": wrong type (", it->type_name(), ")"));
+    wrong("another type");
   }
 }
 
 }  // namespace
 
 int64_t ModelConfig::num_moe_layers() const {
-  int64_t n = 0;
-  for (int64_t l = 0; l < num_hidden_layers; ++l) n += IsMoeLayer(l) ? 1 : 0;
+  // Layers l in [first_k_dense_replace, num_hidden_layers) with l % moe_layer_freq == 0,
+  // counted in closed form (safe on unvalidated configs: no loop, no division by 0).
+  const int64_t f = moe_layer_freq, a = std::max<int64_t>(first_k_dense_replace, 0), n = num_hidden_layers;
+  if (f <= 0 || n <= a) return 0;
+  return (n - 1) / f - (a + f - 1) / f + 1;
+}
+
+double ModelConfig::ParameterCount() const {
+  const double h = static_cast<double>(hidden_size), heads = static_cast<double>(num_attention_heads);
+  const double q = q_lora_rank > 0 ? h * q_lora_rank + static_cast<double>(q_lora_rank) * heads * qk_head_dim()
+                                   : h * heads * qk_head_dim();
+  const double attn = q + h * kv_cache_dim() + static_cast<double>(kv_lora_rank) * heads * (qk_nope_head_dim + v_head_dim) +
+                      heads * v_head_dim * h;
+  const double dense = 3.0 * h * intermediate_size;
+  const double moe = (static_cast<double>(n_routed_experts) + n_shared_experts) * 3.0 * h * moe_intermediate_size +
+                     h * n_routed_experts;
+  const double moe_layers = static_cast<double>(num_moe_layers());
+  double n = static_cast<double>(vocab_size) * h * (tie_word_embeddings ? 1 : 2);
+  n += static_cast<double>(num_hidden_layers) * attn + moe_layers * moe + (num_hidden_layers - moe_layers) * dense;
+  n += static_cast<double>(num_nextn_predict_layers) * (attn + moe + 2.0 * h * h);
   return n;
 }
 
@@ -125,29 +164,70 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const json& j) {
   return c;
 }
 
+// The allowed range of every integer field, in one place. The upper bounds
+// are far above any published model (DeepSeek-V3: 61 layers, 256 experts,
+// width 7168, vocab 129280) and keep every size derived from a config within
+// what the loader, the planner and the KV cache can allocate: a config is
+// checked against them before anything is sized from it.
+struct IntRange {
+  const char* name;
+  int64_t lo, hi;
+};
+constexpr int64_t kMaxWidth = int64_t{1} << 16;          // hidden_size, LoRA ranks
+constexpr int64_t kMaxFfn = int64_t{1} << 20;            // SwiGLU widths
+constexpr int64_t kMaxHeadDim = 4096;
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxExperts = 4096;
+constexpr int64_t kMaxPositions = int64_t{1} << 24;
+// Total parameters (embeddings, attention, dense/shared/routed experts, MTP):
+// 64x DeepSeek-V3's 671B.
+constexpr double kMaxParameters = 64.0 * 671e9;
+
 absl::Status ModelConfig::Validate() const {
   std::vector<std::string> e;
-  auto positive = [&](const char* name, int64_t v) {
-    if (v <= 0) e.push_back(absl::StrCat(name, " = ", v, ": must be > 0"));
+  auto range = [&](const char* name, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) e.push_back(absl::StrCat(name, " = ", v, ": must be in [", lo, ", ", hi, "]"));
+  };
+  auto real = [&](const char* name, double v, double lo_exclusive, double hi) {
+    if (!(v > lo_exclusive) || !(v <= hi)) {
+      e.push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
+    }
   };
   if (model_type != "deepseek_v3") {
     e.push_back(absl::StrCat("model_type = \"", model_type, "\": expected \"deepseek_v3\""));
   }
-  positive("vocab_size", vocab_size);
-  positive("hidden_size", hidden_size);
-  positive("intermediate_size", intermediate_size);
-  positive("moe_intermediate_size", moe_intermediate_size);
-  positive("num_hidden_layers", num_hidden_layers);
-  positive("moe_layer_freq", moe_layer_freq);
-  positive("num_attention_heads", num_attention_heads);
-  positive("kv_lora_rank", kv_lora_rank);
-  positive("qk_nope_head_dim", qk_nope_head_dim);
-  positive("v_head_dim", v_head_dim);
-  positive("max_position_embeddings", max_position_embeddings);
-  if (qk_rope_head_dim <= 0 || qk_rope_head_dim % 2 != 0) {
-    e.push_back(absl::StrCat("qk_rope_head_dim = ", qk_rope_head_dim, ": must be even and > 0"));
+  const IntRange always[] = {
+      {"vocab_size", 1, kMaxVocab},
+      {"hidden_size", 1, kMaxWidth},
+      {"intermediate_size", 1, kMaxFfn},
+      {"moe_intermediate_size", 1, kMaxFfn},
+      {"num_hidden_layers", 1, kMaxLayers},
+      {"moe_layer_freq", 1, kMaxLayers},
+      {"num_attention_heads", 1, 1024},
+      {"kv_lora_rank", 1, kMaxWidth},
+      {"qk_nope_head_dim", 1, kMaxHeadDim},
+      {"v_head_dim", 1, kMaxHeadDim},
+      {"max_position_embeddings", 1, kMaxPositions},
+  };
+  const int64_t values[] = {vocab_size,          hidden_size,      intermediate_size, moe_intermediate_size,
+                            num_hidden_layers,   moe_layer_freq,   num_attention_heads, kv_lora_rank,
+                            qk_nope_head_dim,    v_head_dim,       max_position_embeddings};
+  static_assert(sizeof(always) / sizeof(always[0]) == sizeof(values) / sizeof(values[0]));
+  for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); ++i) {
+    range(always[i].name, values[i], always[i].lo, always[i].hi);
   }
-  if (q_lora_rank < 0) e.push_back(absl::StrCat("q_lora_rank = ", q_lora_rank, ": must be >= 0 (0 or null: no q compression)"));
+  range("num_nextn_predict_layers", num_nextn_predict_layers, 0, 16);
+  range("bos_token_id", bos_token_id, 0, std::max<int64_t>(vocab_size - 1, 0));
+  range("eos_token_id", eos_token_id, 0, std::max<int64_t>(vocab_size - 1, 0));
+  if (qk_rope_head_dim <= 0 || qk_rope_head_dim % 2 != 0 || qk_rope_head_dim > kMaxHeadDim) {
+    e.push_back(absl::StrCat("qk_rope_head_dim = ", qk_rope_head_dim, ": must be even and in [2, ",
+                             kMaxHeadDim, "]"));
+  }
+  if (q_lora_rank < 0 || q_lora_rank > kMaxWidth) {
+    e.push_back(absl::StrCat("q_lora_rank = ", q_lora_rank, ": must be in [0, ", kMaxWidth,
+                             "] (0 or null: no q compression)"));
+  }
   if (num_key_value_heads != num_attention_heads) {
     e.push_back(absl::StrCat("num_key_value_heads = ", num_key_value_heads,
                              ": MLA needs num_key_value_heads == num_attention_heads (",
@@ -157,12 +237,9 @@ absl::Status ModelConfig::Validate() const {
     e.push_back(absl::StrCat("first_k_dense_replace = ", first_k_dense_replace,
                              ": must be in [0, num_hidden_layers = ", num_hidden_layers, "]"));
   }
-  if (num_nextn_predict_layers < 0) {
-    e.push_back(absl::StrCat("num_nextn_predict_layers = ", num_nextn_predict_layers, ": must be >= 0"));
-  }
   if (num_moe_layers() > 0 || n_routed_experts != 0) {
-    positive("n_routed_experts", n_routed_experts);
-    if (n_shared_experts < 0) e.push_back(absl::StrCat("n_shared_experts = ", n_shared_experts, ": must be >= 0"));
+    range("n_routed_experts", n_routed_experts, 1, kMaxExperts);
+    range("n_shared_experts", n_shared_experts, 0, 64);
     if (num_experts_per_tok <= 0 || num_experts_per_tok > n_routed_experts) {
       e.push_back(absl::StrCat("num_experts_per_tok = ", num_experts_per_tok,
                                ": must be in [1, n_routed_experts = ", n_routed_experts, "]"));
@@ -190,21 +267,23 @@ absl::Status ModelConfig::Validate() const {
     e.push_back(absl::StrCat("topk_method = \"", topk_method,
                              "\": expected \"noaux_tc\", \"group_limited_greedy\" or \"greedy\""));
   }
-  if (!(routed_scaling_factor > 0)) {
-    e.push_back(absl::StrCat("routed_scaling_factor = ", routed_scaling_factor, ": must be > 0"));
-  }
-  if (!(rope_theta > 0)) e.push_back(absl::StrCat("rope_theta = ", rope_theta, ": must be > 0"));
-  if (!(rms_norm_eps > 0)) e.push_back(absl::StrCat("rms_norm_eps = ", rms_norm_eps, ": must be > 0"));
+  real("routed_scaling_factor", routed_scaling_factor, 0, 1e4);
+  real("rope_theta", rope_theta, 0, 1e12);
+  real("rms_norm_eps", rms_norm_eps, 0, 1);
   if (rope_scaling.type != "yarn" && rope_scaling.type != "none") {
     e.push_back(absl::StrCat("rope_scaling.type = \"", rope_scaling.type,
                              "\": expected \"yarn\" (or rope_scaling: null)"));
   }
   if (rope_scaling.type == "yarn") {
-    if (!(rope_scaling.factor >= 1)) e.push_back(absl::StrCat("rope_scaling.factor = ", rope_scaling.factor, ": must be >= 1"));
-    if (rope_scaling.original_max_position_embeddings <= 0) {
-      e.push_back("rope_scaling.original_max_position_embeddings: must be > 0");
+    if (!(rope_scaling.factor >= 1) || !(rope_scaling.factor <= 1e6)) {
+      e.push_back(absl::StrCat("rope_scaling.factor = ", rope_scaling.factor, ": must be in [1, 1e+06]"));
     }
-    if (!(rope_scaling.beta_fast > rope_scaling.beta_slow) || !(rope_scaling.beta_slow > 0)) {
+    range("rope_scaling.original_max_position_embeddings", rope_scaling.original_max_position_embeddings, 1,
+          kMaxPositions);
+    real("rope_scaling.mscale", rope_scaling.mscale, -1e3, 1e3);
+    real("rope_scaling.mscale_all_dim", rope_scaling.mscale_all_dim, -1e3, 1e3);
+    if (!(rope_scaling.beta_fast > rope_scaling.beta_slow) || !(rope_scaling.beta_slow > 0) ||
+        !(rope_scaling.beta_fast <= 1e6)) {
       e.push_back("rope_scaling.beta_fast / beta_slow: need beta_fast > beta_slow > 0");
     }
   }
@@ -213,8 +292,18 @@ absl::Status ModelConfig::Validate() const {
     const auto& q = quantization_config;
     if (q.quant_method != "fp8") e.push_back(absl::StrCat("quantization_config.quant_method = \"", q.quant_method, "\": expected \"fp8\""));
     if (q.fmt != "e4m3") e.push_back(absl::StrCat("quantization_config.fmt = \"", q.fmt, "\": expected \"e4m3\""));
-    if (q.weight_block_rows <= 0 || q.weight_block_cols <= 0) {
-      e.push_back("quantization_config.weight_block_size: must be two positive integers");
+    if (q.weight_block_rows <= 0 || q.weight_block_cols <= 0 || q.weight_block_rows > kMaxWidth ||
+        q.weight_block_cols > kMaxWidth) {
+      e.push_back(absl::StrCat("quantization_config.weight_block_size: must be two integers in [1, ", kMaxWidth, "]"));
+    }
+  }
+  if (e.empty()) {
+    // Every field is in range; bound what they multiply up to.
+    const double params = ParameterCount();
+    if (params > kMaxParameters) {
+      e.push_back(absl::StrCat("the config describes ", params / 1e9, "B parameters: more than the ",
+                               kMaxParameters / 1e9, "B this runtime accepts (check num_hidden_layers, ",
+                               "n_routed_experts, hidden_size and the intermediate sizes)"));
     }
   }
   if (!e.empty()) return absl::InvalidArgumentError(absl::StrCat("config: ", absl::StrJoin(e, "; ")));

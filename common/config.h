@@ -87,6 +87,10 @@ struct ModelConfig {
   }
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   int64_t num_moe_layers() const;
+  // Parameters of the whole checkpoint (embeddings, head, attention, dense
+  // and MoE layers, MTP modules), as a double so that absurd configs do not
+  // overflow. DeepSeek-V3: ~671e9 plus the MTP module.
+  double ParameterCount() const;
   int64_t experts_per_group() const { return n_routed_experts / n_group; }
   // Softmax scale of attention: qk_head_dim^-0.5, times mscale^2 under YaRN.
   double softmax_scale() const;

@@ -150,6 +150,69 @@ TEST(Config, InvalidValuesNameTheField) {
   }
 }
 
+// Absurd values are refused by type and range before anything is sized from
+// them (they used to end in std::bad_alloc after ~40 s, or be truncated).
+TEST(Config, TypesAndRangesBeforeAllocation) {
+  const std::vector<Bad> cases = {
+      {"hidden_size", 160.7, {"hidden_size", "wrong type", "160.7", "integer"}},
+      {"hidden_size", 160.0, {"hidden_size", "integer"}},
+      {"num_hidden_layers", true, {"num_hidden_layers", "integer"}},
+      {"n_routed_experts", int64_t{1} << 40, {"n_routed_experts", "1099511627776", "[1, 4096]"}},
+      {"num_hidden_layers", 1000000000, {"num_hidden_layers", "[1, 1024]"}},
+      {"vocab_size", int64_t{1} << 30, {"vocab_size", "[1, 16777216]"}},
+      {"hidden_size", 1 << 20, {"hidden_size", "[1, 65536]"}},
+      {"moe_layer_freq", 0, {"moe_layer_freq"}},
+      {"max_position_embeddings", int64_t{1} << 40, {"max_position_embeddings"}},
+      {"num_nextn_predict_layers", 100, {"num_nextn_predict_layers", "[0, 16]"}},
+      {"n_shared_experts", -1, {"n_shared_experts"}},
+      {"q_lora_rank", int64_t{1} << 20, {"q_lora_rank"}},
+      {"qk_rope_head_dim", 8192, {"qk_rope_head_dim", "4096"}},
+      {"bos_token_id", 5000, {"bos_token_id", "[0, 1023]"}},
+      {"eos_token_id", -1, {"eos_token_id"}},
+      {"rms_norm_eps", 1e300, {"rms_norm_eps"}},
+      {"rope_theta", 1e300, {"rope_theta"}},
+      {"routed_scaling_factor", "2.5", {"routed_scaling_factor", "wrong type", "number"}},
+      {"rope_scaling.factor", 1e300, {"rope_scaling.factor"}},
+      {"quantization_config.weight_block_size", json::array({128.5, 128}), {"weight_block_size", "integers"}},
+      {"model_type", 3, {"model_type", "string"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string(c.path) + " = " + c.value.dump());
+    json j = ModelConfig::Preset("tiny")->ToJson();
+    j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {128, 128}}};
+    Set(&j, c.path, c.value);
+    auto r = ModelConfig::FromJson(j);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    for (const auto& f : c.fragments) {
+      EXPECT_NE(r.status().message().find(f), std::string::npos) << r.status();
+    }
+  }
+  // Every field in range, but together far too large.
+  json j = ModelConfig::Preset("deepseek-v3")->ToJson();
+  j["num_hidden_layers"] = 1024;
+  j["n_routed_experts"] = 4096;
+  j["hidden_size"] = 65536;
+  EXPECT_ERROR(ModelConfig::FromJson(j), StatusCode::kInvalidArgument, "parameters", "num_hidden_layers");
+}
+
+TEST(Config, ParameterCountOfTheRelease) {
+  auto c = ModelConfig::Preset("deepseek-v3");
+  ASSERT_OK(c);
+  // The published 671B for the main model (norms not counted) plus 11.6B for
+  // the MTP block (its embedding and head are shared with the main model).
+  ModelConfig no_mtp = *c;
+  no_mtp.num_nextn_predict_layers = 0;
+  EXPECT_NEAR(no_mtp.ParameterCount() / 1e9, 671.0, 0.1);
+  EXPECT_NEAR(c->ParameterCount() / 1e9, 682.6, 0.1);
+  EXPECT_EQ(c->num_moe_layers(), 58);
+  ModelConfig every_other = *c;
+  every_other.moe_layer_freq = 2;
+  int64_t n = 0;
+  for (int64_t l = 0; l < every_other.num_hidden_layers; ++l) n += every_other.IsMoeLayer(l) ? 1 : 0;
+  EXPECT_EQ(every_other.num_moe_layers(), n);
+}
+
 TEST(Config, ReportsEveryProblemAtOnce) {
   json j = ModelConfig::Preset("tiny")->ToJson();
   j["hidden_size"] = 0;
