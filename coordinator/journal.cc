@@ -116,6 +116,20 @@ std::string Journal::EncodeRecord(const std::string& payload) {
   return r;
 }
 
+namespace {
+// The offset of the first complete, checksummed record that starts at or
+// after `from`, or npos. Used only on the damaged path.
+size_t FindRecordAfter(const std::string& data, size_t from) {
+  for (size_t p = from; p + kHeader <= data.size(); ++p) {
+    if (GetU32(data.data() + p) != kMagic) continue;
+    const uint32_t len = GetU32(data.data() + p + 4);
+    if (len > kMaxRecord || len > data.size() - p - kHeader) continue;
+    if (Journal::Crc32c(data.data() + p + kHeader, len) == GetU32(data.data() + p + 8)) return p;
+  }
+  return std::string::npos;
+}
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path, std::vector<std::string>* records) {
   records->clear();
   if (path.empty()) return absl::InvalidArgumentError("journal: empty path");
@@ -168,6 +182,23 @@ absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path, 
         records->emplace_back(data.data() + off + kHeader, len);
         off += kHeader + len;
         continue;
+      }
+    }
+    // A genuine torn tail is the last record cut short by a crash: nothing
+    // after it. Damage that merely looks like one (a length field overwritten
+    // to run past the end, a record that ends at EOF with a bad checksum)
+    // while whole records follow it, or a complete record whose length field
+    // alone is wrong, is data loss, not a tail to drop.
+    if (at_end) {
+      const size_t next = FindRecordAfter(data, off + 1);
+      if (next != std::string::npos) {
+        at_end = false;
+        problem = absl::StrCat(problem, "; a valid record follows at byte ", next);
+      } else if (left >= kHeader && GetU32(data.data() + off) == kMagic &&
+                 Crc32c(data.data() + off + kHeader, left - kHeader) == GetU32(data.data() + off + 8) &&
+                 GetU32(data.data() + off + 4) != left - kHeader) {
+        at_end = false;
+        problem = absl::StrCat(problem, "; the record is complete, only its length field is wrong");
       }
     }
     if (!at_end) {

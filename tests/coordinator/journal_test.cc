@@ -2,9 +2,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "coordinator/journal.h"
 #include "coordinator/plan_proto.h"
 #include "coordinator/validation.h"
@@ -179,6 +182,91 @@ TEST(JournalTest, CorruptionBeforeTheEndIsDataLoss) {
   auto j = Journal::Open(path, &records);
   EXPECT_EQ(j.status().code(), absl::StatusCode::kDataLoss) << j.status();
   EXPECT_NE(std::string(j.status().message()).find("byte 0"), std::string::npos) << j.status();
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+void WriteRaw(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << bytes;
+}
+
+// An operator's report: the length field of the FIRST of three records was
+// overwritten, and the coordinator dropped all three as "a torn last record".
+TEST(JournalTest, BadLengthFieldIsDataLossNotATornTail) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  const std::string r0 = Journal::EncodeRecord("job one"), r1 = Journal::EncodeRecord("job two"),
+                    r2 = Journal::EncodeRecord("job three");
+  for (uint32_t bad_len : {0x7fffffffu, 0x00ffffffu, static_cast<uint32_t>(r0.size() + r1.size() + r2.size())}) {
+    SCOPED_TRACE(bad_len);
+    std::string data = r0 + r1 + r2;
+    for (int i = 0; i < 4; ++i) data[4 + i] = static_cast<char>((bad_len >> (8 * i)) & 0xff);
+    WriteRaw(path, data);
+    std::vector<std::string> records;
+    auto j = Journal::Open(path, &records);
+    ASSERT_EQ(j.status().code(), absl::StatusCode::kDataLoss) << j.status();
+    EXPECT_NE(std::string(j.status().message()).find("byte 0"), std::string::npos) << j.status();
+    EXPECT_EQ(ReadFile(path), data) << "a damaged journal must be left untouched";
+  }
+  // The last record complete, only its length field too large: not torn either.
+  std::string data = r0 + r1 + r2;
+  const size_t last = r0.size() + r1.size();
+  data[last + 4] = static_cast<char>(data[last + 4] + 3);
+  WriteRaw(path, data);
+  std::vector<std::string> records;
+  auto j = Journal::Open(path, &records);
+  ASSERT_EQ(j.status().code(), absl::StatusCode::kDataLoss) << j.status();
+  EXPECT_NE(std::string(j.status().message()).find(absl::StrCat("byte ", last)), std::string::npos) << j.status();
+  EXPECT_EQ(ReadFile(path), data);
+}
+
+// Corrupts every byte of a journal of many records in turn (two patterns):
+// never a crash, never a silently lost or altered record before the damage,
+// and damage anywhere but the last record is DATA_LOSS with the file untouched.
+TEST(JournalTest, EveryByteCorruptedInTurn) {
+  TempDir dir;
+  const std::string path = dir.path() + "/j";
+  std::vector<std::string> originals;
+  std::string clean;
+  std::vector<size_t> starts;
+  for (int i = 0; i < 16; ++i) {
+    std::string payload(static_cast<size_t>((i * 7) % 23), '\0');
+    for (size_t k = 0; k < payload.size(); ++k) payload[k] = static_cast<char>((i * 31 + k * 17) & 0xff);
+    originals.push_back(payload);
+    starts.push_back(clean.size());
+    clean += Journal::EncodeRecord(payload);
+  }
+  int data_loss = 0, dropped_tail = 0;
+  for (size_t pos = 0; pos < clean.size(); ++pos) {
+    const size_t rec = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
+    for (unsigned char mask : {0x01, 0xff}) {
+      SCOPED_TRACE(absl::StrCat("byte ", pos, " (record ", rec, ") xor ", mask));
+      std::string data = clean;
+      data[pos] = static_cast<char>(data[pos] ^ mask);
+      WriteRaw(path, data);
+      std::vector<std::string> records;
+      auto j = Journal::Open(path, &records);
+      if (!j.ok()) {
+        ASSERT_EQ(j.status().code(), absl::StatusCode::kDataLoss) << j.status();
+        EXPECT_NE(std::string(j.status().message()).find(absl::StrCat("byte ", starts[rec])), std::string::npos)
+            << j.status();
+        ASSERT_EQ(ReadFile(path), data) << "a damaged journal must be left untouched";
+        ++data_loss;
+        continue;
+      }
+      // Only the last record may be dropped as a torn tail; all before it are intact.
+      ASSERT_EQ(rec, originals.size() - 1) << "damage before the last record was accepted";
+      ASSERT_EQ(records.size(), originals.size() - 1);
+      for (size_t k = 0; k < records.size(); ++k) ASSERT_EQ(records[k], originals[k]);
+      ++dropped_tail;
+    }
+  }
+  EXPECT_GT(data_loss, 0);
+  EXPECT_GT(dropped_tail, 0);
 }
 
 TEST(JournalTest, UnwritableFolderIsAnError) {
