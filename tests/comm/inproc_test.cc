@@ -87,7 +87,7 @@ TEST(CommInproc, MessageOutlivesItsSender) {
   comm::Batch recv;
   recv.Recv(1, &in, 1);
   const absl::Status s = comms[0]->Run(recv, absl::Now() + absl::Seconds(5));
-  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_OK(s);
   EXPECT_EQ(in, 42);
 }
 

@@ -19,13 +19,6 @@ namespace {
 using testing::TempDir;
 using testing::WriteTinyCheckpoint;
 
-#define EXPECT_STATUS(expr, want_code, substring)                                               \
-  do {                                                                                          \
-    const absl::Status em_st_ = (expr);                                                         \
-    EXPECT_EQ(em_st_.code(), absl::StatusCode::want_code) << em_st_;                            \
-    EXPECT_NE(std::string(em_st_.message()).find(substring), std::string::npos) << em_st_;      \
-  } while (0)
-
 // Registers every place (Register blocks until all are taken); with
 // `running`, as serving workers do with a restarted coordinator, each sending
 // it as the plan it runs.
@@ -41,7 +34,7 @@ void RegisterPlaces(Coordinator* c, const v1::Plan* running, std::vector<v1::Reg
       r.set_pid(100 + i);
       if (running != nullptr) *r.mutable_running_plan() = *running;
       auto resp = c->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
-      ASSERT_TRUE(resp.ok()) << resp.status();
+      ASSERT_OK(resp);
       (*out)[static_cast<size_t>(i)] = *resp;
     });
   }
@@ -66,7 +59,7 @@ class RebalanceTest : public ::testing::Test {
   void Start(const CoordinatorOptions& o) {
     c_.reset();
     auto c = Coordinator::Create(o);
-    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_OK(c);
     c_ = *std::move(c);
   }
 
@@ -88,7 +81,7 @@ class RebalanceTest : public ::testing::Test {
     r.set_exiting(exiting);
     for (const auto& l : load) *r.add_expert_load() = l;
     auto resp = c_->Heartbeat(r);
-    EXPECT_TRUE(resp.ok()) << resp.status();
+    EXPECT_OK(resp);
     return resp.ok() ? *resp : v1::HeartbeatResponse();
   }
 
@@ -139,7 +132,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   RegisterAll();
   const v1::Plan before = c_->plan_proto();
   EXPECT_EQ(before.placement_version(), 1);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "no expert load observed");
   std::map<int, std::vector<double>> skew;
   for (int layer = 1; layer <= 3; ++layer) skew[layer] = Doubles(Load(layer, 1000, 10));
   ReportSkewedLoad();
@@ -148,13 +141,13 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(st.rebalance().window_tokens(), (16 * 1000 + 240 * 10) / 8);
 
   auto r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   ASSERT_TRUE(r->started()) << r->reason();
   EXPECT_EQ(r->pending_version(), 2);
   EXPECT_NEAR(r->imbalance_before(), st.rebalance().window_imbalance(), 1e-12);
   EXPECT_LT(r->imbalance_after(), 1.02);
   EXPECT_GT(r->experts_to_load(), 0);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "still being loaded (0 of 4 workers");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "still being loaded (0 of 4 workers");
 
   // Every worker is sent the pending plan until it reports it staged; nothing is committed before all did.
   v1::HeartbeatResponse hb = Beat(0, 1, 0);
@@ -164,7 +157,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   const v1::Plan next = hb.next_plan();
   EXPECT_EQ(next.placement_version(), 2);
   auto next_plan = PlanFromProto(next);
-  ASSERT_TRUE(next_plan.ok()) << next_plan.status();
+  ASSERT_OK(next_plan);
   // Balanced, and the experts a rank must load are counted (ranks keep what they can:
   // fewer than EPLB's own numbering of the ranks would need).
   auto old_plan = PlanFromProto(before);
@@ -216,7 +209,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_NEAR(st.rebalance().imbalance_after(), r->imbalance_after(), 1e-12);
   EXPECT_EQ(st.rebalance().window_tokens(), 0);  // a new observation window
   EXPECT_GT(st.rebalance().last_unix_ms(), 0);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "no expert load observed");
   // The load since start is kept for `status`.
   EXPECT_EQ(Doubles(st.expert_load(0)), skew[1]);
 
@@ -236,7 +229,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
     s->set_max_new_tokens(1);
   }
   auto job = c_->SubmitJob(big);
-  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_OK(job);
   ASSERT_TRUE(c_->CancelJob(job->job_id()).ok());
   absl::SleepFor(absl::Milliseconds(20));
   Start(o);  // forgets the cancelled job and compacts
@@ -253,7 +246,7 @@ TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
   RegisterAll();
   Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});  // uniform, 640 tokens per layer
   auto r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   EXPECT_FALSE(r->started());
   EXPECT_NE(r->reason().find("640 routed tokens per MoE layer"), std::string::npos) << r->reason();
   EXPECT_NE(r->reason().find("--eplb-min-tokens 1000000"), std::string::npos) << r->reason();
@@ -263,7 +256,7 @@ TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
   RegisterAll();
   Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});
   r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   EXPECT_FALSE(r->started());
   EXPECT_NEAR(r->imbalance_before(), 1.0, 1e-9);
   EXPECT_TRUE(r->reason().find("--eplb-min-gain") != std::string::npos ||
@@ -303,16 +296,16 @@ TEST_F(RebalanceTest, StagingErrorOrANewGenerationDropsThePendingPlacement) {
   EXPECT_EQ(st.rebalance().pending_version(), 0);
   EXPECT_NE(st.rebalance().last_error().find("data-plane generation 2"), std::string::npos)
       << st.rebalance().last_error();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "not serving");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "not serving");
 }
 
 TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
   Start(Options(2, 1));
   RegisterAll();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "--ep > 1");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "--ep > 1");
   Start(Options(1, 2, 1));
   RegisterAll();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "(256 + 1) divisible by --ep 2");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "(256 + 1) divisible by --ep 2");
 }
 
 TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTheWorkersRun) {
@@ -345,7 +338,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   // by a coordinator that has rebalanced itself.
   Start(o);
   auto other = topology::BuildPlan(c_->config(), {.pp = 2, .ep = 2, .layers_per_stage = {1, 3}});
-  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_OK(other);
   const v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json(), 5);
   RegisterPlaces(c_.get(), &other_proto, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 1);
