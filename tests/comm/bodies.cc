@@ -171,7 +171,7 @@ void AbortFromAnotherThread(comm::Communicator* comm) {
 
 void SilentPeerHitsDeadline(comm::Communicator* comm) {
   const int P = comm->size(), me = comm->rank();
-  if (P == 1) return;  // needs a peer
+  if (P == 1) GTEST_SKIP() << "needs a peer: runs at 2 ranks or more";
   const int silent = P - 1;
   constexpr double kDeadline = 1.5;
   if (me == silent) {
@@ -199,7 +199,7 @@ void SilentPeerHitsDeadline(comm::Communicator* comm) {
 
 void DeadPeerFailsWithinDeadline(comm::Communicator* comm) {
   const int P = comm->size(), me = comm->rank();
-  if (P == 1) return;
+  if (P == 1) GTEST_SKIP() << "needs a peer to die: runs at 2 ranks or more";
   const int dying = P - 1;
   // Wire every endpoint first.
   ASSERT_OK(comm->Barrier(In(20)));
