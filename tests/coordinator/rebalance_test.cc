@@ -8,16 +8,27 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/coordinator.h"
-#include "coordinator/plan_proto.h"
+#include "coordinator/journal.h"
+#include "coordinator/journal_records.pb.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
 #include "topology/eplb.h"
+#include "topology/plan_proto.h"
 
 namespace expertmesh::coordinator {
 namespace {
 
 using testing::TempDir;
 using testing::WriteTinyCheckpoint;
+using topology::PlanFromProto;
+using topology::PlanToProto;
+
+// The expert placement of MoE layer `layer` of stage `stage` in `p`.
+topology::ExpertPlacement PlacementOf(const v1::Plan& p, int stage, int layer) {
+  auto pl = topology::PlacementFromProto(p.stages(stage).placement().at(layer), "test");
+  EXPECT_OK(pl);
+  return pl.ok() ? *std::move(pl) : topology::ExpertPlacement();
+}
 
 // Registers every place (Register blocks until all are taken); with
 // `running`, as serving workers do with a restarted coordinator, each sending
@@ -201,8 +212,8 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(c_->Sync(sync)->placement_version(), 2);
   st = c_->GetClusterStatus();
   EXPECT_EQ(st.plan().placement_version(), 2);
-  EXPECT_EQ(st.plan().stages(1).placement_json().at(2), next.stages(1).placement_json().at(2));
-  EXPECT_NE(st.plan().stages(1).placement_json().at(2), before.stages(1).placement_json().at(2));
+  EXPECT_EQ(PlacementOf(st.plan(), 1, 2), PlacementOf(next, 1, 2));
+  EXPECT_NE(PlacementOf(st.plan(), 1, 2), PlacementOf(before, 1, 2));
   EXPECT_EQ(st.rebalance().placement_version(), 2);
   EXPECT_EQ(st.rebalance().pending_version(), 0);
   EXPECT_EQ(st.rebalance().rebalances(), 1);
@@ -216,8 +227,8 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   // A restarted coordinator serves the committed placement (the workers run it).
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 2);
-  EXPECT_EQ(c_->plan_proto().stages(0).placement_json().at(1), next.stages(0).placement_json().at(1));
-  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+  EXPECT_EQ(PlacementOf(c_->plan_proto(), 0, 1), PlacementOf(next, 0, 1));
+  EXPECT_EQ(c_->plan(), *next_plan);
   // ... also after a journal compaction.
   CoordinatorOptions o = Options(2, 2);
   o.journal_compact_min_waste_bytes = 0;
@@ -236,7 +247,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(c_->journal_stats().compactions, 1);
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 2);
-  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+  EXPECT_EQ(c_->plan(), *next_plan);
 }
 
 TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
@@ -308,6 +319,70 @@ TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
   EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "(256 + 1) divisible by --ep 2");
 }
 
+// Journals written before the plan became a message hold a committed
+// placement as JSON text (PlacementCommitted.plan_json): a restarted
+// coordinator still serves it, and journals it as a v1.Plan from then on.
+TEST_F(RebalanceTest, ReplaysAPlacementJournaledAsJson) {
+  const CoordinatorOptions o = Options(2, 2);
+  Start(o);
+  topology::Plan ran = c_->plan();
+  topology::ExpertPlacement& p2 = ran.stages[1].placement.at(2);
+  ASSERT_OK_AND_ASSIGN(topology::ExpertPlacement swapped,
+                       topology::ExpertPlacement::Create(p2.num_experts(), {p2.slots_of_rank(1), p2.slots_of_rank(0)}));
+  p2 = swapped;
+  ASSERT_NE(c_->plan(), ran);
+  c_.reset();
+  {
+    std::vector<std::string> records;
+    ASSERT_OK_AND_ASSIGN(auto journal, Journal::Open(o.journal_path, &records));
+    JournalRecord rec;
+    rec.set_unix_ms(absl::ToUnixMillis(absl::Now()));
+    rec.mutable_placement()->set_version(3);
+    rec.mutable_placement()->set_plan_json(ran.ToJson().dump());  // the old encoding
+    ASSERT_OK(journal->Append({rec.SerializeAsString()}));
+  }
+  Start(o);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan(), ran);
+  EXPECT_EQ(PlacementOf(c_->plan_proto(), 1, 2), swapped);
+
+  // A compaction rewrites the placement record as a message; the next start reads that.
+  v1::SubmitJobRequest big;  // a forgotten job makes the next start compact
+  for (int i = 0; i < 300; ++i) {
+    v1::SequenceRequest* s = big.add_sequences();
+    for (int t = 0; t < 60; ++t) s->add_tokens(t);
+    s->set_max_new_tokens(1);
+  }
+  ASSERT_OK_AND_ASSIGN(v1::SubmitJobResponse job, c_->SubmitJob(big));
+  ASSERT_OK(c_->CancelJob(job.job_id()));
+  absl::SleepFor(absl::Milliseconds(20));
+  CoordinatorOptions compacting = o;
+  compacting.journal_compact_min_waste_bytes = 0;
+  compacting.job_retention_s = 0.001;
+  Start(compacting);
+  EXPECT_EQ(c_->journal_stats().compactions, 1);
+  c_.reset();
+  {
+    std::vector<std::string> records;
+    ASSERT_OK_AND_ASSIGN(auto journal, Journal::Open(o.journal_path, &records));
+    int placements = 0;
+    for (const std::string& bytes : records) {
+      JournalRecord rec;
+      ASSERT_TRUE(rec.ParseFromString(bytes));
+      if (!rec.has_placement()) continue;
+      ++placements;
+      EXPECT_TRUE(rec.placement().plan_json().empty());
+      EXPECT_TRUE(rec.placement().has_plan());
+      ASSERT_OK_AND_ASSIGN(topology::Plan journaled, PlanFromProto(rec.placement().plan()));
+      EXPECT_EQ(journaled, ran);
+    }
+    EXPECT_EQ(placements, 1);
+  }
+  Start(o);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan(), ran);
+}
+
 TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTheWorkersRun) {
   CoordinatorOptions o = Options(2, 2);
   o.journal_path.clear();
@@ -322,10 +397,10 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   std::vector<v1::RegisterResponse> regs;
   RegisterPlaces(c_.get(), &running, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
-  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+  EXPECT_EQ(c_->plan(), ran);
   for (const auto& r : regs) {
     EXPECT_EQ(r.plan().placement_version(), 3);
-    EXPECT_EQ(r.plan().stages(1).placement_json().at(2), running.stages(1).placement_json().at(2));
+    EXPECT_EQ(PlacementOf(r.plan(), 1, 2), PlacementOf(running, 1, 2));
   }
   // The next rebalance gets a newer number.
   for (int i = 0; i < 4; ++i) Beat(i, 3, 0);
@@ -349,7 +424,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
-  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+  EXPECT_EQ(c_->plan(), ran);
 }
 
 TEST_F(RebalanceTest, AutomaticRebalanceStartsAfterTheInterval) {
