@@ -151,18 +151,22 @@ absl::Status Coordinator::Init() {
   if (!o.journal_path.empty()) {
     std::vector<std::string> records;
     ASSIGN_OR_RETURN(journal_, Journal::Open(o.journal_path, &records));
-    std::lock_guard<std::mutex> lock(mu_);
-    RETURN_IF_ERROR(Annotate(Replay(records), o.journal_path));
-    live_journal_bytes_ += placement_record_bytes_;
-    records.clear();
-    records.shrink_to_fit();
-    compacted_bytes_ = journal_->size_bytes();
-    const int64_t expired = ExpireJobsLocked(NowMs());
-    if (expired > 0) {
-      LOG(INFO) << "coordinator: " << expired << " jobs of the journal ended more than " << o.job_retention_s
-                << " s ago (--job-retention-s) and are forgotten";
+    std::optional<CompactionSnapshot> snap;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      RETURN_IF_ERROR(Annotate(Replay(records), o.journal_path));
+      live_journal_bytes_ += placement_record_bytes_;
+      records.clear();
+      records.shrink_to_fit();
+      compacted_bytes_ = journal_->size_bytes();
+      const int64_t expired = ExpireJobsLocked(NowMs());
+      if (expired > 0) {
+        LOG(INFO) << "coordinator: " << expired << " jobs of the journal ended more than " << o.job_retention_s
+                  << " s ago (--job-retention-s) and are forgotten";
+      }
+      snap = MaybeCompactJournalLocked();
     }
-    MaybeCompactJournalLocked();
+    if (snap.has_value()) RunCompaction(std::move(*snap)).IgnoreError();  // logged; the journal in use is complete
   } else {
     LOG(WARNING) << "coordinator: no journal (--journal FILE): accepted jobs are lost if this process dies";
   }
@@ -324,9 +328,14 @@ void Coordinator::WorkerLostLocked(int worker_id, const std::string& how) {
   if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", worker_id, " ", how));
 }
 
-Coordinator::Job* Coordinator::FindJob(const std::string& job_id) const {
+Coordinator::Job* Coordinator::FindAnyJob(const std::string& job_id) const {
   auto it = jobs_.find(job_id);
   return it == jobs_.end() ? nullptr : it->second.get();
+}
+
+Coordinator::Job* Coordinator::FindJob(const std::string& job_id) const {
+  Job* j = FindAnyJob(job_id);
+  return j != nullptr && j->pending_ticket == 0 ? j : nullptr;
 }
 
 bool Coordinator::ParseSeqId(const std::string& seq_id, Job** job, int* index) const {
@@ -363,12 +372,22 @@ v1::Job Coordinator::JobProto(const Job& j, bool with_results) const {
   return p;
 }
 
-absl::Status Coordinator::FlushJournal() {
-  if (pending_records_.empty()) return absl::OkStatus();
+uint64_t Coordinator::EnqueuePendingRecordsLocked() {
+  if (pending_records_.empty()) return 0;
   std::vector<std::string> records;
   records.swap(pending_records_);
-  if (journal_ == nullptr || stopped_) return absl::OkStatus();
-  absl::Status s = journal_->Append(records);
+  if (journal_ == nullptr || stopped_) return 0;
+  absl::StatusOr<uint64_t> t = journal_->Enqueue(std::move(records));
+  if (!t.ok()) {
+    LOG(ERROR) << "coordinator: journal write failed: " << t.status();
+    return 0;
+  }
+  return *t;
+}
+
+absl::Status Coordinator::WaitJournal(uint64_t ticket) {
+  if (ticket == 0) return absl::OkStatus();
+  absl::Status s = journal_->Wait(ticket);
   if (!s.ok()) LOG(ERROR) << "coordinator: journal write failed: " << s;
   return s;
 }
@@ -390,12 +409,12 @@ absl::Status Coordinator::JobNotFound(const std::string& job_id) const {
   return absl::NotFoundError(absl::StrCat("job_id: no job \"", job_id, "\""));
 }
 
-void Coordinator::MaintainLocked() {
+std::optional<Coordinator::CompactionSnapshot> Coordinator::MaintainLocked() {
   const absl::Time now = absl::Now();
-  if (now < next_maintenance_) return;
+  if (now < next_maintenance_) return std::nullopt;
   next_maintenance_ = now + absl::Seconds(options_.monitor_interval_s);
   ExpireJobsLocked(absl::ToUnixMillis(now));
-  MaybeCompactJournalLocked();
+  return MaybeCompactJournalLocked();
 }
 
 int64_t Coordinator::ExpireJobsLocked(int64_t now_ms) {
@@ -427,10 +446,10 @@ int64_t Coordinator::ExpireJobsLocked(int64_t now_ms) {
   return static_cast<int64_t>(gone.size());
 }
 
-void Coordinator::MaybeCompactJournalLocked() {
-  if (journal_ == nullptr || stopped_) return;
+std::optional<Coordinator::CompactionSnapshot> Coordinator::MaybeCompactJournalLocked() {
+  if (journal_ == nullptr || stopped_ || compacting_) return std::nullopt;
   const int64_t now_ms = NowMs();
-  if (now_ms < compact_retry_at_ms_) return;
+  if (now_ms < compact_retry_at_ms_) return std::nullopt;
   const int64_t size = journal_->size_bytes();
   const int64_t waste = size - live_journal_bytes_;
   const int64_t grown_at = std::max(options_.journal_compact_min_bytes, 2 * compacted_bytes_);
@@ -440,87 +459,119 @@ void Coordinator::MaybeCompactJournalLocked() {
   } else if (size >= grown_at && size > 0) {
     if (waste < size / 8) {
       // Every record still belongs to a kept job: a rewrite would copy the
-      // file under the lock and gain nothing. Look again when it has doubled.
+      // file and gain nothing. Look again when it has doubled.
       VLOG(1) << "coordinator: journal at " << size << " bytes, about " << waste
               << " reclaimable: not compacted";
       compacted_bytes_ = size;
-      return;
+      return std::nullopt;
     }
     why = absl::StrCat("grew past ", grown_at, " bytes, about ", waste, " bytes reclaimable");
   } else {
-    return;
+    return std::nullopt;
   }
-  absl::Status s = CompactJournalLocked(why);
-  if (!s.ok()) {
-    compact_retry_at_ms_ = now_ms + 60000;
-    LOG(ERROR) << "coordinator: journal compaction failed (retrying in 60 s; the journal in use is complete): " << s;
-  }
+  return TakeSnapshotLocked(why);
 }
 
-absl::Status Coordinator::CompactJournalLocked(const std::string& why) {
-  const absl::Time t0 = absl::Now();
-  const int64_t before = journal_->size_bytes();
-  // Per retained job, in submission order: the records that replay it as it
-  // is. Results with finish reason CANCELLED come from CancelJob and are
-  // covered by its JobCancelled record, as in the original journal.
-  std::vector<std::string> payloads;
-  int64_t live = 0;
-  auto add = [&](Job* j, const JournalRecord& rec) {
-    payloads.push_back(rec.SerializeAsString());
-    const int64_t n = Journal::kRecordHeaderBytes + static_cast<int64_t>(payloads.back().size());
-    if (j != nullptr) j->journal_bytes += n;
-    live += n;
-  };
-  if (placement_version_ > 1) {  // the workers' expert placement, before the jobs
-    add(nullptr, PlacementRecord());
-    placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(payloads.back().size());
-  }
+Coordinator::CompactionSnapshot Coordinator::TakeSnapshotLocked(const std::string& why) {
+  compacting_ = true;
+  CompactionSnapshot snap;
+  snap.why = why;
+  snap.started = absl::Now();
+  snap.covers = journal_->BeginSnapshot();  // under mu_: the state below is that of every record enqueued so far
+  snap.size_before = journal_->size_bytes();
+  snap.live_before = live_journal_bytes_;
+  snap.placement_version = placement_version_;
+  if (placement_version_ > 1) snap.placement_record = PlacementRecord().SerializeAsString();
+  // Per retained job, in submission order: what replays it as it is. Results
+  // with finish reason CANCELLED come from CancelJob and are covered by its
+  // JobCancelled record, as in the original journal.
+  snap.jobs.reserve(job_order_.size());
   for (auto& entry : job_order_) {
-    Job* j = entry.second;
-    j->journal_bytes = 0;
-    JournalRecord sub;
-    sub.set_unix_ms(j->submitted_ms);
-    sub.set_job_id(j->id);
-    sub.mutable_submitted()->set_client_request_id(j->client_request_id);
-    sub.mutable_submitted()->set_request(j->request.SerializeAsString());
-    add(j, sub);
+    const Job* j = entry.second;
+    CompactionSnapshot::JobRecords r;
+    r.id = j->id;
+    r.pending_ticket = j->pending_ticket;
+    r.submitted = j->submitted_record;
     for (size_t i = 0; i < j->results.size(); ++i) {
-      const v1::SequenceResult& r = j->results[i];
-      if (r.finish_reason() == v1::FINISH_REASON_CANCELLED) continue;
-      JournalRecord rec;
-      rec.set_unix_ms(j->result_ms[i]);
-      rec.set_job_id(j->id);
-      SequenceFinished* f = rec.mutable_finished();
-      f->set_index(r.index());
-      *f->mutable_tokens() = r.tokens();
-      f->set_finish_reason(r.finish_reason());
-      add(j, rec);
+      if (j->results[i].finish_reason() == v1::FINISH_REASON_CANCELLED) continue;
+      r.results.emplace_back(j->results[i], j->result_ms[i]);
     }
-    if (j->state == v1::JOB_STATE_CANCELLED) {
-      JournalRecord rec;
-      rec.set_unix_ms(j->finished_ms);
-      rec.set_job_id(j->id);
-      rec.mutable_cancelled();
-      add(j, rec);
-    }
+    r.cancelled = j->state == v1::JOB_STATE_CANCELLED;
+    r.finished_ms = j->finished_ms;
+    r.bytes_before = j->journal_bytes;
+    snap.jobs.push_back(std::move(r));
   }
   // The last id handed out, should its job be gone: a restart continues after it.
   const std::string last_id = JobIdOf(next_job_ - 1);
-  if (next_job_ > 1 && FindJob(last_id) == nullptr) {
+  if (next_job_ > 1 && FindAnyJob(last_id) == nullptr) {
     JournalRecord mark;
     mark.set_unix_ms(NowMs());
     mark.set_job_id(last_id);
     mark.mutable_cancelled();
-    add(nullptr, mark);
+    snap.id_mark = mark.SerializeAsString();
   }
-  live_journal_bytes_ = live;
-  RETURN_IF_ERROR(journal_->Rewrite(payloads));
+  return snap;
+}
+
+absl::Status Coordinator::RunCompaction(CompactionSnapshot snap) {
+  std::vector<Journal::SnapshotRecord> records;
+  std::vector<int64_t> job_bytes(snap.jobs.size(), 0);
+  int64_t live = 0, placement_bytes = 0;
+  auto add = [&](std::string payload, uint64_t unless_failed, int64_t* bytes) {
+    const int64_t n = Journal::kRecordHeaderBytes + static_cast<int64_t>(payload.size());
+    records.push_back({std::move(payload), unless_failed});
+    if (bytes != nullptr) *bytes += n;
+    live += n;
+  };
+  if (!snap.placement_record.empty()) add(snap.placement_record, 0, &placement_bytes);  // before the jobs
+  for (size_t k = 0; k < snap.jobs.size(); ++k) {
+    const CompactionSnapshot::JobRecords& j = snap.jobs[k];
+    // A job still being submitted keeps its record only if its write succeeds.
+    add(*j.submitted, j.pending_ticket, &job_bytes[k]);
+    for (const auto& [r, ms] : j.results) {
+      JournalRecord rec;
+      rec.set_unix_ms(ms);
+      rec.set_job_id(j.id);
+      SequenceFinished* f = rec.mutable_finished();
+      f->set_index(r.index());
+      *f->mutable_tokens() = r.tokens();
+      f->set_finish_reason(r.finish_reason());
+      add(rec.SerializeAsString(), 0, &job_bytes[k]);
+    }
+    if (j.cancelled) {
+      JournalRecord rec;
+      rec.set_unix_ms(j.finished_ms);
+      rec.set_job_id(j.id);
+      rec.mutable_cancelled();
+      add(rec.SerializeAsString(), 0, &job_bytes[k]);
+    }
+  }
+  if (!snap.id_mark.empty()) add(snap.id_mark, 0, nullptr);
+  const size_t num_records = records.size();
+  absl::Status s = journal_->RewriteSnapshot(records, snap.covers);
+  records.clear();
+  std::lock_guard<std::mutex> lock(mu_);
+  compacting_ = false;
+  if (!s.ok()) {
+    compact_retry_at_ms_ = NowMs() + 60000;
+    LOG(ERROR) << "coordinator: journal compaction failed (retrying in 60 s; the journal in use is complete): " << s;
+    return s;
+  }
+  // The bytes the snapshot gave each job, plus what was journaled for it since.
+  for (size_t k = 0; k < snap.jobs.size(); ++k) {
+    Job* j = FindAnyJob(snap.jobs[k].id);
+    if (j != nullptr) j->journal_bytes = job_bytes[k] + (j->journal_bytes - snap.jobs[k].bytes_before);
+  }
+  if (placement_version_ == snap.placement_version && placement_version_ > 1) {
+    placement_record_bytes_ = placement_bytes;
+  }
+  live_journal_bytes_ = live + (live_journal_bytes_ - snap.live_before);
   compacted_bytes_ = journal_->size_bytes();
   ++compactions_;
-  last_compaction_ = absl::Now() - t0;
-  LOG(INFO) << "coordinator: compacted the journal " << journal_->path() << " (" << why << "): " << before << " -> "
-            << compacted_bytes_ << " bytes, " << payloads.size() << " records of " << jobs_.size() << " jobs, in "
-            << absl::FormatDuration(last_compaction_);
+  last_compaction_ = absl::Now() - snap.started;
+  LOG(INFO) << "coordinator: compacted the journal " << journal_->path() << " (" << snap.why << "): "
+            << snap.size_before << " -> " << compacted_bytes_ << " bytes, " << num_records << " records of "
+            << snap.jobs.size() << " jobs, in " << absl::FormatDuration(last_compaction_);
   return absl::OkStatus();
 }
 
@@ -563,6 +614,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
         job->id = rec.job_id();
         job->client_request_id = rec.submitted().client_request_id();
         job->submitted_ms = rec.unix_ms();
+        job->submitted_record = std::make_shared<const std::string>(bytes);
         if (!job->request.ParseFromString(rec.submitted().request())) {
           replaying_ = false;
           return absl::DataLossError(absl::StrCat("record ", n, ": unreadable request of job ", rec.job_id()));
@@ -632,18 +684,24 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
 // ---------------------------------------------------------------- JobService
 
 absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJobRequest& request) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (shutdown_requested_ || stopped_) {
-    return absl::UnavailableError("the coordinator is shutting down; submit to its successor");
-  }
+  std::unique_lock<std::mutex> lock(mu_);
   v1::SubmitJobResponse resp;
-  if (!request.client_request_id().empty()) {
-    auto it = by_request_id_.find(request.client_request_id());
-    if (it != by_request_id_.end()) {
-      resp.set_job_id(it->second);
-      resp.set_deduplicated(true);
-      return resp;
+  while (true) {
+    if (shutdown_requested_ || stopped_) {
+      return absl::UnavailableError("the coordinator is shutting down; submit to its successor");
     }
+    if (request.client_request_id().empty()) break;
+    auto it = by_request_id_.find(request.client_request_id());
+    if (it == by_request_id_.end()) break;
+    const Job* known = FindAnyJob(it->second);
+    if (known != nullptr && known->pending_ticket != 0) {
+      // The same request is being written: answer once it is accepted (or not).
+      changed_.wait(lock);
+      continue;
+    }
+    resp.set_job_id(it->second);
+    resp.set_deduplicated(true);
+    return resp;
   }
   const JobLimits limits{config_.vocab_size, config_.max_position_embeddings, options_.max_sequences_per_job};
   RETURN_IF_ERROR(ValidateSubmitJob(request, limits));
@@ -652,7 +710,8 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
                                                      request.sequences_size(), ", the limit is ",
                                                      options_.max_queued_sequences, "; retry later"));
   }
-  auto job = std::make_unique<Job>();
+  auto owned = std::make_unique<Job>();
+  Job* job = owned.get();
   job->id = JobIdOf(next_job_);
   job->client_request_id = request.client_request_id();
   job->request = request;
@@ -664,23 +723,48 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
     rec.set_job_id(job->id);
     rec.mutable_submitted()->set_client_request_id(job->client_request_id);
     rec.mutable_submitted()->set_request(request.SerializeAsString());
-    const std::string payload = rec.SerializeAsString();
-    absl::Status s = journal_->Append({payload});
-    if (!s.ok()) {
-      LOG(ERROR) << "coordinator: cannot journal job " << job->id << ": " << s;
-      return absl::UnavailableError(absl::StrCat("cannot journal the job, so it was not accepted: ", s.message()));
+    job->submitted_record = std::make_shared<const std::string>(rec.SerializeAsString());
+    absl::StatusOr<uint64_t> ticket = journal_->Enqueue({*job->submitted_record});
+    if (!ticket.ok()) {
+      LOG(ERROR) << "coordinator: cannot journal job " << job->id << ": " << ticket.status();
+      return absl::UnavailableError(
+          absl::StrCat("cannot journal the job, so it was not accepted: ", ticket.status().message()));
     }
-    CountJournalRecord(job.get(), payload.size());
+    job->pending_ticket = *ticket;
+    CountJournalRecord(job, job->submitted_record->size());
   }
+  // The id and the queue room are taken now; the job is seen (FindJob, the
+  // scheduler) only once its record is durable.
   ++next_job_;
-  for (int i = 0; i < request.sequences_size(); ++i) queue_.emplace_back(job.get(), i);
   queued_ += request.sequences_size();
   if (!job->client_request_id.empty()) by_request_id_[job->client_request_id] = job->id;
+  job->order = next_order_++;
+  job_order_[job->order] = job;
+  jobs_[job->id] = std::move(owned);
+  if (job->pending_ticket != 0) {
+    const uint64_t ticket = job->pending_ticket;
+    const std::string id = job->id;
+    lock.unlock();
+    const absl::Status s = journal_->Wait(ticket);  // group commit, without mu_
+    lock.lock();
+    job = FindAnyJob(id);  // nothing removes a pending job but this call
+    CHECK(job != nullptr) << id;
+    job->pending_ticket = 0;
+    if (!s.ok()) {
+      LOG(ERROR) << "coordinator: cannot journal job " << id << ": " << s;
+      queued_ -= request.sequences_size();
+      live_journal_bytes_ -= job->journal_bytes;
+      auto r = by_request_id_.find(job->client_request_id);
+      if (r != by_request_id_.end() && r->second == id) by_request_id_.erase(r);
+      job_order_.erase(job->order);
+      jobs_.erase(id);
+      changed_.notify_all();
+      return absl::UnavailableError(absl::StrCat("cannot journal the job, so it was not accepted: ", s.message()));
+    }
+  }
+  for (int i = 0; i < request.sequences_size(); ++i) queue_.emplace_back(job, i);
   resp.set_job_id(job->id);
   VLOG(1) << "coordinator: accepted " << job->id << " with " << request.sequences_size() << " sequences";
-  job->order = next_order_++;
-  job_order_[job->order] = job.get();
-  jobs_[job->id] = std::move(job);
   changed_.notify_all();
   return resp;
 }
@@ -719,9 +803,10 @@ absl::StatusOr<bool> Coordinator::WaitJobResults(const std::string& job_id, size
 
 absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   Job* j = FindJob(job_id);
   if (j == nullptr) return JobNotFound(job_id);
+  uint64_t ticket = 0;
   if (!Final(*j)) {
     const int64_t now = NowMs();
     if (journal_ != nullptr && !stopped_) {
@@ -730,15 +815,24 @@ absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
       rec.set_job_id(j->id);
       rec.mutable_cancelled();
       const std::string payload = rec.SerializeAsString();
-      absl::Status s = journal_->Append({payload});
-      if (!s.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the cancellation: ", s.message()));
+      absl::StatusOr<uint64_t> t = journal_->Enqueue({payload});
+      if (!t.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the cancellation: ", t.status().message()));
+      ticket = *t;
       CountJournalRecord(j, payload.size());
     }
+    // Applied with the record's place in the journal fixed (replay sees the
+    // same order); acknowledged below once the record is durable.
     CancelUnfinished(j, now);
     LOG(INFO) << "coordinator: cancelled " << j->id;
     changed_.notify_all();
   }
-  return JobProto(*j, /*with_results=*/true);
+  v1::Job resp = JobProto(*j, /*with_results=*/true);
+  if (ticket != 0) {
+    lock.unlock();
+    absl::Status s = journal_->Wait(ticket);
+    if (!s.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the cancellation: ", s.message()));
+  }
+  return resp;
 }
 
 absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsRequest& request) const {
@@ -747,6 +841,7 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsReq
   std::lock_guard<std::mutex> lock(mu_);
   v1::ListJobsResponse resp;
   for (auto it = job_order_.rbegin(); it != job_order_.rend() && static_cast<size_t>(resp.jobs_size()) < limit; ++it) {
+    if (it->second->pending_ticket != 0) continue;  // not accepted yet
     *resp.add_jobs() = JobProto(*it->second, /*with_results=*/false);
   }
   return resp;
@@ -755,7 +850,9 @@ absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsReq
 std::map<v1::JobState, int64_t> Coordinator::JobCountsByState() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::map<v1::JobState, int64_t> n;
-  for (const auto& [id, j] : jobs_) ++n[j->state];
+  for (const auto& [id, j] : jobs_) {
+    if (j->pending_ticket == 0) ++n[j->state];
+  }
   return n;
 }
 
@@ -995,12 +1092,12 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     PlacementHeartbeatLocked(id, request, &resp);
     changed_.notify_all();
   }
-  Tick();
+  TickImpl(/*maintain=*/false);  // retention and compaction are the monitor's
   return resp;
 }
 
 absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& request) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   v1::SyncResponse resp;
   resp.set_epoch(epoch_);
   resp.set_shutdown(shutdown_requested_);
@@ -1052,7 +1149,10 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
       FinishSequence(j, index, std::move(tokens), reason, now);
     }
   }
-  FlushJournal().IgnoreError();  // logged; results stay in memory, a restart regenerates them
+  // Results are written with the next group commit; Sync answers once they are
+  // durable (waiting without mu_). A failure is logged; the results stay in
+  // memory and a restart regenerates them.
+  const uint64_t ticket = EnqueuePendingRecordsLocked();
   for (auto& c : w.pending_cancel) resp.add_cancel(std::move(c));
   w.pending_cancel.clear();
   if (!shutdown_requested_ && Live(w) && request.free_slots() > 0 && queued_ > 0) {
@@ -1086,6 +1186,8 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
     }
   }
   changed_.notify_all();
+  lock.unlock();
+  WaitJournal(ticket).IgnoreError();
   return resp;
 }
 
@@ -1117,7 +1219,10 @@ absl::StatusOr<std::optional<std::string>> Coordinator::StoreGet(const std::stri
 
 // ---------------------------------------------------------------- life cycle
 
-void Coordinator::Tick() {
+void Coordinator::Tick() { TickImpl(/*maintain=*/true); }
+
+void Coordinator::TickImpl(bool maintain) {
+  std::optional<CompactionSnapshot> snap;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const absl::Time now = absl::Now();
@@ -1149,9 +1254,10 @@ void Coordinator::Tick() {
         changed_.notify_all();
       }
     }
-    MaintainLocked();
+    if (maintain) snap = MaintainLocked();
     AutoRebalanceLocked();
   }
+  if (snap.has_value()) RunCompaction(std::move(*snap)).IgnoreError();  // logged
   NotifyServing();
 }
 
@@ -1194,9 +1300,13 @@ bool Coordinator::WaitForShutdown(absl::Duration timeout) {
 }
 
 void Coordinator::Stop() {
-  std::lock_guard<std::mutex> lock(mu_);
-  stopped_ = true;
-  changed_.notify_all();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopped_ = true;
+    changed_.notify_all();
+  }
+  // No journal write after this returns (a write under way ends first).
+  if (journal_ != nullptr) journal_->Close();
 }
 
 }  // namespace expertmesh::coordinator
