@@ -2,6 +2,14 @@
 // scheduler that hands sequences to the stage-0 workers, the worker registry
 // with its health monitor, and the expert load summed from heartbeats.
 //
+// This class is a facade over parts, each in its own file with a contract
+// (threads, locks, ownership) at the top of its header:
+//   job_store.{h,cc}   jobs, journal (group commit), retention, compaction
+//   scheduler.{h,cc}   the queue, Sync's updates and assignments
+//   membership.{h,cc}  workers, health, generations, the key-value store
+//   rebalance.cc       placement: EPLB and live expert rebalancing
+//   coordinator.cc     creation, replay at start, Tick, shutdown, Stop
+//
 // A plain object: every RPC of JobService, ClusterService and WorkerService
 // is one method here taking and returning the API's messages and an
 // absl::Status whose code is the gRPC code to answer (services.h only
@@ -92,6 +100,7 @@
 #include "absl/time/time.h"
 #include "common/config.h"
 #include "coordinator/journal.h"
+#include "coordinator/membership.h"
 #include "proto/expertmesh.pb.h"
 #include "topology/plan.h"
 
@@ -401,8 +410,7 @@ class Coordinator {
   absl::Time next_auto_rebalance_ = absl::InfiniteFuture();
   bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
   int64_t workers_lost_ = 0;
-  std::map<std::string, std::string> store_;
-  int64_t store_bytes_ = 0;
+  KeyValueStore store_;   // its own lock (coordinator/membership.h)
   bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;
   absl::Time shutdown_at_;
 
