@@ -2,11 +2,23 @@
 // scheduler that hands sequences to the stage-0 workers, the worker registry
 // with its health monitor, and the expert load summed from heartbeats.
 //
+// This class is a facade over parts, each in its own file with a contract
+// (threads, locks, ownership) at the top of its header:
+//   job_store.{h,cc}   jobs, journal (group commit), retention, compaction
+//   scheduler.{h,cc}   the queue, Sync's updates and assignments
+//   membership.{h,cc}  workers, health, generations, the key-value store
+//   rebalance.cc       placement: EPLB and live expert rebalancing
+//   coordinator.cc     creation, replay at start, Tick, shutdown, Stop
+//
 // A plain object: every RPC of JobService, ClusterService and WorkerService
 // is one method here taking and returning the API's messages and an
 // absl::Status whose code is the gRPC code to answer (services.h only
-// translates). Thread-safe: one mutex guards everything; methods that wait
+// translates). Thread-safe: one mutex guards the state; methods that wait
 // (Register, WaitJobResults) wait on condition variables with deadlines.
+// Journal records are enqueued under the mutex (their order is the state's)
+// and waited for without it (group commit, coordinator/journal.h): SubmitJob,
+// CancelJob and Sync answer once their records are durable, and no fsync
+// runs under the mutex except a placement commit's (rare).
 //
 //   ASSIGN_OR_RETURN(auto c, Coordinator::Create(options));
 //   ASSIGN_OR_RETURN(v1::SubmitJobResponse r, c->SubmitJob(request));
@@ -36,7 +48,9 @@
 //    expired, and its client_request_id no longer deduplicates. Job ids are
 //    never reused.
 //  * Journal compaction rewrites the journal with only the records the
-//    retained jobs need (Journal::Rewrite), under the mutex: at creation when
+//    retained jobs need (Journal::RewriteSnapshot): the state is copied under
+//    the mutex, serialised and written without it while appends go on; at
+//    creation when
 //    the records of forgotten jobs take journal_compact_min_waste_bytes and a
 //    quarter of the file, likewise whenever retention forgets jobs, and when
 //    the file grows past max(journal_compact_min_bytes, 2 x its size after the
@@ -86,6 +100,7 @@
 #include "absl/time/time.h"
 #include "common/config.h"
 #include "coordinator/journal.h"
+#include "coordinator/membership.h"
 #include "proto/expertmesh.pb.h"
 #include "topology/plan.h"
 
@@ -196,7 +211,7 @@ class Coordinator {
     int64_t live_bytes = 0;          // what a compaction would keep (estimate)
     int64_t compacted_bytes = 0;     // the file right after the last compaction (or at start)
     int64_t compactions = 0;         // by this Coordinator, including at start
-    absl::Duration last_compaction;  // how long the last one held the mutex
+    absl::Duration last_compaction;  // how long the last one took (the mutex is held only to copy the state)
   };
   JournalStats journal_stats() const;
 
@@ -221,6 +236,34 @@ class Coordinator {
     int64_t submitted_ms = 0, finished_ms = 0, generated_tokens = 0;
     int num_assigned = 0, num_done = 0;
     std::string error;
+    // While its JobSubmitted record is being written (SubmitJob waits for it
+    // outside mu_): the journal ticket. Such a job is not accepted yet:
+    // FindJob, ListJobs and the scheduler do not see it.
+    uint64_t pending_ticket = 0;
+    // The payload of its JobSubmitted record (immutable; compaction copies it
+    // into the new journal without serialising the request again).
+    std::shared_ptr<const std::string> submitted_record;
+  };
+  // The state a compaction writes, copied under mu_ (cheap: the submitted
+  // records are shared) and serialised and written without it.
+  struct CompactionSnapshot {
+    std::string why;
+    uint64_t covers = 0;             // Journal::BeginSnapshot
+    absl::Time started;
+    int64_t size_before = 0, live_before = 0;
+    int64_t placement_version = 0;
+    std::string placement_record;    // empty at version 1
+    struct JobRecords {
+      std::string id;
+      uint64_t pending_ticket = 0;
+      std::shared_ptr<const std::string> submitted;
+      std::vector<std::pair<v1::SequenceResult, int64_t>> results;  // (result, unix ms), CANCELLED ones left out
+      bool cancelled = false;
+      int64_t finished_ms = 0;
+      int64_t bytes_before = 0;      // Job::journal_bytes when copied
+    };
+    std::vector<JobRecords> jobs;
+    std::string id_mark;             // the last id's mark when its job is gone
   };
   struct Worker {
     bool registered = false;
@@ -273,12 +316,22 @@ class Coordinator {
   // Adds one journal record of `payload_bytes` to the job's live bytes.
   void CountJournalRecord(Job* j, size_t payload_bytes);
   // Retention and compaction; at most once per monitor interval from Tick.
-  void MaintainLocked();
+  // Returns the snapshot of a compaction to run (RunCompaction, without mu_).
+  std::optional<CompactionSnapshot> MaintainLocked();
   // Forgets jobs final since before now_ms - job_retention_s; returns how many.
   int64_t ExpireJobsLocked(int64_t now_ms);
-  // Compacts when a threshold of the header comment is passed.
-  void MaybeCompactJournalLocked();
-  absl::Status CompactJournalLocked(const std::string& why);
+  // When a threshold of the header comment is passed (and no compaction
+  // runs): the snapshot to compact to.
+  std::optional<CompactionSnapshot> MaybeCompactJournalLocked();
+  CompactionSnapshot TakeSnapshotLocked(const std::string& why);
+  // Without mu_: serialises the snapshot, rewrites the journal (appends go on
+  // meanwhile), then takes mu_ to update the byte accounting.
+  absl::Status RunCompaction(CompactionSnapshot snap);
+  // Tick's body; `maintain`: also retention and compaction (the monitor
+  // thread and explicit Tick calls, not Heartbeat).
+  void TickImpl(bool maintain);
+  // Any job, also one whose submission is still being written.
+  Job* FindAnyJob(const std::string& job_id) const;
   bool ParseSeqId(const std::string& seq_id, Job** job, int* index) const;
   v1::Job JobProto(const Job& j, bool with_results) const;
   bool ServingLocked() const;
@@ -287,8 +340,11 @@ class Coordinator {
     return w.registered &&
            (w.health == v1::WORKER_HEALTH_STARTING || w.health == v1::WORKER_HEALTH_READY);
   }
-  // Writes the records queued by FinishSequence / CancelJob (one fsync).
-  absl::Status FlushJournal();
+  // Enqueues the records queued by FinishSequence in the journal; returns
+  // their ticket (0: nothing to write) for WaitJournal after mu_ is released.
+  uint64_t EnqueuePendingRecordsLocked();
+  // Without mu_: waits until `ticket` is durable (group commit); logs errors.
+  absl::Status WaitJournal(uint64_t ticket);
   void NotifyServing();
   // Rebalancing (coordinator/rebalance.cc), mu_ held.
   absl::Status StartRebalanceLocked(bool force, v1::RebalanceExpertsResponse* resp);
@@ -336,6 +392,7 @@ class Coordinator {
   int64_t compactions_ = 0;
   absl::Duration last_compaction_;
   int64_t compact_retry_at_ms_ = 0;                       // back-off after a failed compaction
+  bool compacting_ = false;                               // a RunCompaction is under way
   absl::Time next_maintenance_;
   std::deque<std::pair<Job*, int>> queue_;                // entries whose sequence left kQueued are skipped
   int64_t queued_ = 0, running_ = 0;
@@ -355,8 +412,7 @@ class Coordinator {
   absl::Time next_auto_rebalance_ = absl::InfiniteFuture();
   bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
   int64_t workers_lost_ = 0;
-  std::map<std::string, std::string> store_;
-  int64_t store_bytes_ = 0;
+  KeyValueStore store_;   // its own lock (coordinator/membership.h)
   bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;
   absl::Time shutdown_at_;
 

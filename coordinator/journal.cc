@@ -219,57 +219,218 @@ absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path, 
 }
 
 Journal::~Journal() {
+  Close();
   if (fd_ >= 0) ::close(fd_);
+}
+
+int64_t Journal::size_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return size_;
+}
+
+int64_t Journal::batches_written() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return batches_;
+}
+
+absl::StatusOr<uint64_t> Journal::Enqueue(std::vector<std::string> payloads) {
+  absl::Status s;
+  std::string data = EncodeAll(payloads, &s);  // the CRCs, before taking the lock
+  if (!s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return absl::UnavailableError(absl::StrCat(path_, ": the journal is closed"));
+  const uint64_t ticket = ++last_ticket_;
+  queue_.emplace_back(ticket, std::move(data));
+  return ticket;
+}
+
+absl::Status Journal::OutcomeLocked(uint64_t ticket) const {
+  for (const auto& [range, status] : failed_) {
+    if (ticket >= range.first && ticket <= range.second) return status;
+  }
+  return absl::OkStatus();
+}
+
+void Journal::BecomeWriter(std::unique_lock<std::mutex>& lock) {
+  cv_.wait(lock, [this] { return !writing_; });
+  writing_ = true;
+}
+
+void Journal::WriteQueuedLocked(std::unique_lock<std::mutex>& lock) {
+  if (queue_.empty()) return;
+  std::vector<std::pair<uint64_t, std::string>> batch;
+  batch.swap(queue_);
+  const uint64_t first = batch.front().first, last = batch.back().first;
+  if (closed_) {
+    failed_.push_back({{first, last}, absl::UnavailableError(absl::StrCat(path_, ": the journal is closed"))});
+    done_ticket_ = last;
+    return;
+  }
+  const int fd = fd_;
+  const int64_t size = size_;
+  lock.unlock();
+  std::string data;
+  if (batch.size() == 1) {
+    data.swap(batch.front().second);
+  } else {
+    size_t total = 0;
+    for (const auto& b : batch) total += b.second.size();
+    data.reserve(total);
+    for (const auto& b : batch) data += b.second;
+  }
+  absl::Status s = WriteAll(fd, data, path_);
+  if (s.ok() && before_sync_hook_) before_sync_hook_();
+  if (s.ok() && ::fdatasync(fd) != 0) s = ErrnoStatus(errno, absl::StrCat(path_, ": fdatasync"));
+  if (!s.ok()) {
+    // Drop whatever part reached the file so the next append starts clean.
+    if (::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::lseek(fd, static_cast<off_t>(size), SEEK_SET) < 0) {
+      LOG(ERROR) << path_ << ": cannot roll back a failed append: " << std::strerror(errno);
+    }
+  }
+  lock.lock();
+  if (s.ok()) {
+    size_ += static_cast<int64_t>(data.size());
+    ++batches_;
+    if (snapshot_open_ && last > snapshot_ticket_) {
+      // Records after the snapshot's ticket: RewriteSnapshot copies them into the new file.
+      if (batch.size() == 1) batch.front().second.swap(data);
+      for (auto& b : batch) {
+        if (b.first > snapshot_ticket_) since_snapshot_.push_back(std::move(b));
+      }
+    }
+  } else {
+    failed_.push_back({{first, last}, s});
+  }
+  done_ticket_ = last;
+}
+
+absl::Status Journal::Wait(uint64_t ticket) {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (done_ticket_ < ticket) {
+    if (writing_) {
+      cv_.wait(lock);
+      continue;
+    }
+    // The first waiter without a writer in front of it writes the whole queue.
+    writing_ = true;
+    WriteQueuedLocked(lock);
+    writing_ = false;
+    cv_.notify_all();
+  }
+  return OutcomeLocked(ticket);
 }
 
 absl::Status Journal::Append(const std::vector<std::string>& payloads) {
   if (payloads.empty()) return absl::OkStatus();
-  absl::Status s;
-  const std::string data = EncodeAll(payloads, &s);
-  if (!s.ok()) return s;
-  s = WriteAll(fd_, data, path_);
-  if (s.ok() && ::fdatasync(fd_) != 0) s = ErrnoStatus(errno, absl::StrCat(path_, ": fdatasync"));
-  if (!s.ok()) {
-    // Drop whatever part reached the file so the next append starts clean.
-    if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0 || ::lseek(fd_, static_cast<off_t>(size_), SEEK_SET) < 0) {
-      LOG(ERROR) << path_ << ": cannot roll back a failed append: " << std::strerror(errno);
-    }
-    return s;
-  }
-  size_ += static_cast<int64_t>(data.size());
-  return absl::OkStatus();
+  absl::StatusOr<uint64_t> ticket = Enqueue(payloads);
+  if (!ticket.ok()) return ticket.status();
+  return Wait(*ticket);
+}
+
+uint64_t Journal::BeginSnapshot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  snapshot_open_ = true;
+  snapshot_ticket_ = last_ticket_;
+  since_snapshot_.clear();
+  return snapshot_ticket_;
+}
+
+void Journal::EndSnapshot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  snapshot_open_ = false;
+  since_snapshot_.clear();
 }
 
 absl::Status Journal::Rewrite(const std::vector<std::string>& payloads) {
+  std::vector<SnapshotRecord> records;
+  records.reserve(payloads.size());
+  for (const std::string& p : payloads) records.push_back({p, 0});
+  return RewriteSnapshot(records, BeginSnapshot());
+}
+
+absl::Status Journal::RewriteSnapshot(const std::vector<SnapshotRecord>& records, uint64_t covers) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!snapshot_open_ || snapshot_ticket_ != covers) {
+    return absl::FailedPreconditionError("journal: RewriteSnapshot without its BeginSnapshot");
+  }
+  // The writer role, once every ticket the snapshot covers is written (or failed).
+  while (true) {
+    BecomeWriter(lock);
+    if (done_ticket_ >= covers) break;
+    WriteQueuedLocked(lock);
+    writing_ = false;
+    cv_.notify_all();
+  }
+  auto finish = [&] {
+    snapshot_open_ = false;
+    since_snapshot_.clear();
+    writing_ = false;
+    cv_.notify_all();
+  };
+  if (closed_) {
+    finish();
+    return absl::UnavailableError(absl::StrCat(path_, ": the journal is closed"));
+  }
+  std::vector<bool> keep(records.size(), true);
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (records[i].unless_failed > 0) keep[i] = OutcomeLocked(records[i].unless_failed).ok();
+  }
+  std::vector<std::pair<uint64_t, std::string>> tail;
+  tail.swap(since_snapshot_);
+  lock.unlock();
+
+  std::vector<std::string> payloads;
+  payloads.reserve(records.size());
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (keep[i]) payloads.push_back(records[i].payload);
+  }
   absl::Status s;
-  const std::string data = EncodeAll(payloads, &s);
-  if (!s.ok()) return s;
+  std::string data = EncodeAll(payloads, &s);
+  for (const auto& t : tail) data += t.second;  // already encoded
   const std::string tmp = compact_path();
-  const int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrCat(tmp, ": cannot create the compacted journal"));
-  s = WriteAll(fd, data, tmp);
+  int fd = -1;
+  if (s.ok()) {
+    fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) s = ErrnoStatus(errno, absl::StrCat(tmp, ": cannot create the compacted journal"));
+  }
+  if (s.ok()) s = WriteAll(fd, data, tmp);
   if (s.ok() && ::fsync(fd) != 0) s = ErrnoStatus(errno, absl::StrCat(tmp, ": fsync"));
   // Until the rename succeeds the old journal is the journal.
   if (s.ok() && ::rename(tmp.c_str(), path_.c_str()) != 0) {
     s = ErrnoStatus(errno, absl::StrCat("rename ", tmp, " to ", path_));
   }
   if (!s.ok()) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
+    if (fd >= 0) {
+      ::close(fd);
+      ::unlink(tmp.c_str());
+    }
+    lock.lock();
+    finish();
     return s;
   }
   // The renamed file is the journal now: append to it whatever happens next.
   // The descriptor still points at it (same inode), so there is nothing to
   // reopen that could fail.
+  const absl::Status dir = FsyncDir(path_);
+  lock.lock();
   ::close(fd_);
   fd_ = fd;
   size_ = static_cast<int64_t>(data.size());
-  s = FsyncDir(path_);
-  if (!s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("compacted journal ", path_, " is in use, but the rename may not "
-                                               "survive a power loss: ", s.message()));
+  finish();
+  if (!dir.ok()) {
+    return absl::Status(dir.code(), absl::StrCat("compacted journal ", path_, " is in use, but the rename may not "
+                                                 "survive a power loss: ", dir.message()));
   }
   return absl::OkStatus();
+}
+
+void Journal::Close() {
+  std::unique_lock<std::mutex> lock(mu_);
+  closed_ = true;
+  BecomeWriter(lock);  // the write in progress ends first
+  WriteQueuedLocked(lock);  // closed: fails the queue without writing
+  writing_ = false;
+  cv_.notify_all();
 }
 
 }  // namespace expertmesh::coordinator

@@ -2,6 +2,8 @@
 // compared with, measured in the same run.
 //   layer         one MoE layer and one MLA layer on the CPU kernels vs BLAS SGEMM peak
 //   moe-alltoall  expert-parallel dispatch/combine vs the transport's raw all-to-all-v
+//   serve         a local cluster serving a batch job (bench_serve.cc)
+//   control-plane the coordinator's Sync/Heartbeat latency under job submits (bench_control_plane.cc)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -142,7 +144,8 @@ int BenchMain(int argc, char** argv) {
   if (what == "layer") return BenchLayer();
   if (what == "moe-alltoall") return BenchMoeAlltoall(argc, argv);
   if (what == "serve") return BenchServe();
-  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall or serve (see --help)\n");
+  if (what == "control-plane") return BenchControlPlane();
+  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall, serve or control-plane (see --help)\n");
   return 2;
 }
 

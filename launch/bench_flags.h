@@ -14,4 +14,6 @@ namespace expertmesh::launch {
 int BenchMoeAlltoall(int argc, char** argv);
 // `expertmesh bench serve` (launch/bench_serve.cc).
 int BenchServe();
+// `expertmesh bench control-plane` (launch/bench_control_plane.cc).
+int BenchControlPlane();
 }  // namespace expertmesh::launch

@@ -30,15 +30,19 @@ const Verb kVerbs[] = {
      "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
      "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
      GenerateMain},
-    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve (each beside its limit, same run)",
+    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
      "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
-     "[--redundant-experts R] [--router-bias-std S] [--rebalance] [--json]\n\nlayer: one MoE and one MLA layer on "
+     "[--redundant-experts R] [--router-bias-std S] [--rebalance] [--json]\n"
+     "expertmesh bench control-plane [--cp-workers N --cp-poll-ms MS --cp-jobs J --cp-submitters C --cp-dir DIR] "
+     "[--json]\n\nlayer: one MoE and one MLA layer on "
      "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
      "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. serve: a local mpirun cluster "
      "serving a batch job, tokens/s and where each stage's time went; --rebalance: a second batch after a live "
-     "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up.",
+     "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up. control-plane: an "
+     "in-process coordinator (journal on) with N simulated workers polling Heartbeat + Sync over gRPC while J jobs "
+     "are submitted concurrently; Sync/Heartbeat/SubmitJob latency p50/p99 and submit throughput.",
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "
