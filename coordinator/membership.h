@@ -35,7 +35,7 @@ namespace expertmesh::coordinator {
 // Small opaque values (data-plane bootstrap ids, addresses) by key. Thread-safe.
 class KeyValueStore {
  public:
-  static constexpr int64_t kMaxBytes = int64_t{64} << 20;   // keys + values
+  static constexpr int64_t kMaxBytes = int64_t{64} << 20;  // keys + values
   static constexpr size_t kMaxValueBytes = size_t{4} << 20;
 
   // INVALID_ARGUMENT (empty key, value too large), RESOURCE_EXHAUSTED (full).

@@ -45,9 +45,7 @@ namespace {
 
 namespace v1 = expertmesh::v1;
 
-double NowS() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double NowS() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // One latency sample: when the call started and how long it took (seconds).
 struct Sample {
@@ -260,33 +258,35 @@ int BenchControlPlane() {
   const Stats sub = Summarize(subs);
   const double submit_s = sub_t1 - sub_t0;
   if (absl::GetFlag(FLAGS_json)) {
-    nlohmann::json j = {{"workers", nw},
-                        {"poll_ms", poll_s * 1e3},
-                        {"jobs", njobs},
-                        {"submitters", nsub},
-                        {"submit_failures", submit_failures.load()},
-                        {"rpc_failures", failures.load()},
-                        {"sync_ms", {{"n", sync.n}, {"p50", sync.p50 * 1e3}, {"p99", sync.p99 * 1e3}, {"max", sync.max * 1e3}}},
-                        {"heartbeat_ms", {{"n", hb.n}, {"p50", hb.p50 * 1e3}, {"p99", hb.p99 * 1e3}, {"max", hb.max * 1e3}}},
-                        {"submit_ms", {{"n", sub.n}, {"p50", sub.p50 * 1e3}, {"p99", sub.p99 * 1e3}, {"max", sub.max * 1e3}}},
-                        {"submit_jobs_per_s", njobs / submit_s},
-                        {"all_succeeded_s", done_t - sub_t0},
-                        {"journal_bytes", js.size_bytes},
-                        {"workers_lost", cs.workers_lost()}};
+    nlohmann::json j = {
+        {"workers", nw},
+        {"poll_ms", poll_s * 1e3},
+        {"jobs", njobs},
+        {"submitters", nsub},
+        {"submit_failures", submit_failures.load()},
+        {"rpc_failures", failures.load()},
+        {"sync_ms", {{"n", sync.n}, {"p50", sync.p50 * 1e3}, {"p99", sync.p99 * 1e3}, {"max", sync.max * 1e3}}},
+        {"heartbeat_ms", {{"n", hb.n}, {"p50", hb.p50 * 1e3}, {"p99", hb.p99 * 1e3}, {"max", hb.max * 1e3}}},
+        {"submit_ms", {{"n", sub.n}, {"p50", sub.p50 * 1e3}, {"p99", sub.p99 * 1e3}, {"max", sub.max * 1e3}}},
+        {"submit_jobs_per_s", njobs / submit_s},
+        {"all_succeeded_s", done_t - sub_t0},
+        {"journal_bytes", js.size_bytes},
+        {"workers_lost", cs.workers_lost()}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("control plane: %d workers polling every %.1f ms (Heartbeat + Sync), %d jobs from %d concurrent "
-                "clients, journal on %s\n",
-                nw, poll_s * 1e3, njobs, nsub, absl::GetFlag(FLAGS_cp_dir).c_str());
+    std::printf(
+        "control plane: %d workers polling every %.1f ms (Heartbeat + Sync), %d jobs from %d concurrent "
+        "clients, journal on %s\n",
+        nw, poll_s * 1e3, njobs, nsub, absl::GetFlag(FLAGS_cp_dir).c_str());
     std::printf("%-30s %8s %10s %10s %10s\n", "while submits arrive", "calls", "p50 ms", "p99 ms", "max ms");
     std::printf("%-30s %8zu %10.2f %10.2f %10.2f\n", "Sync", sync.n, sync.p50 * 1e3, sync.p99 * 1e3, sync.max * 1e3);
     std::printf("%-30s %8zu %10.2f %10.2f %10.2f\n", "Heartbeat", hb.n, hb.p50 * 1e3, hb.p99 * 1e3, hb.max * 1e3);
     std::printf("%-30s %8zu %10.2f %10.2f %10.2f\n", "SubmitJob", sub.n, sub.p50 * 1e3, sub.p99 * 1e3, sub.max * 1e3);
-    std::printf("submit throughput: %.0f jobs/s (%d jobs in %.2f s, %d failed); %lld SUCCEEDED %.2f s after the "
-                "first submit; journal %lld bytes; %d failed worker RPCs; %lld workers declared MISSING\n",
-                njobs / submit_s, njobs, submit_s, submit_failures.load(), static_cast<long long>(succeeded),
-                done_t - sub_t0, static_cast<long long>(js.size_bytes), failures.load(),
-                static_cast<long long>(cs.workers_lost()));
+    std::printf(
+        "submit throughput: %.0f jobs/s (%d jobs in %.2f s, %d failed); %lld SUCCEEDED %.2f s after the "
+        "first submit; journal %lld bytes; %d failed worker RPCs; %lld workers declared MISSING\n",
+        njobs / submit_s, njobs, submit_s, submit_failures.load(), static_cast<long long>(succeeded), done_t - sub_t0,
+        static_cast<long long>(js.size_bytes), failures.load(), static_cast<long long>(cs.workers_lost()));
   }
   return submit_failures.load() == 0 && failures.load() == 0 && succeeded >= njobs ? 0 : 1;
 }
