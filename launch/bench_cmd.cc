@@ -14,6 +14,7 @@
 #include "kernels/cpu/kernels.h"
 #include "launch/bench_flags.h"
 #include "launch/flags.h"
+#include "launch/text.h"
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
 #include "worker/model.h"
@@ -142,7 +143,8 @@ int BenchMain(int argc, char** argv) {
   if (what == "layer") return BenchLayer();
   if (what == "moe-alltoall") return BenchMoeAlltoall(argc, argv);
   if (what == "serve") return BenchServe();
-  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall or serve (see --help)\n");
+  if (what == "tokenizer") return BenchTokenizer();
+  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall, serve or tokenizer (see --help)\n");
   return 2;
 }
 
