@@ -592,9 +592,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text, b
   Scratch sc;
   sc.md.reserve(im.splits.size());
   for (const Regex& r : im.splits) sc.md.push_back(pcre2_match_data_create_from_pattern(r.code, nullptr));
-  sc.mctx = pcre2_match_context_create(nullptr);
-  sc.stack = pcre2_jit_stack_create(32 << 10, 8 << 20, nullptr);
-  pcre2_jit_stack_assign(sc.mctx, nullptr, sc.stack);
+  sc.mctx = pcre2_match_context_create(nullptr);  // JIT stack: the default 32 KiB until a match needs more
 
   // Splits s (one level of the Sequence) into matches and the gaps between them.
   std::function<absl::Status(absl::string_view, size_t)> split = [&](absl::string_view s, size_t level) -> absl::Status {
@@ -604,7 +602,12 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text, b
     pcre2_match_data* md = sc.md[level];
     size_t pos = 0, last = 0;
     while (pos <= s.size()) {
-      const int rc = pcre2_jit_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, 0, md, sc.mctx);
+      int rc = pcre2_jit_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, 0, md, sc.mctx);
+      if (rc == PCRE2_ERROR_JIT_STACKLIMIT && sc.stack == nullptr) {
+        sc.stack = pcre2_jit_stack_create(64 << 10, 64 << 20, nullptr);
+        pcre2_jit_stack_assign(sc.mctx, nullptr, sc.stack);
+        rc = pcre2_jit_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, 0, md, sc.mctx);
+      }
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) {
         PCRE2_UCHAR msg[256];
