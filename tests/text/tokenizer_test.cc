@@ -7,6 +7,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/chat_template.h"
@@ -130,6 +131,32 @@ TEST_F(DeepSeekTokenizer, StreamDecoderIsUtf8Safe) {
     all += stream.Finish();
     EXPECT_EQ(all, text);
   }
+}
+
+// Encode is thread-safe (the piece cache is shared): threads agree with one thread.
+TEST_F(DeepSeekTokenizer, ConcurrentEncodeAgrees) {
+  ASSERT_NE(tok_, nullptr);
+  std::vector<std::string> texts;
+  for (int i = 0; i < 64; ++i) {
+    texts.push_back("thread text " + std::to_string(i * 7919) + " 你好 😀 " + std::string(i % 9, ' ') + "word" +
+                    std::to_string(i));
+  }
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& t : texts) want.push_back(*tok_->Encode(t));
+  std::vector<std::thread> threads;
+  std::vector<int> bad(4, 0);
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&, k] {
+      for (int rep = 0; rep < 5; ++rep) {
+        for (size_t i = 0; i < texts.size(); ++i) {
+          auto ids = tok_->Encode(texts[(i + k * 13) % texts.size()]);
+          if (!ids.ok() || *ids != want[(i + k * 13) % texts.size()]) ++bad[k];
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(bad, std::vector<int>(4, 0));
 }
 
 TEST(Utf8, LossyReplacesMaximalSubparts) {
