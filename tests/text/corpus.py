@@ -6,6 +6,7 @@ normalization) plus seeded random mixes of the same character classes.
 """
 import os
 import random
+import unicodedata
 
 HAND = [
     "",
@@ -83,6 +84,38 @@ def random_cases(n, seed=20251202):
     return out
 
 
+def codepoint_cases(n, seed=2):
+    """Random code points from the whole range (ASCII, controls, BMP, astral).
+
+    Only code points assigned in Python's Unicode database (14.0 on Debian 12,
+    the version of its PCRE2) are drawn: HF's Oniguruma has newer tables, so
+    a character assigned later (CJK Extension H, Egyptian Hieroglyphs
+    Extended-A, ...) is \p{Cn} for PCRE2 and may split differently
+    (docs/TEXT.md, "Known differences").
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = []
+        for _ in range(rng.randint(1, 40)):
+            r = rng.random()
+            if r < 0.3:
+                cp = rng.randint(0x20, 0x7E)
+            elif r < 0.5:
+                cp = rng.randint(0x80, 0x2FFF)
+            elif r < 0.7:
+                cp = rng.randint(0x3000, 0xFFFF)
+            elif r < 0.8:
+                cp = rng.randint(0, 0x20)
+            else:
+                cp = rng.randint(0x10000, 0x10FFFF)
+            if 0xD800 <= cp <= 0xDFFF or (cp > 0x20 and unicodedata.category(chr(cp)) == "Cn"):
+                cp = 0x41 + rng.randint(0, 25)
+            s.append(chr(cp))
+        out.append("".join(s))
+    return out
+
+
 def docs_cases(root):
     """The repository's own English docs, one case per file (long texts)."""
     out = []
@@ -95,4 +128,4 @@ def docs_cases(root):
 
 
 def corpus(root, n_random=400):
-    return HAND + random_cases(n_random) + docs_cases(root)
+    return HAND + random_cases(n_random) + codepoint_cases(600) + docs_cases(root)
