@@ -283,9 +283,14 @@ int BenchTokenizer() {
   std::printf("                             wall MB/s   MB per CPU-second\n");
   std::printf("  expertmesh (C++)           %8.2f    %8.2f\n", best, best_cpu);
   // The reference, same corpus and chunks, same run.
+  auto quote = [](const std::string& s) {
+    std::string q = "'";
+    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return q + "'";
+  };
   const std::string cmd =
-      absl::StrCat("RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false node ", ReferenceToolsDir(), "/hf_tokenize.js bench ",
-                   *dir, " ", corpus, " ", kChunk, " ", min_s);
+      absl::StrCat("RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false node ", quote(ReferenceToolsDir() + "/hf_tokenize.js"),
+                   " bench ", quote(*dir), " ", quote(corpus), " ", kChunk, " ", min_s);
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
   if (p != nullptr) {
