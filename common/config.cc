@@ -368,7 +368,7 @@ json ModelConfig::ToJson() const {
   return j;
 }
 
-std::vector<std::string> ModelConfig::PresetNames() { return {"deepseek-v3", "tiny", "small"}; }
+std::vector<std::string> ModelConfig::PresetNames() { return {"deepseek-v3", "tiny", "tiny-text", "small"}; }
 
 absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
   ModelConfig c;  // defaults are DeepSeek-V3 671B
@@ -376,7 +376,7 @@ absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
     c.quantization_config.present = true;
     return c;
   }
-  if (name == "tiny") {
+  if (name == "tiny" || name == "tiny-text") {
     // Same structure as V3 (256 experts, top-8, 8 groups keep 4, 1 shared, MLA
     // with q_lora, YaRN, 1 MTP layer); widths chosen so that fp8 128x128
     // blocks include partial edge blocks (160 = 128 + 32).
@@ -395,6 +395,9 @@ absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
     c.v_head_dim = 32;
     c.max_position_embeddings = 4096;
     c.rope_scaling.original_max_position_embeddings = 128;
+    // tiny-text: tiny with DeepSeek-V3's vocabulary size, so that the real
+    // tokenizer fits (`expertmesh checkpoint --preset tiny-text --tokenizer deepseek-v3`).
+    if (name == "tiny-text") c.vocab_size = 129280;
     return c;
   }
   if (name == "small") {

@@ -16,6 +16,7 @@
 #include "kernels/cpu/kernels.h"
 #include "launch/bench_flags.h"
 #include "launch/flags.h"
+#include "launch/text.h"
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
 #include "worker/model.h"
@@ -145,7 +146,10 @@ int BenchMain(int argc, char** argv) {
   if (what == "moe-alltoall") return BenchMoeAlltoall(argc, argv);
   if (what == "serve") return BenchServe();
   if (what == "control-plane") return BenchControlPlane();
-  std::fprintf(stderr, "expertmesh bench: name a benchmark: layer, moe-alltoall, serve or control-plane (see --help)\n");
+  if (what == "tokenizer") return BenchTokenizer();
+  std::fprintf(stderr,
+               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane or tokenizer (see --help)
+");
   return 2;
 }
 

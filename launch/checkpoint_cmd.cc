@@ -1,11 +1,14 @@
 // expertmesh checkpoint: writes a random checkpoint in the HF DeepSeek-V3 layout.
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "common/tokenizer.h"
 #include "launch/flags.h"
+#include "launch/text.h"
 #include "launch/verbs.h"
 
 ABSL_FLAG(std::string, dtype, "fp32",
@@ -34,6 +37,28 @@ int CheckpointMain(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh checkpoint: %s\n", std::string(cfg.status().message()).c_str());
     return 2;
   }
+  // --tokenizer: checked before writing weights (its vocabulary must fit the model's).
+  std::string tokenizer_dir;
+  if (!absl::GetFlag(FLAGS_tokenizer).empty()) {
+    auto dir = ResolveTokenizerDir(absl::GetFlag(FLAGS_tokenizer));
+    if (!dir.ok()) {
+      std::fprintf(stderr, "expertmesh checkpoint: %s\n", std::string(dir.status().message()).c_str());
+      return 2;
+    }
+    auto tok = Tokenizer::FromDir(*dir);
+    if (!tok.ok()) {
+      std::fprintf(stderr, "expertmesh checkpoint: %s\n", std::string(tok.status().message()).c_str());
+      return 2;
+    }
+    if ((*tok)->vocab_size() > cfg->vocab_size) {
+      std::fprintf(stderr,
+                   "expertmesh checkpoint: the tokenizer has %d tokens but vocab_size is %lld; use a preset whose "
+                   "vocabulary fits it (tiny-text, deepseek-v3) or --config\n",
+                   (*tok)->vocab_size(), static_cast<long long>(cfg->vocab_size));
+      return 2;
+    }
+    tokenizer_dir = *dir;
+  }
   GenerateOptions o;
   o.out_dir = out;
   o.dtype = absl::GetFlag(FLAGS_dtype);
@@ -49,6 +74,20 @@ int CheckpointMain(int argc, char** argv) {
   if (!s.ok()) {
     std::fprintf(stderr, "expertmesh checkpoint: %s\n", std::string(s.message()).c_str());
     return 1;
+  }
+  if (!tokenizer_dir.empty()) {
+    namespace fs = std::filesystem;
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+      const fs::path src = fs::path(tokenizer_dir) / f;
+      if (!fs::exists(src)) continue;
+      std::error_code ec;
+      fs::copy_file(src, fs::path(out) / f, fs::copy_options::overwrite_existing, ec);
+      if (ec) {
+        std::fprintf(stderr, "expertmesh checkpoint: copying %s: %s\n", src.c_str(), ec.message().c_str());
+        return 1;
+      }
+    }
+    std::fprintf(stderr, "checkpoint: tokenizer from %s\n", tokenizer_dir.c_str());
   }
   std::fprintf(stderr, "checkpoint: done: %s\n", out.c_str());
   return 0;

@@ -20,9 +20,11 @@ namespace {
 
 const Verb kVerbs[] = {
     {"checkpoint", "launch/checkpoint_cmd.cc", "write a random checkpoint in the HF DeepSeek-V3 layout",
-     "expertmesh checkpoint --preset tiny|small|deepseek-v3 --dtype fp32|bf16|fp8 --seed S --out DIR "
-     "[--shard-size BYTES]\n\nWrites config.json, model-0000i-of-0000n.safetensors shards and "
-     "model.safetensors.index.json with random weights; deterministic for a seed.",
+     "expertmesh checkpoint --preset tiny|tiny-text|small|deepseek-v3 --dtype fp32|bf16|fp8 --seed S --out DIR "
+     "[--shard-size BYTES] [--tokenizer deepseek-v3|DIR]\n\nWrites config.json, model-0000i-of-0000n.safetensors shards "
+     "and model.safetensors.index.json with random weights; deterministic for a seed. --tokenizer copies "
+     "tokenizer.json and tokenizer_config.json next to them (the vocabulary must fit vocab_size: tiny-text has "
+     "DeepSeek-V3's 129280).",
      CheckpointMain},
     {"generate", "launch/generate_cmd.cc", "run a batch of prompts through the model in one process",
      "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
@@ -30,15 +32,17 @@ const Verb kVerbs[] = {
      "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
      "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
      GenerateMain},
-    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane (each beside its limit, same run)",
+    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
+     "expertmesh bench tokenizer [--tokenizer deepseek-v3|DIR] [--corpus FILE]\n"
      "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
      "[--redundant-experts R] [--router-bias-std S] [--rebalance] [--json]\n"
      "expertmesh bench control-plane [--cp-workers N --cp-poll-ms MS --cp-jobs J --cp-submitters C --cp-dir DIR] "
      "[--json]\n\nlayer: one MoE and one MLA layer on "
      "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
-     "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. serve: a local mpirun cluster "
+     "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. tokenizer: encode MB/s on one "
+     "thread beside HF tokenizers (node) on the same corpus. serve: a local mpirun cluster "
      "serving a batch job, tokens/s and where each stage's time went; --rebalance: a second batch after a live "
      "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up. control-plane: an "
      "in-process coordinator (journal on) with N simulated workers polling Heartbeat + Sync over gRPC while J jobs "
@@ -81,6 +85,13 @@ const Verb kVerbs[] = {
      "\"placement_version\", \"imbalance_before\", \"imbalance_after\", \"experts_to_load\"}. Automatic with the coordinator's "
      "--eplb-interval-s.",
      RebalanceMain},
+    {"tokenize", "launch/text_cmd.cc", "text <-> token ids with a checkpoint's HF tokenizer; chat rendering",
+     "expertmesh tokenize --tokenizer DIR|deepseek-v3|llama3|qwen3 [--text T] [--add-bos] [--decode] [--jsonl] "
+     "[--chat-template deepseek-v3|deepseek-r1]\n\nEncodes --text (or all of stdin) and prints {\"tokens\":[...]}; "
+     "--decode prints the text of ids (a JSON array or comma-separated). --jsonl: each stdin line is {\"text\": s}, "
+     "{\"tokens\": [...]} or {\"messages\": [...], \"add_generation_prompt\": true} (rendered with the chat "
+     "template, then encoded). Invalid UTF-8 input is an error. docs/TEXT.md.",
+     TokenizeMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };
