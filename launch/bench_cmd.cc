@@ -148,8 +148,7 @@ int BenchMain(int argc, char** argv) {
   if (what == "control-plane") return BenchControlPlane();
   if (what == "tokenizer") return BenchTokenizer();
   std::fprintf(stderr,
-               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane or tokenizer (see --help)
-");
+               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane or tokenizer (see --help)\n");
   return 2;
 }
 
