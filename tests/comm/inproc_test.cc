@@ -1,10 +1,10 @@
 // The shared communicator and expert-parallel bodies over the in-process
 // backend: each test runs N threads (N from --ranks=N, set by ctest to 1, 2,
 // 3, 4, 8), one per rank of a fresh CreateInprocGroup(N). No mpirun, no fork:
-// fast, and race-checkable with -fsanitize=thread. A body that hangs past
-// kTimeout fails the test, and its communicators are aborted so that every
-// thread returns. DeadPeerFailsWithinDeadline is not here: a rank "dies" by
-// ending its process.
+// fast, and race-checkable with -fsanitize=thread (tests/comm/tsan.cmake). A
+// body that hangs past kTimeout fails the test, and its communicators are
+// aborted so that every thread returns. DeadPeerFailsWithinDeadline is not
+// here: a rank "dies" by ending its process.
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
