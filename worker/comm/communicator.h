@@ -68,6 +68,13 @@ struct Caps {
   bool host_memory = false;    // Run accepts MemoryKind::kHost batches
   bool device_memory = false;  // Run accepts MemoryKind::kDevice batches (CUDA pointers)
   bool gather_sends = false;   // Batch::SendGather (one message from many pieces, no staging copy)
+  // Host memory with gathered sends: the CPU transports (MPI, UCX, in-process).
+  static Caps HostGather() {
+    Caps c;
+    c.host_memory = true;
+    c.gather_sends = true;
+    return c;
+  }
 };
 
 // A piece of a gathered send.

@@ -67,12 +67,7 @@ class InprocCommunicator : public Communicator {
   ~InprocCommunicator() override { fabric_->Leave(rank()); }
 
   absl::string_view backend() const override { return "inproc"; }
-  Caps caps() const override {
-    Caps c;
-    c.host_memory = true;
-    c.gather_sends = true;
-    return c;
-  }
+  Caps caps() const override { return Caps::HostGather(); }
 
  protected:
   absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) override {

@@ -135,12 +135,7 @@ class MpiCommunicator : public Communicator {
     if (comm_ != MPI_COMM_NULL && MpiInitialized() && health().ok()) MPI_Comm_free(&comm_);
   }
   absl::string_view backend() const override { return "mpi"; }
-  Caps caps() const override {
-    Caps c;
-    c.host_memory = true;
-    c.gather_sends = true;
-    return c;
-  }
+  Caps caps() const override { return Caps::HostGather(); }
 
  protected:
   absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) override {

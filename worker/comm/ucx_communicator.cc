@@ -49,12 +49,7 @@ class UcxCommunicator : public Communicator {
   }
 
   absl::string_view backend() const override { return "ucx"; }
-  Caps caps() const override {
-    Caps c;
-    c.host_memory = true;
-    c.gather_sends = true;
-    return c;
-  }
+  Caps caps() const override { return Caps::HostGather(); }
 
   absl::Status Init(Bootstrap* boot, absl::Time deadline, const UcxOptions& options) {
     ucp_config_t* config = nullptr;
