@@ -13,10 +13,10 @@
 #include "absl/strings/str_format.h"
 #include "common/status.h"
 #include "coordinator/journal_records.pb.h"
-#include "coordinator/plan_proto.h"
 #include "coordinator/validation.h"
 #include "glog/logging.h"
 #include "nlohmann/json.hpp"
+#include "topology/plan_proto.h"
 
 namespace expertmesh::coordinator {
 namespace {
@@ -598,7 +598,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
         break;
       case JournalRecord::kPlacement:
         placement_record_bytes_ = Journal::kRecordHeaderBytes + static_cast<int64_t>(bytes.size());
-        ReplayPlacement(rec.placement().version(), rec.placement().plan_json());
+        ReplayPlacement(rec.placement());
         break;
       default:
         LOG(WARNING) << "journal record " << n << ": unknown kind; ignored";

@@ -92,6 +92,7 @@
 namespace expertmesh::coordinator {
 
 class JournalRecord;  // coordinator/journal_records.proto (private to the coordinator)
+class PlacementCommitted;
 
 struct CoordinatorOptions {
   std::string checkpoint;                 // folder with config.json (weights are never read here)
@@ -300,8 +301,9 @@ class Coordinator {
   // Mean over MoE layers with observed load of max / mean rank load; also the mean tokens per layer.
   double WindowImbalanceLocked(const topology::Plan& plan, int64_t* tokens_per_layer) const;
   v1::RebalanceStatus RebalanceStatusLocked() const;
-  // Replay of a PlacementCommitted record: adopts it when it fits the plan's stages.
-  void ReplayPlacement(int64_t version, const std::string& plan_json);
+  // Replay of a PlacementCommitted record (its plan message, or the JSON of
+  // journals written before): adopts it when it fits the plan's stages.
+  void ReplayPlacement(const PlacementCommitted& rec);
   // The PlacementCommitted record of the committed placement (version > 1).
   JournalRecord PlacementRecord() const;
   // Appends PlacementRecord() to the journal (if any) and counts its bytes as live.

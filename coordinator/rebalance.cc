@@ -11,9 +11,9 @@
 #include "common/status.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/journal_records.pb.h"
-#include "coordinator/plan_proto.h"
 #include "glog/logging.h"
 #include "topology/eplb.h"
+#include "topology/plan_proto.h"
 
 namespace expertmesh::coordinator {
 
@@ -168,7 +168,7 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   resp->set_experts_to_load(moved);
   const double after = WindowImbalanceLocked(next, nullptr);
   resp->set_imbalance_after(after);
-  if (next.ToJson() == plan_.ToJson()) {
+  if (next == plan_) {
     resp->set_reason(force ? "the placement EPLB computes for the observed load is the one in use"
                            : absl::StrFormat("no MoE layer's imbalance would drop by --eplb-min-gain %.2f",
                                              options_.eplb_min_gain));
@@ -184,7 +184,7 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
   // experts it staged for that one.
   last_pending_version_ = std::max(last_pending_version_, placement_version_) + 1;
   p.version = last_pending_version_;
-  p.proto = PlanToProto(next, options_.checkpoint, model_json_, p.version);
+  p.proto = topology::PlanToProto(next, options_.checkpoint, model_json_, p.version);
   p.plan = std::move(next);
   p.imbalance_before = before;
   p.imbalance_after = after;
@@ -296,12 +296,18 @@ v1::RebalanceStatus Coordinator::RebalanceStatusLocked() const {
   return st;
 }
 
-void Coordinator::ReplayPlacement(int64_t version, const std::string& plan_json) {
+void Coordinator::ReplayPlacement(const PlacementCommitted& rec) {
+  const int64_t version = rec.version();
   absl::StatusOr<topology::Plan> plan = absl::InternalError("unparsable");
-  try {
-    plan = topology::Plan::FromJson(nlohmann::json::parse(plan_json));
-  } catch (const std::exception& e) {
-    plan = absl::DataLossError(e.what());
+  if (rec.has_plan()) {
+    plan = topology::PlanFromProto(rec.plan());
+  } else {
+    // A journal written before the plan became a message: its ToJson text.
+    try {
+      plan = topology::Plan::FromJson(nlohmann::json::parse(rec.plan_json()));
+    } catch (const std::exception& e) {
+      plan = absl::DataLossError(e.what());
+    }
   }
   if (!plan.ok() || !SameShape(*plan, plan_)) {
     LOG(WARNING) << "journal: the expert placement version " << version << " it holds "
@@ -312,7 +318,7 @@ void Coordinator::ReplayPlacement(int64_t version, const std::string& plan_json)
   }
   plan_ = *std::move(plan);
   placement_version_ = version;
-  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_, version);
+  plan_proto_ = topology::PlanToProto(plan_, options_.checkpoint, model_json_, version);
 }
 
 void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running) {
@@ -325,7 +331,7 @@ void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& run
   if (rebalances_ > 0 || pending_placement_.has_value() || last_pending_version_ > placement_version_) {
     return refuse("this coordinator has rebalanced itself");
   }
-  absl::StatusOr<topology::Plan> plan = PlanFromProto(running);
+  absl::StatusOr<topology::Plan> plan = topology::PlanFromProto(running);
   if (!plan.ok()) return refuse(std::string(plan.status().message()));
   if (!SameShape(*plan, plan_) || running.checkpoint() != options_.checkpoint) {
     return refuse("another plan shape or checkpoint");
@@ -341,7 +347,7 @@ void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& run
     return refuse(absl::StrCat("journal write failed: ", s.message()));
   }
   last_pending_version_ = version;
-  plan_proto_ = PlanToProto(plan_, options_.checkpoint, model_json_, version);
+  plan_proto_ = topology::PlanToProto(plan_, options_.checkpoint, model_json_, version);
   LOG(INFO) << "coordinator: adopted expert placement version " << version << " from worker " << worker_id
             << " (the workers run it; this coordinator started without it)";
 }
@@ -350,7 +356,7 @@ JournalRecord Coordinator::PlacementRecord() const {
   JournalRecord rec;
   rec.set_unix_ms(last_rebalance_ms_ > 0 ? last_rebalance_ms_ : UnixMs());
   rec.mutable_placement()->set_version(placement_version_);
-  rec.mutable_placement()->set_plan_json(plan_.ToJson().dump());
+  *rec.mutable_placement()->mutable_plan() = topology::PlanToProto(plan_, "", "", placement_version_);
   return rec;
 }
 

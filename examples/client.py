@@ -210,7 +210,7 @@ def cmd_status(client, args):
     for s in st.plan.stages:
         print("stage %d: layers [%d, %d)%s%s, %d MoE layers" % (
             s.stage, s.layer_begin, s.layer_end, " +embedding" if s.has_embedding else "",
-            " +head" if s.has_head else "", len(s.placement_json)))
+            " +head" if s.has_head else "", len(s.placement)))
     for w in st.workers:
         print("worker %d (stage %d, ep_rank %d) %s:%d %s, %d active, %d steps" % (
             w.worker_id, w.stage, w.ep_rank, w.host or "-", w.pid, pb.WorkerHealth.Name(w.health),

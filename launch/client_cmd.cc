@@ -254,16 +254,15 @@ int StatusMain(int argc, char** argv) {
   if (!rb.last_error().empty()) std::printf("last rebalance problem: %s\n", rb.last_error().c_str());
   for (const auto& sp : p.stages()) {
     std::string moe;
-    if (!sp.placement_json().empty()) {
+    if (!sp.placement().empty()) {
       int lo = INT32_MAX, hi = -1;
-      for (const auto& [layer, text] : sp.placement_json()) {
+      for (const auto& [layer, placement] : sp.placement()) {
         lo = std::min(lo, layer);
         hi = std::max(hi, layer);
       }
-      nlohmann::json pl = nlohmann::json::parse(sp.placement_json().begin()->second, nullptr, false);
-      std::string slots;
-      if (pl.is_object() && pl.contains("rank_slots")) {
-        for (const auto& r : pl["rank_slots"]) slots += absl::StrCat(slots.empty() ? "" : "/", r.size());
+      std::string slots;  // of the first MoE layer
+      for (const auto& r : sp.placement().at(lo).ranks()) {
+        slots += absl::StrCat(slots.empty() ? "" : "/", r.slot_experts_size());
       }
       moe = absl::StrCat(", MoE layers ", lo, "..", hi, " (expert slots per rank ", slots, ")");
     }

@@ -43,6 +43,12 @@ class ExpertPlacement {
   }
   int32_t ReplicaRank(int64_t expert, int64_t token) const { return Replica(expert, token).first; }
 
+  // Same experts in the same slots of the same ranks (replicas follow).
+  bool operator==(const ExpertPlacement& o) const {
+    return num_experts_ == o.num_experts_ && rank_slots_ == o.rank_slots_;
+  }
+  bool operator!=(const ExpertPlacement& o) const { return !(*this == o); }
+
   nlohmann::json ToJson() const;  // {"num_experts": E, "rank_slots": [[...], ...]}
   static absl::StatusOr<ExpertPlacement> FromJson(const nlohmann::json& j);
 

@@ -23,6 +23,12 @@ struct StagePlan {
   int64_t layer_begin = 0, layer_end = 0;  // main-model layers [begin, end)
   bool has_embedding = false, has_head = false;
   std::map<int64_t, ExpertPlacement> placement;  // by MoE layer index
+
+  bool operator==(const StagePlan& o) const {
+    return layer_begin == o.layer_begin && layer_end == o.layer_end && has_embedding == o.has_embedding &&
+           has_head == o.has_head && placement == o.placement;
+  }
+  bool operator!=(const StagePlan& o) const { return !(*this == o); }
 };
 
 struct Plan {
@@ -31,6 +37,11 @@ struct Plan {
   int64_t num_workers() const { return pp * ep; }
   // Workers are numbered stage-major: worker = stage * ep + ep_rank.
   int64_t WorkerId(int64_t stage, int64_t ep_rank) const { return stage * ep + ep_rank; }
+  // Same shape, layers and expert placement (what ToJson would write).
+  bool operator==(const Plan& o) const {
+    return pp == o.pp && ep == o.ep && redundant_experts == o.redundant_experts && stages == o.stages;
+  }
+  bool operator!=(const Plan& o) const { return !(*this == o); }
   nlohmann::json ToJson() const;
   static absl::StatusOr<Plan> FromJson(const nlohmann::json& j);
 };

@@ -64,7 +64,7 @@ void BatchOrderingAndCollectives(comm::Communicator* comm) {
     b.Send(next, out[m].data(), sizes[m]);
     b.Recv(prev, in[m].data(), sizes[m]);
   }
-  EM_ASSERT_OK(comm->Run(b, In(20)));
+  ASSERT_OK(comm->Run(b, In(20)));
   for (int m = 0; m < 3; ++m) {
     EXPECT_EQ(FirstMismatch(in[m].data(), sizes[m], prev, me, m), -1) << "ring message " << m << " from " << prev;
   }
@@ -84,7 +84,7 @@ void BatchOrderingAndCollectives(comm::Communicator* comm) {
   for (int p = 0; p < P; ++p) {
     for (size_t i = 0; i < l.send_bytes[p]; ++i) send[l.send_offsets[p] + i] = Pattern(me, p, 9, i);
   }
-  EM_ASSERT_OK(comm->AllToAllV(send.data(), recv.data(), l, MemoryKind::kHost, In(20)));
+  ASSERT_OK(comm->AllToAllV(send.data(), recv.data(), l, MemoryKind::kHost, In(20)));
   for (int p = 0; p < P; ++p) {
     EXPECT_EQ(FirstMismatch(recv.data() + l.recv_offsets[p], l.recv_bytes[p], p, me, 9), -1) << "block from " << p;
   }
@@ -92,18 +92,18 @@ void BatchOrderingAndCollectives(comm::Communicator* comm) {
   // All-gather (also in place), broadcast from every root, barrier.
   std::vector<int64_t> all(static_cast<size_t>(P), -1);
   const int64_t mine = 1000 + me;
-  EM_ASSERT_OK(comm->AllGather(&mine, all.data(), sizeof(int64_t), MemoryKind::kHost, In(20)));
+  ASSERT_OK(comm->AllGather(&mine, all.data(), sizeof(int64_t), MemoryKind::kHost, In(20)));
   for (int p = 0; p < P; ++p) EXPECT_EQ(all[p], 1000 + p);
   all[me] = 5000 + me;
-  EM_ASSERT_OK(comm->AllGather(&all[me], all.data(), sizeof(int64_t), MemoryKind::kHost, In(20)));
+  ASSERT_OK(comm->AllGather(&all[me], all.data(), sizeof(int64_t), MemoryKind::kHost, In(20)));
   for (int p = 0; p < P; ++p) EXPECT_EQ(all[p], 5000 + p);
   for (int root = 0; root < P; ++root) {
     std::vector<uint8_t> v(777, 0);
     if (me == root) FillPattern(&v, root, 0, 3);
-    EM_ASSERT_OK(comm->Broadcast(root, v.data(), v.size(), MemoryKind::kHost, In(20)));
+    ASSERT_OK(comm->Broadcast(root, v.data(), v.size(), MemoryKind::kHost, In(20)));
     EXPECT_EQ(FirstMismatch(v.data(), v.size(), root, 0, 3), -1) << "broadcast from " << root;
   }
-  EM_ASSERT_OK(comm->Barrier(In(20)));
+  ASSERT_OK(comm->Barrier(In(20)));
   EXPECT_TRUE(comm->health().ok());
 }
 
@@ -119,7 +119,7 @@ void SizeMismatchIsAnError(comm::Communicator* comm) {
     Batch good;
     good.Send(0, a.data(), 16);
     good.Recv(0, b.data(), 16);
-    EM_ASSERT_OK(comm->Run(good, In(5)));  // a malformed batch does not break the communicator
+    ASSERT_OK(comm->Run(good, In(5)));  // a malformed batch does not break the communicator
     EXPECT_EQ(b[15], 1);
     return;
   }
@@ -134,7 +134,7 @@ void SizeMismatchIsAnError(comm::Communicator* comm) {
     const absl::Status again = comm->Barrier(In(1));
     EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition) << again;
   } else {
-    EXPECT_TRUE(s.ok()) << s;
+    EXPECT_OK(s);
   }
 }
 
@@ -171,7 +171,7 @@ void AbortFromAnotherThread(comm::Communicator* comm) {
 
 void SilentPeerHitsDeadline(comm::Communicator* comm) {
   const int P = comm->size(), me = comm->rank();
-  if (P == 1) return;  // needs a peer
+  if (P == 1) GTEST_SKIP() << "needs a peer: runs at 2 ranks or more";
   const int silent = P - 1;
   constexpr double kDeadline = 1.5;
   if (me == silent) {
@@ -199,17 +199,17 @@ void SilentPeerHitsDeadline(comm::Communicator* comm) {
 
 void DeadPeerFailsWithinDeadline(comm::Communicator* comm) {
   const int P = comm->size(), me = comm->rank();
-  if (P == 1) return;
+  if (P == 1) GTEST_SKIP() << "needs a peer to die: runs at 2 ranks or more";
   const int dying = P - 1;
   // Wire every endpoint first.
-  EM_ASSERT_OK(comm->Barrier(In(20)));
+  ASSERT_OK(comm->Barrier(In(20)));
   constexpr size_t kBytes = 4 << 20;  // large enough for rendezvous transfers
   std::vector<uint8_t> out(kBytes * P, 3), in(kBytes * P, 0);
   if (me == dying) {
     // Send the first block of the all-to-all, then die without a goodbye.
     Batch b;
     b.Send(0, out.data(), kBytes);
-    EM_ASSERT_OK(comm->Run(b, In(20)));
+    ASSERT_OK(comm->Run(b, In(20)));
     std::fflush(stdout);
     _exit(0);
   }
@@ -255,7 +255,7 @@ MoeRun CheckMoeStep(comm::Communicator* comm, const topology::ExpertPlacement& p
   std::vector<float> y(static_cast<size_t>(T * H), -7.0f), ref(static_cast<size_t>(T * H), 0.0f);
   MoeRun run;
   const absl::Status s = moe->Forward(x.data(), T, y.data());
-  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_OK(s);
   if (!s.ok()) return run;
   worker::MoeForwardLocal(w, x.data(), T, ref.data());
   run.rel_error = RelativeError(y.data(), ref.data(), T * H);
@@ -328,7 +328,7 @@ void MoeRankWithoutSlots(comm::Communicator* comm) {
     for (int32_t e = 0; e < 16; ++e) slots[holders - 1].push_back(e);
   }
   auto pl = topology::ExpertPlacement::Create(E, slots);
-  ASSERT_TRUE(pl.ok()) << pl.status();
+  ASSERT_OK(pl);
   ExpertParallelMoe moe(comm, &*pl, &w, Options(w));
   const MoeRun run = CheckMoeStep(comm, *pl, w, &moe, 33, 4, kTol);
   if (P > 1 && comm->rank() == P - 1) EXPECT_EQ(run.records_received, 0);

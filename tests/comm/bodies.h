@@ -4,13 +4,8 @@
 // UCX (forked processes and a file-store bootstrap, ucx_test.cc).
 #pragma once
 
+#include "tests/common/status_matchers.h"
 #include "worker/comm/communicator.h"
-
-#define EM_ASSERT_OK(expr)                          \
-  do {                                              \
-    const ::absl::Status em_s_ = (expr);            \
-    ASSERT_TRUE(em_s_.ok()) << #expr << ": " << em_s_; \
-  } while (0)
 
 // X-macro of the shared bodies: X(Name) for each.
 #define EM_COMM_BODIES(X)          \

@@ -15,7 +15,7 @@ namespace {
 
 std::unique_ptr<comm::Communicator> NewComm() {
   auto c = comm::CreateCommunicator("mpi", nullptr, comm::CommOptions());
-  EXPECT_TRUE(c.ok()) << c.status();
+  EXPECT_OK(c);
   return c.ok() ? *std::move(c) : nullptr;
 }
 

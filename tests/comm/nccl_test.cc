@@ -60,7 +60,7 @@ void DeviceBody(comm::Communicator* c) {
   ASSERT_EQ(cudaMalloc(&dr, rb), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(ds, hs.data(), sb, cudaMemcpyHostToDevice), cudaSuccess);
   const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  EM_ASSERT_OK(c->AllToAllV(ds, dr, l, MemoryKind::kDevice, deadline));
+  ASSERT_OK(c->AllToAllV(ds, dr, l, MemoryKind::kDevice, deadline));
   ASSERT_EQ(cudaMemcpy(hr.data(), dr, rb, cudaMemcpyDeviceToHost), cudaSuccess);
   for (int p = 0; p < P; ++p) {
     for (size_t i = 0; i < l.recv_bytes[p]; ++i) {
@@ -72,15 +72,15 @@ void DeviceBody(comm::Communicator* c) {
   ASSERT_EQ(cudaMalloc(&dg, sizeof(int) * (P + 1)), cudaSuccess);
   const int mine = 40 + me;
   ASSERT_EQ(cudaMemcpy(dg + P, &mine, sizeof(int), cudaMemcpyHostToDevice), cudaSuccess);
-  EM_ASSERT_OK(c->AllGather(dg + P, dg, sizeof(int), MemoryKind::kDevice, deadline));
+  ASSERT_OK(c->AllGather(dg + P, dg, sizeof(int), MemoryKind::kDevice, deadline));
   std::vector<int> all(P);
   ASSERT_EQ(cudaMemcpy(all.data(), dg, sizeof(int) * P, cudaMemcpyDeviceToHost), cudaSuccess);
   for (int p = 0; p < P; ++p) EXPECT_EQ(all[p], 40 + p);
-  EM_ASSERT_OK(c->Broadcast(P - 1, dg, sizeof(int), MemoryKind::kDevice, deadline));
+  ASSERT_OK(c->Broadcast(P - 1, dg, sizeof(int), MemoryKind::kDevice, deadline));
   int b = 0;
   ASSERT_EQ(cudaMemcpy(&b, dg, sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(b, 40 + P - 1);
-  EM_ASSERT_OK(c->Barrier(deadline));
+  ASSERT_OK(c->Barrier(deadline));
   // Host memory is refused without breaking the communicator.
   std::vector<char> h(4);
   comm::Batch hb;
@@ -103,7 +103,7 @@ void RunNccl(int ranks) {
     comm::CommOptions opts;
     opts.cuda_device = rank;
     auto c = comm::CreateCommunicator("nccl", &boot, opts);
-    ASSERT_TRUE(c.ok()) << "rank " << rank << ": " << c.status();
+    ASSERT_OK(c) << "rank " << rank;
     DeviceBody(c->get());
   });
   testing_util::RemoveTree(dir);

@@ -34,7 +34,7 @@ void RunOverUcx(void (*body)(comm::Communicator*)) {
     opts.connect_timeout = absl::Seconds(30);
     opts.ucx_detect_peer_failure = g_detect_peer_failure;
     auto c = comm::CreateCommunicator("ucx", &boot, opts);
-    ASSERT_TRUE(c.ok()) << "rank " << rank << ": " << c.status();
+    ASSERT_OK(c) << "rank " << rank;
     body(c->get());
   });
   testing_util::RemoveTree(dir);

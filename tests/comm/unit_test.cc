@@ -110,7 +110,7 @@ TEST(Bootstrap, FileStoreAllGatherAcrossThreads) {
   }
   for (auto& t : threads) t.join();
   for (int r = 0; r < kRanks; ++r) {
-    ASSERT_TRUE(st[r].ok()) << st[r];
+    ASSERT_OK(st[r]);
     ASSERT_EQ(got[r].size(), static_cast<size_t>(kRanks));
     for (int p = 0; p < kRanks; ++p) {
       EXPECT_EQ(got[r][p], std::string(static_cast<size_t>(p + 1), static_cast<char>('a' + p + 1)));

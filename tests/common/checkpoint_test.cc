@@ -56,15 +56,15 @@ std::unique_ptr<ShardedCheckpoint> Generate(const TempDir& d, const std::string&
   o.seed = seed;
   o.shard_size_bytes = shard;
   absl::Status s = GenerateCheckpoint(Micro(), o);
-  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_OK(s);
   auto ck = ShardedCheckpoint::Open(o.out_dir);
-  EXPECT_TRUE(ck.ok()) << ck.status();
+  EXPECT_OK(ck);
   return ck.ok() ? std::move(*ck) : nullptr;
 }
 
 ModelConfig LoadedConfig(const std::string& dir) {
   auto c = ModelConfig::FromFile(dir + "/config.json");
-  EXPECT_TRUE(c.ok()) << c.status();
+  EXPECT_OK(c);
   return *c;
 }
 
@@ -176,7 +176,7 @@ std::unique_ptr<ShardedCheckpoint> Rewrite(const ShardedCheckpoint& src, const s
   }
   EXPECT_TRUE(w.Write(dir + "/model.safetensors").ok());
   auto ck = ShardedCheckpoint::Open(dir);
-  EXPECT_TRUE(ck.ok()) << ck.status();
+  EXPECT_OK(ck);
   return ck.ok() ? std::move(*ck) : nullptr;
 }
 

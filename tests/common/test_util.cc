@@ -6,18 +6,6 @@
 
 namespace expertmesh::testing_util {
 
-void ExpectError(const absl::Status& s, absl::StatusCode code, const std::vector<std::string>& fragments,
-                 const char* what) {
-  EXPECT_FALSE(s.ok()) << what << ": expected an error";
-  if (s.ok()) return;
-  EXPECT_EQ(s.code(), code) << what << ": " << s;
-  const std::string msg(s.message());
-  EXPECT_EQ(msg.find('\n'), std::string::npos) << what << ": message is not one line: " << msg;
-  for (const auto& f : fragments) {
-    EXPECT_NE(msg.find(f), std::string::npos) << what << ": message lacks \"" << f << "\": " << msg;
-  }
-}
-
 TempDir::TempDir() {
   const char* base = std::getenv("TMPDIR");
   std::string tmpl = std::string(base && *base ? base : "/tmp") + "/em_common_test_XXXXXX";

@@ -1,4 +1,4 @@
-// Helpers for the tests of common/: status assertions, scratch folders and
+// Helpers for the tests of common/: status assertions (status_matchers.h), scratch folders and
 // hand-made safetensors files.
 #pragma once
 
@@ -9,29 +9,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 
 namespace expertmesh::testing_util {
-
-#define ASSERT_OK(expr)                                       \
-  do {                                                        \
-    const ::absl::Status em_s_ = ::expertmesh::testing_util::ToStatus(expr); \
-    ASSERT_TRUE(em_s_.ok()) << em_s_;                         \
-  } while (0)
-
-// Expects `expr` (Status or StatusOr) to fail with `code` and a message
-// containing every one of `fragments`, on one line.
-#define EXPECT_ERROR(expr, code, ...)                                                    \
-  ::expertmesh::testing_util::ExpectError(::expertmesh::testing_util::ToStatus(expr), code, \
-                                          {__VA_ARGS__}, #expr)
-
-inline absl::Status ToStatus(const absl::Status& s) { return s; }
-template <typename T>
-absl::Status ToStatus(const absl::StatusOr<T>& s) {
-  return s.status();
-}
-
-void ExpectError(const absl::Status& s, absl::StatusCode code, const std::vector<std::string>& fragments,
-                 const char* what);
 
 // A fresh empty folder under $TMPDIR (or /tmp), removed by the destructor.
 class TempDir {

@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/journal.h"
-#include "coordinator/plan_proto.h"
 #include "coordinator/validation.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
@@ -349,26 +348,6 @@ TEST(ValidationTest, EveryBadFieldIsNamed) {
   r = OneSequence();
   r.set_client_request_id(std::string(300, 'x'));
   ExpectInvalid(r, "client_request_id");
-}
-
-TEST(PlanProtoTest, RoundTrip) {
-  ModelConfig c = *ModelConfig::Preset("tiny");
-  topology::PlanOptions o;
-  o.pp = 2;
-  o.ep = 2;
-  o.redundant_experts = 4;
-  auto plan = topology::BuildPlan(c, o);
-  ASSERT_OK(plan.status());
-  v1::Plan p = PlanToProto(*plan, "/ckpt", "{}");
-  EXPECT_EQ(p.stages_size(), 2);
-  EXPECT_EQ(p.stages(0).layer_begin(), 0);
-  EXPECT_EQ(p.stages(1).layer_end(), 4);
-  auto back = PlanFromProto(p);
-  ASSERT_OK(back.status());
-  EXPECT_EQ(back->ToJson(), plan->ToJson());
-  ASSERT_FALSE(p.stages(1).placement_json().empty());
-  p.mutable_stages(1)->mutable_placement_json()->begin()->second = "not json";
-  EXPECT_EQ(PlanFromProto(p).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

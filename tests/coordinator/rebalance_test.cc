@@ -8,23 +8,27 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/coordinator.h"
-#include "coordinator/plan_proto.h"
+#include "coordinator/journal.h"
+#include "coordinator/journal_records.pb.h"
 #include "gtest/gtest.h"
 #include "tests/coordinator/test_util.h"
 #include "topology/eplb.h"
+#include "topology/plan_proto.h"
 
 namespace expertmesh::coordinator {
 namespace {
 
 using testing::TempDir;
 using testing::WriteTinyCheckpoint;
+using topology::PlanFromProto;
+using topology::PlanToProto;
 
-#define EXPECT_STATUS(expr, want_code, substring)                                               \
-  do {                                                                                          \
-    const absl::Status em_st_ = (expr);                                                         \
-    EXPECT_EQ(em_st_.code(), absl::StatusCode::want_code) << em_st_;                            \
-    EXPECT_NE(std::string(em_st_.message()).find(substring), std::string::npos) << em_st_;      \
-  } while (0)
+// The expert placement of MoE layer `layer` of stage `stage` in `p`.
+topology::ExpertPlacement PlacementOf(const v1::Plan& p, int stage, int layer) {
+  auto pl = topology::PlacementFromProto(p.stages(stage).placement().at(layer), "test");
+  EXPECT_OK(pl);
+  return pl.ok() ? *std::move(pl) : topology::ExpertPlacement();
+}
 
 // Registers every place (Register blocks until all are taken); with
 // `running`, as serving workers do with a restarted coordinator, each sending
@@ -41,7 +45,7 @@ void RegisterPlaces(Coordinator* c, const v1::Plan* running, std::vector<v1::Reg
       r.set_pid(100 + i);
       if (running != nullptr) *r.mutable_running_plan() = *running;
       auto resp = c->Register(r, absl::Now() + absl::Seconds(10), [] { return false; });
-      ASSERT_TRUE(resp.ok()) << resp.status();
+      ASSERT_OK(resp);
       (*out)[static_cast<size_t>(i)] = *resp;
     });
   }
@@ -66,7 +70,7 @@ class RebalanceTest : public ::testing::Test {
   void Start(const CoordinatorOptions& o) {
     c_.reset();
     auto c = Coordinator::Create(o);
-    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_OK(c);
     c_ = *std::move(c);
   }
 
@@ -88,7 +92,7 @@ class RebalanceTest : public ::testing::Test {
     r.set_exiting(exiting);
     for (const auto& l : load) *r.add_expert_load() = l;
     auto resp = c_->Heartbeat(r);
-    EXPECT_TRUE(resp.ok()) << resp.status();
+    EXPECT_OK(resp);
     return resp.ok() ? *resp : v1::HeartbeatResponse();
   }
 
@@ -139,7 +143,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   RegisterAll();
   const v1::Plan before = c_->plan_proto();
   EXPECT_EQ(before.placement_version(), 1);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "no expert load observed");
   std::map<int, std::vector<double>> skew;
   for (int layer = 1; layer <= 3; ++layer) skew[layer] = Doubles(Load(layer, 1000, 10));
   ReportSkewedLoad();
@@ -148,13 +152,13 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(st.rebalance().window_tokens(), (16 * 1000 + 240 * 10) / 8);
 
   auto r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   ASSERT_TRUE(r->started()) << r->reason();
   EXPECT_EQ(r->pending_version(), 2);
   EXPECT_NEAR(r->imbalance_before(), st.rebalance().window_imbalance(), 1e-12);
   EXPECT_LT(r->imbalance_after(), 1.02);
   EXPECT_GT(r->experts_to_load(), 0);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "still being loaded (0 of 4 workers");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "still being loaded (0 of 4 workers");
 
   // Every worker is sent the pending plan until it reports it staged; nothing is committed before all did.
   v1::HeartbeatResponse hb = Beat(0, 1, 0);
@@ -164,7 +168,7 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   const v1::Plan next = hb.next_plan();
   EXPECT_EQ(next.placement_version(), 2);
   auto next_plan = PlanFromProto(next);
-  ASSERT_TRUE(next_plan.ok()) << next_plan.status();
+  ASSERT_OK(next_plan);
   // Balanced, and the experts a rank must load are counted (ranks keep what they can:
   // fewer than EPLB's own numbering of the ranks would need).
   auto old_plan = PlanFromProto(before);
@@ -208,23 +212,23 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(c_->Sync(sync)->placement_version(), 2);
   st = c_->GetClusterStatus();
   EXPECT_EQ(st.plan().placement_version(), 2);
-  EXPECT_EQ(st.plan().stages(1).placement_json().at(2), next.stages(1).placement_json().at(2));
-  EXPECT_NE(st.plan().stages(1).placement_json().at(2), before.stages(1).placement_json().at(2));
+  EXPECT_EQ(PlacementOf(st.plan(), 1, 2), PlacementOf(next, 1, 2));
+  EXPECT_NE(PlacementOf(st.plan(), 1, 2), PlacementOf(before, 1, 2));
   EXPECT_EQ(st.rebalance().placement_version(), 2);
   EXPECT_EQ(st.rebalance().pending_version(), 0);
   EXPECT_EQ(st.rebalance().rebalances(), 1);
   EXPECT_NEAR(st.rebalance().imbalance_after(), r->imbalance_after(), 1e-12);
   EXPECT_EQ(st.rebalance().window_tokens(), 0);  // a new observation window
   EXPECT_GT(st.rebalance().last_unix_ms(), 0);
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "no expert load observed");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "no expert load observed");
   // The load since start is kept for `status`.
   EXPECT_EQ(Doubles(st.expert_load(0)), skew[1]);
 
   // A restarted coordinator serves the committed placement (the workers run it).
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 2);
-  EXPECT_EQ(c_->plan_proto().stages(0).placement_json().at(1), next.stages(0).placement_json().at(1));
-  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+  EXPECT_EQ(PlacementOf(c_->plan_proto(), 0, 1), PlacementOf(next, 0, 1));
+  EXPECT_EQ(c_->plan(), *next_plan);
   // ... also after a journal compaction.
   CoordinatorOptions o = Options(2, 2);
   o.journal_compact_min_waste_bytes = 0;
@@ -236,14 +240,14 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
     s->set_max_new_tokens(1);
   }
   auto job = c_->SubmitJob(big);
-  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_OK(job);
   ASSERT_TRUE(c_->CancelJob(job->job_id()).ok());
   absl::SleepFor(absl::Milliseconds(20));
   Start(o);  // forgets the cancelled job and compacts
   EXPECT_EQ(c_->journal_stats().compactions, 1);
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 2);
-  EXPECT_EQ(c_->plan().ToJson(), next_plan->ToJson());
+  EXPECT_EQ(c_->plan(), *next_plan);
 }
 
 TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
@@ -253,7 +257,7 @@ TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
   RegisterAll();
   Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});  // uniform, 640 tokens per layer
   auto r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   EXPECT_FALSE(r->started());
   EXPECT_NE(r->reason().find("640 routed tokens per MoE layer"), std::string::npos) << r->reason();
   EXPECT_NE(r->reason().find("--eplb-min-tokens 1000000"), std::string::npos) << r->reason();
@@ -263,7 +267,7 @@ TEST_F(RebalanceTest, ThresholdsDecideUnlessForced) {
   RegisterAll();
   Beat(0, 1, 0, "", {Load(1, 20, 20), Load(2, 20, 20), Load(3, 20, 20)});
   r = Rebalance();
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   EXPECT_FALSE(r->started());
   EXPECT_NEAR(r->imbalance_before(), 1.0, 1e-9);
   EXPECT_TRUE(r->reason().find("--eplb-min-gain") != std::string::npos ||
@@ -303,16 +307,80 @@ TEST_F(RebalanceTest, StagingErrorOrANewGenerationDropsThePendingPlacement) {
   EXPECT_EQ(st.rebalance().pending_version(), 0);
   EXPECT_NE(st.rebalance().last_error().find("data-plane generation 2"), std::string::npos)
       << st.rebalance().last_error();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "not serving");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "not serving");
 }
 
 TEST_F(RebalanceTest, ClustersThatCannotRebalanceSaySo) {
   Start(Options(2, 1));
   RegisterAll();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "--ep > 1");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "--ep > 1");
   Start(Options(1, 2, 1));
   RegisterAll();
-  EXPECT_STATUS(Rebalance().status(), kFailedPrecondition, "(256 + 1) divisible by --ep 2");
+  EXPECT_ERROR(Rebalance().status(), absl::StatusCode::kFailedPrecondition, "(256 + 1) divisible by --ep 2");
+}
+
+// Journals written before the plan became a message hold a committed
+// placement as JSON text (PlacementCommitted.plan_json): a restarted
+// coordinator still serves it, and journals it as a v1.Plan from then on.
+TEST_F(RebalanceTest, ReplaysAPlacementJournaledAsJson) {
+  const CoordinatorOptions o = Options(2, 2);
+  Start(o);
+  topology::Plan ran = c_->plan();
+  topology::ExpertPlacement& p2 = ran.stages[1].placement.at(2);
+  ASSERT_OK_AND_ASSIGN(topology::ExpertPlacement swapped,
+                       topology::ExpertPlacement::Create(p2.num_experts(), {p2.slots_of_rank(1), p2.slots_of_rank(0)}));
+  p2 = swapped;
+  ASSERT_NE(c_->plan(), ran);
+  c_.reset();
+  {
+    std::vector<std::string> records;
+    ASSERT_OK_AND_ASSIGN(auto journal, Journal::Open(o.journal_path, &records));
+    JournalRecord rec;
+    rec.set_unix_ms(absl::ToUnixMillis(absl::Now()));
+    rec.mutable_placement()->set_version(3);
+    rec.mutable_placement()->set_plan_json(ran.ToJson().dump());  // the old encoding
+    ASSERT_OK(journal->Append({rec.SerializeAsString()}));
+  }
+  Start(o);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan(), ran);
+  EXPECT_EQ(PlacementOf(c_->plan_proto(), 1, 2), swapped);
+
+  // A compaction rewrites the placement record as a message; the next start reads that.
+  v1::SubmitJobRequest big;  // a forgotten job makes the next start compact
+  for (int i = 0; i < 300; ++i) {
+    v1::SequenceRequest* s = big.add_sequences();
+    for (int t = 0; t < 60; ++t) s->add_tokens(t);
+    s->set_max_new_tokens(1);
+  }
+  ASSERT_OK_AND_ASSIGN(v1::SubmitJobResponse job, c_->SubmitJob(big));
+  ASSERT_OK(c_->CancelJob(job.job_id()));
+  absl::SleepFor(absl::Milliseconds(20));
+  CoordinatorOptions compacting = o;
+  compacting.journal_compact_min_waste_bytes = 0;
+  compacting.job_retention_s = 0.001;
+  Start(compacting);
+  EXPECT_EQ(c_->journal_stats().compactions, 1);
+  c_.reset();
+  {
+    std::vector<std::string> records;
+    ASSERT_OK_AND_ASSIGN(auto journal, Journal::Open(o.journal_path, &records));
+    int placements = 0;
+    for (const std::string& bytes : records) {
+      JournalRecord rec;
+      ASSERT_TRUE(rec.ParseFromString(bytes));
+      if (!rec.has_placement()) continue;
+      ++placements;
+      EXPECT_TRUE(rec.placement().plan_json().empty());
+      EXPECT_TRUE(rec.placement().has_plan());
+      ASSERT_OK_AND_ASSIGN(topology::Plan journaled, PlanFromProto(rec.placement().plan()));
+      EXPECT_EQ(journaled, ran);
+    }
+    EXPECT_EQ(placements, 1);
+  }
+  Start(o);
+  EXPECT_EQ(c_->plan_proto().placement_version(), 3);
+  EXPECT_EQ(c_->plan(), ran);
 }
 
 TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTheWorkersRun) {
@@ -329,10 +397,10 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   std::vector<v1::RegisterResponse> regs;
   RegisterPlaces(c_.get(), &running, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
-  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+  EXPECT_EQ(c_->plan(), ran);
   for (const auto& r : regs) {
     EXPECT_EQ(r.plan().placement_version(), 3);
-    EXPECT_EQ(r.plan().stages(1).placement_json().at(2), running.stages(1).placement_json().at(2));
+    EXPECT_EQ(PlacementOf(r.plan(), 1, 2), PlacementOf(running, 1, 2));
   }
   // The next rebalance gets a newer number.
   for (int i = 0; i < 4; ++i) Beat(i, 3, 0);
@@ -345,7 +413,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   // by a coordinator that has rebalanced itself.
   Start(o);
   auto other = topology::BuildPlan(c_->config(), {.pp = 2, .ep = 2, .layers_per_stage = {1, 3}});
-  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_OK(other);
   const v1::Plan other_proto = PlanToProto(*other, o.checkpoint, c_->plan_proto().model_json(), 5);
   RegisterPlaces(c_.get(), &other_proto, &regs);
   EXPECT_EQ(c_->plan_proto().placement_version(), 1);
@@ -356,7 +424,7 @@ TEST_F(RebalanceTest, ACoordinatorRestartedWithoutItsJournalAdoptsThePlacementTh
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
   Start(Options(2, 2));
   EXPECT_EQ(c_->plan_proto().placement_version(), 3);
-  EXPECT_EQ(c_->plan().ToJson(), ran.ToJson());
+  EXPECT_EQ(c_->plan(), ran);
 }
 
 TEST_F(RebalanceTest, AutomaticRebalanceStartsAfterTheInterval) {

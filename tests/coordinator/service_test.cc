@@ -63,7 +63,7 @@ class CoordinatorTest : public ::testing::Test {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     for (auto& t : threads) t.join();
-    for (int i = 0; i < n; ++i) EXPECT_TRUE(st[i].ok()) << testing::StatusText(st[i]);
+    for (int i = 0; i < n; ++i) EXPECT_OK(st[i]);
     std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) { return a->id() < b->id(); });
     return w;
   }
@@ -84,7 +84,7 @@ class CoordinatorTest : public ::testing::Test {
     grpc::ClientContext ctx;
     v1::SubmitJobResponse resp;
     grpc::Status s = jobs_->SubmitJob(&ctx, r, &resp);
-    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    EXPECT_OK(s);
     return resp.job_id();
   }
 
@@ -100,7 +100,7 @@ class CoordinatorTest : public ::testing::Test {
     req.set_job_id(id);
     v1::Job j;
     grpc::Status s = jobs_->GetJob(&ctx, req, &j);
-    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    EXPECT_OK(s);
     return j;
   }
 
@@ -118,7 +118,7 @@ class CoordinatorTest : public ::testing::Test {
     req.set_service(service);
     grpc::health::v1::HealthCheckResponse resp;
     grpc::Status s = stub->Check(&ctx, req, &resp);
-    EXPECT_TRUE(s.ok()) << testing::StatusText(s);
+    EXPECT_OK(s);
     return resp.status();
   }
 
@@ -150,11 +150,11 @@ class CoordinatorTest : public ::testing::Test {
 
 TEST_F(CoordinatorTest, InvalidRequestsAreInvalidArgumentNamingTheField) {
   Start(Options(1, 1));
-  EXPECT_GRPC_ERROR(SubmitStatus(v1::SubmitJobRequest()), INVALID_ARGUMENT, "sequences: empty batch");
+  EXPECT_ERROR(SubmitStatus(v1::SubmitJobRequest()), absl::StatusCode::kInvalidArgument, "sequences: empty batch");
   auto bad = [&](auto mutate, const std::string& field) {
     v1::SubmitJobRequest r = Batch(3, 4);
     mutate(r.mutable_sequences(2));
-    EXPECT_GRPC_ERROR(SubmitStatus(r), INVALID_ARGUMENT, field);
+    EXPECT_ERROR(SubmitStatus(r), absl::StatusCode::kInvalidArgument, field);
   };
   bad([](v1::SequenceRequest* s) { s->clear_tokens(); }, "sequences[2].tokens: empty prompt");
   bad([](v1::SequenceRequest* s) { s->add_tokens(1024); }, "sequences[2].tokens[3]: 1024 is out of range [0, 1024)");
@@ -173,7 +173,7 @@ TEST_F(CoordinatorTest, InvalidRequestsAreInvalidArgumentNamingTheField) {
   server_.reset();
   o.max_sequences_per_job = 2;
   Start(o);
-  EXPECT_GRPC_ERROR(SubmitStatus(Batch(3, 4)), INVALID_ARGUMENT, "sequences: 3 sequences exceed the limit of 2");
+  EXPECT_ERROR(SubmitStatus(Batch(3, 4)), absl::StatusCode::kInvalidArgument, "sequences: 3 sequences exceed the limit of 2");
 }
 
 TEST_F(CoordinatorTest, UnknownJobIsNotFound) {
@@ -182,16 +182,16 @@ TEST_F(CoordinatorTest, UnknownJobIsNotFound) {
   v1::GetJobRequest g;
   g.set_job_id("job-424242");
   v1::Job j;
-  EXPECT_GRPC_ERROR(jobs_->GetJob(&c1, g, &j), NOT_FOUND, "job-424242");
+  EXPECT_ERROR(jobs_->GetJob(&c1, g, &j), absl::StatusCode::kNotFound, "job-424242");
   v1::CancelJobRequest c;
   c.set_job_id("nope");
-  EXPECT_GRPC_ERROR(jobs_->CancelJob(&c2, c, &j), NOT_FOUND, "nope");
+  EXPECT_ERROR(jobs_->CancelJob(&c2, c, &j), absl::StatusCode::kNotFound, "nope");
   v1::WatchJobRequest w;
   w.set_job_id("nope");
   auto reader = jobs_->WatchJob(&c3, w);
   v1::WatchJobResponse m;
   EXPECT_FALSE(reader->Read(&m));
-  EXPECT_GRPC_ERROR(reader->Finish(), NOT_FOUND, "nope");
+  EXPECT_ERROR(reader->Finish(), absl::StatusCode::kNotFound, "nope");
 }
 
 TEST_F(CoordinatorTest, QueueFullIsResourceExhausted) {
@@ -199,7 +199,7 @@ TEST_F(CoordinatorTest, QueueFullIsResourceExhausted) {
   o.max_queued_sequences = 5;
   Start(o);
   Submit(Batch(3, 2));
-  EXPECT_GRPC_ERROR(SubmitStatus(Batch(3, 2)), RESOURCE_EXHAUSTED, "queue full");
+  EXPECT_ERROR(SubmitStatus(Batch(3, 2)), absl::StatusCode::kResourceExhausted, "queue full");
   Submit(Batch(2, 2));  // exactly at the limit
   // Once a worker takes sequences, there is room again.
   auto w = RegisterAll(1);
@@ -248,9 +248,9 @@ TEST_F(CoordinatorTest, RegisterAssignsPlacesAndBlocksUntilTheClusterIsComplete)
   }
   // A fifth worker while all four are alive: no place.
   FakeWorker extra(channel_);
-  EXPECT_GRPC_ERROR(extra.Register(-1, "other", 7), RESOURCE_EXHAUSTED, "already has its 4 workers");
-  EXPECT_GRPC_ERROR(extra.Register(9, "other", 7), INVALID_ARGUMENT, "worker_id: 9 is out of range");
-  EXPECT_GRPC_ERROR(extra.Register(2, "other", 7), ALREADY_EXISTS, "worker_id: 2 is held by fakehost:102");
+  EXPECT_ERROR(extra.Register(-1, "other", 7), absl::StatusCode::kResourceExhausted, "already has its 4 workers");
+  EXPECT_ERROR(extra.Register(9, "other", 7), absl::StatusCode::kInvalidArgument, "worker_id: 9 is out of range");
+  EXPECT_ERROR(extra.Register(2, "other", 7), absl::StatusCode::kAlreadyExists, "worker_id: 2 is held by fakehost:102");
   // The same process registering again (a retry) keeps its place.
   FakeWorker again(channel_);
   ASSERT_OK(again.Register(-1, "fakehost", 103));
@@ -266,7 +266,7 @@ TEST_F(CoordinatorTest, RegisterTimesOutWhenTheClusterStaysIncomplete) {
   o.register_timeout_s = 0.3;
   Start(o);
   FakeWorker w(channel_);
-  EXPECT_GRPC_ERROR(w.Register(), DEADLINE_EXCEEDED, "1 of 2 workers registered");
+  EXPECT_ERROR(w.Register(), absl::StatusCode::kDeadlineExceeded, "1 of 2 workers registered");
   // The place was freed: two workers can now complete the cluster.
   auto all = RegisterAll(2);
   EXPECT_EQ(all[1]->id(), 1);
@@ -330,14 +330,14 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   Start(Options(2, 1));
   auto w = RegisterAll(2);
   // Only stage 0 syncs.
-  EXPECT_GRPC_ERROR(w[1]->Step(4), FAILED_PRECONDITION, "only stage-0 workers");
+  EXPECT_ERROR(w[1]->Step(4), absl::StatusCode::kFailedPrecondition, "only stage-0 workers");
   FakeWorker stranger(channel_);
   stranger.set_id(0);
   stranger.set_epoch(w[0]->epoch());
   v1::SyncRequest sr;
   sr.set_worker_id(5);
   sr.set_epoch(w[0]->epoch());
-  EXPECT_GRPC_ERROR(stranger.SyncRaw(sr), NOT_FOUND, "worker_id: 5 is not registered");
+  EXPECT_ERROR(stranger.SyncRaw(sr), absl::StatusCode::kNotFound, "worker_id: 5 is not registered");
   v1::SubmitJobRequest req = Batch(1, 6);
   req.mutable_sequences(0)->add_stop_token_ids(FakeToken(req.sequences(0), 2));
   const std::string id = Submit(req);
@@ -464,7 +464,7 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
   ASSERT_EQ(w[1]->held(), 3u);
   // A replacement started early waits: every place is held by a live worker.
   FakeWorker early(channel_);
-  EXPECT_GRPC_ERROR(early.Register(-1, "newhost", 555), RESOURCE_EXHAUSTED, "all alive");
+  EXPECT_ERROR(early.Register(-1, "newhost", 555), absl::StatusCode::kResourceExhausted, "all alive");
   // Worker 1 dies (no more heartbeats): MISSING, generation 2.
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (std::chrono::steady_clock::now() < until && Status().generation() == 1) {
@@ -481,7 +481,7 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
   EXPECT_EQ(repl.id(), 1);
   EXPECT_EQ(repl.generation(), 2);
   // The lost worker's process, should it still run, is told to exit.
-  EXPECT_GRPC_ERROR(w[1]->Heartbeat(), FAILED_PRECONDITION, "now held by newhost:555");
+  EXPECT_ERROR(w[1]->Heartbeat(), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
   // Worker 0 rejoins at once (the cluster is complete); tokens from before are gone.
   ASSERT_OK(w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1));
   EXPECT_EQ(w[0]->generation(), 2);
@@ -551,10 +551,10 @@ TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
   EXPECT_EQ(st.expert_load(2).tokens_per_expert(2), 0);
   v1::LayerExpertLoad dense;
   dense.set_layer(0);
-  EXPECT_GRPC_ERROR(w[0]->Heartbeat(false, {dense}), INVALID_ARGUMENT, "expert_load[0].layer: 0 is not a MoE layer");
+  EXPECT_ERROR(w[0]->Heartbeat(false, {dense}), absl::StatusCode::kInvalidArgument, "expert_load[0].layer: 0 is not a MoE layer");
   FakeWorker stranger(channel_);
   stranger.set_id(7);
-  EXPECT_GRPC_ERROR(stranger.Heartbeat(), NOT_FOUND, "worker_id: 7 is not registered");
+  EXPECT_ERROR(stranger.Heartbeat(), absl::StatusCode::kNotFound, "worker_id: 7 is not registered");
 }
 
 TEST_F(CoordinatorTest, MetricsOverHttpFollowTheCluster) {
@@ -691,7 +691,7 @@ TEST_F(CoordinatorTest, ShutdownStopsWorkersThenTheCoordinator) {
     v1::ShutdownResponse r;
     ASSERT_OK(cluster_->Shutdown(&ctx, v1::ShutdownRequest(), &r));
   }
-  EXPECT_GRPC_ERROR(SubmitStatus(Batch(1, 1)), UNAVAILABLE, "shutting down");
+  EXPECT_ERROR(SubmitStatus(Batch(1, 1)), absl::StatusCode::kUnavailable, "shutting down");
   v1::SyncResponse sync;
   ASSERT_OK(w[0]->Step(4, 1, &sync));
   EXPECT_TRUE(sync.shutdown());
@@ -726,7 +726,7 @@ TEST_F(CoordinatorTest, KeyValueStore) {
   EXPECT_TRUE(got.found());
   EXPECT_EQ(got.value(), std::string("\x01\x00\x02", 3));
   set.set_key("");
-  EXPECT_GRPC_ERROR(w.stub()->StoreSet(&c4, set, &sr), INVALID_ARGUMENT, "key: empty");
+  EXPECT_ERROR(w.stub()->StoreSet(&c4, set, &sr), absl::StatusCode::kInvalidArgument, "key: empty");
 }
 
 // ---------------------------------------------------------------- retention and journal compaction
@@ -789,7 +789,7 @@ TEST_F(CoordinatorTest, RetentionForgetsFinishedJobsButNeverUnfinishedOnes) {
     if (!gone.ok()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
-  EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND) << testing::StatusText(gone);
+  EXPECT_ERROR(gone, absl::StatusCode::kNotFound);
   EXPECT_NE(gone.error_message().find("job_id: job \"" + done + "\" expired"), std::string::npos) << gone.error_message();
   EXPECT_NE(gone.error_message().find("--job-retention-s"), std::string::npos) << gone.error_message();
   {
@@ -797,15 +797,15 @@ TEST_F(CoordinatorTest, RetentionForgetsFinishedJobsButNeverUnfinishedOnes) {
     v1::CancelJobRequest c;
     c.set_job_id(done);
     v1::Job j;
-    EXPECT_GRPC_ERROR(jobs_->CancelJob(&c1, c, &j), NOT_FOUND, "expired");
+    EXPECT_ERROR(jobs_->CancelJob(&c1, c, &j), absl::StatusCode::kNotFound, "expired");
     v1::WatchJobRequest wr;
     wr.set_job_id(done);
     auto reader = jobs_->WatchJob(&c2, wr);
     v1::WatchJobResponse m;
     EXPECT_FALSE(reader->Read(&m));
-    EXPECT_GRPC_ERROR(reader->Finish(), NOT_FOUND, "expired");
+    EXPECT_ERROR(reader->Finish(), absl::StatusCode::kNotFound, "expired");
   }
-  EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), "job-999999"), NOT_FOUND, "no job \"job-999999\"");
+  EXPECT_ERROR(GetJobStatus(jobs_.get(), "job-999999"), absl::StatusCode::kNotFound, "no job \"job-999999\"");
   // Well past the retention period the unfinished job is still there.
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   EXPECT_EQ(GetJob(queued).state(), v1::JOB_STATE_QUEUED);
@@ -828,7 +828,7 @@ TEST_F(CoordinatorTest, RetentionForgetsFinishedJobsButNeverUnfinishedOnes) {
   server_->Stop();
   server_.reset();
   Start(o);
-  EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), done), NOT_FOUND, "expired");
+  EXPECT_ERROR(GetJobStatus(jobs_.get(), done), absl::StatusCode::kNotFound, "expired");
   EXPECT_EQ(GetJob(queued).state(), v1::JOB_STATE_QUEUED);
   EXPECT_EQ(GetJob(again.job_id()).state(), v1::JOB_STATE_QUEUED);
 }
@@ -913,7 +913,7 @@ TEST_F(CoordinatorTest, CompactionKeepsEveryRetainedJobBitIdenticalAcrossRestart
       EXPECT_EQ(now.SerializeAsString(), j.SerializeAsString()) << when << ": " << id << "\nbefore: "
                                                                 << j.ShortDebugString() << "\nnow: " << now.ShortDebugString();
     }
-    for (const std::string& id : old) EXPECT_GRPC_ERROR(GetJobStatus(jobs_.get(), id), NOT_FOUND, "expired");
+    for (const std::string& id : old) EXPECT_ERROR(GetJobStatus(jobs_.get(), id), absl::StatusCode::kNotFound, "expired");
     EXPECT_EQ(Status().queued_sequences(), 3 + 2) << when;
   };
 

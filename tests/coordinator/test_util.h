@@ -1,4 +1,5 @@
-// Helpers for the coordinator tests: status assertions, a temporary
+// Helpers for the coordinator tests: status assertions on grpc::Status
+// (through tests/common/status_matchers.h), a temporary
 // checkpoint folder holding only config.json, and a fake worker that calls
 // Register / Heartbeat / Sync like a real one and "generates" tokens that are
 // a pure function of (prompt, seed, step), so runs can be compared.
@@ -21,27 +22,19 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/expertmesh.grpc.pb.h"
+#include "tests/common/status_matchers.h"
+
+namespace expertmesh::testing_util {
+
+// Lets ASSERT_OK / EXPECT_ERROR (status_matchers.h) take a grpc::Status: the
+// codes map one to one.
+inline absl::Status ToStatus(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+}  // namespace expertmesh::testing_util
 
 namespace expertmesh::coordinator::testing {
-
-#define ASSERT_OK(expr)                                                                                   \
-  do {                                                                                                    \
-    const auto em_s_ = (expr);                                                                            \
-    ASSERT_TRUE(em_s_.ok()) << #expr << ": " << ::expertmesh::coordinator::testing::StatusText(em_s_);   \
-  } while (0)
-
-#define EXPECT_GRPC_ERROR(expr, code, substring)                                                            \
-  do {                                                                                                      \
-    const ::grpc::Status em_s_ = (expr);                                                                    \
-    EXPECT_EQ(em_s_.error_code(), ::grpc::StatusCode::code) << #expr << ": " << em_s_.error_message();     \
-    EXPECT_NE(em_s_.error_message().find(substring), std::string::npos)                                     \
-        << #expr << ": message \"" << em_s_.error_message() << "\" lacks \"" << (substring) << "\"";        \
-  } while (0)
-
-inline std::string StatusText(const grpc::Status& s) {
-  return std::string(GrpcCodeName(s.error_code())) + ": " + s.error_message();
-}
-inline std::string StatusText(const absl::Status& s) { return s.ToString(); }
 
 // A fresh folder under the test's temp dir, removed at destruction.
 class TempDir {

@@ -28,10 +28,10 @@ TEST(GpuElementwise, RmsNormMatchesCpu) {
     kernels::RmsNorm(x.data(), T, H, w.data(), 1e-6f, ref.data());
     DeviceBuffer<uint16_t> dx(xb), dy(T * H);
     DeviceBuffer<float> dw(w);
-    EM_ASSERT_OK(cuda::RmsNorm(dx.get(), T, H, dw.get(), 1e-6f, dy.get(), nullptr));
+    ASSERT_OK(cuda::RmsNorm(dx.get(), T, H, dw.get(), 1e-6f, dy.get(), nullptr));
     EM_EXPECT_CLOSE(("RmsNorm H=" + std::to_string(H)).c_str(), gputest::FromBf16(dy.Download()), ref, 1e-2);
     // In place (y aliases x).
-    EM_ASSERT_OK(cuda::RmsNorm(dx.get(), T, H, dw.get(), 1e-6f, dx.get(), nullptr));
+    ASSERT_OK(cuda::RmsNorm(dx.get(), T, H, dw.get(), 1e-6f, dx.get(), nullptr));
     EM_EXPECT_CLOSE("RmsNorm in place", gputest::FromBf16(dx.Download()), ref, 1e-2);
   }
 }
@@ -46,7 +46,7 @@ TEST(GpuElementwise, SiluMulRowsMatchesCpu) {
     std::vector<float> ref(T * I);
     for (int64_t t = 0; t < T; ++t) kernels::SiluMul(&gu[t * 2 * I], &gu[t * 2 * I + I], I, &ref[t * I]);
     DeviceBuffer<uint16_t> dgu(gub), dout(T * I);
-    EM_ASSERT_OK(cuda::SiluMulRows(dgu.get(), T, I, dout.get(), nullptr));
+    ASSERT_OK(cuda::SiluMulRows(dgu.get(), T, I, dout.get(), nullptr));
     EM_EXPECT_CLOSE(("SiluMulRows I=" + std::to_string(I)).c_str(), gputest::FromBf16(dout.Download()), ref, 1e-2);
   }
 }
@@ -71,7 +71,7 @@ TEST(GpuElementwise, RopeMatchesCpu) {
     DeviceBuffer<uint16_t> dq(qb);
     DeviceBuffer<int32_t> dpos(pos);
     DeviceBuffer<double> dinv(rope.inv_freq());
-    EM_ASSERT_OK(cuda::RopeApply(dq.get() + dn, tokens, heads, heads * qd, qd, dr, dpos.get(), dinv.get(), nullptr));
+    ASSERT_OK(cuda::RopeApply(dq.get() + dn, tokens, heads, heads * qd, qd, dr, dpos.get(), dinv.get(), nullptr));
     EM_EXPECT_CLOSE((std::string("Rope ") + preset).c_str(), gputest::FromBf16(dq.Download()), ref, 1e-2);
   }
 }
@@ -85,7 +85,7 @@ TEST(GpuElementwise, EmbeddingAndArgmax) {
   std::vector<int32_t> ids = {0, 999, 17, -1, 1000, 512, 3};
   DeviceBuffer<uint16_t> dt(tb), dout(T * H);
   DeviceBuffer<int32_t> dids(ids);
-  EM_ASSERT_OK(cuda::Embedding(dt.get(), V, H, dids.get(), T, dout.get(), nullptr));
+  ASSERT_OK(cuda::Embedding(dt.get(), V, H, dids.get(), T, dout.get(), nullptr));
   const auto out = dout.Download();
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
@@ -100,7 +100,7 @@ TEST(GpuElementwise, EmbeddingAndArgmax) {
   logits[2 * vocab + vocab - 1] = 60.0f;
   DeviceBuffer<float> dl(logits);
   DeviceBuffer<int32_t> dam(rows);
-  EM_ASSERT_OK(cuda::ArgmaxRows(dl.get(), rows, vocab, dam.get(), nullptr));
+  ASSERT_OK(cuda::ArgmaxRows(dl.get(), rows, vocab, dam.get(), nullptr));
   const auto am = dam.Download();
   for (int64_t r = 0; r < rows; ++r) {
     EXPECT_EQ(am[r], kernels::Sample(&logits[r * vocab], vocab, kernels::SamplingParams{}, 0)) << "row " << r;
@@ -116,8 +116,8 @@ TEST(GpuElementwise, CastsRoundToNearestEven) {
   x[2] = 1e-40f;  // subnormal
   DeviceBuffer<float> dx(x), dback(x.size());
   DeviceBuffer<uint16_t> db(x.size());
-  EM_ASSERT_OK(cuda::CastF32ToBf16(dx.get(), x.size(), db.get(), nullptr));
-  EM_ASSERT_OK(cuda::CastBf16ToF32(db.get(), x.size(), dback.get(), nullptr));
+  ASSERT_OK(cuda::CastF32ToBf16(dx.get(), x.size(), db.get(), nullptr));
+  ASSERT_OK(cuda::CastBf16ToF32(db.get(), x.size(), dback.get(), nullptr));
   const auto b = db.Download();
   const auto back = dback.Download();
   for (size_t i = 0; i < x.size(); ++i) {
@@ -137,7 +137,7 @@ TEST(GpuElementwise, DequantFp8BlocksMatchesCpu) {
   DeviceBuffer<uint8_t> dq(q);
   DeviceBuffer<float> dsc(sc);
   DeviceBuffer<uint16_t> dout(rows * cols);
-  EM_ASSERT_OK(cuda::DequantFp8Blocks(dq.get(), rows, cols, dsc.get(), 128, 128, dout.get(), nullptr));
+  ASSERT_OK(cuda::DequantFp8Blocks(dq.get(), rows, cols, dsc.get(), 128, 128, dout.get(), nullptr));
   const auto out = dout.Download();
   const int64_t nbc = (cols + 127) / 128;
   for (int64_t r = 0; r < rows; ++r) {

@@ -41,12 +41,12 @@ TEST(GpuGemm, LinearMatchesCpu) {
   kernels::Linear(x.data(), M, K, w.data(), N, ref.data());
   DeviceBuffer<uint16_t> dx(xb), dw(wb), dy(M * N);
   DeviceBuffer<float> dyf(M * N);
-  EM_ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dy.get(), cuda::OutType::kBf16));
-  EM_ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dyf.get(), cuda::OutType::kF32));
+  ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dy.get(), cuda::OutType::kBf16));
+  ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dyf.get(), cuda::OutType::kF32));
   EM_EXPECT_CLOSE("Linear bf16 out", gputest::FromBf16(dy.Download()), ref, 1e-2);
   EM_EXPECT_CLOSE("Linear fp32 out", dyf.Download(), ref, 1e-5);
   // Accumulate: y += x . w^T (fp32 logits += ...).
-  EM_ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dyf.get(), cuda::OutType::kF32, true));
+  ASSERT_OK(cuda::Linear(*ctx, dx.get(), M, K, dw.get(), N, dyf.get(), cuda::OutType::kF32, true));
   std::vector<float> ref2(ref);
   for (auto& v : ref2) v *= 2;
   EM_EXPECT_CLOSE("Linear fp32 accumulate", dyf.Download(), ref2, 1e-5);
@@ -95,8 +95,8 @@ TEST(GpuGemm, LinearFp8MatchesCpu) {
     DeviceBuffer<uint16_t> dx(xb), dy(M * N);
     DeviceBuffer<uint8_t> dq(q);
     DeviceBuffer<float> dsc(sc), drow(K / 128 * N);
-    EM_ASSERT_OK(cuda::ExpandFp8Scales(dsc.get(), N, K, drow.get(), nullptr));
-    EM_ASSERT_OK(cuda::LinearFp8(*ctx, dx.get(), M, K, dq.get(), drow.get(), N, dy.get()));
+    ASSERT_OK(cuda::ExpandFp8Scales(dsc.get(), N, K, drow.get(), nullptr));
+    ASSERT_OK(cuda::LinearFp8(*ctx, dx.get(), M, K, dq.get(), drow.get(), N, dy.get()));
     const auto y = gputest::FromBf16(dy.Download());
     EM_EXPECT_CLOSE(("LinearFp8 M=" + std::to_string(M) + " vs same quant").c_str(), y, ref, 1e-2);
     EM_EXPECT_CLOSE("LinearFp8 vs bf16 activations", y, ref_bf16_x, 1e-1);
@@ -126,7 +126,7 @@ TEST(GpuGemm, Fp8ScaleLayoutProbe) {
   DeviceBuffer<uint8_t> dxq(xq), dwq(wq);
   DeviceBuffer<float> dxs(xs), dws(ws);
   DeviceBuffer<uint16_t> dy(M * N);
-  EM_ASSERT_OK(cuda::LinearFp8Prequantized(*ctx, dxq.get(), dxs.get(), M, K, dwq.get(), dws.get(), N, dy.get()));
+  ASSERT_OK(cuda::LinearFp8Prequantized(*ctx, dxq.get(), dxs.get(), M, K, dwq.get(), dws.get(), N, dy.get()));
   const auto y = gputest::FromBf16(dy.Download());
   // a: weight row scale (n, kb); b: activation block scale (mb, kb).
   auto ref = [&](bool a_kmajor, bool b_mfast) {
@@ -212,7 +212,7 @@ void RunMla(const MlaCase& c) {
   const int64_t N = B * Tq;
   DeviceBuffer<uint16_t> dq(qb), dw(wkvb_b), dcache(cache_b), dqa(N * H * D), dol(N * H * L), dout(N * H * c.v);
   DeviceBuffer<int32_t> dtable(table), dlens(lens);
-  EM_ASSERT_OK(cuda::MlaAbsorbQuery(*ctx, s, dq.get(), N, dw.get(), dqa.get()));
+  ASSERT_OK(cuda::MlaAbsorbQuery(*ctx, s, dq.get(), N, dw.get(), dqa.get()));
   cuda::MlaDecodeParams p;
   p.q = dqa.get();
   p.kv_cache = dcache.get();
@@ -229,9 +229,9 @@ void RunMla(const MlaCase& c) {
   p.softmax_scale = s.softmax_scale;
   p.num_splits = c.num_splits;
   p.kernel = c.kernel;
-  EM_ASSERT_OK(cuda::MlaDecode(*ctx, p));
-  EM_ASSERT_OK(cuda::MlaProjectOut(*ctx, s, dol.get(), N, dw.get(), dout.get()));
-  EM_ASSERT_OK(ctx->Synchronize());
+  ASSERT_OK(cuda::MlaDecode(*ctx, p));
+  ASSERT_OK(cuda::MlaProjectOut(*ctx, s, dol.get(), N, dw.get(), dout.get()));
+  ASSERT_OK(ctx->Synchronize());
   EM_EXPECT_CLOSE(c.name, gputest::FromBf16(dout.Download()), ref, 2e-2);
 
   // The attention core alone, against a double-precision reference on the

@@ -25,6 +25,7 @@
 
 #include "common/dtype.h"
 #include "kernels/cuda/device.h"
+#include "tests/common/status_matchers.h"
 
 namespace expertmesh::gputest {
 
@@ -34,12 +35,6 @@ namespace expertmesh::gputest {
     if (!::expertmesh::kernels::cuda::DeviceAvailable(&em_why_)) {  \
       GTEST_SKIP() << "no CUDA device: " << em_why_;                \
     }                                                               \
-  } while (0)
-
-#define EM_ASSERT_OK(expr)                         \
-  do {                                             \
-    const ::absl::Status em_st_ = (expr);          \
-    ASSERT_TRUE(em_st_.ok()) << em_st_.ToString(); \
   } while (0)
 
 #define EM_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())

@@ -52,7 +52,7 @@ void CheckRoute(const kernels::RouterParams& p, int64_t T, bool with_bias, const
   kernels::Route(logits.data(), b, T, p, ids.data(), w.data());
   DeviceBuffer<float> dl(logits), db(bias), dw(T * K);
   DeviceBuffer<int32_t> dids(T * K);
-  EM_ASSERT_OK(cuda::Route(dl.get(), with_bias ? db.get() : nullptr, T, p, dids.get(), dw.get(), nullptr));
+  ASSERT_OK(cuda::Route(dl.get(), with_bias ? db.get() : nullptr, T, p, dids.get(), dw.get(), nullptr));
   const auto gids = dids.Download();
   const auto gw = dw.Download();
   int64_t near_tie_tokens = 0;
@@ -132,7 +132,7 @@ TEST(GpuMoe, LayoutPermuteCombine) {
     std::vector<int32_t> offsets, pos;
     CpuLayout(ids, E, &offsets, &pos);
     DeviceBuffer<int32_t> dids(ids), doff(E + 1), dpos(T * k);
-    EM_ASSERT_OK(cuda::ExpertLayout(*ctx, dids.get(), T, k, E, doff.get(), dpos.get()));
+    ASSERT_OK(cuda::ExpertLayout(*ctx, dids.get(), T, k, E, doff.get(), dpos.get()));
     EXPECT_EQ(doff.Download(), offsets) << "T=" << T;
     EXPECT_EQ(dpos.Download(), pos) << "T=" << T;
 
@@ -154,7 +154,7 @@ TEST(GpuMoe, LayoutPermuteCombine) {
     }
     DeviceBuffer<int32_t> der(expert_rank), dpr(R), dpe(2 * E);
     DeviceBuffer<uint8_t> dir(T * R);
-    EM_ASSERT_OK(cuda::DispatchLayout(dids.get(), T, k, 2 * E, der.get(), R, dpr.get(), dpe.get(), dir.get(),
+    ASSERT_OK(cuda::DispatchLayout(dids.get(), T, k, 2 * E, der.get(), R, dpr.get(), dpe.get(), dir.get(),
                                       nullptr));
     EXPECT_EQ(dpr.Download(), per_rank);
     EXPECT_EQ(dpe.Download(), per_expert);
@@ -165,7 +165,7 @@ TEST(GpuMoe, LayoutPermuteCombine) {
     auto xb = gputest::ToBf16(x);
     const int64_t rows = offsets[E];
     DeviceBuffer<uint16_t> dx(xb), dxp(std::max<int64_t>(rows, 1) * H);
-    EM_ASSERT_OK(cuda::Permute(dx.get(), T, H, dpos.get(), k, dxp.get(), nullptr));
+    ASSERT_OK(cuda::Permute(dx.get(), T, H, dpos.get(), k, dxp.get(), nullptr));
     const auto xp = dxp.Download();
     for (int64_t i = 0; i < T * k; ++i) {
       if (pos[i] < 0) continue;
@@ -190,8 +190,8 @@ TEST(GpuMoe, LayoutPermuteCombine) {
     }
     DeviceBuffer<uint16_t> dout(ob), dy(T * H), dy_acc(y0b);
     DeviceBuffer<float> dw(w);
-    EM_ASSERT_OK(cuda::Combine(dout.get(), dpos.get(), dw.get(), T, k, H, dy.get(), false, nullptr));
-    EM_ASSERT_OK(cuda::Combine(dout.get(), dpos.get(), dw.get(), T, k, H, dy_acc.get(), true, nullptr));
+    ASSERT_OK(cuda::Combine(dout.get(), dpos.get(), dw.get(), T, k, H, dy.get(), false, nullptr));
+    ASSERT_OK(cuda::Combine(dout.get(), dpos.get(), dw.get(), T, k, H, dy_acc.get(), true, nullptr));
     EM_EXPECT_CLOSE(("Combine T=" + std::to_string(T)).c_str(), gputest::FromBf16(dy.Download()), ref, 1e-2);
     EM_EXPECT_CLOSE("Combine accumulate", gputest::FromBf16(dy_acc.Download()), ref_acc, 1e-2);
   }
@@ -237,7 +237,7 @@ void RunMoe(bool fp8) {
         sc.push_back(std::make_unique<DeviceBuffer<float>>(s));
         // Load time: the checkpoint's 128x128 scales -> per-row scales.
         sc.push_back(std::make_unique<DeviceBuffer<float>>(static_cast<size_t>(cols / 128 * rows)));
-        EM_ASSERT_OK(cuda::ExpandFp8Scales(sc[sc.size() - 2]->get(), rows, cols, sc.back()->get(), nullptr));
+        ASSERT_OK(cuda::ExpandFp8Scales(sc[sc.size() - 2]->get(), rows, cols, sc.back()->get(), nullptr));
         (m == &ex.gate_up ? gw.gate_up : gw.down).push_back(q8.back()->get());
         (m == &ex.gate_up ? gw.gate_up_scale : gw.down_scale).push_back(sc.back()->get());
       } else {
@@ -262,17 +262,17 @@ void RunMoe(bool fp8) {
   DeviceBuffer<float> dl(logits), dwts(T * K);
   DeviceBuffer<int32_t> dids(T * K), doff(E + 1), dpos(T * K);
   DeviceBuffer<uint16_t> dx(xb), dxp(T * K * H), dop(T * K * H), dy(T * H);
-  EM_ASSERT_OK(cuda::Route(dl.get(), nullptr, T, mw.router_params, dids.get(), dwts.get(), ctx->stream()));
-  EM_ASSERT_OK(cuda::ExpertLayout(*ctx, dids.get(), T, K, E, doff.get(), dpos.get()));
-  EM_ASSERT_OK(cuda::Permute(dx.get(), T, H, dpos.get(), K, dxp.get(), ctx->stream()));
+  ASSERT_OK(cuda::Route(dl.get(), nullptr, T, mw.router_params, dids.get(), dwts.get(), ctx->stream()));
+  ASSERT_OK(cuda::ExpertLayout(*ctx, dids.get(), T, K, E, doff.get(), dpos.get()));
+  ASSERT_OK(cuda::Permute(dx.get(), T, H, dpos.get(), K, dxp.get(), ctx->stream()));
   const auto off32 = doff.Download();
   std::vector<int64_t> off(off32.begin(), off32.end());
-  EM_ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop.get()));
-  EM_ASSERT_OK(cuda::Combine(dop.get(), dpos.get(), dwts.get(), T, K, H, dy.get(), false, ctx->stream()));
-  EM_ASSERT_OK(ctx->Synchronize());
+  ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop.get()));
+  ASSERT_OK(cuda::Combine(dop.get(), dpos.get(), dwts.get(), T, K, H, dy.get(), false, ctx->stream()));
+  ASSERT_OK(ctx->Synchronize());
   // Offsets read on the device (ExpertLayout's) give the same rows as uploaded ones.
   DeviceBuffer<uint16_t> dop2(T * K * H);
-  EM_ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop2.get(), doff.get()));
+  ASSERT_OK(cuda::GroupedExperts(*ctx, gw, dxp.get(), off.data(), dop2.get(), doff.get()));
   const auto rows_a = dop.Download(), rows_b = dop2.Download();
   EXPECT_EQ(0, std::memcmp(rows_a.data(), rows_b.data(), off[E] * H * 2)) << "device offsets change the result";
   std::string counts;

@@ -24,6 +24,7 @@
 
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "tests/common/status_matchers.h"
 #include "topology/placement.h"
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/registry.h"
@@ -40,12 +41,6 @@ namespace {
     if (!CudaEngineAvailable(&em_why_)) { \
       GTEST_SKIP() << em_why_;            \
     }                                     \
-  } while (0)
-
-#define EM_ASSERT_OK(expr)                         \
-  do {                                             \
-    const ::absl::Status em_st_ = (expr);          \
-    ASSERT_TRUE(em_st_.ok()) << em_st_.ToString(); \
   } while (0)
 
 constexpr uint64_t kSeed = 5;
@@ -97,9 +92,9 @@ struct Twin {
     }
     std::vector<float> lc, lg;
     absl::Status s = cpu->Forward(cs, &lc);
-    EXPECT_TRUE(s.ok()) << s;
+    EXPECT_OK(s);
     s = gpu->Forward(gs, &lg);
-    EXPECT_TRUE(s.ok()) << s;
+    EXPECT_OK(s);
     if (lc.size() != lg.size()) {
       ADD_FAILURE() << "logits sizes " << lc.size() << " vs " << lg.size();
       return 1e9;
@@ -131,10 +126,10 @@ CudaEngineOptions Opts(CudaPrecision p, bool graphs) {
 void RunScript(CudaPrecision prec, double tol) {
   const ModelConfig cfg = Tiny();
   auto shard = ModelShard::Random(cfg, ShardFilter{}, kSeed);
-  ASSERT_TRUE(shard.ok()) << shard.status();
+  ASSERT_OK(shard);
   Engine cpu(shard->get());
   auto gpu = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, true));
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  ASSERT_OK(gpu);
   Twin tw{&cpu, gpu->get(), {}, {}, cfg.vocab_size};
   std::mt19937 rng(7);
   const int a = tw.Add(), b = tw.Add(), c = tw.Add();
@@ -206,8 +201,8 @@ TEST(CudaEngine, GraphReplayEqualsEager) {
       se.push_back({es[i], prompts[i].data(), static_cast<int64_t>(prompts[i].size())});
     }
     std::vector<float> lg, le;
-    EM_ASSERT_OK((*g)->Forward(sg, &lg));
-    EM_ASSERT_OK((*e)->Forward(se, &le));
+    ASSERT_OK((*g)->Forward(sg, &lg));
+    ASSERT_OK((*e)->Forward(se, &le));
     std::vector<int32_t> next(4);
     for (int step = 0; step < 24; ++step) {
       ASSERT_EQ(lg.size(), le.size());
@@ -221,8 +216,8 @@ TEST(CudaEngine, GraphReplayEqualsEager) {
         sg.push_back({gs[i], &next[i], 1});
         se.push_back({es[i], &next[i], 1});
       }
-      EM_ASSERT_OK((*g)->Forward(sg, &lg));
-      EM_ASSERT_OK((*e)->Forward(se, &le));
+      ASSERT_OK((*g)->Forward(sg, &lg));
+      ASSERT_OK((*e)->Forward(se, &le));
     }
     EXPECT_GE((*g)->stats().graph_captures, 2);
     EXPECT_GT((*g)->stats().graph_replays, 20);
@@ -253,31 +248,31 @@ TEST(CudaEngine, PipelineStagesEqualWholeModel) {
   const auto a0 = (*s0)->NewSequence(), a1 = (*s0)->NewSequence();
   const auto b0 = (*s1)->NewSequence(), b1 = (*s1)->NewSequence();
   std::vector<float> want, got, hidden;
-  EM_ASSERT_OK((*whole)->Forward({{w0, p0.data(), 9}, {w1, p1.data(), 4}}, &want));
+  ASSERT_OK((*whole)->Forward({{w0, p0.data(), 9}, {w1, p1.data(), 4}}, &want));
   CudaEngine::StageIo io0;
   io0.hidden_out = &hidden;
-  EM_ASSERT_OK((*s0)->Step({{a0, p0.data(), 9}, {a1, p1.data(), 4}}, io0));
+  ASSERT_OK((*s0)->Step({{a0, p0.data(), 9}, {a1, p1.data(), 4}}, io0));
   ASSERT_EQ(hidden.size(), static_cast<size_t>(13 * cfg.hidden_size));
   CudaEngine::StageIo io1;
   io1.hidden_in = hidden.data();
   io1.logits = &got;
-  EM_ASSERT_OK((*s1)->Step({{b0, nullptr, 9}, {b1, nullptr, 4}}, io1));
+  ASSERT_OK((*s1)->Step({{b0, nullptr, 9}, {b1, nullptr, 4}}, io1));
   ASSERT_EQ(got.size(), want.size());
   EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
   // A decode step of one sequence (the other idle, n == 0) with the hidden
   // states left on the device.
   const int32_t t0 = Argmax(want.data(), cfg.vocab_size);
-  EM_ASSERT_OK((*whole)->Forward({{w0, &t0, 1}}, &want));
+  ASSERT_OK((*whole)->Forward({{w0, &t0, 1}}, &want));
   const float* dev_hidden = nullptr;
   CudaEngine::StageIo io2;
   io2.device_hidden_out = &dev_hidden;
-  EM_ASSERT_OK((*s0)->Step({{a0, &t0, 1}, {a1, nullptr, 0}}, io2));
+  ASSERT_OK((*s0)->Step({{a0, &t0, 1}, {a1, nullptr, 0}}, io2));
   ASSERT_NE(dev_hidden, nullptr);
   CudaEngine::StageIo io3;
   io3.hidden_in = dev_hidden;
   io3.hidden_on_device = true;
   io3.logits = &got;
-  EM_ASSERT_OK((*s1)->Step({{b0, nullptr, 1}, {b1, nullptr, 0}}, io3));
+  ASSERT_OK((*s1)->Step({{b0, nullptr, 1}, {b1, nullptr, 0}}, io3));
   ASSERT_EQ(got.size(), want.size());
   EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
   EXPECT_EQ((*s1)->SequenceLength(b0), 10);
@@ -306,8 +301,8 @@ TEST(CudaEngine, GenerateSplitsLargeSteps) {
   }
   auto ra = GenerateBatchCuda(a->get(), reqs);
   auto rb = GenerateBatchCuda(b->get(), reqs);
-  ASSERT_TRUE(ra.ok()) << ra.status();
-  ASSERT_TRUE(rb.ok()) << rb.status();
+  ASSERT_OK(ra);
+  ASSERT_OK(rb);
   for (size_t i = 0; i < reqs.size(); ++i) {
     EXPECT_EQ((*ra)[i].tokens, (*rb)[i].tokens) << "prompt " << i;
     EXPECT_EQ((*ra)[i].prefill_logits, (*rb)[i].prefill_logits) << "prompt " << i;
@@ -321,7 +316,7 @@ TEST(CudaEngine, ErrorsSayWhatToDo) {
   CudaEngineOptions o = Opts(CudaPrecision::kBf16, true);
   o.cache_tokens = 32;  // two pages of 16
   auto g = CudaEngine::Random(cfg, ShardFilter{}, kSeed, o);
-  ASSERT_TRUE(g.ok()) << g.status();
+  ASSERT_OK(g);
   std::vector<int32_t> toks(40, 1);
   std::vector<float> logits;
   const auto s = (*g)->NewSequence();
@@ -331,7 +326,7 @@ TEST(CudaEngine, ErrorsSayWhatToDo) {
   st = (*g)->Forward({{12345, toks.data(), 1}}, &logits);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
   // The engine is still usable after the refusals.
-  EM_ASSERT_OK((*g)->Forward({{s, toks.data(), 20}}, &logits));
+  ASSERT_OK((*g)->Forward({{s, toks.data(), 20}}, &logits));
   EXPECT_EQ(logits.size(), static_cast<size_t>(cfg.vocab_size));
 }
 
@@ -354,33 +349,33 @@ TEST(CudaEngine, Fp8CheckpointNativeWeights) {
   go.out_dir = dir;
   go.dtype = "fp8";
   go.seed = 9;
-  EM_ASSERT_OK(GenerateCheckpoint(cfg, go));
+  ASSERT_OK(GenerateCheckpoint(cfg, go));
   auto shard = ModelShard::Load(dir, ShardFilter{});
-  ASSERT_TRUE(shard.ok()) << shard.status();
+  ASSERT_OK(shard);
   Engine cpu(shard->get());
   std::mt19937 rng(2);
   const auto p0 = RandomTokens(rng, 150, cfg.vocab_size), p1 = RandomTokens(rng, 3, cfg.vocab_size);
   std::vector<float> want;
   SequenceCache c0 = cpu.NewCache(), c1 = cpu.NewCache();
-  EM_ASSERT_OK(cpu.Forward({{&c0, p0.data(), 150}, {&c1, p1.data(), 3}}, &want));
+  ASSERT_OK(cpu.Forward({{&c0, p0.data(), 150}, {&c1, p1.data(), 3}}, &want));
   const int32_t n0 = Argmax(want.data(), cfg.vocab_size), n1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
   std::vector<float> want2;
-  EM_ASSERT_OK(cpu.Forward({{&c0, &n0, 1}, {&c1, &n1, 1}}, &want2));
+  ASSERT_OK(cpu.Forward({{&c0, &n0, 1}, {&c1, &n1, 1}}, &want2));
   for (CudaPrecision prec : {CudaPrecision::kFp32, CudaPrecision::kBf16}) {
     CudaEngineOptions o = Opts(prec, true);
     o.decode_expert_rows = 512;  // the 153-token prefill (1224 routed rows) takes the cuBLASLt expert path
     auto gpu = CudaEngine::Load(dir, ShardFilter{}, o);
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    ASSERT_OK(gpu);
     const std::string d = (*gpu)->Describe();
     std::printf("[ info ] %s\n", d.c_str());
     if (prec == CudaPrecision::kBf16) EXPECT_NE(d.find("fp8 weights"), std::string::npos) << d;
     const double tol = prec == CudaPrecision::kFp32 ? 1e-4 : 0.5;
     CudaSequence g0(gpu->get()), g1(gpu->get());
     std::vector<float> got;
-    EM_ASSERT_OK((*gpu)->Forward({{g0.id(), p0.data(), 150}, {g1.id(), p1.data(), 3}}, &got));
+    ASSERT_OK((*gpu)->Forward({{g0.id(), p0.data(), 150}, {g1.id(), p1.data(), 3}}, &got));
     ASSERT_EQ(got.size(), want.size());
     const double e1 = RelErr(got.data(), want.data(), static_cast<int64_t>(want.size()));
-    EM_ASSERT_OK((*gpu)->Forward({{g0.id(), &n0, 1}, {g1.id(), &n1, 1}}, &got));
+    ASSERT_OK((*gpu)->Forward({{g0.id(), &n0, 1}, {g1.id(), &n1, 1}}, &got));
     const double e2 = RelErr(got.data(), want2.data(), static_cast<int64_t>(want2.size()));
     std::printf("[ info ] fp8 checkpoint, %s engine: logits error %.3g (prefill), %.3g (decode)\n",
                 CudaPrecisionName(prec), e1, e2);
@@ -411,7 +406,7 @@ TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
       std::printf("[ info ] ucx: no one-rank communicator here (%s); not tested\n", c.status().ToString().c_str());
       continue;
     }
-    ASSERT_TRUE(c.ok()) << backend << ": " << c.status();
+    ASSERT_OK(c) << backend;
     std::map<int64_t, topology::ExpertPlacement> placements;
     for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
       if (cfg.IsMoeLayer(l)) placements[l] = topology::ExpertPlacement::Uniform(cfg.n_routed_experts, 1);
@@ -421,7 +416,7 @@ TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
       auto ep = CudaEngine::Random(cfg, ShardFilter{}, kSeed, Opts(prec, false));
       ASSERT_TRUE(local.ok() && ep.ok());
       auto ex = CudaEpExchange::Create(ep->get(), c->get(), &placements, CudaEpOptions{});
-      ASSERT_TRUE(ex.ok()) << ex.status();
+      ASSERT_OK(ex);
       int64_t routed = 0;
       (*ex)->set_on_route([&](int64_t, const int32_t*, int64_t n) { routed += n; });
       (*ep)->SetExpertExchange(ex->get());
@@ -429,16 +424,16 @@ TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
       const auto p0 = RandomTokens(rng, 13, cfg.vocab_size), p1 = RandomTokens(rng, 2, cfg.vocab_size);
       CudaSequence a0(local->get()), a1(local->get()), b0(ep->get()), b1(ep->get());
       std::vector<float> want, got;
-      EM_ASSERT_OK((*local)->Forward({{a0.id(), p0.data(), 13}, {a1.id(), p1.data(), 2}}, &want));
-      EM_ASSERT_OK((*ep)->Forward({{b0.id(), p0.data(), 13}, {b1.id(), p1.data(), 2}}, &got));
+      ASSERT_OK((*local)->Forward({{a0.id(), p0.data(), 13}, {a1.id(), p1.data(), 2}}, &want));
+      ASSERT_OK((*ep)->Forward({{b0.id(), p0.data(), 13}, {b1.id(), p1.data(), 2}}, &got));
       for (int step = 0; step < 4; ++step) {
         ASSERT_EQ(got.size(), want.size());
         EXPECT_LE(RelErr(got.data(), want.data(), static_cast<int64_t>(want.size())), 1e-6)
             << backend << " " << CudaPrecisionName(prec) << " step " << step;
         const int32_t t0 = Argmax(want.data(), cfg.vocab_size),
                       t1 = Argmax(want.data() + cfg.vocab_size, cfg.vocab_size);
-        EM_ASSERT_OK((*local)->Forward({{a0.id(), &t0, 1}, {a1.id(), &t1, 1}}, &want));
-        EM_ASSERT_OK((*ep)->Forward({{b0.id(), &t0, 1}, {b1.id(), &t1, 1}}, &got));
+        ASSERT_OK((*local)->Forward({{a0.id(), &t0, 1}, {a1.id(), &t1, 1}}, &want));
+        ASSERT_OK((*ep)->Forward({{b0.id(), &t0, 1}, {b1.id(), &t1, 1}}, &got));
       }
       EXPECT_EQ(routed, (15 + 2 * 4) * cfg.num_experts_per_tok * static_cast<int64_t>(placements.size()));
       EXPECT_EQ((*ep)->stats().graph_replays, 0);  // steps with an exchange run eagerly

@@ -26,6 +26,7 @@
 #include "common/config.h"
 #include "common/dtype.h"
 #include "kernels/cpu/kernels.h"
+#include "tests/common/status_matchers.h"
 #include "worker/cuda_engine.h"
 #include "worker/moe.h"
 
@@ -38,12 +39,6 @@ namespace {
     if (!worker::CudaEngineAvailable(&em_why_)) { \
       GTEST_SKIP() << em_why_;                    \
     }                                             \
-  } while (0)
-
-#define EM_ASSERT_OK(expr)                         \
-  do {                                             \
-    const ::absl::Status em_st_ = (expr);          \
-    ASSERT_TRUE(em_st_.ok()) << em_st_.ToString(); \
   } while (0)
 
 uint64_t Seed() {
@@ -143,7 +138,7 @@ TEST(EngineOps, GemmF32MatchesLinear) {
         a.N = N;
         a.K = K;
         a.accumulate = acc;
-        EM_ASSERT_OK(GemmF32(a, nullptr));
+        ASSERT_OK(GemmF32(a, nullptr));
         EXPECT_LE(RelErr(dy.get<float>(M * N), want), 1e-5) << M << "x" << N << "x" << K << " kn=" << kn;
       }
     }
@@ -202,7 +197,7 @@ TEST(EngineOps, MlaDecodeF32MatchesAbsorbed) {
   p.page_size = P;
   p.max_pages = MP;
   p.softmax_scale = s.softmax_scale;
-  EM_ASSERT_OK(MlaDecodeF32(p, nullptr));
+  ASSERT_OK(MlaDecodeF32(p, nullptr));
   const auto o_lat = dout.get<float>(B * H * L);
   std::vector<float> got(B * H * dv);  // out[h] = o_lat[h] . W_uv[h]^T on the host
   for (int64_t b = 0; b < B; ++b) {
@@ -254,7 +249,7 @@ TEST(EngineOps, KvAppendNormsAndRotates) {
     a.slots = ds.as<int32_t>();
     a.inv_freq = freq.as<double>();
     a.cache = dc.p;
-    EM_ASSERT_OK(KvAppend(a, nullptr));
+    ASSERT_OK(KvAppend(a, nullptr));
     const std::vector<float> got = bf ? FromBf16Bits(dc.get<uint16_t>(rows * D)) : dc.get<float>(rows * D);
     EXPECT_LE(RelErr(got, want), bf ? 1e-2 : 1e-6) << (bf ? "bf16" : "fp32");
   }
@@ -283,7 +278,7 @@ TEST(EngineOps, RowNormGatherStridesAndTypes) {
     a.y = dy.p;
     a.y_type = yt;
     a.y_stride = ys;
-    EM_ASSERT_OK(RowRmsNorm(a, nullptr));
+    ASSERT_OK(RowRmsNorm(a, nullptr));
     std::vector<float> got = yt == Act::kF32 ? dy.get<float>(n * ys) : FromBf16Bits(dy.get<uint16_t>(n * ys));
     for (int64_t r = 0; r < n; ++r) std::fill(got.begin() + r * ys + H, got.begin() + (r + 1) * ys, 0.0f);
     EXPECT_LE(RelErr(got, want), yt == Act::kF32 ? 1e-6 : 1e-2);
@@ -378,7 +373,7 @@ TEST(EngineOps, GroupedSwiGluFfnMatchesRunExpert) {
       a.x_perm = dx.p;
       a.act_buf = dact.p;
       a.out_perm = dout.p;
-      EM_ASSERT_OK(GroupedSwiGluFfn(a, nullptr));
+      ASSERT_OK(GroupedSwiGluFfn(a, nullptr));
       const std::vector<float> got = ba ? FromBf16Bits(dout.get<uint16_t>(rows * H)) : dout.get<float>(rows * H);
       const double tol = ba || bw ? 2e-2 : 1e-5;
       EXPECT_LE(RelErr(got, want), tol) << "weights " << static_cast<int>(wt) << " activations "
@@ -396,7 +391,7 @@ TEST(EngineOps, MovesGathersAndAdds) {
   const std::vector<float> wts = {0.5f, 1.0f, 0.25f, 2.0f, -1.0f, 0.125f, 1.0f, 1.0f, 3.0f, 0.5f, 0.5f, 0.5f};
   // Permute, then CombineAdd back with the weights.
   Dev dx(x), dp(pos), dperm(9 * H * 4), dw(wts), dy(y0);
-  EM_ASSERT_OK(PermuteF32(dx.as<float>(), T, H, dp.as<int32_t>(), k, dperm.as<float>(), nullptr));
+  ASSERT_OK(PermuteF32(dx.as<float>(), T, H, dp.as<int32_t>(), k, dperm.as<float>(), nullptr));
   const auto perm = dperm.get<float>(9 * H);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < k; ++j) {
@@ -404,7 +399,7 @@ TEST(EngineOps, MovesGathersAndAdds) {
       for (int64_t h = 0; h < H; ++h) ASSERT_EQ(perm[pos[t * k + j] * H + h], x[t * H + h]);
     }
   }
-  EM_ASSERT_OK(CombineAddF32(dperm.p, Act::kF32, dp.as<int32_t>(), dw.as<float>(), T, k, H, dy.as<float>(), nullptr));
+  ASSERT_OK(CombineAddF32(dperm.p, Act::kF32, dp.as<int32_t>(), dw.as<float>(), T, k, H, dy.as<float>(), nullptr));
   const auto y = dy.get<float>(T * H);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
@@ -417,17 +412,17 @@ TEST(EngineOps, MovesGathersAndAdds) {
   }
   // Embedding into fp32, gather, per-token record sums.
   Dev dt(table), di(ids), de(T * H * 4);
-  EM_ASSERT_OK(EmbedRowsF32(dt.p, Act::kF32, H, di.as<int32_t>(), T, de.as<float>(), nullptr));
+  ASSERT_OK(EmbedRowsF32(dt.p, Act::kF32, H, di.as<int32_t>(), T, de.as<float>(), nullptr));
   const auto emb = de.get<float>(T * H);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) ASSERT_EQ(emb[t * H + h], table[ids[t] * H + h]);
   }
   Dev dg(T * H * 4);
-  EM_ASSERT_OK(GatherRows(dt.p, Act::kF32, H, di.as<int32_t>(), T, dg.p, nullptr));
+  ASSERT_OK(GatherRows(dt.p, Act::kF32, H, di.as<int32_t>(), T, dg.p, nullptr));
   EXPECT_EQ(dg.get<float>(T * H), emb);
   const std::vector<int32_t> start = {0, 2, 2, 5, 6}, rec = {5, 0, 1, 3, 2, 4};
   Dev dr(rowsv), dst(start), drec(rec), dy2(y0);
-  EM_ASSERT_OK(AddRecordRows(dr.as<float>(), H, dst.as<int32_t>(), drec.as<int32_t>(), T, dy2.as<float>(), nullptr));
+  ASSERT_OK(AddRecordRows(dr.as<float>(), H, dst.as<int32_t>(), drec.as<int32_t>(), T, dy2.as<float>(), nullptr));
   const auto y2 = dy2.get<float>(T * H);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
@@ -437,7 +432,7 @@ TEST(EngineOps, MovesGathersAndAdds) {
     }
   }
   Dev da(x), dsum(y0);
-  EM_ASSERT_OK(AddInto(da.p, Act::kF32, T * H, dsum.as<float>(), nullptr));
+  ASSERT_OK(AddInto(da.p, Act::kF32, T * H, dsum.as<float>(), nullptr));
   const auto s = dsum.get<float>(T * H);
   for (int64_t i = 0; i < T * H; ++i) ASSERT_EQ(s[i], y0[i] + x[i]);
 }

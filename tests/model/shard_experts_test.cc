@@ -17,7 +17,7 @@ using testing_util::TempDir;
 
 std::string WriteTiny(const std::string& dir, const std::string& dtype) {
   auto cfg = ModelConfig::Preset("tiny");
-  EXPECT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_OK(cfg);
   GenerateOptions g;
   g.out_dir = dir + "/" + dtype;
   g.dtype = dtype;
@@ -35,7 +35,7 @@ std::unique_ptr<ModelShard> Shard(const std::string& dir, std::function<bool(int
   f.head = false;
   f.expert = std::move(pick);
   auto s = ModelShard::Load(dir, f);
-  EXPECT_TRUE(s.ok()) << s.status();
+  EXPECT_OK(s);
   return s.ok() ? *std::move(s) : nullptr;
 }
 
@@ -65,7 +65,7 @@ TEST_P(ShardExpertsTest, StagedExpertsEqualLoadedOnesAndReplaceSwapsThem) {
     }
   }
   auto staged = ModelShard::LoadExperts(dir, need);
-  ASSERT_TRUE(staged.ok()) << staged.status();
+  ASSERT_OK(staged);
   ASSERT_EQ(staged->size(), 3u);
   EXPECT_EQ(staged->at(2).size(), 32u);
   ASSERT_TRUE(shard->ReplaceExperts(*std::move(staged), keep).ok());
@@ -97,7 +97,7 @@ TEST(ShardExperts, ErrorsChangeNothing) {
                "out of range");
   EXPECT_ERROR(ModelShard::LoadExperts(tmp.path() + "/nope", {{1, {1}}}), absl::StatusCode::kNotFound, "nope");
   auto staged = ModelShard::LoadExperts(dir, {{1, {100}}});
-  ASSERT_TRUE(staged.ok()) << staged.status();
+  ASSERT_OK(staged);
   // Keeping an expert that is neither loaded nor given: refused, nothing unloaded.
   EXPECT_ERROR(shard->ReplaceExperts(*staged, {{1, {100, 200}}}), absl::StatusCode::kFailedPrecondition, "expert 200",
                "neither loaded nor given");

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/cluster.h"
 #include "topology/discover.h"
 #include "topology/workload.h"
@@ -45,7 +46,7 @@ TEST(ClusterTest, ShippedTopologiesParse) {
   int n = 0;
   for (const auto& f : std::filesystem::directory_iterator(kExamples + "/topologies")) {
     auto c = LoadClusterFile(f.path().string());
-    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_OK(c);
     EXPECT_GE(c->nodes, 1);
     EXPECT_GT(c->node.device.GemmFlops(), 0);
     EXPECT_GT(c->FabricBytesPerS(), 0);
@@ -56,7 +57,7 @@ TEST(ClusterTest, ShippedTopologiesParse) {
 
 TEST(ClusterTest, ValidDocumentAndUnits) {
   auto c = ParseClusterYaml(Valid(), "mem.yaml");
-  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_OK(c);
   EXPECT_DOUBLE_EQ(c->NicBytesPerSPerDevice(), 50e9);  // 400 Gb/s per GPU = 50 GB/s
   EXPECT_DOUBLE_EQ(c->FabricBytesPerS(), 160e9);
   EXPECT_EQ(c->node.device.gemm_dtype, "fp8");
@@ -104,9 +105,9 @@ TEST(ClusterTest, BadYamlAndMissingNics) {
 
 TEST(ClusterTest, YamlRoundTrip) {
   auto c = LoadClusterFile(kExamples + "/topologies/h800.yaml");
-  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_OK(c);
   auto again = ParseClusterYaml(ClusterToYaml(*c), "roundtrip");
-  ASSERT_TRUE(again.ok()) << again.status() << "\n" << ClusterToYaml(*c);
+  ASSERT_OK(again) << ClusterToYaml(*c);
   EXPECT_EQ(again->node.device.kind, c->node.device.kind);
   EXPECT_DOUBLE_EQ(again->node.device.efficiency.gemm_fp8, c->node.device.efficiency.gemm_fp8);
   EXPECT_DOUBLE_EQ(again->node.nics.alltoall_efficiency_normal, c->node.nics.alltoall_efficiency_normal);
@@ -114,10 +115,10 @@ TEST(ClusterTest, YamlRoundTrip) {
 
 TEST(DiscoverTest, LocalMachineIsAValidTopology) {
   auto c = DiscoverLocalMachine();
-  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_OK(c);
   EXPECT_GE(c->node.device.count, 1);
   auto again = ParseClusterYaml(ClusterToYaml(*c), "discovered");
-  ASSERT_TRUE(again.ok()) << again.status() << "\n" << ClusterToYaml(*c);
+  ASSERT_OK(again) << ClusterToYaml(*c);
 }
 
 TEST(DiscoverTest, NvidiaSmiParsers) {
@@ -141,9 +142,9 @@ TEST(WorkloadTest, ShippedWorkloadsParse) {
   for (const auto& f : std::filesystem::directory_iterator(kExamples + "/workloads")) {
     if (f.path().extension() != ".yaml") continue;
     auto w = LoadWorkloadFile(f.path().string());
-    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_OK(w);
     auto loads = w->expert_load.Loads(58, 256);
-    ASSERT_TRUE(loads.ok()) << f.path() << ": " << loads.status();
+    ASSERT_OK(loads) << f.path();
     double sum = 0;
     for (double v : (*loads)[0]) sum += v;
     EXPECT_NEAR(sum, 1.0, 1e-9);
@@ -167,9 +168,9 @@ TEST(WorkloadTest, ExpertLoadFile) {
   auto w = ParseWorkloadYaml("name: w\nprompt_tokens: 10\noutput_tokens: 1\nexpert_load: {distribution: file, file: "
                              "loads.json}\n",
                              "w.yaml", testing::TempDir());
-  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_OK(w);
   auto loads = w->expert_load.Loads(2, 4);
-  ASSERT_TRUE(loads.ok()) << loads.status();
+  ASSERT_OK(loads);
   EXPECT_DOUBLE_EQ((*loads)[0][2], 3.0 / 8.0);
   EXPECT_DOUBLE_EQ((*loads)[1][0], 0.5);
   EXPECT_FALSE(w->expert_load.Loads(3, 4).ok());   // layer count mismatch

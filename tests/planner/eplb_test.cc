@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/eplb.h"
 #include "topology/workload.h"
 
@@ -21,7 +22,7 @@ TEST(EplbTest, MatchesThePublishedExample) {
   o.num_groups = 4;
   o.redundant = 4;
   auto p = RebalanceExperts(kExample, o);
-  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_OK(p);
   const ExpertPlacement& l0 = (*p)[0];
   // Groups {1, 2} (experts 3-8) on node 0 with replicas of 5 and 4; groups
   // {0, 3} on node 1 with replicas of 10 and 1 (EPLB example.png).
@@ -51,7 +52,7 @@ TEST(EplbTest, EveryExpertPlacedHotExpertsReplicatedBalanced) {
     o.redundant = 32;
     o.policy = policy;
     auto p = RebalanceExperts(*loads, o);
-    ASSERT_TRUE(p.ok()) << p.status();
+    ASSERT_OK(p);
     for (size_t l = 0; l < loads->size(); ++l) {
       const ExpertPlacement& pl = (*p)[l];
       EXPECT_EQ(pl.num_slots(), 288);
@@ -74,12 +75,12 @@ TEST(EplbTest, EveryExpertPlacedHotExpertsReplicatedBalanced) {
 TEST(EplbTest, UniformLoad) {
   // EP32, 288 slots: 7 whole experts + 2 half replicas per rank, perfectly balanced.
   auto p = RebalanceExperts({std::vector<double>(256, 1.0)}, EplbOptions{32, 8, 8, 32, EplbOptions::Policy::kAuto});
-  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_OK(p);
   EXPECT_NEAR(ImbalanceFactor((*p)[0], std::vector<double>(256, 1.0)), 1.0, 1e-9);
   // EP144, 2 slots per rank: 224 unreplicated experts cannot avoid pairing up on
   // 80 ranks, so the busiest rank carries 2 / (256 / 144) = 1.125 x the mean.
   p = RebalanceExperts({std::vector<double>(256, 1.0)}, EplbOptions{144, 8, 8, 32, EplbOptions::Policy::kAuto});
-  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_OK(p);
   EXPECT_NEAR(ImbalanceFactor((*p)[0], std::vector<double>(256, 1.0)), 1.125, 1e-9);
 }
 
@@ -101,7 +102,7 @@ TEST(EplbTest, PlacesTheRuntimePlan) {
   po.ep = 4;
   po.redundant_experts = 4;
   auto plan = BuildPlan(cfg, po);
-  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_OK(plan);
   std::vector<double> hot(256, 1.0);
   hot[17] = 50;
   ASSERT_TRUE(PlaceExpertsWithEplb(cfg, {{1, hot}}, 2, &*plan).ok());

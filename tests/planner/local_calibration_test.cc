@@ -14,6 +14,7 @@
 
 #include "common/config.h"
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/batch_job.h"
 #include "topology/calibration.h"
 #include "topology/cluster.h"
@@ -42,11 +43,11 @@ Deployment Decode(int64_t pp, int64_t ep, int64_t batch_per_device) {
 
 TEST(LocalCalibrationTest, ServeRunsPredictedWithinTwentyPercent) {
   auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ASSERT_OK(cluster);
   auto w = LoadWorkloadFile(kDir + "/workload.yaml");
-  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_OK(w);
   auto runs = ReadBenchResults({kDir + "/serve-measured.json"});
-  ASSERT_TRUE(runs.ok()) << runs.status();
+  ASSERT_OK(runs);
   int checked = 0;
   for (const auto& m : *runs) {
     if (!m.contains("stages")) continue;
@@ -62,7 +63,7 @@ TEST(LocalCalibrationTest, ServeRunsPredictedWithinTwentyPercent) {
     int64_t red = 0;
     while ((cfg->n_routed_experts + red) % ep != 0) ++red;
     auto r = SimulateBatchJob(*cfg, *cluster, *w, 1, pp, ep, red, job);
-    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_OK(r);
     const double measured = m["tokens_per_s"].get<double>();
     const double err = (r->tokens_per_s - measured) / measured;
     EXPECT_LE(std::abs(err), kBound) << m["_command"].get<std::string>() << ": predicted " << r->tokens_per_s
@@ -74,13 +75,13 @@ TEST(LocalCalibrationTest, ServeRunsPredictedWithinTwentyPercent) {
 
 TEST(LocalCalibrationTest, CommittedTopologyIsTheCalibrationOfTheCommittedBenchmarks) {
   auto base = LoadClusterFile(kSrc + "/examples/topologies/cpu-2core.yaml");
-  ASSERT_TRUE(base.ok()) << base.status();
+  ASSERT_OK(base);
   auto benches = ReadBenchResults({kDir + "/bench.json"});
-  ASSERT_TRUE(benches.ok()) << benches.status();
+  ASSERT_OK(benches);
   auto cal = CalibrateCpuHost(*base, *benches);
-  ASSERT_TRUE(cal.ok()) << cal.status();
+  ASSERT_OK(cal);
   auto committed = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
-  ASSERT_TRUE(committed.ok()) << committed.status();
+  ASSERT_OK(committed);
   const DeviceSpec &a = cal->cluster.node.device, &b = committed->node.device;
   auto near = [](double x, double y) { return std::abs(x - y) <= 1e-3 * std::max(std::abs(x), std::abs(y)) + 1e-9; };
   EXPECT_TRUE(near(a.hbm_gbytes_per_s, b.hbm_gbytes_per_s)) << a.hbm_gbytes_per_s << " vs " << b.hbm_gbytes_per_s;
@@ -101,18 +102,18 @@ TEST(LocalCalibrationTest, CommittedTopologyIsTheCalibrationOfTheCommittedBenchm
 
 TEST(LocalCalibrationTest, SharedCoresBoundTheStageStep) {
   auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ASSERT_OK(cluster);
   auto cfg = ModelConfig::Preset("small");
   ASSERT_TRUE(cfg.ok());
   EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(2), 1.0);
   EXPECT_DOUBLE_EQ(cluster->node.device.CoreShare(4), 0.5);
   Deployment d = Decode(/*pp=*/2, /*ep=*/2, /*batch_per_device=*/4);
   auto shared = Simulate(*cfg, *cluster, Workload{}, d);
-  ASSERT_TRUE(shared.ok()) << shared.status();
+  ASSERT_OK(shared);
   Cluster own = *cluster;
   own.node.device.host_cores = 0;  // every process on its own core
   auto alone = Simulate(*cfg, own, Workload{}, d);
-  ASSERT_TRUE(alone.ok()) << alone.status();
+  ASSERT_OK(alone);
   // 4 processes on 2 cores: a step lasts the CPU time of all of them / 2.
   ASSERT_EQ(alone->stage_times_ms.size(), 2u);
   const double cpu = 2 * (alone->stage_times_ms[0] + alone->stage_times_ms[1]);
@@ -160,7 +161,7 @@ TEST(LocalCalibrationTest, GroupedGemmReadsOnlyTouchedExperts) {
 
 TEST(LocalCalibrationTest, RankSkewChargesTheSlowestEpRank) {
   auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ASSERT_OK(cluster);
   auto cfg = ModelConfig::Preset("small");
   ASSERT_TRUE(cfg.ok());
   Cluster even = *cluster;
@@ -193,9 +194,9 @@ TEST(LocalCalibrationTest, RankSkewChargesTheSlowestEpRank) {
 
 TEST(LocalCalibrationTest, RankSpeedSpreadFromConcurrentCopies) {
   auto base = LoadClusterFile(kSrc + "/examples/topologies/cpu-2core.yaml");
-  ASSERT_TRUE(base.ok()) << base.status();
+  ASSERT_OK(base);
   auto benches = ReadBenchResults({kDir + "/bench.json"});
-  ASSERT_TRUE(benches.ok()) << benches.status();
+  ASSERT_OK(benches);
   // The pooled relative spread of the small preset's concurrent copies.
   double sum = 0;
   int n = 0;
@@ -218,7 +219,7 @@ TEST(LocalCalibrationTest, RankSpeedSpreadFromConcurrentCopies) {
   }
   ASSERT_GT(n, 0);
   auto cal = CalibrateCpuHost(*base, *benches);
-  ASSERT_TRUE(cal.ok()) << cal.status();
+  ASSERT_OK(cal);
   EXPECT_NEAR(cal->cluster.node.device.efficiency.rank_speed_cv, std::sqrt(sum / n), 1e-12);
 }
 
@@ -234,12 +235,12 @@ TEST(LocalCalibrationTest, CpuTimesAddComputeAndMemory) {
 
 TEST(LocalCalibrationTest, JobIsPrefillPassPlusDecodePasses) {
   auto cluster = LoadClusterFile(kSrc + "/examples/topologies/cpu-local-calibrated.yaml");
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ASSERT_OK(cluster);
   auto cfg = ModelConfig::Preset("small");
   ASSERT_TRUE(cfg.ok());
   BatchJob job{16, 64, 32};
   auto r = SimulateBatchJob(*cfg, *cluster, Workload{}, 1, 2, 2, 0, job);
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   EXPECT_EQ(r->sequences_per_lane, 8);
   EXPECT_EQ(r->sequences_per_micro_batch, 4);
   EXPECT_DOUBLE_EQ(r->core_share, 0.5);  // 4 processes on 2 cores
@@ -257,7 +258,7 @@ TEST(LocalCalibrationTest, ExpertLoadFromStatusJson) {
                                           {"layer": 1, "tokens_per_expert": ["0", "4"]}]})";
   }
   auto layers = LoadExpertLoadJson(path);
-  ASSERT_TRUE(layers.ok()) << layers.status();
+  ASSERT_OK(layers);
   ASSERT_EQ(layers->size(), 2u);
   EXPECT_EQ((*layers)[0], (std::vector<double>{0, 4}));  // layer order
   EXPECT_EQ((*layers)[1], (std::vector<double>{3, 1}));

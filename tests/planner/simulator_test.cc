@@ -1,6 +1,7 @@
 // Simulation and search: physical monotonicity, memory sizing, overlap
 // schedules, plan validation messages, Pareto front and fleet sizing.
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/search.h"
 #include "topology/simulator.h"
 
@@ -14,7 +15,7 @@ class SimulatorTest : public testing::Test {
   void SetUp() override {
     cfg_ = *ModelConfig::Preset("deepseek-v3");
     auto c = LoadClusterFile(kExamples + "/topologies/h800.yaml");
-    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_OK(c);
     h800_ = *c;
     w_.prompt_tokens = 4096;
     w_.output_tokens = 0;
@@ -52,7 +53,7 @@ TEST_F(SimulatorTest, DecodeScalesWithBatchAndContext) {
 
 TEST_F(SimulatorTest, MemoryAndLargestBatch) {
   auto r = Simulate(cfg_, h800_, w_, Decode(16, 128));
-  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_OK(r);
   // EP128, 2 experts per GPU: ~22.5 GiB of weights; KV 128 x 4096 x 70,272 B.
   EXPECT_NEAR(r->memory.weights / 1e9, 24.2, 0.5);
   EXPECT_NEAR(r->memory.kv_cache, 128.0 * 4096 * 70272, 1);
@@ -146,7 +147,7 @@ TEST_F(SimulatorTest, SearchFindsAParetoFrontUnderTheSlo) {
   o.max_tpot_ms = 60;
   o.batches = {8, 32, 64, 128};
   auto s = SearchPlans(cfg_, h800_, w_, o);
-  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_OK(s);
   ASSERT_FALSE(s->ranked.empty());
   ASSERT_FALSE(s->pareto.empty());
   for (size_t i = 1; i < s->ranked.size(); ++i) {

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/validation.h"
 
 namespace expertmesh::topology {
@@ -10,7 +11,7 @@ namespace {
 
 TEST(ValidationTest, EveryFigureWithinItsBound) {
   auto rows = RunValidation({});
-  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_OK(rows);
   std::set<std::string> ids;
   for (const auto& r : *rows) {
     ids.insert(r.id);
@@ -27,7 +28,7 @@ TEST(ValidationTest, EveryFigureWithinItsBound) {
 
 TEST(ValidationTest, GoalBoundIsTenPercentExceptDocumentedRows) {
   auto rows = RunValidation({});
-  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_OK(rows);
   for (const auto& r : *rows) {
     // Rows with a wider bound are explained in docs/PLANNER.md ("Where the model misses").
     if (r.id == "production_prefill" || r.id == "production_nodes") continue;

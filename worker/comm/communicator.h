@@ -12,7 +12,9 @@
 //   * "ucx"  — UCX ucp tag API over host memory, bootstrapped through any
 //              Bootstrap (file store, MPI), needs no MPI at run time;
 //   * "nccl" — grouped ncclSend/ncclRecv over device memory (built whenever
-//              NCCL is found).
+//              NCCL is found);
+//   * "inproc" — ranks as threads of one process, messages copied through
+//              shared mailboxes (inproc_communicator.h; tests, experiments).
 //
 // Matching. Messages between one pair of ranks match in the order they are
 // posted: the i-th send from rank a to rank b in a's sequence of batches
@@ -144,7 +146,7 @@ class Communicator {
 
   int rank() const { return rank_; }
   int size() const { return size_; }
-  // "mpi", "ucx" or "nccl".
+  // "mpi", "ucx", "nccl" or "inproc".
   virtual absl::string_view backend() const = 0;
   virtual Caps caps() const = 0;
 

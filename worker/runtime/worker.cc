@@ -16,9 +16,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
-#include "coordinator/plan_proto.h"
 #include "glog/logging.h"
 #include "topology/plan.h"
+#include "topology/plan_proto.h"
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/registry.h"
@@ -37,7 +37,7 @@ namespace {
 
 // The plan from Register, checked against what this worker relies on.
 absl::StatusOr<topology::Plan> PlanFromRegister(const v1::Plan& p) {
-  ASSIGN_OR_RETURN(topology::Plan plan, coordinator::PlanFromProto(p));
+  ASSIGN_OR_RETURN(topology::Plan plan, topology::PlanFromProto(p));
   if (static_cast<int64_t>(plan.stages.size()) != plan.pp || plan.pp < 1 || plan.ep < 1) {
     return absl::DataLossError("plan: stages do not match pp/ep");
   }
@@ -663,18 +663,18 @@ void Worker::HeartbeatLoop() {
 absl::Status Worker::Reregister() {
   LOG(INFO) << "worker " << worker_id_ << ": coordinator does not know this worker (restarted?): registering again";
   v1::RegisterRequest req = MakeRegisterRequest(worker_id_);
-  std::string running;
+  topology::Plan running;
   {
     // What this worker runs: a restarted coordinator without the journal
     // that holds a rebalanced placement adopts it.
     std::lock_guard<std::mutex> l(staging_mu_);
-    *req.mutable_running_plan() = coordinator::PlanToProto(plan_, registered_plan_.checkpoint(),
+    *req.mutable_running_plan() = topology::PlanToProto(plan_, registered_plan_.checkpoint(),
                                                            registered_plan_.model_json(), placement_version_.load());
-    running = plan_.ToJson().dump();
+    running = plan_;
   }
   ASSIGN_OR_RETURN(v1::RegisterResponse reg, client_.Register(req, absl::Now() + o_.register_timeout));
   ASSIGN_OR_RETURN(topology::Plan plan, PlanFromRegister(reg.plan()));
-  if (reg.worker_id() != worker_id_ || plan.ToJson().dump() != running) {
+  if (reg.worker_id() != worker_id_ || plan != running) {
     // The data plane and the loaded shard belong to the old plan.
     LOG(ERROR) << "worker " << worker_id_ << ": the restarted coordinator has another plan; exiting";
     shutdown_ = true;
@@ -1292,7 +1292,7 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
     // Committed while this worker waited for the stage to switch: no step runs now.
     RETURN_IF_ERROR(SwitchPlacement(committed));
   }
-  if (reg->worker_id() != worker_id_ || plan.ToJson() != plan_.ToJson()) {
+  if (reg->worker_id() != worker_id_ || plan != plan_) {
     return absl::FailedPreconditionError("rejoining: the coordinator has another plan or place for this worker");
   }
   committed_placement_ = committed;
