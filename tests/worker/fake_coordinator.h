@@ -283,6 +283,49 @@ class FakeExpertStore : public ExpertStore {
   int replaces_ = 0;
 };
 
+// Sync: assigns `assign` once, collects the tokens, says shutdown once every
+// sequence has finished.
+class Lane {
+ public:
+  explicit Lane(std::vector<v1::SequenceAssignment> assign) : assign_(std::move(assign)) {}
+  v1::SyncResponse Answer(const v1::SyncRequest& req, v1::SyncResponse r) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& u : req.updates()) {
+      for (int32_t t : u.new_tokens()) tokens_[u.seq_id()].push_back(t);
+      if (u.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finished_[u.seq_id()] = u.finish_reason();
+    }
+    if (!sent_ && r.generation() == req.generation()) {
+      for (const auto& a : assign_) *r.add_assign() = a;
+      sent_ = true;
+    }
+    if (sent_ && finished_.size() == assign_.size()) r.set_shutdown(true);
+    return r;
+  }
+  std::map<std::string, std::vector<int32_t>> tokens() {
+    std::lock_guard<std::mutex> l(mu_);
+    return tokens_;
+  }
+  std::map<std::string, v1::FinishReason> finished() {
+    std::lock_guard<std::mutex> l(mu_);
+    return finished_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::SequenceAssignment> assign_;
+  bool sent_ = false;
+  std::map<std::string, std::vector<int32_t>> tokens_;
+  std::map<std::string, v1::FinishReason> finished_;
+};
+
+inline v1::SequenceAssignment Greedy(const std::string& id, const std::vector<int32_t>& prompt, int n) {
+  v1::SequenceAssignment a;
+  a.set_seq_id(id);
+  for (int32_t t : prompt) a.mutable_request()->add_tokens(t);
+  a.mutable_request()->set_max_new_tokens(n);
+  return a;
+}
+
 // Polls `cond` until it holds or `timeout` passes.
 inline bool WaitFor(const std::function<bool()>& cond, absl::Duration timeout = absl::Seconds(10)) {
   const absl::Time end = absl::Now() + timeout;
