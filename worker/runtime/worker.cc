@@ -80,7 +80,7 @@ void Add(std::atomic<double>* a, double v) { a->store(a->load(std::memory_order_
 
 double Seconds(absl::Time since) { return absl::ToDoubleSeconds(absl::Now() - since); }
 
-// ------------------------------------------------------------ MoE runners with load counting
+// ------------------------------------------------------------ expert load
 
 // Routed tokens per expert per layer since the last heartbeat.
 class LoadCounter {
@@ -99,80 +99,6 @@ class LoadCounter {
  private:
   std::mutex mu_;
   std::map<int64_t, std::vector<int64_t>> counts_;
-};
-
-class CountingLocalMoe : public MoeRunner {
- public:
-  CountingLocalMoe(LoadCounter* counter, Times* times) : counter_(counter), times_(times) {}
-  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
-    const absl::Time t0 = absl::Now();
-    absl::Status s = RunImpl(w, layer, x, T, y);
-    Add(&times_->expert, Seconds(t0));
-    return s;
-  }
-
- private:
-  absl::Status RunImpl(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) {
-    std::fill(y, y + T * w.hidden, 0.0f);
-    if (T == 0) return absl::OkStatus();
-    std::vector<int32_t> ids;
-    std::vector<float> weights;
-    RouteTokens(w, x, T, &ids, &weights);
-    counter_->Add(layer, w.router_params.num_experts, ids);
-    RoutedExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, y);
-    SharedExpertAccumulate(w, x, T, y);
-    return absl::OkStatus();
-  }
-
-  LoadCounter* counter_;
-  Times* times_;
-};
-
-class ExpertParallelRunner : public MoeRunner {
- public:
-  ExpertParallelRunner(comm::Communicator* comm, const topology::StagePlan* stage, LoadCounter* counter,
-                       Times* times, absl::Duration timeout)
-      : comm_(comm), stage_(stage), counter_(counter), times_(times), timeout_(timeout) {}
-  // A new data plane (after a lost peer): the per-layer engines go with the old one.
-  void Reset(comm::Communicator* comm) {
-    comm_ = comm;
-    engines_.clear();
-  }
-  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override {
-    if (comm_ == nullptr) return absl::FailedPreconditionError("no data plane (being rebuilt)");
-    auto it = engines_.find(layer);
-    if (it == engines_.end()) {
-      auto pl = stage_->placement.find(layer);
-      if (pl == stage_->placement.end()) return absl::InternalError(absl::StrCat("no placement for layer ", layer));
-      DispatchOptions o;
-      o.hidden = w.hidden;
-      o.top_k = w.router_params.top_k;
-      o.timeout = timeout_;
-      it = engines_.emplace(layer, std::make_unique<ExpertParallelMoe>(comm_, &pl->second, &w, o)).first;
-    }
-    const absl::Time t0 = absl::Now();
-    if (T > 0) {  // load report: the router is cheap next to the experts (E*H vs 9*3*H*I per token)
-      std::vector<int32_t> ids;
-      std::vector<float> weights;
-      RouteTokens(w, x, T, &ids, &weights);
-      counter_->Add(layer, w.router_params.num_experts, ids);
-    }
-    absl::Status s = it->second->Forward(x, T, y);
-    const double total = Seconds(t0);
-    const DispatchTimes& dt = it->second->dispatcher().times();
-    Add(&times_->dispatch, dt.dispatch_total());
-    Add(&times_->combine, dt.combine_total());
-    Add(&times_->expert, std::max(0.0, total - dt.dispatch_total() - dt.combine_total()));
-    return s;
-  }
-
- private:
-  comm::Communicator* comm_;
-  const topology::StagePlan* stage_;
-  LoadCounter* counter_;
-  Times* times_;
-  absl::Duration timeout_;
-  std::map<int64_t, std::unique_ptr<ExpertParallelMoe>> engines_;
 };
 
 // ------------------------------------------------------------ the worker
@@ -278,15 +204,18 @@ class Worker {
   std::thread loader_;
   int64_t committed_placement_ = 1;         // stage 0: from Sync
   v1::Plan registered_plan_;                // as Register gave it (checkpoint, config text)
-  std::unique_ptr<MoeRunner> moe_;
-  ExpertParallelRunner* ep_runner_ = nullptr;  // moe_ when it is the CPU EP runner
+  std::unique_ptr<CpuEpExchange> cpu_ep_;  // EP > 1 on the CPU: the engine's exchange
   std::unique_ptr<Engine> engine_;
   // --device cuda: the engine, its EP exchange and the device data plane.
   std::unique_ptr<CudaEngine> gpu_;
   std::unique_ptr<CudaEpExchange> gpu_ep_;
   std::unique_ptr<comm::Communicator> stage_dev_comm_, lane_dev_comm_;
   CudaDeviceBuffer gpu_hidden_;  // hidden states received over lane_dev_comm_
-  CudaEpTimes gpu_ep_seen_;      // exchange times already added to t_
+  ExchangeTimes ep_seen_;        // exchange times already added to t_
+  double moe_seen_ = 0;          // CPU engine MoE time already added to t_
+  // Adds the MoE time of the steps since the last call to t_: the exchange's
+  // dispatch and combine, the rest as expert time.
+  void AccountMoeTimes();
 
   std::map<uint64_t, Seq> seqs_;
   uint64_t next_key_ = 1;
@@ -408,15 +337,24 @@ absl::Status Worker::Setup() {
     dp_epoch_ = reg.epoch();
     dp_generation_ = reg.generation();
   }
-  if (plan_.ep > 1 && !o_.cuda) {
-    auto runner = std::make_unique<ExpertParallelRunner>(nullptr, &plan_.stages[stage_], &load_, &t_, o_.step_timeout);
-    ep_runner_ = runner.get();
-    moe_ = std::move(runner);
-  } else if (!o_.cuda) {
-    moe_ = std::make_unique<CountingLocalMoe>(&load_, &t_);
+  // Expert load: counted from the routes each MoE layer computes once.
+  const int64_t num_experts = cfg_.n_routed_experts;
+  RouteObserver count_load = [this, num_experts](int64_t layer, const int32_t* ids, int64_t n) {
+    load_.Add(layer, num_experts, std::vector<int32_t>(ids, ids + n));
+  };
+  if (o_.cuda) {
+    gpu_->SetRouteObserver(count_load);
+  } else {
+    engine_ = std::make_unique<Engine>(shard_.get());
+    engine_->SetRouteObserver(count_load);
+    if (plan_.ep > 1) {
+      DispatchOptions eo;
+      eo.timeout = o_.step_timeout;
+      cpu_ep_ = std::make_unique<CpuEpExchange>(shard_.get(), nullptr, &plan_.stages[stage_].placement, eo);
+      engine_->SetExpertExchange(cpu_ep_.get());
+    }
   }
   RETURN_IF_ERROR(BuildDataPlane());
-  if (!o_.cuda) engine_ = std::make_unique<Engine>(shard_.get(), moe_.get());
   serving_since_ = absl::Now();
   hb_thread_ = std::thread([this] { HeartbeatLoop(); });  // READY from the first heartbeat on
   return absl::OkStatus();
@@ -463,14 +401,10 @@ absl::Status Worker::BuildDataPlane() {
       eo.timeout = o_.step_timeout;
       ASSIGN_OR_RETURN(gpu_ep_, CudaEpExchange::Create(gpu_.get(), nccl ? stage_dev_comm_.get() : stage_comm_.get(),
                                                       &plan_.stages[stage_].placement, eo));
-      const int64_t num_experts = cfg_.n_routed_experts;
-      gpu_ep_->set_on_route([this, num_experts](int64_t layer, const int32_t* ids, int64_t n) {
-        load_.Add(layer, num_experts, std::vector<int32_t>(ids, ids + n));
-      });
       gpu_->SetExpertExchange(gpu_ep_.get());
-      gpu_ep_seen_ = gpu_ep_->times();
+      ep_seen_ = gpu_ep_->times();
     } else {
-      ep_runner_->Reset(stage_comm_.get());
+      cpu_ep_->Reset(stage_comm_.get());
     }
   }
   return absl::OkStatus();
@@ -487,7 +421,7 @@ void Worker::TearDownDataPlane(const absl::Status& reason) {
   AbortDataPlane(reason);
   if (gpu_ != nullptr) gpu_->SetExpertExchange(nullptr);
   gpu_ep_.reset();
-  if (ep_runner_ != nullptr) ep_runner_->Reset(nullptr);
+  if (cpu_ep_ != nullptr) cpu_ep_->Reset(nullptr);
   std::unique_ptr<comm::Communicator> a, b, c, d;
   {
     std::lock_guard<std::mutex> l(dp_mu_);
@@ -781,7 +715,7 @@ absl::Status Worker::SwitchPlacement(int64_t version) {
   for (const auto& [layer, ids] : staged_.experts) in += static_cast<int64_t>(ids.size());
   RETURN_IF_ERROR(shard_->ReplaceExperts(std::move(staged_.experts), keep));
   for (size_t s = 0; s < plan_.stages.size(); ++s) plan_.stages[s].placement = staged_.plan.stages[s].placement;
-  if (ep_runner_ != nullptr) ep_runner_->Reset(stage_comm_.get());  // its engines point at the old placement
+  if (cpu_ep_ != nullptr) cpu_ep_->Reset(stage_comm_.get());  // its per-layer state points at the old placement
   placement_version_ = version;
   staged_ = Staged();
   staged_version_ = 0;
@@ -1023,14 +957,25 @@ absl::Status Worker::GpuStep(const std::vector<CudaEngine::Segment>& segs, const
     io.device_hidden_out = dev_hidden_out;
   }
   absl::Status s = gpu_->Step(segs, io);
-  if (gpu_ep_ != nullptr) {  // exchange phases into the heartbeat's breakdown
-    const CudaEpTimes& now = gpu_ep_->times();
-    Add(&t_.dispatch, now.layout + now.dispatch_comm - gpu_ep_seen_.layout - gpu_ep_seen_.dispatch_comm);
-    Add(&t_.combine, now.combine_comm + now.combine - gpu_ep_seen_.combine_comm - gpu_ep_seen_.combine);
-    Add(&t_.expert, now.expert - gpu_ep_seen_.expert);
-    gpu_ep_seen_ = now;
-  }
+  AccountMoeTimes();
   return s;
+}
+
+void Worker::AccountMoeTimes() {
+  const ExpertExchange* ex = gpu_ != nullptr ? static_cast<const ExpertExchange*>(gpu_ep_.get()) : cpu_ep_.get();
+  if (gpu_ != nullptr && ex == nullptr) return;  // the GPU engine reports no MoE time of its own
+  const ExchangeTimes now = ex != nullptr ? ex->times() : ExchangeTimes{};
+  const double dispatch = now.dispatch - ep_seen_.dispatch, combine = now.combine - ep_seen_.combine;
+  Add(&t_.dispatch, dispatch);
+  Add(&t_.combine, combine);
+  if (gpu_ != nullptr) {
+    Add(&t_.expert, now.expert - ep_seen_.expert);
+  } else {  // the CPU engine's MoE layers, less their exchange time
+    const double moe = engine_->times().moe;
+    Add(&t_.expert, std::max(0.0, moe - moe_seen_ - dispatch - combine));
+    moe_seen_ = moe;
+  }
+  ep_seen_ = now;
 }
 
 absl::Status Worker::RunStage0() {
@@ -1139,6 +1084,7 @@ absl::Status Worker::RunStage0() {
       engine_->Embed(segs, &hidden);
       Add(&t_.embed_head, Seconds(t0));
       RETURN_IF_ERROR(engine_->RunLayers(segs, &hidden));
+      AccountMoeTimes();
     }
     ++steps_;
     tokens_ += T;
@@ -1239,6 +1185,7 @@ absl::Status Worker::RunDownstream() {
       if (!last && dev_hidden == nullptr) mb.hidden = std::move(out);
     } else {
       RETURN_IF_ERROR(engine_->RunLayers(segs, &mb.hidden));
+      AccountMoeTimes();
     }
     ++steps_;
     tokens_ += T;
