@@ -770,15 +770,7 @@ absl::Status CudaEngine::Impl::Moe(const DevLayer& Ly, const void* x, int64_t T,
     RETURN_IF_ERROR(cu::Route(static_cast<const float*>(lg), Ly.bias, T, Ly.router_params, ids, weights, stream));
   }
   if (exchange != nullptr) {
-    ExpertExchange::Layer l;
-    l.layer = Ly.index;
-    l.T = T;
-    l.x = x;
-    l.ids = ids;
-    l.weights = weights;
-    l.y = resid;
-    l.on_route = on_route ? &on_route : nullptr;
-    RETURN_IF_ERROR(exchange->Run(l));
+    RETURN_IF_ERROR(exchange->RunLayer(Ly.index, T, x, ids, weights, resid, on_route ? &on_route : nullptr));
   } else {
     RETURN_IF_ERROR(RoutedLocal(Ly, x, T, ids, weights, k, resid));
   }

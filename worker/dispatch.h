@@ -260,6 +260,7 @@ class CpuEpExchange : public ExpertExchange {
   // placements or experts (after a rebalance): the per-layer state, which
   // points at the old ones, is dropped.
   void Reset(comm::Communicator* comm);
+  comm::Communicator* comm() const { return comm_; }
 
  private:
   const ModelShard* shard_;

@@ -61,6 +61,19 @@ class ExpertExchange {
   // all-to-all), a route outside the placement (kInvalidArgument), a missing
   // local expert (kFailedPrecondition, before any exchange).
   virtual absl::Status Run(const Layer& layer) = 0;
+  // Run on a Layer made of these fields (the engines' call).
+  absl::Status RunLayer(int64_t layer, int64_t T, const void* x, const int32_t* ids, const float* weights, float* y,
+                        const RouteObserver* on_route = nullptr) {
+    Layer l;
+    l.layer = layer;
+    l.T = T;
+    l.x = x;
+    l.ids = ids;
+    l.weights = weights;
+    l.y = y;
+    l.on_route = on_route;
+    return Run(l);
+  }
 
   // Time spent so far (cumulative).
   virtual ExchangeTimes times() const = 0;

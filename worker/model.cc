@@ -348,14 +348,7 @@ absl::Status Engine::Moe(const LayerWeights& lw, const float* x, int64_t T, floa
     if (T > 0) MoeExpertsAccumulate(w, x, T, ids.data(), weights.data(), K, y);
     return absl::OkStatus();
   }
-  ExpertExchange::Layer l;
-  l.layer = lw.index;
-  l.T = T;
-  l.x = x;
-  l.ids = ids.data();
-  l.weights = weights.data();
-  l.y = y;
-  RETURN_IF_ERROR(exchange_->Run(l));
+  RETURN_IF_ERROR(exchange_->RunLayer(lw.index, T, x, ids.data(), weights.data(), y));
   if (T > 0) SharedExpertAccumulate(w, x, T, y);
   return absl::OkStatus();
 }
