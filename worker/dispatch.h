@@ -20,9 +20,12 @@
 //      in the original token order. The shared expert is added locally.
 // Every rank joins both all-to-alls, also with zero tokens or zero slots.
 //
-// EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the layer below
-// runs the SwiGLU experts; the benchmark runs identity experts).
-// ExpertParallelMoe is the whole layer and equals MoeForwardLocal.
+// Step 1 is BuildEpLayout (worker/ep_layout.h), shared with the CUDA
+// exchange. EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the
+// layer below runs the SwiGLU experts; the benchmark runs identity experts).
+// ExpertParallelMoe is the whole layer and equals MoeForwardLocal;
+// CpuEpExchange is the CPU engine's ExpertExchange (worker/expert_exchange.h)
+// over one ExpertParallelMoe per MoE layer.
 // Both are used by one thread (the communicator's owner); buffers are kept
 // and reused from step to step. See docs/EXPERT_PARALLEL.md.
 //
