@@ -1,8 +1,10 @@
-// Small helpers for running a pipeline stage on the CUDA engine from the
-// worker process (worker/runtime/worker.cc): a sequence handle that releases
-// its latent cache when it goes away, and a device buffer for hidden states
-// received from the previous stage (pipeline transfers over NCCL). No CUDA
-// types; in builds without CUDA the buffer reports that there is none.
+// Small helpers around the CUDA engine: a sequence handle that releases its
+// latent cache when it goes away (for code that holds a CudaEngine itself,
+// e.g. its tests; the worker holds a StageEngine and its StageSequence), and
+// a device buffer that grows on demand (the CUDA StageEngine's buffer for
+// hidden states received from the previous stage over NCCL,
+// StageEngine::DeviceHiddenBuffer). No CUDA types; in builds without CUDA
+// the buffer reports that there is none.
 #pragma once
 
 #include <cstddef>

@@ -1,10 +1,12 @@
 #include "worker/stage_engine.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "worker/cuda_ep.h"
+#include "worker/cuda_stage.h"
 #include "worker/dispatch.h"
 
 namespace expertmesh::worker {
@@ -126,6 +128,16 @@ class CpuStageEngine : public StageEngine {
     return t;
   }
 
+  ExchangeTimes moe_times() const override {
+    ExchangeTimes t = exchange_times();
+    t.expert = std::max(0.0, engine_.times().moe - t.dispatch - t.combine);
+    return t;
+  }
+  absl::StatusOr<float*> DeviceHiddenBuffer(int64_t) override {
+    return absl::FailedPreconditionError("stage engine: the CPU engine has no device hidden states");
+  }
+
+  absl::Status CanReplaceExperts() const override { return absl::OkStatus(); }
   std::vector<int32_t> LoadedExperts(int64_t layer) const override { return shard_->LoadedExperts(layer); }
   absl::Status ReplaceExperts(ModelShard::ExpertSet experts,
                               const std::map<int64_t, std::set<int32_t>>& keep) override {
@@ -224,17 +236,28 @@ class CudaStageEngine : public StageEngine {
     return t;
   }
 
-  std::vector<int32_t> LoadedExperts(int64_t) const override { return {}; }
-  absl::Status ReplaceExperts(ModelShard::ExpertSet, const std::map<int64_t, std::set<int32_t>>&) override {
+  ExchangeTimes moe_times() const override { return exchange_times(); }
+  absl::StatusOr<float*> DeviceHiddenBuffer(int64_t T) override {
+    const size_t bytes = static_cast<size_t>(T * config().hidden_size) * sizeof(float);
+    RETURN_IF_ERROR(hidden_in_.Reserve(std::max<size_t>(bytes, 1)));
+    return static_cast<float*>(hidden_in_.data());
+  }
+
+  absl::Status CanReplaceExperts() const override {
     return absl::UnimplementedError(
         "expert rebalancing is not implemented for --device cuda workers (their experts live on the GPU)");
+  }
+  std::vector<int32_t> LoadedExperts(int64_t) const override { return {}; }
+  absl::Status ReplaceExperts(ModelShard::ExpertSet, const std::map<int64_t, std::set<int32_t>>&) override {
+    return CanReplaceExperts();
   }
 
  private:
   std::unique_ptr<CudaEngine> gpu_;
   std::unique_ptr<CudaEpExchange> exchange_;
   bool expert_parallel_ = false;
-  ExchangeTimes past_;  // of exchanges replaced since
+  ExchangeTimes past_;         // of exchanges replaced since
+  CudaDeviceBuffer hidden_in_;  // DeviceHiddenBuffer
 };
 
 }  // namespace

@@ -114,7 +114,8 @@ class StageEngine {
   // new communicator (after a lost peer) or new placements (after a
   // rebalance: the map's contents changed); comm == nullptr: no data plane
   // for now, MoE steps fail with kFailedPrecondition until the next call.
-  // comm and placements must outlive the engine's steps.
+  // comm and placements must outlive the engine's steps. Without a call the
+  // engine runs all the stage's experts itself.
   virtual absl::Status SetExpertParallel(comm::Communicator* comm,
                                          const std::map<int64_t, topology::ExpertPlacement>* placements,
                                          absl::Duration timeout) = 0;
@@ -128,6 +129,17 @@ class StageEngine {
   // exchange's phases over the engine's life.
   virtual EngineTimes times() const = 0;
   virtual ExchangeTimes exchange_times() const = 0;
+  // The MoE layers' time split for the heartbeat (cumulative seconds):
+  // dispatch and combine are the exchange's; expert is the rest of the MoE
+  // layers on the CPU engine (router, shared and routed experts), the
+  // exchange's expert phase on the GPU engine (zeros without an exchange).
+  virtual ExchangeTimes moe_times() const = 0;
+
+  // caps().device_hidden: a device buffer for T rows [T, H] fp32 of hidden
+  // states, where the previous stage's arrive over a device communicator and
+  // which StepIo::hidden_in (with hidden_on_device) may then point at; valid
+  // until the next call. Other engines: kFailedPrecondition.
+  virtual absl::StatusOr<float*> DeviceHiddenBuffer(int64_t T) = 0;
 
   // Last stage: the token sampled from row `row` of a step's logits with a
   // sequence's sampling parameters at its generation step (kernels::Sample;
@@ -136,7 +148,9 @@ class StageEngine {
                  int64_t step) const;
 
   // Expert rebalancing (caps().expert_rebalancing, else kUnimplemented):
-  // the routed experts loaded for a MoE layer, and ModelShard::ReplaceExperts.
+  // CanReplaceExperts says why not (OK when it works), the routed experts
+  // loaded for a MoE layer, and ModelShard::ReplaceExperts.
+  virtual absl::Status CanReplaceExperts() const = 0;
   virtual std::vector<int32_t> LoadedExperts(int64_t layer) const = 0;
   virtual absl::Status ReplaceExperts(ModelShard::ExpertSet experts,
                                       const std::map<int64_t, std::set<int32_t>>& keep) = 0;

@@ -156,7 +156,7 @@ absl::Status StageLoop::RunStage0() {
     ++stats_->steps;
     stats_->tokens += T;
     if (last) {
-      sched_->ApplyReturn(exec_->Sample(mb, segs, hidden));
+      sched_->ApplyReturn(exec_->Sample(mb));
       continue;
     }
     const bool on_device = exec_->device_hidden();
@@ -226,7 +226,7 @@ absl::Status StageLoop::RunDownstream() {
     ++stats_->steps;
     stats_->tokens += T;
     if (last) {
-      RETURN_IF_ERROR(Send(0, Encode(exec_->Sample(mb, segs, mb.hidden))));
+      RETURN_IF_ERROR(Send(0, Encode(exec_->Sample(mb))));
     } else {
       RETURN_IF_ERROR(Send(stage + 1, Encode(mb)));
       if (on_device) RETURN_IF_ERROR(exec_->SendHidden(stage + 1, T));

@@ -103,7 +103,7 @@ absl::Status Worker::Setup() {
   eo.nccl_data_plane = o_.device_data_plane == "nccl";
   eo.step_timeout = o_.step_timeout;
   ASSIGN_OR_RETURN(exec_, StageExecutor::Load(eo, dir, &plan_, stage, ep_rank, &stats_));
-  if (o_.cuda) LOG(INFO) << "worker " << worker_id << ": on " << exec_->Describe();
+  LOG(INFO) << "worker " << worker_id << ": on " << exec_->Describe();
   LOG(INFO) << "worker " << worker_id << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
             << dir << " in " << absl::FormatDuration(absl::Now() - t0);
 
