@@ -9,43 +9,16 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <utility>
 
 #include "absl/status/status.h"
 #include "worker/cuda_engine.h"
+#include "worker/sequence_handle.h"
 
 namespace expertmesh::worker {
 
 // Owns one sequence of a CudaEngine (move-only); its cache pages go back to
 // the engine when the handle is destroyed.
-class CudaSequence {
- public:
-  CudaSequence() = default;
-  explicit CudaSequence(CudaEngine* engine) : engine_(engine), id_(engine->NewSequence()) {}
-  CudaSequence(CudaSequence&& o) noexcept : engine_(std::exchange(o.engine_, nullptr)), id_(o.id_) {}
-  CudaSequence& operator=(CudaSequence&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      engine_ = std::exchange(o.engine_, nullptr);
-      id_ = o.id_;
-    }
-    return *this;
-  }
-  CudaSequence(const CudaSequence&) = delete;
-  CudaSequence& operator=(const CudaSequence&) = delete;
-  ~CudaSequence() { Reset(); }
-
-  CudaEngine::SeqId id() const { return id_; }
-  int64_t length() const { return engine_ != nullptr ? engine_->SequenceLength(id_) : 0; }
-
- private:
-  void Reset() {
-    if (engine_ != nullptr) engine_->ReleaseSequence(id_);
-    engine_ = nullptr;
-  }
-  CudaEngine* engine_ = nullptr;
-  CudaEngine::SeqId id_ = -1;
-};
+using CudaSequence = SequenceHandle<CudaEngine>;
 
 // A cudaMalloc'd buffer that grows on demand (contents not kept).
 class CudaDeviceBuffer {

@@ -15,6 +15,19 @@ namespace {
 
 double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
+// a + b, phase by phase.
+ExchangeTimes Plus(ExchangeTimes a, const ExchangeTimes& b) {
+  a.dispatch += b.dispatch;
+  a.expert += b.expert;
+  a.combine += b.combine;
+  return a;
+}
+
+// The times of the exchanges replaced so far (past) plus the live one's.
+ExchangeTimes TimesSoFar(const ExchangeTimes& past, const ExpertExchange* live) {
+  return live != nullptr ? Plus(past, live->times()) : past;
+}
+
 // ------------------------------------------------------------ CPU
 
 // ModelShard + Engine, a SequenceCache per sequence, CpuEpExchange.
@@ -101,7 +114,7 @@ class CpuStageEngine : public StageEngine {
     if (exchange_ == nullptr || placements != placements_) {
       DispatchOptions o;
       o.timeout = timeout;
-      if (exchange_ != nullptr) AddTimes(exchange_->times());
+      past_ = TimesSoFar(past_, exchange_.get());
       exchange_ = std::make_unique<CpuEpExchange>(shard_.get(), comm, placements, o);
       placements_ = placements;
       engine_.SetExpertExchange(exchange_.get());
@@ -117,16 +130,7 @@ class CpuStageEngine : public StageEngine {
     t.embed_head += embed_head_;
     return t;
   }
-  ExchangeTimes exchange_times() const override {
-    ExchangeTimes t = past_;
-    if (exchange_ != nullptr) {
-      const ExchangeTimes now = exchange_->times();
-      t.dispatch += now.dispatch;
-      t.expert += now.expert;
-      t.combine += now.combine;
-    }
-    return t;
-  }
+  ExchangeTimes exchange_times() const override { return TimesSoFar(past_, exchange_.get()); }
 
   ExchangeTimes moe_times() const override {
     ExchangeTimes t = exchange_times();
@@ -147,11 +151,6 @@ class CpuStageEngine : public StageEngine {
   }
 
  private:
-  void AddTimes(const ExchangeTimes& t) {
-    past_.dispatch += t.dispatch;
-    past_.expert += t.expert;
-    past_.combine += t.combine;
-  }
   comm::Communicator* comm_of_exchange() const { return exchange_ != nullptr ? exchange_->comm() : nullptr; }
 
   std::unique_ptr<ModelShard> shard_;
@@ -208,12 +207,7 @@ class CudaStageEngine : public StageEngine {
                                  absl::Duration timeout) override {
     expert_parallel_ = true;
     gpu_->SetExpertExchange(nullptr);
-    if (exchange_ != nullptr) {
-      const ExchangeTimes t = exchange_->times();
-      past_.dispatch += t.dispatch;
-      past_.expert += t.expert;
-      past_.combine += t.combine;
-    }
+    past_ = TimesSoFar(past_, exchange_.get());
     exchange_.reset();
     if (comm == nullptr) return absl::OkStatus();
     CudaEpOptions o;
@@ -225,16 +219,7 @@ class CudaStageEngine : public StageEngine {
   void SetRouteObserver(RouteObserver observer) override { gpu_->SetRouteObserver(std::move(observer)); }
 
   EngineTimes times() const override { return EngineTimes{}; }
-  ExchangeTimes exchange_times() const override {
-    ExchangeTimes t = past_;
-    if (exchange_ != nullptr) {
-      const ExchangeTimes now = exchange_->times();
-      t.dispatch += now.dispatch;
-      t.expert += now.expert;
-      t.combine += now.combine;
-    }
-    return t;
-  }
+  ExchangeTimes exchange_times() const override { return TimesSoFar(past_, exchange_.get()); }
 
   ExchangeTimes moe_times() const override { return exchange_times(); }
   absl::StatusOr<float*> DeviceHiddenBuffer(int64_t T) override {

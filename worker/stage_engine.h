@@ -36,7 +36,6 @@
 #include <memory>
 #include <set>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -48,6 +47,7 @@
 #include "worker/cuda_engine.h"
 #include "worker/expert_exchange.h"
 #include "worker/model.h"
+#include "worker/sequence_handle.h"
 
 namespace expertmesh::worker {
 
@@ -163,33 +163,6 @@ absl::StatusOr<std::unique_ptr<StageEngine>> MakeStageEngine(const StageEngineOp
 
 // Owns one sequence of a StageEngine (move-only); its cache goes back to the
 // engine when the handle is destroyed.
-class StageSequence {
- public:
-  StageSequence() = default;
-  explicit StageSequence(StageEngine* engine) : engine_(engine), id_(engine->NewSequence()) {}
-  StageSequence(StageSequence&& o) noexcept : engine_(std::exchange(o.engine_, nullptr)), id_(o.id_) {}
-  StageSequence& operator=(StageSequence&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      engine_ = std::exchange(o.engine_, nullptr);
-      id_ = o.id_;
-    }
-    return *this;
-  }
-  StageSequence(const StageSequence&) = delete;
-  StageSequence& operator=(const StageSequence&) = delete;
-  ~StageSequence() { Reset(); }
-
-  StageEngine::SeqId id() const { return id_; }
-  int64_t length() const { return engine_ != nullptr ? engine_->SequenceLength(id_) : 0; }
-
- private:
-  void Reset() {
-    if (engine_ != nullptr) engine_->ReleaseSequence(id_);
-    engine_ = nullptr;
-  }
-  StageEngine* engine_ = nullptr;
-  StageEngine::SeqId id_ = -1;
-};
+using StageSequence = SequenceHandle<StageEngine>;
 
 }  // namespace expertmesh::worker
