@@ -147,6 +147,7 @@ struct CudaEngine::Impl {
   bool capturing = false;
 
   ExpertExchange* exchange = nullptr;
+  RouteObserver on_route;
   Stats stats;
 
   ~Impl();
@@ -769,14 +770,7 @@ absl::Status CudaEngine::Impl::Moe(const DevLayer& Ly, const void* x, int64_t T,
     RETURN_IF_ERROR(cu::Route(static_cast<const float*>(lg), Ly.bias, T, Ly.router_params, ids, weights, stream));
   }
   if (exchange != nullptr) {
-    ExpertExchange::Layer l;
-    l.layer = Ly.index;
-    l.T = T;
-    l.x = x;
-    l.ids = ids;
-    l.weights = weights;
-    l.y = resid;
-    RETURN_IF_ERROR(exchange->Run(l));
+    RETURN_IF_ERROR(exchange->RunLayer(Ly.index, T, x, ids, weights, resid, on_route ? &on_route : nullptr));
   } else {
     RETURN_IF_ERROR(RoutedLocal(Ly, x, T, ids, weights, k, resid));
   }
@@ -1111,6 +1105,7 @@ void* CudaEngine::stream() const { return impl_->stream; }
 bool CudaEngine::bf16() const { return impl_->bf; }
 const CudaEngine::Stats& CudaEngine::stats() const { return impl_->stats; }
 void CudaEngine::SetExpertExchange(ExpertExchange* ex) { impl_->exchange = ex; }
+void CudaEngine::SetRouteObserver(RouteObserver observer) { impl_->on_route = std::move(observer); }
 
 std::string CudaEngine::Describe() const {
   const Impl& m = *impl_;

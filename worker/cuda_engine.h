@@ -28,8 +28,9 @@
 // cuBLASLt GEMMs per expert (bf16) instead.
 //
 // With expert parallelism the routed experts of a stage are spread over EP
-// ranks: the engine then calls an `ExpertExchange` (worker/cuda_ep.h) to
-// move tokens to the ranks that hold their experts and back.
+// ranks: the engine then hands each MoE layer's routes to an
+// `ExpertExchange` (worker/expert_exchange.h; worker/cuda_ep.h implements
+// it) to move tokens to the ranks that hold their experts and back.
 //
 // No CUDA type appears here; the engine's stream is its own. Not thread
 // safe: one owner thread.
@@ -50,6 +51,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "worker/expert_exchange.h"
 #include "worker/generation.h"
 
 namespace expertmesh::worker {
@@ -72,28 +74,6 @@ struct CudaEngineOptions {
   int64_t max_step_sequences = 1024;  // segments one step may hold (their logits live in the arena)
   int64_t decode_expert_rows = 1024;  // routed (token, expert) pairs up to which experts read device offsets
   int64_t max_graphs = 64;            // captured decode shapes kept (least recently used dropped)
-};
-
-// Moves the routed experts' tokens between the EP ranks of a stage and back
-// (worker/cuda_ep.h implements it over a device-memory communicator). The
-// engine calls Run for every MoE layer on every rank, also with T == 0; the
-// exchange runs this rank's experts on the tokens it receives through
-// CudaEngine::RunLocalExperts.
-class ExpertExchange {
- public:
-  virtual ~ExpertExchange() = default;
-  // One MoE layer of this rank's step, in device memory, produced on the
-  // engine's stream (not yet synchronised); the exchange is done with them
-  // when Run returns.
-  struct Layer {
-    int64_t layer = 0;               // model layer index
-    int64_t T = 0;                   // this rank's tokens
-    const void* x = nullptr;         // [T, H] normed hidden states (activation type)
-    const int32_t* ids = nullptr;    // [T, k] routed logical experts
-    const float* weights = nullptr;  // [T, k] routing weights
-    float* y = nullptr;              // [T, H] fp32 residual: y[t] += the routed experts' output
-  };
-  virtual absl::Status Run(const Layer& layer) = 0;
 };
 
 class CudaEngine {
@@ -152,9 +132,13 @@ class CudaEngine {
   };
   absl::Status Step(const std::vector<Segment>& segs, const StageIo& io);
 
-  // Sets the expert exchange (null: all routed experts are local). Must
-  // outlive the engine's steps.
+  // The MoE seam (worker/expert_exchange.h): the exchange (null: all routed
+  // experts are local) gets every MoE layer's routes in device memory; the
+  // observer is passed to it in Layer::on_route (routes stay on the device
+  // without an exchange, and are not observed). Both must outlive the
+  // engine's steps.
   void SetExpertExchange(ExpertExchange* ex);
+  void SetRouteObserver(RouteObserver observer);
 
   // Runs the routed experts this device holds on rows received by an
   // exchange: out_f32[rows, H] = sum over each row's (expert, weight) pairs,

@@ -42,6 +42,7 @@ int64_t CudaEngine::SequenceLength(SeqId) const { return -1; }
 absl::Status CudaEngine::Forward(const std::vector<Segment>&, std::vector<float>*) { return NoCuda(); }
 absl::Status CudaEngine::Step(const std::vector<Segment>&, const StageIo&) { return NoCuda(); }
 void CudaEngine::SetExpertExchange(ExpertExchange*) {}
+void CudaEngine::SetRouteObserver(RouteObserver) {}
 absl::Status CudaEngine::RunLocalExperts(int64_t, const void*, int64_t, const int32_t*, const float*, int64_t, float*) {
   return NoCuda();
 }
@@ -65,11 +66,10 @@ absl::StatusOr<std::unique_ptr<CudaEpExchange>> CudaEpExchange::Create(
   return NoCuda();
 }
 absl::Status CudaEpExchange::Run(const Layer&) { return NoCuda(); }
-const CudaEpTimes& CudaEpExchange::times() const {
+const CudaEpTimes& CudaEpExchange::phase_times() const {
   static const CudaEpTimes t;
   return t;
 }
-void CudaEpExchange::set_on_route(std::function<void(int64_t, const int32_t*, int64_t)>) {}
 
 CudaDeviceBuffer::~CudaDeviceBuffer() = default;
 absl::Status CudaDeviceBuffer::Reserve(size_t) { return NoCuda(); }

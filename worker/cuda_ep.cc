@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "kernels/cuda/engine_ops.h"
 #include "worker/cuda_stage.h"
+#include "worker/ep_layout.h"
 
 namespace expertmesh::worker {
 
@@ -69,18 +70,13 @@ struct CudaEpExchange::Impl {
   const std::map<int64_t, topology::ExpertPlacement>* placements = nullptr;
   CudaEpOptions opts;
   CudaEpTimes times;
-  std::function<void(int64_t, const int32_t*, int64_t)> on_route;
   bool device_comm = false;
   cudaStream_t stream = nullptr;
 
   // Host side of one layer.
   std::vector<int32_t> ids;
   std::vector<float> weights;
-  std::vector<int64_t> send_count, recv_count;
-  std::vector<int32_t> send_token;          // token of each sent record (grouped by destination)
-  std::vector<int32_t> meta_ids;            // [records, k] logical experts for the destination, -1 pads
-  std::vector<float> meta_w;                // [records, k]
-  std::vector<int32_t> tok_start, tok_rec;  // each token's records, in destination order
+  EpLayout lay;  // records by destination (worker/ep_layout.h)
 
   // Device buffers.
   Buf d_upload, d_counts, d_xsend, d_xrecv, d_ids_recv, d_w_recv, d_out, d_back;
@@ -116,10 +112,7 @@ absl::StatusOr<std::unique_ptr<CudaEpExchange>> CudaEpExchange::Create(
   return std::unique_ptr<CudaEpExchange>(new CudaEpExchange(std::move(impl)));
 }
 
-const CudaEpTimes& CudaEpExchange::times() const { return impl_->times; }
-void CudaEpExchange::set_on_route(std::function<void(int64_t, const int32_t*, int64_t)> fn) {
-  impl_->on_route = std::move(fn);
-}
+const CudaEpTimes& CudaEpExchange::phase_times() const { return impl_->times; }
 absl::Status CudaEpExchange::Run(const Layer& layer) { return impl_->Run(layer); }
 
 // All-to-all-v of device buffers: directly on a device-memory communicator,
@@ -152,7 +145,6 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
   const topology::ExpertPlacement& pl = pit->second;
   const int P = comm->size(), me = comm->rank();
   const int64_t T = l.T, K = engine->config().num_experts_per_tok, H = engine->config().hidden_size;
-  const int64_t E = pl.num_experts();
   const size_t ab = engine->bf16() ? 2 : 4;
   const cu::Act act = engine->bf16() ? cu::Act::kBf16 : cu::Act::kF32;
   double t0 = Now();
@@ -170,62 +162,21 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
     RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "routing to host"));
     std::memcpy(ids.data(), h_ids.p, T * K * sizeof(int32_t));
     std::memcpy(weights.data(), h_w.p, T * K * sizeof(float));
-    if (on_route) on_route(l.layer, ids.data(), T * K);
+    if (l.on_route != nullptr && *l.on_route) (*l.on_route)(l.layer, ids.data(), T * K);
   }
-  send_count.assign(P, 0);
-  std::vector<int32_t> pair_rank(T * K);
-  std::vector<int64_t> last(P, -1);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t e = ids[t * K + k];
-      if (e < 0 || e >= E) {
-        return absl::InternalError(
-            absl::StrCat("CUDA EP: token ", t, " routed to expert ", e, " outside [0, ", E, ")"));
-      }
-      const int32_t r = pl.Replica(e, t).first;
-      pair_rank[t * K + k] = r;
-      if (last[r] != t) {
-        last[r] = t;
-        ++send_count[r];
-      }
-    }
-  }
-  std::vector<int64_t> send_start(P + 1, 0);
-  for (int p = 0; p < P; ++p) send_start[p + 1] = send_start[p] + send_count[p];
-  const int64_t ns = send_start[P];
-  send_token.assign(ns, 0);
-  meta_ids.assign(ns * K, -1);
-  meta_w.assign(ns * K, 0.0f);
-  tok_start.assign(T + 1, 0);
-  tok_rec.clear();
-  std::vector<int64_t> fill(send_start.begin(), send_start.end() - 1);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int r = 0; r < P; ++r) {
-      int64_t j = -1, m = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (pair_rank[t * K + k] != r) continue;
-        if (j < 0) {
-          j = fill[r]++;
-          send_token[j] = static_cast<int32_t>(t);
-          tok_rec.push_back(static_cast<int32_t>(j));
-        }
-        meta_ids[j * K + m] = ids[t * K + k];
-        meta_w[j * K + m] = weights[t * K + k];
-        ++m;
-      }
-    }
-    tok_start[t + 1] = static_cast<int32_t>(tok_rec.size());
-  }
+  RETURN_IF_ERROR(BuildEpLayout(pl, ids.data(), weights.data(), T, K, &lay));
+  const int64_t ns = lay.num_sent();
   // Host arrays to the device in one copy: send_token | meta ids | meta weights | tok_start | tok_rec.
   const size_t n_up = ns + 2 * ns * K + (T + 1) + ns;
   RETURN_IF_ERROR(h_upload.Reserve(n_up * 4));
   RETURN_IF_ERROR(d_upload.Reserve(n_up * 4));
   int32_t* hu = h_upload.as<int32_t>();
-  std::memcpy(hu, send_token.data(), ns * 4);
-  std::memcpy(hu + ns, meta_ids.data(), ns * K * 4);
-  std::memcpy(hu + ns + ns * K, meta_w.data(), ns * K * 4);
-  std::memcpy(hu + ns + 2 * ns * K, tok_start.data(), (T + 1) * 4);
-  std::memcpy(hu + ns + 2 * ns * K + T + 1, tok_rec.data(), ns * 4);
+  std::memcpy(hu, lay.send_token.data(), ns * 4);
+  std::memcpy(hu + ns, lay.entry_expert.data(), ns * K * 4);
+  float* hw = reinterpret_cast<float*>(hu + ns + ns * K);
+  for (int64_t i = 0; i < ns * K; ++i) hw[i] = lay.entries[i].weight;
+  std::memcpy(hu + ns + 2 * ns * K, lay.token_start.data(), (T + 1) * 4);
+  std::memcpy(hu + ns + 2 * ns * K + T + 1, lay.token_record.data(), ns * 4);
   RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_upload.p, hu, n_up * 4, cudaMemcpyHostToDevice, stream), "records"));
   const int32_t* du = d_upload.as<int32_t>();
   const int32_t* d_send_token = du;
@@ -241,53 +192,34 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
 
   // 2. Counts, then rows, expert ids and weights.
   t0 = Now();
-  recv_count.assign(P, 0);
+  lay.recv_count.assign(P, 0);
   {
     // The counts travel like the payload (device memory on a device-only communicator).
     const absl::Time deadline = absl::Now() + opts.timeout;
     if (device_comm && !comm->caps().host_memory) {
       RETURN_IF_ERROR(d_counts.Reserve(2 * P * sizeof(int64_t)));
       int64_t* dc = d_counts.as<int64_t>();
-      RETURN_IF_ERROR(
-          Cuda(cudaMemcpyAsync(dc, send_count.data(), P * sizeof(int64_t), cudaMemcpyHostToDevice, stream), "counts"));
+      RETURN_IF_ERROR(Cuda(
+          cudaMemcpyAsync(dc, lay.send_count.data(), P * sizeof(int64_t), cudaMemcpyHostToDevice, stream), "counts"));
       RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "counts"));
       RETURN_IF_ERROR(comm->AllToAll(dc, dc + P, sizeof(int64_t), comm::MemoryKind::kDevice, deadline));
       RETURN_IF_ERROR(Cuda(
-          cudaMemcpyAsync(recv_count.data(), dc + P, P * sizeof(int64_t), cudaMemcpyDeviceToHost, stream), "counts"));
+          cudaMemcpyAsync(lay.recv_count.data(), dc + P, P * sizeof(int64_t), cudaMemcpyDeviceToHost, stream),
+          "counts"));
       RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "counts"));
     } else {
-      RETURN_IF_ERROR(
-          comm->AllToAll(send_count.data(), recv_count.data(), sizeof(int64_t), comm::MemoryKind::kHost, deadline));
+      RETURN_IF_ERROR(comm->AllToAll(lay.send_count.data(), lay.recv_count.data(), sizeof(int64_t),
+                                     comm::MemoryKind::kHost, deadline));
     }
   }
-  std::vector<int64_t> rec_start(P + 1, 0);
-  for (int q = 0; q < P; ++q) {
-    if (recv_count[q] < 0 || (q == me && recv_count[q] != send_count[q])) {
-      return absl::InternalError(absl::StrCat("CUDA EP: rank ", q, " announced ", recv_count[q], " records"));
-    }
-    rec_start[q + 1] = rec_start[q] + recv_count[q];
-  }
-  const int64_t nr = rec_start[P];
-  auto layout = [&](size_t per_record, bool back) {
-    comm::AllToAllVLayout lay;
-    for (int q = 0; q < P; ++q) {
-      const size_t sc = static_cast<size_t>(back ? recv_count[q] : send_count[q]);
-      const size_t so = static_cast<size_t>(back ? rec_start[q] : send_start[q]);
-      const size_t rc = static_cast<size_t>(back ? send_count[q] : recv_count[q]);
-      const size_t ro = static_cast<size_t>(back ? send_start[q] : rec_start[q]);
-      lay.send_bytes.push_back(sc * per_record);
-      lay.send_offsets.push_back(so * per_record);
-      lay.recv_bytes.push_back(rc * per_record);
-      lay.recv_offsets.push_back(ro * per_record);
-    }
-    return lay;
-  };
+  RETURN_IF_ERROR(lay.SetRecvCounts(me, "CUDA EP"));
+  const int64_t nr = lay.num_received();
   RETURN_IF_ERROR(d_xrecv.Reserve(std::max<size_t>(nr * H * ab, 1)));
   RETURN_IF_ERROR(d_ids_recv.Reserve(std::max<size_t>(nr * K * 4, 1)));
   RETURN_IF_ERROR(d_w_recv.Reserve(std::max<size_t>(nr * K * 4, 1)));
-  RETURN_IF_ERROR(AllToAllV(d_xsend.p, d_xrecv.p, layout(H * ab, false)));
-  RETURN_IF_ERROR(AllToAllV(d_meta_ids, d_ids_recv.p, layout(K * 4, false)));
-  RETURN_IF_ERROR(AllToAllV(d_meta_w, d_w_recv.p, layout(K * 4, false)));
+  RETURN_IF_ERROR(AllToAllV(d_xsend.p, d_xrecv.p, lay.DispatchBytes(H * ab)));
+  RETURN_IF_ERROR(AllToAllV(d_meta_ids, d_ids_recv.p, lay.DispatchBytes(K * 4)));
+  RETURN_IF_ERROR(AllToAllV(d_meta_w, d_w_recv.p, lay.DispatchBytes(K * 4)));
   times.dispatch_comm += Now() - t0;
 
   // 3. This rank's experts on the received records.
@@ -301,7 +233,7 @@ absl::Status CudaEpExchange::Impl::Run(const Layer& l) {
   // 4. Partial rows back, summed per token into the residual.
   t0 = Now();
   RETURN_IF_ERROR(d_back.Reserve(std::max<size_t>(ns * H * 4, 1)));
-  RETURN_IF_ERROR(AllToAllV(d_out.p, d_back.p, layout(H * 4, true)));
+  RETURN_IF_ERROR(AllToAllV(d_out.p, d_back.p, lay.CombineBytes(H * 4)));
   times.combine_comm += Now() - t0;
   t0 = Now();
   RETURN_IF_ERROR(cu::AddRecordRows(d_back.as<float>(), H, d_tok_start, d_tok_rec, T, l.y, stream));

@@ -1,13 +1,13 @@
-// Expert parallelism for the CUDA engine: the ExpertExchange (cuda_engine.h)
+// Expert parallelism for the CUDA engine: the ExpertExchange (expert_exchange.h)
 // that moves each MoE layer's tokens to the EP ranks holding their experts
 // and the weighted expert outputs back, over a communicator.
 //
 // Per layer, on every rank of the stage (also with zero tokens), the same
 // protocol as the CPU's EpDispatcher (dispatch.h):
-//   1. the router's ids and weights come to the host; each (token, expert)
-//      pair picks its replica with ExpertPlacement::Replica (the CPU's rule);
-//      one record per (token, destination rank) lists that rank's
-//      (expert, weight) pairs;
+//   1. the router's ids and weights come to the host (and to the route
+//      observer); BuildEpLayout (ep_layout.h, the CPU's routine) picks each
+//      pair's replica and makes one record per (token, destination rank)
+//      listing that rank's (expert, weight) pairs;
 //   2. record counts all-to-all, then the records' hidden rows (activation
 //      type, gathered on the device), expert ids and weights all-to-all-v;
 //   3. the destination runs its experts on the received rows
@@ -31,6 +31,7 @@
 #include "topology/placement.h"
 #include "worker/comm/communicator.h"
 #include "worker/cuda_engine.h"
+#include "worker/expert_exchange.h"
 
 namespace expertmesh::worker {
 
@@ -58,11 +59,11 @@ class CudaEpExchange : public ExpertExchange {
   ~CudaEpExchange() override;
 
   absl::Status Run(const Layer& layer) override;
-
-  const CudaEpTimes& times() const;
-  // Called with each layer's routed experts (host ids, T * top_k of them),
-  // e.g. for the expert-load report.
-  void set_on_route(std::function<void(int64_t layer, const int32_t* ids, int64_t n)> fn);
+  ExchangeTimes times() const override {
+    const CudaEpTimes& t = phase_times();
+    return ExchangeTimes{t.layout + t.dispatch_comm, t.expert, t.combine_comm + t.combine};
+  }
+  const CudaEpTimes& phase_times() const;
 
   struct Impl;
 

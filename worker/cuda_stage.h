@@ -1,49 +1,24 @@
-// Small helpers for running a pipeline stage on the CUDA engine from the
-// worker process (worker/runtime/worker.cc): a sequence handle that releases
-// its latent cache when it goes away, and a device buffer for hidden states
-// received from the previous stage (pipeline transfers over NCCL). No CUDA
-// types; in builds without CUDA the buffer reports that there is none.
+// Small helpers around the CUDA engine: a sequence handle that releases its
+// latent cache when it goes away (for code that holds a CudaEngine itself,
+// e.g. its tests; the worker holds a StageEngine and its StageSequence), and
+// a device buffer that grows on demand (the CUDA StageEngine's buffer for
+// hidden states received from the previous stage over NCCL,
+// StageEngine::DeviceHiddenBuffer). No CUDA types; in builds without CUDA
+// the buffer reports that there is none.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <utility>
 
 #include "absl/status/status.h"
 #include "worker/cuda_engine.h"
+#include "worker/sequence_handle.h"
 
 namespace expertmesh::worker {
 
 // Owns one sequence of a CudaEngine (move-only); its cache pages go back to
 // the engine when the handle is destroyed.
-class CudaSequence {
- public:
-  CudaSequence() = default;
-  explicit CudaSequence(CudaEngine* engine) : engine_(engine), id_(engine->NewSequence()) {}
-  CudaSequence(CudaSequence&& o) noexcept : engine_(std::exchange(o.engine_, nullptr)), id_(o.id_) {}
-  CudaSequence& operator=(CudaSequence&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      engine_ = std::exchange(o.engine_, nullptr);
-      id_ = o.id_;
-    }
-    return *this;
-  }
-  CudaSequence(const CudaSequence&) = delete;
-  CudaSequence& operator=(const CudaSequence&) = delete;
-  ~CudaSequence() { Reset(); }
-
-  CudaEngine::SeqId id() const { return id_; }
-  int64_t length() const { return engine_ != nullptr ? engine_->SequenceLength(id_) : 0; }
-
- private:
-  void Reset() {
-    if (engine_ != nullptr) engine_->ReleaseSequence(id_);
-    engine_ = nullptr;
-  }
-  CudaEngine* engine_ = nullptr;
-  CudaEngine::SeqId id_ = -1;
-};
+using CudaSequence = SequenceHandle<CudaEngine>;
 
 // A cudaMalloc'd buffer that grows on demand (contents not kept).
 class CudaDeviceBuffer {

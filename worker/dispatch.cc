@@ -16,12 +16,6 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// One (slot, weight) entry of a record header; slot -1 marks padding.
-struct WireEntry {
-  int32_t slot;
-  float weight;
-};
-
 int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 }  // namespace
@@ -122,78 +116,24 @@ EpDispatcher::EpDispatcher(comm::Communicator* comm, const topology::ExpertPlace
     : comm_(comm), placement_(placement), options_(options) {
   const int64_t H = options_.hidden;
   gather_ = options_.gather_sends && comm_->caps().gather_sends;
-  meta_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(WireEntry));
+  meta_bytes_ = options_.top_k * static_cast<int64_t>(sizeof(EpEntry));
   // fp8 payload: the scales first (4-byte aligned), then one byte per value.
   row_bytes_ = options_.fp8 ? RoundUp((H + kFp8Block - 1) / kFp8Block * 4 + H, 4) : H * 4;
   record_bytes_ = meta_bytes_ + row_bytes_;
   const size_t P = static_cast<size_t>(comm_->size());
-  send_count_.assign(P, 0);
-  send_start_.assign(P + 1, 0);
-  recv_count_.assign(P, 0);
-  rec_start_.assign(P + 1, 0);
+  layout_.send_count.assign(P, 0);
+  layout_.send_start.assign(P + 1, 0);
+  layout_.recv_count.assign(P, 0);
+  layout_.recv_start.assign(P + 1, 0);
   recv_off_.assign(P, 0);
   seg_start_.assign(P + 1, 0);
   slot_start_.assign(static_cast<size_t>(num_local_slots()) + 1, 0);
 }
 
-absl::Status EpDispatcher::Layout(int64_t T, const int32_t* ids, const float* weights) {
-  const int P = comm_->size();
-  const int64_t K = options_.top_k, E = placement_->num_experts();
-  pair_rank_.resize(static_cast<size_t>(T * K));
-  pair_slot_.resize(static_cast<size_t>(T * K));
-  pair_weight_.assign(weights, weights + T * K);
-  std::fill(send_count_.begin(), send_count_.end(), 0);
-  // Replica of every (token, k); tokens per destination rank, each counted once.
-  std::vector<int64_t>& last = scratch_;
-  last.assign(static_cast<size_t>(P), -1);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t e = ids[t * K + k];
-      if (e < 0 || e >= E) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("dispatch: token ", t, " is routed to expert ", e, ", outside [0, ", E, ")"));
-      }
-      const auto [r, s] = placement_->Replica(e, t);
-      pair_rank_[t * K + k] = r;
-      pair_slot_[t * K + k] = s;
-      if (last[r] != t) {
-        last[r] = t;
-        ++send_count_[r];
-      }
-    }
-  }
-  send_start_[0] = 0;
-  for (int p = 0; p < P; ++p) send_start_[p + 1] = send_start_[p] + send_count_[p];
-  num_send_ = send_start_[P];
-  // Records by destination, tokens ascending inside each, with the
-  // destination's (slot, weight) list of each.
-  send_token_.resize(static_cast<size_t>(num_send_));
-  meta_.resize(static_cast<size_t>(num_send_ * meta_bytes_));
-  std::vector<int64_t> fill(send_start_.begin(), send_start_.end() - 1);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int r = 0; r < P; ++r) {
-      WireEntry* hdr = nullptr;
-      int64_t m = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (pair_rank_[t * K + k] != r) continue;
-        if (hdr == nullptr) {
-          const int64_t j = fill[r]++;
-          send_token_[j] = static_cast<int32_t>(t);
-          hdr = reinterpret_cast<WireEntry*>(meta_.data() + j * meta_bytes_);
-        }
-        hdr[m++] = WireEntry{pair_slot_[t * K + k], pair_weight_[t * K + k]};
-      }
-      if (hdr != nullptr) {
-        for (; m < K; ++m) hdr[m] = WireEntry{-1, 0.0f};
-      }
-    }
-  }
-  return absl::OkStatus();
-}
-
 void EpDispatcher::Pack() {
   const int P = comm_->size(), me = comm_->rank();
   const int64_t H = options_.hidden;
+  const char* meta = reinterpret_cast<const char*>(layout_.entries.data());
   const char* rows = reinterpret_cast<const char*>(x_);
   if (options_.fp8) {
     // Quantise each token once; every destination gets the same bytes.
@@ -211,13 +151,13 @@ void EpDispatcher::Pack() {
     segs_.clear();
     for (int p = 0; p < P; ++p) {
       seg_start_[p] = static_cast<int64_t>(segs_.size());
-      if (p == me || send_count_[p] == 0) continue;
-      segs_.push_back({meta_.data() + send_start_[p] * meta_bytes_,
-                       static_cast<size_t>(send_count_[p] * meta_bytes_)});
-      for (int64_t j = send_start_[p]; j < send_start_[p + 1];) {
+      if (p == me || layout_.send_count[p] == 0) continue;
+      segs_.push_back({meta + layout_.send_start[p] * meta_bytes_,
+                       static_cast<size_t>(layout_.send_count[p] * meta_bytes_)});
+      for (int64_t j = layout_.send_start[p]; j < layout_.send_start[p + 1];) {
         int64_t e = j + 1;
-        while (e < send_start_[p + 1] && send_token_[e] == send_token_[e - 1] + 1) ++e;
-        segs_.push_back({rows + send_token_[j] * row_bytes_, static_cast<size_t>((e - j) * row_bytes_)});
+        while (e < layout_.send_start[p + 1] && layout_.send_token[e] == layout_.send_token[e - 1] + 1) ++e;
+        segs_.push_back({rows + layout_.send_token[j] * row_bytes_, static_cast<size_t>((e - j) * row_bytes_)});
         j = e;
       }
     }
@@ -228,11 +168,11 @@ void EpDispatcher::Pack() {
   pack_.resize(static_cast<size_t>(num_send_ * record_bytes_));
   for (int p = 0; p < P; ++p) {
     if (p == me) continue;
-    char* dst = pack_.data() + send_start_[p] * record_bytes_;
-    std::memcpy(dst, meta_.data() + send_start_[p] * meta_bytes_, static_cast<size_t>(send_count_[p] * meta_bytes_));
-    dst += send_count_[p] * meta_bytes_;
-    for (int64_t j = send_start_[p]; j < send_start_[p + 1]; ++j, dst += row_bytes_) {
-      std::memcpy(dst, rows + send_token_[j] * row_bytes_, static_cast<size_t>(row_bytes_));
+    char* dst = pack_.data() + layout_.send_start[p] * record_bytes_;
+    std::memcpy(dst, meta + layout_.send_start[p] * meta_bytes_, static_cast<size_t>(layout_.send_count[p] * meta_bytes_));
+    dst += layout_.send_count[p] * meta_bytes_;
+    for (int64_t j = layout_.send_start[p]; j < layout_.send_start[p + 1]; ++j, dst += row_bytes_) {
+      std::memcpy(dst, rows + layout_.send_token[j] * row_bytes_, static_cast<size_t>(row_bytes_));
     }
   }
 }
@@ -245,17 +185,17 @@ absl::Status EpDispatcher::Unpack() {
   std::vector<const char*> meta(static_cast<size_t>(P)), payload(static_cast<size_t>(P));
   for (int q = 0; q < P; ++q) {
     if (q == me) {
-      meta[q] = meta_.data() + send_start_[me] * meta_bytes_;
-      payload[q] = nullptr;  // this rank's own tokens: rows of x (or quant_), by send_token_
+      meta[q] = reinterpret_cast<const char*>(layout_.entries.data()) + layout_.send_start[me] * meta_bytes_;
+      payload[q] = nullptr;  // this rank's own tokens: rows of x (or quant_), by layout_.send_token
     } else {
       meta[q] = recv_buf_.data() + recv_off_[q];
-      payload[q] = meta[q] + recv_count_[q] * meta_bytes_;
+      payload[q] = meta[q] + layout_.recv_count[q] * meta_bytes_;
     }
   }
   slot_start_.assign(static_cast<size_t>(S + 1), 0);
   for (int q = 0; q < P; ++q) {
-    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(meta[q]);
-    for (int64_t i = 0; i < recv_count_[q]; ++i, hdr += K) {
+    const EpEntry* hdr = reinterpret_cast<const EpEntry*>(meta[q]);
+    for (int64_t i = 0; i < layout_.recv_count[q]; ++i, hdr += K) {
       int64_t m = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int32_t s = hdr[k].slot;
@@ -280,14 +220,14 @@ absl::Status EpDispatcher::Unpack() {
   fill.assign(slot_start_.begin(), slot_start_.end() - 1);
   rec_row_.resize(static_cast<size_t>(num_recv_));
   for (int q = 0; q < P; ++q) {
-    const WireEntry* hdr = reinterpret_cast<const WireEntry*>(meta[q]);
-    for (int64_t i = 0; i < recv_count_[q]; ++i, hdr += K) {
-      const int64_t rec = rec_start_[q] + i;
+    const EpEntry* hdr = reinterpret_cast<const EpEntry*>(meta[q]);
+    for (int64_t i = 0; i < layout_.recv_count[q]; ++i, hdr += K) {
+      const int64_t rec = layout_.recv_start[q] + i;
       for (int64_t k = 0; k < K; ++k) {
         if (hdr[k].slot >= 0) slot_entries_[fill[hdr[k].slot]++] = SlotEntry{rec, hdr[k].weight};
       }
-      const char* row = q == me ? (options_.fp8 ? quant_.data() + send_token_[send_start_[me] + i] * row_bytes_
-                                                : reinterpret_cast<const char*>(x_ + send_token_[send_start_[me] + i] * H))
+      const char* row = q == me ? (options_.fp8 ? quant_.data() + layout_.send_token[layout_.send_start[me] + i] * row_bytes_
+                                                : reinterpret_cast<const char*>(x_ + layout_.send_token[layout_.send_start[me] + i] * H))
                                 : payload[q] + i * row_bytes_;
       rec_row_[rec] = row;
     }
@@ -311,7 +251,8 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
   x_ = x;
   T_ = T;
   auto t0 = Clock::now();
-  RETURN_IF_ERROR(Layout(T, ids, weights));
+  RETURN_IF_ERROR(BuildEpLayout(*placement_, ids, weights, T, options_.top_k, &layout_));
+  num_send_ = layout_.num_sent();
   times_.layout = Since(t0);
 
   t0 = Clock::now();
@@ -320,38 +261,21 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
 
   t0 = Clock::now();
   const absl::Time deadline = absl::Now() + options_.timeout;
-  RETURN_IF_ERROR(comm_->AllToAll(send_count_.data(), recv_count_.data(), sizeof(int64_t), comm::MemoryKind::kHost,
-                                  deadline));
-  rec_start_[0] = 0;
+  layout_.recv_count.assign(static_cast<size_t>(P), 0);
+  RETURN_IF_ERROR(comm_->AllToAll(layout_.send_count.data(), layout_.recv_count.data(), sizeof(int64_t),
+                                  comm::MemoryKind::kHost, deadline));
+  RETURN_IF_ERROR(layout_.SetRecvCounts(me, "dispatch"));
   size_t off = 0;
   for (int q = 0; q < P; ++q) {
-    if (recv_count_[q] < 0 || (q == me && recv_count_[q] != send_count_[q])) {
-      return absl::InternalError(absl::StrCat("dispatch: rank ", q, " announced ", recv_count_[q], " records"));
-    }
-    rec_start_[q + 1] = rec_start_[q] + recv_count_[q];
     recv_off_[q] = off;
-    if (q != me) off += static_cast<size_t>(recv_count_[q] * record_bytes_);
+    if (q != me) off += static_cast<size_t>(layout_.recv_count[q] * record_bytes_);
   }
-  num_recv_ = rec_start_[P];
+  num_recv_ = layout_.num_received();
   recv_buf_.resize(off);
   // The byte matrices of this step (self blocks included), for the benchmark.
-  const size_t rb = static_cast<size_t>(record_bytes_), hb = static_cast<size_t>(options_.hidden * 4);
-  auto& d = dispatch_layout_;
-  auto& c = combine_layout_;
-  for (auto* v : {&d.send_bytes, &d.send_offsets, &d.recv_bytes, &d.recv_offsets, &c.send_bytes, &c.send_offsets,
-                  &c.recv_bytes, &c.recv_offsets}) {
-    v->resize(static_cast<size_t>(P));
-  }
-  for (int p = 0; p < P; ++p) {
-    d.send_bytes[p] = static_cast<size_t>(send_count_[p]) * rb;
-    d.send_offsets[p] = static_cast<size_t>(send_start_[p]) * rb;
-    d.recv_bytes[p] = static_cast<size_t>(recv_count_[p]) * rb;
-    d.recv_offsets[p] = static_cast<size_t>(rec_start_[p]) * rb;
-    c.send_bytes[p] = static_cast<size_t>(recv_count_[p]) * hb;
-    c.send_offsets[p] = static_cast<size_t>(rec_start_[p]) * hb;
-    c.recv_bytes[p] = static_cast<size_t>(send_count_[p]) * hb;
-    c.recv_offsets[p] = static_cast<size_t>(send_start_[p]) * hb;
-  }
+  dispatch_layout_ = layout_.DispatchBytes(static_cast<size_t>(record_bytes_));
+  combine_layout_ = layout_.CombineBytes(static_cast<size_t>(options_.hidden * 4));
+  const auto& d = dispatch_layout_;
   // One message per remote peer each way (zero-byte ones too: every pair
   // exchanges, so a peer with nothing to say still completes the step).
   batch_.Clear();
@@ -361,7 +285,7 @@ absl::Status EpDispatcher::Dispatch(const float* x, int64_t T, const int32_t* id
     if (gather_) {
       batch_.SendGather(p, segs_.data() + seg_start_[p], static_cast<size_t>(seg_start_[p + 1] - seg_start_[p]));
     } else {
-      batch_.Send(p, pack_.data() + send_start_[p] * record_bytes_, d.send_bytes[p]);
+      batch_.Send(p, pack_.data() + layout_.send_start[p] * record_bytes_, d.send_bytes[p]);
     }
   }
   for (int i = 1; i < P; ++i) {
@@ -392,8 +316,8 @@ void EpDispatcher::GatherToken(int64_t i, float* out) const {
 const float* EpDispatcher::CombineRow(int64_t j) const {
   const int me = comm_->rank();
   const int64_t H = options_.hidden;
-  if (j >= send_start_[me] && j < send_start_[me + 1]) {
-    return combine_send_.data() + (rec_start_[me] + (j - send_start_[me])) * H;  // never left this rank
+  if (j >= layout_.send_start[me] && j < layout_.send_start[me + 1]) {
+    return combine_send_.data() + (layout_.recv_start[me] + (j - layout_.send_start[me])) * H;  // never left this rank
   }
   return combine_recv_.data() + j * H;
 }
@@ -419,8 +343,8 @@ void AddRow(float* y, const float* row, int64_t H) {
 
 void EpDispatcher::AccumulateFrom(int p, float* y) {
   const int64_t H = options_.hidden;
-  for (int64_t j = send_start_[p]; j < send_start_[p + 1]; ++j) {
-    const int64_t t = send_token_[j];
+  for (int64_t j = layout_.send_start[p]; j < layout_.send_start[p + 1]; ++j) {
+    const int64_t t = layout_.send_token[j];
     float* yt = y + t * H;
     if (!combined_[t]) {
       std::memcpy(yt, CombineRow(j), static_cast<size_t>(H * 4));
@@ -431,13 +355,13 @@ void EpDispatcher::AccumulateFrom(int p, float* y) {
   }
 }
 
-absl::Status EpDispatcher::Combine(float* y) {
+absl::Status EpDispatcher::Combine(float* y, bool accumulate) {
   const int P = comm_->size(), me = comm_->rank();
   const int64_t H = options_.hidden;
   auto t0 = Clock::now();
   double sum_s = 0;
   combine_recv_.resize(static_cast<size_t>(num_send_ * H));
-  combined_.assign(static_cast<size_t>(T_), 0);
+  combined_.assign(static_cast<size_t>(T_), accumulate ? 1 : 0);  // 1: add every row
   batch_.Clear();
   batch_.memory = comm::MemoryKind::kHost;
   const auto& c = combine_layout_;
@@ -531,20 +455,70 @@ absl::Status ExpertParallelMoe::CheckLocalExperts() {
   return absl::OkStatus();
 }
 
-absl::Status ExpertParallelMoe::Forward(const float* x, int64_t T, float* y) {
+absl::Status ExpertParallelMoe::Exchange(const float* x, int64_t T, const int32_t* ids, const float* weights,
+                                         float* y, bool accumulate) {
   // Checked before the first all-to-all, so that a bad rank fails alone and
   // early instead of leaving its peers to their deadline mid-step.
+  RETURN_IF_ERROR(CheckLocalExperts());
+  RETURN_IF_ERROR(dispatcher_.Dispatch(x, T, ids, weights));
+  auto t0 = Clock::now();
+  RunLocalExperts();
+  expert_seconds_ = Since(t0);
+  return dispatcher_.Combine(y, accumulate);
+}
+
+absl::Status ExpertParallelMoe::Forward(const float* x, int64_t T, float* y) {
   RETURN_IF_ERROR(CheckLocalExperts());
   std::vector<int32_t> ids;
   std::vector<float> weights;
   if (T > 0) RouteTokens(*w_, x, T, &ids, &weights);
-  RETURN_IF_ERROR(dispatcher_.Dispatch(x, T, ids.data(), weights.data()));
-  auto t0 = Clock::now();
-  RunLocalExperts();
-  expert_seconds_ = Since(t0);
-  RETURN_IF_ERROR(dispatcher_.Combine(y));
+  RETURN_IF_ERROR(Exchange(x, T, ids.data(), weights.data(), y, /*accumulate=*/false));
   if (T > 0) SharedExpertAccumulate(*w_, x, T, y);
   return absl::OkStatus();
+}
+
+absl::Status ExpertParallelMoe::ForwardRouted(const float* x, int64_t T, const int32_t* ids, const float* weights,
+                                              float* y) {
+  return Exchange(x, T, ids, weights, y, /*accumulate=*/true);
+}
+
+CpuEpExchange::CpuEpExchange(const ModelShard* shard, comm::Communicator* comm,
+                             const std::map<int64_t, topology::ExpertPlacement>* placements, DispatchOptions options)
+    : shard_(shard), comm_(comm), placements_(placements), options_(options) {}
+
+void CpuEpExchange::Reset(comm::Communicator* comm) {
+  comm_ = comm;
+  layers_.clear();
+}
+
+absl::Status CpuEpExchange::Run(const Layer& l) {
+  if (comm_ == nullptr) return absl::FailedPreconditionError("no data plane (being rebuilt)");
+  auto it = layers_.find(l.layer);
+  if (it == layers_.end()) {
+    auto pl = placements_->find(l.layer);
+    if (pl == placements_->end()) return absl::InternalError(absl::StrCat("no placement for layer ", l.layer));
+    const int64_t slot = l.layer - shard_->layer_begin();
+    if (slot < 0 || slot >= static_cast<int64_t>(shard_->layers().size()) ||
+        !shard_->layers()[static_cast<size_t>(slot)].is_moe) {
+      return absl::InternalError(absl::StrCat("layer ", l.layer, " is not a MoE layer of this shard"));
+    }
+    const MoeWeights& w = shard_->layers()[static_cast<size_t>(slot)].moe;
+    DispatchOptions o = options_;
+    o.hidden = w.hidden;
+    o.top_k = w.router_params.top_k;
+    it = layers_.emplace(l.layer, std::make_unique<ExpertParallelMoe>(comm_, &pl->second, &w, o)).first;
+  }
+  if (l.on_route != nullptr && l.T > 0 && *l.on_route) {
+    (*l.on_route)(l.layer, l.ids, l.T * shard_->config().num_experts_per_tok);
+  }
+  auto t0 = Clock::now();
+  absl::Status s = it->second->ForwardRouted(static_cast<const float*>(l.x), l.T, l.ids, l.weights, l.y);
+  const double total = Since(t0);
+  const DispatchTimes& dt = it->second->dispatcher().times();
+  times_.dispatch += dt.dispatch_total();
+  times_.combine += dt.combine_total();
+  times_.expert += std::max(0.0, total - dt.dispatch_total() - dt.combine_total());
+  return s;
 }
 
 }  // namespace expertmesh::worker

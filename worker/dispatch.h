@@ -20,9 +20,12 @@
 //      in the original token order. The shared expert is added locally.
 // Every rank joins both all-to-alls, also with zero tokens or zero slots.
 //
-// EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the layer below
-// runs the SwiGLU experts; the benchmark runs identity experts).
-// ExpertParallelMoe is the whole layer and equals MoeForwardLocal.
+// Step 1 is BuildEpLayout (worker/ep_layout.h), shared with the CUDA
+// exchange. EpDispatcher does 1–3 and 5–6 and leaves 4 to its caller (the
+// layer below runs the SwiGLU experts; the benchmark runs identity experts).
+// ExpertParallelMoe is the whole layer and equals MoeForwardLocal;
+// CpuEpExchange is the CPU engine's ExpertExchange (worker/expert_exchange.h)
+// over one ExpertParallelMoe per MoE layer.
 // Both are used by one thread (the communicator's owner); buffers are kept
 // and reused from step to step. See docs/EXPERT_PARALLEL.md.
 //
@@ -39,6 +42,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -46,6 +51,9 @@
 #include "absl/types/span.h"
 #include "topology/placement.h"
 #include "worker/comm/communicator.h"
+#include "worker/ep_layout.h"
+#include "worker/expert_exchange.h"
+#include "worker/model.h"
 #include "worker/moe.h"
 
 namespace expertmesh::worker {
@@ -102,7 +110,7 @@ class EpDispatcher {
   // numbered by source rank (rank 0's first), in each source's token order.
   int64_t num_records() const { return num_recv_; }
   // Records that came from source rank r: [record_start(r), record_start(r + 1)).
-  int64_t record_start(int r) const { return rec_start_[static_cast<size_t>(r)]; }
+  int64_t record_start(int r) const { return layout_.recv_start[static_cast<size_t>(r)]; }
   // Slots the placement puts on this rank (0 if the placement has fewer ranks).
   int64_t num_local_slots() const {
     if (comm_->rank() >= placement_->num_ranks()) return 0;
@@ -128,9 +136,11 @@ class EpDispatcher {
   float* partial(int64_t i) { return combine_send_.data() + i * options_.hidden; }
 
   // Steps 5–6: sends the partial rows back and writes y [T, H] (the T of the
-  // last Dispatch) = sum of the token's partial rows, overwriting y. Blocking,
-  // same errors as Dispatch. Every rank calls it after every Dispatch.
-  absl::Status Combine(float* y);
+  // last Dispatch) = sum of the token's partial rows, overwriting y; with
+  // `accumulate`, y[t] += each partial row instead (the same order), and
+  // rows of tokens routed nowhere stay as they are. Blocking, same errors as
+  // Dispatch. Every rank calls it after every Dispatch.
+  absl::Status Combine(float* y, bool accumulate = false);
 
   const DispatchTimes& times() const { return times_; }
   int64_t hidden() const { return options_.hidden; }
@@ -147,9 +157,10 @@ class EpDispatcher {
   // exactly these matrices).
   const comm::AllToAllVLayout& dispatch_layout() const { return dispatch_layout_; }
   const comm::AllToAllVLayout& combine_layout() const { return combine_layout_; }
+  // The routing layout of the last Dispatch (counts per rank and expert, send order).
+  const EpLayout& layout() const { return layout_; }
 
  private:
-  absl::Status Layout(int64_t T, const int32_t* ids, const float* weights);
   void Pack();
   absl::Status Unpack();
   // Row of the combine result for sent record j (received, or this rank's own).
@@ -165,23 +176,19 @@ class EpDispatcher {
   int64_t row_bytes_ = 0;      // per record: the payload (fp32 row, or fp8 scales + codes)
   int64_t record_bytes_ = 0;   // meta_bytes_ + row_bytes_
 
-  // Sender side (this rank's tokens). Sent records are grouped by
-  // destination, tokens ascending inside each group.
+  // The layout of the last Dispatch (worker/ep_layout.h): sent records are
+  // grouped by destination, tokens ascending inside each group; their
+  // (slot, weight) lists (layout_.entries) are the records' headers.
+  EpLayout layout_;
   const float* x_ = nullptr;
   int64_t T_ = 0;
   int64_t num_send_ = 0;
-  std::vector<int64_t> send_count_;       // records per destination rank
-  std::vector<int64_t> send_start_;       // first record of each destination (P + 1)
-  std::vector<int32_t> send_token_;       // token of each sent record
-  std::vector<char> meta_;                // [num_send_] (slot, weight) lists
   std::vector<char> quant_;               // fp8: [T_] payloads, each token quantised once
   std::vector<char> pack_;                // without gathered sends: packed remote blocks
   std::vector<comm::Segment> segs_;       // gathered sends: pieces of every remote block
   std::vector<int64_t> seg_start_;        // (P + 1)
   // Receiver side (records for this rank's slots).
   int64_t num_recv_ = 0;
-  std::vector<int64_t> recv_count_;
-  std::vector<int64_t> rec_start_;        // first record of each source rank (P + 1)
   std::vector<size_t> recv_off_;          // byte offset of each remote source's block in recv_buf_
   std::vector<char> recv_buf_;            // per remote source: [n metas][n payloads]
   std::vector<const char*> rec_row_;      // payload of record i (in recv_buf_, x_ or quant_)
@@ -193,10 +200,7 @@ class EpDispatcher {
   comm::AllToAllVLayout dispatch_layout_, combine_layout_;
   comm::Batch batch_;
   DispatchTimes times_;
-  // Scratch for Layout.
-  std::vector<int32_t> pair_rank_, pair_slot_;
-  std::vector<float> pair_weight_;
-  std::vector<int64_t> scratch_;
+  std::vector<int64_t> scratch_;          // Unpack's fill pointers
 };
 
 // The MoE layer with routed experts spread over the ranks of `comm`:
@@ -215,6 +219,10 @@ class ExpertParallelMoe {
   // slot's expert is not loaded here; otherwise the dispatcher's and the
   // communicator's errors (a deadline per all-to-all).
   absl::Status Forward(const float* x, int64_t T, float* y);
+  // The routed part only, with routes the caller computed (ids and weights
+  // [T, top_k], the router's output): y[t] += the sum of the token's partial
+  // rows (no shared expert). Same contract otherwise; what CpuEpExchange runs.
+  absl::Status ForwardRouted(const float* x, int64_t T, const int32_t* ids, const float* weights, float* y);
 
   const EpDispatcher& dispatcher() const { return dispatcher_; }
   // Seconds spent in the last Forward's expert compute (step 4).
@@ -223,12 +231,47 @@ class ExpertParallelMoe {
  private:
   absl::Status CheckLocalExperts();
   void RunLocalExperts();
+  // Dispatch, local experts, combine (y overwritten, or added to with accumulate).
+  absl::Status Exchange(const float* x, int64_t T, const int32_t* ids, const float* weights, float* y,
+                        bool accumulate);
 
   const MoeWeights* w_;
   bool checked_ = false;  // CheckLocalExperts passed
   EpDispatcher dispatcher_;
   double expert_seconds_ = 0;
   std::vector<float> xin_, out_, scratch_;
+};
+
+// The CPU engine's ExpertExchange (worker/expert_exchange.h): per MoE layer
+// an ExpertParallelMoe over `comm` with the layer's placement and the
+// shard's experts, run on the routes the engine computed (host memory; the
+// exchange never routes). Layer::x is fp32. One owner thread.
+class CpuEpExchange : public ExpertExchange {
+ public:
+  // `shard` holds the experts, `placements` maps each MoE layer of the shard
+  // to its placement over comm->size() ranks; they must outlive the
+  // exchange. `options` gives the timeout, fp8 and gather_sends (hidden and
+  // top_k come from each layer's weights). comm may be null: Run fails with
+  // kFailedPrecondition until Reset gives one.
+  CpuEpExchange(const ModelShard* shard, comm::Communicator* comm,
+                const std::map<int64_t, topology::ExpertPlacement>* placements, DispatchOptions options);
+
+  absl::Status Run(const Layer& layer) override;
+  ExchangeTimes times() const override { return times_; }
+
+  // A new communicator (after a lost peer; null: none for now), or new
+  // placements or experts (after a rebalance): the per-layer state, which
+  // points at the old ones, is dropped.
+  void Reset(comm::Communicator* comm);
+  comm::Communicator* comm() const { return comm_; }
+
+ private:
+  const ModelShard* shard_;
+  comm::Communicator* comm_;
+  const std::map<int64_t, topology::ExpertPlacement>* placements_;
+  DispatchOptions options_;
+  std::map<int64_t, std::unique_ptr<ExpertParallelMoe>> layers_;
+  ExchangeTimes times_;
 };
 
 // FP8 payload helpers (exposed for tests): quantises n values into e4m3 codes

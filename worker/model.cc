@@ -228,15 +228,9 @@ absl::Status ModelShard::Build(const ShardFilter& filter, const TensorFiller& fi
   return absl::OkStatus();
 }
 
-absl::Status LocalMoeRunner::Run(const MoeWeights& w, int64_t, const float* x, int64_t T, float* y) {
-  MoeForwardLocal(w, x, T, y);
-  return absl::OkStatus();
-}
-
-Engine::Engine(const ModelShard* shard, MoeRunner* moe)
+Engine::Engine(const ModelShard* shard)
     : shard_(shard),
       cfg_(shard->config()),
-      moe_(moe != nullptr ? moe : &local_moe_),
       rope_(shard->config()),
       mla_(kernels::MlaShape::FromConfig(shard->config())) {}
 
@@ -329,7 +323,7 @@ absl::Status Engine::RunBlock(const LayerWeights& lw, size_t slot, const std::ve
   times_.attention += t1 - t0;
   kernels::RmsNorm(hidden->data(), T, H, lw.post_norm.data(), eps, normed.data());
   if (lw.is_moe) {
-    RETURN_IF_ERROR(moe_->Run(lw.moe, lw.index, normed.data(), T, branch.data()));
+    RETURN_IF_ERROR(Moe(lw, normed.data(), T, branch.data()));
     times_.moe += Now() - t1;
   } else {
     std::vector<float> scratch(T * 3 * cfg_.intermediate_size);
@@ -337,6 +331,25 @@ absl::Status Engine::RunBlock(const LayerWeights& lw, size_t slot, const std::ve
     times_.dense += Now() - t1;
   }
   for (int64_t i = 0; i < T * H; ++i) (*hidden)[i] += branch[i];
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Moe(const LayerWeights& lw, const float* x, int64_t T, float* y) {
+  const MoeWeights& w = lw.moe;
+  const int64_t K = w.router_params.top_k;
+  std::fill(y, y + T * w.hidden, 0.0f);
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  if (T > 0) {  // routed once: the observer, the local experts or the exchange all take these
+    RouteTokens(w, x, T, &ids, &weights);
+    if (on_route_) on_route_(lw.index, ids.data(), T * K);
+  }
+  if (exchange_ == nullptr) {
+    if (T > 0) MoeExpertsAccumulate(w, x, T, ids.data(), weights.data(), K, y);
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(exchange_->RunLayer(lw.index, T, x, ids.data(), weights.data(), y));
+  if (T > 0) SharedExpertAccumulate(w, x, T, y);
   return absl::OkStatus();
 }
 

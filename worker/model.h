@@ -31,6 +31,7 @@
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "kernels/cpu/kernels.h"
+#include "worker/expert_exchange.h"
 #include "worker/moe.h"
 
 namespace expertmesh::worker {
@@ -133,21 +134,6 @@ struct Segment {
   int64_t n = 0;
 };
 
-// Runs the routed experts of a MoE layer. The default runs them locally; the
-// expert-parallel engine replaces it with dispatch/combine over a communicator.
-class MoeRunner {
- public:
-  virtual ~MoeRunner() = default;
-  // y[T,H] = MoE(x[T,H]) (routed + shared). Called on every rank of a stage
-  // for every MoE layer, also with T == 0.
-  virtual absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) = 0;
-};
-
-class LocalMoeRunner : public MoeRunner {
- public:
-  absl::Status Run(const MoeWeights& w, int64_t layer, const float* x, int64_t T, float* y) override;
-};
-
 // Time spent per kind of work (seconds), accumulated over calls.
 struct EngineTimes {
   double attention = 0, moe = 0, dense = 0, embed_head = 0;
@@ -155,8 +141,17 @@ struct EngineTimes {
 
 class Engine {
  public:
-  explicit Engine(const ModelShard* shard, MoeRunner* moe = nullptr);
+  explicit Engine(const ModelShard* shard);
   SequenceCache NewCache() const;
+
+  // The MoE seam (worker/expert_exchange.h). Every MoE layer is routed once
+  // here; the routes go to `observer` (when set) and, with an exchange, to
+  // the exchange, which runs the routed experts over the stage's EP ranks
+  // (it is then called for every MoE layer, also with no tokens). Without
+  // one (null, the default) the routed experts run here. Both must outlive
+  // the engine's steps.
+  void SetExpertExchange(ExpertExchange* exchange) { exchange_ = exchange; }
+  void SetRouteObserver(RouteObserver observer) { on_route_ = std::move(observer); }
 
   // Embedding of the segments' tokens into hidden[T, H] (T = sum of n).
   void Embed(const std::vector<Segment>& segs, std::vector<float>* hidden) const;
@@ -195,10 +190,13 @@ class Engine {
   // caller in errors), embedding and every layer.
   absl::Status EmbedAndRun(const char* what, const std::vector<Segment>& segs, std::vector<float>* hidden);
 
+  // The MoE block on normed x[T, H]: y = routed + shared (y overwritten).
+  absl::Status Moe(const LayerWeights& lw, const float* x, int64_t T, float* y);
+
   const ModelShard* shard_;
   const ModelConfig& cfg_;
-  LocalMoeRunner local_moe_;
-  MoeRunner* moe_;
+  ExpertExchange* exchange_ = nullptr;
+  RouteObserver on_route_;
   kernels::Rope rope_;
   kernels::MlaShape mla_;
   EngineTimes times_;

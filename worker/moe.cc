@@ -157,6 +157,11 @@ void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, con
   ExpertsAccumulate(w, x, T, ids, weights, K, /*with_shared=*/false, y);
 }
 
+void MoeExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids, const float* weights,
+                          int64_t K, float* y) {
+  ExpertsAccumulate(w, x, T, ids, weights, K, /*with_shared=*/true, y);
+}
+
 void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, float* y) {
   ExpertsAccumulate(w, x, T, nullptr, nullptr, 0, /*with_shared=*/true, y);
 }
@@ -167,7 +172,7 @@ void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y) {
   std::vector<int32_t> ids;
   std::vector<float> weights;
   RouteTokens(w, x, T, &ids, &weights);
-  ExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, /*with_shared=*/true, y);
+  MoeExpertsAccumulate(w, x, T, ids.data(), weights.data(), w.router_params.top_k, y);
 }
 
 }  // namespace expertmesh::worker

@@ -40,6 +40,13 @@ void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int
 void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,
                              const float* weights, int64_t top_k, float* y);
 
+// Routed experts and the shared expert in one pass (routes given):
+// y[T,H] += routed(x) + shared(x), per token the routed terms in k order,
+// then the shared one (bitwise RoutedExpertsAccumulate followed by
+// SharedExpertAccumulate, faster).
+void MoeExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids, const float* weights,
+                          int64_t top_k, float* y);
+
 // Shared expert: y[T,H] += shared(x).
 void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, float* y);
 

@@ -4,6 +4,7 @@
 // on a one-rank communicator.
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "worker/comm/bootstrap.h"
 #include "worker/comm/communicator.h"
 #include "worker/dispatch.h"
+#include "worker/model.h"
 
 namespace expertmesh {
 namespace {
@@ -201,6 +203,71 @@ TEST(Dispatch, OneRankLayerEqualsLocal) {
   EXPECT_LT(testing_util::RelativeError(y.data(), ref.data(), T * H), 1e-5);
   EXPECT_EQ(moe.dispatcher().num_sent_records(), T);  // one rank: one record per token
   EXPECT_EQ(moe.dispatcher().num_records(), T);
+}
+
+TEST(Dispatch, ForwardRoutedAddsTheRoutedPart) {
+  const worker::MoeWeights& w = testing_util::TinyMoeWeights();
+  LoopbackCommunicator c;
+  const auto pl = topology::ExpertPlacement::Uniform(w.router_params.num_experts, 1, 16);
+  worker::DispatchOptions o;
+  o.hidden = w.hidden;
+  o.top_k = w.router_params.top_k;
+  worker::ExpertParallelMoe moe(&c, &pl, &w, o);
+  const int64_t T = 23, H = w.hidden, K = o.top_k;
+  const std::vector<float> x = testing_util::RandomVector(T * H, 12);
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+  worker::RouteTokens(w, x.data(), T, &ids, &wts);
+  std::vector<float> y(T * H, 1.0f), ref(T * H, 1.0f);
+  ASSERT_TRUE(moe.ForwardRouted(x.data(), T, ids.data(), wts.data(), y.data()).ok());
+  worker::RoutedExpertsAccumulate(w, x.data(), T, ids.data(), wts.data(), K, ref.data());  // no shared expert
+  EXPECT_LT(testing_util::RelativeError(y.data(), ref.data(), T * H), 1e-5);
+  // Zero tokens: nothing to add, still one exchange.
+  ASSERT_TRUE(moe.ForwardRouted(nullptr, 0, nullptr, nullptr, nullptr).ok());
+}
+
+// The CPU engine routes each MoE layer once and hands the routes to its
+// exchange: over a one-rank CpuEpExchange it computes what it computes
+// alone (to the combine's summation order), and observes the same routes.
+TEST(Dispatch, EngineOverCpuEpExchangeEqualsLocalEngine) {
+  auto cfg = ModelConfig::Preset("tiny");
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  auto shard = worker::ModelShard::Random(*cfg, ShardFilter{}, 5);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  std::map<int64_t, topology::ExpertPlacement> placements;
+  for (int64_t l = 0; l < cfg->num_hidden_layers; ++l) {
+    if (cfg->IsMoeLayer(l)) placements[l] = topology::ExpertPlacement::Uniform(cfg->n_routed_experts, 1, 8);
+  }
+  LoopbackCommunicator c;
+  worker::CpuEpExchange ex(shard->get(), nullptr, &placements, worker::DispatchOptions{});
+  worker::Engine local(shard->get()), ep(shard->get());
+  ep.SetExpertExchange(&ex);
+  std::map<int64_t, std::vector<int32_t>> seen_local, seen_ep;
+  auto observer = [](std::map<int64_t, std::vector<int32_t>>* seen) {
+    return [seen](int64_t layer, const int32_t* ids, int64_t n) {
+      auto& v = (*seen)[layer];
+      v.insert(v.end(), ids, ids + n);
+    };
+  };
+  local.SetRouteObserver(observer(&seen_local));
+  ep.SetRouteObserver(observer(&seen_ep));
+  std::vector<int32_t> prompt = {5, 17, 3, 99, 41, 8, 250};
+  worker::SequenceCache ca = local.NewCache(), cb = ep.NewCache();
+  std::vector<float> la, lb;
+  ASSERT_TRUE(local.Forward({{&ca, prompt.data(), 7}}, &la).ok());
+  // No communicator yet: the exchange refuses the step.
+  EXPECT_EQ(ep.Forward({{&cb, prompt.data(), 7}}, &lb).code(), absl::StatusCode::kFailedPrecondition);
+  cb = ep.NewCache();
+  seen_ep.clear();
+  ex.Reset(&c);
+  ASSERT_TRUE(ep.Forward({{&cb, prompt.data(), 7}}, &lb).ok());
+  ASSERT_EQ(la.size(), lb.size());
+  EXPECT_LT(testing_util::RelativeError(lb.data(), la.data(), static_cast<int64_t>(la.size())), 1e-4);
+  EXPECT_EQ(seen_ep.size(), placements.size());
+  for (const auto& [layer, ids] : seen_ep) {
+    EXPECT_EQ(static_cast<int64_t>(ids.size()), 7 * cfg->num_experts_per_tok) << "layer " << layer << " routed once";
+  }
+  EXPECT_GT(ex.times().dispatch + ex.times().combine, 0.0);
 }
 
 TEST(Dispatch, RejectsBadInput) {

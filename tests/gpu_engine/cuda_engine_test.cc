@@ -418,7 +418,7 @@ TEST(CudaEngine, ExpertExchangeOneRankEqualsLocal) {
       auto ex = CudaEpExchange::Create(ep->get(), c->get(), &placements, CudaEpOptions{});
       ASSERT_OK(ex);
       int64_t routed = 0;
-      (*ex)->set_on_route([&](int64_t, const int32_t*, int64_t n) { routed += n; });
+      (*ep)->SetRouteObserver([&](int64_t, const int32_t*, int64_t n) { routed += n; });  // via the exchange
       (*ep)->SetExpertExchange(ex->get());
       std::mt19937 rng(5);
       const auto p0 = RandomTokens(rng, 13, cfg.vocab_size), p1 = RandomTokens(rng, 2, cfg.vocab_size);

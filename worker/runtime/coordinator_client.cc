@@ -19,7 +19,7 @@ void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
 }
 }  // namespace
 
-CoordinatorClient::CoordinatorClient(const std::string& address) : address_(address) {
+GrpcCoordinatorClient::GrpcCoordinatorClient(const std::string& address) : address_(address) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
@@ -28,7 +28,7 @@ CoordinatorClient::CoordinatorClient(const std::string& address) : address_(addr
   stub_ = v1::WorkerService::NewStub(channel_);
 }
 
-absl::StatusOr<v1::RegisterResponse> CoordinatorClient::Register(const v1::RegisterRequest& req, absl::Time deadline) {
+absl::StatusOr<v1::RegisterResponse> GrpcCoordinatorClient::Register(const v1::RegisterRequest& req, absl::Time deadline) {
   absl::Status last;
   bool logged = false;
   while (absl::Now() < deadline) {
@@ -52,7 +52,7 @@ absl::StatusOr<v1::RegisterResponse> CoordinatorClient::Register(const v1::Regis
                                                   last.message()));
 }
 
-absl::StatusOr<v1::HeartbeatResponse> CoordinatorClient::Heartbeat(const v1::HeartbeatRequest& req,
+absl::StatusOr<v1::HeartbeatResponse> GrpcCoordinatorClient::Heartbeat(const v1::HeartbeatRequest& req,
                                                                     absl::Duration timeout) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);
@@ -62,7 +62,7 @@ absl::StatusOr<v1::HeartbeatResponse> CoordinatorClient::Heartbeat(const v1::Hea
   return resp;
 }
 
-absl::StatusOr<v1::SyncResponse> CoordinatorClient::Sync(const v1::SyncRequest& req, absl::Duration timeout) {
+absl::StatusOr<v1::SyncResponse> GrpcCoordinatorClient::Sync(const v1::SyncRequest& req, absl::Duration timeout) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);
   v1::SyncResponse resp;
@@ -71,7 +71,7 @@ absl::StatusOr<v1::SyncResponse> CoordinatorClient::Sync(const v1::SyncRequest& 
   return resp;
 }
 
-absl::Status CoordinatorClient::StoreSet(const std::string& key, const std::string& value, absl::Duration timeout) {
+absl::Status GrpcCoordinatorClient::StoreSet(const std::string& key, const std::string& value, absl::Duration timeout) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);
   ctx.set_wait_for_ready(true);
@@ -82,7 +82,7 @@ absl::Status CoordinatorClient::StoreSet(const std::string& key, const std::stri
   return FromGrpc(stub_->StoreSet(&ctx, req, &resp), absl::StrCat("store set ", key));
 }
 
-absl::StatusOr<std::pair<bool, std::string>> CoordinatorClient::StoreGet(const std::string& key,
+absl::StatusOr<std::pair<bool, std::string>> GrpcCoordinatorClient::StoreGet(const std::string& key,
                                                                           absl::Duration timeout) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);

@@ -1,11 +1,20 @@
-// A worker's connection to the coordinator (WorkerService over gRPC), and a
+// A worker's connection to the coordinator (WorkerService), behind an
+// interface so that tests drive the worker with a fake coordinator, and a
 // comm::Store backed by the coordinator's key-value RPCs, used to bootstrap
 // UCX data planes of standalone workers.
+//
+// Contract: every method may be called from any thread at once (the
+// heartbeat thread, the stage thread, the expert loader); each one blocks
+// for at most its timeout or deadline. Errors carry canonical codes (gRPC's
+// codes map one to one): UNAVAILABLE / DEADLINE_EXCEEDED for an unreachable
+// coordinator, NOT_FOUND for a coordinator that does not know this worker
+// (restarted), FAILED_PRECONDITION for a place taken over by another worker,
+// RESOURCE_EXHAUSTED / ALREADY_EXISTS when no place is free.
 #pragma once
 
 #include <memory>
-#include <mutex>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -20,17 +29,35 @@ absl::Status FromGrpc(const grpc::Status& s, absl::string_view what);
 
 class CoordinatorClient {
  public:
-  explicit CoordinatorClient(const std::string& address);
-  const std::string& address() const { return address_; }
+  virtual ~CoordinatorClient() = default;
+  // host:port, for messages.
+  virtual const std::string& address() const = 0;
 
-  // Retries until the coordinator answers or `deadline` passes (the
-  // coordinator may still be starting, or restarting).
-  absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& req, absl::Time deadline);
-  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& req, absl::Duration timeout);
-  absl::StatusOr<v1::SyncResponse> Sync(const v1::SyncRequest& req, absl::Duration timeout);
-  absl::Status StoreSet(const std::string& key, const std::string& value, absl::Duration timeout);
+  // Retries while the coordinator is unreachable until it answers or
+  // `deadline` passes (it may still be starting, or restarting); other errors
+  // return at once.
+  virtual absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& req, absl::Time deadline) = 0;
+  // One try each. The heartbeat also reports load, stage times and staging.
+  virtual absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& req,
+                                                          absl::Duration timeout) = 0;
+  virtual absl::StatusOr<v1::SyncResponse> Sync(const v1::SyncRequest& req, absl::Duration timeout) = 0;
+  // The coordinator's key-value store (bootstrap of UCX data planes).
+  virtual absl::Status StoreSet(const std::string& key, const std::string& value, absl::Duration timeout) = 0;
   // found = false when the key does not exist (yet).
-  absl::StatusOr<std::pair<bool, std::string>> StoreGet(const std::string& key, absl::Duration timeout);
+  virtual absl::StatusOr<std::pair<bool, std::string>> StoreGet(const std::string& key, absl::Duration timeout) = 0;
+};
+
+// The real client: WorkerService over one gRPC channel.
+class GrpcCoordinatorClient : public CoordinatorClient {
+ public:
+  explicit GrpcCoordinatorClient(const std::string& address);
+  const std::string& address() const override { return address_; }
+
+  absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& req, absl::Time deadline) override;
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& req, absl::Duration timeout) override;
+  absl::StatusOr<v1::SyncResponse> Sync(const v1::SyncRequest& req, absl::Duration timeout) override;
+  absl::Status StoreSet(const std::string& key, const std::string& value, absl::Duration timeout) override;
+  absl::StatusOr<std::pair<bool, std::string>> StoreGet(const std::string& key, absl::Duration timeout) override;
 
  private:
   std::string address_;

@@ -1,4 +1,4 @@
-// The worker process: registers with the coordinator, loads its shard (the
+// The worker process (its parts: docs/CLUSTER.md, "Worker internals"): registers with the coordinator, loads its shard (the
 // layers of its pipeline stage and the experts of its EP rank), joins the
 // data planes (EP all-to-all inside the stage, pipeline transfers along its
 // lane) and runs steps until the coordinator shuts the cluster down.
@@ -20,6 +20,8 @@
 
 namespace expertmesh::worker::runtime {
 
+class CoordinatorClient;
+
 struct WorkerOptions {
   std::string coordinator;               // host:port of the coordinator's gRPC server
   std::string backend = "ucx";           // data plane: "mpi" (under mpirun) or "ucx"
@@ -32,6 +34,7 @@ struct WorkerOptions {
   // After a data-plane failure (a peer lost): how long to wait for the
   // cluster to be complete again (a replacement worker) before exiting.
   absl::Duration rejoin_timeout = absl::Seconds(600);
+  absl::Duration heartbeat_interval = absl::Seconds(1);
   // The shard on a GPU (CudaEngine) instead of the CPU engine.
   bool cuda = false;
   CudaEngineOptions cuda_options;
@@ -48,6 +51,11 @@ struct WorkerOptions {
   std::atomic<bool>* serving = nullptr;
 };
 
+// Runs the worker until the cluster shuts down, it leaves on request (OK), or
+// it fails. Talks to the coordinator over gRPC at options.coordinator.
 absl::Status RunWorker(const WorkerOptions& options);
+// The same over `client` (tests inject a fake coordinator); options.coordinator
+// is not used. client must outlive the call.
+absl::Status RunWorker(const WorkerOptions& options, CoordinatorClient* client);
 
 }  // namespace expertmesh::worker::runtime

@@ -1,0 +1,126 @@
+// Several RunWorker instances in one process (threads) against one fake
+// coordinator, over a real UCX data plane bootstrapped through the fake's
+// key-value store: a 2-stage pipeline and a 2-rank expert-parallel stage
+// generate what the engine generates on the whole model.
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include "common/checkpoint.h"
+#include "gtest/gtest.h"
+#include "tests/worker/fake_coordinator.h"
+#include "worker/comm/registry.h"
+#include "worker/model.h"
+#include "worker/runtime/worker.h"
+
+namespace expertmesh::worker::runtime {
+namespace {
+
+using testing::FakeCoordinator;
+using testing::Greedy;
+using testing::Lane;
+using testing::Registered;
+using testing::TinyPlan;
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* base = std::getenv("TEST_TMPDIR");
+    std::string templ = std::string(base != nullptr ? base : "/tmp") + "/em_cluster_XXXXXX";
+    dir_ = new std::string(mkdtemp(templ.data()));
+    GenerateOptions g;
+    g.out_dir = *dir_ + "/ckpt";
+    g.seed = 8;
+    ASSERT_TRUE(GenerateCheckpoint(*ModelConfig::Preset("tiny"), g).ok());
+  }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+  void SetUp() override {
+    const auto b = comm::AvailableBackends();
+    if (std::find(b.begin(), b.end(), "ucx") == b.end()) GTEST_SKIP() << "built without UCX";
+  }
+  static std::string Checkpoint() { return *dir_ + "/ckpt"; }
+
+  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
+    auto shard = ModelShard::Load(Checkpoint(), ShardFilter{});
+    EXPECT_TRUE(shard.ok()) << shard.status();
+    Engine engine(shard->get());
+    SequenceCache cache = engine.NewCache();
+    std::vector<int32_t> out, next = prompt;
+    std::vector<float> logits;
+    const int64_t V = (*shard)->config().vocab_size;
+    for (int step = 0; step < n; ++step) {
+      EXPECT_TRUE(engine.Forward({{&cache, next.data(), static_cast<int64_t>(next.size())}}, &logits).ok());
+      kernels::SamplingParams sp{0.0f, 0, 1.0f, 0};
+      out.push_back(kernels::Sample(logits.data(), V, sp, step));
+      next = {out.back()};
+    }
+    return out;
+  }
+
+  // Runs the pp x ep workers of `plan` until the coordinator shuts the
+  // cluster down; lanes[r]: what stage 0 of lane r is given.
+  void RunCluster(const topology::Plan& plan, std::vector<Lane*> lanes) {
+    fake_.OnRegister([&](const v1::RegisterRequest& req) -> absl::StatusOr<v1::RegisterResponse> {
+      const int id = req.worker_id();
+      return Registered(id, static_cast<int>(id / plan.ep), static_cast<int>(id % plan.ep), plan, "e1", 1, 1,
+                        Checkpoint());
+    });
+    fake_.OnHeartbeat([](const v1::HeartbeatRequest&) {
+      v1::HeartbeatResponse r;
+      r.set_epoch("e1");
+      r.set_generation(1);
+      r.set_placement_version(1);
+      return r;
+    });
+    fake_.OnSync([&](const v1::SyncRequest& req) {
+      v1::SyncResponse r;
+      r.set_epoch("e1");
+      r.set_generation(1);
+      r.set_placement_version(1);
+      return lanes.at(req.worker_id())->Answer(req, r);
+    });
+    std::vector<absl::Status> results(plan.num_workers());
+    std::vector<std::thread> threads;
+    for (int w = 0; w < plan.num_workers(); ++w) {
+      threads.emplace_back([&, w] {
+        WorkerOptions o;
+        o.backend = "ucx";
+        o.requested_worker_id = w;
+        o.register_timeout = absl::Seconds(60);
+        o.step_timeout = absl::Seconds(60);
+        o.heartbeat_interval = absl::Milliseconds(50);
+        results[w] = RunWorker(o, &fake_);
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (int w = 0; w < plan.num_workers(); ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+  }
+
+  static std::string* dir_;
+  FakeCoordinator fake_;
+};
+std::string* ClusterTest::dir_ = nullptr;
+
+TEST_F(ClusterTest, TwoStagePipelineGeneratesWhatTheEngineGenerates) {
+  Lane lane({Greedy("j/0", {3, 99, 512}, 5), Greedy("j/1", {1000, 1}, 4), Greedy("j/2", {42}, 3)});
+  RunCluster(TinyPlan(2, 1), {&lane});
+  EXPECT_EQ(lane.tokens()["j/0"], Reference({3, 99, 512}, 5));
+  EXPECT_EQ(lane.tokens()["j/1"], Reference({1000, 1}, 4));
+  EXPECT_EQ(lane.tokens()["j/2"], Reference({42}, 3));
+}
+
+TEST_F(ClusterTest, ExpertParallelStageGeneratesWhatTheEngineGenerates) {
+  Lane lane0({Greedy("a/0", {5, 6, 7}, 4)});
+  Lane lane1({Greedy("b/0", {700}, 5), Greedy("b/1", {8, 9}, 2)});
+  RunCluster(TinyPlan(1, 2), {&lane0, &lane1});
+  EXPECT_EQ(lane0.tokens()["a/0"], Reference({5, 6, 7}, 4));
+  EXPECT_EQ(lane1.tokens()["b/0"], Reference({700}, 5));
+  EXPECT_EQ(lane1.tokens()["b/1"], Reference({8, 9}, 2));
+}
+
+}  // namespace
+}  // namespace expertmesh::worker::runtime

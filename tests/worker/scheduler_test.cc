@@ -1,0 +1,261 @@
+// The stage-0 scheduler of a lane against a fake coordinator: continuous
+// batching (micro-batch size, prefill then decode), finishing, cancelling,
+// epoch and generation changes, an unreachable coordinator.
+#include "worker/runtime/scheduler.h"
+
+#include <atomic>
+
+#include "gtest/gtest.h"
+#include "tests/worker/fake_coordinator.h"
+
+namespace expertmesh::worker::runtime {
+namespace {
+
+using testing::FakeCoordinator;
+using testing::RecordingCommFactory;
+
+v1::SequenceAssignment Assign(const std::string& id, std::vector<int32_t> prompt, int max_new,
+                              std::vector<int32_t> stop = {}) {
+  v1::SequenceAssignment a;
+  a.set_seq_id(id);
+  for (int32_t t : prompt) a.mutable_request()->add_tokens(t);
+  a.mutable_request()->set_max_new_tokens(max_new);
+  for (int32_t t : stop) a.mutable_request()->add_stop_token_ids(t);
+  a.mutable_request()->mutable_sampling()->set_seed(9);
+  return a;
+}
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Make(/*pp=*/2); }
+  void Make(int64_t pp) {
+    cfg_ = *ModelConfig::Preset("tiny");
+    dp_ = std::make_unique<DataPlane>(&factory_, DataPlane::Options{}, pp, 1, 0, 0, 0);
+    dp_->SetGeneration("e1", 1, false);
+    Scheduler::Options o;
+    o.worker_id = 0;
+    o.pp = pp;
+    o.max_sequences = 8;
+    o.coordinator_timeout = absl::Milliseconds(200);
+    sched_ = std::make_unique<Scheduler>(o, &fake_, dp_.get(), &shutdown_, &cfg_, [] { return StageCache(); });
+    sched_->SetEpoch("e1", 1);
+  }
+  v1::SyncResponse Ok() {
+    v1::SyncResponse r;
+    r.set_epoch("e1");
+    r.set_generation(1);
+    r.set_placement_version(1);
+    return r;
+  }
+  absl::Status Sync() { return sched_->Sync(&want_stop_); }
+  // Builds a micro-batch and returns its keys.
+  std::vector<uint64_t> Build(MicroBatch* mb) {
+    std::vector<StepSegment> segs;
+    sched_->BuildMicroBatch(mb, &segs);
+    EXPECT_EQ(segs.size(), mb->segments.size());
+    std::vector<uint64_t> keys;
+    int64_t off = 0;
+    for (size_t i = 0; i < segs.size(); ++i) {
+      EXPECT_EQ(segs[i].n, mb->segments[i].n);
+      EXPECT_EQ(segs[i].tokens, mb->tokens.data() + off);
+      off += segs[i].n;
+      keys.push_back(mb->segments[i].key);
+    }
+    EXPECT_EQ(off, static_cast<int64_t>(mb->tokens.size()));
+    return keys;
+  }
+  Return Tokens(const std::vector<uint64_t>& keys, int32_t token) {
+    Return r;
+    r.keys = keys;
+    r.tokens.assign(keys.size(), token);
+    return r;
+  }
+
+  ModelConfig cfg_;
+  FakeCoordinator fake_;
+  RecordingCommFactory factory_;
+  std::unique_ptr<DataPlane> dp_;
+  std::atomic<bool> shutdown_{false};
+  std::unique_ptr<Scheduler> sched_;
+  bool want_stop_ = false;
+};
+
+TEST_F(SchedulerTest, MicroBatchesHoldAFractionOfTheLaneThenDecode) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1, 2, 3}, 4);
+  *r.add_assign() = Assign("j/1", {4, 5}, 4);
+  *r.add_assign() = Assign("j/2", {6}, 4);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  EXPECT_EQ(sched_->size(), 3);
+  EXPECT_EQ(fake_.syncs()[0].free_slots(), 8);
+  EXPECT_EQ(fake_.syncs()[0].epoch(), "e1");
+  EXPECT_EQ(fake_.syncs()[0].generation(), 1);
+  // pp = 2: ceil(3 / 2) = 2 sequences per micro-batch, prefill segments first.
+  MicroBatch a, b, c;
+  const auto ka = Build(&a);
+  ASSERT_EQ(ka.size(), 2u);
+  EXPECT_EQ(a.tokens, (std::vector<int32_t>{1, 2, 3, 4, 5}));
+  EXPECT_EQ(a.segments[0].start, 0);
+  EXPECT_EQ(a.segments[0].seed, 9u);
+  EXPECT_EQ(a.segments[0].step, 0u);
+  const auto kb = Build(&b);  // the in-flight ones are skipped
+  ASSERT_EQ(kb.size(), 1u);
+  EXPECT_EQ(b.tokens, (std::vector<int32_t>{6}));
+  EXPECT_TRUE(Build(&c).empty());  // everything in flight
+  sched_->ApplyReturn(Tokens(ka, 100));
+  MicroBatch d;
+  const auto kd = Build(&d);  // decode: one token each, the sampled one
+  ASSERT_EQ(kd, ka);
+  EXPECT_EQ(d.tokens, (std::vector<int32_t>{100, 100}));
+  EXPECT_EQ(d.segments[0].n, 1);
+  EXPECT_EQ(d.segments[0].step, 1u);
+  // The tokens go to the coordinator with the next Sync.
+  EXPECT_EQ(sched_->pending_updates().size(), 2u);
+  fake_.AnswerSync(Ok());
+  ASSERT_OK(Sync());
+  ASSERT_EQ(fake_.syncs()[1].updates_size(), 2);
+  EXPECT_EQ(fake_.syncs()[1].updates(0).new_tokens(0), 100);
+  EXPECT_EQ(fake_.syncs()[1].free_slots(), 5);
+  EXPECT_TRUE(sched_->pending_updates().empty());
+}
+
+TEST_F(SchedulerTest, StopTokenAndLengthFinishAndReleaseTheCache) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1}, 5, {42});
+  *r.add_assign() = Assign("j/1", {2}, 1);
+  Make(1);  // one stage: everything in one micro-batch
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  const auto keys = Build(&mb);
+  ASSERT_EQ(keys.size(), 2u);
+  Return ret;
+  ret.keys = keys;
+  ret.tokens = {42, 7};  // j/0 emits its stop token; j/1 reaches max_new_tokens = 1
+  sched_->ApplyReturn(ret);
+  EXPECT_TRUE(sched_->empty());
+  const auto released = sched_->TakeReleases();
+  EXPECT_EQ(released, keys);
+  const auto& u = sched_->pending_updates();
+  ASSERT_EQ(u.size(), 2u);
+  EXPECT_EQ(u[0].finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(u[1].finish_reason(), v1::FINISH_REASON_LENGTH);
+}
+
+TEST_F(SchedulerTest, CancelledInFlightIsDroppedWhenItsTokenReturns) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1, 2}, 8);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  const auto keys = Build(&mb);
+  ASSERT_EQ(keys.size(), 1u);
+  v1::SyncResponse c = Ok();
+  c.add_cancel("j/0");
+  fake_.AnswerSync(c);
+  ASSERT_OK(Sync());
+  ASSERT_EQ(sched_->pending_updates().size(), 1u);
+  EXPECT_EQ(sched_->pending_updates()[0].finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_TRUE(sched_->TakeReleases().empty());  // still in flight: the stages hold its cache
+  MicroBatch none;
+  EXPECT_TRUE(Build(&none).empty());
+  sched_->ApplyReturn(Tokens(keys, 5));
+  EXPECT_TRUE(sched_->empty());
+  EXPECT_EQ(sched_->TakeReleases(), keys);
+  EXPECT_EQ(sched_->pending_updates().size(), 1u);  // no token for a cancelled sequence
+}
+
+TEST_F(SchedulerTest, NewCoordinatorEpochDropsEverySequence) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1}, 8);
+  *r.add_assign() = Assign("j/1", {2}, 8);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  Build(&mb);
+  v1::SyncResponse e = Ok();
+  e.set_epoch("e2");
+  *e.add_assign() = Assign("j/9", {3}, 8);  // not taken: it belongs to the new epoch's next Sync
+  fake_.AnswerSync(e);
+  ASSERT_OK(Sync());
+  EXPECT_EQ(sched_->epoch(), "e2");
+  EXPECT_TRUE(sched_->pending_updates().empty());  // the restarted coordinator requeued them
+  sched_->ApplyReturn(Tokens({mb.segments[0].key}, 1));  // the in-flight one comes back
+  EXPECT_TRUE(sched_->empty());
+  EXPECT_EQ(sched_->TakeReleases().size(), 2u);
+}
+
+TEST_F(SchedulerTest, GenerationMovedOnOurCoordinatorAbortsTheStep) {
+  v1::SyncResponse g = Ok();
+  g.set_generation(2);
+  *g.add_assign() = Assign("j/0", {1}, 8);
+  fake_.AnswerSync(g);
+  EXPECT_EQ(Sync().code(), absl::StatusCode::kAborted);
+  EXPECT_TRUE(sched_->empty());
+  // Ours is another epoch's data plane (the coordinator restarted): wait for
+  // the heartbeat thread's re-registration instead.
+  sched_->SetEpoch("e2", 1);
+  v1::SyncResponse other = Ok();
+  other.set_epoch("e2");
+  other.set_generation(4);
+  fake_.AnswerSync(other);
+  ASSERT_OK(Sync());
+  EXPECT_EQ(fake_.syncs().back().epoch(), "e2");
+}
+
+TEST_F(SchedulerTest, CommittedPlacementAndShutdownComeWithSync) {
+  v1::SyncResponse r = Ok();
+  r.set_placement_version(3);
+  r.set_shutdown(true);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  EXPECT_EQ(sched_->committed_placement(), 3);
+  EXPECT_TRUE(want_stop_);
+  EXPECT_TRUE(shutdown_.load());
+}
+
+TEST_F(SchedulerTest, UnreachableCoordinatorKeepsUpdatesThenGivesUp) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1}, 8);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  sched_->ResetSyncClock();
+  MicroBatch mb;
+  sched_->ApplyReturn(Tokens(Build(&mb), 3));
+  ASSERT_OK(Sync());  // unavailable, within the timeout: retried later
+  EXPECT_EQ(sched_->pending_updates().size(), 1u);
+  absl::SleepFor(absl::Milliseconds(250));
+  const absl::Status s = Sync();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(s.message().find("unreachable"), std::string::npos) << s;
+  EXPECT_EQ(fake_.syncs().back().updates_size(), 1);  // the kept update was offered each time
+}
+
+TEST_F(SchedulerTest, InvalidPromptIsRejectedWithoutBeingScheduled) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/bad", {1, 1 << 20}, 4);  // id beyond the vocabulary
+  *r.add_assign() = Assign("j/good", {1}, 4);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  EXPECT_EQ(sched_->size(), 1);
+  ASSERT_EQ(sched_->pending_updates().size(), 1u);
+  EXPECT_EQ(sched_->pending_updates()[0].seq_id(), "j/bad");
+  EXPECT_EQ(sched_->pending_updates()[0].finish_reason(), v1::FINISH_REASON_CANCELLED);
+}
+
+TEST_F(SchedulerTest, DropAllForgetsEverything) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1}, 1);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  sched_->ApplyReturn(Tokens(Build(&mb), 3));
+  sched_->DropAll();
+  EXPECT_TRUE(sched_->empty());
+  EXPECT_TRUE(sched_->TakeReleases().empty());
+  EXPECT_TRUE(sched_->pending_updates().empty());
+}
+
+}  // namespace
+}  // namespace expertmesh::worker::runtime

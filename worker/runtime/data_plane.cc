@@ -1,0 +1,129 @@
+#include "worker/runtime/data_plane.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "worker/comm/mpi_communicator.h"
+#include "worker/comm/registry.h"
+
+namespace expertmesh::worker::runtime {
+
+absl::StatusOr<std::unique_ptr<comm::Communicator>> DefaultCommFactory::Create(const GroupSpec& spec) {
+  if (spec.backend == "mpi") {
+    std::vector<int> world;
+    for (int w : spec.worker_ids) world.push_back(w + mpi_world_offset_);
+    return comm::CreateMpiGroupCommunicator(world, spec.mpi_tag);
+  }
+  comm::StoreBootstrap boot(store_, spec.key_prefix, spec.rank, static_cast<int>(spec.worker_ids.size()));
+  comm::CommOptions opts;
+  // Peers may still be loading their shard (a replacement loads after it registered).
+  opts.connect_timeout = std::max(opts.connect_timeout, connect_timeout_);
+  if (spec.backend == "nccl") opts.cuda_device = cuda_device_;
+  return comm::CreateCommunicator(spec.backend, &boot, opts);
+}
+
+DataPlane::DataPlane(CommFactory* factory, const Options& options, int64_t pp, int64_t ep, int worker_id, int stage,
+                     int ep_rank)
+    : factory_(factory), o_(options), pp_(pp), ep_(ep), worker_id_(worker_id), stage_(stage), ep_rank_(ep_rank) {}
+
+DataPlane::~DataPlane() { Release(); }
+
+DataPlane::Generation DataPlane::generation() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return gen_;
+}
+
+void DataPlane::SetGeneration(const std::string& epoch, int64_t generation, bool clear_stale) {
+  std::lock_guard<std::mutex> l(mu_);
+  gen_.epoch = epoch;
+  gen_.generation = generation;
+  if (clear_stale) stale_ = false;
+}
+
+bool DataPlane::MarkStaleIfMoved(const std::string& epoch, int64_t generation) {
+  std::lock_guard<std::mutex> l(mu_);
+  const bool moved = epoch == gen_.epoch && generation != gen_.generation && !stale_;
+  if (moved) stale_ = true;
+  return moved;
+}
+
+bool DataPlane::stale() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return stale_;
+}
+
+absl::StatusOr<std::unique_ptr<comm::Communicator>> DataPlane::Make(const std::string& name,
+                                                                    const std::vector<int>& ids,
+                                                                    const std::string& backend, int mpi_tag) {
+  GroupSpec spec;
+  spec.name = name;
+  spec.worker_ids = ids;
+  spec.backend = backend;
+  spec.mpi_tag = mpi_tag;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    spec.key_prefix = absl::StrCat(gen_.epoch, "/g", gen_.generation, "/", name);
+  }
+  spec.rank = static_cast<int>(std::find(ids.begin(), ids.end(), worker_id_) - ids.begin());
+  return factory_->Create(spec);
+}
+
+absl::Status DataPlane::Build() {
+  std::array<std::unique_ptr<comm::Communicator>, 4> made;
+  // A group's host communicator and, with the NCCL device plane, its NCCL twin.
+  auto group = [&](const std::string& name, const std::vector<int>& ids, int mpi_tag, int slot) -> absl::Status {
+    ASSIGN_OR_RETURN(made[slot], Make(name, ids, o_.backend, mpi_tag));
+    if (o_.nccl_twins) {
+      ASSIGN_OR_RETURN(made[slot + 2], Make(name + "-nccl", ids, "nccl", mpi_tag));
+    }
+    return absl::OkStatus();
+  };
+  if (ep_ > 1) {
+    std::vector<int> ids;
+    for (int r = 0; r < ep_; ++r) ids.push_back(static_cast<int>(stage_ * ep_ + r));
+    RETURN_IF_ERROR(group(absl::StrCat("stage", stage_), ids, 100 + stage_, 0));
+  }
+  if (pp_ > 1) {
+    std::vector<int> ids;
+    for (int s = 0; s < pp_; ++s) ids.push_back(static_cast<int>(s * ep_ + ep_rank_));
+    RETURN_IF_ERROR(group(absl::StrCat("lane", ep_rank_), ids, 10000 + ep_rank_, 1));
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  comms_ = std::move(made);
+  ++builds_;
+  if (stale_) {  // the generation moved on while we connected: fail the first step, rejoin again
+    const absl::Status why = absl::AbortedError("the data-plane generation moved on while connecting");
+    for (auto& c : comms_) {
+      if (c != nullptr) c->Abort(why);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void DataPlane::Release() {
+  std::array<std::unique_ptr<comm::Communicator>, 4> old;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    old = std::move(comms_);
+  }
+  // Destroyed outside the lock: closing endpoints to a dead peer may take a grace period.
+}
+
+void DataPlane::Abort(const absl::Status& reason) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& c : comms_) {
+    if (c != nullptr) c->Abort(reason);
+  }
+}
+
+bool DataPlane::Broken() const {
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& c : comms_) {
+    if (c != nullptr && !c->health().ok()) return true;
+  }
+  return false;
+}
+
+}  // namespace expertmesh::worker::runtime

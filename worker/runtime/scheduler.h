@@ -1,0 +1,112 @@
+// The stage-0 scheduler of a lane: continuous batching of the sequences the
+// coordinator assigns to this worker.
+//
+// Lanes: EP rank r of every stage forms lane r, and stage 0 of the lane owns
+// its sequences. The scheduler syncs with the coordinator (Sync: finished
+// tokens and finish reasons out, new and cancelled sequences in), builds
+// micro-batches (a prefill segment for a new sequence, one decode token for
+// the others; at most 1/P of the live sequences each, so P micro-batches are
+// in flight and the stages overlap), applies the tokens the last stage
+// returns, and collects the sequences whose caches the stages can free.
+// A sequence is in at most one micro-batch at a time; one cancelled while in
+// flight is dropped when its token comes back.
+//
+// Threads: the stage thread only (nothing is locked). Sync blocks on one RPC
+// (10 s at most); everything else is in memory.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "common/config.h"
+#include "kernels/cpu/kernels.h"
+#include "proto/expertmesh.pb.h"
+#include "worker/runtime/coordinator_client.h"
+#include "worker/runtime/data_plane.h"
+#include "worker/runtime/messages.h"
+#include "worker/runtime/stage_executor.h"
+
+namespace expertmesh::worker::runtime {
+
+class Scheduler {
+ public:
+  struct Options {
+    int worker_id = 0;
+    int64_t pp = 1;                 // stages of the lane (micro-batches in flight)
+    int max_sequences = 64;         // sequences held at once
+    absl::Duration coordinator_timeout = absl::Seconds(300);  // Sync failing that long: give up
+  };
+  // client: Sync. data_plane: the generation Sync names (and that a moved
+  // one is ours). shutdown: set when the coordinator says so (shared with
+  // the heartbeat thread). cfg: prompts are validated against it.
+  // new_cache: a cache for a new sequence on this stage.
+  Scheduler(const Options& options, CoordinatorClient* client, const DataPlane* data_plane,
+            std::atomic<bool>* shutdown, const ModelConfig* cfg, std::function<StageCache()> new_cache);
+
+  // The coordinator epoch this lane's sequences belong to, and its committed
+  // placement version (from Register or a rejoin).
+  void SetEpoch(const std::string& epoch, int64_t committed_placement);
+  const std::string& epoch() const { return epoch_; }
+  int64_t committed_placement() const { return committed_placement_; }
+
+  // One Sync with the coordinator. An unreachable coordinator is retried by
+  // the next call (updates kept) until coordinator_timeout has passed since
+  // the last success (then kUnavailable). kAborted when the coordinator of
+  // our data plane moved to another generation (rebuild). *want_stop: the
+  // cluster is shutting down.
+  absl::Status Sync(bool* want_stop);
+  // Restarts the coordinator_timeout clock (a stage loop starts).
+  void ResetSyncClock() { last_sync_ok_ = absl::Now(); }
+
+  // Fills mb's segments and tokens and the step segments of the next
+  // micro-batch (possibly none), marking its sequences in flight.
+  void BuildMicroBatch(MicroBatch* mb, std::vector<StepSegment>* segs);
+  // The last stage's sampled tokens.
+  void ApplyReturn(const Return& r);
+  // Keys whose caches the stages can free; Defer puts keys back for later.
+  std::vector<uint64_t> TakeReleases() { return std::exchange(release_, {}); }
+  void DeferReleases(const std::vector<uint64_t>& keys) { release_.insert(release_.end(), keys.begin(), keys.end()); }
+  // Drops every sequence without reporting (the coordinator requeues them).
+  void DropAll();
+
+  int64_t size() const { return static_cast<int64_t>(seqs_.size()); }
+  bool empty() const { return seqs_.empty(); }
+  // Updates not yet delivered to the coordinator (tests).
+  const std::vector<v1::SequenceUpdate>& pending_updates() const { return updates_; }
+
+ private:
+  struct Seq {
+    std::string seq_id;
+    v1::SequenceRequest req;
+    kernels::SamplingParams sp;
+    std::vector<int32_t> generated;
+    StageCache cache;
+    bool in_flight = false, prefilled = false, dropped = false;
+    int32_t next_token = 0;
+  };
+  void Finish(uint64_t key, v1::FinishReason reason);
+  void ApplyToken(uint64_t key, int32_t token);
+
+  const Options o_;
+  CoordinatorClient* client_;
+  const DataPlane* dp_;
+  std::atomic<bool>* shutdown_;
+  const ModelConfig* cfg_;
+  std::function<StageCache()> new_cache_;
+  std::string epoch_;
+  int64_t committed_placement_ = 1;
+  std::map<uint64_t, Seq> seqs_;
+  uint64_t next_key_ = 1;
+  std::vector<uint64_t> release_;
+  std::vector<v1::SequenceUpdate> updates_;
+  absl::Time last_sync_ok_ = absl::Now();
+  bool sync_warned_ = false;
+};
+
+}  // namespace expertmesh::worker::runtime
