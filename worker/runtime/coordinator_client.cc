@@ -28,7 +28,8 @@ GrpcCoordinatorClient::GrpcCoordinatorClient(const std::string& address) : addre
   stub_ = v1::WorkerService::NewStub(channel_);
 }
 
-absl::StatusOr<v1::RegisterResponse> GrpcCoordinatorClient::Register(const v1::RegisterRequest& req, absl::Time deadline) {
+absl::StatusOr<v1::RegisterResponse> GrpcCoordinatorClient::Register(const v1::RegisterRequest& req,
+                                                                   absl::Time deadline) {
   absl::Status last;
   bool logged = false;
   while (absl::Now() < deadline) {
@@ -71,7 +72,8 @@ absl::StatusOr<v1::SyncResponse> GrpcCoordinatorClient::Sync(const v1::SyncReque
   return resp;
 }
 
-absl::Status GrpcCoordinatorClient::StoreSet(const std::string& key, const std::string& value, absl::Duration timeout) {
+absl::Status GrpcCoordinatorClient::StoreSet(const std::string& key, const std::string& value,
+                                             absl::Duration timeout) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);
   ctx.set_wait_for_ready(true);

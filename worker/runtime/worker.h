@@ -1,7 +1,10 @@
-// The worker process (its parts: docs/CLUSTER.md, "Worker internals"): registers with the coordinator, loads its shard (the
+// The worker process: registers with the coordinator, loads its shard (the
 // layers of its pipeline stage and the experts of its EP rank), joins the
 // data planes (EP all-to-all inside the stage, pipeline transfers along its
-// lane) and runs steps until the coordinator shuts the cluster down.
+// lane) and runs steps until the coordinator shuts the cluster down. Its
+// parts (docs/CLUSTER.md, "Worker internals"): control_session.h,
+// data_plane.h, stage_executor.h, placement_stager.h, scheduler.h,
+// stage_loop.h, wired together by worker.cc.
 //
 // Lanes: EP rank r of every stage forms lane r. Stage 0 of a lane owns the
 // lane's sequences (given by the coordinator through Sync), builds
