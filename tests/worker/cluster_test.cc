@@ -23,26 +23,12 @@ using testing::Lane;
 using testing::Registered;
 using testing::TinyPlan;
 
-class ClusterTest : public ::testing::Test {
+class ClusterTest : public testing::TinyCheckpointSuite<8> {
  protected:
-  static void SetUpTestSuite() {
-    const char* base = std::getenv("TEST_TMPDIR");
-    std::string templ = std::string(base != nullptr ? base : "/tmp") + "/em_cluster_XXXXXX";
-    dir_ = new std::string(mkdtemp(templ.data()));
-    GenerateOptions g;
-    g.out_dir = *dir_ + "/ckpt";
-    g.seed = 8;
-    ASSERT_TRUE(GenerateCheckpoint(*ModelConfig::Preset("tiny"), g).ok());
-  }
-  static void TearDownTestSuite() {
-    std::filesystem::remove_all(*dir_);
-    delete dir_;
-  }
   void SetUp() override {
     const auto b = comm::AvailableBackends();
     if (std::find(b.begin(), b.end(), "ucx") == b.end()) GTEST_SKIP() << "built without UCX";
   }
-  static std::string Checkpoint() { return *dir_ + "/ckpt"; }
 
   std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
     auto shard = ModelShard::Load(Checkpoint(), ShardFilter{});
@@ -100,10 +86,8 @@ class ClusterTest : public ::testing::Test {
     for (int w = 0; w < plan.num_workers(); ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
   }
 
-  static std::string* dir_;
   FakeCoordinator fake_;
 };
-std::string* ClusterTest::dir_ = nullptr;
 
 TEST_F(ClusterTest, TwoStagePipelineGeneratesWhatTheEngineGenerates) {
   Lane lane({Greedy("j/0", {3, 99, 512}, 5), Greedy("j/1", {1000, 1}, 4), Greedy("j/2", {42}, 3)});

@@ -3,7 +3,9 @@
 // factory that records the groups a data plane builds, and an expert store.
 #pragma once
 
+#include <cstdlib>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -14,10 +16,11 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "common/checkpoint.h"
 #include "common/config.h"
-#include "topology/plan_proto.h"
 #include "gtest/gtest.h"
 #include "topology/plan.h"
+#include "topology/plan_proto.h"
 #include "worker/runtime/coordinator_client.h"
 #include "worker/runtime/data_plane.h"
 #include "worker/runtime/placement_stager.h"
@@ -335,5 +338,30 @@ inline bool WaitFor(const std::function<bool()>& cond, absl::Duration timeout = 
   }
   return cond();
 }
+
+// A test suite that shares one tiny random checkpoint (seed kSeed), generated
+// once into a temporary folder ($TEST_TMPDIR or /tmp) and removed at the end.
+template <uint64_t kSeed>
+class TinyCheckpointSuite : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const char* base = std::getenv("TEST_TMPDIR");
+    std::string templ = std::string(base != nullptr ? base : "/tmp") + "/em_worker_XXXXXX";
+    dir_ = new std::string(mkdtemp(templ.data()));
+    GenerateOptions g;
+    g.out_dir = *dir_ + "/ckpt";
+    g.seed = kSeed;
+    ASSERT_TRUE(GenerateCheckpoint(*ModelConfig::Preset("tiny"), g).ok());
+  }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+    dir_ = nullptr;
+  }
+  static std::string Checkpoint() { return *dir_ + "/ckpt"; }
+
+ private:
+  static inline std::string* dir_ = nullptr;
+};
 
 }  // namespace expertmesh::worker::runtime::testing

@@ -23,22 +23,8 @@ using testing::Lane;
 using testing::Registered;
 using testing::TinyPlan;
 
-class WorkerTest : public ::testing::Test {
+class WorkerTest : public testing::TinyCheckpointSuite<5> {
  protected:
-  static void SetUpTestSuite() {
-    const char* base = std::getenv("TEST_TMPDIR");
-    std::string templ = std::string(base != nullptr ? base : "/tmp") + "/em_worker_XXXXXX";
-    dir_ = new std::string(mkdtemp(templ.data()));
-    GenerateOptions g;
-    g.out_dir = *dir_ + "/ckpt";
-    g.seed = 5;
-    ASSERT_TRUE(GenerateCheckpoint(*ModelConfig::Preset("tiny"), g).ok());
-  }
-  static void TearDownTestSuite() {
-    std::filesystem::remove_all(*dir_);
-    delete dir_;
-  }
-  static std::string Checkpoint() { return *dir_ + "/ckpt"; }
 
   WorkerOptions Options() {
     WorkerOptions o;
@@ -85,10 +71,8 @@ class WorkerTest : public ::testing::Test {
     return out;
   }
 
-  static std::string* dir_;
   FakeCoordinator fake_;
 };
-std::string* WorkerTest::dir_ = nullptr;
 
 TEST_F(WorkerTest, GeneratesWhatTheEngineGeneratesThenStopsOnShutdown) {
   RegisterAs(1);
