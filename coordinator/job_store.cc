@@ -12,6 +12,7 @@
 #include "coordinator/journal_records.pb.h"
 #include "coordinator/validation.h"
 #include "glog/logging.h"
+#include "google/protobuf/util/message_differencer.h"
 
 namespace expertmesh::coordinator {
 
@@ -461,6 +462,13 @@ absl::StatusOr<v1::SubmitJobResponse> Coordinator::SubmitJob(const v1::SubmitJob
       // The same request is being written: answer once it is accepted (or not).
       changed_.wait(lock);
       continue;
+    }
+    if (known != nullptr && !google::protobuf::util::MessageDifferencer::Equals(known->request, request)) {
+      // A retry carries the same request; another request under a used id is
+      // a client bug that must not be answered with someone else's results.
+      return absl::AlreadyExistsError(absl::StrCat(
+          "client_request_id \"", request.client_request_id(), "\" was already used by job ", it->second,
+          " with a different request; a retry must resend the same request, a new request needs a new id"));
     }
     resp.set_job_id(it->second);
     resp.set_deduplicated(true);

@@ -227,6 +227,14 @@ TEST_F(CoordinatorTest, RetryWithTheSameRequestIdReturnsTheSameJob) {
   EXPECT_EQ(list.jobs(0).job_id(), c.job_id());  // most recent first
   EXPECT_EQ(list.jobs(0).results_size(), 0);
   EXPECT_EQ(GetJob(a.job_id()).client_request_id(), "req-1");
+  // The same id with another payload is not a retry: ALREADY_EXISTS naming the
+  // id and the job, and nothing is created.
+  v1::SubmitJobResponse d;
+  v1::SubmitJobRequest other = Batch(2, 3, "req-1");
+  other.mutable_sequences(1)->add_tokens(7);
+  EXPECT_ERROR(SubmitStatus(other, &d), absl::StatusCode::kAlreadyExists, "req-1", a.job_id(), "different request");
+  EXPECT_ERROR(SubmitStatus(Batch(2, 4, "req-1"), &d), absl::StatusCode::kAlreadyExists, "req-1");
+  EXPECT_EQ(Status().queued_sequences(), 4);
 }
 
 TEST_F(CoordinatorTest, RegisterAssignsPlacesAndBlocksUntilTheClusterIsComplete) {
