@@ -196,6 +196,11 @@ int EvaluateOne(const ModelConfig& cfg, const topology::Cluster& c, const topolo
               r->memory.kv_cache / 1073741824.0, r->memory.activations / 1073741824.0,
               r->memory.comm_buffers / 1073741824.0, r->memory.reserved / 1073741824.0,
               r->fits ? "" : "  DOES NOT FIT", r->max_batch_per_device);
+  if (r->idle_devices_per_node > 0) {
+    std::printf("  uses %lld of the node's %lld devices (%lld idle; per-node throughput counts the used ones)\n",
+                static_cast<long long>(r->devices_used_per_node), static_cast<long long>(c.devices_per_node()),
+                static_cast<long long>(r->idle_devices_per_node));
+  }
   std::printf("  expert imbalance %.3f (max/mean rank load after EPLB), dispatch %.0f us, combine %.0f us per layer "
               "and micro-batch\n",
               r->expert_imbalance, r->dispatch_us, r->combine_us);

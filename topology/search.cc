@@ -34,6 +34,15 @@ std::vector<size_t> ParetoFront(const std::vector<SimResult>& rs) {
   return front;
 }
 
+std::vector<int64_t> PartNodeEpSizes(int64_t devices_per_node, int64_t routed_experts) {
+  std::vector<int64_t> eps;
+  for (int64_t ep = 8; ep < devices_per_node; ep += 8) {
+    if (devices_per_node % ep == 0) continue;  // divides the node: enumerated anyway
+    if (routed_experts % ep == 0 || (routed_experts + 32) % ep == 0) eps.push_back(ep);
+  }
+  return eps;
+}
+
 absl::StatusOr<SearchResult> SearchPlans(const ModelConfig& cfg, const Cluster& c, const Workload& w,
                                          const SearchOptions& o) {
   const int64_t gpn = c.devices_per_node();
@@ -52,12 +61,18 @@ absl::StatusOr<SearchResult> SearchPlans(const ModelConfig& cfg, const Cluster& 
   SearchResult out;
   for (int64_t nodes = 1; nodes <= max_nodes; ++nodes) {
     for (int64_t pp : pps) {
-      // Whole nodes, or for one node every EP size that divides it.
+      // Whole nodes, or for one node every EP size that divides it, and the
+      // part-node EP groups (PartNodeEpSizes; the rest of the node idle).
       std::vector<int64_t> eps;
       if (nodes == 1) {
         for (int64_t ep = 1; ep * pp <= gpn; ++ep) {
           if (gpn % ep == 0 && (ep * pp == gpn || ep == 1 || pp == 1)) eps.push_back(ep);
         }
+        if (pp == 1) {  // as for the divisors: with pp > 1 only plans that fill the node
+          for (int64_t ep : PartNodeEpSizes(gpn, E)) eps.push_back(ep);
+        }
+        std::sort(eps.begin(), eps.end());
+        eps.erase(std::unique(eps.begin(), eps.end()), eps.end());
       } else if ((nodes * gpn) % pp == 0) {
         eps.push_back(nodes * gpn / pp);
       }

@@ -37,6 +37,14 @@ struct SearchResult {
 absl::StatusOr<SearchResult> SearchPlans(const ModelConfig& cfg, const Cluster& cluster, const Workload& w,
                                          const SearchOptions& options);
 
+// EP sizes of a one-node plan that use part of a node without dividing it,
+// which the search adds to the node's divisors: multiples of 8 below
+// `devices_per_node` over which the routed experts, or the experts plus 32
+// redundant slots, divide (DeepSeek-V3 on a 72-device NVL72 domain: 16, 32,
+// 48, 64; with the divisors 8, 24, 36, 72 the search covers
+// 8, 16, 24, 32, 36, 48, 64, 72). None for 8-device nodes.
+std::vector<int64_t> PartNodeEpSizes(int64_t devices_per_node, int64_t routed_experts);
+
 // Latency of a result in its phase: TTFT (prefill) or TPOT (decode), ms.
 double LatencyMs(const SimResult& r);
 

@@ -34,14 +34,26 @@ absl::Status ValidateDeployment(const Deployment& d, const Cluster& c, const Mod
     return absl::InvalidArgumentError(absl::StrCat("--nodes ", d.nodes, ": the topology \"", c.name, "\" has ",
                                                    c.nodes, " nodes; use fewer or raise `nodes:` in the topology file"));
   }
+  if (d.ep > gpn && d.ep % gpn != 0) {
+    // Checked before the device count so that the message names the cause.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--ep ", d.ep, ": an EP group larger than one node straddles nodes and must fill whole nodes of ", gpn,
+        " devices (a node is one fast-fabric domain); choose --ep a multiple of ", gpn, " with pp * ep = nodes * ",
+        gpn, ", or --ep <= ", gpn, " inside one node"));
+  }
   if (d.nodes == 1 ? d.devices() > gpn : d.devices() != d.nodes * gpn) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--pp ", d.pp, " x --ep ", d.ep, " = ", d.devices(), " devices, but ", d.nodes, " node(s) of ", gpn,
         " devices hold ", d.nodes * gpn, "; choose pp * ep = nodes * ", gpn, " (or at most ", gpn, " on one node)"));
   }
-  if (d.ep <= gpn ? gpn % d.ep != 0 : d.ep % gpn != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--ep ", d.ep, ": a stage's EP ranks must fill whole nodes of ",
-                                                   gpn, " devices or divide one node evenly"));
+  // On one node any EP size fits (the devices beyond pp * ep stay idle); on
+  // several, a stage smaller than a node must divide it, or some stage would
+  // straddle two nodes unevenly.
+  if (d.nodes > 1 && d.ep < gpn && gpn % d.ep != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--ep ", d.ep, " on ", d.nodes, " nodes: a stage's EP ranks must divide one node of ", gpn,
+        " devices evenly when the plan spans nodes (else a stage straddles two nodes); an EP group that uses part "
+        "of a node runs with --nodes 1"));
   }
   if (d.redundant_experts < 0) return absl::InvalidArgumentError("--redundant-experts must be >= 0");
   const int64_t slots = cfg.n_routed_experts + d.redundant_experts;
@@ -643,6 +655,8 @@ absl::StatusOr<SimResult> Simulate(const ModelConfig& cfg, const Cluster& cluste
     r.tokens_per_s_per_device = per_device / (1.0 - w.cache_hit_rate);
   }
   r.tokens_per_s_per_node = r.tokens_per_s_per_device * devices_per_node;
+  r.devices_used_per_node = d.devices() / d.nodes;
+  r.idle_devices_per_node = c.devices_per_node() - r.devices_used_per_node;
   std::string best;
   double best_v = -1;
   for (const auto& [name, v] : r.critical_path_ms) {
@@ -687,6 +701,8 @@ nlohmann::json SimResult::ToJson() const {
   j["phase"] = PhaseName(deployment.phase);
   j["tokens_per_s_per_node"] = tokens_per_s_per_node;
   j["tokens_per_s_per_device"] = tokens_per_s_per_device;
+  j["devices_used_per_node"] = devices_used_per_node;
+  j["idle_devices_per_node"] = idle_devices_per_node;
   if (deployment.phase == Phase::kDecode) {
     j["tpot_ms"] = tpot_ms;
   } else {

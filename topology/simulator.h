@@ -47,9 +47,11 @@ struct Deployment {
   nlohmann::json ToJson() const;
 };
 
-// pp * ep devices on `nodes` whole nodes (or part of a single node); a
-// stage's EP ranks within one node or on whole nodes; (experts + redundant)
-// divisible by ep. Messages say which flag to change.
+// pp * ep devices on `nodes` whole nodes (or part of a single node, any EP
+// size: the rest of the node is idle); on several nodes a stage's EP ranks
+// divide one node or fill whole nodes (an EP group larger than a node is a
+// multiple of it); (experts + redundant) divisible by ep. Messages say which
+// flag to change.
 absl::Status ValidateDeployment(const Deployment& d, const Cluster& c, const ModelConfig& cfg);
 
 struct MemoryBreakdown {
@@ -93,7 +95,9 @@ struct SimResult {
   double ttft_ms = 0;            // prefill
   double tpot_ms = 0;            // decode
   double tokens_per_s_per_device = 0;  // prefill: prompt tokens incl. cache hits; decode: output tokens
-  double tokens_per_s_per_node = 0;
+  double tokens_per_s_per_node = 0;   // the deployment's devices on one node (idle ones add nothing)
+  int64_t devices_used_per_node = 0;  // devices of a node the deployment runs on
+  int64_t idle_devices_per_node = 0;  // the rest of that node (a one-node plan using part of it)
   double computed_tokens_per_s_per_device = 0;  // prefill: excluding cache hits
   MemoryBreakdown memory;
   double memory_gib_per_device = 0;

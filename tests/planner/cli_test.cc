@@ -122,6 +122,32 @@ TEST(PlanCliTest, ErrorsAreClear) {
   EXPECT_NE(out.find("--topology FILE is required"), std::string::npos) << out;
 }
 
+// A 48-GPU EP group inside one 72-GPU NVL72 domain: a plan with no NIC
+// traffic and 24 idle devices; 80 GPUs over two domains are refused.
+TEST(PlanCliTest, PartOfAnNvl72Domain) {
+  const std::string topo = " --model deepseek-v3 --topology " + kSrc + "/examples/topologies/gb200-nvl72.yaml";
+  int rc = 0;
+  std::string out = RunPlan(topo + " --phase decode --nodes 1 --ep 48 --json", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_EQ(j["plan"]["ep"], 48);
+  EXPECT_EQ(j["plan"]["redundant_experts"], 32);
+  EXPECT_TRUE(j["fits"].get<bool>());
+  EXPECT_GT(j["tokens_per_s_per_device"].get<double>(), 0);
+  EXPECT_EQ(j["fanout"]["remote_nodes"].get<double>(), 0);
+  EXPECT_EQ(j["fanout"]["copies_remote"].get<double>(), 0);
+  EXPECT_EQ(j["devices_used_per_node"], 48);
+  EXPECT_EQ(j["idle_devices_per_node"], 24);
+  EXPECT_NEAR(j["tokens_per_s_per_node"].get<double>(), 48 * j["tokens_per_s_per_device"].get<double>(), 1e-6);
+  out = RunPlan(topo + " --phase decode --nodes 1 --ep 48", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("uses 48 of the node's 72 devices (24 idle"), std::string::npos) << out;
+  out = RunPlan(topo + " --phase decode --nodes 2 --ep 80", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("--ep 80: an EP group larger than one node straddles nodes"), std::string::npos) << out;
+}
+
 TEST(PlanCliTest, JobPredictionAgainstAMeasuredRun) {
   const std::string dir = kSrc + "/examples/planning/local-calibration";
   int rc = 0;

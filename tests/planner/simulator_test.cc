@@ -1,5 +1,7 @@
 // Simulation and search: physical monotonicity, memory sizing, overlap
 // schedules, plan validation messages, Pareto front and fleet sizing.
+#include <set>
+
 #include "gtest/gtest.h"
 #include "tests/common/status_matchers.h"
 #include "topology/search.h"
@@ -166,6 +168,103 @@ TEST_F(SimulatorTest, SearchFindsAParetoFrontUnderTheSlo) {
   }
   EXPECT_EQ(s->pareto.back().tokens_per_s_per_device, s->ranked.front().tokens_per_s_per_device);
   EXPECT_GT(s->over_memory + s->over_slo, 0);  // 1 node cannot hold the model
+}
+
+// A "node" of gb200-nvl72.yaml is one 72-GPU NVLink domain.
+class PartNodeTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    cfg_ = *ModelConfig::Preset("deepseek-v3");
+    auto c = LoadClusterFile(kExamples + "/topologies/gb200-nvl72.yaml");
+    ASSERT_OK(c);
+    nvl72_ = *c;
+    w_.prompt_tokens = 4096;
+    w_.output_tokens = 0;
+    w_.decode_context_tokens = 4096;
+  }
+  Deployment Decode(int64_t nodes, int64_t pp, int64_t ep, int64_t redundant) const {
+    Deployment d;
+    d.phase = Phase::kDecode;
+    d.nodes = nodes;
+    d.pp = pp;
+    d.ep = ep;
+    d.redundant_experts = redundant;
+    d.batch_per_device = 32;
+    return d;
+  }
+  ModelConfig cfg_;
+  Cluster nvl72_;
+  Workload w_;
+};
+
+TEST_F(PartNodeTest, Ep48InsideOneDomainStaysOnNvlink) {
+  const Deployment d = Decode(1, 1, 48, 32);  // 288 slots, 6 per rank
+  ASSERT_OK(ValidateDeployment(d, nvl72_, cfg_));
+  auto r = Simulate(cfg_, nvl72_, w_, d);
+  ASSERT_OK(r);
+  EXPECT_TRUE(r->fits);
+  // No copy leaves the domain: one node per token, nothing over the NICs.
+  EXPECT_EQ(r->fanout.remote_nodes, 0);
+  EXPECT_EQ(r->fanout.copies_remote, 0);
+  EXPECT_DOUBLE_EQ(r->fanout.all_nodes, 1);
+  EXPECT_GT(r->fanout.copies_local_other, 0);
+  const AllToAllTime t = AllToAll(cfg_, nvl72_, true, 48, 16, r->fanout, 1.0);
+  EXPECT_EQ(t.dispatch_limiter, Limiter::kNvlink);
+  EXPECT_EQ(t.combine_limiter, Limiter::kNvlink);
+  EXPECT_EQ(r->critical_path_ms.count(LimiterName(Limiter::kNic)), 0u);
+  // Throughput counts the 48 devices used; 24 of the domain stay idle.
+  EXPECT_EQ(r->devices_used_per_node, 48);
+  EXPECT_EQ(r->idle_devices_per_node, 24);
+  EXPECT_NEAR(r->tokens_per_s_per_node, r->tokens_per_s_per_device * 48, 1e-6);
+  // Memory per device as for any EP size: 6 expert slots instead of EP72's 4.
+  auto full = Simulate(cfg_, nvl72_, w_, Decode(1, 1, 72, 32));
+  ASSERT_OK(full);
+  EXPECT_EQ(full->idle_devices_per_node, 0);
+  const ModelWeights mw = CountWeights(cfg_);
+  EXPECT_NEAR(r->memory.weights - full->memory.weights,
+              2.0 * static_cast<double>(cfg_.num_moe_layers()) * mw.routed_expert.Bytes(nvl72_.node.device.gemm_dtype),
+              1.0);
+  EXPECT_DOUBLE_EQ(r->memory.kv_cache, full->memory.kv_cache);
+}
+
+TEST_F(PartNodeTest, PartDomainAcceptedStraddlingRefused) {
+  // Two stages of 32 in one domain (8 idle); a single EP group of 40.
+  EXPECT_OK(ValidateDeployment(Decode(1, 2, 32, 0), nvl72_, cfg_));
+  EXPECT_OK(ValidateDeployment(Decode(1, 1, 40, 24), nvl72_, cfg_));
+  // Too many devices for one domain.
+  absl::Status s = ValidateDeployment(Decode(1, 2, 48, 32), nvl72_, cfg_);
+  EXPECT_NE(s.message().find("pp * ep"), std::string::npos) << s;
+  // EP 80 across two domains straddles them unevenly.
+  s = ValidateDeployment(Decode(2, 1, 80, 0), nvl72_, cfg_);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("straddles nodes"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("multiple of 72"), std::string::npos) << s;
+  // Three stages of 48 over two domains: the middle one would straddle.
+  s = ValidateDeployment(Decode(2, 3, 48, 32), nvl72_, cfg_);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("divide one node of 72"), std::string::npos) << s;
+  // Whole domains stay accepted.
+  EXPECT_OK(ValidateDeployment(Decode(2, 1, 144, 32), nvl72_, cfg_));
+  EXPECT_OK(ValidateDeployment(Decode(2, 4, 36, 32), nvl72_, cfg_));
+}
+
+TEST_F(PartNodeTest, SearchEnumeratesPartDomainEpSizes) {
+  EXPECT_EQ(PartNodeEpSizes(72, 256), (std::vector<int64_t>{16, 32, 48, 64}));
+  EXPECT_TRUE(PartNodeEpSizes(8, 256).empty());  // 8-device nodes: the divisors only, as before
+  SearchOptions o;
+  o.phase = Phase::kDecode;
+  o.max_nodes = 1;
+  o.pps = {1};
+  o.batches = {32};
+  auto s = SearchPlans(cfg_, nvl72_, w_, o);
+  ASSERT_OK(s);
+  std::set<int64_t> eps;
+  for (const auto& r : s->all) {
+    eps.insert(r.deployment.ep);
+    EXPECT_EQ(r.fanout.copies_remote, 0) << r.deployment.ToString();
+    EXPECT_EQ(r.idle_devices_per_node, 72 - r.deployment.ep) << r.deployment.ToString();
+  }
+  for (int64_t ep : {8, 16, 24, 32, 36, 48, 64, 72}) EXPECT_EQ(eps.count(ep), 1u) << "ep " << ep;
 }
 
 TEST(FleetTest, NodesFromDailyVolume) {
