@@ -361,6 +361,10 @@ class GuardedServer : public httplib::Server {
     set_payload_max_length(64 << 10);  // GET /metrics takes no body
     new_task_queue = [max = limits.max_connections + 16] { return new ThreadPerConnection(max); };
   }
+  // httplib listens with a backlog of 5: a burst of connections (an attack, or
+  // just many clients) would have a scrape's SYN dropped and retried for
+  // seconds. Call after binding.
+  void DeepenBacklog() { ::listen(svr_sock_, SOMAXCONN); }
   // Closes every open connection and stops accepting; listen_after_bind returns.
   void Shutdown() {
     table_.Stop();
@@ -419,6 +423,7 @@ class HttpMetricsServer : public MetricsServer {
                                                  ": cannot serve metrics there (address in use or not on this "
                                                  "machine?)"));
     }
+    http_.DeepenBacklog();
     thread_ = std::thread([this] { http_.listen_after_bind(); });
     return absl::OkStatus();
   }
