@@ -356,8 +356,6 @@ class ThreadPerConnection : public httplib::TaskQueue {
 class GuardedServer : public httplib::Server {
  public:
   explicit GuardedServer(const MetricsHttpLimits& limits) : limits_(limits), table_(limits.max_connections) {
-    set_keep_alive_timeout(limits.idle_timeout_s);  // for the Keep-Alive header httplib writes
-    set_keep_alive_max_count(static_cast<size_t>(limits.max_requests_per_connection));
     set_payload_max_length(64 << 10);  // GET /metrics takes no body
     new_task_queue = [max = limits.max_connections + 16] { return new ThreadPerConnection(max); };
   }
@@ -387,7 +385,7 @@ class GuardedServer : public httplib::Server {
     DeadlineStream strm(sock, absl::Seconds(CPPHTTPLIB_WRITE_TIMEOUT_SECOND));
     for (int n = 0; n < limits_.max_requests_per_connection && !table_.stopping(); ++n) {
       table_.Set(id, ConnectionTable::State::kWaiting);
-      if (!strm.WaitReadable(absl::Now() + absl::Seconds(limits_.idle_timeout_s))) return true;  // idle: close
+      if (!strm.WaitReadable(absl::Now() + limits_.idle_timeout)) return true;  // idle: close
       strm.set_read_deadline(absl::Now() + limits_.request_read_timeout);
       bool closed = false;
       const bool last = n + 1 == limits_.max_requests_per_connection;
@@ -452,12 +450,13 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const Coordi
     return absl::InvalidArgumentError(
         absl::StrCat("--metrics-listen \"", listen, "\": expected host:port, e.g. 0.0.0.0:9400"));
   }
-  if (limits.max_connections < 1 || limits.idle_timeout_s < 1 || limits.max_requests_per_connection < 1 ||
-      limits.request_read_timeout <= absl::ZeroDuration()) {
+  if (limits.max_connections < 1 || limits.max_requests_per_connection < 1 ||
+      limits.request_read_timeout <= absl::ZeroDuration() || limits.idle_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "metrics HTTP limits: max_connections ", limits.max_connections, ", idle_timeout_s ", limits.idle_timeout_s,
-        ", max_requests_per_connection ", limits.max_requests_per_connection, " must be >= 1 and request_read_timeout ",
-        absl::FormatDuration(limits.request_read_timeout), " > 0"));
+        "metrics HTTP limits: max_connections ", limits.max_connections, " and max_requests_per_connection ",
+        limits.max_requests_per_connection, " must be >= 1, request_read_timeout ",
+        absl::FormatDuration(limits.request_read_timeout), " and idle_timeout ",
+        absl::FormatDuration(limits.idle_timeout), " > 0"));
   }
   auto server = std::make_unique<HttpMetricsServer>(coordinator, limits);
   RETURN_IF_ERROR(server->Listen(listen.substr(0, colon), port));

@@ -33,8 +33,7 @@ struct MetricsHttpLimits {
   // this time of its first byte, however slowly it trickles in.
   absl::Duration request_read_timeout = absl::Seconds(5);
   // A connection that sends no (further) request for this long is closed.
-  // Whole seconds (HTTP's Keep-Alive header carries it), at least 1.
-  int idle_timeout_s = 2;
+  absl::Duration idle_timeout = absl::Seconds(2);
   // Requests one keep-alive connection may make before it is closed.
   int max_requests_per_connection = 100;
 };

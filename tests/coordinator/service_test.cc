@@ -704,6 +704,39 @@ TEST_F(CoordinatorTest, MetricsAnswerUnderIdleAndSlowlorisConnections) {
   }
 }
 
+// Past max_connections a new connection closes the one that has waited
+// longest without a request in hand, at once (not after its deadlines).
+TEST_F(CoordinatorTest, MetricsConnectionsPastTheBoundEvictTheLongestWaiting) {
+  Start(Options(1, 2));
+  MetricsHttpLimits limits;
+  limits.max_connections = 4;
+  limits.idle_timeout = absl::Seconds(30);
+  limits.request_read_timeout = absl::Seconds(30);
+  auto m = MetricsServer::Start(server_->coordinator(), "127.0.0.1:0", limits);
+  ASSERT_OK(m.status());
+  const int port = (*m)->port();
+  std::vector<int> fds;
+  for (int i = 0; i < 4; ++i) {
+    fds.push_back(ConnectTo(port));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::send(fds.back(), "GET /met", 8, MSG_NOSIGNAL), 8);  // mid-request
+    absl::SleepFor(absl::Milliseconds(50));                          // in order
+  }
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(3);
+  const absl::Time t0 = absl::Now();
+  auto r = http.Get("/metrics");
+  ASSERT_TRUE(r) << httplib::to_string(r.error());
+  EXPECT_EQ(r->status, 200);
+  EXPECT_TRUE(ClosedByServer(fds[0], t0 + absl::Seconds(2))) << "the oldest is evicted";
+  for (int i = 1; i < 4; ++i) EXPECT_FALSE(ClosedByServer(fds[i], absl::Now())) << "connection " << i;
+  for (int fd : fds) ::close(fd);
+  MetricsHttpLimits bad;
+  bad.max_connections = 0;
+  EXPECT_ERROR(MetricsServer::Start(server_->coordinator(), "127.0.0.1:0", bad).status(),
+               absl::StatusCode::kInvalidArgument, "max_connections 0");
+}
+
 TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults) {
   CoordinatorOptions o = Options(1, 2);
   Start(o);
