@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
+#include "glog/logging.h"
 #include "absl/time/clock.h"
 #include "httplib.h"
 #include "prometheus/metric_family.h"
@@ -326,11 +328,17 @@ class ThreadPerConnection : public httplib::TaskQueue {
     }
     // The thread holds the count, not the queue: shutdown may return and the
     // queue go away while the last thread is still leaving.
-    std::thread([count = count_, fn = std::move(fn)] {
+    auto run = [count = count_, fn = std::move(fn)] {
       fn();
       absl::MutexLock l(&count->mu);
       --count->running;
-    }).detach();
+    };
+    try {
+      std::thread(run).detach();
+    } catch (const std::system_error& e) {  // out of threads: serve it here rather than end the server
+      LOG(WARNING) << "metrics HTTP: cannot start a thread (" << e.what() << "); serving on the accepting one";
+      run();
+    }
   }
   // Waits for every connection's thread to finish.
   void shutdown() override {
