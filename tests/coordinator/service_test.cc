@@ -1,5 +1,11 @@
 // The coordinator's gRPC services through an in-process channel (and one real
 // localhost port), with fake workers driven by the test.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -11,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "coordinator/journal_records.pb.h"
 #include "coordinator/metrics.h"
 #include "coordinator/server.h"
@@ -607,6 +614,127 @@ TEST_F(CoordinatorTest, MetricsOverHttpFollowTheCluster) {
   EXPECT_NE(m.find("expertmesh_expert_load_imbalance{layer=\"1\"} 51.3"), std::string::npos) << m;  // 64 / (319/256)
   EXPECT_NE(m.find("# TYPE expertmesh_worker_time_seconds_total counter"), std::string::npos) << m;
   EXPECT_TRUE(has(MetricsText(*server_->coordinator()), "expertmesh_jobs{state=\"succeeded\"} 1"));
+}
+
+// A TCP connection to the metrics port; -1 when it cannot connect.
+int ConnectTo(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// True once the server closed `fd` (EOF or reset), waiting until `deadline`.
+bool ClosedByServer(int fd, absl::Time deadline) {
+  for (;;) {
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(std::max<int64_t>(ms, 0))) <= 0) return false;
+    char c;
+    const ssize_t n = ::recv(fd, &c, 1, MSG_DONTWAIT);
+    if (n <= 0) return true;
+  }
+}
+
+// Issue 15: 200 idle connections and 16 slowloris ones (a request trickling
+// in a byte every 300 ms) neither starve a scrape nor stay open: idle ones are
+// closed after 2 s, the slow ones 5 s after their first byte (MetricsHttpLimits).
+TEST_F(CoordinatorTest, MetricsAnswerUnderIdleAndSlowlorisConnections) {
+  CoordinatorOptions o = Options(1, 2);
+  o.metrics_listen = "127.0.0.1:0";
+  Start(o);
+  const int port = server_->metrics_port();
+  ASSERT_GT(port, 0);
+  const absl::Time start = absl::Now();
+  std::vector<int> idle;
+  for (int i = 0; i < 200; ++i) {
+    const int fd = ConnectTo(port);
+    ASSERT_GE(fd, 0) << "connection " << i;
+    idle.push_back(fd);
+  }
+  std::vector<std::thread> slow;
+  std::vector<absl::Time> first_byte(16), closed_at(16, absl::InfiniteFuture());
+  for (int i = 0; i < 16; ++i) {
+    slow.emplace_back([&, i] {
+      const int fd = ConnectTo(port);
+      if (fd < 0) return;
+      const std::string head = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+      first_byte[i] = absl::Now();
+      for (size_t k = 0; absl::Now() - first_byte[i] < absl::Seconds(10); ++k) {
+        const char c = k < head.size() ? head[k] : 'a';
+        if (::send(fd, &c, 1, MSG_NOSIGNAL) != 1 || ClosedByServer(fd, absl::Now() + absl::Milliseconds(300))) {
+          closed_at[i] = absl::Now();
+          break;
+        }
+      }
+      ::close(fd);
+    });
+  }
+  absl::SleepFor(absl::Seconds(1));  // the slow ones are mid-request
+
+  httplib::Client http("127.0.0.1", port);
+  http.set_connection_timeout(3);
+  http.set_read_timeout(3);
+  for (int i = 0; i < 2; ++i) {  // the second on the same keep-alive connection
+    const absl::Time t0 = absl::Now();
+    auto r = http.Get("/metrics");
+    ASSERT_TRUE(r) << "scrape " << i << " failed after " << absl::Now() - t0 << ": " << httplib::to_string(r.error());
+    EXPECT_EQ(r->status, 200);
+    EXPECT_NE(r->body.find("\nexpertmesh_serving 0\n"), std::string::npos) << r->body;
+    EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
+  }
+
+  // Every idle connection is gone within the idle timeout (2 s) and a margin.
+  int still_open = 0;
+  for (int fd : idle) {
+    if (!ClosedByServer(fd, start + absl::Seconds(4))) ++still_open;
+    ::close(fd);
+  }
+  EXPECT_EQ(still_open, 0);
+  // Every slow one is cut off 5 s after its first byte (plus a margin).
+  for (auto& t : slow) t.join();  // each ends when the server closes it
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_LT(closed_at[i] - first_byte[i], absl::Milliseconds(6500)) << "slow connection " << i;
+  }
+}
+
+// Past max_connections a new connection closes the one that has waited
+// longest without a request in hand, at once (not after its deadlines).
+TEST_F(CoordinatorTest, MetricsConnectionsPastTheBoundEvictTheLongestWaiting) {
+  Start(Options(1, 2));
+  MetricsHttpLimits limits;
+  limits.max_connections = 4;
+  limits.idle_timeout = absl::Seconds(30);
+  limits.request_read_timeout = absl::Seconds(30);
+  auto m = MetricsServer::Start(server_->coordinator(), "127.0.0.1:0", limits);
+  ASSERT_OK(m.status());
+  const int port = (*m)->port();
+  std::vector<int> fds;
+  for (int i = 0; i < 4; ++i) {
+    fds.push_back(ConnectTo(port));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::send(fds.back(), "GET /met", 8, MSG_NOSIGNAL), 8);  // mid-request
+    absl::SleepFor(absl::Milliseconds(50));                          // in order
+  }
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(3);
+  const absl::Time t0 = absl::Now();
+  auto r = http.Get("/metrics");
+  ASSERT_TRUE(r) << httplib::to_string(r.error());
+  EXPECT_EQ(r->status, 200);
+  EXPECT_TRUE(ClosedByServer(fds[0], t0 + absl::Seconds(2))) << "the oldest is evicted";
+  for (int i = 1; i < 4; ++i) EXPECT_FALSE(ClosedByServer(fds[i], absl::Now())) << "connection " << i;
+  for (int fd : fds) ::close(fd);
+  MetricsHttpLimits bad;
+  bad.max_connections = 0;
+  EXPECT_ERROR(MetricsServer::Start(server_->coordinator(), "127.0.0.1:0", bad).status(),
+               absl::StatusCode::kInvalidArgument, "max_connections 0");
 }
 
 TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults) {
