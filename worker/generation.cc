@@ -29,8 +29,8 @@ absl::Status CheckLogitsFinite(const float* row, int64_t vocab, size_t prompt, i
   for (int64_t v = 0; v < vocab; ++v) {
     if (!std::isfinite(row[v])) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "prompt ", prompt, ", step ", step, ": the model's logits are not finite (NaN or inf: the logit of token ", v, " is ",
-          row[v], "): the checkpoint's weights or weight_scale_inv hold NaN/inf values"));
+          "prompt ", prompt, ", step ", step, ": the model's logits are not finite (NaN or inf: the logit of token ",
+          v, " is ", row[v], "): the checkpoint's weights or weight_scale_inv hold NaN/inf values"));
     }
   }
   return absl::OkStatus();

@@ -149,6 +149,7 @@ TEST_F(SchedulerTest, NonFiniteLogitsFailTheSequenceWithAnError) {
   v1::SyncResponse r = Ok();
   *r.add_assign() = Assign("j/0", {1, 2}, 8);
   *r.add_assign() = Assign("j/1", {3}, 8);
+  Make(1);  // one stage: everything in one micro-batch
   fake_.AnswerSync(r);
   ASSERT_OK(Sync());
   MicroBatch mb;
