@@ -297,7 +297,11 @@ class Coordinator {
   void BecameFinal(Job* j);
   void UpdateJobState(Job* j, int64_t now_ms);
   // Records a final result and queues its journal record (see FlushJournal).
-  void FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason, int64_t now_ms);
+  // FINISH_REASON_ERROR (with `error`) also fails the job: FAILED with an
+  // error naming the sequence, its other unfinished sequences cancelled (not
+  // journaled: the failed sequence's record covers them, as on replay).
+  void FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason, int64_t now_ms,
+                      const std::string& error = "");
   void CancelUnfinished(Job* j, int64_t now_ms);
   // Puts an assigned sequence back at the front of the queue, from scratch.
   void Requeue(Job* j, int index);

@@ -40,7 +40,7 @@ void Coordinator::UpdateJobState(Job* j, int64_t now_ms) {
 }
 
 void Coordinator::FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason,
-                                 int64_t now_ms) {
+                                 int64_t now_ms, const std::string& error) {
   Sequence& s = j->seqs[static_cast<size_t>(index)];
   if (s.state == SeqState::kDone) return;
   if (s.state == SeqState::kQueued) --queued_;
@@ -58,6 +58,7 @@ void Coordinator::FinishSequence(Job* j, int index, std::vector<int32_t> tokens,
   r.set_index(index);
   r.mutable_tokens()->Add(tokens.begin(), tokens.end());
   r.set_finish_reason(reason);
+  if (reason == v1::FINISH_REASON_ERROR) r.set_error(error);
   if (journal_ != nullptr && !replaying_) {
     JournalRecord rec;
     rec.set_unix_ms(now_ms);
@@ -66,13 +67,36 @@ void Coordinator::FinishSequence(Job* j, int index, std::vector<int32_t> tokens,
     f->set_index(index);
     *f->mutable_tokens() = r.tokens();
     f->set_finish_reason(reason);
+    if (reason == v1::FINISH_REASON_ERROR) f->set_error(error);
     pending_records_.push_back(rec.SerializeAsString());
     CountJournalRecord(j, pending_records_.back().size());
   }
   j->results.push_back(std::move(r));
   j->result_ms.push_back(now_ms);
-  UpdateJobState(j, now_ms);
+  if (reason != v1::FINISH_REASON_ERROR || Final(*j)) {
+    UpdateJobState(j, now_ms);
+    j->result_states.push_back(j->state);
+    return;
+  }
+  // The job fails first, so every result below carries that state.
+  j->state = v1::JOB_STATE_FAILED;
+  j->error = absl::StrCat("sequence ", index, " failed: ", error);
+  j->finished_ms = now_ms;
+  BecameFinal(j);
   j->result_states.push_back(j->state);
+  LOG(WARNING) << "coordinator: job " << j->id << " failed: " << j->error;
+  for (int i = 0; i < static_cast<int>(j->seqs.size()); ++i) {
+    Sequence& q = j->seqs[static_cast<size_t>(i)];
+    if (q.state == SeqState::kDone) continue;
+    if (q.state == SeqState::kAssigned && q.worker >= 0) {
+      workers_[static_cast<size_t>(q.worker)].pending_cancel.push_back(absl::StrCat(j->id, "/", i));
+    }
+    std::vector<int32_t> partial = q.tokens;
+    const bool saved = replaying_;
+    replaying_ = true;  // the failed sequence's record covers these results
+    FinishSequence(j, i, std::move(partial), v1::FINISH_REASON_CANCELLED, now_ms);
+    replaying_ = saved;
+  }
 }
 
 void Coordinator::CancelUnfinished(Job* j, int64_t now_ms) {
@@ -403,7 +427,7 @@ absl::Status Coordinator::Replay(const std::vector<std::string>& records) {
         if (j->seqs[static_cast<size_t>(index)].state != SeqState::kDone) CountJournalRecord(j, bytes.size());
         std::vector<int32_t> tokens(rec.finished().tokens().begin(), rec.finished().tokens().end());
         FinishSequence(j, index, std::move(tokens), static_cast<v1::FinishReason>(rec.finished().finish_reason()),
-                       rec.unix_ms());
+                       rec.unix_ms(), rec.finished().error());
         break;
       }
       case JournalRecord::kCancelled:

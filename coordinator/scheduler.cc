@@ -100,7 +100,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
     }
     if (reason != v1::FINISH_REASON_UNSPECIFIED) {
       std::vector<int32_t> tokens = s.tokens;  // FinishSequence accounts for the tokens counted so far
-      FinishSequence(j, index, std::move(tokens), reason, now);
+      FinishSequence(j, index, std::move(tokens), reason, now, u.error());
     }
   }
   // Results are written with the next group commit; Sync answers once they are

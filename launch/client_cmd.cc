@@ -192,7 +192,8 @@ int SubmitMain(int argc, char** argv) {
   int cancelled = 0;
   for (int i = 0; i < req.sequences_size(); ++i) {
     auto it = results.find(i);
-    if (it == results.end() || it->second.finish_reason() == v1::FINISH_REASON_CANCELLED) {
+    if (it == results.end() || it->second.finish_reason() == v1::FINISH_REASON_CANCELLED ||
+        it->second.finish_reason() == v1::FINISH_REASON_ERROR) {  // not printed as a result
       ++cancelled;
       continue;
     }

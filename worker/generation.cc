@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstring>
+
+#include "absl/strings/str_cat.h"
 
 #include "common/status.h"
 
@@ -14,6 +17,24 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 }  // namespace
+
+bool AllFinite(const float* values, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(values[i]);  // no early exit: the common case scans it all
+  return ok;
+}
+
+absl::Status CheckLogitsFinite(const float* row, int64_t vocab, size_t prompt, int64_t step) {
+  if (AllFinite(row, vocab)) return absl::OkStatus();
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (!std::isfinite(row[v])) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "prompt ", prompt, ", step ", step, ": the model's logits are not finite (NaN or inf: the logit of token ",
+          v, " is ", row[v], "): the checkpoint's weights or weight_scale_inv hold NaN/inf values"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<GenerationRequest>& reqs,
                                                             const StepFn& step, GenerationStats* stats) {
@@ -31,19 +52,25 @@ absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<Ge
   st.prefill_s = Now() - t0;
   const int64_t vocab = n > 0 ? static_cast<int64_t>(logits.size() / n) : 0;
   std::vector<int32_t> next(n, 0);
-  // Samples request i's next token from `row`; true while it goes on.
-  auto advance = [&](size_t i, const float* row) {
-    next[i] = kernels::Sample(row, vocab, reqs[i].sampling, results[i].tokens.size());
+  // Samples request i's next token from `row` into *goes_on (true while it
+  // goes on); an error when the row is not finite.
+  auto advance = [&](size_t i, const float* row, bool* goes_on) -> absl::Status {
+    const size_t step_i = results[i].tokens.size();
+    RETURN_IF_ERROR(CheckLogitsFinite(row, vocab, i, static_cast<int64_t>(step_i)));
+    next[i] = kernels::Sample(row, vocab, reqs[i].sampling, step_i);
     results[i].tokens.push_back(next[i]);
     const auto& stop = reqs[i].stop_token_ids;
     const bool stopped = std::find(stop.begin(), stop.end(), next[i]) != stop.end();
-    return !stopped && static_cast<int64_t>(results[i].tokens.size()) < reqs[i].max_new_tokens;
+    *goes_on = !stopped && static_cast<int64_t>(results[i].tokens.size()) < reqs[i].max_new_tokens;
+    return absl::OkStatus();
   };
   std::vector<size_t> active;
   for (size_t i = 0; i < n; ++i) {
     const float* row = logits.data() + i * vocab;
     results[i].prefill_logits.assign(row, row + vocab);
-    if (reqs[i].max_new_tokens > 0 && advance(i, row)) active.push_back(i);
+    bool goes_on = false;
+    if (reqs[i].max_new_tokens > 0) RETURN_IF_ERROR(advance(i, row, &goes_on));
+    if (goes_on) active.push_back(i);
   }
   t0 = Now();
   while (!active.empty()) {  // decode: one token per live request per step
@@ -53,7 +80,9 @@ absl::StatusOr<std::vector<GenerationResult>> RunGeneration(const std::vector<Ge
     ++st.decode_steps;
     std::vector<size_t> still;
     for (size_t j = 0; j < active.size(); ++j) {
-      if (advance(active[j], logits.data() + j * vocab)) still.push_back(active[j]);
+      bool goes_on = false;
+      RETURN_IF_ERROR(advance(active[j], logits.data() + j * vocab, &goes_on));
+      if (goes_on) still.push_back(active[j]);
     }
     active.swap(still);
   }
@@ -164,6 +193,7 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchSpeculative(Engine* e
     for (size_t i = 0; i < n; ++i) {
       const float* r = logits.data() + i * V;
       results[i].prefill_logits.assign(r, r + V);
+      if (reqs[i].max_new_tokens > 0) RETURN_IF_ERROR(CheckLogitsFinite(r, V, i, 0));
       first[i] = kernels::Sample(r, V, reqs[i].sampling, 0);
       const bool goes_on = reqs[i].max_new_tokens > 0 && emit(i, first[i]);
       if (goes_on) active.push_back(i);
@@ -222,6 +252,7 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchSpeculative(Engine* e
       const int64_t seg_n = segs[k].n;
       const int32_t d = draft[i];
       const size_t before = results[i].tokens.size();
+      RETURN_IF_ERROR(CheckLogitsFinite(logits.data() + row * V, V, i, static_cast<int64_t>(before)));
       const int32_t x = kernels::Sample(logits.data() + row * V, V, reqs[i].sampling, before);
       bool goes_on = emit(i, x);
       MtpItem it{i, {x, 0}, 1};
@@ -230,6 +261,8 @@ absl::StatusOr<std::vector<GenerationResult>> GenerateBatchSpeculative(Engine* e
         if (x == d) {
           ++sp.accepted;
           if (goes_on) {  // the draft's logits are valid: one more token from this step
+            RETURN_IF_ERROR(
+                CheckLogitsFinite(logits.data() + (row + 1) * V, V, i, static_cast<int64_t>(before + 1)));
             const int32_t y = kernels::Sample(logits.data() + (row + 1) * V, V, reqs[i].sampling, before + 1);
             goes_on = emit(i, y);
             it.next[1] = y;

@@ -47,6 +47,16 @@ struct StepItem {
 // returns the logits after each item's last token, [items, vocab].
 using StepFn = std::function<absl::Status(const std::vector<StepItem>& items, std::vector<float>* logits)>;
 
+// OK when every value of a logits row is finite; else FAILED_PRECONDITION
+// naming the prompt (its index in the batch), the generation step (0: the
+// token after the prompt) and what to check. Sampling a NaN row would give
+// token 0 (greedy argmax) and look like success; every sampling site of the
+// generators below checks first, and the whole batch fails on the first bad
+// row (no results: a NaN weight poisons every sequence that reaches it).
+absl::Status CheckLogitsFinite(const float* row, int64_t vocab, size_t prompt, int64_t step);
+// True when every one of the n values is finite (no NaN, no inf).
+bool AllFinite(const float* values, int64_t n);
+
 // The scheduling of a batch, independent of the engine: every prompt in one
 // prefill step, then one token per live request per step until each reaches
 // max_new_tokens or emits a stop token. Requests must be validated.

@@ -813,6 +813,61 @@ TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults
   EXPECT_EQ(done.generated_tokens(), 18);
 }
 
+// Issue 15: a sequence whose logits were not finite comes back as
+// FINISH_REASON_ERROR; its job turns FAILED naming the sequence, its other
+// sequences are cancelled, other jobs run on, and the failure is journaled.
+TEST_F(CoordinatorTest, SequenceErrorFailsItsJobOnlyAndSurvivesARestart) {
+  CoordinatorOptions o = Options(1, 1);
+  Start(o);
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  const std::string bad = Submit(Batch(3, 5));
+  const v1::SubmitJobRequest other_req = Batch(2, 3);
+  const std::string other = Submit(other_req);
+  ASSERT_OK(w[0]->Step(8));  // all 5 sequences assigned
+  ASSERT_OK(w[0]->Step(8));  // 1 token each
+  v1::SyncRequest sr;
+  sr.set_worker_id(0);
+  sr.set_epoch(w[0]->epoch());
+  sr.set_generation(w[0]->generation());
+  v1::SequenceUpdate* u = sr.add_updates();
+  u->set_seq_id(bad + "/1");
+  u->set_finish_reason(v1::FINISH_REASON_ERROR);
+  u->set_error("step 1: the model's logits are not finite (NaN or inf)");
+  v1::SyncResponse resp;
+  ASSERT_OK(w[0]->SyncRaw(sr, &resp));
+  EXPECT_EQ(resp.cancel_size(), 2);  // the worker is told to drop the job's other sequences
+  auto check = [&](const char* when) {
+    const v1::Job j = GetJob(bad);
+    EXPECT_EQ(j.state(), v1::JOB_STATE_FAILED) << when;
+    EXPECT_EQ(j.error(), "sequence 1 failed: step 1: the model's logits are not finite (NaN or inf)") << when;
+    ASSERT_EQ(j.results_size(), 3) << when;
+    for (const auto& r : j.results()) {
+      if (r.index() == 1) {
+        EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_ERROR) << when;
+        EXPECT_EQ(r.error(), "step 1: the model's logits are not finite (NaN or inf)") << when;
+        EXPECT_EQ(r.tokens_size(), 1) << when;  // what it generated before
+      } else {
+        EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_CANCELLED) << when;
+        EXPECT_TRUE(r.error().empty()) << when;
+      }
+    }
+  };
+  check("after the error");
+  // The other job runs on and finishes.
+  RunUntilFinal(w, 1, other);
+  const v1::Job done = GetJob(other);
+  EXPECT_EQ(done.state(), v1::JOB_STATE_SUCCEEDED);
+  for (const auto& r : done.results()) ExpectFakeTokens(other_req, r);
+  // A restart replays the failure from the journal.
+  server_->Stop();
+  server_.reset();
+  Start(o);
+  check("after a restart");
+  EXPECT_EQ(GetJob(other).state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(Status().queued_sequences(), 0);
+}
+
 TEST_F(CoordinatorTest, ShutdownStopsWorkersThenTheCoordinator) {
   Start(Options(1, 2));
   auto w = RegisterAll(2);

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -394,6 +395,39 @@ class BadRequestTest(ClusterCase):
         r = cu.run(["cancel", "--server", server, "--job", "no-such-job"], check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("NOT_FOUND", r.stderr)
+        self.shutdown(server, [p])
+
+
+class NonFiniteTest(ClusterCase):
+    def test_nan_lm_head_fails_the_job_with_an_error(self):
+        """Issue 15: NaN weights make the logits NaN; the last stage fails the sequence instead of
+        sampling token 0, the job turns FAILED naming the sequence, and `submit` exits non-zero."""
+        ckpt = os.path.join(self.tmp, "nan_ckpt")
+        shutil.copytree(self.f.ckpt, ckpt)
+        shard = os.path.join(ckpt, "model-00001-of-00001.safetensors")
+        with open(shard, "rb") as f:
+            buf = bytearray(f.read())
+        (n,) = struct.unpack("<Q", buf[:8])
+        e = json.loads(buf[8:8 + n])["lm_head.weight"]
+        assert e["dtype"] == "F32", e
+        b, end = e["data_offsets"]
+        buf[8 + n + b:8 + n + end] = struct.pack("<I", 0x7FC00000) * ((end - b) // 4)
+        with open(shard, "wb") as f:
+            f.write(buf)
+        addr_file = os.path.join(self.tmp, "addr")
+        p = cu.start(["launch", "--checkpoint", ckpt, "--pp", "2", "--ep", "1", "--listen", "127.0.0.1:0",
+                      "--address-file", addr_file], os.path.join(self.tmp, "launch.log"), mpirun_np=3)
+        self.procs.append(p)
+        server = cu.wait_for_file(addr_file, 120, [p])
+        cu.wait_serving(server)
+        r = cu.run(["submit", "--server", server, "--prompts", self.f.prompts, "--max-new-tokens", "3"],
+                   check=False, timeout=240)
+        self.assertNotEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, "")  # no sequence printed as a success
+        self.assertIn("FAILED", r.stderr)
+        self.assertRegex(r.stderr, r"sequence \d+ failed: step 0: the model's logits are not finite")
+        # The cluster still serves: the failure was the job's, not the workers'.
+        cu.wait_serving(server)
         self.shutdown(server, [p])
 
 

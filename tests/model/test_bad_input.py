@@ -394,6 +394,47 @@ class BadInputTest(unittest.TestCase):
             RESULTS.append(("prompts_file_missing", ok_, r.stderr.strip()[:200]))
             self.assertTrue(ok_, "rc %d stdout %r stderr %r" % (r.returncode, r.stdout, r.stderr))
 
+    # ---- non-finite weights (issue 15): the logits turn NaN; greedy argmax
+    # would give token 0 with exit 0, so generate must fail naming the prompt
+    # and the step ----
+
+    def test_non_finite_weights(self):
+        nan = {"F32": struct.pack("<I", 0x7FC00000), "BF16": struct.pack("<H", 0x7FC0),
+               "F16": struct.pack("<H", 0x7E00)}
+        inf = {"F32": struct.pack("<I", 0x7F800000), "BF16": struct.pack("<H", 0x7F80),
+               "F16": struct.pack("<H", 0x7C00)}
+
+        def poison(name, pattern, count=None):
+            """Overwrites `count` values (all when None) of tensor `name` with `pattern`."""
+            def f(d):
+                p = os.path.join(d, SHARD)
+                h, data = read_st(p)
+                e = h[name]
+                pat = pattern[e["dtype"]]
+                b, end = e["data_offsets"]
+                n = (end - b) // len(pat) if count is None else count
+                data = bytearray(data)
+                data[b:b + n * len(pat)] = pat * n
+                write_st(p, h, bytes(data))
+            return f
+
+        scale = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+        frags = ["prompt 0", "step 0", "not finite", "weight_scale_inv"]
+        cases = [
+            ("nan_lm_head", poison("lm_head.weight", nan), frags),
+            ("inf_lm_head_one_value", poison("lm_head.weight", inf, 1), frags),
+            ("nan_one_weight_scale_inv", poison(scale, nan, 1), frags),
+        ]
+        for case, mutate, fragments in cases:
+            with self.subTest(case=case):
+                d = clone("bad_" + case)
+                mutate(d)
+                self.expect_error(case, ["--checkpoint", d], fragments)
+        with self.subTest(case="nan_lm_head_speculative"):
+            d = clone("bad_nan_lm_head_speculative")
+            poison("lm_head.weight", nan)(d)
+            self.expect_error("nan_lm_head_speculative", ["--checkpoint", d, "--speculative", "mtp"], frags)
+
     # ---- flags ----
 
     def test_flags(self):

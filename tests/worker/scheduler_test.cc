@@ -143,6 +143,34 @@ TEST_F(SchedulerTest, StopTokenAndLengthFinishAndReleaseTheCache) {
   EXPECT_EQ(u[1].finish_reason(), v1::FINISH_REASON_LENGTH);
 }
 
+// Issue 15: the last stage marks a key whose logits row was not finite;
+// that sequence fails (ERROR, naming the step), the other one goes on.
+TEST_F(SchedulerTest, NonFiniteLogitsFailTheSequenceWithAnError) {
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1, 2}, 8);
+  *r.add_assign() = Assign("j/1", {3}, 8);
+  Make(1);  // one stage: everything in one micro-batch
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  const auto keys = Build(&mb);
+  ASSERT_EQ(keys.size(), 2u);
+  Return ret;
+  ret.keys = keys;
+  ret.tokens = {kNonFiniteLogitsToken, 7};
+  sched_->ApplyReturn(ret);
+  EXPECT_EQ(sched_->TakeReleases(), std::vector<uint64_t>{keys[0]});
+  const auto& u = sched_->pending_updates();
+  ASSERT_EQ(u.size(), 2u);
+  EXPECT_EQ(u[0].seq_id(), "j/0");
+  EXPECT_EQ(u[0].finish_reason(), v1::FINISH_REASON_ERROR);
+  EXPECT_EQ(u[0].new_tokens_size(), 0);
+  EXPECT_NE(u[0].error().find("step 0: the model's logits are not finite"), std::string::npos) << u[0].error();
+  EXPECT_EQ(u[1].seq_id(), "j/1");
+  EXPECT_EQ(u[1].finish_reason(), v1::FINISH_REASON_UNSPECIFIED);
+  EXPECT_FALSE(sched_->empty());
+}
+
 TEST_F(SchedulerTest, CancelledInFlightIsDroppedWhenItsTokenReturns) {
   v1::SyncResponse r = Ok();
   *r.add_assign() = Assign("j/0", {1, 2}, 8);

@@ -44,6 +44,10 @@ struct MicroBatch {
   std::vector<float> hidden;          // [sum n, hidden_size]
 };
 
+// A Return token for a key whose logits row on the last stage was not finite
+// (NaN or inf): stage 0 fails that sequence (FINISH_REASON_ERROR).
+inline constexpr int32_t kNonFiniteLogitsToken = -1;
+
 struct Return {
   BatchKind kind = BatchKind::kWork;
   uint64_t tick = 0;

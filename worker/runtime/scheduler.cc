@@ -52,6 +52,18 @@ void Scheduler::ApplyToken(uint64_t key, int32_t token) {
     seqs_.erase(it);
     return;
   }
+  if (token == kNonFiniteLogitsToken) {  // the last stage found the logits row not finite
+    v1::SequenceUpdate u;
+    u.set_seq_id(s.seq_id);
+    u.set_finish_reason(v1::FINISH_REASON_ERROR);
+    u.set_error(absl::StrCat("step ", s.generated.size(),
+                             ": the model's logits are not finite (NaN or inf): the checkpoint's weights or "
+                             "weight_scale_inv hold NaN/inf values"));
+    updates_.push_back(std::move(u));
+    release_.push_back(key);
+    seqs_.erase(it);
+    return;
+  }
   s.prefilled = true;
   s.generated.push_back(token);
   s.next_token = token;

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "glog/logging.h"
+#include "worker/generation.h"
 
 namespace expertmesh::worker::runtime {
 
@@ -204,6 +205,13 @@ Return StageExecutor::Sample(const MicroBatch& mb) {
     const SegmentMeta& sm = mb.segments[i];
     kernels::SamplingParams sp{sm.temperature, sm.top_k, sm.top_p, sm.seed};
     r.keys.push_back(sm.key);
+    const int64_t V = config().vocab_size;
+    if (!AllFinite(m.logits.data() + static_cast<int64_t>(i) * V, V)) {  // sampling would give token 0
+      LOG(WARNING) << "stage executor: the logits of sequence key " << sm.key << " at step " << sm.step
+                   << " are not finite (NaN or inf); failing it";
+      r.tokens.push_back(kNonFiniteLogitsToken);
+      continue;
+    }
     r.tokens.push_back(m.engine->Sample(m.logits, static_cast<int64_t>(i), sp, sm.step));
   }
   AddTime(&m.stats->times.embed_head, SecondsSince(t0));
