@@ -19,6 +19,7 @@
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "gtest/gtest.h"
+#include "tests/common/status_matchers.h"
 #include "topology/plan.h"
 #include "topology/plan_proto.h"
 #include "worker/runtime/coordinator_client.h"
@@ -26,18 +27,6 @@
 #include "worker/runtime/placement_stager.h"
 
 namespace expertmesh::worker::runtime::testing {
-
-#define ASSERT_OK(expr)                                  \
-  do {                                                   \
-    const absl::Status em_s_ = ::expertmesh::worker::runtime::testing::ToStatus(expr); \
-    ASSERT_TRUE(em_s_.ok()) << #expr << ": " << em_s_;   \
-  } while (0)
-
-inline absl::Status ToStatus(const absl::Status& s) { return s; }
-template <typename T>
-absl::Status ToStatus(const absl::StatusOr<T>& s) {
-  return s.status();
-}
 
 // The tiny preset with a pp x ep plan (1 dense + 3 MoE layers, 256 experts).
 inline topology::Plan TinyPlan(int64_t pp, int64_t ep) {

@@ -64,6 +64,22 @@ class SchedulerTest : public ::testing::Test {
     EXPECT_EQ(off, static_cast<int64_t>(mb->tokens.size()));
     return keys;
   }
+  // One stage: `assign` arrive in one Sync, go into one micro-batch, and
+  // `tokens` (one per sequence, in batch order) come back from it. The keys.
+  std::vector<uint64_t> StepOnce(const std::vector<v1::SequenceAssignment>& assign, std::vector<int32_t> tokens) {
+    v1::SyncResponse r = Ok();
+    for (const auto& a : assign) *r.add_assign() = a;
+    Make(1);
+    fake_.AnswerSync(r);
+    EXPECT_OK(Sync());
+    MicroBatch mb;
+    Return ret;
+    ret.keys = Build(&mb);
+    EXPECT_EQ(ret.keys.size(), tokens.size());
+    ret.tokens = std::move(tokens);
+    sched_->ApplyReturn(ret);
+    return ret.keys;
+  }
   Return Tokens(const std::vector<uint64_t>& keys, int32_t token) {
     Return r;
     r.keys = keys;
@@ -121,19 +137,9 @@ TEST_F(SchedulerTest, MicroBatchesHoldAFractionOfTheLaneThenDecode) {
 }
 
 TEST_F(SchedulerTest, StopTokenAndLengthFinishAndReleaseTheCache) {
-  v1::SyncResponse r = Ok();
-  *r.add_assign() = Assign("j/0", {1}, 5, {42});
-  *r.add_assign() = Assign("j/1", {2}, 1);
-  Make(1);  // one stage: everything in one micro-batch
-  fake_.AnswerSync(r);
-  ASSERT_OK(Sync());
-  MicroBatch mb;
-  const auto keys = Build(&mb);
+  // j/0 emits its stop token; j/1 reaches max_new_tokens = 1.
+  const auto keys = StepOnce({Assign("j/0", {1}, 5, {42}), Assign("j/1", {2}, 1)}, {42, 7});
   ASSERT_EQ(keys.size(), 2u);
-  Return ret;
-  ret.keys = keys;
-  ret.tokens = {42, 7};  // j/0 emits its stop token; j/1 reaches max_new_tokens = 1
-  sched_->ApplyReturn(ret);
   EXPECT_TRUE(sched_->empty());
   const auto released = sched_->TakeReleases();
   EXPECT_EQ(released, keys);
@@ -146,19 +152,8 @@ TEST_F(SchedulerTest, StopTokenAndLengthFinishAndReleaseTheCache) {
 // Issue 15: the last stage marks a key whose logits row was not finite;
 // that sequence fails (ERROR, naming the step), the other one goes on.
 TEST_F(SchedulerTest, NonFiniteLogitsFailTheSequenceWithAnError) {
-  v1::SyncResponse r = Ok();
-  *r.add_assign() = Assign("j/0", {1, 2}, 8);
-  *r.add_assign() = Assign("j/1", {3}, 8);
-  Make(1);  // one stage: everything in one micro-batch
-  fake_.AnswerSync(r);
-  ASSERT_OK(Sync());
-  MicroBatch mb;
-  const auto keys = Build(&mb);
+  const auto keys = StepOnce({Assign("j/0", {1, 2}, 8), Assign("j/1", {3}, 8)}, {kNonFiniteLogitsToken, 7});
   ASSERT_EQ(keys.size(), 2u);
-  Return ret;
-  ret.keys = keys;
-  ret.tokens = {kNonFiniteLogitsToken, 7};
-  sched_->ApplyReturn(ret);
   EXPECT_EQ(sched_->TakeReleases(), std::vector<uint64_t>{keys[0]});
   const auto& u = sched_->pending_updates();
   ASSERT_EQ(u.size(), 2u);
