@@ -83,8 +83,10 @@ TEST_F(WorkerTest, GeneratesWhatTheEngineGeneratesThenStopsOnShutdown) {
   EXPECT_EQ(lane.tokens()["j/0"], Reference({5, 17, 300, 2}, 6));
   EXPECT_EQ(lane.tokens()["j/1"], Reference({900}, 4));
   EXPECT_EQ(lane.finished()["j/0"], v1::FINISH_REASON_LENGTH);
+  // A run this short may end before the heartbeat thread's first beat: the
+  // exiting beat is the one that must be there, with the steps and the load.
   const auto beats = fake_.heartbeats();
-  ASSERT_GE(beats.size(), 2u);
+  ASSERT_FALSE(beats.empty());
   EXPECT_TRUE(beats.back().exiting());
   EXPECT_GT(beats.back().steps(), 0);
   int64_t routed = 0;  // the expert load went out with the heartbeats
