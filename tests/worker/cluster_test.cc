@@ -30,22 +30,6 @@ class ClusterTest : public testing::TinyCheckpointSuite<8> {
     if (std::find(b.begin(), b.end(), "ucx") == b.end()) GTEST_SKIP() << "built without UCX";
   }
 
-  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
-    auto shard = ModelShard::Load(Checkpoint(), ShardFilter{});
-    EXPECT_TRUE(shard.ok()) << shard.status();
-    Engine engine(shard->get());
-    SequenceCache cache = engine.NewCache();
-    std::vector<int32_t> out, next = prompt;
-    std::vector<float> logits;
-    const int64_t V = (*shard)->config().vocab_size;
-    for (int step = 0; step < n; ++step) {
-      EXPECT_TRUE(engine.Forward({{&cache, next.data(), static_cast<int64_t>(next.size())}}, &logits).ok());
-      kernels::SamplingParams sp{0.0f, 0, 1.0f, 0};
-      out.push_back(kernels::Sample(logits.data(), V, sp, step));
-      next = {out.back()};
-    }
-    return out;
-  }
 
   // Runs the pp x ep workers of `plan` until the coordinator shuts the
   // cluster down; lanes[r]: what stage 0 of lane r is given.

@@ -19,9 +19,11 @@
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/kernels.h"
 #include "tests/common/status_matchers.h"
 #include "topology/plan.h"
 #include "topology/plan_proto.h"
+#include "worker/model.h"
 #include "worker/runtime/coordinator_client.h"
 #include "worker/runtime/data_plane.h"
 #include "worker/runtime/placement_stager.h"
@@ -348,6 +350,23 @@ class TinyCheckpointSuite : public ::testing::Test {
     dir_ = nullptr;
   }
   static std::string Checkpoint() { return *dir_ + "/ckpt"; }
+  // The greedy continuation of `prompt` by the engine on the whole model.
+  static std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
+    auto shard = ModelShard::Load(Checkpoint(), ShardFilter{});
+    EXPECT_TRUE(shard.ok()) << shard.status();
+    Engine engine(shard->get());
+    SequenceCache cache = engine.NewCache();
+    std::vector<int32_t> out, next = prompt;
+    std::vector<float> logits;
+    const int64_t V = (*shard)->config().vocab_size;
+    for (int step = 0; step < n; ++step) {
+      EXPECT_TRUE(engine.Forward({{&cache, next.data(), static_cast<int64_t>(next.size())}}, &logits).ok());
+      kernels::SamplingParams sp{0.0f, 0, 1.0f, 0};
+      out.push_back(kernels::Sample(logits.data(), V, sp, step));
+      next = {out.back()};
+    }
+    return out;
+  }
 
  private:
   static inline std::string* dir_ = nullptr;

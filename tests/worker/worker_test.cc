@@ -53,23 +53,6 @@ class WorkerTest : public testing::TinyCheckpointSuite<5> {
     return r;
   }
 
-  // The greedy continuation of `prompt` by the engine on the whole model.
-  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
-    auto shard = ModelShard::Load(Checkpoint(), ShardFilter{});
-    EXPECT_TRUE(shard.ok()) << shard.status();
-    Engine engine(shard->get());
-    SequenceCache cache = engine.NewCache();
-    std::vector<int32_t> out, next = prompt;
-    std::vector<float> logits;
-    const int64_t V = (*shard)->config().vocab_size;
-    for (int step = 0; step < n; ++step) {
-      EXPECT_TRUE(engine.Forward({{&cache, next.data(), static_cast<int64_t>(next.size())}}, &logits).ok());
-      kernels::SamplingParams sp{0.0f, 0, 1.0f, 0};
-      out.push_back(kernels::Sample(logits.data(), V, sp, step));
-      next = {out.back()};
-    }
-    return out;
-  }
 
   FakeCoordinator fake_;
 };
