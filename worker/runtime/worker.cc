@@ -131,7 +131,10 @@ absl::Status Worker::Setup() {
                                          [this] { return exec_->NewCache(); });
     sched_->SetEpoch(reg.response.epoch(), placement_version);
   }
-  RETURN_IF_ERROR(BuildDataPlane());
+  // DATA_LOSS: a peer's bootstrap bytes in the coordinator's store were
+  // damaged (or written by someone else); Run rejoins on a new generation.
+  const absl::Status built = BuildDataPlane();
+  if (!built.ok() && (!absl::IsDataLoss(built) || o_.backend == "mpi")) return built;
   StageLoop::Options lo;
   lo.worker_id = worker_id;
   lo.stage = stage;
@@ -150,7 +153,7 @@ absl::Status Worker::Setup() {
   };
   hooks.running_plan = [this](topology::Plan* running) { return stager_->RunningPlanProto(registered_plan_, running); };
   session_.Start(dp_.get(), std::move(hooks));  // READY from the first heartbeat on
-  return absl::OkStatus();
+  return built;
 }
 
 void Worker::Report(v1::HeartbeatRequest* req) {
@@ -235,11 +238,17 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
 
 absl::Status Worker::Run() {
   absl::Status s = Setup();
-  while (s.ok()) {
-    s = loop_->Run();
-    if (s.ok() || !Recoverable(s)) break;
+  // A data plane whose bootstrap bytes were damaged (DATA_LOSS) is rebuilt on
+  // a new generation, a few times in a row at most.
+  int damaged = absl::IsDataLoss(s) && loop_ != nullptr ? 1 : 0;
+  while (s.ok() || (damaged > 0 && damaged <= 3)) {
+    if (damaged == 0) {
+      s = loop_->Run();
+      if (s.ok() || !Recoverable(s)) break;
+    }
     absl::StatusOr<bool> again = Rejoin(s);
     s = again.status();
+    damaged = absl::IsDataLoss(s) && o_.backend != "mpi" ? damaged + 1 : 0;
     if (s.ok() && !*again) break;  // shut down while waiting to rejoin
   }
   if (session_.leaving()) {
@@ -262,7 +271,7 @@ absl::Status RunWorker(const WorkerOptions& options, CoordinatorClient* client) 
 }
 
 absl::Status RunWorker(const WorkerOptions& options) {
-  GrpcCoordinatorClient client(options.coordinator);
+  GrpcCoordinatorClient client(options.coordinator, options.security);
   return RunWorker(options, &client);
 }
 
