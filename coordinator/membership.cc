@@ -229,7 +229,7 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
     // READY nor, with `exiting`, force a new data-plane generation.
     if (request.pid() != w.pid || request.host() != w.host) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "worker_id: ", id, " is held by ", w.host, ":", w.pid, ", not by ",
+          "worker_id: ", id, " is now held by ", w.host, ":", w.pid, ", not by ",
           request.host().empty() && request.pid() == 0 ? std::string("a sender without host and pid")
                                                        : absl::StrCat(request.host(), ":", request.pid()),
           " (a worker replaced after it went MISSING must exit)"));

@@ -322,7 +322,7 @@ TEST_F(AuthTest, ForgedHeartbeatsAreRefusedAndCannotKeepALostWorkerReady) {
     v1::HeartbeatResponse resp;
     return w[0]->stub()->Heartbeat(&ctx, hb, &resp);  // with the cluster secret, yet not worker 1's process
   };
-  EXPECT_ERROR(forge("evilhost", 101, false), absl::StatusCode::kFailedPrecondition, "is held by fakehost:101");
+  EXPECT_ERROR(forge("evilhost", 101, false), absl::StatusCode::kFailedPrecondition, "is now held by fakehost:101");
   EXPECT_ERROR(forge("fakehost", 4242, false), absl::StatusCode::kFailedPrecondition, "not by fakehost:4242");
   EXPECT_ERROR(forge("", 0, false), absl::StatusCode::kFailedPrecondition, "a sender without host and pid");
   // A forged "exiting" beat forces no new generation.
