@@ -57,6 +57,12 @@ int LaunchMain(int argc, char** argv) {
     comm::FinalizeMpi().IgnoreError();
     return code;
   }
+  if (!absl::GetFlag(FLAGS_tls_cert).empty() && absl::GetFlag(FLAGS_tls_ca).empty()) {
+    const int code = Fail(rank, "--tls-cert (rank 0 serves TLS) needs --tls-ca: the workers verify rank 0's "
+                                "certificate with it (docs/SECURITY.md)", 2);
+    comm::FinalizeMpi().IgnoreError();
+    return code;
+  }
   char address[kAddressBytes] = {0};
   char secret[kSecretBytes] = {0};
   int code = 0;
