@@ -132,6 +132,19 @@ class SecurityTest(ClusterCase):
         with urllib.request.urlopen(req, timeout=10) as r:
             self.assertIn("expertmesh_serving 1", r.read().decode())
         self.assertIn("TLS with client certificates, client token on, cluster secret on", cu.read_log(coord))
+        # The Python example client speaks the same TLS and token.
+        py = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "examples", "client.py"), "--server", server,
+                             "--tls-ca", f"{c}/ca.pem", "--tls-cert", f"{c}/client.pem", "--tls-key",
+                             f"{c}/client.key", "--auth-token-file", self.token_file, "status", "--json"],
+                            capture_output=True, text=True, timeout=60)
+        self.assertEqual(py.returncode, 0, py.stderr)
+        self.assertIn('"serving": true', py.stdout)
+        py = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "examples", "client.py"), "--server", server,
+                             "--tls-ca", f"{c}/ca.pem", "--tls-cert", f"{c}/client.pem", "--tls-key",
+                             f"{c}/client.key", "status"], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "EXPERTMESH_API_KEY"})
+        self.assertNotEqual(py.returncode, 0)
+        self.assertIn("UNAUTHENTICATED", py.stderr)
         self.shutdown_with(server, [coord] + workers)
 
     def test_launch_shares_a_generated_secret(self):
