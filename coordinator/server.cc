@@ -99,17 +99,23 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                              : options.tls.client_ca_pem.empty() ? "TLS" : "TLS with client certificates")
             << ", client token " << (s->auth_->client_open() ? "off" : "on") << ", cluster secret "
             << (s->auth_->worker_open() ? "off" : "on") << ")";
-  if (s->auth_->client_open() && s->auth_->worker_open() && options.tls.client_ca_pem.empty()) {
-    LOG(WARNING) << "coordinator: the control plane is unauthenticated: anyone who reaches " << s->address_
+  const std::string who = options.tls.client_ca_pem.empty()
+                              ? absl::StrCat("anyone who reaches ", s->address_)
+                              : std::string("anyone holding a client certificate of --tls-client-ca");
+  if (s->auth_->client_open() && s->auth_->worker_open()) {
+    LOG(WARNING) << "coordinator: the control plane is unauthenticated: " << who
                  << " can submit and cancel jobs, shut the cluster down, and register or impersonate workers. Set "
                     "--auth-token-file and --cluster-secret-file (and --tls-cert/--tls-key); see docs/SECURITY.md";
-  } else if (s->auth_->worker_open() && options.tls.client_ca_pem.empty()) {
-    LOG(WARNING) << "coordinator: WorkerService is unauthenticated (no --cluster-secret-file): anyone who reaches "
-                 << s->address_ << " can register or impersonate workers; see docs/SECURITY.md";
-  } else if (s->auth_->client_open() && options.tls.client_ca_pem.empty()) {
-    LOG(WARNING) << "coordinator: JobService and ClusterService are unauthenticated (no --auth-token-file): anyone "
-                    "who reaches "
-                 << s->address_ << " can submit and cancel jobs and shut the cluster down; see docs/SECURITY.md";
+  } else if (s->auth_->worker_open()) {
+    LOG(WARNING) << "coordinator: WorkerService is unauthenticated (no --cluster-secret-file): " << who
+                 << " can register or impersonate workers; see docs/SECURITY.md";
+  } else if (s->auth_->client_open()) {
+    LOG(WARNING) << "coordinator: JobService and ClusterService are unauthenticated (no --auth-token-file): " << who
+                 << " can submit and cancel jobs and shut the cluster down; see docs/SECURITY.md";
+  }
+  if (options.tls.cert_pem.empty() && !(s->auth_->client_open() && s->auth_->worker_open())) {
+    LOG(WARNING) << "coordinator: without --tls-cert the token and the cluster secret cross the network in "
+                    "plaintext; see docs/SECURITY.md";
   }
   return s;
 }
