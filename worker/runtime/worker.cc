@@ -126,6 +126,7 @@ absl::Status Worker::Setup() {
     so.worker_id = worker_id;
     so.pp = plan_.pp;
     so.max_sequences = o_.max_sequences;
+    so.max_step_tokens = o_.max_step_tokens;
     so.coordinator_timeout = o_.coordinator_timeout;
     sched_ = std::make_unique<Scheduler>(so, client_, dp_.get(), session_.shutdown_flag(), &exec_->config(),
                                          [this] { return exec_->NewCache(); });
