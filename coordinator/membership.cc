@@ -86,8 +86,13 @@ bool Coordinator::ClusterCompleteLocked() const {
 
 bool Coordinator::ServingLocked() const {
   if (shutdown_requested_ || stopped_) return false;
-  return std::all_of(workers_.begin(), workers_.end(),
-                     [](const Worker& w) { return w.registered && w.health == v1::WORKER_HEALTH_READY; });
+  // Every worker READY and in the current generation: after a survivor
+  // reports a failed data plane (a peer stalled past the step timeout, e.g.
+  // SIGSTOPped) the cluster does not serve until every worker rejoined, even
+  // before the stalled one misses its heartbeats.
+  return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) {
+    return w.registered && w.health == v1::WORKER_HEALTH_READY && w.joined_generation == generation_;
+  });
 }
 
 absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterRequest& request, absl::Time deadline,
@@ -192,6 +197,7 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
   *resp.mutable_plan() = plan_proto_;
   resp.set_epoch(epoch_);
   resp.set_generation(generation_);
+  workers_[static_cast<size_t>(id)].joined_generation = generation_;
   generation_issued_ = true;
   lock.unlock();
   NotifyServing();

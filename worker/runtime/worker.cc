@@ -107,7 +107,9 @@ absl::Status Worker::Setup() {
   LOG(INFO) << "worker " << worker_id << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
             << dir << " in " << absl::FormatDuration(absl::Now() - t0);
 
-  store_ = std::make_unique<CoordinatorStore>(client_);
+  // A bootstrap of a generation that moved on meanwhile (a worker was found
+  // MISSING while we waited for its address) gives up at once.
+  store_ = std::make_unique<CoordinatorStore>(client_, [this] { return dp_ != nullptr && dp_->stale(); });
   comm_factory_ = std::make_unique<DefaultCommFactory>(store_.get(), o_.mpi_world_offset, o_.register_timeout,
                                                        o_.cuda_options.device);
   DataPlane::Options dpo;
@@ -240,6 +242,11 @@ absl::Status Worker::Run() {
     s = loop_->Run();
     if (s.ok() || !Recoverable(s)) break;
     absl::StatusOr<bool> again = Rejoin(s);
+    // The generation moved on again while we rebuilt (e.g. a wedged peer was
+    // found MISSING while we waited for its address): rejoin the newer one.
+    while (!again.ok() && absl::IsAborted(again.status()) && Recoverable(again.status())) {
+      again = Rejoin(again.status());
+    }
     s = again.status();
     if (s.ok() && !*again) break;  // shut down while waiting to rejoin
   }
