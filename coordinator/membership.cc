@@ -280,6 +280,24 @@ absl::Status Coordinator::StoreSet(const std::string& key, const std::string& va
 }
 
 absl::StatusOr<std::optional<std::string>> Coordinator::StoreGet(const std::string& key) const {
+  std::string epoch;
+  int64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    epoch = epoch_;
+    generation = generation_;
+  }
+  // "<epoch>/g<N>/..." of this epoch with N < generation: never written again.
+  const std::string prefix = absl::StrCat(epoch, "/g");
+  if (key.rfind(prefix, 0) == 0) {
+    int64_t n = 0;
+    size_t i = prefix.size();
+    for (; i < key.size() && key[i] >= '0' && key[i] <= '9' && n < (int64_t{1} << 40); ++i) n = n * 10 + (key[i] - '0');
+    if (i > prefix.size() && i < key.size() && key[i] == '/' && n < generation) {
+      return absl::AbortedError(absl::StrCat("key ", key, " belongs to data-plane generation ", n,
+                                             "; the cluster moved to generation ", generation, ": rejoin"));
+    }
+  }
   return store_.Get(key);
 }
 

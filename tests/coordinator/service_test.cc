@@ -541,6 +541,16 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
     v1::StoreGetRequest greq;
     greq.set_key(old_key);
     v1::StoreGetResponse gresp;
+    // A key of an older generation: ABORTED (a worker bootstrapping it rejoins the new one).
+    const grpc::Status g = now[0]->stub()->StoreGet(&ctx, greq, &gresp);
+    EXPECT_EQ(g.error_code(), grpc::StatusCode::ABORTED) << g.error_message();
+    EXPECT_NE(g.error_message().find("moved to generation 3"), std::string::npos) << g.error_message();
+  }
+  {
+    grpc::ClientContext ctx;  // the current generation's keys are answered as before
+    v1::StoreGetRequest greq;
+    greq.set_key(absl::StrCat(now[0]->epoch(), "/g3/stage0/addr0"));
+    v1::StoreGetResponse gresp;
     ASSERT_OK(now[0]->stub()->StoreGet(&ctx, greq, &gresp));
     EXPECT_FALSE(gresp.found());
   }

@@ -145,10 +145,11 @@ class MpirunTest(ClusterCase):
 
 class StandaloneTest(ClusterCase):
     coordinator_flags = ()  # more `expertmesh coordinator` flags, for every start of the case's coordinator
+    pp, ep = 2, 2           # the plan of the case's cluster
 
     def start_coordinator(self, port, journal, log, heartbeat_timeout_s=30):
         self.metrics_port = cu.free_port()
-        p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
+        p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", str(self.pp), "--ep", str(self.ep), "--listen",
                       f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                       "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.coordinator_flags],
                      os.path.join(self.tmp, log))
@@ -162,7 +163,7 @@ class StandaloneTest(ClusterCase):
         coord = self.start_coordinator(port, journal, "coordinator.log", heartbeat_timeout_s)
         workers = [cu.start(["worker", "--coordinator", server, *worker_flags],
                             os.path.join(self.tmp, f"worker{i}.log"))
-                   for i in range(4)]
+                   for i in range(self.pp * self.ep)]
         self.procs += workers
         cu.wait_serving(server)
         return server, port, journal, coord, workers
@@ -293,6 +294,38 @@ class StandaloneTest(ClusterCase):
                 log = f.read()
             self.assertIn("data plane rebuilt for generation 2", log)
             self.assertIn("data plane rebuilt for generation 3", log)
+
+    def test_pp1_ep4_two_workers_killed_at_once_resume_on_replacements(self):
+        # Issue 15: kill -9 two of the four EP ranks of one stage mid-job; their sequences (and everyone's,
+        # the data plane is rebuilt) resume after the tokens generated before; the job returns exactly the
+        # single-process tokens.
+        self.pp, self.ep = 1, 4
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=5)
+        long_new = 600
+        want = self.reference(long_new)
+        rid = "e2e-two-lost-1"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        pids = {w["pid"] for w in st["workers"] if w["worker_id"] in (1, 2)}
+        victims = [p for p in workers if p.pid in pids]
+        self.assertEqual(len(victims), 2)
+        for v in victims:
+            os.killpg(v.pid, signal.SIGKILL)
+        t_kill = time.time()
+        repl = [cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"replacement{i}.log"))
+                for i in range(2)]
+        self.procs += repl
+        st = cu.wait_status(server, lambda st: int(st.get("generation", 0)) >= 2, "the losses noticed", 60, 0.05)
+        t_detect = time.time()
+        cu.wait_status(server, lambda st: st.get("serving") and int(st.get("workers_lost", 0)) == 2, "serving again",
+                       120, 0.05)
+        print(f"PP1xEP4, 2 workers killed: noticed after {t_detect - t_kill:.2f} s, serving again "
+              f"{time.time() - t_detect:.2f} s later", file=sys.stderr)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        for v in victims:
+            v.wait(timeout=20)
+        self.shutdown(server, [coord] + [p for p in workers if p not in victims] + repl)
 
     def test_sigstopped_worker_turns_not_serving_and_is_readmitted(self):
         # Issue 15: a wedged (SIGSTOPped) worker. Its peers' exchanges stall past --step-timeout-s (4 s) and

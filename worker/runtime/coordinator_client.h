@@ -67,9 +67,9 @@ class GrpcCoordinatorClient : public CoordinatorClient {
 };
 
 // The coordinator's key-value store for the data planes' bootstrap. Get
-// polls until the key appears, the deadline passes, or `abandon` (if given)
-// returns true: kAborted (the data-plane generation being built moved on, so
-// its keys will never appear; the worker rejoins the newer one).
+// polls until the key appears, the deadline passes, or the generation the
+// key belongs to moved on (the coordinator answers ABORTED, or `abandon`, if
+// given, returns true): kAborted, the worker rejoins the newer generation.
 class CoordinatorStore : public comm::Store {
  public:
   explicit CoordinatorStore(CoordinatorClient* client, std::function<bool()> abandon = nullptr)

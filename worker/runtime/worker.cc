@@ -134,7 +134,15 @@ absl::Status Worker::Setup() {
                                          [this] { return exec_->NewCache(); });
     sched_->SetEpoch(reg.response.epoch(), placement_version);
   }
-  RETURN_IF_ERROR(BuildDataPlane());
+  absl::Status built = BuildDataPlane();
+  // The generation moved on while we connected (another worker was lost
+  // meanwhile): rejoin the newer one, as a serving worker would.
+  while (absl::IsAborted(built)) {
+    absl::StatusOr<bool> again = Rejoin(built);
+    if (again.ok() && !*again) return absl::UnavailableError("the cluster shut down while this worker started");
+    built = again.status();
+  }
+  RETURN_IF_ERROR(built);
   StageLoop::Options lo;
   lo.worker_id = worker_id;
   lo.stage = stage;
