@@ -273,6 +273,15 @@ absl::Status Worker::Run() {
 }  // namespace
 
 absl::Status RunWorker(const WorkerOptions& options, CoordinatorClient* client) {
+  if (options.max_sequences < 1 || options.max_step_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_sequences (", options.max_sequences, ") and max_step_tokens (",
+                                                   options.max_step_tokens, ") must be >= 1"));
+  }
+  if (options.cuda && options.max_step_tokens > options.cuda_options.max_step_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-step-tokens ", options.max_step_tokens, " exceeds --cuda-max-step-tokens ",
+        options.cuda_options.max_step_tokens, " (the GPU scratch of one step): lower the first or raise the second"));
+  }
   Worker w(options, client);
   return w.Run();
 }
