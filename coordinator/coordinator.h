@@ -29,6 +29,9 @@
 //    a worker_id >= 0 keeps that place (re-registration after a coordinator
 //    restart). The call blocks until all pp*ep places are taken, then returns
 //    stage = worker_id / ep, ep_rank = worker_id % ep, the plan and the epoch.
+//  * Serving (gRPC health SERVING): every worker READY and registered (or
+//    rejoined) in the current generation, so a survivor's report of a failed
+//    data plane (a wedged peer) ends SERVING before any heartbeat timeout.
 //  * Health: STARTING after Register; the first Heartbeat makes it READY; a
 //    READY worker silent for heartbeat_timeout_s (a STARTING one for
 //    startup_timeout_s) becomes MISSING and the sequences it held go back to
@@ -58,8 +61,10 @@
 //  * Generation: the data plane's version, 1 at start. It grows when a
 //    worker that served is found MISSING, exits unasked, or reports through
 //    Register(rejoin_after_generation) that its data plane failed. Every
-//    running sequence then goes back to the queue (from scratch; generation
-//    is deterministic per sequence), Heartbeat and Sync answer the new
+//    running sequence then goes back to the front of the queue with the
+//    tokens generated so far, and the worker it goes to next resumes it
+//    (SequenceAssignment.resume_tokens; generation is deterministic per
+//    sequence and step), Heartbeat and Sync answer the new
 //    generation (Sync ignores updates of another generation and assigns
 //    nothing), and the workers rebuild their communicators once every place
 //    is held by a live worker again. "Complete" means every place registered
@@ -287,6 +292,10 @@ class Coordinator {
     std::set<std::string> assigned;            // seq_ids (stage-0 workers)
     std::vector<std::string> pending_cancel;   // seq_ids to send as `cancel`
     int64_t staged_placement_version = 0;      // from its heartbeats
+    // The data-plane generation of its last answered Register: it builds
+    // (or runs) that generation's data plane. One behind generation_ (a
+    // wedged worker that the survivors reported): the cluster is not serving.
+    int64_t joined_generation = 0;
   };
   // A rebalanced placement the workers are loading.
   struct PendingPlacement {
@@ -312,7 +321,8 @@ class Coordinator {
   void FinishSequence(Job* j, int index, std::vector<int32_t> tokens, v1::FinishReason reason, int64_t now_ms,
                       const std::string& error = "");
   void CancelUnfinished(Job* j, int64_t now_ms);
-  // Puts an assigned sequence back at the front of the queue, from scratch.
+  // Puts an assigned sequence back at the front of the queue; its tokens so
+  // far stay, and the next worker resumes after them.
   void Requeue(Job* j, int index);
   // Requeues every sequence of a worker; `tell_worker` also queues them as `cancel` for it.
   void RevokeSequences(int worker_id, bool tell_worker);

@@ -86,8 +86,13 @@ bool Coordinator::ClusterCompleteLocked() const {
 
 bool Coordinator::ServingLocked() const {
   if (shutdown_requested_ || stopped_) return false;
-  return std::all_of(workers_.begin(), workers_.end(),
-                     [](const Worker& w) { return w.registered && w.health == v1::WORKER_HEALTH_READY; });
+  // Every worker READY and in the current generation: after a survivor
+  // reports a failed data plane (a peer stalled past the step timeout, e.g.
+  // SIGSTOPped) the cluster does not serve until every worker rejoined, even
+  // before the stalled one misses its heartbeats.
+  return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) {
+    return w.registered && w.health == v1::WORKER_HEALTH_READY && w.joined_generation == generation_;
+  });
 }
 
 absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterRequest& request, absl::Time deadline,
@@ -192,6 +197,7 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
   *resp.mutable_plan() = plan_proto_;
   resp.set_epoch(epoch_);
   resp.set_generation(generation_);
+  workers_[static_cast<size_t>(id)].joined_generation = generation_;
   generation_issued_ = true;
   lock.unlock();
   NotifyServing();
@@ -280,6 +286,24 @@ absl::Status Coordinator::StoreSet(const std::string& key, const std::string& va
 }
 
 absl::StatusOr<std::optional<std::string>> Coordinator::StoreGet(const std::string& key) const {
+  std::string epoch;
+  int64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    epoch = epoch_;
+    generation = generation_;
+  }
+  // "<epoch>/g<N>/..." of this epoch with N < generation: never written again.
+  const std::string prefix = absl::StrCat(epoch, "/g");
+  if (key.rfind(prefix, 0) == 0) {
+    int64_t n = 0;
+    size_t i = prefix.size();
+    for (; i < key.size() && key[i] >= '0' && key[i] <= '9' && n < (int64_t{1} << 40); ++i) n = n * 10 + (key[i] - '0');
+    if (i > prefix.size() && i < key.size() && key[i] == '/' && n < generation) {
+      return absl::AbortedError(absl::StrCat("key ", key, " belongs to data-plane generation ", n,
+                                             "; the cluster moved to generation ", generation, ": rejoin"));
+    }
+  }
   return store_.Get(key);
 }
 

@@ -17,9 +17,14 @@
 //    Heartbeat holds mu_ only in memory (no journal write, except when it
 //    commits a rebalanced placement: rebalance.cc, rare); Register waits on
 //    the condition variable with a deadline.
-//  * The key-value store has its own mutex: StoreSet / StoreGet never take
-//    mu_. A new generation drops the keys of older ones with mu_ held
-//    (lock order: mu_, then the store's; the store never takes another lock).
+//  * The key-value store has its own mutex: StoreSet never takes mu_;
+//    StoreGet takes it only to read the epoch and generation (released
+//    before the store's): a key of an older generation of this epoch
+//    ("<epoch>/g<N>/...") answers ABORTED, so a worker bootstrapping a data
+//    plane of a generation that moved on gives up at once instead of waiting
+//    for a peer that was lost. A new generation drops the keys of older ones
+//    with mu_ held (lock order: mu_, then the store's; the store never takes
+//    another lock).
 #pragma once
 
 #include <cstdint>

@@ -13,8 +13,8 @@ void Coordinator::Requeue(Job* j, int index) {
   Sequence& s = j->seqs[static_cast<size_t>(index)];
   if (s.state != SeqState::kAssigned) return;
   if (s.worker >= 0) workers_[static_cast<size_t>(s.worker)].assigned.erase(absl::StrCat(j->id, "/", index));
-  j->generated_tokens -= static_cast<int64_t>(s.tokens.size());
-  s.tokens.clear();
+  // The tokens generated so far stay: the next worker resumes after them
+  // (SequenceAssignment.resume_tokens), so none is generated twice or lost.
   s.state = SeqState::kQueued;
   s.worker = -1;
   --j->num_assigned;
@@ -39,7 +39,7 @@ void Coordinator::RevokeSequences(int worker_id, bool tell_worker) {
   }
   if (back.empty()) return;
   LOG(WARNING) << "coordinator: " << back.size() << " sequences of worker " << worker_id
-               << " go back to the queue and restart from scratch";
+               << " go back to the queue and resume after their generated tokens";
   // Requeue pushes to the front: newest first, so the oldest ends up in front.
   std::sort(back.begin(), back.end(), [](const auto& a, const auto& b) {
     if (a.first->submitted_ms != b.first->submitted_ms) return a.first->submitted_ms > b.first->submitted_ms;
@@ -142,7 +142,6 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
       if (s.state != SeqState::kQueued || Final(*j)) continue;
       s.state = SeqState::kAssigned;
       s.worker = id;
-      s.tokens.clear();
       --queued_;
       ++running_;
       ++j->num_assigned;
@@ -152,6 +151,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
       v1::SequenceAssignment* a = resp.add_assign();
       a->set_seq_id(seq_id);
       *a->mutable_request() = j->request.sequences(index);
+      *a->mutable_resume_tokens() = {s.tokens.begin(), s.tokens.end()};
       --give;
     }
   }

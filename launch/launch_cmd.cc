@@ -26,6 +26,9 @@
 
 ABSL_DECLARE_FLAG(std::string, address_file);
 ABSL_FLAG(int32_t, launch_max_sequences, 64, "sequences each stage-0 worker holds at once (continuous batching)");
+ABSL_FLAG(int32_t, launch_max_step_tokens, 2048,
+          "tokens in one step of a stage-0 worker: decode tokens first, then chunks of waiting prompts (chunked "
+          "prefill)");
 ABSL_FLAG(int32_t, launch_step_timeout_s, 120,
           "seconds any data-plane wait may take before a peer counts as lost");
 
@@ -135,6 +138,7 @@ int LaunchMain(int argc, char** argv) {
       o.requested_worker_id = rank - 1;
       o.mpi_world_offset = 1;
       o.max_sequences = absl::GetFlag(FLAGS_launch_max_sequences);
+      o.max_step_tokens = absl::GetFlag(FLAGS_launch_max_step_tokens);
       o.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_launch_step_timeout_s));
       auto cuda = DeviceFromFlags(&o.cuda_options);
       auto plane = DeviceDataPlaneFromFlags();

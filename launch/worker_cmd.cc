@@ -13,6 +13,9 @@ ABSL_FLAG(std::string, coordinator, "", "address of the coordinator's gRPC serve
 ABSL_FLAG(int32_t, worker_id, -1, "keep this worker id (after a restart); -1: the coordinator assigns one");
 ABSL_FLAG(std::string, data_plane, "ucx", "data plane between workers: ucx (standalone) or mpi (under mpirun)");
 ABSL_FLAG(int32_t, max_sequences, 64, "sequences a stage-0 worker holds at once (continuous batching)");
+ABSL_FLAG(int32_t, max_step_tokens, 2048,
+          "tokens in one step of a stage-0 worker: decode tokens first, then chunks of waiting prompts (chunked "
+          "prefill; a longer prompt takes several steps)");
 ABSL_FLAG(int32_t, step_timeout_s, 120, "seconds any data-plane wait may take before the peer counts as lost");
 ABSL_FLAG(int32_t, rejoin_timeout_s, 600,
           "after a lost peer: seconds to wait for the cluster to be complete again (start a replacement "
@@ -36,6 +39,11 @@ int WorkerMain(int argc, char** argv) {
   o.backend = absl::GetFlag(FLAGS_data_plane);
   o.requested_worker_id = absl::GetFlag(FLAGS_worker_id);
   o.max_sequences = absl::GetFlag(FLAGS_max_sequences);
+  o.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
+  if (o.max_sequences < 1 || o.max_step_tokens < 1) {
+    std::fprintf(stderr, "expertmesh worker: --max-sequences and --max-step-tokens must be >= 1\n");
+    return 2;
+  }
   o.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
   o.rejoin_timeout = absl::Seconds(absl::GetFlag(FLAGS_rejoin_timeout_s));
   if (o.backend == "mpi") {

@@ -465,7 +465,7 @@ TEST_F(CoordinatorTest, HealthFollowsWorkersAndMissingHeartbeatsMakeMissing) {
   EXPECT_EQ(Status().generation(), 2);
 }
 
-TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
+TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirTokens) {
   Start(Options(1, 2));
   auto w = RegisterAll(2);
   EXPECT_EQ(w[0]->generation(), 1);
@@ -497,10 +497,19 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
   EXPECT_EQ(repl.generation(), 2);
   // The lost worker's process, should it still run, is told to exit.
   EXPECT_ERROR(w[1]->Heartbeat(), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
-  // Worker 0 rejoins at once (the cluster is complete); tokens from before are gone.
+  // Worker 0 rejoins at once (the cluster is complete).
   ASSERT_OK(w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1));
   EXPECT_EQ(w[0]->generation(), 2);
   ASSERT_OK(repl.Heartbeat());
+  // Issue 15: the requeued sequences keep the tokens generated before the
+  // loss and come back with them as resume_tokens (no token twice, none lost).
+  v1::SyncResponse first;
+  ASSERT_OK(w[0]->Step(6, 1, &first));
+  ASSERT_GT(first.assign_size(), 0);
+  for (const auto& a : first.assign()) {
+    EXPECT_EQ(a.resume_tokens_size(), 3) << a.seq_id();
+    for (int k = 0; k < a.resume_tokens_size(); ++k) EXPECT_EQ(a.resume_tokens(k), FakeToken(a.request(), k));
+  }
   std::vector<std::unique_ptr<FakeWorker>> now;
   now.push_back(std::move(w[0]));
   now.push_back(std::make_unique<FakeWorker>(std::move(repl)));
@@ -531,6 +540,16 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndTheJobFinishesFromScratch) {
     grpc::ClientContext ctx;
     v1::StoreGetRequest greq;
     greq.set_key(old_key);
+    v1::StoreGetResponse gresp;
+    // A key of an older generation: ABORTED (a worker bootstrapping it rejoins the new one).
+    const grpc::Status g = now[0]->stub()->StoreGet(&ctx, greq, &gresp);
+    EXPECT_EQ(g.error_code(), grpc::StatusCode::ABORTED) << g.error_message();
+    EXPECT_NE(g.error_message().find("moved to generation 3"), std::string::npos) << g.error_message();
+  }
+  {
+    grpc::ClientContext ctx;  // the current generation's keys are answered as before
+    v1::StoreGetRequest greq;
+    greq.set_key(absl::StrCat(now[0]->epoch(), "/g3/stage0/addr0"));
     v1::StoreGetResponse gresp;
     ASSERT_OK(now[0]->stub()->StoreGet(&ctx, greq, &gresp));
     EXPECT_FALSE(gresp.found());

@@ -157,7 +157,8 @@ class FakeWorker {
       held_.erase(c);
       cancelled_.push_back(c);
     }
-    for (const auto& a : resp.assign()) held_[a.seq_id()] = Held{a.request(), 0};
+    // A resumed sequence continues after the tokens generated before (a real worker prefills them).
+    for (const auto& a : resp.assign()) held_[a.seq_id()] = Held{a.request(), a.resume_tokens_size()};
     if (out != nullptr) *out = resp;
     return s;
   }

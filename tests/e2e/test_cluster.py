@@ -15,6 +15,7 @@ Run: EXPERTMESH=build/launch/expertmesh /usr/bin/python3 tests/e2e/test_cluster.
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import struct
@@ -144,23 +145,25 @@ class MpirunTest(ClusterCase):
 
 class StandaloneTest(ClusterCase):
     coordinator_flags = ()  # more `expertmesh coordinator` flags, for every start of the case's coordinator
+    pp, ep = 2, 2           # the plan of the case's cluster
 
     def start_coordinator(self, port, journal, log, heartbeat_timeout_s=30):
         self.metrics_port = cu.free_port()
-        p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "2", "--ep", "2", "--listen",
+        p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", str(self.pp), "--ep", str(self.ep), "--listen",
                       f"127.0.0.1:{port}", "--journal", journal, "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                       "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.coordinator_flags],
                      os.path.join(self.tmp, log))
         self.procs.append(p)
         return p
 
-    def start_cluster(self, heartbeat_timeout_s=30):
+    def start_cluster(self, heartbeat_timeout_s=30, worker_flags=()):
         port = cu.free_port()
         server = f"127.0.0.1:{port}"
         journal = os.path.join(self.tmp, "journal")
         coord = self.start_coordinator(port, journal, "coordinator.log", heartbeat_timeout_s)
-        workers = [cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"worker{i}.log"))
-                   for i in range(4)]
+        workers = [cu.start(["worker", "--coordinator", server, *worker_flags],
+                            os.path.join(self.tmp, f"worker{i}.log"))
+                   for i in range(self.pp * self.ep)]
         self.procs += workers
         cu.wait_serving(server)
         return server, port, journal, coord, workers
@@ -204,6 +207,34 @@ class StandaloneTest(ClusterCase):
         self.assertEqual(self.submit(server), self.f.greedy)
         self.shutdown(server, [coord] + workers)
 
+    def test_cancel_of_a_huge_job_frees_the_cluster_within_a_step(self):
+        # Issue 15: a job of long prompts fills every stage-0 worker (64 sequences each); cancelled, it
+        # must stop within a step (chunked prefill: at most --max-step-tokens per step), so the next
+        # 1-token job is answered in seconds, not after the prompts' whole prefill.
+        server, _, _, coord, workers = self.start_cluster()
+        huge = os.path.join(self.tmp, "huge.jsonl")
+        rng = random.Random(7)
+        with open(huge, "w") as f:
+            for _ in range(256):
+                f.write(json.dumps({"tokens": [rng.randrange(VOCAB) for _ in range(4000)]}) + "\n")
+        job = json.loads(cu.run(["submit", "--server", server, "--prompts", huge, "--max-new-tokens", "8",
+                                 "--detach"]).stdout)["job_id"]
+        cu.wait_status(server, lambda st: st["running_sequences"] > 0, "the huge job running", 30, 0.1)
+        time.sleep(1.0)  # the workers are prefilling
+        t0 = time.time()
+        cu.run(["cancel", "--server", server, "--job", job])
+        one = os.path.join(self.tmp, "one.jsonl")
+        with open(one, "w") as f:
+            f.write(json.dumps({"tokens": [5, 6, 7]}) + "\n")
+        got = self.submit(server, prompts=one, new=1)
+        elapsed = time.time() - t0
+        want = cu.results(cu.run(["generate", "--checkpoint", self.f.ckpt, "--prompts", one,
+                                  "--max-new-tokens", "1"]).stdout)
+        self.assertEqual(got, want)
+        print(f"cancel of 256 x 4000-token prompts -> next 1-token job answered in {elapsed:.2f} s", file=sys.stderr)
+        self.assertLess(elapsed, 15, "the cancelled job kept the cluster busy")
+        self.shutdown(server, [coord] + workers)
+
     def test_coordinator_sigkill_and_restart_finishes_the_job(self):
         server, port, journal, coord, workers = self.start_cluster()
         rid = "e2e-restart-1"
@@ -225,7 +256,7 @@ class StandaloneTest(ClusterCase):
     def test_lost_workers_are_replaced_and_the_job_finishes(self):
         # 5 s without a heartbeat makes a worker MISSING (loaded 2-core CI machines stall for a second or two).
         server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=5)
-        long_new = 600  # several seconds of work for the cluster, restarted from scratch after each loss
+        long_new = 600  # several seconds of work for the cluster, resumed after its tokens after each loss
         want = self.reference(long_new)
         rid = "e2e-lost-worker-1"
         self.submit_detached(server, long_new, rid)
@@ -237,12 +268,18 @@ class StandaloneTest(ClusterCase):
             pid = [w for w in st["workers"] if w["worker_id"] == victim_id][0]["pid"]
             victim = by_pid.pop(pid)
             cu.kill(victim, signal.SIGKILL)
+            t_kill = time.time()
             # The replacement starts at once: it waits until the coordinator finds the victim MISSING.
             r = cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"replacement{n}.log"))
             self.procs.append(r)
             replacements.append(r)
             by_pid[r.pid] = r
+            st = cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.05)
+            t_detect = time.time()
             st = self.wait_generation(server, 2 + n)
+            print(f"worker {victim_id} killed: noticed after {t_detect - t_kill:.2f} s (heartbeat timeout 5 s), "
+                  f"serving again {time.time() - t_detect:.2f} s later (replacement started at the kill)",
+                  file=sys.stderr)
             self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
             self.assertEqual([w for w in st["workers"] if w["worker_id"] == victim_id][0]["pid"], r.pid)
         # The same request id waits for the job; its tokens are those of a single process.
@@ -257,6 +294,74 @@ class StandaloneTest(ClusterCase):
                 log = f.read()
             self.assertIn("data plane rebuilt for generation 2", log)
             self.assertIn("data plane rebuilt for generation 3", log)
+
+    def test_pp1_ep4_two_workers_killed_at_once_resume_on_replacements(self):
+        # Issue 15: kill -9 two of the four EP ranks of one stage mid-job; their sequences (and everyone's,
+        # the data plane is rebuilt) resume after the tokens generated before; the job returns exactly the
+        # single-process tokens.
+        self.pp, self.ep = 1, 4
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=5)
+        long_new = 600
+        want = self.reference(long_new)
+        rid = "e2e-two-lost-1"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        pids = {w["pid"] for w in st["workers"] if w["worker_id"] in (1, 2)}
+        victims = [p for p in workers if p.pid in pids]
+        self.assertEqual(len(victims), 2)
+        for v in victims:
+            os.killpg(v.pid, signal.SIGKILL)
+        t_kill = time.time()
+        repl = [cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, f"replacement{i}.log"))
+                for i in range(2)]
+        self.procs += repl
+        st = cu.wait_status(server, lambda st: int(st.get("generation", 0)) >= 2, "the losses noticed", 60, 0.05)
+        t_detect = time.time()
+        cu.wait_status(server, lambda st: st.get("serving") and int(st.get("workers_lost", 0)) == 2, "serving again",
+                       120, 0.05)
+        print(f"PP1xEP4, 2 workers killed: noticed after {t_detect - t_kill:.2f} s, serving again "
+              f"{time.time() - t_detect:.2f} s later", file=sys.stderr)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        for v in victims:
+            v.wait(timeout=20)
+        self.shutdown(server, [coord] + [p for p in workers if p not in victims] + repl)
+
+    def test_sigstopped_worker_turns_not_serving_and_is_readmitted(self):
+        # Issue 15: a wedged (SIGSTOPped) worker. Its peers' exchanges stall past --step-timeout-s (4 s) and
+        # they report it: NOT_SERVING well before the heartbeat timeout (10 s). Stopped past the heartbeat
+        # timeout too, it is MISSING; after SIGCONT it rejoins (no replacement), and the job finishes with the
+        # single-process tokens, its sequences resumed after the tokens generated before.
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=10,
+                                                          worker_flags=("--step-timeout-s", "4"))
+        long_new = 600
+        want = self.reference(long_new)
+        rid = "e2e-sigstop-1"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        pid = [w for w in st["workers"] if w["worker_id"] == 1][0]["pid"]  # stage 0, EP rank 1
+        victim = [p for p in workers if p.pid == pid][0]
+        os.killpg(victim.pid, signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            while time.time() - t0 < 30 and cu.health(server) == "SERVING":
+                time.sleep(0.1)
+            detected = time.time() - t0
+            self.assertLess(detected, 9, "NOT_SERVING only after the heartbeat timeout")
+            time.sleep(max(0.0, 13 - (time.time() - t0)))  # past the heartbeat timeout: MISSING
+            st = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            self.assertEqual([w for w in st["workers"] if w["worker_id"] == 1][0]["health"], "WORKER_HEALTH_MISSING")
+        finally:
+            os.killpg(victim.pid, signal.SIGCONT)
+        t1 = time.time()
+        cu.wait_serving(server, timeout=60)
+        back = time.time() - t1
+        print(f"SIGSTOP: NOT_SERVING after {detected:.2f} s; SIGCONT -> serving again in {back:.2f} s",
+              file=sys.stderr)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        self.assertIn("is READY again", cu.read_log(coord))
+        self.shutdown(server, [coord] + workers)
 
     def test_sigterm_worker_leaves_and_sigterm_coordinator_keeps_the_job(self):
         # A long heartbeat timeout: the leaving worker must be noticed through its goodbye, not a timeout.

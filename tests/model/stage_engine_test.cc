@@ -5,7 +5,10 @@
 // GPU implementation is built here too and must refuse without a device.
 #include "worker/stage_engine.h"
 
+#include <algorithm>
+#include <cmath>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "common/checkpoint.h"
@@ -142,6 +145,55 @@ TEST_F(StageEngineTest, RefusesBadSteps) {
   // The CPU engine has no device memory.
   mio.hidden_on_device = true;
   EXPECT_ERROR(mid->Step({{m.id(), nullptr, 2}}, mio), absl::StatusCode::kInvalidArgument, "device");
+}
+
+// Issue 15 (chunked prefill): a prompt appended to its cache in chunks of
+// several tokens at positions > 0 gives the logits of one whole-prompt step
+// (fp32: up to the rounding of different batch shapes, 1e-4 relative), and
+// the same greedy continuation. A second sequence in the same steps keeps
+// the batches mixed, as on a worker.
+TEST_F(StageEngineTest, ChunkedPrefillEqualsOneStep) {
+  std::unique_ptr<StageEngine> e = Stage(0, cfg_.num_hidden_layers);
+  ASSERT_TRUE(e);
+  std::vector<int32_t> prompt(37), other = {5, 6, 7, 8, 9, 10, 11};
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 131 + 7) % cfg_.vocab_size);
+  const int64_t V = cfg_.vocab_size;
+  auto argmax = [V](const float* row) {
+    return static_cast<int32_t>(std::max_element(row, row + V) - row);
+  };
+  auto near = [](const std::vector<float>& a, const float* b, int64_t n, const std::string& what) {
+    float scale = 0;
+    for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(a[i]));
+    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(a[i], b[i], 1e-4f * scale + 1e-6f) << what << " [" << i << "]";
+  };
+  StageEngine::StepIo io;
+  std::vector<float> logits;
+  io.logits = &logits;
+  // Whole prompt in one step.
+  StageSequence whole(e.get());
+  ASSERT_TRUE(e->Step({{whole.id(), prompt.data(), 37}}, io).ok());
+  std::vector<float> want(logits.begin(), logits.begin() + V);
+  // Chunks of 16, 16, 5 (only the last one's logits are the prompt's), next
+  // to another sequence's prefill and decode.
+  StageSequence chunked(e.get()), side(e.get());
+  ASSERT_TRUE(e->Step({{chunked.id(), prompt.data(), 16}, {side.id(), other.data(), 7}}, io).ok());
+  const int32_t side_next = argmax(logits.data() + V);
+  ASSERT_TRUE(e->Step({{side.id(), &side_next, 1}, {chunked.id(), prompt.data() + 16, 16}}, io).ok());
+  ASSERT_TRUE(e->Step({{chunked.id(), prompt.data() + 32, 5}}, io).ok());
+  EXPECT_EQ(chunked.length(), 37);
+  near(want, logits.data(), V, "prompt logits");
+  // The same greedy continuation, decoding both.
+  int32_t a = argmax(want.data()), b = argmax(logits.data());
+  ASSERT_EQ(a, b);
+  for (int step = 1; step < 8; ++step) {
+    ASSERT_TRUE(e->Step({{whole.id(), &a, 1}}, io).ok());
+    std::vector<float> wa(logits.begin(), logits.begin() + V);
+    ASSERT_TRUE(e->Step({{chunked.id(), &b, 1}}, io).ok());
+    near(wa, logits.data(), V, "decode step " + std::to_string(step));
+    a = argmax(wa.data());
+    b = argmax(logits.data());
+    ASSERT_EQ(a, b) << "step " << step;
+  }
 }
 
 TEST_F(StageEngineTest, CudaWithoutDeviceIsRefused) {

@@ -1,5 +1,6 @@
 // The stage-0 scheduler of a lane against a fake coordinator: continuous
-// batching (micro-batch size, prefill then decode), finishing, cancelling,
+// batching (micro-batch size, prefill then decode, chunked prefill under a
+// token budget, resuming after tokens generated elsewhere), finishing, cancelling,
 // epoch and generation changes, an unreachable coordinator.
 #include "worker/runtime/scheduler.h"
 
@@ -28,7 +29,7 @@ v1::SequenceAssignment Assign(const std::string& id, std::vector<int32_t> prompt
 class SchedulerTest : public ::testing::Test {
  protected:
   void SetUp() override { Make(/*pp=*/2); }
-  void Make(int64_t pp) {
+  void Make(int64_t pp, int64_t max_step_tokens = 2048) {
     cfg_ = *ModelConfig::Preset("tiny");
     dp_ = std::make_unique<DataPlane>(&factory_, DataPlane::Options{}, pp, 1, 0, 0, 0);
     dp_->SetGeneration("e1", 1, false);
@@ -36,6 +37,7 @@ class SchedulerTest : public ::testing::Test {
     o.worker_id = 0;
     o.pp = pp;
     o.max_sequences = 8;
+    o.max_step_tokens = max_step_tokens;
     o.coordinator_timeout = absl::Milliseconds(200);
     sched_ = std::make_unique<Scheduler>(o, &fake_, dp_.get(), &shutdown_, &cfg_, [] { return StageCache(); });
     sched_->SetEpoch("e1", 1);
@@ -278,6 +280,119 @@ TEST_F(SchedulerTest, DropAllForgetsEverything) {
   EXPECT_TRUE(sched_->empty());
   EXPECT_TRUE(sched_->TakeReleases().empty());
   EXPECT_TRUE(sched_->pending_updates().empty());
+}
+
+// Issue 15: a micro-batch holds at most max_step_tokens tokens, decode
+// tokens first, then prefill chunks (oldest first); only a prompt's last
+// chunk samples, and its token is the sequence's first.
+TEST_F(SchedulerTest, ChunkedPrefillKeepsToTheTokenBudgetDecodeFirst) {
+  Make(/*pp=*/1, /*max_step_tokens=*/4);
+  v1::SyncResponse r = Ok();
+  *r.add_assign() = Assign("j/0", {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, 4);
+  *r.add_assign() = Assign("j/1", {11, 12, 13}, 4);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch a;
+  auto ka = Build(&a);  // j/0's first chunk takes the whole budget
+  ASSERT_EQ(ka.size(), 1u);
+  EXPECT_EQ(a.tokens, (std::vector<int32_t>{1, 2, 3, 4}));
+  EXPECT_EQ(a.segments[0].start, 0);
+  EXPECT_EQ(a.segments[0].sample, 0u);
+  sched_->ApplyReturn(Tokens(ka, 0));
+  EXPECT_TRUE(sched_->pending_updates().empty());  // no token from a chunk before the last
+  MicroBatch b;
+  auto kb = Build(&b);
+  ASSERT_EQ(kb, ka);
+  EXPECT_EQ(b.tokens, (std::vector<int32_t>{5, 6, 7, 8}));
+  EXPECT_EQ(b.segments[0].start, 4);
+  sched_->ApplyReturn(Tokens(kb, 0));
+  MicroBatch c;  // j/0's last 2 tokens (sampled), then 2 of j/1's 3
+  auto kc = Build(&c);
+  ASSERT_EQ(kc.size(), 2u);
+  EXPECT_EQ(c.tokens, (std::vector<int32_t>{9, 10, 11, 12}));
+  EXPECT_EQ(c.segments[0].start, 8);
+  EXPECT_EQ(c.segments[0].sample, 1u);
+  EXPECT_EQ(c.segments[0].step, 0u);
+  EXPECT_EQ(c.segments[1].start, 0);
+  EXPECT_EQ(c.segments[1].sample, 0u);
+  Return rc;
+  rc.keys = kc;
+  rc.tokens = {50, 0};
+  sched_->ApplyReturn(rc);
+  ASSERT_EQ(sched_->pending_updates().size(), 1u);
+  EXPECT_EQ(sched_->pending_updates()[0].seq_id(), "j/0");
+  EXPECT_EQ(sched_->pending_updates()[0].new_tokens(0), 50);
+  MicroBatch d;  // decode first: j/0's token, then j/1's last prompt token
+  auto kd = Build(&d);
+  ASSERT_EQ(kd, kc);
+  EXPECT_EQ(d.tokens, (std::vector<int32_t>{50, 13}));
+  EXPECT_EQ(d.segments[0].start, 10);
+  EXPECT_EQ(d.segments[0].step, 1u);
+  EXPECT_EQ(d.segments[1].start, 2);
+  EXPECT_EQ(d.segments[1].sample, 1u);
+  rc.tokens = {51, 60};
+  sched_->ApplyReturn(rc);
+  ASSERT_EQ(sched_->pending_updates().size(), 3u);
+  EXPECT_EQ(sched_->pending_updates()[2].seq_id(), "j/1");
+  EXPECT_EQ(sched_->pending_updates()[2].new_tokens(0), 60);
+}
+
+// Issue 15: a sequence cancelled in the middle of its prefill is dropped
+// when the chunk in flight comes back; no further chunk is scheduled.
+TEST_F(SchedulerTest, CancelMidPrefillTakesEffectAtTheNextStep) {
+  Make(/*pp=*/1, /*max_step_tokens=*/2);
+  v1::SyncResponse r = Ok();
+  std::vector<int32_t> prompt(100, 3);
+  *r.add_assign() = Assign("j/0", prompt, 4);
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch a;
+  const auto ka = Build(&a);
+  ASSERT_EQ(ka.size(), 1u);
+  EXPECT_EQ(a.segments[0].n, 2);
+  v1::SyncResponse c = Ok();
+  c.add_cancel("j/0");
+  fake_.AnswerSync(c);
+  ASSERT_OK(Sync());
+  sched_->ApplyReturn(Tokens(ka, 0));
+  EXPECT_TRUE(sched_->empty());
+  EXPECT_EQ(sched_->TakeReleases(), ka);
+  MicroBatch none;
+  EXPECT_TRUE(Build(&none).empty());
+}
+
+// Issue 15: an assignment with tokens generated on a lost worker prefills
+// prompt + those tokens, samples at the step after them, and reports only
+// the new tokens; max_new_tokens counts the resumed ones.
+TEST_F(SchedulerTest, ResumeAfterGeneratedTokensContinuesAtTheirStep) {
+  Make(/*pp=*/1);
+  v1::SyncResponse r = Ok();
+  v1::SequenceAssignment a = Assign("j/0", {1, 2, 3}, 4);
+  a.add_resume_tokens(7);
+  a.add_resume_tokens(8);
+  *r.add_assign() = a;
+  fake_.AnswerSync(r);
+  ASSERT_OK(Sync());
+  MicroBatch mb;
+  const auto k = Build(&mb);
+  ASSERT_EQ(k.size(), 1u);
+  EXPECT_EQ(mb.tokens, (std::vector<int32_t>{1, 2, 3, 7, 8}));
+  EXPECT_EQ(mb.segments[0].step, 2u);
+  EXPECT_EQ(mb.segments[0].sample, 1u);
+  sched_->ApplyReturn(Tokens(k, 9));
+  MicroBatch d;
+  ASSERT_EQ(Build(&d), k);
+  EXPECT_EQ(d.tokens, (std::vector<int32_t>{9}));
+  EXPECT_EQ(d.segments[0].start, 5);
+  EXPECT_EQ(d.segments[0].step, 3u);
+  sched_->ApplyReturn(Tokens(k, 10));
+  EXPECT_TRUE(sched_->empty());  // 2 resumed + 2 new = max_new_tokens
+  const auto& u = sched_->pending_updates();
+  ASSERT_EQ(u.size(), 2u);
+  EXPECT_EQ(u[0].new_tokens_size(), 1);
+  EXPECT_EQ(u[0].new_tokens(0), 9);
+  EXPECT_EQ(u[1].new_tokens(0), 10);
+  EXPECT_EQ(u[1].finish_reason(), v1::FINISH_REASON_LENGTH);
 }
 
 }  // namespace

@@ -107,6 +107,11 @@ absl::StatusOr<std::string> CoordinatorStore::Get(absl::string_view key, absl::T
   while (true) {
     auto r = client_->StoreGet(std::string(key), std::max(absl::Seconds(1), deadline - absl::Now()));
     if (r.ok() && r->first) return r->second;
+    if (absl::IsAborted(r.status())) return r.status();  // the coordinator: that generation moved on
+    if (abandon_ && abandon_()) {
+      return absl::AbortedError(absl::StrCat("gave up waiting for store key ", key,
+                                             ": the data-plane generation moved on"));
+    }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat("store key ", key, " did not appear before the deadline",
                                                       r.ok() ? "" : absl::StrCat(" (", r.status().message(), ")")));

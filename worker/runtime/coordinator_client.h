@@ -12,6 +12,7 @@
 // RESOURCE_EXHAUSTED / ALREADY_EXISTS when no place is free.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -67,14 +68,20 @@ class GrpcCoordinatorClient : public CoordinatorClient {
   std::unique_ptr<v1::WorkerService::Stub> stub_;
 };
 
+// The coordinator's key-value store for the data planes' bootstrap. Get
+// polls until the key appears, the deadline passes, or the generation the
+// key belongs to moved on (the coordinator answers ABORTED, or `abandon`, if
+// given, returns true): kAborted, the worker rejoins the newer generation.
 class CoordinatorStore : public comm::Store {
  public:
-  explicit CoordinatorStore(CoordinatorClient* client) : client_(client) {}
+  explicit CoordinatorStore(CoordinatorClient* client, std::function<bool()> abandon = nullptr)
+      : client_(client), abandon_(std::move(abandon)) {}
   absl::Status Set(absl::string_view key, absl::string_view value) override;
   absl::StatusOr<std::string> Get(absl::string_view key, absl::Time deadline) override;
 
  private:
   CoordinatorClient* client_;
+  std::function<bool()> abandon_;
 };
 
 }  // namespace expertmesh::worker::runtime

@@ -30,6 +30,10 @@ struct SegmentMeta {
   int64_t top_k = 0;
   uint64_t seed = 0;
   uint64_t step = 0;       // tokens generated so far
+  // 0: a prefill chunk that is not the prompt's last (chunked prefill): the
+  // last stage returns no sampled token for it (token 0, ignored by stage 0).
+  uint32_t sample = 1;
+  uint32_t reserved = 0;   // keeps the struct free of padding (sent as bytes)
 };
 
 struct MicroBatch {

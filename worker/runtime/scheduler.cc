@@ -47,6 +47,8 @@ void Scheduler::ApplyToken(uint64_t key, int32_t token) {
   if (it == seqs_.end()) return;
   Seq& s = it->second;
   s.in_flight = false;
+  s.fed += s.chunk;
+  s.chunk = 0;
   if (s.dropped) {
     release_.push_back(key);
     seqs_.erase(it);
@@ -64,7 +66,7 @@ void Scheduler::ApplyToken(uint64_t key, int32_t token) {
     seqs_.erase(it);
     return;
   }
-  s.prefilled = true;
+  if (!s.prefilled()) return;  // a prefill chunk before the prompt's last: no token
   s.generated.push_back(token);
   s.next_token = token;
   v1::SequenceUpdate u;
@@ -157,8 +159,10 @@ absl::Status Scheduler::Sync(bool* want_stop) {
     s.sp.top_p = s.req.sampling().top_p() > 0 ? s.req.sampling().top_p() : 1.0f;
     s.sp.seed = s.req.sampling().seed();
     s.cache = new_cache_();
-    std::vector<int32_t> prompt(s.req.tokens().begin(), s.req.tokens().end());
-    absl::Status v = ValidatePrompt(*cfg_, prompt, s.req.max_new_tokens(), s.seq_id);
+    s.context.assign(s.req.tokens().begin(), s.req.tokens().end());
+    s.generated.assign(a.resume_tokens().begin(), a.resume_tokens().end());
+    s.context.insert(s.context.end(), s.generated.begin(), s.generated.end());
+    absl::Status v = ValidatePrompt(*cfg_, s.context, s.req.max_new_tokens() - a.resume_tokens_size(), s.seq_id);
     if (!v.ok()) {  // the coordinator validates; this guards the worker against a bad peer
       LOG(ERROR) << "worker " << o_.worker_id << ": rejected " << v.message();
       v1::SequenceUpdate u;
@@ -174,29 +178,35 @@ absl::Status Scheduler::Sync(bool* want_stop) {
 
 void Scheduler::BuildMicroBatch(MicroBatch* mb, std::vector<StepSegment>* segs) {
   // At most 1/P of the live sequences per micro-batch, so P micro-batches
-  // are in flight at once and the stages overlap.
+  // are in flight at once and the stages overlap; at most max_step_tokens
+  // tokens: decode tokens first, then prefill chunks.
   int64_t live = 0;
   for (auto& [k, s] : seqs_) live += s.dropped ? 0 : 1;
   const int64_t cap = std::max<int64_t>(1, (live + o_.pp - 1) / o_.pp);
+  int64_t budget = std::max<int64_t>(1, o_.max_step_tokens);
   mb->segments.clear();
   mb->tokens.clear();
   segs->clear();
   std::vector<std::pair<uint64_t, Seq*>> chosen;
-  for (auto& [k, s] : seqs_) {
-    if (static_cast<int64_t>(chosen.size()) >= cap) break;
-    if (s.in_flight || s.dropped) continue;
-    chosen.push_back({k, &s});
+  for (const bool decode : {true, false}) {
+    for (auto& [k, s] : seqs_) {
+      if (static_cast<int64_t>(chosen.size()) >= cap || budget <= 0) break;
+      if (s.in_flight || s.dropped || s.prefilled() != decode) continue;
+      s.chunk = decode ? 1 : std::min<int64_t>(budget, static_cast<int64_t>(s.context.size()) - s.fed);
+      budget -= s.chunk;
+      chosen.push_back({k, &s});
+    }
   }
   // Token storage first (segments point into it).
   for (auto& [k, s] : chosen) {
     SegmentMeta m;
     m.key = k;
-    m.start = s->cache.length();
-    if (!s->prefilled) {
-      m.n = s->req.tokens_size();
-      mb->tokens.insert(mb->tokens.end(), s->req.tokens().begin(), s->req.tokens().end());
+    m.start = s->fed;
+    m.n = s->chunk;
+    if (!s->prefilled()) {
+      mb->tokens.insert(mb->tokens.end(), s->context.begin() + s->fed, s->context.begin() + s->fed + s->chunk);
+      m.sample = s->fed + s->chunk == static_cast<int64_t>(s->context.size()) ? 1 : 0;
     } else {
-      m.n = 1;
       mb->tokens.push_back(s->next_token);
     }
     m.temperature = s->sp.temperature;

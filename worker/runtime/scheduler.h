@@ -4,12 +4,23 @@
 // Lanes: EP rank r of every stage forms lane r, and stage 0 of the lane owns
 // its sequences. The scheduler syncs with the coordinator (Sync: finished
 // tokens and finish reasons out, new and cancelled sequences in), builds
-// micro-batches (a prefill segment for a new sequence, one decode token for
-// the others; at most 1/P of the live sequences each, so P micro-batches are
-// in flight and the stages overlap), applies the tokens the last stage
-// returns, and collects the sequences whose caches the stages can free.
+// micro-batches, applies the tokens the last stage returns, and collects the
+// sequences whose caches the stages can free.
+//
+// A micro-batch holds at most 1/P of the live sequences (so P micro-batches
+// are in flight and the stages overlap) and at most max_step_tokens tokens
+// (chunked prefill, like vLLM's max_num_batched_tokens): first one decode
+// token for each sequence that has its prompt cached, then prefill chunks of
+// the waiting prompts (oldest first) up to the budget. A long prompt is
+// prefilled over several micro-batches; only its last chunk samples a token.
 // A sequence is in at most one micro-batch at a time; one cancelled while in
-// flight is dropped when its token comes back.
+// flight (also mid-prefill) is dropped when its micro-batch comes back, so a
+// cancel takes effect within one step.
+//
+// Resume: an assignment may carry tokens already generated (the sequence ran
+// on a lost worker): they are prefilled after the prompt, and generation
+// continues at that step (the same seeded/greedy tokens), reporting only the
+// new ones.
 //
 // Threads: the stage thread only (nothing is locked). Sync blocks on one RPC
 // (10 s at most); everything else is in memory.
@@ -41,6 +52,7 @@ class Scheduler {
     int worker_id = 0;
     int64_t pp = 1;                 // stages of the lane (micro-batches in flight)
     int max_sequences = 64;         // sequences held at once
+    int64_t max_step_tokens = 2048; // tokens (decode + prefill chunks) in one micro-batch; >= 1
     absl::Duration coordinator_timeout = absl::Seconds(300);  // Sync failing that long: give up
   };
   // client: Sync. data_plane: the generation Sync names (and that a moved
@@ -86,10 +98,14 @@ class Scheduler {
     std::string seq_id;
     v1::SequenceRequest req;
     kernels::SamplingParams sp;
-    std::vector<int32_t> generated;
+    std::vector<int32_t> context;    // prompt, then the tokens generated before a resume
+    std::vector<int32_t> generated;  // all generated tokens (resumed ones included)
+    int64_t fed = 0;                 // tokens sent through the model (cached once returned)
+    int64_t chunk = 0;               // tokens of the micro-batch in flight
     StageCache cache;
-    bool in_flight = false, prefilled = false, dropped = false;
+    bool in_flight = false, dropped = false;
     int32_t next_token = 0;
+    bool prefilled() const { return fed >= static_cast<int64_t>(context.size()); }
   };
   void Finish(uint64_t key, v1::FinishReason reason);
   void ApplyToken(uint64_t key, int32_t token);

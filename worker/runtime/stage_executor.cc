@@ -205,6 +205,10 @@ Return StageExecutor::Sample(const MicroBatch& mb) {
     const SegmentMeta& sm = mb.segments[i];
     kernels::SamplingParams sp{sm.temperature, sm.top_k, sm.top_p, sm.seed};
     r.keys.push_back(sm.key);
+    if (sm.sample == 0) {  // a prefill chunk before the prompt's last: nothing to sample
+      r.tokens.push_back(0);
+      continue;
+    }
     const int64_t V = config().vocab_size;
     if (!AllFinite(m.logits.data() + static_cast<int64_t>(i) * V, V)) {  // sampling would give token 0
       LOG(WARNING) << "stage executor: the logits of sequence key " << sm.key << " at step " << sm.step

@@ -110,7 +110,8 @@ class StageExecutor {
   // empty when it stayed on the device for SendHidden. Segments may have n == 0.
   absl::Status Step(bool first, const std::vector<StepSegment>& segs, std::vector<float>* hidden);
   // Last stage, after Step: samples the next token of each segment of mb
-  // from the step's logits.
+  // from the step's logits (token 0 for a segment with sample == 0: a
+  // prefill chunk before the prompt's last).
   Return Sample(const MicroBatch& mb);
   // The device data plane: the T hidden rows of the last Step to `peer`, or
   // the previous stage's into the executor's device buffer.

@@ -107,7 +107,9 @@ absl::Status Worker::Setup() {
   LOG(INFO) << "worker " << worker_id << ": loaded layers [" << sp.layer_begin << ", " << sp.layer_end << ") from "
             << dir << " in " << absl::FormatDuration(absl::Now() - t0);
 
-  store_ = std::make_unique<CoordinatorStore>(client_);
+  // A bootstrap of a generation that moved on meanwhile (a worker was found
+  // MISSING while we waited for its address) gives up at once.
+  store_ = std::make_unique<CoordinatorStore>(client_, [this] { return dp_ != nullptr && dp_->stale(); });
   comm_factory_ = std::make_unique<DefaultCommFactory>(store_.get(), o_.mpi_world_offset, o_.register_timeout,
                                                        o_.cuda_options.device);
   DataPlane::Options dpo;
@@ -126,14 +128,22 @@ absl::Status Worker::Setup() {
     so.worker_id = worker_id;
     so.pp = plan_.pp;
     so.max_sequences = o_.max_sequences;
+    so.max_step_tokens = o_.max_step_tokens;
     so.coordinator_timeout = o_.coordinator_timeout;
     sched_ = std::make_unique<Scheduler>(so, client_, dp_.get(), session_.shutdown_flag(), &exec_->config(),
                                          [this] { return exec_->NewCache(); });
     sched_->SetEpoch(reg.response.epoch(), placement_version);
   }
+  absl::Status built = BuildDataPlane();
+  // The generation moved on while we connected (another worker was lost
+  // meanwhile): rejoin the newer one, as a serving worker would.
+  while (absl::IsAborted(built)) {
+    absl::StatusOr<bool> again = Rejoin(built);
+    if (again.ok() && !*again) return absl::UnavailableError("the cluster shut down while this worker started");
+    built = again.status();
+  }
   // DATA_LOSS: a peer's bootstrap bytes in the coordinator's store were
   // damaged (or written by someone else); Run rejoins on a new generation.
-  const absl::Status built = BuildDataPlane();
   if (!built.ok() && (!absl::IsDataLoss(built) || o_.backend == "mpi")) return built;
   StageLoop::Options lo;
   lo.worker_id = worker_id;
@@ -247,6 +257,11 @@ absl::Status Worker::Run() {
       if (s.ok() || !Recoverable(s)) break;
     }
     absl::StatusOr<bool> again = Rejoin(s);
+    // The generation moved on again while we rebuilt (e.g. a wedged peer was
+    // found MISSING while we waited for its address): rejoin the newer one.
+    while (!again.ok() && absl::IsAborted(again.status()) && Recoverable(again.status())) {
+      again = Rejoin(again.status());
+    }
     s = again.status();
     damaged = absl::IsDataLoss(s) && o_.backend != "mpi" ? damaged + 1 : 0;
     if (s.ok() && !*again) break;  // shut down while waiting to rejoin
@@ -266,6 +281,15 @@ absl::Status Worker::Run() {
 }  // namespace
 
 absl::Status RunWorker(const WorkerOptions& options, CoordinatorClient* client) {
+  if (options.max_sequences < 1 || options.max_step_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_sequences (", options.max_sequences, ") and max_step_tokens (",
+                                                   options.max_step_tokens, ") must be >= 1"));
+  }
+  if (options.cuda && options.max_step_tokens > options.cuda_options.max_step_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-step-tokens ", options.max_step_tokens, " exceeds --cuda-max-step-tokens ",
+        options.cuda_options.max_step_tokens, " (the GPU scratch of one step): lower the first or raise the second"));
+  }
   Worker w(options, client);
   return w.Run();
 }

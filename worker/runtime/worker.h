@@ -34,6 +34,7 @@ struct WorkerOptions {
   int requested_worker_id = -1;          // -1: the coordinator assigns one
   int mpi_world_offset = 1;              // mpi: world rank of worker w is w + offset
   int max_sequences = 64;                // sequences a stage-0 worker holds at once
+  int64_t max_step_tokens = 2048;        // tokens in one micro-batch (decode + prefill chunks); >= 1
   absl::Duration step_timeout = absl::Seconds(120);        // any data-plane wait
   absl::Duration register_timeout = absl::Seconds(300);
   absl::Duration coordinator_timeout = absl::Seconds(300);  // lost coordinator: give up after
