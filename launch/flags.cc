@@ -21,6 +21,14 @@ ABSL_FLAG(int64_t, top_k, 0, "keep the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "keep the smallest set of tokens whose probability reaches p (1 = all)");
 ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "comma-separated ids that end a sequence when generated");
 
+ABSL_FLAG(std::string, server, "",
+          "the coordinator's address, host:port: its gRPC --listen (submit, status, ...), its HTTP --http-listen "
+          "(chat)");
+
+ABSL_FLAG(std::string, model, "deepseek-v3",
+          "plan: model preset (deepseek-v3, small, tiny) or path to config.json; chat: the model to ask (default "
+          "there: the first of the server's GET /v1/models)");
+
 ABSL_FLAG(int32_t, pp, 1, "pipeline stages");
 ABSL_FLAG(int32_t, ep, 1, "expert-parallel (and attention data-parallel) ranks per stage");
 ABSL_FLAG(int32_t, redundant_experts, 0, "extra expert slots per MoE layer for replicas of hot experts");

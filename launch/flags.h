@@ -21,6 +21,11 @@ ABSL_DECLARE_FLAG(int64_t, top_k);
 ABSL_DECLARE_FLAG(double, top_p);
 ABSL_DECLARE_FLAG(std::vector<std::string>, stop_token_ids);
 
+// The address of a running coordinator (client verbs: submit, status, ..., chat).
+ABSL_DECLARE_FLAG(std::string, server);
+// plan: the model (preset or config.json); chat: the served model's name (when given).
+ABSL_DECLARE_FLAG(std::string, model);
+
 // The cluster (coordinator, launch).
 ABSL_DECLARE_FLAG(int32_t, pp);
 ABSL_DECLARE_FLAG(int32_t, ep);
