@@ -73,7 +73,8 @@ function checkUsage(usage, prompt, completion) {
   assert.equal(usage.total_tokens, prompt + completion, 'usage.total_tokens');
 }
 
-const G = () => expect.greedy;  // {messages, prompt, prompt_ids, chat_prompt_tokens, prompt_tokens, max_tokens, chat_text, completion_text}
+const G = () => expect.greedy;
+// The served model's name (expect.model: the checkpoint folder's name, --served-model-name's default).  // {messages, prompt, prompt_ids, chat_prompt_tokens, prompt_tokens, max_tokens, chat_text, completion_text}
 
 const cases = {
   async models() {

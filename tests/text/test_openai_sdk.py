@@ -36,13 +36,21 @@ NODE_MODULES = os.path.join(ROOT, "tools", "node_modules")
 JS = os.path.join(HERE, "test_openai_sdk.mjs")
 NEW = 10            # greedy tokens compared with `generate`
 LONG = 2000         # a stream the client aborts after two chunks
-RESTART_NEW = 300   # a completion long enough to kill the coordinator in the middle of
-MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
-            {"role": "user", "content": "Hello, 世界! Count to three: 1, 2, 3."}]
-PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+RESTART_NEW = 100   # a completion long enough to kill the coordinator in the middle of
+SYSTEM = {"role": "system", "content": "You are a terse assistant."}
+# Candidates: the first whose greedy continuation stays inside the tokenizer (random weights also pick the
+# 465 ids past DeepSeek-V3's 128815 tokens, which have no text) and has no EOS is used.
+USER_MESSAGES = ["Hello, 世界! Count to three: 1, 2, 3.", "Write a haiku about experts.",
+                 "¿Qué hora es? Réponds en français.", "def f(x):\n\treturn x * 2  # why?", "Tell me a joke 🙂"]
+PROMPTS = ["The quick brown fox jumps over the lazy dog. Once upon a time", "In 1969, the first",
+           "日本語のテキスト: こんにちは", "Numbers: 3.14159 and 2.71828"]
+TOKENIZER_SIZE = 128815
+EOS = 1
 
 
 class Fixture:
+    """The tiny-text checkpoint and the expected texts (expect.json). With $EM_SDK_FIXTURE (a folder that
+    ctest's setup test filled, see tests/text/CMakeLists.txt) they are made once for all the tests."""
     dir = None
 
     @classmethod
@@ -51,61 +59,72 @@ class Fixture:
             return cls
         if not os.path.exists(os.path.join(NODE_MODULES, "openai", "package.json")):
             raise AssertionError(f"{NODE_MODULES}/openai is missing: run scripts/install-deps.sh")
-        cls.dir = tempfile.mkdtemp(prefix="em-sdk-")
-        if not os.environ.get("EM_KEEP_TMP"):
-            atexit.register(shutil.rmtree, cls.dir, True)
-        cls.ckpt = os.path.join(cls.dir, "tiny-text")
         cu.ENV["EXPERTMESH_NODE_MODULES"] = NODE_MODULES
-        cu.run(["checkpoint", "--preset", "tiny-text", "--dtype", "bf16", "--seed", "0", "--tokenizer", "deepseek-v3",
-                "--out", cls.ckpt])
-        chat = cls.tokenize(json.dumps({"messages": MESSAGES, "add_generation_prompt": True}))
-        comp = cls.tokenize(json.dumps({"text": PROMPT}), add_bos=True)
-        chat_ids = cls.generate(chat["tokens"], RESTART_NEW)
-        comp_ids = cls.generate(comp["tokens"], NEW)
-        expect = {
-            "model": None,
-            "greedy": {"messages": MESSAGES, "prompt": PROMPT, "prompt_ids": comp["tokens"],
-                       "chat_prompt_tokens": len(chat["tokens"]), "prompt_tokens": len(comp["tokens"]),
-                       "max_tokens": NEW, "chat_text": cls.decode(chat_ids[:NEW]),
-                       "completion_text": cls.decode(comp_ids)},
-            "long_max_tokens": LONG,
-            "restart_max_tokens": RESTART_NEW,
-            "restart_text": cls.decode(chat_ids),
-        }
-        g = expect["greedy"]
-        # A stop string across a token boundary: the last 2 characters of token 3's text and the first of token 4's.
-        cut = len(cls.decode(chat_ids[:3]))
-        assert 2 <= cut < len(g["chat_text"]) - 1, g
-        expect["stop_cut"] = [cut - 2, 3]
-        ctext = g["completion_text"]
-        expect["completion_stop"] = ctext[len(ctext) // 2:len(ctext) // 2 + 2]
-        assert expect["completion_stop"].strip(), ctext
+        shared = os.environ.get("EM_SDK_FIXTURE")
+        if shared:
+            cls.dir = shared
+        else:
+            cls.dir = tempfile.mkdtemp(prefix="em-sdk-")
+            if not os.environ.get("EM_KEEP_TMP"):
+                atexit.register(shutil.rmtree, cls.dir, True)
+        cls.ckpt = os.path.join(cls.dir, "tiny-text")
         cls.expect_path = os.path.join(cls.dir, "expect.json")
-        with open(cls.expect_path, "w") as f:
-            json.dump(expect, f, ensure_ascii=False)
-        cls.expect = expect
+        if not os.path.exists(cls.expect_path):
+            cls.prepare()
+        with open(cls.expect_path) as f:
+            cls.expect = json.load(f)
         return cls
 
     @classmethod
-    def tokenize(cls, line, add_bos=False):
-        p = subprocess.run([cu.EXPERTMESH, "tokenize", "--tokenizer", cls.ckpt, "--jsonl"] +
-                           (["--add-bos"] if add_bos else []), input=line + "\n", capture_output=True, text=True,
-                           env=cu.ENV, timeout=60)
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout)
-
-    @classmethod
-    def generate(cls, tokens, new):
-        path = os.path.join(cls.dir, "prompt.jsonl")
+    def prepare(cls):
+        shutil.rmtree(cls.ckpt, ignore_errors=True)
+        cu.run(["checkpoint", "--preset", "tiny-text", "--dtype", "bf16", "--seed", "0", "--tokenizer", "deepseek-v3",
+                "--out", cls.ckpt])
+        convs = [[SYSTEM, {"role": "user", "content": u}] for u in USER_MESSAGES]
+        enc = cls.jsonl([{"messages": c, "add_generation_prompt": True} for c in convs] +
+                        [{"text": p, "add_bos": True} for p in PROMPTS])
+        ids = [e["tokens"] for e in enc]
+        path = os.path.join(cls.dir, "prompts.jsonl")
         with open(path, "w") as f:
-            f.write(json.dumps({"tokens": tokens}) + "\n")
-        return cu.results(cu.run(["generate", "--checkpoint", cls.ckpt, "--prompts", path, "--max-new-tokens",
-                                  str(new)]).stdout)[0]
+            f.writelines(json.dumps({"tokens": t}) + "\n" for t in ids)
+        gen = cu.results(cu.run(["generate", "--checkpoint", cls.ckpt, "--prompts", path, "--max-new-tokens",
+                                 str(RESTART_NEW)]).stdout)
+        clean = lambda g: all(t < TOKENIZER_SIZE and t != EOS for t in g)
+        nc = len(convs)
+        ci = next((i for i in range(nc) if clean(gen[i])), None)
+        pi = next((i for i in range(len(PROMPTS)) if clean(gen[nc + i][:NEW])), None)
+        assert ci is not None and pi is not None, f"no candidate prompt has a clean greedy continuation: {gen}"
+        chat_ids, comp_ids = gen[ci], gen[nc + pi][:NEW]
+        dec = cls.jsonl([{"tokens": chat_ids[:NEW], "skip_special": True}, {"tokens": chat_ids[:3], "skip_special": True},
+                         {"tokens": comp_ids, "skip_special": True}, {"tokens": chat_ids, "skip_special": True}])
+        chat_text, chat3, comp_text, restart_text = [d["text"] for d in dec]
+        expect = {
+            "model": os.path.basename(cls.ckpt),  # --served-model-name's default: the checkpoint folder's name
+            "greedy": {"messages": convs[ci], "prompt": PROMPTS[pi], "prompt_ids": ids[nc + pi],
+                       "chat_prompt_tokens": len(ids[ci]), "prompt_tokens": len(ids[nc + pi]),
+                       "max_tokens": NEW, "chat_text": chat_text, "completion_text": comp_text},
+            "long_max_tokens": LONG,
+            "restart_max_tokens": RESTART_NEW,
+            "restart_text": restart_text,
+        }
+        # A stop string across a token boundary: the last 2 characters of token 3's text and the first of token 4's.
+        cut = len(chat3)
+        assert 2 <= cut < len(chat_text) - 1, (chat3, chat_text)
+        expect["stop_cut"] = [cut - 2, 3]
+        expect["completion_stop"] = comp_text[len(comp_text) // 2:len(comp_text) // 2 + 2]
+        assert expect["completion_stop"].strip(), comp_text
+        with open(cls.expect_path + ".tmp", "w") as f:
+            json.dump(expect, f, ensure_ascii=False, indent=1)
+        os.replace(cls.expect_path + ".tmp", cls.expect_path)
 
     @classmethod
-    def decode(cls, ids):
-        return cu.run(["tokenize", "--tokenizer", cls.ckpt, "--decode", "--skip-special", "--text",
-                       json.dumps(ids)]).stdout.rstrip("\n")
+    def jsonl(cls, lines):
+        p = subprocess.run([cu.EXPERTMESH, "tokenize", "--tokenizer", cls.ckpt, "--jsonl"],
+                           input="".join(json.dumps(l, ensure_ascii=False) + "\n" for l in lines), capture_output=True,
+                           text=True, env=cu.ENV, timeout=120)
+        out = [json.loads(l) for l in p.stdout.splitlines() if l.strip()]
+        assert p.returncode == 0 and len(out) == len(lines), p.stdout + p.stderr
+        return out
 
 
 class SdkTest(unittest.TestCase):
@@ -203,4 +222,10 @@ class SdkTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main(argv=sys.argv[:1] + sys.argv[1:], verbosity=2)
+    if sys.argv[1:2] == ["--prepare"]:  # ctest's fixture setup: a fresh checkpoint and expect.json in $EM_SDK_FIXTURE
+        shutil.rmtree(os.environ["EM_SDK_FIXTURE"], ignore_errors=True)
+        os.makedirs(os.environ["EM_SDK_FIXTURE"])
+        Fixture.get()
+        print("prepared", Fixture.expect_path)
+        sys.exit(0)
+    unittest.main(verbosity=2)
