@@ -441,6 +441,8 @@ int RunServe() {
   const std::string dir = absl::GetFlag(FLAGS_bench_dir);
   std::filesystem::create_directories(dir);
   const bool stream = absl::GetFlag(FLAGS_stream);
+  if (stream && absl::GetFlag(FLAGS_rebalance)) return Fail("--stream and --rebalance are separate benchmarks");
+  if (absl::GetFlag(FLAGS_concurrency) < 1) return Fail("--concurrency must be >= 1");
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
     const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
