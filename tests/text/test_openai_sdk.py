@@ -148,6 +148,23 @@ class SdkTest(unittest.TestCase):
     def logs(self):
         return "".join(f"\n--- {getattr(p, 'log_path', '?')}:\n{cu.read_log(p)[-2000:]}" for p in self.procs)
 
+    def wait_http(self, base, procs, timeout=60):
+        """Until the HTTP port answers GET /health (200 or 503)."""
+        import urllib.error
+        import urllib.request
+        end = time.time() + timeout
+        while time.time() < end:
+            for p in procs:
+                self.assertIsNone(p.poll(), "exited while starting:\n" + cu.read_log(p))
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5):
+                    return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.fail(f"{base} did not answer within {timeout} s" + self.logs())
+
     def start_coordinator(self, grpc_port, http_port, journal, log):
         p = cu.start(["coordinator", "--checkpoint", self.f.ckpt, "--pp", "1", "--ep", "2", "--listen",
                       f"127.0.0.1:{grpc_port}", "--journal", journal, "--http-listen", f"127.0.0.1:{http_port}"],
@@ -178,7 +195,7 @@ class SdkTest(unittest.TestCase):
         server = f"127.0.0.1:{grpc_port}"
         coord = self.start_coordinator(grpc_port, http_port, os.path.join(self.tmp, "journal"), "coordinator.log")
         base = f"http://127.0.0.1:{http_port}"
-        cu.wait_status(server, lambda st: True, "the coordinator answering", timeout=60)
+        self.wait_http(base, [coord])
         self.node(base, "not_serving")
         workers = self.start_workers(server)
         cu.wait_serving(server)
@@ -214,6 +231,7 @@ class SdkTest(unittest.TestCase):
             if node.poll() is None:
                 node.kill()
                 node.wait()
+            node.stdout.close()
         self.assertIsNotNone(coord2, "the client never asked for the kill:\n" + "".join(out) + self.logs())
         self.assertEqual(rc, 0, "".join(out)[-4000:] + self.logs())
         cu.run(["shutdown", "--server", server], timeout=90)
