@@ -33,6 +33,8 @@ ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 ABSL_DECLARE_FLAG(std::vector<std::string>, layers_per_stage);
 ABSL_DECLARE_FLAG(std::string, listen);
 ABSL_DECLARE_FLAG(std::string, journal);
+// Text (tokenize, coordinator and launch with --http-listen).
+ABSL_DECLARE_FLAG(std::string, chat_template);
 
 // The device that runs the model (generate, worker, launch).
 ABSL_DECLARE_FLAG(std::string, device);

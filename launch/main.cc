@@ -58,15 +58,18 @@ const Verb kVerbs[] = {
      WorkerMain},
     {"launch", "launch/launch_cmd.cc", "the whole cluster under mpirun (rank 0 coordinator, ranks 1..P*E workers)",
      "mpirun -np 1+P*E expertmesh launch --checkpoint DIR --pp P --ep E [--redundant-experts R] "
-     "[--layers-per-stage a,b,..] [--listen HOST:PORT] [--journal FILE] [--address-file FILE]\n\nRank 0 serves "
-     "the coordinator's gRPC API (docs/API.md); the workers use MPI as their data plane. Also accepts "
-     "`expertmesh coordinator`'s flags. Ends after `expertmesh shutdown`.",
+     "[--layers-per-stage a,b,..] [--listen HOST:PORT] [--journal FILE] [--address-file FILE] "
+     "[--http-listen HOST:PORT]\n\nRank 0 serves the coordinator's gRPC API (docs/API.md) and, with "
+     "--http-listen, the OpenAI-compatible HTTP API; the workers use MPI as their data plane. Also accepts "
+     "`expertmesh coordinator`'s flags (see `expertmesh coordinator --help`). Ends after `expertmesh shutdown`.",
      LaunchMain},
     {"coordinator", "launch/coordinator_cmd.cc", "the coordinator of a standalone cluster (jobs, plan, health)",
      "expertmesh coordinator --checkpoint DIR --pp P --ep E [--redundant-experts R] [--layers-per-stage a,b,..] "
-     "--listen HOST:PORT --journal FILE [--metrics-listen HOST:PORT]\n\nServes JobService, ClusterService and "
-     "WorkerService (docs/API.md) until `expertmesh shutdown` (or SIGTERM: stops, workers wait for its "
-     "successor); jobs in the journal survive a restart; Prometheus metrics on --metrics-listen.",
+     "--listen HOST:PORT --journal FILE [--metrics-listen HOST:PORT] [--http-listen HOST:PORT "
+     "[--served-model-name NAME] [--chat-template NAME] [--reasoning-field reasoning_content|reasoning]]\n\n"
+     "Serves JobService, ClusterService and WorkerService (docs/API.md) until `expertmesh shutdown` (or SIGTERM: "
+     "stops, workers wait for its successor); jobs in the journal survive a restart; Prometheus metrics on "
+     "--metrics-listen; the OpenAI-compatible HTTP API (chat and completions, streamed) on --http-listen.",
      CoordinatorMain},
     {"submit", "launch/client_cmd.cc", "submit a batch of prompts to a coordinator and print the results",
      "expertmesh submit --server HOST:PORT --prompts FILE --max-new-tokens N [--temperature T --top-k K --top-p P "
