@@ -35,7 +35,6 @@
 #include "launch/bench_flags.h"
 #include "launch/flags.h"
 #include "launch/openai_client.h"
-#include "launch/text.h"
 #include "nlohmann/json.hpp"
 #include "proto/expertmesh.grpc.pb.h"
 
@@ -285,6 +284,8 @@ struct StreamSample {
   double ttft = 0;               // request sent -> first token's chunk
   std::vector<double> gaps;      // between consecutive tokens' chunks
   int64_t chunks = 0;            // chunks that carried a token
+  int64_t chunk_tokens = 0;      // tokens in them (token_ids; 1 per text chunk)
+  double last = 0;               // request sent -> last token's chunk
   int64_t completion_tokens = 0; // usage
   double wall = 0;
 };
@@ -309,10 +310,14 @@ absl::StatusOr<StreamSample> StreamOne(const OpenAiClient& client, const nlohman
     auto choices = chunk.find("choices");
     if (choices == chunk.end() || !choices->is_array() || choices->empty()) return true;
     const nlohmann::json& c = (*choices)[0];
-    const bool has_text = c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty();
+    // A chunk carries a token as text, or (a checkpoint without a tokenizer) as token_ids.
+    const bool has_text = (c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty()) ||
+                          (c.contains("token_ids") && c["token_ids"].is_array() && !c["token_ids"].empty());
     const bool terminator = c.contains("finish_reason") && !c["finish_reason"].is_null();
     if (!has_text && terminator) return true;  // the closing chunk carries no token
     ++s.chunks;
+    s.chunk_tokens += c.contains("token_ids") && c["token_ids"].is_array() ? c["token_ids"].size() : 1;
+    s.last = absl::ToDoubleSeconds(now - t0);
     if (first) {
       s.ttft = absl::ToDoubleSeconds(now - t0);
       first = false;
@@ -338,8 +343,7 @@ int RunStream(const HttpEndpoint& http, v1::ClusterService::Stub* clus, const st
   std::mt19937 rng(1);
   auto body = [&](int plen, int64_t gen) {
     std::vector<int> ids;
-    // Ids inside the tokenizer (DeepSeek-V3's ends at 128815), not special tokens.
-    for (int t = 0; t < plen; ++t) ids.push_back(static_cast<int>(1000 + rng() % 120000));
+    for (int t = 0; t < plen; ++t) ids.push_back(static_cast<int>(rng() % 128000));
     return nlohmann::json{{"model", model}, {"prompt", ids}, {"max_tokens", gen}, {"temperature", 0},
                           {"stream", true}, {"stream_options", {{"include_usage", true}}}};
   };
@@ -379,12 +383,16 @@ int RunStream(const HttpEndpoint& http, v1::ClusterService::Stub* clus, const st
   auto after = GetStatus(clus);
   if (!after.ok()) return Fail(std::string(after.status().message()));
 
-  std::vector<double> ttft, itl;
-  int64_t chunks = 0, tokens = 0;
+  // ttft: to the first token's chunk; itl: between consecutive chunks; tpot: per request, (last chunk - first
+  // chunk) / (tokens - 1), the mean time per token after the first however the tokens were grouped in chunks.
+  std::vector<double> ttft, itl, tpot;
+  int64_t chunks = 0, tokens = 0, chunk_tokens = 0;
   for (const StreamSample& s : samples) {
     ttft.push_back(s.ttft);
     itl.insert(itl.end(), s.gaps.begin(), s.gaps.end());
+    if (s.completion_tokens > 1) tpot.push_back((s.last - s.ttft) / static_cast<double>(s.completion_tokens - 1));
     chunks += s.chunks;
+    chunk_tokens += s.chunk_tokens;
     tokens += s.completion_tokens;
   }
   // The decode step as the workers account it: per stage, busy seconds (wall - idle) per step, mean over the
@@ -406,27 +414,33 @@ int RunStream(const HttpEndpoint& http, v1::ClusterService::Stub* clus, const st
   }
   const double itl50 = Percentile(itl, 0.5), itl99 = Percentile(itl, 0.99);
   const double ttft50 = Percentile(ttft, 0.5), ttft99 = Percentile(ttft, 0.99);
+  const double tpot50 = Percentile(tpot, 0.5), tpot99 = Percentile(tpot, 0.99);
+  const double per_chunk = chunks > 0 ? static_cast<double>(chunk_tokens) / static_cast<double>(chunks) : 0;
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = {{"preset", preset}, {"pp", pp}, {"ep", ep}, {"streams", n}, {"concurrency", concurrency},
                         {"prompt_len", len}, {"max_new_tokens", new_tokens}, {"completion_tokens", tokens},
                         {"token_chunks", chunks}, {"wall_s", wall}, {"tokens_per_s", tokens / wall},
                         {"ttft_p50_ms", ttft50 * 1e3}, {"ttft_p99_ms", ttft99 * 1e3}, {"itl_p50_ms", itl50 * 1e3},
-                        {"itl_p99_ms", itl99 * 1e3}, {"stage_step_ms", stage_step_ms},
+                        {"itl_p99_ms", itl99 * 1e3}, {"tpot_p50_ms", tpot50 * 1e3}, {"tpot_p99_ms", tpot99 * 1e3},
+                        {"tokens_per_chunk", per_chunk}, {"stage_step_ms", stage_step_ms},
                         {"pipeline_step_ms", step_s * 1e3},
-                        {"itl_p50_over_step", step_s > 0 ? itl50 / step_s : 0.0}};
+                        {"itl_p50_over_step", step_s > 0 ? itl50 / step_s : 0.0},
+                        {"tpot_p50_over_step", step_s > 0 ? tpot50 / step_s : 0.0}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
   std::printf("preset %s, PP%d x EP%d, %d streams (%d at a time) x %d prompt tokens, %lld completion tokens in "
-              "%.2f s (%.1f tokens/s); %lld chunks carried a token (%s)\n",
+              "%.2f s (%.1f tokens/s), in %lld chunks (%.2f tokens per chunk)\n",
               preset.c_str(), pp, ep, n, concurrency, len, static_cast<long long>(tokens), wall, tokens / wall,
-              static_cast<long long>(chunks), chunks == tokens ? "one per token" : "NOT one per token");
+              static_cast<long long>(chunks), per_chunk);
   std::printf("time to first token: p50 %.1f ms, p99 %.1f ms\n", ttft50 * 1e3, ttft99 * 1e3);
-  std::printf("inter-token latency: p50 %.2f ms, p99 %.2f ms\n", itl50 * 1e3, itl99 * 1e3);
+  std::printf("inter-chunk latency: p50 %.2f ms, p99 %.2f ms\n", itl50 * 1e3, itl99 * 1e3);
+  std::printf("time per output token after the first (per stream): p50 %.2f ms, p99 %.2f ms\n", tpot50 * 1e3,
+              tpot99 * 1e3);
   std::string per_stage;
   for (int s = 0; s < pp; ++s) absl::StrAppend(&per_stage, s ? " + " : "", absl::StrFormat("%.2f", stage_step_ms[s]));
-  std::printf("decode step (workers' busy time per step, per stage): %s = %.2f ms; ITL p50 / step = %.2f\n",
-              per_stage.c_str(), step_s * 1e3, step_s > 0 ? itl50 / step_s : 0.0);
+  std::printf("decode step (workers' busy time per step, per stage): %s = %.2f ms; per-token p50 / step = %.2f\n",
+              per_stage.c_str(), step_s * 1e3, step_s > 0 ? tpot50 / step_s : 0.0);
   return 0;
 }
 
@@ -446,18 +460,15 @@ int RunServe() {
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
     const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
-    ckpt = absl::StrCat(dir, "/", preset, stream ? "-text" : "", "-fp8-seed0",
+    ckpt = absl::StrCat(dir, "/", preset, stream ? "-v129280" : "", "-fp8-seed0",
                         bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
     if (!std::filesystem::exists(ckpt + "/config.json")) {
       auto cfg = ModelConfig::Preset(preset);
       if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
-      std::string tokenizer_dir;
-      if (stream) {  // text in and out: the preset with DeepSeek-V3's vocabulary and its tokenizer
-        auto tok = ResolveTokenizerDir("deepseek-v3");
-        if (!tok.ok()) return Fail(std::string(tok.status().message()));
-        tokenizer_dir = *tok;
-        cfg->vocab_size = std::max<int64_t>(cfg->vocab_size, 129280);
-      }
+      // --stream: the preset with DeepSeek-V3's vocabulary (its lm_head), but no tokenizer: prompts and
+      // streamed completions are token ids. Random weights also pick the 465 ids past the tokenizer's 128815,
+      // which have no text (the server ends such a stream with an error).
+      if (stream) cfg->vocab_size = std::max<int64_t>(cfg->vocab_size, 129280);
       std::fprintf(stderr, "bench serve: generating the %s checkpoint (fp8) in %s (once)...\n", preset.c_str(),
                    ckpt.c_str());
       GenerateOptions o;
@@ -468,13 +479,6 @@ int RunServe() {
       o.progress = [](const std::string& m) { std::fprintf(stderr, "bench serve: %s\n", m.c_str()); };
       absl::Status s = GenerateCheckpoint(*cfg, o);
       if (!s.ok()) return Fail(std::string(s.message()));
-      for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
-        if (tokenizer_dir.empty()) break;
-        std::error_code ec;
-        std::filesystem::copy_file(std::filesystem::path(tokenizer_dir) / f, std::filesystem::path(ckpt) / f,
-                                   std::filesystem::copy_options::overwrite_existing, ec);
-        if (ec) return Fail(absl::StrCat("copying the tokenizer's ", f, ": ", ec.message()));
-      }
     }
   }
   auto cfg = ModelConfig::FromFile(ckpt + "/config.json");
