@@ -158,6 +158,8 @@ class Coordinator {
   // client_request_id returns its job with deduplicated = true.
   absl::StatusOr<v1::SubmitJobResponse> SubmitJob(const v1::SubmitJobRequest& request);
   absl::StatusOr<v1::Job> GetJob(const std::string& job_id) const;  // NOT_FOUND
+  // The id of the accepted job submitted with `client_request_id`, if any.
+  std::optional<std::string> FindJobByRequestId(const std::string& client_request_id) const;
   // WatchJob's engine: waits until the job has results past *cursor or is
   // final, or until `deadline`; appends the new messages to *out and advances
   // *cursor. Returns true when the job is final and everything was handed out.

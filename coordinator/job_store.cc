@@ -580,6 +580,14 @@ void Coordinator::Publish(Sequence* s, const std::vector<int32_t>& tokens) {
   }
 }
 
+std::optional<std::string> Coordinator::FindJobByRequestId(const std::string& client_request_id) const {
+  if (client_request_id.empty()) return std::nullopt;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = by_request_id_.find(client_request_id);
+  if (it == by_request_id_.end() || FindJob(it->second) == nullptr) return std::nullopt;
+  return it->second;
+}
+
 absl::StatusOr<bool> Coordinator::WaitJobResults(const std::string& job_id, size_t* cursor, absl::Time deadline,
                                                  std::vector<v1::WatchJobResponse>* out,
                                                  std::vector<int64_t>* token_offsets) {

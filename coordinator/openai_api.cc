@@ -434,6 +434,9 @@ TextPiece ReasoningSplitter::Finish() {
 
 absl::StatusOr<TextPiece> ChoiceText::Push(int32_t id) {
   if (stop_.stopped() || finished_ || !decoder_.has_value()) return TextPiece();
+  // A model's vocabulary may be padded past the tokenizer's (DeepSeek-V3:
+  // 129280 rows, 128815 ids): such ids have no text, as in HF's decode.
+  if (!tokenizer_->IsValidId(id)) return TextPiece();
   absl::StatusOr<std::string> piece = decoder_->Push(id);
   if (!piece.ok()) return piece.status();
   return Split(stop_.Push(*piece));

@@ -120,11 +120,12 @@ class ChoiceText {
  public:
   // Without a tokenizer (null) there is no text: Push and Finish return nothing.
   ChoiceText(const Tokenizer* tokenizer, std::vector<std::string> stops, bool reasoning)
-      : stop_(std::move(stops)), split_(reasoning) {
+      : tokenizer_(tokenizer), stop_(std::move(stops)), split_(reasoning) {
     if (tokenizer != nullptr) decoder_.emplace(*tokenizer, /*skip_special=*/true);
   }
   // The text completed by one more token; nothing once stopped(). An id the
-  // tokenizer does not know is an error.
+  // tokenizer does not know (a model vocabulary padded past the tokenizer's)
+  // has no text.
   absl::StatusOr<TextPiece> Push(int32_t id);
   // Flushes what is held back at the end of the sequence.
   TextPiece Finish();
@@ -133,6 +134,7 @@ class ChoiceText {
 
  private:
   TextPiece Split(const std::string& text);
+  const Tokenizer* tokenizer_;
   std::optional<StreamDecoder> decoder_;
   StopMatcher stop_;
   ReasoningSplitter split_;

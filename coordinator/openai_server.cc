@@ -403,7 +403,9 @@ class OpenAiServerImpl : public OpenAiServer {
     }
     std::string request_id = req.get_header_value("Idempotency-Key");
     if (request_id.empty()) request_id = req.get_header_value("X-Request-Id");
-    if (!c_->serving()) {
+    // A retry of a known request is answered from its job even while the
+    // cluster does not serve (its results may be there; its sequences wait).
+    if (!c_->serving() && !c_->FindJobByRequestId(request_id).has_value()) {
       ApiError e;
       e.http_status = 503;
       e.type = "service_unavailable_error";

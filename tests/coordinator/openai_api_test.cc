@@ -232,6 +232,7 @@ TEST(OpenAiChoiceText, RealTokensStopsAndSpecialTokens) {
   ASSERT_TRUE(ids.ok());
   ASSERT_TRUE((*tok)->eos_id().has_value());
   ids->push_back(*(*tok)->eos_id());  // EOS is a special token: never shown
+  ids->insert(ids->begin() + 2, (*tok)->vocab_size() + 5);  // past the tokenizer (a padded model vocab): no text
   // Without stops: the concatenation is the text, whatever the split into tokens.
   ChoiceText all(tok->get(), {}, false);
   std::string out;

@@ -111,32 +111,41 @@ class OpenAiTest(unittest.TestCase):
         cls.eos = [t["id"] for t in added if t["content"] == eos][0]
         grpc_port, http_port = cu.free_port(), cu.free_port()
         cls.server = f"127.0.0.1:{grpc_port}"
-        cls.coord = cu.start(["coordinator", "--checkpoint", cls.ck, "--pp", "1", "--ep", "1", "--listen", cls.server,
-                              "--journal", os.path.join(cls.tmp, "journal"),
-                              "--http-listen", f"127.0.0.1:{http_port}"], os.path.join(cls.tmp, "coordinator.log"))
+        cls.coord_args = ["coordinator", "--checkpoint", cls.ck, "--pp", "1", "--ep", "1", "--listen", cls.server,
+                          "--journal", os.path.join(cls.tmp, "journal"), "--http-listen", f"127.0.0.1:{http_port}"]
+        cls.coord = cu.start(cls.coord_args, os.path.join(cls.tmp, "coordinator.log"))
         cls.procs.append(cls.coord)
         cls.http = Http(http_port)
         # Not serving yet (no worker): /health and requests answer 503.
-        end = time.time() + 30
-        while True:
-            try:
-                status, body, _ = cls.http.request("GET", "/health")
-                break
-            except OSError:
-                if time.time() > end or cls.coord.poll() is not None:
-                    raise AssertionError("the HTTP API did not come up:\n" + cu.read_log(cls.coord))
-                time.sleep(0.1)
+        status, body = cls.wait_health(lambda s: s in (200, 503))
         cls.unserved = (status, body, cls.http.post("/v1/chat/completions",
                                                     {"messages": CHAT, "max_tokens": 2}))
         cls.worker = cu.start(["worker", "--coordinator", cls.server], os.path.join(cls.tmp, "worker.log"))
         cls.procs.append(cls.worker)
-        cu.wait_serving(cls.server, timeout=60)
+        cls.wait_health(lambda s: s == 200)
+
+    @classmethod
+    def wait_health(cls, ok, timeout=90):
+        end = time.time() + timeout
+        status, body = None, None
+        while time.time() < end:
+            try:
+                status, body, _ = cls.http.request("GET", "/health")
+                if ok(status):
+                    return status, body
+            except OSError:
+                pass
+            if cls.coord.poll() is not None:
+                raise AssertionError("the coordinator exited:\n" + cu.read_log(cls.coord))
+            time.sleep(0.1)
+        raise AssertionError(f"GET /health: {status} {body} after {timeout}s:\n" + cu.read_log(cls.coord))
 
     @classmethod
     def tearDownClass(cls):
         for p in cls.procs:
             cu.kill(p)
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if not os.environ.get("EM_KEEP_TMP"):
+            shutil.rmtree(cls.tmp, ignore_errors=True)
 
     # ---- helpers
     def generate_text(self, prompt_ids, max_new_tokens):
@@ -335,6 +344,45 @@ class OpenAiTest(unittest.TestCase):
         self.assertEqual(a["id"], b["id"])
         self.assertEqual(a["choices"], b["choices"])
         self.assertEqual(a["created"], b["created"])
+
+    def test_zz_coordinator_sigkill_mid_stream_then_retry_gets_the_same_completion(self):
+        # Last (alphabetical order): it restarts the coordinator.
+        req = {"messages": CHAT, "max_tokens": 100, "temperature": 1.0, "stream": True}
+        key = {"Idempotency-Key": f"restart-{os.getpid()}"}
+        c = self.http.conn()
+        c.request("POST", "/v1/chat/completions", body=json.dumps(req).encode(),
+                  headers=dict({"Content-Type": "application/json"}, **key))
+        r = c.getresponse()
+        self.assertEqual(r.status, 200)
+        job = r.getheader("X-Expertmesh-Job-Id")
+        seen = b""
+        while seen.count(b"\n\n") < 4:
+            seen += r.read1(4096)
+        cu.kill(self.coord)  # SIGKILL mid-stream
+        c.close()
+        partial = chat_text([json.loads(e[6:]) for e in seen.split(b"\n\n")[:-1]])[0]
+        type(self).coord = cu.start(self.coord_args, os.path.join(self.tmp, "coordinator2.log"))
+        self.procs.append(self.coord)
+        # The retry is answered from the job even before the worker is back (no 503).
+        end = time.time() + 60
+        while True:
+            try:
+                status, events, done, resp = self.http.stream("/v1/chat/completions", req, key)
+                break
+            except OSError:
+                self.assertLess(time.time(), end, "the restarted coordinator did not answer")
+                time.sleep(0.2)
+        self.assertEqual(status, 200, events)
+        self.assertTrue(done)
+        self.assertEqual(resp.getheader("X-Expertmesh-Job-Id"), job)
+        full = chat_text(events)[0]
+        self.assertTrue(full.startswith(partial), (partial, full))
+        self.assertGreater(len(full), len(partial))
+        # And again, not streamed: the same text from the job's result.
+        status, body = self.http.post("/v1/chat/completions", dict(req, stream=False), key)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["choices"][0]["message"]["content"], full)
+        self.assertEqual(body["id"], "chatcmpl-" + job)
 
 
 if __name__ == "__main__":
