@@ -50,7 +50,8 @@ ABSL_FLAG(bool, rebalance, false,
           "own time and the per-rank expert time spread");
 ABSL_FLAG(bool, stream, false,
           "serve: stream --num-prompts completions over the coordinator's OpenAI-compatible HTTP API "
-          "(POST /v1/completions, stream=true; the checkpoint gets the DeepSeek-V3 tokenizer) with --concurrency "
+          "(POST /v1/completions, stream=true, token ids in and out: the preset with DeepSeek-V3's vocabulary, "
+          "no tokenizer) with --concurrency "
           "at a time; prints time to first token and inter-token latency p50/p99 beside the decode step time the "
           "workers report");
 ABSL_FLAG(int32_t, concurrency, 1, "serve --stream: streams in flight at once");
@@ -466,8 +467,8 @@ int RunServe() {
       auto cfg = ModelConfig::Preset(preset);
       if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
       // --stream: the preset with DeepSeek-V3's vocabulary (its lm_head), but no tokenizer: prompts and
-      // streamed completions are token ids. Random weights also pick the 465 ids past the tokenizer's 128815,
-      // which have no text (the server ends such a stream with an error).
+      // streamed completions are token ids, so each token is counted where it arrives (text may hold back part
+      // of a character, and random weights also pick the 465 ids past the tokenizer's 128815, without text).
       if (stream) cfg->vocab_size = std::max<int64_t>(cfg->vocab_size, 129280);
       std::fprintf(stderr, "bench serve: generating the %s checkpoint (fp8) in %s (once)...\n", preset.c_str(),
                    ckpt.c_str());

@@ -59,8 +59,7 @@ for _ in $(seq 600); do
 done
 echo "== cluster at $SERVER is serving (gRPC); OpenAI-compatible HTTP API at http://127.0.0.1:$HTTP_PORT"
 
-# Greedy (--temperature 0): the same answer every run. (Random weights may also sample one of the 465 ids
-# past the tokenizer's 128815, which have no text; the greedy answer of this checkpoint has none.)
+# Greedy (--temperature 0): the same answer every run.
 echo "== a chat answer, streamed token by token (random weights: the words are gibberish)"
 echo "\$ expertmesh chat --server 127.0.0.1:$HTTP_PORT --max-tokens 48 --temperature 0 --message 'Hello! Who are you?'"
 "$EM" chat --server "127.0.0.1:$HTTP_PORT" --max-tokens 48 --temperature 0 --message "Hello! Who are you?"
