@@ -234,6 +234,9 @@ class SdkTest(unittest.TestCase):
             node.stdout.close()
         self.assertIsNotNone(coord2, "the client never asked for the kill:\n" + "".join(out) + self.logs())
         self.assertEqual(rc, 0, "".join(out)[-4000:] + self.logs())
+        # The retry may be answered before every worker has registered again; a worker that is not
+        # registered when the coordinator shuts down waits for a successor, so shut down a whole cluster.
+        cu.wait_serving(server)
         cu.run(["shutdown", "--server", server], timeout=90)
         for q in [coord2] + workers:
             self.assertEqual(q.wait(timeout=60), 0, cu.read_log(q))
