@@ -71,7 +71,9 @@ class AnswerPrinter {
   AnswerPrinter(bool show_reasoning, bool tty) : show_reasoning_(show_reasoning), tty_(tty) {}
 
   void Reasoning(const std::string& text) {
-    if (!show_reasoning_ || text.empty()) return;
+    if (text.empty()) return;
+    reasoning_seen_ = true;
+    if (!show_reasoning_) return;
     if (!in_reasoning_) {
       std::fputs(tty_ ? "\033[2m" : "<think>\n", stdout);
       in_reasoning_ = true;
@@ -91,6 +93,7 @@ class AnswerPrinter {
     std::fflush(stdout);
   }
   const std::string& content() const { return content_; }
+  bool hidden_reasoning_only() const { return !show_reasoning_ && reasoning_seen_ && content_.empty(); }
 
  private:
   void EndReasoning() {
@@ -108,7 +111,7 @@ class AnswerPrinter {
   }
 
   bool show_reasoning_, tty_;
-  bool in_reasoning_ = false, last_newline_ = true;
+  bool in_reasoning_ = false, last_newline_ = true, reasoning_seen_ = false;
   std::string content_;
 };
 
@@ -173,6 +176,7 @@ absl::StatusOr<std::string> Ask(const OpenAiClient& client, const std::string& m
     }
   }
   out.Finish();
+  if (out.hidden_reasoning_only()) std::fprintf(stderr, "[the answer is all reasoning so far: --show-reasoning prints it]\n");
   if (finish_reason == "length") std::fprintf(stderr, "[the answer reached --max-tokens or the model's limit]\n");
   return out.content();
 }
