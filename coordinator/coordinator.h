@@ -142,13 +142,19 @@ struct CoordinatorOptions {
   double eplb_min_gain = 0.05;      // start only when the imbalance drops by at least this fraction
   int64_t eplb_min_tokens = 2048;   // routed tokens per MoE layer (mean) observed since the last rebalance
   // Access control (docs/SECURITY.md). Empty: that part is open.
-  // Clients (JobService, ClusterService, HTTP /metrics) send
+  // Clients (JobService, ClusterService, HTTP: /metrics and the OpenAI API;
+  // GET /health stays open) send
   // "authorization: Bearer <client_auth_token>".
   std::string client_auth_token;
   // Workers (WorkerService) send "x-expertmesh-worker-secret: <cluster_secret>";
   // the client token does not grant WorkerService.
   std::string cluster_secret;
   rpc::ServerSecurity tls;          // TLS (and mTLS) of the gRPC server; empty: plaintext
+  // The OpenAI-compatible HTTP API (coordinator/openai_server.h); empty: off.
+  std::string http_listen;           // host:port
+  std::string served_model_name;     // the model id it answers to; empty: the checkpoint folder's basename
+  std::string chat_template;         // --chat-template name; empty: recognised from tokenizer_config.json
+  std::string reasoning_field = "reasoning_content";  // R1 reasoning's JSON field: reasoning_content or reasoning
 };
 
 class Coordinator {
@@ -164,13 +170,32 @@ class Coordinator {
   // client_request_id returns its job with deduplicated = true.
   absl::StatusOr<v1::SubmitJobResponse> SubmitJob(const v1::SubmitJobRequest& request);
   absl::StatusOr<v1::Job> GetJob(const std::string& job_id) const;  // NOT_FOUND
+  // The id of the accepted job submitted with `client_request_id`, if any.
+  std::optional<std::string> FindJobByRequestId(const std::string& client_request_id) const;
   // WatchJob's engine: waits until the job has results past *cursor or is
   // final, or until `deadline`; appends the new messages to *out and advances
   // *cursor. Returns true when the job is final and everything was handed out.
   // NOT_FOUND for unknown jobs, UNAVAILABLE once Stop() was called.
+  //
+  // Per-token progress: with `token_offsets` (one entry per sequence, sized
+  // by the first call; start with an empty vector) it also waits for tokens
+  // generated past token_offsets[i] and hands them out as SequenceDeltas in
+  // one message (its `state` the job's, no `result`) before the results.
+  // Each sequence's token stream only grows: tokens are published once, and
+  // a sequence that restarts after a lost worker (or coordinator) publishes
+  // only tokens past those already published (generation is deterministic
+  // per (seed, step), so the regenerated prefix is the same). Every token of
+  // a sequence is handed out before its result.
   absl::StatusOr<bool> WaitJobResults(const std::string& job_id, size_t* cursor, absl::Time deadline,
-                                      std::vector<v1::WatchJobResponse>* out);
+                                      std::vector<v1::WatchJobResponse>* out,
+                                      std::vector<int64_t>* token_offsets = nullptr);
   absl::StatusOr<v1::Job> CancelJob(const std::string& job_id);  // idempotent; NOT_FOUND
+  // Ends one unfinished sequence now with FINISH_REASON_STOP and the tokens
+  // published so far (journaled like any result; the worker holding it is
+  // told to drop it). For stop strings matched on text by a front end. A
+  // sequence already finished is left as it is (OK). NOT_FOUND,
+  // INVALID_ARGUMENT (index out of range), UNAVAILABLE (journal).
+  absl::Status StopSequence(const std::string& job_id, int index);
   absl::StatusOr<v1::ListJobsResponse> ListJobs(const v1::ListJobsRequest& request) const;
   // How many jobs the coordinator holds in each state (for metrics: no copies).
   std::map<v1::JobState, int64_t> JobCountsByState() const;
@@ -235,6 +260,8 @@ class Coordinator {
     SeqState state = SeqState::kQueued;
     int worker = -1;               // while kAssigned
     std::vector<int32_t> tokens;   // generated so far (kAssigned) or final (kDone)
+    // Tokens handed out as progress (WaitJobResults' deltas): only grows.
+    std::vector<int32_t> published;
   };
   struct Job {
     std::string id;
@@ -324,6 +351,9 @@ class Coordinator {
   // Puts an assigned sequence back at the front of the queue; its tokens so
   // far stay, and the next worker resumes after them.
   void Requeue(Job* j, int index);
+  // Extends s.published with the tokens past it (`tokens`: the sequence's
+  // tokens from its first one).
+  static void Publish(Sequence* s, const std::vector<int32_t>& tokens);
   // Requeues every sequence of a worker; `tell_worker` also queues them as `cancel` for it.
   void RevokeSequences(int worker_id, bool tell_worker);
   // Moves the data plane to the next generation (see the header comment):

@@ -43,6 +43,7 @@ void Coordinator::FinishSequence(Job* j, int index, std::vector<int32_t> tokens,
                                  int64_t now_ms, const std::string& error) {
   Sequence& s = j->seqs[static_cast<size_t>(index)];
   if (s.state == SeqState::kDone) return;
+  Publish(&s, tokens);
   if (s.state == SeqState::kQueued) --queued_;
   if (s.state == SeqState::kAssigned) {
     --running_;
@@ -572,15 +573,51 @@ absl::StatusOr<v1::Job> Coordinator::GetJob(const std::string& job_id) const {
   return JobProto(*j, /*with_results=*/true);
 }
 
+void Coordinator::Publish(Sequence* s, const std::vector<int32_t>& tokens) {
+  if (tokens.size() > s->published.size()) {
+    s->published.insert(s->published.end(), tokens.begin() + static_cast<std::ptrdiff_t>(s->published.size()),
+                        tokens.end());
+  }
+}
+
+std::optional<std::string> Coordinator::FindJobByRequestId(const std::string& client_request_id) const {
+  if (client_request_id.empty()) return std::nullopt;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = by_request_id_.find(client_request_id);
+  if (it == by_request_id_.end() || FindJob(it->second) == nullptr) return std::nullopt;
+  return it->second;
+}
+
 absl::StatusOr<bool> Coordinator::WaitJobResults(const std::string& job_id, size_t* cursor, absl::Time deadline,
-                                                 std::vector<v1::WatchJobResponse>* out) {
+                                                 std::vector<v1::WatchJobResponse>* out,
+                                                 std::vector<int64_t>* token_offsets) {
   if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     // Looked up again after every wait: retention may forget the job meanwhile.
     const Job* j = FindJob(job_id);
     if (j == nullptr) return JobNotFound(job_id);
-    if (*cursor < j->results.size()) {
+    bool any_delta = false;
+    if (token_offsets != nullptr) {
+      if (token_offsets->size() != j->seqs.size()) token_offsets->assign(j->seqs.size(), 0);
+      v1::WatchJobResponse r;
+      for (size_t i = 0; i < j->seqs.size(); ++i) {
+        const std::vector<int32_t>& p = j->seqs[i].published;
+        int64_t& off = (*token_offsets)[i];
+        if (static_cast<int64_t>(p.size()) <= off) continue;
+        v1::SequenceDelta* d = r.add_deltas();
+        d->set_index(static_cast<int32_t>(i));
+        d->set_offset(off);
+        d->mutable_new_tokens()->Add(p.begin() + off, p.end());
+        off = static_cast<int64_t>(p.size());
+      }
+      if (r.deltas_size() > 0) {
+        r.set_state(j->state);
+        out->push_back(std::move(r));
+        any_delta = true;
+      }
+    }
+    if (*cursor < j->results.size() || any_delta) {
       for (; *cursor < j->results.size(); ++*cursor) {
         v1::WatchJobResponse r;
         *r.mutable_result() = j->results[*cursor];
@@ -628,6 +665,28 @@ absl::StatusOr<v1::Job> Coordinator::CancelJob(const std::string& job_id) {
     if (!s.ok()) return absl::UnavailableError(absl::StrCat("cannot journal the cancellation: ", s.message()));
   }
   return resp;
+}
+
+absl::Status Coordinator::StopSequence(const std::string& job_id, int index) {
+  if (job_id.empty()) return absl::InvalidArgumentError("job_id: empty");
+  std::unique_lock<std::mutex> lock(mu_);
+  Job* j = FindJob(job_id);
+  if (j == nullptr) return JobNotFound(job_id);
+  if (index < 0 || index >= static_cast<int>(j->seqs.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index: ", index, " is out of range [0, ", j->seqs.size(), ") for job ", job_id));
+  }
+  Sequence& s = j->seqs[static_cast<size_t>(index)];
+  if (Final(*j) || s.state == SeqState::kDone) return absl::OkStatus();
+  if (s.state == SeqState::kAssigned && s.worker >= 0) {
+    workers_[static_cast<size_t>(s.worker)].pending_cancel.push_back(absl::StrCat(j->id, "/", index));
+  }
+  std::vector<int32_t> tokens = s.published;
+  FinishSequence(j, index, std::move(tokens), v1::FINISH_REASON_STOP, NowMs());
+  const uint64_t ticket = EnqueuePendingRecordsLocked();
+  changed_.notify_all();
+  lock.unlock();
+  return WaitJournal(ticket);
 }
 
 absl::StatusOr<v1::ListJobsResponse> Coordinator::ListJobs(const v1::ListJobsRequest& request) const {

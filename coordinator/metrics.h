@@ -18,29 +18,17 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "coordinator/coordinator.h"
+#include "coordinator/http_server.h"
 
 namespace expertmesh::coordinator {
 
-// What keeps scrapes answered when clients misbehave (idle connections,
-// slowloris headers): each connection has its own thread while it is open, so
-// no client can hold the threads a scrape needs.
-struct MetricsHttpLimits {
-  // Connections open at once. A new one past this closes the connection that
-  // has waited longest without a request in hand (idle, or still sending its
-  // request); when every one is being answered, the new one is closed.
-  int max_connections = 64;
-  // A request (request line, headers and any body) must arrive in full within
-  // this time of its first byte, however slowly it trickles in.
-  absl::Duration request_read_timeout = absl::Seconds(5);
-  // A connection that sends no (further) request for this long is closed.
-  absl::Duration idle_timeout = absl::Seconds(2);
-  // Requests one keep-alive connection may make before it is closed.
-  int max_requests_per_connection = 100;
-};
+// The HTTP hardening (coordinator/http_server.h); GET /metrics takes no body.
+using MetricsHttpLimits = HttpLimits;
 
 class MetricsServer {
  public:
-  // Serves GET /metrics on `listen` ("host:port"; port 0 picks a free one).
+  // Serves GET /metrics on `listen` ("host:port"; port 0 picks a free one),
+  // behind the coordinator's options().client_auth_token when set.
   // INVALID_ARGUMENT for a malformed address or limits, UNAVAILABLE when it
   // cannot be bound. `coordinator` must outlive the server.
   static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(const Coordinator* coordinator,

@@ -104,6 +104,7 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
                    << "; truncated";
     }
     s.tokens.insert(s.tokens.end(), u.new_tokens().begin(), u.new_tokens().begin() + static_cast<int>(take));
+    Publish(&s, s.tokens);
     j->generated_tokens += static_cast<int64_t>(take);
     v1::FinishReason reason = u.finish_reason();
     if (reason == v1::FINISH_REASON_UNSPECIFIED && s.tokens.size() >= static_cast<size_t>(req.max_new_tokens())) {

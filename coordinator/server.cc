@@ -93,6 +93,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
               << options.metrics_listen.substr(0, options.metrics_listen.rfind(':')) << ":" << s->metrics_->port()
               << "/metrics";
   }
+  if (!options.http_listen.empty()) {
+    ASSIGN_OR_RETURN(s->openai_, OpenAiServer::Start(s->coordinator_.get(), options));
+    LOG(INFO) << "coordinator: OpenAI-compatible API on http://"
+              << options.http_listen.substr(0, options.http_listen.rfind(':')) << ":" << s->openai_->port()
+              << "/v1 (model \"" << s->openai_->model_name() << "\")";
+  }
   LOG(INFO) << "coordinator: listening on " << s->address_ << " (JobService, ClusterService, WorkerService, health, "
             << "reflection; "
             << (options.tls.cert_pem.empty() ? "plaintext"
@@ -148,6 +154,7 @@ void CoordinatorServer::Stop() {
   cv_.notify_all();
   if (monitor_.joinable()) monitor_.join();
   metrics_.reset();  // no scrape reads the coordinator after this
+  openai_.reset();   // nor an HTTP request (their jobs go on: not cancelled)
   if (coordinator_ != nullptr) coordinator_->Stop();
   if (server_ != nullptr) {
     if (server_->GetHealthCheckService() != nullptr) {

@@ -16,6 +16,7 @@
 #include "coordinator/auth.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/metrics.h"
+#include "coordinator/openai_server.h"
 #include "grpcpp/grpcpp.h"
 
 namespace expertmesh::coordinator {
@@ -43,6 +44,8 @@ class CoordinatorServer {
   Coordinator* coordinator() { return coordinator_.get(); }
   // The port of GET /metrics (options.metrics_listen), 0 when off.
   int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
+  // The port of the OpenAI-compatible HTTP API (options.http_listen), 0 when off.
+  int http_port() const { return openai_ != nullptr ? openai_->port() : 0; }
 
   // Blocks until a Shutdown request completed (workers exited or the timeout),
   // Stop() was called, or *stop (if given) turns non-zero.
@@ -62,6 +65,7 @@ class CoordinatorServer {
   std::unique_ptr<WorkerServiceImpl> workers_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsServer> metrics_;
+  std::unique_ptr<OpenAiServer> openai_;
   std::thread monitor_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -65,10 +65,12 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJ
                                       grpc::ServerWriter<v1::WatchJobResponse>* writer) {
   if (grpc::Status a = auth_->Client(ctx, "JobService.WatchJob"); !a.ok()) return a;
   size_t cursor = 0;
+  std::vector<int64_t> offsets;
   while (true) {
     std::vector<v1::WatchJobResponse> batch;
     // Short waits so that a client that went away is noticed.
-    absl::StatusOr<bool> done = c_->WaitJobResults(req->job_id(), &cursor, absl::Now() + absl::Milliseconds(200), &batch);
+    absl::StatusOr<bool> done = c_->WaitJobResults(req->job_id(), &cursor, absl::Now() + absl::Milliseconds(200), &batch,
+                                                   req->tokens() ? &offsets : nullptr);
     if (!done.ok()) return ToGrpcStatus(done.status());
     for (const auto& m : batch) {
       if (!writer->Write(m)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");

@@ -8,11 +8,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <random>
 #include <string>
 #include <thread>
@@ -29,6 +34,7 @@
 #include "grpcpp/grpcpp.h"
 #include "launch/bench_flags.h"
 #include "launch/flags.h"
+#include "launch/openai_client.h"
 #include "nlohmann/json.hpp"
 #include "proto/expertmesh.grpc.pb.h"
 #include "proto/security.h"
@@ -43,6 +49,13 @@ ABSL_FLAG(bool, rebalance, false,
           "serve: measure a batch, a control batch of the same shape on the same placement, rebalance the experts "
           "live (EPLB on the load observed so far) and measure a batch after it; prints all three, the rebalance's "
           "own time and the per-rank expert time spread");
+ABSL_FLAG(bool, stream, false,
+          "serve: stream --num-prompts completions over the coordinator's OpenAI-compatible HTTP API "
+          "(POST /v1/completions, stream=true, token ids in and out: the preset with DeepSeek-V3's vocabulary, "
+          "no tokenizer) with --concurrency "
+          "at a time; prints time to first token and inter-token latency p50/p99 beside the decode step time the "
+          "workers report");
+ABSL_FLAG(int32_t, concurrency, 1, "serve --stream: streams in flight at once");
 ABSL_DECLARE_FLAG(double, router_bias_std);
 ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 
@@ -63,7 +76,8 @@ int Fail(const std::string& msg) {
 }
 
 // Starts `mpirun ... expertmesh launch` in its own process group.
-absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, int redundant, const std::string& dir) {
+absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, int redundant, const std::string& dir,
+                                     const std::vector<std::string>& extra = {}) {
   Cluster c;
   const std::string addr_file = dir + "/serve.address";
   c.log = dir + "/serve.log";
@@ -75,6 +89,7 @@ absl::StatusOr<Cluster> StartCluster(const std::string& ckpt, int pp, int ep, in
                                    "--checkpoint", ckpt, "--pp", std::to_string(pp), "--ep", std::to_string(ep),
                                    "--redundant-experts", std::to_string(redundant), "--listen", "127.0.0.1:0",
                                    "--address-file", addr_file};
+  args.insert(args.end(), extra.begin(), extra.end());
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -248,6 +263,189 @@ void Print(const Measured& m, const std::string& title, const std::string& prese
   }
 }
 
+// ---- bench serve --stream: time to first token and inter-token latency over HTTP.
+
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  sockaddr_in a = {};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+// One streamed completion as the client saw it.
+struct StreamSample {
+  double ttft = 0;               // request sent -> first token's chunk
+  std::vector<double> gaps;      // between consecutive tokens' chunks
+  int64_t chunks = 0;            // chunks that carried a token
+  int64_t chunk_tokens = 0;      // tokens in them (token_ids; 1 per text chunk)
+  double last = 0;               // request sent -> last token's chunk
+  int64_t completion_tokens = 0; // usage
+  double wall = 0;
+};
+
+double Percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size()))) ;
+  return v[std::min(v.size() - 1, i == 0 ? 0 : i - 1)];  // nearest rank
+}
+
+absl::StatusOr<StreamSample> StreamOne(const OpenAiClient& client, const nlohmann::json& body) {
+  StreamSample s;
+  const absl::Time t0 = absl::Now();
+  absl::Time last = t0;
+  bool first = true;
+  absl::Status st = client.Stream("/v1/completions", body, {}, [&](const nlohmann::json& chunk) {
+    const absl::Time now = absl::Now();
+    if (chunk.contains("usage") && chunk["usage"].is_object()) {
+      s.completion_tokens = chunk["usage"].value("completion_tokens", int64_t{0});
+    }
+    auto choices = chunk.find("choices");
+    if (choices == chunk.end() || !choices->is_array() || choices->empty()) return true;
+    const nlohmann::json& c = (*choices)[0];
+    // A chunk carries a token as text, or (a checkpoint without a tokenizer) as token_ids.
+    const bool has_text = (c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty()) ||
+                          (c.contains("token_ids") && c["token_ids"].is_array() && !c["token_ids"].empty());
+    const bool terminator = c.contains("finish_reason") && !c["finish_reason"].is_null();
+    if (!has_text && terminator) return true;  // the closing chunk carries no token
+    ++s.chunks;
+    s.chunk_tokens += c.contains("token_ids") && c["token_ids"].is_array() ? c["token_ids"].size() : 1;
+    s.last = absl::ToDoubleSeconds(now - t0);
+    if (first) {
+      s.ttft = absl::ToDoubleSeconds(now - t0);
+      first = false;
+    } else {
+      s.gaps.push_back(absl::ToDoubleSeconds(now - last));
+    }
+    last = now;
+    return true;
+  });
+  if (!st.ok()) return st;
+  s.wall = absl::ToDoubleSeconds(absl::Now() - t0);
+  return s;
+}
+
+int RunStream(const HttpEndpoint& http, v1::ClusterService::Stub* clus, const std::string& preset, int pp, int ep) {
+  const int n = absl::GetFlag(FLAGS_num_prompts), len = absl::GetFlag(FLAGS_prompt_len);
+  const int64_t new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  const int concurrency = std::max(1, absl::GetFlag(FLAGS_concurrency));
+  OpenAiClient client(http, "", 600);
+  auto models = client.Get("/v1/models");
+  if (!models.ok()) return Fail(std::string(models.status().message()));
+  const std::string model = (*models)["data"][0].value("id", "");
+  std::mt19937 rng(1);
+  auto body = [&](int plen, int64_t gen) {
+    std::vector<int> ids;
+    for (int t = 0; t < plen; ++t) ids.push_back(static_cast<int>(rng() % 128000));
+    return nlohmann::json{{"model", model}, {"prompt", ids}, {"max_tokens", gen}, {"temperature", 0},
+                          {"stream", true}, {"stream_options", {{"include_usage", true}}}};
+  };
+  std::fprintf(stderr, "bench serve --stream: warm-up stream...\n");
+  auto warm = StreamOne(client, body(8, 4));
+  if (!warm.ok()) return Fail(absl::StrCat("warm-up stream: ", warm.status().message()));
+  absl::SleepFor(absl::Milliseconds(1500));  // heartbeats carry the workers' times
+  auto before = GetStatus(clus);
+  if (!before.ok()) return Fail(std::string(before.status().message()));
+  std::vector<nlohmann::json> bodies;
+  for (int i = 0; i < n; ++i) bodies.push_back(body(len, new_tokens));
+  std::fprintf(stderr, "bench serve --stream: %d streams, %d at a time, %d prompt tokens, %lld new tokens each...\n",
+               n, concurrency, len, static_cast<long long>(new_tokens));
+  std::vector<StreamSample> samples(n);
+  std::atomic<int> next{0};
+  std::mutex mu;
+  absl::Status error;
+  const absl::Time t0 = absl::Now();
+  std::vector<std::thread> threads;
+  for (int c = 0; c < concurrency; ++c) {
+    threads.emplace_back([&] {
+      for (int i = next++; i < n; i = next++) {
+        auto s = StreamOne(client, bodies[i]);
+        std::lock_guard<std::mutex> l(mu);
+        if (!s.ok()) {
+          if (error.ok()) error = s.status();
+          return;
+        }
+        samples[i] = *s;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  const double wall = absl::ToDoubleSeconds(absl::Now() - t0);
+  if (!error.ok()) return Fail(absl::StrCat("stream: ", error.message()));
+  absl::SleepFor(absl::Milliseconds(1500));
+  auto after = GetStatus(clus);
+  if (!after.ok()) return Fail(std::string(after.status().message()));
+
+  // ttft: to the first token's chunk; itl: between consecutive chunks; tpot: per request, (last chunk - first
+  // chunk) / (tokens - 1), the mean time per token after the first however the tokens were grouped in chunks.
+  std::vector<double> ttft, itl, tpot;
+  int64_t chunks = 0, tokens = 0, chunk_tokens = 0;
+  for (const StreamSample& s : samples) {
+    ttft.push_back(s.ttft);
+    itl.insert(itl.end(), s.gaps.begin(), s.gaps.end());
+    if (s.completion_tokens > 1) tpot.push_back((s.last - s.ttft) / static_cast<double>(s.completion_tokens - 1));
+    chunks += s.chunks;
+    chunk_tokens += s.chunk_tokens;
+    tokens += s.completion_tokens;
+  }
+  // The decode step as the workers account it: per stage, busy seconds (wall - idle) per step, mean over the
+  // stage's EP ranks; a token crosses every stage, so the pipeline's step is their sum.
+  std::vector<double> busy(pp, 0.0), steps(pp, 0.0);
+  for (int i = 0; i < after->workers_size() && i < before->workers_size(); ++i) {
+    const auto& a = after->workers(i);
+    const auto& b = before->workers(i);
+    const double d_busy = (a.times().wall_s() - a.times().idle_s()) - (b.times().wall_s() - b.times().idle_s());
+    busy[a.stage()] += d_busy / ep;
+    steps[a.stage()] += static_cast<double>(a.steps() - b.steps()) / ep;
+  }
+  double step_s = 0;
+  std::vector<double> stage_step_ms;
+  for (int s = 0; s < pp; ++s) {
+    const double per = steps[s] > 0 ? busy[s] / steps[s] : 0;
+    stage_step_ms.push_back(per * 1e3);
+    step_s += per;
+  }
+  const double itl50 = Percentile(itl, 0.5), itl99 = Percentile(itl, 0.99);
+  const double ttft50 = Percentile(ttft, 0.5), ttft99 = Percentile(ttft, 0.99);
+  const double tpot50 = Percentile(tpot, 0.5), tpot99 = Percentile(tpot, 0.99);
+  const double per_chunk = chunks > 0 ? static_cast<double>(chunk_tokens) / static_cast<double>(chunks) : 0;
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = {{"preset", preset}, {"pp", pp}, {"ep", ep}, {"streams", n}, {"concurrency", concurrency},
+                        {"prompt_len", len}, {"max_new_tokens", new_tokens}, {"completion_tokens", tokens},
+                        {"token_chunks", chunks}, {"wall_s", wall}, {"tokens_per_s", tokens / wall},
+                        {"ttft_p50_ms", ttft50 * 1e3}, {"ttft_p99_ms", ttft99 * 1e3}, {"itl_p50_ms", itl50 * 1e3},
+                        {"itl_p99_ms", itl99 * 1e3}, {"tpot_p50_ms", tpot50 * 1e3}, {"tpot_p99_ms", tpot99 * 1e3},
+                        {"tokens_per_chunk", per_chunk}, {"stage_step_ms", stage_step_ms},
+                        {"pipeline_step_ms", step_s * 1e3},
+                        {"itl_p50_over_step", step_s > 0 ? itl50 / step_s : 0.0},
+                        {"tpot_p50_over_step", step_s > 0 ? tpot50 / step_s : 0.0}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("preset %s, PP%d x EP%d, %d streams (%d at a time) x %d prompt tokens, %lld completion tokens in "
+              "%.2f s (%.1f tokens/s), in %lld chunks (%.2f tokens per chunk)\n",
+              preset.c_str(), pp, ep, n, concurrency, len, static_cast<long long>(tokens), wall, tokens / wall,
+              static_cast<long long>(chunks), per_chunk);
+  std::printf("time to first token: p50 %.1f ms, p99 %.1f ms\n", ttft50 * 1e3, ttft99 * 1e3);
+  std::printf("inter-chunk latency: p50 %.2f ms, p99 %.2f ms\n", itl50 * 1e3, itl99 * 1e3);
+  std::printf("time per output token after the first (per stream): p50 %.2f ms, p99 %.2f ms\n", tpot50 * 1e3,
+              tpot99 * 1e3);
+  std::string per_stage;
+  for (int s = 0; s < pp; ++s) absl::StrAppend(&per_stage, s ? " + " : "", absl::StrFormat("%.2f", stage_step_ms[s]));
+  std::printf("decode step (workers' busy time per step, per stage): %s = %.2f ms; per-token p50 / step = %.2f\n",
+              per_stage.c_str(), step_s * 1e3, step_s > 0 ? tpot50 / step_s : 0.0);
+  return 0;
+}
+
 int RunServe() {
   const std::string preset = absl::GetFlag(FLAGS_preset);
   const int pp = absl::GetFlag(FLAGS_pp), ep = absl::GetFlag(FLAGS_ep);
@@ -258,13 +456,21 @@ int RunServe() {
   }
   const std::string dir = absl::GetFlag(FLAGS_bench_dir);
   std::filesystem::create_directories(dir);
+  const bool stream = absl::GetFlag(FLAGS_stream);
+  if (stream && absl::GetFlag(FLAGS_rebalance)) return Fail("--stream and --rebalance are separate benchmarks");
+  if (absl::GetFlag(FLAGS_concurrency) < 1) return Fail("--concurrency must be >= 1");
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
     const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
-    ckpt = absl::StrCat(dir, "/", preset, "-fp8-seed0", bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
+    ckpt = absl::StrCat(dir, "/", preset, stream ? "-v129280" : "", "-fp8-seed0",
+                        bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
     if (!std::filesystem::exists(ckpt + "/config.json")) {
       auto cfg = ModelConfig::Preset(preset);
       if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
+      // --stream: the preset with DeepSeek-V3's vocabulary (its lm_head), but no tokenizer: prompts and
+      // streamed completions are token ids, so each token is counted where it arrives (text may hold back part
+      // of a character, and random weights also pick the 465 ids past the tokenizer's 128815, without text).
+      if (stream) cfg->vocab_size = std::max<int64_t>(cfg->vocab_size, 129280);
       std::fprintf(stderr, "bench serve: generating the %s checkpoint (fp8) in %s (once)...\n", preset.c_str(),
                    ckpt.c_str());
       GenerateOptions o;
@@ -281,7 +487,10 @@ int RunServe() {
   if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
   std::fprintf(stderr, "bench serve: starting PP%d x EP%d (%d processes) on %s...\n", pp, ep, 1 + pp * ep,
                ckpt.c_str());
-  auto cluster = StartCluster(ckpt, pp, ep, absl::GetFlag(FLAGS_redundant_experts), dir);
+  HttpEndpoint http{"127.0.0.1", stream ? FreePort() : 0};
+  std::vector<std::string> extra;
+  if (stream) extra = {"--http-listen", absl::StrCat("127.0.0.1:", http.port)};
+  auto cluster = StartCluster(ckpt, pp, ep, absl::GetFlag(FLAGS_redundant_experts), dir, extra);
   if (!cluster.ok()) return Fail(std::string(cluster.status().message()));
   auto channel = rpc::MakeChannel(cluster->address, rpc::ClientSecurity(), grpc::ChannelArguments());
   auto jobs = v1::JobService::NewStub(channel);
@@ -305,6 +514,7 @@ int RunServe() {
     if (i > 3000) return finish(Fail(absl::StrCat("cluster not serving after 10 minutes; see ", cluster->log)));
     absl::SleepFor(absl::Milliseconds(200));
   }
+  if (stream) return finish(RunStream(http, clus.get(), preset, pp, ep));
   std::mt19937 rng(1);
   auto make = [&](int count, int plen, int64_t gen) {
     v1::SubmitJobRequest req;

@@ -24,7 +24,6 @@
 #include "proto/expertmesh.grpc.pb.h"
 #include "proto/security.h"
 
-ABSL_FLAG(std::string, server, "", "the coordinator's address, host:port");
 ABSL_FLAG(std::string, request_id, "",
           "client request id: a retried submit with the same id returns the same job (default: a random one)");
 ABSL_FLAG(std::string, job, "", "job id (cancel)");

@@ -35,6 +35,15 @@ ABSL_FLAG(double, eplb_min_gain, 0.05,
           "rebalance only when the mean imbalance (max / mean EP rank load over MoE layers) drops by this fraction");
 ABSL_FLAG(int64_t, eplb_min_tokens, 2048,
           "rebalance only after this many routed tokens per MoE layer since the last rebalance");
+ABSL_FLAG(std::string, http_listen, "",
+          "serve the OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, GET /v1/models, "
+          "/health; docs/API.md) on this host:port, e.g. 0.0.0.0:8000 (port 0 picks a free one); empty: off");
+ABSL_FLAG(std::string, served_model_name, "",
+          "the model id the HTTP API answers to (GET /v1/models, the requests' \"model\"); default: the checkpoint "
+          "folder's name");
+ABSL_FLAG(std::string, reasoning_field, "reasoning_content",
+          "with a reasoning chat template (deepseek-r1): the JSON field of the text before </think>: "
+          "reasoning_content (SGLang, DeepSeek's API) or reasoning (vLLM)");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {
@@ -70,6 +79,10 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   ASSIGN_OR_RETURN(o->tls, ServerTlsFromFlags());
   ASSIGN_OR_RETURN(o->client_auth_token, ClientTokenFromFlags());
   ASSIGN_OR_RETURN(o->cluster_secret, ClusterSecretFromFlags());
+  o->http_listen = absl::GetFlag(FLAGS_http_listen);
+  o->served_model_name = absl::GetFlag(FLAGS_served_model_name);
+  o->reasoning_field = absl::GetFlag(FLAGS_reasoning_field);
+  o->chat_template = absl::GetFlag(FLAGS_chat_template);
   return absl::OkStatus();
 }
 

@@ -24,6 +24,14 @@ ABSL_FLAG(int64_t, top_k, 0, "keep the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "keep the smallest set of tokens whose probability reaches p (1 = all)");
 ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "comma-separated ids that end a sequence when generated");
 
+ABSL_FLAG(std::string, server, "",
+          "the coordinator's address, host:port: its gRPC --listen (submit, status, ...), its HTTP --http-listen "
+          "(chat)");
+
+ABSL_FLAG(std::string, model, "deepseek-v3",
+          "plan: model preset (deepseek-v3, small, tiny) or path to config.json; chat: the model to ask (default "
+          "there: the first of the server's GET /v1/models)");
+
 ABSL_FLAG(int32_t, pp, 1, "pipeline stages");
 ABSL_FLAG(int32_t, ep, 1, "expert-parallel (and attention data-parallel) ranks per stage");
 ABSL_FLAG(int32_t, redundant_experts, 0, "extra expert slots per MoE layer for replicas of hot experts");
@@ -31,6 +39,8 @@ ABSL_FLAG(std::vector<std::string>, layers_per_stage, {},
           "explicit split, e.g. 2,2 (sums to num_hidden_layers); default: balanced by cost");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "host:port the coordinator serves gRPC on (port 0 picks a free one; 0.0.0.0 for other machines)");
+ABSL_FLAG(std::string, chat_template, "",
+          "chat template: deepseek-v3 or deepseek-r1 (default: recognised from tokenizer_config.json)");
 ABSL_FLAG(std::string, journal, "",
           "coordinator journal file: accepted jobs survive a restart on the same file (empty: none)");
 

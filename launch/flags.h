@@ -21,6 +21,11 @@ ABSL_DECLARE_FLAG(int64_t, top_k);
 ABSL_DECLARE_FLAG(double, top_p);
 ABSL_DECLARE_FLAG(std::vector<std::string>, stop_token_ids);
 
+// The address of a running coordinator (client verbs: submit, status, ..., chat).
+ABSL_DECLARE_FLAG(std::string, server);
+// plan: the model (preset or config.json); chat: the served model's name (when given).
+ABSL_DECLARE_FLAG(std::string, model);
+
 // The cluster (coordinator, launch).
 ABSL_DECLARE_FLAG(int32_t, pp);
 ABSL_DECLARE_FLAG(int32_t, ep);
@@ -28,6 +33,8 @@ ABSL_DECLARE_FLAG(int32_t, redundant_experts);
 ABSL_DECLARE_FLAG(std::vector<std::string>, layers_per_stage);
 ABSL_DECLARE_FLAG(std::string, listen);
 ABSL_DECLARE_FLAG(std::string, journal);
+// Text (tokenize, coordinator and launch with --http-listen).
+ABSL_DECLARE_FLAG(std::string, chat_template);
 
 // The device that runs the model (generate, worker, launch).
 ABSL_DECLARE_FLAG(std::string, device);

@@ -37,14 +37,16 @@ const Verb kVerbs[] = {
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
      "expertmesh bench tokenizer [--tokenizer deepseek-v3|DIR] [--corpus FILE]\n"
      "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
-     "[--redundant-experts R] [--router-bias-std S] [--rebalance] [--json]\n"
+     "[--redundant-experts R] [--router-bias-std S] [--rebalance | --stream [--concurrency C]] [--json]\n"
      "expertmesh bench control-plane [--cp-workers N --cp-poll-ms MS --cp-jobs J --cp-submitters C --cp-dir DIR] "
      "[--json]\n\nlayer: one MoE and one MLA layer on "
      "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
      "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. tokenizer: encode MB/s on one "
      "thread beside HF tokenizers (node) on the same corpus. serve: a local mpirun cluster "
      "serving a batch job, tokens/s and where each stage's time went; --rebalance: a second batch after a live "
-     "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up. control-plane: an "
+     "expert rebalance, with the imbalance before and after (1 = balanced) and the speed-up; --stream: the same "
+     "cluster with --http-listen streams --num-prompts completions over HTTP, --concurrency at a time: time to first "
+     "token and inter-token latency p50/p99 beside the decode step time the workers report. control-plane: an "
      "in-process coordinator (journal on) with N simulated workers polling Heartbeat + Sync over gRPC while J jobs "
      "are submitted concurrently; Sync/Heartbeat/SubmitJob latency p50/p99 and submit throughput.",
      BenchMain},
@@ -56,15 +58,18 @@ const Verb kVerbs[] = {
      WorkerMain},
     {"launch", "launch/launch_cmd.cc", "the whole cluster under mpirun (rank 0 coordinator, ranks 1..P*E workers)",
      "mpirun -np 1+P*E expertmesh launch --checkpoint DIR --pp P --ep E [--redundant-experts R] "
-     "[--layers-per-stage a,b,..] [--listen HOST:PORT] [--journal FILE] [--address-file FILE]\n\nRank 0 serves "
-     "the coordinator's gRPC API (docs/API.md); the workers use MPI as their data plane. Also accepts "
-     "`expertmesh coordinator`'s flags. Ends after `expertmesh shutdown`.",
+     "[--layers-per-stage a,b,..] [--listen HOST:PORT] [--journal FILE] [--address-file FILE] "
+     "[--http-listen HOST:PORT]\n\nRank 0 serves the coordinator's gRPC API (docs/API.md) and, with "
+     "--http-listen, the OpenAI-compatible HTTP API; the workers use MPI as their data plane. Also accepts "
+     "`expertmesh coordinator`'s flags (see `expertmesh coordinator --help`). Ends after `expertmesh shutdown`.",
      LaunchMain},
     {"coordinator", "launch/coordinator_cmd.cc", "the coordinator of a standalone cluster (jobs, plan, health)",
      "expertmesh coordinator --checkpoint DIR --pp P --ep E [--redundant-experts R] [--layers-per-stage a,b,..] "
-     "--listen HOST:PORT --journal FILE [--metrics-listen HOST:PORT]\n\nServes JobService, ClusterService and "
-     "WorkerService (docs/API.md) until `expertmesh shutdown` (or SIGTERM: stops, workers wait for its "
-     "successor); jobs in the journal survive a restart; Prometheus metrics on --metrics-listen.",
+     "--listen HOST:PORT --journal FILE [--metrics-listen HOST:PORT] [--http-listen HOST:PORT "
+     "[--served-model-name NAME] [--chat-template NAME] [--reasoning-field reasoning_content|reasoning]]\n\n"
+     "Serves JobService, ClusterService and WorkerService (docs/API.md) until `expertmesh shutdown` (or SIGTERM: "
+     "stops, workers wait for its successor); jobs in the journal survive a restart; Prometheus metrics on "
+     "--metrics-listen; the OpenAI-compatible HTTP API (chat and completions, streamed) on --http-listen.",
      CoordinatorMain},
     {"submit", "launch/client_cmd.cc", "submit a batch of prompts to a coordinator and print the results",
      "expertmesh submit --server HOST:PORT --prompts FILE --max-new-tokens N [--temperature T --top-k K --top-p P "
@@ -92,6 +97,16 @@ const Verb kVerbs[] = {
      "{\"tokens\": [...]} or {\"messages\": [...], \"add_generation_prompt\": true} (rendered with the chat "
      "template, then encoded). Invalid UTF-8 input is an error. docs/TEXT.md.",
      TokenizeMain},
+    {"chat", "launch/chat_cmd.cc", "chat with a served model over its OpenAI-compatible HTTP API, streaming",
+     "expertmesh chat --server HOST:PORT [--message TEXT] [--system TEXT] [--max-tokens N] [--temperature T "
+     "--top-p P --top-k K --seed S] [--model NAME] [--api-key KEY] [--show-reasoning] [--no-stream]\n\n"
+     "POST /v1/chat/completions (stream=true) to a coordinator started with --http-listen HOST:PORT (docs/API.md) "
+     "and prints the answer as it arrives. One-shot with --message, or with the message on stdin when stdin is "
+     "not a terminal; otherwise an interactive prompt that keeps the conversation (/exit or Ctrl-D ends it, "
+     "Ctrl-C stops an answer). Sampling flags are sent only when given (else the server's defaults); --model "
+     "defaults to the first of GET /v1/models; $EXPERTMESH_API_KEY is the default --api-key. An HTTP error "
+     "prints the server's OpenAI error message and exits 1.",
+     ChatMain},
     {"plan", "launch/plan", "capacity planner: predict throughput, latency and memory of a plan",
      "expertmesh plan --model PRESET|config.json --topology FILE [--workload FILE] [...]", PlanMain},
 };

@@ -28,7 +28,6 @@
 #include "topology/validation.h"
 #include "topology/workload.h"
 
-ABSL_FLAG(std::string, model, "deepseek-v3", "model preset (deepseek-v3, small, tiny) or path to config.json");
 ABSL_FLAG(std::string, topology, "", "cluster topology YAML (examples/topologies/)");
 ABSL_FLAG(std::string, workload, "", "workload YAML (examples/workloads/); default: 4K prompts, uniform load");
 ABSL_FLAG(std::string, phase, "",

@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "common/chat_template.h"
 #include "common/tokenizer.h"
+#include "launch/flags.h"
 #include "launch/text.h"
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
@@ -32,8 +33,6 @@ ABSL_FLAG(bool, jsonl, false,
 ABSL_FLAG(bool, decode, false, "tokenize: stdin (or --text) holds token ids (JSON array or comma/space separated)");
 ABSL_FLAG(bool, add_bos, false, "tokenize: prepend BOS when tokenizer_config.json's add_bos_token is true");
 ABSL_FLAG(bool, skip_special, false, "tokenize --decode: drop special tokens");
-ABSL_FLAG(std::string, chat_template, "",
-          "chat template: deepseek-v3 or deepseek-r1 (default: recognised from tokenizer_config.json)");
 ABSL_FLAG(std::string, corpus, "", "bench tokenizer: UTF-8 text file (default: the repository's English docs)");
 ABSL_FLAG(double, bench_seconds, 2.0, "bench tokenizer: minimum seconds per measurement");
 

