@@ -169,7 +169,7 @@ class ConnectionTable {
 };
 
 // httplib's TaskQueue: a thread of its own for each accepted connection (the
-// connection table bounds how many stay open), so a scrape never queues behind
+// connection table bounds how many stay open), so a request never queues behind
 // idle or slow clients as it would in a fixed pool. Past `max_threads` the
 // accepting thread waits (briefly: threads past the table's bound close at
 // once).
@@ -227,7 +227,7 @@ class GuardedHttpServer : public httplib::Server {
     new_task_queue = [max = limits.max_connections + 16] { return new ThreadPerConnection(max); };
   }
   // httplib listens with a backlog of 5: a burst of connections (an attack, or
-  // just many clients) would have a scrape's SYN dropped and retried for
+  // just many clients) would have a request's SYN dropped and retried for
   // seconds. Call after binding.
   void DeepenBacklog() { ::listen(svr_sock_, SOMAXCONN); }
   const HttpLimits& limits() const { return limits_; }

@@ -1,6 +1,8 @@
 // The coordinator process: a gRPC server with JobService, ClusterService,
 // WorkerService, grpc.health.v1.Health and server reflection over one
-// Coordinator, plus the health monitor thread.
+// Coordinator, plus the health monitor thread and, when configured, the HTTP
+// servers of Prometheus metrics (metrics.h) and the OpenAI-compatible API
+// (openai_server.h).
 //
 //   CoordinatorOptions o; o.checkpoint = "ckpt"; o.pp = 2; o.ep = 2; o.journal_path = "c.journal";
 //   RETURN_IF_ERROR(RunCoordinator(o, [](const std::string& addr) { /* tell the workers */ }));

@@ -28,6 +28,10 @@ ABSL_FLAG(std::string, request_id, "",
           "client request id: a retried submit with the same id returns the same job (default: a random one)");
 ABSL_FLAG(std::string, job, "", "job id (cancel)");
 ABSL_FLAG(bool, detach, false, "submit: print {\"job_id\": ...} and return without waiting for the results");
+ABSL_FLAG(bool, stream, false,
+          "submit: also print each sequence's tokens as they are generated, one line "
+          "{\"index\": i, \"offset\": o, \"new_tokens\": [...]} per event (never a token twice, also across a "
+          "coordinator restart), before the results");
 ABSL_FLAG(double, rpc_timeout_s, 30, "deadline of each unary call");
 ABSL_FLAG(double, retry_s, 300,
           "keep retrying while the coordinator is unreachable (e.g. restarting) for this long; 0 = no retries");
@@ -187,15 +191,34 @@ int SubmitMain(int argc, char** argv) {
 
   // Watch until the job is final; a broken stream (coordinator restart) is watched again.
   std::map<int, v1::SequenceResult> results;
+  std::map<int, int64_t> printed;  // --stream: tokens printed per sequence
+  const bool stream = absl::GetFlag(FLAGS_stream);
   v1::JobState state = v1::JOB_STATE_QUEUED;
   backoff = absl::Milliseconds(200);
   while (true) {
     grpc::ClientContext ctx;
     v1::WatchJobRequest wr;
     wr.set_job_id(job_id);
+    wr.set_tokens(stream);
     auto reader = stub->WatchJob(&ctx, wr);
     v1::WatchJobResponse m;
     while (reader->Read(&m)) {
+      for (const v1::SequenceDelta& d : m.deltas()) {
+        // A watch started again (coordinator restart) begins at offset 0: skip what was printed.
+        int64_t& done = printed[d.index()];
+        const int64_t skip = std::max<int64_t>(0, done - d.offset());
+        if (skip >= d.new_tokens_size()) continue;
+        std::vector<int32_t> fresh(d.new_tokens().begin() + skip, d.new_tokens().end());
+        std::printf("%s\n", nlohmann::json({{"index", d.index()}, {"offset", d.offset() + skip}, {"new_tokens", fresh}})
+                                .dump()
+                                .c_str());
+        std::fflush(stdout);
+        done = d.offset() + d.new_tokens_size();
+      }
+      if (!m.has_result()) {
+        state = m.state();
+        continue;
+      }
       results[m.result().index()] = m.result();
       state = m.state();
       backoff = absl::Milliseconds(200);

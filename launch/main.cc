@@ -73,8 +73,9 @@ const Verb kVerbs[] = {
      CoordinatorMain},
     {"submit", "launch/client_cmd.cc", "submit a batch of prompts to a coordinator and print the results",
      "expertmesh submit --server HOST:PORT --prompts FILE --max-new-tokens N [--temperature T --top-k K --top-p P "
-     "--seed S --stop-token-ids a,b] [--request-id ID] [--detach]\n\nPrints one JSON line {\"index\":i,"
-     "\"tokens\":[...]} per prompt in input order, like `expertmesh generate`.",
+     "--seed S --stop-token-ids a,b] [--request-id ID] [--detach] [--stream]\n\nPrints one JSON line {\"index\":i,"
+     "\"tokens\":[...]} per prompt in input order, like `expertmesh generate`; with --stream, lines "
+     "{\"index\":i,\"offset\":o,\"new_tokens\":[...]} as tokens are generated come first.",
      SubmitMain},
     {"status", "launch/client_cmd.cc", "show a coordinator's plan, workers, health and expert load",
      "expertmesh status --server HOST:PORT [--json]", StatusMain},

@@ -1546,5 +1546,54 @@ TEST_F(CoordinatorTest, OpenAiChatWithTheR1TemplateReturnsReasoning) {
   stepper.join();
 }
 
+
+// A full queue is a 429 in OpenAI's error shape; a token-id completion without a tokenizer carries token_ids.
+TEST_F(CoordinatorTest, OpenAiQueueFullIs429AndTokenIdsWorkWithoutATokenizer) {
+  CoordinatorOptions o = Options(1, 1);
+  o.http_listen = "127.0.0.1:0";
+  o.max_queued_sequences = 1;
+  Start(o);
+  auto w = RegisterAll(1);
+  ASSERT_OK(w[0]->Heartbeat());
+  ASSERT_TRUE(server_->coordinator()->serving());
+  const std::string queued = Submit(Batch(1, 3));  // nobody steps: it fills the queue
+  httplib::Client api("127.0.0.1", server_->http_port());
+  api.set_read_timeout(30);
+  auto r = api.Post("/v1/completions", R"({"prompt": [1, 2], "max_tokens": 2})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 429) << r->body;
+  nlohmann::json e = nlohmann::json::parse(r->body);
+  EXPECT_EQ(e["error"]["type"], "rate_limit_error");
+  EXPECT_NE(e["error"]["message"].get<std::string>().find("queue full"), std::string::npos) << r->body;
+  // Once the queue drains, token ids in, token ids out (no tokenizer in this checkpoint: no text).
+  std::atomic<bool> stop{false};
+  std::thread stepper([&] {
+    while (!stop) {
+      w[0]->Heartbeat().IgnoreError();
+      w[0]->Step(8, 1).IgnoreError();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  for (int i = 0; i < 200 && GetJob(queued).state() != v1::JOB_STATE_SUCCEEDED; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  r = api.Post("/v1/completions", R"({"prompt": [1, 2], "max_tokens": 3, "temperature": 0})", "application/json");
+  stop = true;
+  stepper.join();
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  nlohmann::json j = nlohmann::json::parse(r->body);
+  v1::SequenceRequest want;
+  want.add_tokens(1);
+  want.add_tokens(2);
+  EXPECT_EQ(j["choices"][0]["token_ids"],
+            nlohmann::json({FakeToken(want, 0), FakeToken(want, 1), FakeToken(want, 2)}))
+      << r->body;
+  EXPECT_EQ(j["choices"][0]["text"], "");
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["completion_tokens"], 3);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 2);
+}
+
 }  // namespace
 }  // namespace expertmesh::coordinator

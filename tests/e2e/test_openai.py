@@ -324,9 +324,33 @@ class OpenAiTest(unittest.TestCase):
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.5)
         s.close()
-        jobs = json.loads(cu.run(["jobs", "--server", self.server, "--json", "--limit", "1"]).stdout)["jobs"]
-        self.assertNotEqual(jobs[0]["job_id"], job)
-        self.wait_job_state(jobs[0]["job_id"], "JOB_STATE_CANCELLED")
+        end = time.time() + 20
+        while True:  # its job: the newest one
+            newest = json.loads(cu.run(["jobs", "--server", self.server, "--json", "--limit", "1"]).stdout)["jobs"]
+            if newest[0]["job_id"] != job:
+                break
+            self.assertLess(time.time(), end, "the non-streamed request made no job")
+            time.sleep(0.2)
+        self.wait_job_state(newest[0]["job_id"], "JOB_STATE_CANCELLED")
+
+    def test_submit_stream_prints_each_token_once_before_the_results(self):
+        prompts = os.path.join(self.tmp, "submit_prompts.jsonl")
+        with open(prompts, "w") as f:
+            f.write(json.dumps({"tokens": [1, 500, 600]}) + "\n" + json.dumps({"tokens": [1, 700]}) + "\n")
+        out = cu.run(["submit", "--server", self.server, "--prompts", prompts, "--max-new-tokens", "7",
+                      "--stream"]).stdout
+        lines = [json.loads(l) for l in out.splitlines() if l.strip()]
+        deltas = [l for l in lines if "new_tokens" in l]
+        results = [l for l in lines if "tokens" in l]
+        self.assertEqual([r["index"] for r in results], [0, 1])
+        self.assertEqual(lines[-2:], results)  # results last
+        for r in results:
+            got = []
+            for d in deltas:
+                if d["index"] == r["index"]:
+                    self.assertEqual(d["offset"], len(got))
+                    got += d["new_tokens"]
+            self.assertEqual(got, r["tokens"])
 
     def test_same_idempotency_key_is_the_same_job(self):
         req = {"messages": CHAT, "max_tokens": 5, "temperature": 1.0}  # sampled: the seed comes from the key
