@@ -49,12 +49,7 @@ ABSL_FLAG(bool, rebalance, false,
           "serve: measure a batch, a control batch of the same shape on the same placement, rebalance the experts "
           "live (EPLB on the load observed so far) and measure a batch after it; prints all three, the rebalance's "
           "own time and the per-rank expert time spread");
-ABSL_FLAG(bool, stream, false,
-          "serve: stream --num-prompts completions over the coordinator's OpenAI-compatible HTTP API "
-          "(POST /v1/completions, stream=true, token ids in and out: the preset with DeepSeek-V3's vocabulary, "
-          "no tokenizer) with --concurrency "
-          "at a time; prints time to first token and inter-token latency p50/p99 beside the decode step time the "
-          "workers report");
+ABSL_DECLARE_FLAG(bool, stream);  // launch/flags.cc: submit and bench serve
 ABSL_FLAG(int32_t, concurrency, 1, "serve --stream: streams in flight at once");
 ABSL_DECLARE_FLAG(double, router_bias_std);
 ABSL_DECLARE_FLAG(int32_t, redundant_experts);

@@ -28,10 +28,7 @@ ABSL_FLAG(std::string, request_id, "",
           "client request id: a retried submit with the same id returns the same job (default: a random one)");
 ABSL_FLAG(std::string, job, "", "job id (cancel)");
 ABSL_FLAG(bool, detach, false, "submit: print {\"job_id\": ...} and return without waiting for the results");
-ABSL_FLAG(bool, stream, false,
-          "submit: also print each sequence's tokens as they are generated, one line "
-          "{\"index\": i, \"offset\": o, \"new_tokens\": [...]} per event (never a token twice, also across a "
-          "coordinator restart), before the results");
+ABSL_DECLARE_FLAG(bool, stream);  // launch/flags.cc: submit and bench serve
 ABSL_FLAG(double, rpc_timeout_s, 30, "deadline of each unary call");
 ABSL_FLAG(double, retry_s, 300,
           "keep retrying while the coordinator is unreachable (e.g. restarting) for this long; 0 = no retries");

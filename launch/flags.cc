@@ -68,6 +68,14 @@ ABSL_FLAG(std::string, tls_ca, "",
 ABSL_FLAG(std::string, tls_server_name, "",
           "clients and workers with --tls-ca: the name to expect in the coordinator's certificate (default: the "
           "host of the address)");
+// Shared by two verbs (one absl flag per name in the binary).
+ABSL_FLAG(bool, stream, false,
+          "submit: also print each sequence's tokens as they are generated, one line "
+          "{\"index\": i, \"offset\": o, \"new_tokens\": [...]} per event (never a token twice, also across a "
+          "coordinator restart), before the results. bench serve: stream --num-prompts completions over the "
+          "coordinator's OpenAI-compatible HTTP API (POST /v1/completions, stream=true, token ids in and out: the "
+          "preset with DeepSeek-V3's vocabulary, no tokenizer) with --concurrency at a time; prints time to first "
+          "token and inter-token latency p50/p99 beside the decode step time the workers report");
 ABSL_FLAG(std::string, auth_token_file, "",
           "file holding the client bearer token. Coordinator: JobService, ClusterService (shutdown, rebalance) and "
           "GET /metrics require \"authorization: Bearer <token>\". Clients: send it (default: "
