@@ -195,6 +195,82 @@ void Rope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
   }
 }
 
+HalfRope::HalfRope(const ModelConfig& c) : dim_(c.dense_arch() ? c.attn_head_dim() : 0) {
+  const int64_t half = dim_ / 2;
+  inv_freq_.resize(half);
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq_[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(dim_));
+  }
+  if (c.rope_scaling.type != "llama3") return;
+  const auto& r = c.rope_scaling;
+  const double orig = static_cast<double>(r.original_max_position_embeddings);
+  const double low_wavelen = orig / r.low_freq_factor, high_wavelen = orig / r.high_freq_factor;
+  for (int64_t i = 0; i < half; ++i) {
+    const double wavelen = 2.0 * M_PI / inv_freq_[i];
+    if (wavelen < high_wavelen) continue;  // high frequencies: kept
+    if (wavelen > low_wavelen) {           // low frequencies: divided by the factor
+      inv_freq_[i] /= r.factor;
+      continue;
+    }
+    const double smooth = (orig / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    inv_freq_[i] = (1.0 - smooth) * inv_freq_[i] / r.factor + smooth * inv_freq_[i];
+  }
+}
+
+void HalfRope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
+  const int64_t half = dim_ / 2;
+  float cs[2048], sn[2048];
+  for (int64_t i = 0; i < half; ++i) {
+    const double a = static_cast<double>(pos) * inv_freq_[i];
+    cs[i] = static_cast<float>(std::cos(a));
+    sn[i] = static_cast<float>(std::sin(a));
+  }
+  for (int64_t v = 0; v < n; ++v) {
+    float* p = x + v * stride;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      p[i] = a * cs[i] - b * sn[i];
+      p[i + half] = b * cs[i] + a * sn[i];
+    }
+  }
+}
+
+GqaShape GqaShape::FromConfig(const ModelConfig& c) {
+  return {c.num_attention_heads, c.num_key_value_heads, c.attn_head_dim(), static_cast<float>(c.softmax_scale())};
+}
+
+void GqaAttention(const GqaShape& s, const float* q, int64_t Tq, const float* k, const float* v, int64_t S,
+                  float* out, float* scratch) {
+  const int64_t d = s.dim, group = s.heads / s.kv_heads, kv_stride = s.kv_heads * d;
+  for (int64_t j = 0; j < Tq; ++j) {
+    const int64_t visible = S - Tq + j + 1;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const float* qh = q + (j * s.heads + h) * d;
+      const int64_t kvh = h / group;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < visible; ++t) {
+        const float* kt = k + t * kv_stride + kvh * d;
+        float dot = 0;
+        for (int64_t i = 0; i < d; ++i) dot += qh[i] * kt[i];
+        scratch[t] = dot * s.softmax_scale;
+        mx = std::max(mx, scratch[t]);
+      }
+      float sum = 0;
+      for (int64_t t = 0; t < visible; ++t) {
+        scratch[t] = std::exp(scratch[t] - mx);
+        sum += scratch[t];
+      }
+      float* oh = out + (j * s.heads + h) * d;
+      std::fill(oh, oh + d, 0.0f);
+      for (int64_t t = 0; t < visible; ++t) {
+        const float p = scratch[t] / sum;
+        const float* vt = v + t * kv_stride + kvh * d;
+        for (int64_t i = 0; i < d; ++i) oh[i] += p * vt[i];
+      }
+    }
+  }
+}
+
 RouterParams RouterParams::FromConfig(const ModelConfig& c) {
   RouterParams p;
   p.num_experts = c.n_routed_experts;
