@@ -28,7 +28,7 @@
 #include "topology/validation.h"
 #include "topology/workload.h"
 
-ABSL_FLAG(std::string, model, "deepseek-v3", "model preset (deepseek-v3, small, tiny) or path to config.json");
+ABSL_FLAG(std::string, model, "deepseek-v3", "model preset (deepseek-v3, small, tiny, r1-distill-qwen-1.5b ... r1-distill-llama-70b; see `expertmesh checkpoint --help`) or path to config.json (DeepSeek-V3, Qwen2 or Llama)");
 ABSL_FLAG(std::string, topology, "", "cluster topology YAML (examples/topologies/)");
 ABSL_FLAG(std::string, workload, "", "workload YAML (examples/workloads/); default: 4K prompts, uniform load");
 ABSL_FLAG(std::string, phase, "",
