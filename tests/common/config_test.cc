@@ -121,7 +121,7 @@ void ExpectAllRefused(const std::vector<Bad>& cases) {
 
 TEST(Config, InvalidValuesNameTheField) {
   const std::vector<Bad> cases = {
-      {"model_type", "llama", {"model_type", "deepseek_v3"}},
+      {"model_type", "mixtral", {"model_type", "deepseek_v3", "qwen2", "llama"}},
       {"vocab_size", 0, {"vocab_size"}},
       {"vocab_size", "big", {"vocab_size", "wrong type"}},
       {"hidden_size", -160, {"hidden_size"}},
