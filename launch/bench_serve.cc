@@ -260,15 +260,17 @@ int RunServe() {
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
     const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
-    ckpt = absl::StrCat(dir, "/", preset, "-fp8-seed0", bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
+    auto preset_cfg = ModelConfig::Preset(preset);
+    if (!preset_cfg.ok()) return Fail(std::string(preset_cfg.status().message()));
+    const char* dtype = preset_cfg->dense_arch() ? "bf16" : "fp8";  // dense architectures have no fp8 layout
+    ckpt = absl::StrCat(dir, "/", preset, "-", dtype, "-seed0", bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
     if (!std::filesystem::exists(ckpt + "/config.json")) {
-      auto cfg = ModelConfig::Preset(preset);
-      if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
-      std::fprintf(stderr, "bench serve: generating the %s checkpoint (fp8) in %s (once)...\n", preset.c_str(),
+      const ModelConfig* cfg = &*preset_cfg;
+      std::fprintf(stderr, "bench serve: generating the %s checkpoint (%s) in %s (once)...\n", preset.c_str(), dtype,
                    ckpt.c_str());
       GenerateOptions o;
       o.out_dir = ckpt;
-      o.dtype = "fp8";
+      o.dtype = dtype;
       o.shard_size_bytes = 1ull << 30;
       o.router_bias_std = static_cast<float>(bias_std);
       o.progress = [](const std::string& m) { std::fprintf(stderr, "bench serve: %s\n", m.c_str()); };
