@@ -315,7 +315,7 @@ void Engine::DenseAttention(const LayerWeights& lw, size_t slot, const std::vect
       half_rope_.Apply(q.data() + (row + i) * qw, nh, d, start + i);
     }
     if (s.n > 0) {
-      scratch.resize(S);
+      scratch.resize(static_cast<size_t>(kernels::GqaScratch(gqa_, s.n, S)));
       kernels::GqaAttention(gqa_, q.data() + row * qw, s.n, kc.data(), vc.data(), S, attn.data() + row * qw,
                             scratch.data());
     }

@@ -241,31 +241,48 @@ GqaShape GqaShape::FromConfig(const ModelConfig& c) {
 
 void GqaAttention(const GqaShape& s, const float* q, int64_t Tq, const float* k, const float* v, int64_t S,
                   float* out, float* scratch) {
-  const int64_t d = s.dim, group = s.heads / s.kv_heads, kv_stride = s.kv_heads * d;
-  for (int64_t j = 0; j < Tq; ++j) {
-    const int64_t visible = S - Tq + j + 1;
-    for (int64_t h = 0; h < s.heads; ++h) {
-      const float* qh = q + (j * s.heads + h) * d;
-      const int64_t kvh = h / group;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < visible; ++t) {
-        const float* kt = k + t * kv_stride + kvh * d;
-        float dot = 0;
-        for (int64_t i = 0; i < d; ++i) dot += qh[i] * kt[i];
-        scratch[t] = dot * s.softmax_scale;
-        mx = std::max(mx, scratch[t]);
+  // Per KV head: its K [S, d] and V^T [d, S] and the queries of its heads
+  // [R = Tq * group, d] (row j * group + g: query j, head kvh * group + g)
+  // are packed, then scores = Q . K^T and out = softmax(scores) . V are two
+  // GEMMs (Linear: x . w^T).
+  const int64_t d = s.dim, group = s.heads / s.kv_heads, kv_stride = s.kv_heads * d, R = Tq * group;
+  float* kp = scratch;       // [S, d]
+  float* vt = kp + S * d;    // [d, S]
+  float* qp = vt + S * d;    // [R, d], then the output rows
+  float* sc = qp + R * d;    // [R, S]
+  for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh) {
+    for (int64_t t = 0; t < S; ++t) {
+      const float* kt = k + t * kv_stride + kvh * d;
+      const float* vr = v + t * kv_stride + kvh * d;
+      std::copy(kt, kt + d, kp + t * d);
+      for (int64_t i = 0; i < d; ++i) vt[i * S + t] = vr[i];
+    }
+    for (int64_t j = 0; j < Tq; ++j) {
+      for (int64_t g = 0; g < group; ++g) {
+        const float* src = q + (j * s.heads + kvh * group + g) * d;
+        std::copy(src, src + d, qp + (j * group + g) * d);
       }
+    }
+    Linear(qp, R, d, kp, S, sc);
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = sc + r * S;
+      const int64_t visible = S - Tq + r / group + 1;  // causal
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < visible; ++t) mx = std::max(mx, row[t] * s.softmax_scale);
       float sum = 0;
       for (int64_t t = 0; t < visible; ++t) {
-        scratch[t] = std::exp(scratch[t] - mx);
-        sum += scratch[t];
+        row[t] = std::exp(row[t] * s.softmax_scale - mx);
+        sum += row[t];
       }
-      float* oh = out + (j * s.heads + h) * d;
-      std::fill(oh, oh + d, 0.0f);
-      for (int64_t t = 0; t < visible; ++t) {
-        const float p = scratch[t] / sum;
-        const float* vt = v + t * kv_stride + kvh * d;
-        for (int64_t i = 0; i < d; ++i) oh[i] += p * vt[i];
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < visible; ++t) row[t] *= inv;
+      std::fill(row + visible, row + S, 0.0f);
+    }
+    Linear(sc, R, S, vt, d, qp);
+    for (int64_t j = 0; j < Tq; ++j) {
+      for (int64_t g = 0; g < group; ++g) {
+        const float* src = qp + (j * group + g) * d;
+        std::copy(src, src + d, out + (j * s.heads + kvh * group + g) * d);
       }
     }
   }

@@ -80,7 +80,8 @@ class HalfRope {
 //   q: [Tq, heads, dim] (rotated); k, v: [S, kv_heads, dim] (k rotated); the
 //   query heads h of group h / (heads / kv_heads) share a KV head; the j-th
 //   query sits at position S - Tq + j and attends to positions [0, S - Tq + j].
-//   out: [Tq, heads, dim]; scratch: at least S floats.
+//   out: [Tq, heads, dim]; scratch: at least GqaScratch(s, Tq, S) floats.
+//   Per KV head two GEMMs (scores = Q . K^T, then P . V) through Linear.
 struct GqaShape {
   int64_t heads, kv_heads, dim;
   float softmax_scale;
@@ -88,6 +89,10 @@ struct GqaShape {
 };
 void GqaAttention(const GqaShape& s, const float* q, int64_t Tq, const float* k, const float* v, int64_t S,
                   float* out, float* scratch);
+inline int64_t GqaScratch(const GqaShape& s, int64_t Tq, int64_t S) {
+  const int64_t R = Tq * (s.heads / s.kv_heads);
+  return 2 * S * s.dim + R * s.dim + R * S;
+}
 
 // Group-limited top-k routing (DeepSeek-V3 noaux_tc):
 // scores = sigmoid(logits); choice on scores + bias: group score = sum of the
