@@ -75,6 +75,47 @@ void AddBlock(const ModelConfig& c, int64_t layer, bool moe, const ShardFilter& 
   }
 }
 
+// A decoder layer of Qwen2ForCausalLM / LlamaForCausalLM: GQA attention
+// (q/k/v biases when attention_bias), SwiGLU MLP.
+void AddDenseBlock(const ModelConfig& c, int64_t layer, std::vector<TensorSpec>* out) {
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  const int64_t H = c.hidden_size, q = c.num_attention_heads * c.attn_head_dim(), kv = c.kv_dim();
+  const float out_gain = 1.0f / std::sqrt(2.0f * static_cast<float>(c.num_hidden_layers));
+  AddNorm(out, p + "input_layernorm.weight", H);
+  const std::string a = p + "self_attn.";
+  AddLinear(out, a + "q_proj.weight", q, H, false);
+  AddLinear(out, a + "k_proj.weight", kv, H, false);
+  AddLinear(out, a + "v_proj.weight", kv, H, false);
+  if (c.attention_bias) {
+    out->push_back({a + "q_proj.bias", {q}, false, Init::kNormal, 0.1f});
+    out->push_back({a + "k_proj.bias", {kv}, false, Init::kNormal, 0.1f});
+    out->push_back({a + "v_proj.bias", {kv}, false, Init::kNormal, 0.1f});
+  }
+  AddLinear(out, a + "o_proj.weight", H, q, false, out_gain);
+  AddNorm(out, p + "post_attention_layernorm.weight", H);
+  const std::string m = p + "mlp.";
+  AddLinear(out, m + "gate_proj.weight", c.intermediate_size, H, false);
+  AddLinear(out, m + "up_proj.weight", c.intermediate_size, H, false);
+  AddLinear(out, m + "down_proj.weight", H, c.intermediate_size, false, out_gain);
+}
+
+// Qwen2ForCausalLM / LlamaForCausalLM: embed_tokens, the layers, model.norm
+// and lm_head unless tie_word_embeddings (then the head is embed_tokens,
+// which a shard with the head but not the embedding reads as well).
+std::vector<TensorSpec> DenseSpec(const ModelConfig& c, const ShardFilter& f) {
+  std::vector<TensorSpec> out;
+  const int64_t end = f.layer_end < 0 ? c.num_hidden_layers : std::min(f.layer_end, c.num_hidden_layers);
+  if (f.embed || (f.head && c.tie_word_embeddings)) {
+    out.push_back({"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, false, Init::kNormal, 1.0f});
+  }
+  for (int64_t l = std::max<int64_t>(f.layer_begin, 0); l < end; ++l) AddDenseBlock(c, l, &out);
+  if (f.head) {
+    AddNorm(&out, "model.norm.weight", c.hidden_size);
+    if (!c.tie_word_embeddings) AddLinear(&out, "lm_head.weight", c.vocab_size, c.hidden_size, false);
+  }
+  return out;
+}
+
 uint64_t HashName(const std::string& s, uint64_t seed) {
   uint64_t h = SplitMix64(seed);
   for (unsigned char ch : s) h = SplitMix64(h ^ ch);
@@ -84,6 +125,7 @@ uint64_t HashName(const std::string& s, uint64_t seed) {
 }  // namespace
 
 std::vector<TensorSpec> CheckpointSpec(const ModelConfig& c, const ShardFilter& f) {
+  if (c.dense_arch()) return DenseSpec(c, f);
   std::vector<TensorSpec> out;
   const int64_t total = c.num_hidden_layers + c.num_nextn_predict_layers;
   const int64_t end = f.layer_end < 0 ? total : std::min(f.layer_end, total);

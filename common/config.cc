@@ -58,7 +58,21 @@ int64_t ModelConfig::num_moe_layers() const {
   return (n - 1) / f - (a + f - 1) / f + 1;
 }
 
+std::string ModelConfig::architecture() const {
+  if (model_type == "qwen2") return "Qwen2ForCausalLM";
+  if (model_type == "llama") return "LlamaForCausalLM";
+  return "DeepseekV3ForCausalLM";
+}
+
 double ModelConfig::ParameterCount() const {
+  if (dense_arch()) {
+    const double h = static_cast<double>(hidden_size), q = static_cast<double>(num_attention_heads) * attn_head_dim(),
+                 kv = static_cast<double>(kv_dim());
+    const double attn = h * q + 2.0 * h * kv + q * h + (attention_bias ? q + 2.0 * kv : 0.0);
+    const double layer = attn + 3.0 * h * static_cast<double>(intermediate_size) + 2.0 * h;
+    return static_cast<double>(vocab_size) * h * (tie_word_embeddings ? 1 : 2) +
+           static_cast<double>(num_hidden_layers) * layer + h;
+  }
   const double h = static_cast<double>(hidden_size), heads = static_cast<double>(num_attention_heads);
   const double q = q_lora_rank > 0 ? h * q_lora_rank + static_cast<double>(q_lora_rank) * heads * qk_head_dim()
                                    : h * heads * qk_head_dim();
@@ -75,6 +89,7 @@ double ModelConfig::ParameterCount() const {
 }
 
 double ModelConfig::softmax_scale() const {
+  if (dense_arch()) return 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(attn_head_dim(), 1)));
   double s = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
   if (rope_scaling.type == "yarn" && rope_scaling.mscale_all_dim > 0 && rope_scaling.factor > 1) {
     const double m = 0.1 * rope_scaling.mscale_all_dim * std::log(rope_scaling.factor) + 1.0;
@@ -83,11 +98,114 @@ double ModelConfig::softmax_scale() const {
   return s;
 }
 
+namespace {
+
+// The defaults of a dense architecture before its config.json is read: no
+// MLA, MoE or MTP fields; HF's defaults for the rest.
+ModelConfig DenseDefaults(const std::string& model_type) {
+  ModelConfig c;
+  c.model_type = model_type;
+  c.moe_intermediate_size = 0;
+  c.first_k_dense_replace = 0;  // set to num_hidden_layers once read
+  c.num_nextn_predict_layers = 0;
+  c.n_routed_experts = 0;
+  c.n_shared_experts = 0;
+  c.num_experts_per_tok = 0;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 1.0;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 0;
+  c.qk_nope_head_dim = 0;
+  c.qk_rope_head_dim = 0;
+  c.v_head_dim = 0;
+  c.rope_scaling.type = "none";
+  c.attention_bias = model_type == "qwen2";
+  return c;
+}
+
+// An id field that HF also writes as a list (Llama-3.1 instruct:
+// eos_token_id = [128001, 128008, 128009]): the first one.
+void GetTokenId(const json& j, const char* k, int64_t* out, std::vector<std::string>* errs) {
+  auto it = j.find(k);
+  if (it != j.end() && it->is_array()) {
+    if (it->empty() || !(*it)[0].is_number_integer()) {
+      errs->push_back(absl::StrCat(k, ": expected an integer or a non-empty list of integers"));
+    } else {
+      *out = (*it)[0].get<int64_t>();
+    }
+    return;
+  }
+  Get(j, k, out, errs);
+}
+
+// config.json of Qwen2ForCausalLM / LlamaForCausalLM.
+absl::StatusOr<ModelConfig> DenseFromJson(const json& j, const std::string& model_type) {
+  ModelConfig c = DenseDefaults(model_type);
+  std::vector<std::string> errs;
+  Get(j, "vocab_size", &c.vocab_size, &errs);
+  Get(j, "hidden_size", &c.hidden_size, &errs);
+  Get(j, "intermediate_size", &c.intermediate_size, &errs);
+  Get(j, "num_hidden_layers", &c.num_hidden_layers, &errs);
+  Get(j, "num_attention_heads", &c.num_attention_heads, &errs);
+  c.num_key_value_heads = c.num_attention_heads;  // HF: absent means multi-head attention
+  Get(j, "num_key_value_heads", &c.num_key_value_heads, &errs);
+  Get(j, "head_dim", &c.head_dim, &errs);
+  Get(j, "max_position_embeddings", &c.max_position_embeddings, &errs);
+  Get(j, "rope_theta", &c.rope_theta, &errs);
+  Get(j, "rms_norm_eps", &c.rms_norm_eps, &errs);
+  Get(j, "tie_word_embeddings", &c.tie_word_embeddings, &errs);
+  Get(j, "torch_dtype", &c.torch_dtype, &errs);
+  GetTokenId(j, "bos_token_id", &c.bos_token_id, &errs);
+  GetTokenId(j, "eos_token_id", &c.eos_token_id, &errs);
+  if (model_type == "llama") Get(j, "attention_bias", &c.attention_bias, &errs);
+  std::string act = "silu";
+  Get(j, "hidden_act", &act, &errs);
+  if (act != "silu") errs.push_back(absl::StrCat("hidden_act = \"", act, "\": expected \"silu\""));
+  bool sliding = false;
+  Get(j, "use_sliding_window", &sliding, &errs);
+  if (sliding) errs.push_back("use_sliding_window = true: sliding-window attention is not supported (expected false)");
+  bool mlp_bias = false;
+  Get(j, "mlp_bias", &mlp_bias, &errs);
+  if (mlp_bias) errs.push_back("mlp_bias = true: MLP biases are not supported (expected false)");
+  auto rs = j.find("rope_scaling");
+  if (rs != j.end() && !rs->is_null()) {
+    if (!rs->is_object()) {
+      errs.push_back("rope_scaling: expected an object or null");
+    } else {
+      RopeScaling& r = c.rope_scaling;
+      r.type.clear();
+      Get(*rs, "rope_type", &r.type, &errs, "rope_scaling.");
+      if (r.type.empty()) Get(*rs, "type", &r.type, &errs, "rope_scaling.");
+      if (r.type == "default") r.type = "none";
+      Get(*rs, "factor", &r.factor, &errs, "rope_scaling.");
+      Get(*rs, "low_freq_factor", &r.low_freq_factor, &errs, "rope_scaling.");
+      Get(*rs, "high_freq_factor", &r.high_freq_factor, &errs, "rope_scaling.");
+      Get(*rs, "original_max_position_embeddings", &r.original_max_position_embeddings, &errs,
+          "rope_scaling.");
+    }
+  }
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    errs.push_back(absl::StrCat("quantization_config: ", model_type,
+                                " checkpoints are read unquantised (fp32, bf16 or f16 weights)"));
+  }
+  if (!errs.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("config: ", absl::StrJoin(errs, "; ")));
+  }
+  c.first_k_dense_replace = c.num_hidden_layers;  // every layer is dense
+  absl::Status s = c.Validate();
+  if (!s.ok()) return s;
+  return c;
+}
+
+}  // namespace
+
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const json& j) {
   if (!j.is_object()) return absl::InvalidArgumentError("config: expected a JSON object");
   ModelConfig c;
   std::vector<std::string> errs;
   Get(j, "model_type", &c.model_type, &errs);
+  if (errs.empty() && (c.model_type == "qwen2" || c.model_type == "llama")) return DenseFromJson(j, c.model_type);
   Get(j, "vocab_size", &c.vocab_size, &errs);
   Get(j, "hidden_size", &c.hidden_size, &errs);
   Get(j, "intermediate_size", &c.intermediate_size, &errs);
@@ -194,8 +312,9 @@ absl::Status ModelConfig::Validate() const {
       e.push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
     }
   };
+  if (dense_arch()) return ValidateDense();
   if (model_type != "deepseek_v3") {
-    e.push_back(absl::StrCat("model_type = \"", model_type, "\": expected \"deepseek_v3\""));
+    e.push_back(absl::StrCat("model_type = \"", model_type, "\": expected \"deepseek_v3\", \"qwen2\" or \"llama\""));
   }
   const IntRange always[] = {
       {"vocab_size", 1, kMaxVocab},
@@ -310,7 +429,117 @@ absl::Status ModelConfig::Validate() const {
   return absl::OkStatus();
 }
 
+// Qwen2ForCausalLM / LlamaForCausalLM: the fields they use, and zeros in the
+// MoE / MLA / MTP fields (what DenseFromJson sets).
+absl::Status ModelConfig::ValidateDense() const {
+  std::vector<std::string> e;
+  auto range = [&](const char* name, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) e.push_back(absl::StrCat(name, " = ", v, ": must be in [", lo, ", ", hi, "]"));
+  };
+  auto real = [&](const char* name, double v, double lo_exclusive, double hi) {
+    if (!(v > lo_exclusive) || !(v <= hi)) {
+      e.push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
+    }
+  };
+  range("vocab_size", vocab_size, 1, kMaxVocab);
+  range("hidden_size", hidden_size, 1, kMaxWidth);
+  range("intermediate_size", intermediate_size, 1, kMaxFfn);
+  range("num_hidden_layers", num_hidden_layers, 1, kMaxLayers);
+  range("num_attention_heads", num_attention_heads, 1, 1024);
+  range("max_position_embeddings", max_position_embeddings, 1, kMaxPositions);
+  range("bos_token_id", bos_token_id, 0, std::max<int64_t>(vocab_size - 1, 0));
+  range("eos_token_id", eos_token_id, 0, std::max<int64_t>(vocab_size - 1, 0));
+  if (num_key_value_heads < 1 || num_key_value_heads > num_attention_heads ||
+      (num_key_value_heads > 0 && num_attention_heads % num_key_value_heads != 0)) {
+    e.push_back(absl::StrCat("num_key_value_heads = ", num_key_value_heads,
+                             ": must be in [1, num_attention_heads = ", num_attention_heads, "] and divide it"));
+  }
+  if (head_dim == 0 && num_attention_heads > 0 && hidden_size % num_attention_heads != 0) {
+    e.push_back(absl::StrCat("hidden_size = ", hidden_size, " is not a multiple of num_attention_heads = ",
+                             num_attention_heads, " (give head_dim)"));
+  }
+  const int64_t hd = attn_head_dim();
+  if (head_dim < 0 || hd < 2 || hd % 2 != 0 || hd > kMaxHeadDim) {
+    e.push_back(absl::StrCat("head_dim = ", hd, ": must be even and in [2, ", kMaxHeadDim, "]"));
+  }
+  if (first_k_dense_replace != num_hidden_layers || n_routed_experts != 0 || num_nextn_predict_layers != 0 ||
+      q_lora_rank != 0 || kv_lora_rank != 0) {
+    e.push_back(absl::StrCat(model_type, ": every layer is dense (first_k_dense_replace = num_hidden_layers, ",
+                             "n_routed_experts = 0, num_nextn_predict_layers = 0, no MLA ranks)"));
+  }
+  if (model_type == "qwen2" && !attention_bias) e.push_back("qwen2: the q/k/v projections have biases");
+  if (model_type == "llama" && attention_bias) {
+    e.push_back("attention_bias = true: Llama attention biases are not supported (expected false)");
+  }
+  real("rope_theta", rope_theta, 0, 1e12);
+  real("rms_norm_eps", rms_norm_eps, 0, 1);
+  const RopeScaling& r = rope_scaling;
+  if (r.type == "llama3" && model_type == "llama") {
+    if (!(r.factor >= 1) || !(r.factor <= 1e6)) {
+      e.push_back(absl::StrCat("rope_scaling.factor = ", r.factor, ": must be in [1, 1e+06]"));
+    }
+    range("rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings, 1, kMaxPositions);
+    if (!(r.low_freq_factor > 0) || !(r.high_freq_factor > r.low_freq_factor) || !(r.high_freq_factor <= 1e6)) {
+      e.push_back(absl::StrCat("rope_scaling.low_freq_factor = ", r.low_freq_factor, ", high_freq_factor = ",
+                               r.high_freq_factor, ": need high_freq_factor > low_freq_factor > 0"));
+    }
+  } else if (r.type != "none") {
+    e.push_back(absl::StrCat("rope_scaling.rope_type = \"", r.type, "\": expected ",
+                             model_type == "llama" ? "\"llama3\" or " : "", "rope_scaling: null for ", model_type));
+  }
+  if (quantization_config.present) {
+    e.push_back(absl::StrCat("quantization_config: ", model_type, " checkpoints are fp32, bf16 or f16 (no fp8)"));
+  }
+  if (e.empty() && ParameterCount() > kMaxParameters) {
+    e.push_back(absl::StrCat("the config describes ", ParameterCount() / 1e9, "B parameters: more than the ",
+                             kMaxParameters / 1e9, "B this runtime accepts"));
+  }
+  if (!e.empty()) return absl::InvalidArgumentError(absl::StrCat("config: ", absl::StrJoin(e, "; ")));
+  return absl::OkStatus();
+}
+
+// config.json of Qwen2ForCausalLM / LlamaForCausalLM, in HF's field names.
+json ModelConfig::DenseToJson() const {
+  json j;
+  j["architectures"] = {architecture()};
+  j["model_type"] = model_type;
+  j["vocab_size"] = vocab_size;
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["num_hidden_layers"] = num_hidden_layers;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_key_value_heads"] = num_key_value_heads;
+  if (head_dim > 0) j["head_dim"] = head_dim;
+  j["max_position_embeddings"] = max_position_embeddings;
+  j["rope_theta"] = rope_theta;
+  if (rope_scaling.type == "llama3") {
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", rope_scaling.factor},
+                         {"low_freq_factor", rope_scaling.low_freq_factor},
+                         {"high_freq_factor", rope_scaling.high_freq_factor},
+                         {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings}};
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["torch_dtype"] = torch_dtype;
+  j["bos_token_id"] = bos_token_id;
+  j["eos_token_id"] = eos_token_id;
+  j["hidden_act"] = "silu";
+  if (model_type == "llama") {
+    j["attention_bias"] = attention_bias;
+    j["mlp_bias"] = false;
+  } else {
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = max_position_embeddings;
+    j["max_window_layers"] = num_hidden_layers;
+  }
+  return j;
+}
+
 json ModelConfig::ToJson() const {
+  if (dense_arch()) return DenseToJson();
   json j;
   j["architectures"] = {"DeepseekV3ForCausalLM"};
   j["model_type"] = model_type;
@@ -368,9 +597,73 @@ json ModelConfig::ToJson() const {
   return j;
 }
 
-std::vector<std::string> ModelConfig::PresetNames() { return {"deepseek-v3", "tiny", "tiny-text", "small"}; }
+std::vector<std::string> ModelConfig::PresetNames() {
+  return {"deepseek-v3",          "tiny",                 "tiny-text",           "small",
+          "r1-distill-qwen-1.5b", "r1-distill-qwen-7b",   "r1-distill-llama-8b", "r1-distill-qwen-14b",
+          "r1-distill-qwen-32b",  "r1-distill-llama-70b", "tiny-qwen2",          "tiny-llama",
+          "tiny-qwen2-text",      "tiny-llama-text"};
+}
+
+namespace {
+
+// A dense preset: the shape of a DeepSeek-R1-Distill config.json (HF hub,
+// deepseek-ai/DeepSeek-R1-Distill-*), or a tiny one.
+ModelConfig Dense(const std::string& type, int64_t vocab, int64_t hidden, int64_t inter, int64_t layers,
+                  int64_t heads, int64_t kv_heads, double theta, double eps) {
+  ModelConfig c = DenseDefaults(type);
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_hidden_layers = layers;
+  c.first_k_dense_replace = layers;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.rope_theta = theta;
+  c.rms_norm_eps = eps;
+  c.max_position_embeddings = 131072;
+  if (type == "qwen2") {
+    c.bos_token_id = 151643;
+    c.eos_token_id = 151643;
+  } else {
+    c.bos_token_id = 128000;
+    c.eos_token_id = 128001;
+    c.rope_scaling.type = "llama3";  // Llama-3.1 / 3.3
+    c.rope_scaling.factor = 8.0;
+    c.rope_scaling.low_freq_factor = 1.0;
+    c.rope_scaling.high_freq_factor = 4.0;
+    c.rope_scaling.original_max_position_embeddings = 8192;
+  }
+  return c;
+}
+
+}  // namespace
 
 absl::StatusOr<ModelConfig> ModelConfig::Preset(const std::string& name) {
+  // DeepSeek-R1-Distill (bases: Qwen2.5-Math-1.5B / -7B, Llama-3.1-8B,
+  // Qwen2.5-14B / -32B, Llama-3.3-70B-Instruct).
+  if (name == "r1-distill-qwen-1.5b") return Dense("qwen2", 151936, 1536, 8960, 28, 12, 2, 10000, 1e-6);
+  if (name == "r1-distill-qwen-7b") return Dense("qwen2", 152064, 3584, 18944, 28, 28, 4, 10000, 1e-6);
+  if (name == "r1-distill-llama-8b") return Dense("llama", 128256, 4096, 14336, 32, 32, 8, 500000, 1e-5);
+  if (name == "r1-distill-qwen-14b") return Dense("qwen2", 152064, 5120, 13824, 48, 40, 8, 1e6, 1e-5);
+  if (name == "r1-distill-qwen-32b") return Dense("qwen2", 152064, 5120, 27648, 64, 40, 8, 1e6, 1e-5);
+  if (name == "r1-distill-llama-70b") return Dense("llama", 128256, 8192, 28672, 80, 64, 8, 500000, 1e-5);
+  if (name == "tiny-qwen2" || name == "tiny-llama" || name == "tiny-qwen2-text" || name == "tiny-llama-text") {
+    // CI: GQA (3 query heads per KV head), head_dim 32; tiny-llama's llama3
+    // scaling over 64 original positions puts its 16 frequencies in all three
+    // bands (kept, smoothed, divided by the factor). The -text variants have
+    // the distills' vocabulary sizes, so that the real tokenizers fit
+    // (`checkpoint --preset tiny-qwen2-text --tokenizer qwen3`).
+    const bool qwen = name == "tiny-qwen2" || name == "tiny-qwen2-text";
+    ModelConfig c = Dense(qwen ? "qwen2" : "llama", 1024, 192, 384, 3, 6, 2, qwen ? 10000 : 500000,
+                          qwen ? 1e-6 : 1e-5);
+    c.max_position_embeddings = 4096;
+    c.bos_token_id = 1;
+    c.eos_token_id = 2;
+    c.rope_scaling.original_max_position_embeddings = 64;
+    if (name == "tiny-qwen2-text") c.vocab_size = 151936;
+    if (name == "tiny-llama-text") c.vocab_size = 128256;
+    return c;
+  }
   ModelConfig c;  // defaults are DeepSeek-V3 671B
   if (name == "deepseek-v3") {
     c.quantization_config.present = true;

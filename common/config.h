@@ -1,5 +1,11 @@
-// DeepSeek-V3 model configuration: the fields of HF `config.json`
-// (`model_type: deepseek_v3`) that the architecture uses, presets, validation.
+// Model configuration: the fields of HF `config.json` that the supported
+// architectures use, presets, validation. Three architectures:
+//   * `deepseek_v3` (DeepseekV3ForCausalLM): MLA attention, MoE layers, MTP;
+//   * `qwen2` (Qwen2ForCausalLM) and `llama` (LlamaForCausalLM): dense decoder
+//     layers (GQA attention with half-split RoPE, SwiGLU MLP), the
+//     architectures of the DeepSeek-R1-Distill models. Qwen2 has q/k/v biases;
+//     Llama may use Llama-3.1 rope scaling (`rope_type: llama3`). For these,
+//     the MoE / MLA / MTP fields are zero and every layer is dense.
 //
 //   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile("ckpt/config.json"));
 //   ASSIGN_OR_RETURN(ModelConfig tiny, ModelConfig::Preset("tiny"));
@@ -15,13 +21,15 @@
 namespace expertmesh {
 
 struct RopeScaling {
-  std::string type = "yarn";          // "yarn" or "none" (plain RoPE)
+  std::string type = "yarn";          // "yarn" (DeepSeek-V3), "llama3" (Llama) or "none" (plain RoPE)
   double factor = 40.0;               // context extension factor
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
   double mscale = 1.0;
   double mscale_all_dim = 1.0;
+  double low_freq_factor = 1.0;       // llama3: wavelengths above original/low_freq_factor are divided by factor
+  double high_freq_factor = 4.0;      // llama3: wavelengths below original/high_freq_factor are kept
 };
 
 struct QuantizationConfig {
@@ -68,9 +76,15 @@ struct ModelConfig {
   int64_t bos_token_id = 0;
   int64_t eos_token_id = 1;
   QuantizationConfig quantization_config;
+  // Dense architectures (qwen2, llama) only:
+  int64_t head_dim = 0;                    // per attention head; 0: hidden_size / num_attention_heads
+  bool attention_bias = false;             // q/k/v projections have biases (always for qwen2)
 
   // Presets: "deepseek-v3" (the 671B config), "tiny" (same structure, small
-  // widths; CI), "small" (CPU benchmarks; see docs/MODEL.md).
+  // widths; CI), "small" (CPU benchmarks; see docs/MODEL.md); the six
+  // DeepSeek-R1-Distill models at their real shapes ("r1-distill-qwen-1.5b",
+  // "-qwen-7b", "-llama-8b", "-qwen-14b", "-qwen-32b", "-llama-70b") and
+  // "tiny-qwen2" / "tiny-llama" (CI).
   static absl::StatusOr<ModelConfig> Preset(const std::string& name);
   static std::vector<std::string> PresetNames();
   // Parses and validates; errors name the field and the allowed values.
@@ -82,6 +96,16 @@ struct ModelConfig {
   absl::Status Validate() const;
 
   // Derived quantities.
+  // A dense architecture (qwen2, llama): no MLA, no MoE, no MTP.
+  bool dense_arch() const { return model_type == "qwen2" || model_type == "llama"; }
+  // The HF class name: DeepseekV3ForCausalLM, Qwen2ForCausalLM or LlamaForCausalLM.
+  std::string architecture() const;
+  // Dense architectures: the attention head width and the K (= V) width of
+  // one token: num_key_value_heads * attn_head_dim().
+  int64_t attn_head_dim() const {
+    return head_dim > 0 ? head_dim : (num_attention_heads > 0 ? hidden_size / num_attention_heads : 0);
+  }
+  int64_t kv_dim() const { return num_key_value_heads * attn_head_dim(); }
   bool IsMoeLayer(int64_t layer) const {
     return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
   }
@@ -92,10 +116,17 @@ struct ModelConfig {
   // overflow. DeepSeek-V3: ~671e9 plus the MTP module.
   double ParameterCount() const;
   int64_t experts_per_group() const { return n_routed_experts / n_group; }
-  // Softmax scale of attention: qk_head_dim^-0.5, times mscale^2 under YaRN.
+  // Softmax scale of attention: qk_head_dim^-0.5, times mscale^2 under YaRN
+  // (dense architectures: attn_head_dim^-0.5).
   double softmax_scale() const;
-  // Values cached per token per layer in the latent KV cache.
-  int64_t kv_cache_dim() const { return kv_lora_rank + qk_rope_head_dim; }
+  // Values cached per token per layer: the latent KV cache of MLA
+  // (kv_lora_rank + qk_rope_head_dim), or K and V of the dense architectures
+  // (2 * num_key_value_heads * attn_head_dim).
+  int64_t kv_cache_dim() const { return dense_arch() ? 2 * kv_dim() : kv_lora_rank + qk_rope_head_dim; }
+
+ private:
+  absl::Status ValidateDense() const;
+  nlohmann::json DenseToJson() const;
 };
 
 }  // namespace expertmesh

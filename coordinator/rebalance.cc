@@ -111,6 +111,10 @@ double Coordinator::WindowImbalanceLocked(const topology::Plan& plan, int64_t* t
 }
 
 absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsResponse* resp) {
+  if (config_.num_moe_layers() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("expert rebalancing: the model (", config_.model_type,
+                                                      ") has no MoE layers, so no experts to place"));
+  }
   if (plan_.ep < 2) {
     return absl::FailedPreconditionError("expert rebalancing needs --ep > 1 (with one EP rank a stage holds every "
                                          "expert)");

@@ -54,6 +54,12 @@ int BenchLayer() {
     std::fprintf(stderr, "expertmesh bench layer: %s\n", std::string(cfg.status().message()).c_str());
     return 2;
   }
+  if (cfg->dense_arch()) {
+    std::fprintf(stderr, "expertmesh bench layer: measures a DeepSeek-V3 MoE / MLA layer; %s is a dense %s model "
+                         "(use `bench serve` or `generate`)\n",
+                 absl::GetFlag(FLAGS_preset).c_str(), cfg->architecture().c_str());
+    return 2;
+  }
   const int64_t T = absl::GetFlag(FLAGS_tokens);
   if (T <= 0) {
     std::fprintf(stderr, "expertmesh bench layer: --tokens must be > 0\n");

@@ -457,20 +457,22 @@ int RunServe() {
   std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
   if (ckpt.empty()) {
     const double bias_std = absl::GetFlag(FLAGS_router_bias_std);
-    ckpt = absl::StrCat(dir, "/", preset, stream ? "-v129280" : "", "-fp8-seed0",
+    auto preset_cfg = ModelConfig::Preset(preset);
+    if (!preset_cfg.ok()) return Fail(std::string(preset_cfg.status().message()));
+    const char* dtype = preset_cfg->dense_arch() ? "bf16" : "fp8";  // dense architectures have no fp8 layout
+    ckpt = absl::StrCat(dir, "/", preset, stream ? "-v129280" : "", "-", dtype, "-seed0",
                         bias_std != 0.05 ? absl::StrCat("-bias", bias_std) : "");
     if (!std::filesystem::exists(ckpt + "/config.json")) {
-      auto cfg = ModelConfig::Preset(preset);
-      if (!cfg.ok()) return Fail(std::string(cfg.status().message()));
+      ModelConfig* cfg = &*preset_cfg;
       // --stream: the preset with DeepSeek-V3's vocabulary (its lm_head), but no tokenizer: prompts and
       // streamed completions are token ids, so each token is counted where it arrives (text may hold back part
       // of a character, and random weights also pick the 465 ids past the tokenizer's 128815, without text).
       if (stream) cfg->vocab_size = std::max<int64_t>(cfg->vocab_size, 129280);
-      std::fprintf(stderr, "bench serve: generating the %s checkpoint (fp8) in %s (once)...\n", preset.c_str(),
+      std::fprintf(stderr, "bench serve: generating the %s checkpoint (%s) in %s (once)...\n", preset.c_str(), dtype,
                    ckpt.c_str());
       GenerateOptions o;
       o.out_dir = ckpt;
-      o.dtype = "fp8";
+      o.dtype = dtype;
       o.shard_size_bytes = 1ull << 30;
       o.router_bias_std = static_cast<float>(bias_std);
       o.progress = [](const std::string& m) { std::fprintf(stderr, "bench serve: %s\n", m.c_str()); };

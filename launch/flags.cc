@@ -13,7 +13,11 @@
 #include "worker/cuda_engine.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "checkpoint folder (config.json + safetensors shards + index)");
-ABSL_FLAG(std::string, preset, "tiny", "model preset: tiny, tiny-text (tiny with the 129280-token vocabulary), small or deepseek-v3");
+ABSL_FLAG(std::string, preset, "tiny",
+          "model preset: tiny, tiny-text (tiny with the 129280-token vocabulary), small or deepseek-v3 (DeepSeek-V3); "
+          "r1-distill-qwen-1.5b, r1-distill-qwen-7b, r1-distill-llama-8b, r1-distill-qwen-14b, r1-distill-qwen-32b, "
+          "r1-distill-llama-70b (the dense R1-Distill models, Qwen2 / Llama), tiny-qwen2 or tiny-llama (tiny-qwen2-text / "
+          "tiny-llama-text: with the distills' vocabulary sizes, for the qwen3 / llama3 tokenizers)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (weights for `checkpoint`, sampling for `generate`)");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of a table");
 
@@ -29,7 +33,8 @@ ABSL_FLAG(std::string, server, "",
           "(chat)");
 
 ABSL_FLAG(std::string, model, "deepseek-v3",
-          "plan: model preset (deepseek-v3, small, tiny) or path to config.json; chat: the model to ask (default "
+          "plan: model preset (deepseek-v3, small, tiny, r1-distill-qwen-1.5b ... r1-distill-llama-70b; see "
+          "`expertmesh checkpoint --help`) or path to config.json (DeepSeek-V3, Qwen2 or Llama); chat: the model to ask (default "
           "there: the first of the server's GET /v1/models)");
 
 ABSL_FLAG(int32_t, pp, 1, "pipeline stages");

@@ -200,9 +200,14 @@ int EvaluateOne(const ModelConfig& cfg, const topology::Cluster& c, const topolo
                 static_cast<long long>(r->devices_used_per_node), static_cast<long long>(c.devices_per_node()),
                 static_cast<long long>(r->idle_devices_per_node));
   }
-  std::printf("  expert imbalance %.3f (max/mean rank load after EPLB), dispatch %.0f us, combine %.0f us per layer "
-              "and micro-batch\n",
-              r->expert_imbalance, r->dispatch_us, r->combine_us);
+  if (cfg.num_moe_layers() > 0) {
+    std::printf("  expert imbalance %.3f (max/mean rank load after EPLB), dispatch %.0f us, combine %.0f us per layer "
+                "and micro-batch\n",
+                r->expert_imbalance, r->dispatch_us, r->combine_us);
+  } else {
+    std::printf("  %s: dense, no experts (the %lld EP ranks of a stage are data-parallel lanes)\n",
+                cfg.architecture().c_str(), static_cast<long long>(d.ep));
+  }
   std::printf("  bottleneck: %s\n  critical path per step (ms):", r->bottleneck.c_str());
   for (const auto& [k, v] : r->critical_path_ms) std::printf("  %s %.2f", k.c_str(), v);
   std::printf("\n");

@@ -82,6 +82,7 @@ ModelWeights CountWeights(const ModelConfig& cfg) {
 
 int64_t KvBytesPerTokenLayer(const ModelConfig& cfg, const std::string& kv_dtype) {
   if (kv_dtype == "fp32") return 4 * cfg.kv_cache_dim();
+  if (kv_dtype == "fp8" && cfg.dense_arch()) return cfg.kv_cache_dim();  // K and V in FP8
   if (kv_dtype == "fp8") {
     // Latent in FP8 + one fp32 scale per 128 values + rope part in BF16 (FlashMLA FP8 layout).
     return cfg.kv_lora_rank + 4 * ((cfg.kv_lora_rank + 127) / 128) + 2 * cfg.qk_rope_head_dim;
@@ -216,8 +217,44 @@ OpCost DeviceCostModel::AttentionDecode(const std::string& name, double flops, d
   return op;
 }
 
+namespace {
+
+// GQA attention of the dense architectures (Qwen2, Llama): fused q/k/v
+// projection (+ biases), rotary + append to the K/V cache, causal attention
+// over the cache (decode: bound by reading K and V), o_proj.
+std::vector<OpCost> GqaAttentionOps(const ModelConfig& c, const DeviceCostModel& dev, const BatchShape& b,
+                                    int64_t kvb) {
+  const double T = b.tokens, S = std::max(b.sequences, 1e-9), H = static_cast<double>(c.hidden_size);
+  const double nh = static_cast<double>(c.num_attention_heads), hd = static_cast<double>(c.attn_head_dim());
+  const double kv = static_cast<double>(c.kv_dim());
+  const double a2 = dev.ActOutBytes(), a1 = dev.ActInBytes();
+  const bool cpu = dev.device().cpu_path();
+  std::vector<OpCost> ops;
+  ops.push_back(dev.Elementwise("input_norm", T * H * (a2 + a2 + a1), 1));
+  ops.push_back(dev.Gemm("qkv_proj", T, H, nh * hd + 2 * kv, true));
+  ops.push_back(dev.Elementwise("bias_rope_cache", T * (nh * hd + 2 * kv) * 2 * a2 + T * static_cast<double>(kvb), 1));
+  if (!b.decode) {
+    const double n = T / S, ctx_tokens = T + S * b.context;
+    const double pairs = S * (n * b.context + n * (n + 1) / 2);  // causal (query, key) pairs
+    const double flops = 4.0 * nh * hd * pairs;
+    const double bytes = 2.0 * T * nh * hd * a2 + ctx_tokens * static_cast<double>(kvb);
+    ops.push_back(dev.AttentionPrefill("attention_core", flops, bytes, cpu ? nh * S : 1));
+  } else {
+    const double flops = 4.0 * nh * hd * b.context * T;
+    const double bytes = S * b.context * static_cast<double>(kvb) + 2.0 * T * nh * hd * a2;
+    ops.push_back(dev.AttentionDecode("attention_core_gqa", flops, bytes, cpu ? nh * S : 2));
+  }
+  ops.push_back(dev.Elementwise("o_quant", T * nh * hd * (a2 + a1), 1));
+  ops.push_back(dev.Gemm("o_proj", T, nh * hd, H, true));
+  ops.push_back(dev.Elementwise("residual_post_norm", T * H * (4 * a2 + a1), 1));
+  return ops;
+}
+
+}  // namespace
+
 std::vector<OpCost> AttentionOps(const ModelConfig& c, const DeviceCostModel& dev, const BatchShape& b,
                                  int64_t kvb) {
+  if (c.dense_arch()) return GqaAttentionOps(c, dev, b, kvb);
   const double T = b.tokens, S = std::max(b.sequences, 1e-9), H = static_cast<double>(c.hidden_size);
   const double nh = static_cast<double>(c.num_attention_heads), qk = static_cast<double>(c.qk_head_dim());
   const double nope = static_cast<double>(c.qk_nope_head_dim), rope = static_cast<double>(c.qk_rope_head_dim);

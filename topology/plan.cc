@@ -13,6 +13,10 @@ namespace expertmesh::topology {
 std::vector<double> LayerCosts(const ModelConfig& c) {
   const double H = static_cast<double>(c.hidden_size);
   const double nh = static_cast<double>(c.num_attention_heads);
+  if (c.dense_arch()) {  // q, k, v, o projections and the SwiGLU MLP: the same cost every layer
+    const double q = nh * static_cast<double>(c.attn_head_dim()), kv = static_cast<double>(c.kv_dim());
+    return std::vector<double>(c.num_hidden_layers, 2.0 * (2.0 * H * q + 2.0 * H * kv + 3.0 * H * c.intermediate_size));
+  }
   const double attn = (c.q_lora_rank > 0 ? H * c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim()
                                          : H * nh * c.qk_head_dim()) +
                       H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim) +
@@ -34,7 +38,8 @@ absl::StatusOr<Plan> BuildPlan(const ModelConfig& c, const PlanOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("--pp ", o.pp, ": need 1 <= pp <= num_hidden_layers (", N, ")"));
   }
   if (o.ep < 1) return absl::InvalidArgumentError(absl::StrCat("--ep ", o.ep, ": must be >= 1"));
-  if (o.ep > c.n_routed_experts) {
+  // Dense models: the EP ranks of a stage are data-parallel lanes (no experts).
+  if (o.ep > c.n_routed_experts && !c.dense_arch()) {
     return absl::InvalidArgumentError(absl::StrCat("--ep ", o.ep, ": more EP ranks than routed experts (",
                                                    c.n_routed_experts, ")"));
   }
@@ -99,10 +104,10 @@ absl::StatusOr<Plan> BuildPlan(const ModelConfig& c, const PlanOptions& o) {
       return absl::InvalidArgumentError(absl::StrCat("expert load given for layer ", layer, ", not a MoE layer"));
     }
   }
-  if ((c.n_routed_experts + o.redundant_experts) % o.ep == 0) {
+  if (c.num_moe_layers() > 0 && (c.n_routed_experts + o.redundant_experts) % o.ep == 0) {
     absl::Status s = PlaceExpertsWithEplb(c, o.expert_load, o.ranks_per_node > 0 ? o.ranks_per_node : o.ep, &p);
     if (!s.ok()) return s;
-  } else if (!o.expert_load.empty()) {
+  } else if (!o.expert_load.empty() && c.num_moe_layers() > 0) {
     return absl::InvalidArgumentError(absl::StrCat("EPLB needs n_routed_experts + redundant experts (",
                                                    c.n_routed_experts + o.redundant_experts,
                                                    ") divisible by --ep ", o.ep));

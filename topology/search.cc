@@ -68,7 +68,7 @@ absl::StatusOr<SearchResult> SearchPlans(const ModelConfig& cfg, const Cluster& 
         for (int64_t ep = 1; ep * pp <= gpn; ++ep) {
           if (gpn % ep == 0 && (ep * pp == gpn || ep == 1 || pp == 1)) eps.push_back(ep);
         }
-        if (pp == 1) {  // as for the divisors: with pp > 1 only plans that fill the node
+        if (pp == 1 && cfg.num_moe_layers() > 0) {  // as for the divisors: with pp > 1 only plans that fill the node
           for (int64_t ep : PartNodeEpSizes(gpn, E)) eps.push_back(ep);
         }
         std::sort(eps.begin(), eps.end());
@@ -79,13 +79,14 @@ absl::StatusOr<SearchResult> SearchPlans(const ModelConfig& cfg, const Cluster& 
       for (int64_t ep : eps) {
         // Redundancy: none, the smallest that makes the slots divide, and 32 when it divides.
         std::vector<int64_t> reds;
-        for (int64_t r = 0; r <= std::max<int64_t>(ep, 64); ++r) {
+        if (cfg.num_moe_layers() == 0) reds.push_back(0);  // dense: no experts, no redundancy
+        for (int64_t r = 0; cfg.num_moe_layers() > 0 && r <= std::max<int64_t>(ep, 64); ++r) {
           if ((E + r) % ep == 0) {
             reds.push_back(r);
             break;
           }
         }
-        if ((E + 32) % ep == 0) reds.push_back(32);
+        if (cfg.num_moe_layers() > 0 && (E + 32) % ep == 0) reds.push_back(32);
         std::sort(reds.begin(), reds.end());
         reds.erase(std::unique(reds.begin(), reds.end()), reds.end());
         for (int64_t red : reds) {

@@ -57,7 +57,8 @@ absl::Status ValidateDeployment(const Deployment& d, const Cluster& c, const Mod
   }
   if (d.redundant_experts < 0) return absl::InvalidArgumentError("--redundant-experts must be >= 0");
   const int64_t slots = cfg.n_routed_experts + d.redundant_experts;
-  if (slots % d.ep != 0) {
+  const bool moe = cfg.num_moe_layers() > 0;  // dense models: EP ranks are data-parallel lanes
+  if (moe && slots % d.ep != 0) {
     return absl::InvalidArgumentError(absl::StrCat("--ep ", d.ep, ": ", cfg.n_routed_experts, " experts + ",
                                                    d.redundant_experts, " redundant = ", slots,
                                                    " slots do not divide over the EP ranks; choose "
@@ -67,7 +68,7 @@ absl::Status ValidateDeployment(const Deployment& d, const Cluster& c, const Mod
     return absl::InvalidArgumentError(absl::StrCat("--pp ", d.pp, ": more stages than layers (", cfg.num_hidden_layers,
                                                    ")"));
   }
-  if (d.ep > cfg.n_routed_experts) {
+  if (moe && d.ep > cfg.n_routed_experts) {
     return absl::InvalidArgumentError(absl::StrCat("--ep ", d.ep, ": more EP ranks than routed experts (",
                                                    cfg.n_routed_experts, "); use pipeline stages (--pp) or fewer nodes"));
   }
@@ -295,7 +296,12 @@ MemoryBreakdown ComputeMemory(const ModelConfig& cfg, const Cluster& c, const Wo
   const double T = s.mb.tokens, a2 = dev.gemm_dtype == "fp32" ? 4.0 : 2.0;
   const double resid = 3.0 * T * H * a2;
   double attn;
-  if (s.mb.decode) {
+  if (cfg.dense_arch()) {
+    // q, k, v, attention output (decode); prefill also the context's K and V.
+    const double hd = static_cast<double>(cfg.attn_head_dim()), kv = static_cast<double>(cfg.kv_dim());
+    attn = T * (2.0 * nh * hd + 2.0 * kv) * a2;
+    if (!s.mb.decode) attn += s.mb.sequences * s.mb.context * 2.0 * kv * a2;
+  } else if (s.mb.decode) {
     attn = 3.0 * T * nh * static_cast<double>(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a2;
   } else {
     const double ctx_tokens = T + s.mb.sequences * s.mb.context;
@@ -307,7 +313,9 @@ MemoryBreakdown ComputeMemory(const ModelConfig& cfg, const Cluster& c, const Wo
   const double moe = max_rank_copies * (H * 1.0 + 2.0 * I * a2 + H * a2);
   const double logits = s.logit_tokens * static_cast<double>(cfg.vocab_size) * 4.0;
   m.activations = static_cast<double>(s.micro) * (resid + std::max({attn, moe, logits}));
-  if (d.ep > 1 && dev.cpu_path()) {
+  if (cfg.num_moe_layers() == 0) {
+    // No MoE layers: no all-to-all, no communication buffers.
+  } else if (d.ep > 1 && dev.cpu_path()) {
     // MPI dispatcher: send and receive buffers of the busiest rank's records.
     m.comm_buffers = 2.0 * max_rank_copies * (DispatchBytesPerCopy(cfg, dev) + CombineBytesPerCopy(cfg, dev));
   } else if (d.ep > 1) {
@@ -362,6 +370,7 @@ absl::StatusOr<PreparedPlacement> PreparePlacement(const ModelConfig& cfg, const
   const int64_t rpn = std::min(c.devices_per_node(), d.ep);
   const int64_t moe_layers = std::max<int64_t>(cfg.num_moe_layers(), 1);
   PreparedPlacement p;
+  if (cfg.num_moe_layers() == 0) return p;  // dense models: no experts to place
   ASSIGN_OR_RETURN(p.loads, w.expert_load.Loads(moe_layers, E));
   EplbOptions eo;
   eo.num_ranks = d.ep;

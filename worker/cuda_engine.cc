@@ -1052,8 +1052,9 @@ absl::Status CheckDevice(const CudaEngineOptions& o) {
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Load(const std::string& dir, const ShardFilter& filter,
                                                              const CudaEngineOptions& options) {
-  RETURN_IF_ERROR(CheckDevice(options));
   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
+  RETURN_IF_ERROR(CheckCudaArchitecture(cfg));
+  RETURN_IF_ERROR(CheckDevice(options));
   ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
   RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, filter), cfg));
   auto impl = std::make_unique<Impl>();
@@ -1083,6 +1084,7 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Load(const std::string& 
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Random(const ModelConfig& cfg, const ShardFilter& filter,
                                                                uint64_t seed, const CudaEngineOptions& options) {
+  RETURN_IF_ERROR(CheckCudaArchitecture(cfg));
   RETURN_IF_ERROR(CheckDevice(options));
   RETURN_IF_ERROR(cfg.Validate());
   auto impl = std::make_unique<Impl>();

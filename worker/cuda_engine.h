@@ -76,6 +76,11 @@ struct CudaEngineOptions {
   int64_t max_graphs = 64;            // captured decode shapes kept (least recently used dropped)
 };
 
+// The CUDA engine runs the DeepSeek-V3 architecture (MLA, MoE) only:
+// FailedPrecondition (one line) for the dense architectures (qwen2, llama),
+// which run on the CPU engine. Load, Random and MakeStageEngine check it first.
+absl::Status CheckCudaArchitecture(const ModelConfig& cfg);
+
 class CudaEngine {
  public:
   using SeqId = int64_t;

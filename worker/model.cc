@@ -61,6 +61,20 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
   RETURN_IF_ERROR(get(p + "input_layernorm.weight", &lw->input_norm));
   RETURN_IF_ERROR(get(p + "post_attention_layernorm.weight", &lw->post_norm));
   const std::string a = p + "self_attn.";
+  if (c.dense_arch()) {
+    AttentionWeights& w = lw->attn;
+    RETURN_IF_ERROR(get(a + "q_proj.weight", &w.q));
+    RETURN_IF_ERROR(get(a + "k_proj.weight", &w.k));
+    RETURN_IF_ERROR(get(a + "v_proj.weight", &w.v));
+    RETURN_IF_ERROR(get(a + "o_proj.weight", &w.o));
+    if (c.attention_bias) {
+      RETURN_IF_ERROR(get(a + "q_proj.bias", &w.q_bias));
+      RETURN_IF_ERROR(get(a + "k_proj.bias", &w.k_bias));
+      RETURN_IF_ERROR(get(a + "v_proj.bias", &w.v_bias));
+    }
+    RETURN_IF_ERROR(LoadFused(get, p + "mlp.", c.intermediate_size, c.hidden_size, &lw->dense.gate_up));
+    return get(p + "mlp.down_proj.weight", &lw->dense.down);
+  }
   if (c.q_lora_rank > 0) {
     RETURN_IF_ERROR(get(a + "q_a_proj.weight", &lw->attn.q_a));
     RETURN_IF_ERROR(get(a + "q_a_layernorm.weight", &lw->attn.q_a_norm));
@@ -218,7 +232,8 @@ absl::Status ModelShard::Build(const ShardFilter& filter, const TensorFiller& fi
   if (filter.embed) RETURN_IF_ERROR(get("model.embed_tokens.weight", &embed_));
   if (filter.head) {
     RETURN_IF_ERROR(get("model.norm.weight", &final_norm_));
-    RETURN_IF_ERROR(get("lm_head.weight", &lm_head_));
+    // Tied embeddings (dense architectures): the head is embed_tokens.
+    RETURN_IF_ERROR(get(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", &lm_head_));
   }
   for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     LayerWeights lw;
@@ -232,12 +247,20 @@ Engine::Engine(const ModelShard* shard)
     : shard_(shard),
       cfg_(shard->config()),
       rope_(shard->config()),
-      mla_(kernels::MlaShape::FromConfig(shard->config())) {}
+      mla_(kernels::MlaShape::FromConfig(shard->config())),
+      half_rope_(shard->config()),
+      gqa_(kernels::GqaShape::FromConfig(shard->config())) {}
 
 SequenceCache Engine::NewCache() const {
   SequenceCache c;
-  c.latent.resize(shard_->layers().size());
-  c.k_pe.resize(shard_->layers().size());
+  const size_t n = shard_->layers().size();
+  if (cfg_.dense_arch()) {
+    c.k.resize(n);
+    c.v.resize(n);
+  } else {
+    c.latent.resize(n);
+    c.k_pe.resize(n);
+  }
   return c;
 }
 
@@ -256,8 +279,54 @@ void Engine::Embed(const std::vector<Segment>& segs, std::vector<float>* hidden)
   }
 }
 
+void Engine::DenseAttention(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs, const float* x,
+                            int64_t T, float* out) {
+  const ModelConfig& c = cfg_;
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.attn_head_dim();
+  const int64_t qw = nh * d, kvw = nkv * d;
+  const AttentionWeights& w = lw.attn;
+  std::vector<float> q(T * qw), k(T * kvw), v(T * kvw);
+  kernels::Linear(x, T, H, w.q.data(), qw, q.data());
+  kernels::Linear(x, T, H, w.k.data(), kvw, k.data());
+  kernels::Linear(x, T, H, w.v.data(), kvw, v.data());
+  if (c.attention_bias) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < qw; ++i) q[t * qw + i] += w.q_bias[i];
+      for (int64_t i = 0; i < kvw; ++i) {
+        k[t * kvw + i] += w.k_bias[i];
+        v[t * kvw + i] += w.v_bias[i];
+      }
+    }
+  }
+  std::vector<float> attn(T * qw), scratch;
+  int64_t row = 0;
+  for (const Segment& s : segs) {
+    SequenceCache& cache = *s.cache;
+    const int64_t start = cache.length, S = start + s.n;
+    std::vector<float>& kc = cache.k[slot];
+    std::vector<float>& vc = cache.v[slot];
+    kc.resize(S * kvw);
+    vc.resize(S * kvw);
+    for (int64_t i = 0; i < s.n; ++i) {  // the new tokens at positions start + i, appended
+      float* kd = kc.data() + (start + i) * kvw;
+      std::memcpy(kd, k.data() + (row + i) * kvw, kvw * sizeof(float));
+      std::memcpy(vc.data() + (start + i) * kvw, v.data() + (row + i) * kvw, kvw * sizeof(float));
+      half_rope_.Apply(kd, nkv, d, start + i);
+      half_rope_.Apply(q.data() + (row + i) * qw, nh, d, start + i);
+    }
+    if (s.n > 0) {
+      scratch.resize(static_cast<size_t>(kernels::GqaScratch(gqa_, s.n, S)));
+      kernels::GqaAttention(gqa_, q.data() + row * qw, s.n, kc.data(), vc.data(), S, attn.data() + row * qw,
+                            scratch.data());
+    }
+    row += s.n;
+  }
+  kernels::Linear(attn.data(), T, qw, w.o.data(), H, out);
+}
+
 void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs, const float* x,
                        int64_t T, float* out) {
+  if (cfg_.dense_arch()) return DenseAttention(lw, slot, segs, x, T, out);
   const ModelConfig& c = cfg_;
   const int64_t H = c.hidden_size, nh = c.num_attention_heads, qd = c.qk_head_dim(), L = c.kv_lora_rank,
                 dr = c.qk_rope_head_dim, dv = c.v_head_dim;
@@ -424,11 +493,11 @@ void Engine::HeadRows(const float* normed, int64_t n, std::vector<float>* logits
 void SequenceCache::Truncate(int64_t n) {
   CHECK(n >= 0 && n <= length) << "Truncate(" << n << ") of a cache holding " << length << " tokens";
   if (n == length) return;
-  for (auto* per_layer : {&latent, &k_pe}) {
-    for (auto& v : *per_layer) {
-      if (v.empty()) continue;
-      const size_t per_token = v.size() / static_cast<size_t>(length);
-      v.resize(static_cast<size_t>(n) * per_token);
+  for (auto* per_layer : {&latent, &k_pe, &k, &v}) {
+    for (auto& values : *per_layer) {
+      if (values.empty()) continue;
+      const size_t per_token = values.size() / static_cast<size_t>(length);
+      values.resize(static_cast<size_t>(n) * per_token);
     }
   }
   length = n;

@@ -1,4 +1,6 @@
-// A shard of a DeepSeek-V3 model and the engine that runs it on the CPU.
+// A shard of a model and the engine that runs it on the CPU: DeepSeek-V3
+// (MLA attention over a latent KV cache, MoE layers) or a dense architecture
+// (Qwen2 / Llama: GQA attention over a K/V cache, SwiGLU MLP; common/config.h).
 //
 // A shard holds the layers [layer_begin, layer_end) of one pipeline stage
 // (all of them for `expertmesh generate`), the embedding on the first stage and
@@ -38,8 +40,11 @@ namespace expertmesh::worker {
 
 struct AttentionWeights {
   std::vector<float> q_a, q_a_norm, q_b;  // q_lora_rank > 0
-  std::vector<float> q;                   // q_lora_rank == 0: q_proj
+  std::vector<float> q;                   // q_lora_rank == 0 and dense architectures: q_proj
   std::vector<float> kv_a, kv_a_norm, kv_b, o;
+  // Dense architectures (GQA): k_proj, v_proj; the q/k/v biases when
+  // attention_bias (Qwen2), else empty.
+  std::vector<float> k, v, q_bias, k_bias, v_bias;
 };
 
 struct LayerWeights {
@@ -114,12 +119,15 @@ class ModelShard {
   std::vector<float> embed_, final_norm_, lm_head_;
 };
 
-// Latent KV cache of one sequence over the layers of a shard: per layer,
-// kv_lora_rank normalised latent values and qk_rope_head_dim rotated key
-// values per token (DeepSeek-V3: 576 per token per layer).
+// KV cache of one sequence over the layers of a shard. DeepSeek-V3 (latent):
+// per layer, kv_lora_rank normalised latent values and qk_rope_head_dim
+// rotated key values per token (DeepSeek-V3: 576 per token per layer).
+// Dense architectures: per layer, the rotated keys and the values of the
+// num_key_value_heads KV heads.
 struct SequenceCache {
   std::vector<std::vector<float>> latent;  // [layer][pos * kv_lora]
   std::vector<std::vector<float>> k_pe;    // [layer][pos * rope]
+  std::vector<std::vector<float>> k, v;    // dense: [layer][pos * kv_heads * head_dim]
   int64_t length = 0;                      // tokens cached
 
   // Drops the entries of positions >= n (0 <= n <= length), e.g. those of a
@@ -190,6 +198,11 @@ class Engine {
   // caller in errors), embedding and every layer.
   absl::Status EmbedAndRun(const char* what, const std::vector<Segment>& segs, std::vector<float>* hidden);
 
+  // Attention's dense-architecture form: GQA with half-split RoPE over the
+  // caches' K and V (same contract as Attention).
+  void DenseAttention(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs, const float* x,
+                      int64_t T, float* out);
+
   // The MoE block on normed x[T, H]: y = routed + shared (y overwritten).
   absl::Status Moe(const LayerWeights& lw, const float* x, int64_t T, float* y);
 
@@ -199,6 +212,8 @@ class Engine {
   RouteObserver on_route_;
   kernels::Rope rope_;
   kernels::MlaShape mla_;
+  kernels::HalfRope half_rope_;  // dense architectures
+  kernels::GqaShape gqa_;
   EngineTimes times_;
 };
 

@@ -247,6 +247,13 @@ class CudaStageEngine : public StageEngine {
 
 }  // namespace
 
+absl::Status CheckCudaArchitecture(const ModelConfig& cfg) {
+  if (!cfg.dense_arch()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "--device cuda: the CUDA engine runs the DeepSeek-V3 architecture (MLA, MoE) only; ", cfg.architecture(),
+      " (", cfg.model_type, ") models run on the CPU engine (--device cpu)"));
+}
+
 int32_t StageEngine::Sample(const std::vector<float>& logits, int64_t row, const kernels::SamplingParams& params,
                             int64_t step) const {
   const int64_t V = config().vocab_size;
@@ -255,6 +262,9 @@ int32_t StageEngine::Sample(const std::vector<float>& logits, int64_t row, const
 
 absl::StatusOr<std::unique_ptr<StageEngine>> MakeStageEngine(const StageEngineOptions& options) {
   if (options.cuda) {
+    // The architecture first: a clear line also in builds without CUDA.
+    ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(options.checkpoint + "/config.json"));
+    RETURN_IF_ERROR(CheckCudaArchitecture(cfg));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaEngine> gpu,
                      CudaEngine::Load(options.checkpoint, options.filter, options.cuda_options));
     return std::unique_ptr<StageEngine>(new CudaStageEngine(std::move(gpu)));

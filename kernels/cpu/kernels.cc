@@ -195,6 +195,99 @@ void Rope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
   }
 }
 
+HalfRope::HalfRope(const ModelConfig& c) : dim_(c.dense_arch() ? c.attn_head_dim() : 0) {
+  const int64_t half = dim_ / 2;
+  inv_freq_.resize(half);
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq_[i] = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / static_cast<double>(dim_));
+  }
+  if (c.rope_scaling.type != "llama3") return;
+  const auto& r = c.rope_scaling;
+  const double orig = static_cast<double>(r.original_max_position_embeddings);
+  const double low_wavelen = orig / r.low_freq_factor, high_wavelen = orig / r.high_freq_factor;
+  for (int64_t i = 0; i < half; ++i) {
+    const double wavelen = 2.0 * M_PI / inv_freq_[i];
+    if (wavelen < high_wavelen) continue;  // high frequencies: kept
+    if (wavelen > low_wavelen) {           // low frequencies: divided by the factor
+      inv_freq_[i] /= r.factor;
+      continue;
+    }
+    const double smooth = (orig / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    inv_freq_[i] = (1.0 - smooth) * inv_freq_[i] / r.factor + smooth * inv_freq_[i];
+  }
+}
+
+void HalfRope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
+  const int64_t half = dim_ / 2;
+  float cs[2048], sn[2048];
+  for (int64_t i = 0; i < half; ++i) {
+    const double a = static_cast<double>(pos) * inv_freq_[i];
+    cs[i] = static_cast<float>(std::cos(a));
+    sn[i] = static_cast<float>(std::sin(a));
+  }
+  for (int64_t v = 0; v < n; ++v) {
+    float* p = x + v * stride;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      p[i] = a * cs[i] - b * sn[i];
+      p[i + half] = b * cs[i] + a * sn[i];
+    }
+  }
+}
+
+GqaShape GqaShape::FromConfig(const ModelConfig& c) {
+  return {c.num_attention_heads, c.num_key_value_heads, c.attn_head_dim(), static_cast<float>(c.softmax_scale())};
+}
+
+void GqaAttention(const GqaShape& s, const float* q, int64_t Tq, const float* k, const float* v, int64_t S,
+                  float* out, float* scratch) {
+  // Per KV head: its K [S, d] and V^T [d, S] and the queries of its heads
+  // [R = Tq * group, d] (row j * group + g: query j, head kvh * group + g)
+  // are packed, then scores = Q . K^T and out = softmax(scores) . V are two
+  // GEMMs (Linear: x . w^T).
+  const int64_t d = s.dim, group = s.heads / s.kv_heads, kv_stride = s.kv_heads * d, R = Tq * group;
+  float* kp = scratch;       // [S, d]
+  float* vt = kp + S * d;    // [d, S]
+  float* qp = vt + S * d;    // [R, d], then the output rows
+  float* sc = qp + R * d;    // [R, S]
+  for (int64_t kvh = 0; kvh < s.kv_heads; ++kvh) {
+    for (int64_t t = 0; t < S; ++t) {
+      const float* kt = k + t * kv_stride + kvh * d;
+      const float* vr = v + t * kv_stride + kvh * d;
+      std::copy(kt, kt + d, kp + t * d);
+      for (int64_t i = 0; i < d; ++i) vt[i * S + t] = vr[i];
+    }
+    for (int64_t j = 0; j < Tq; ++j) {
+      for (int64_t g = 0; g < group; ++g) {
+        const float* src = q + (j * s.heads + kvh * group + g) * d;
+        std::copy(src, src + d, qp + (j * group + g) * d);
+      }
+    }
+    Linear(qp, R, d, kp, S, sc);
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = sc + r * S;
+      const int64_t visible = S - Tq + r / group + 1;  // causal
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < visible; ++t) mx = std::max(mx, row[t] * s.softmax_scale);
+      float sum = 0;
+      for (int64_t t = 0; t < visible; ++t) {
+        row[t] = std::exp(row[t] * s.softmax_scale - mx);
+        sum += row[t];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t t = 0; t < visible; ++t) row[t] *= inv;
+      std::fill(row + visible, row + S, 0.0f);
+    }
+    Linear(sc, R, S, vt, d, qp);
+    for (int64_t j = 0; j < Tq; ++j) {
+      for (int64_t g = 0; g < group; ++g) {
+        const float* src = qp + (j * group + g) * d;
+        std::copy(src, src + d, out + (j * s.heads + kvh * group + g) * d);
+      }
+    }
+  }
+}
+
 RouterParams RouterParams::FromConfig(const ModelConfig& c) {
   RouterParams p;
   p.num_experts = c.n_routed_experts;

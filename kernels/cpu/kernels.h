@@ -57,6 +57,43 @@ class Rope {
   std::vector<double> inv_freq_;
 };
 
+// Rotary embedding of the dense architectures (HF Qwen2 / Llama
+// `rotate_half`): over the whole head, dimension i pairs with i + dim/2;
+// inv_freq[i] = theta^(-2i/dim), corrected by Llama-3.1's `llama3` scaling
+// when cfg.rope_scaling.type says so (wavelengths above
+// original/low_freq_factor divided by factor, below original/high_freq_factor
+// kept, smoothly blended between).
+class HalfRope {
+ public:
+  explicit HalfRope(const ModelConfig& cfg);
+  // Rotates `n` vectors of `dim` (= attn_head_dim) floats spaced `stride`
+  // apart, all at position `pos`, in place.
+  void Apply(float* x, int64_t n, int64_t stride, int64_t pos) const;
+  const std::vector<double>& inv_freq() const { return inv_freq_; }
+
+ private:
+  int64_t dim_;
+  std::vector<double> inv_freq_;
+};
+
+// Grouped-query attention over one sequence's K/V cache (causal).
+//   q: [Tq, heads, dim] (rotated); k, v: [S, kv_heads, dim] (k rotated); the
+//   query heads h of group h / (heads / kv_heads) share a KV head; the j-th
+//   query sits at position S - Tq + j and attends to positions [0, S - Tq + j].
+//   out: [Tq, heads, dim]; scratch: at least GqaScratch(s, Tq, S) floats.
+//   Per KV head two GEMMs (scores = Q . K^T, then P . V) through Linear.
+struct GqaShape {
+  int64_t heads, kv_heads, dim;
+  float softmax_scale;
+  static GqaShape FromConfig(const ModelConfig& cfg);
+};
+void GqaAttention(const GqaShape& s, const float* q, int64_t Tq, const float* k, const float* v, int64_t S,
+                  float* out, float* scratch);
+inline int64_t GqaScratch(const GqaShape& s, int64_t Tq, int64_t S) {
+  const int64_t R = Tq * (s.heads / s.kv_heads);
+  return 2 * S * s.dim + R * s.dim + R * S;
+}
+
 // Group-limited top-k routing (DeepSeek-V3 noaux_tc):
 // scores = sigmoid(logits); choice on scores + bias: group score = sum of the
 // group's top-2, keep topk_group groups, top-k experts inside them; weights

@@ -121,7 +121,7 @@ void ExpectAllRefused(const std::vector<Bad>& cases) {
 
 TEST(Config, InvalidValuesNameTheField) {
   const std::vector<Bad> cases = {
-      {"model_type", "llama", {"model_type", "deepseek_v3"}},
+      {"model_type", "mixtral", {"model_type", "deepseek_v3", "qwen2", "llama"}},
       {"vocab_size", 0, {"vocab_size"}},
       {"vocab_size", "big", {"vocab_size", "wrong type"}},
       {"hidden_size", -160, {"hidden_size"}},
@@ -231,6 +231,116 @@ TEST(Config, Files) {
   ASSERT_OK(ModelConfig::FromPresetOrPath(d.path()));
   ASSERT_OK(ModelConfig::FromPresetOrPath(d.File("config.json")));
   EXPECT_ERROR(ModelConfig::FromPresetOrPath(d.File("nothing")), StatusCode::kNotFound, "nothing");
+}
+
+
+// ---------------------------------------------------------------- dense architectures
+
+// config.json of deepseek-ai/DeepSeek-R1-Distill-Llama-8B (HF hub), verbatim
+// but for the fields the runtime ignores.
+constexpr char kDistillLlama8B[] = R"({
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+  "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+  "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+  "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256})";
+
+// config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.
+constexpr char kDistillQwen15B[] = R"({
+  "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+  "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+  "intermediate_size": 8960, "max_position_embeddings": 131072, "max_window_layers": 21,
+  "model_type": "qwen2", "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-06, "rope_theta": 10000, "sliding_window": 4096, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "use_cache": true, "use_mrope": false,
+  "use_sliding_window": false, "vocab_size": 151936})";
+
+TEST(DenseConfig, ReadsTheDistillConfigs) {
+  auto l = ModelConfig::FromJson(json::parse(kDistillLlama8B));
+  ASSERT_OK(l);
+  EXPECT_TRUE(l->dense_arch());
+  EXPECT_EQ(l->architecture(), "LlamaForCausalLM");
+  EXPECT_EQ(l->num_key_value_heads, 8);
+  EXPECT_EQ(l->attn_head_dim(), 128);
+  EXPECT_EQ(l->kv_cache_dim(), 2 * 8 * 128);
+  EXPECT_EQ(l->rope_scaling.type, "llama3");
+  EXPECT_DOUBLE_EQ(l->rope_scaling.high_freq_factor, 4.0);
+  EXPECT_EQ(l->rope_scaling.original_max_position_embeddings, 8192);
+  EXPECT_EQ(l->num_moe_layers(), 0);
+  EXPECT_EQ(l->num_nextn_predict_layers, 0);
+  EXPECT_FALSE(l->attention_bias);
+  EXPECT_NEAR(l->softmax_scale(), 1.0 / std::sqrt(128.0), 1e-12);
+  auto q = ModelConfig::FromJson(json::parse(kDistillQwen15B));
+  ASSERT_OK(q);
+  EXPECT_EQ(q->architecture(), "Qwen2ForCausalLM");
+  EXPECT_TRUE(q->attention_bias);
+  EXPECT_EQ(q->rope_scaling.type, "none");
+  EXPECT_EQ(q->attn_head_dim(), 128);
+  // The presets are these configs.
+  auto pl = ModelConfig::Preset("r1-distill-llama-8b");
+  auto pq = ModelConfig::Preset("r1-distill-qwen-1.5b");
+  ASSERT_OK(pl);
+  ASSERT_OK(pq);
+  EXPECT_EQ(pl->ToJson(), ModelConfig::FromJson(pl->ToJson())->ToJson());
+  for (const char* k : {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "vocab_size", "max_position_embeddings", "eos_token_id"}) {
+    EXPECT_EQ(pl->ToJson()[k], l->ToJson()[k]) << k;
+    EXPECT_EQ(pq->ToJson()[k], q->ToJson()[k]) << k;
+  }
+  EXPECT_EQ(pl->ToJson()["rope_scaling"], l->ToJson()["rope_scaling"]);
+}
+
+TEST(DenseConfig, PresetsHaveThePublishedParameterCounts) {
+  // Billions of parameters of the six R1-Distill models (HF model cards: 1.78B,
+  // 7.62B, 8.03B, 14.8B, 32.8B, 70.6B).
+  const std::vector<std::pair<std::string, double>> want = {
+      {"r1-distill-qwen-1.5b", 1.78}, {"r1-distill-qwen-7b", 7.62},  {"r1-distill-llama-8b", 8.03},
+      {"r1-distill-qwen-14b", 14.77}, {"r1-distill-qwen-32b", 32.76}, {"r1-distill-llama-70b", 70.55}};
+  for (const auto& [name, b] : want) {
+    auto c = ModelConfig::Preset(name);
+    ASSERT_OK(c);
+    EXPECT_NEAR(c->ParameterCount() / 1e9, b, 0.01 * b) << name;
+    ASSERT_OK(ModelConfig::FromJson(c->ToJson()));
+  }
+  for (const char* tiny : {"tiny-qwen2", "tiny-llama"}) ASSERT_OK(ModelConfig::Preset(tiny));
+}
+
+TEST(DenseConfig, RefusesWhatTheEngineCannotRun) {
+  auto with = [](const char* base, const char* key, json v) {
+    json j = json::parse(base);
+    j[key] = v;
+    return ModelConfig::FromJson(j).status();
+  };
+  auto expect_error = [](const absl::Status& s, const std::string& what) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(std::string(s.message()).find(what), std::string::npos) << s;
+  };
+  expect_error(with(kDistillQwen15B, "use_sliding_window", true), "use_sliding_window");
+  expect_error(with(kDistillQwen15B, "num_key_value_heads", 5), "num_key_value_heads = 5");
+  expect_error(with(kDistillQwen15B, "num_attention_heads", 7), "not a multiple of num_attention_heads");
+  expect_error(with(kDistillQwen15B, "hidden_act", "gelu"), "hidden_act");
+  expect_error(with(kDistillQwen15B, "rope_scaling", json{{"rope_type", "llama3"}, {"factor", 8.0}}),
+               "rope_scaling.rope_type");
+  expect_error(with(kDistillLlama8B, "rope_scaling", json{{"rope_type", "yarn"}, {"factor", 8.0}}),
+               "\"llama3\"");
+  expect_error(with(kDistillLlama8B, "rope_scaling",
+                    json{{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 4.0},
+                         {"high_freq_factor", 1.0}, {"original_max_position_embeddings", 8192}}),
+               "high_freq_factor > low_freq_factor");
+  expect_error(with(kDistillLlama8B, "attention_bias", true), "attention_bias");
+  expect_error(with(kDistillLlama8B, "quantization_config", json{{"quant_method", "fp8"}}), "quantization_config");
+  expect_error(with(kDistillLlama8B, "eos_token_id", 128256), "eos_token_id");
+  expect_error(with(kDistillLlama8B, "num_hidden_layers", 0), "num_hidden_layers");
+  // eos_token_id as a list (Llama-3.1 instruct): the first id.
+  json j = json::parse(kDistillLlama8B);
+  j["eos_token_id"] = {128001, 128008, 128009};
+  auto c = ModelConfig::FromJson(j);
+  ASSERT_OK(c);
+  EXPECT_EQ(c->eos_token_id, 128001);
 }
 
 }  // namespace

@@ -327,7 +327,7 @@ class BadInputTest(unittest.TestCase):
             ("rope_scaling.type", "linear", ["rope_scaling", "yarn"]),
             ("rope_scaling.factor", 0.5, ["rope_scaling.factor"]),
             ("rms_norm_eps", 0, ["rms_norm_eps"]),
-            ("model_type", "llama", ["model_type", "deepseek_v3"]),
+            ("model_type", "mixtral", ["model_type", "deepseek_v3", "qwen2", "llama"]),
             ("qk_rope_head_dim", 15, ["qk_rope_head_dim"]),
             ("scoring_func", "tanh", ["scoring_func", "sigmoid"]),
             ("quantization_config.fmt", "e5m2", ["quantization_config.fmt", "e4m3"]),
