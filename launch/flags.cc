@@ -17,7 +17,7 @@ ABSL_FLAG(std::string, preset, "tiny",
           "model preset: tiny, tiny-text (tiny with the 129280-token vocabulary), small or deepseek-v3 (DeepSeek-V3); "
           "r1-distill-qwen-1.5b, r1-distill-qwen-7b, r1-distill-llama-8b, r1-distill-qwen-14b, r1-distill-qwen-32b, "
           "r1-distill-llama-70b (the dense R1-Distill models, Qwen2 / Llama), tiny-qwen2 or tiny-llama (tiny-qwen2-text / "
-          "tiny-llama-text: with the distills' vocabulary sizes, for the qwen3 / llama3 tokenizers)");
+          "tiny-llama-text: with the distills' vocabulary sizes, for the qwen2.5 / llama3.1 tokenizers)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (weights for `checkpoint`, sampling for `generate`)");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of a table");
 

@@ -92,7 +92,7 @@ const Verb kVerbs[] = {
      "--eplb-interval-s.",
      RebalanceMain},
     {"tokenize", "launch/text_cmd.cc", "text <-> token ids with a checkpoint's HF tokenizer; chat rendering",
-     "expertmesh tokenize --tokenizer DIR|deepseek-v3|llama3|qwen3 [--text T] [--add-bos] [--decode] [--jsonl] "
+     "expertmesh tokenize --tokenizer DIR|deepseek-v3|llama3|llama3.1|qwen2.5|qwen3 [--text T] [--add-bos] [--decode] [--jsonl] "
      "[--chat-template deepseek-v3|deepseek-r1]\n\nEncodes --text (or all of stdin) and prints {\"tokens\":[...]}; "
      "--decode prints the text of ids (a JSON array or comma-separated). --jsonl: each stdin line is {\"text\": s}, "
      "{\"tokens\": [...]} or {\"messages\": [...], \"add_generation_prompt\": true} (rendered with the chat "

