@@ -107,6 +107,7 @@
 #include "coordinator/journal.h"
 #include "coordinator/membership.h"
 #include "proto/expertmesh.pb.h"
+#include "proto/security.h"
 #include "topology/plan.h"
 
 namespace expertmesh::coordinator {
@@ -140,6 +141,14 @@ struct CoordinatorOptions {
   double eplb_interval_s = 0;       // automatic: every this many seconds; 0: only on RebalanceExperts
   double eplb_min_gain = 0.05;      // start only when the imbalance drops by at least this fraction
   int64_t eplb_min_tokens = 2048;   // routed tokens per MoE layer (mean) observed since the last rebalance
+  // Access control (docs/SECURITY.md). Empty: that part is open.
+  // Clients (JobService, ClusterService, HTTP /metrics) send
+  // "authorization: Bearer <client_auth_token>".
+  std::string client_auth_token;
+  // Workers (WorkerService) send "x-expertmesh-worker-secret: <cluster_secret>";
+  // the client token does not grant WorkerService.
+  std::string cluster_secret;
+  rpc::ServerSecurity tls;          // TLS (and mTLS) of the gRPC server; empty: plaintext
 };
 
 class Coordinator {

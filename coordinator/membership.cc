@@ -230,9 +230,15 @@ absl::StatusOr<v1::HeartbeatResponse> Coordinator::Heartbeat(const v1::Heartbeat
       }
     }
     Worker& w = workers_[static_cast<size_t>(id)];
-    if (request.pid() != 0 && (request.pid() != w.pid || request.host() != w.host)) {
-      return absl::FailedPreconditionError(absl::StrCat("worker_id: ", id, " is now held by ", w.host, ":", w.pid,
-                                                        " (this worker was replaced after it went MISSING); exit"));
+    // Only the process that registered the place may beat for it: a forged
+    // beat (another host or pid, or none) can neither keep a lost worker
+    // READY nor, with `exiting`, force a new data-plane generation.
+    if (request.pid() != w.pid || request.host() != w.host) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "worker_id: ", id, " is now held by ", w.host, ":", w.pid, ", not by ",
+          request.host().empty() && request.pid() == 0 ? std::string("a sender without host and pid")
+                                                       : absl::StrCat(request.host(), ":", request.pid()),
+          " (a worker replaced after it went MISSING must exit)"));
     }
     for (const auto& l : request.expert_load()) {
       auto it = expert_load_.find(l.layer());

@@ -23,6 +23,7 @@
 #include "common/status.h"
 #include "glog/logging.h"
 #include "absl/time/clock.h"
+#include "coordinator/auth.h"
 #include "httplib.h"
 #include "prometheus/metric_family.h"
 #include "prometheus/text_serializer.h"
@@ -414,7 +415,18 @@ class GuardedServer : public httplib::Server {
 class HttpMetricsServer : public MetricsServer {
  public:
   HttpMetricsServer(const Coordinator* c, const MetricsHttpLimits& limits) : c_(c), http_(limits) {
-    http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    http_.Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
+      // The client token (--auth-token-file) guards the metrics like the gRPC services.
+      const Authenticator auth(c_->options().client_auth_token, "");
+      const bool has = req.has_header("Authorization");
+      const std::string value = has ? req.get_header_value("Authorization") : "";
+      const absl::Status ok = auth.CheckClient(has ? &value : nullptr, nullptr, "GET /metrics");
+      if (!ok.ok()) {
+        res.status = ok.code() == absl::StatusCode::kUnauthenticated ? 401 : 403;
+        if (res.status == 401) res.set_header("WWW-Authenticate", "Bearer");
+        res.set_content(std::string(ok.message()) + "\n", "text/plain; charset=utf-8");
+        return;
+      }
       res.set_content(MetricsText(*c_), "text/plain; version=0.0.4; charset=utf-8");
     });
   }

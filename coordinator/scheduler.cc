@@ -69,6 +69,22 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
                      ") call Sync"));
   }
   if (request.generation() != generation_) return resp;  // rebuild the data plane first
+  // Check every update before applying any: a token outside the vocabulary
+  // never becomes part of a result (a worker bug, or a forged report).
+  const int64_t vocab = config_.vocab_size;
+  for (int i = 0; i < request.updates_size(); ++i) {
+    const v1::SequenceUpdate& u = request.updates(i);
+    for (int k = 0; k < u.new_tokens_size(); ++k) {
+      const int32_t t = u.new_tokens(k);
+      if (t < 0 || t >= vocab) {
+        LOG(WARNING) << "coordinator: worker " << id << " reported token " << t << " for " << u.seq_id()
+                     << ", outside the vocabulary; the Sync is refused";
+        return absl::InvalidArgumentError(absl::StrCat("updates[", i, "] (seq ", u.seq_id(), ").new_tokens[", k,
+                                                       "]: ", t, " is out of range [0, ", vocab,
+                                                       "); the whole Sync is refused"));
+      }
+    }
+  }
   Worker& w = workers_[static_cast<size_t>(id)];
   const int64_t now = NowMs();
   for (const v1::SequenceUpdate& u : request.updates()) {

@@ -37,14 +37,21 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   }
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
   ASSIGN_OR_RETURN(s->coordinator_, Coordinator::Create(options));
-  s->jobs_ = std::make_unique<JobServiceImpl>(s->coordinator_.get());
-  s->cluster_ = std::make_unique<ClusterServiceImpl>(s->coordinator_.get());
-  s->workers_ = std::make_unique<WorkerServiceImpl>(s->coordinator_.get());
+  s->auth_ = std::make_unique<Authenticator>(options.client_auth_token, options.cluster_secret);
+  s->jobs_ = std::make_unique<JobServiceImpl>(s->coordinator_.get(), s->auth_.get());
+  s->cluster_ = std::make_unique<ClusterServiceImpl>(s->coordinator_.get(), s->auth_.get());
+  s->workers_ = std::make_unique<WorkerServiceImpl>(s->coordinator_.get(), s->auth_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &s->port_);
+  if (options.tls.cert_pem.empty() != options.tls.key_pem.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (options.tls.cert_pem.empty() && !options.tls.client_ca_pem.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key");
+  }
+  builder.AddListeningPort(options.listen, rpc::MakeServerCredentials(options.tls), &s->port_);
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.RegisterService(s->jobs_.get());
@@ -87,17 +94,40 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
               << "/metrics";
   }
   LOG(INFO) << "coordinator: listening on " << s->address_ << " (JobService, ClusterService, WorkerService, health, "
-            << "reflection)";
+            << "reflection; "
+            << (options.tls.cert_pem.empty() ? "plaintext"
+                                             : options.tls.client_ca_pem.empty() ? "TLS" : "TLS with client certificates")
+            << ", client token " << (s->auth_->client_open() ? "off" : "on") << ", cluster secret "
+            << (s->auth_->worker_open() ? "off" : "on") << ")";
+  const std::string who = options.tls.client_ca_pem.empty()
+                              ? absl::StrCat("anyone who reaches ", s->address_)
+                              : std::string("anyone holding a client certificate of --tls-client-ca");
+  if (s->auth_->client_open() && s->auth_->worker_open()) {
+    LOG(WARNING) << "coordinator: the control plane is unauthenticated: " << who
+                 << " can submit and cancel jobs, shut the cluster down, and register or impersonate workers. Set "
+                    "--auth-token-file and --cluster-secret-file (and --tls-cert/--tls-key); see docs/SECURITY.md";
+  } else if (s->auth_->worker_open()) {
+    LOG(WARNING) << "coordinator: WorkerService is unauthenticated (no --cluster-secret-file): " << who
+                 << " can register or impersonate workers; see docs/SECURITY.md";
+  } else if (s->auth_->client_open()) {
+    LOG(WARNING) << "coordinator: JobService and ClusterService are unauthenticated (no --auth-token-file): " << who
+                 << " can submit and cancel jobs and shut the cluster down; see docs/SECURITY.md";
+  }
+  if (options.tls.cert_pem.empty() && !(s->auth_->client_open() && s->auth_->worker_open())) {
+    LOG(WARNING) << "coordinator: without --tls-cert the token and the cluster secret cross the network in "
+                    "plaintext; see docs/SECURITY.md";
+  }
   return s;
 }
 
 CoordinatorServer::~CoordinatorServer() { Stop(); }
 
-std::shared_ptr<grpc::Channel> CoordinatorServer::InProcessChannel() {
+std::shared_ptr<grpc::Channel> CoordinatorServer::InProcessChannel(const rpc::ClientSecurity& security) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
-  return server_->InProcessChannel(args);
+  if (security.bearer_token.empty() && security.worker_secret.empty()) return server_->InProcessChannel(args);
+  return server_->experimental().InProcessChannelWithInterceptors(args, rpc::SecretInterceptors(security));
 }
 
 void CoordinatorServer::Wait(const std::atomic<int>* stop) {

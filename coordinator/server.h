@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "coordinator/auth.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/metrics.h"
 #include "grpcpp/grpcpp.h"
@@ -36,7 +37,9 @@ class CoordinatorServer {
   // host:port actually bound (port 0 resolved; a wildcard host becomes this machine's name).
   const std::string& address() const { return address_; }
   int port() const { return port_; }
-  std::shared_ptr<grpc::Channel> InProcessChannel();
+  // A channel that skips the network (and TLS) but not the credential
+  // checks: calls carry `security`'s token and secret.
+  std::shared_ptr<grpc::Channel> InProcessChannel(const rpc::ClientSecurity& security = {});
   Coordinator* coordinator() { return coordinator_.get(); }
   // The port of GET /metrics (options.metrics_listen), 0 when off.
   int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
@@ -53,6 +56,7 @@ class CoordinatorServer {
  private:
   CoordinatorServer() = default;
   std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<Authenticator> auth_;
   std::unique_ptr<JobServiceImpl> jobs_;
   std::unique_ptr<ClusterServiceImpl> cluster_;
   std::unique_ptr<WorkerServiceImpl> workers_;

@@ -50,17 +50,20 @@ grpc::Status Answer(absl::StatusOr<T> r, T* out) {
 
 // ---------------------------------------------------------------- JobService
 
-grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext*, const v1::SubmitJobRequest* req,
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* ctx, const v1::SubmitJobRequest* req,
                                        v1::SubmitJobResponse* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "JobService.SubmitJob"); !a.ok()) return a;
   return Answer(c_->SubmitJob(*req), resp);
 }
 
-grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) {
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req, v1::Job* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "JobService.GetJob"); !a.ok()) return a;
   return Answer(c_->GetJob(req->job_id()), resp);
 }
 
 grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
                                       grpc::ServerWriter<v1::WatchJobResponse>* writer) {
+  if (grpc::Status a = auth_->Client(ctx, "JobService.WatchJob"); !a.ok()) return a;
   size_t cursor = 0;
   while (true) {
     std::vector<v1::WatchJobResponse> batch;
@@ -75,30 +78,35 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJ
   }
 }
 
-grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req, v1::Job* resp) {
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req, v1::Job* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "JobService.CancelJob"); !a.ok()) return a;
   return Answer(c_->CancelJob(req->job_id()), resp);
 }
 
-grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req,
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                       v1::ListJobsResponse* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "JobService.ListJobs"); !a.ok()) return a;
   return Answer(c_->ListJobs(*req), resp);
 }
 
 // ---------------------------------------------------------------- ClusterService
 
-grpc::Status ClusterServiceImpl::GetClusterStatus(grpc::ServerContext*, const v1::GetClusterStatusRequest*,
+grpc::Status ClusterServiceImpl::GetClusterStatus(grpc::ServerContext* ctx, const v1::GetClusterStatusRequest*,
                                                   v1::ClusterStatus* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "ClusterService.GetClusterStatus"); !a.ok()) return a;
   *resp = c_->GetClusterStatus();
   return grpc::Status::OK;
 }
 
-grpc::Status ClusterServiceImpl::Shutdown(grpc::ServerContext*, const v1::ShutdownRequest*, v1::ShutdownResponse*) {
+grpc::Status ClusterServiceImpl::Shutdown(grpc::ServerContext* ctx, const v1::ShutdownRequest*, v1::ShutdownResponse*) {
+  if (grpc::Status a = auth_->Client(ctx, "ClusterService.Shutdown"); !a.ok()) return a;
   c_->RequestShutdown();
   return grpc::Status::OK;
 }
 
-grpc::Status ClusterServiceImpl::RebalanceExperts(grpc::ServerContext*, const v1::RebalanceExpertsRequest* req,
+grpc::Status ClusterServiceImpl::RebalanceExperts(grpc::ServerContext* ctx, const v1::RebalanceExpertsRequest* req,
                                                   v1::RebalanceExpertsResponse* resp) {
+  if (grpc::Status a = auth_->Client(ctx, "ClusterService.RebalanceExperts"); !a.ok()) return a;
   return Answer(c_->RebalanceExperts(*req), resp);
 }
 
@@ -106,6 +114,7 @@ grpc::Status ClusterServiceImpl::RebalanceExperts(grpc::ServerContext*, const v1
 
 grpc::Status WorkerServiceImpl::Register(grpc::ServerContext* ctx, const v1::RegisterRequest* req,
                                          v1::RegisterResponse* resp) {
+  if (grpc::Status a = auth_->Worker(ctx, "WorkerService.Register"); !a.ok()) return a;
   absl::Duration wait = absl::Seconds(c_->options().register_timeout_s);
   const auto left = ctx->deadline() - std::chrono::system_clock::now();  // huge without a client deadline
   if (left < absl::ToChronoSeconds(wait)) wait = absl::FromChrono(left);
@@ -113,21 +122,25 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext* ctx, const v1::Reg
   return Answer(c_->Register(*req, deadline, [ctx] { return ctx->IsCancelled(); }), resp);
 }
 
-grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                                           v1::HeartbeatResponse* resp) {
+  if (grpc::Status a = auth_->Worker(ctx, "WorkerService.Heartbeat"); !a.ok()) return a;
   return Answer(c_->Heartbeat(*req), resp);
 }
 
-grpc::Status WorkerServiceImpl::Sync(grpc::ServerContext*, const v1::SyncRequest* req, v1::SyncResponse* resp) {
+grpc::Status WorkerServiceImpl::Sync(grpc::ServerContext* ctx, const v1::SyncRequest* req, v1::SyncResponse* resp) {
+  if (grpc::Status a = auth_->Worker(ctx, "WorkerService.Sync"); !a.ok()) return a;
   return Answer(c_->Sync(*req), resp);
 }
 
-grpc::Status WorkerServiceImpl::StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* req, v1::StoreSetResponse*) {
+grpc::Status WorkerServiceImpl::StoreSet(grpc::ServerContext* ctx, const v1::StoreSetRequest* req, v1::StoreSetResponse*) {
+  if (grpc::Status a = auth_->Worker(ctx, "WorkerService.StoreSet"); !a.ok()) return a;
   return ToGrpcStatus(c_->StoreSet(req->key(), req->value()));
 }
 
-grpc::Status WorkerServiceImpl::StoreGet(grpc::ServerContext*, const v1::StoreGetRequest* req,
+grpc::Status WorkerServiceImpl::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
                                          v1::StoreGetResponse* resp) {
+  if (grpc::Status a = auth_->Worker(ctx, "WorkerService.StoreGet"); !a.ok()) return a;
   absl::StatusOr<std::optional<std::string>> v = c_->StoreGet(req->key());
   if (!v.ok()) return ToGrpcStatus(v.status());
   resp->set_found(v->has_value());

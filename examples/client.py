@@ -80,16 +80,27 @@ def load_messages(proto_path):
 class Client:
     """Thin wrappers over the coordinator's RPCs; each returns the response message."""
 
-    def __init__(self, server, pb, health_pb, timeout):
+    def __init__(self, server, pb, health_pb, timeout, tls_ca=None, tls_cert=None, tls_key=None, token=""):
+        """tls_ca: PEM file of the CA that signed the coordinator's certificate (TLS); tls_cert/tls_key:
+        this client's certificate for mTLS; token: the client bearer token (docs/SECURITY.md)."""
         self.pb, self.health_pb, self.timeout = pb, health_pb, timeout
+        self.metadata = [("authorization", "Bearer " + token)] if token else []
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
-        self.channel = grpc.insecure_channel(server, options=options)
+        if tls_ca:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key) if tls_key else None,
+                                                 read(tls_cert) if tls_cert else None)
+            self.channel = grpc.secure_channel(server, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(server, options=options)
 
     def _unary(self, method, request, response_cls):
         call = self.channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString(),
                                         response_deserializer=response_cls.FromString)
-        return call(request, timeout=self.timeout)
+        return call(request, timeout=self.timeout, metadata=self.metadata)
 
     def submit(self, request):
         return self._unary("/expertmesh.v1.JobService/SubmitJob", request, self.pb.SubmitJobResponse)
@@ -101,7 +112,7 @@ class Client:
         call = self.channel.unary_stream("/expertmesh.v1.JobService/WatchJob",
                                          request_serializer=lambda m: m.SerializeToString(),
                                          response_deserializer=self.pb.WatchJobResponse.FromString)
-        return call(self.pb.WatchJobRequest(job_id=job_id))
+        return call(self.pb.WatchJobRequest(job_id=job_id), metadata=self.metadata)
 
     def cancel(self, job_id):
         return self._unary("/expertmesh.v1.JobService/CancelJob", self.pb.CancelJobRequest(job_id=job_id), self.pb.Job)
@@ -275,6 +286,10 @@ def main():
     p.add_argument("--server", required=True, help="the coordinator's host:port")
     p.add_argument("--proto", default=PROTO, help="path to expertmesh.proto")
     p.add_argument("--timeout", type=float, default=30, help="deadline of each unary call, seconds")
+    p.add_argument("--tls-ca", help="PEM CA of the coordinator's certificate: connect with TLS")
+    p.add_argument("--tls-cert", help="this client's PEM certificate (mTLS)")
+    p.add_argument("--tls-key", help="its PEM private key")
+    p.add_argument("--auth-token-file", help="file with the client bearer token (default: $EXPERTMESH_API_KEY)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("submit", help="submit a batch and print the results")
     g = s.add_mutually_exclusive_group(required=True)
@@ -306,7 +321,11 @@ def main():
     args = p.parse_args()
 
     pb, health_pb = load_messages(args.proto)
-    client = Client(args.server, pb, health_pb, args.timeout)
+    token = os.environ.get("EXPERTMESH_API_KEY", "").strip()
+    if args.auth_token_file:
+        with open(args.auth_token_file) as f:
+            token = f.read().strip()
+    client = Client(args.server, pb, health_pb, args.timeout, args.tls_ca, args.tls_cert, args.tls_key, token)
     handlers = {"submit": cmd_submit, "watch": cmd_watch, "status": cmd_status, "health": cmd_health,
                 "cancel": cmd_cancel, "jobs": cmd_jobs, "rebalance": cmd_rebalance, "shutdown": cmd_shutdown}
     try:

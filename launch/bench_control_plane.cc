@@ -32,6 +32,7 @@
 #include "launch/flags.h"
 #include "nlohmann/json.hpp"
 #include "proto/expertmesh.grpc.pb.h"
+#include "proto/security.h"
 
 ABSL_FLAG(int32_t, cp_workers, 32, "control-plane: simulated stage-0 workers (each Heartbeat + Sync per poll)");
 ABSL_FLAG(double, cp_poll_ms, 10, "control-plane: each worker's poll period in milliseconds");
@@ -118,7 +119,7 @@ int BenchControlPlane() {
   std::vector<std::thread> workers;
   for (int i = 0; i < nw; ++i) {
     workers.emplace_back([&, i] {
-      auto ch = grpc::CreateChannel(addr, grpc::InsecureChannelCredentials());
+      auto ch = rpc::MakeChannel(addr, rpc::ClientSecurity(), grpc::ChannelArguments());
       auto stub = v1::WorkerService::NewStub(ch);
       v1::RegisterRequest rr;
       rr.set_worker_id(i);
@@ -199,7 +200,7 @@ int BenchControlPlane() {
 
   // Submits: njobs jobs from nsub concurrent clients (a few shared channels).
   std::vector<std::shared_ptr<grpc::Channel>> channels;
-  for (int c = 0; c < 8; ++c) channels.push_back(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  for (int c = 0; c < 8; ++c) channels.push_back(rpc::MakeChannel(addr, rpc::ClientSecurity(), grpc::ChannelArguments()));
   std::vector<std::vector<double>> sub_lat(nsub);
   std::atomic<int> next_job{0}, submit_failures{0};
   const double sub_t0 = NowS();

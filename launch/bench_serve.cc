@@ -31,6 +31,7 @@
 #include "launch/flags.h"
 #include "nlohmann/json.hpp"
 #include "proto/expertmesh.grpc.pb.h"
+#include "proto/security.h"
 
 extern char** environ;
 
@@ -282,7 +283,7 @@ int RunServe() {
                ckpt.c_str());
   auto cluster = StartCluster(ckpt, pp, ep, absl::GetFlag(FLAGS_redundant_experts), dir);
   if (!cluster.ok()) return Fail(std::string(cluster.status().message()));
-  auto channel = grpc::CreateChannel(cluster->address, grpc::InsecureChannelCredentials());
+  auto channel = rpc::MakeChannel(cluster->address, rpc::ClientSecurity(), grpc::ChannelArguments());
   auto jobs = v1::JobService::NewStub(channel);
   auto clus = v1::ClusterService::NewStub(channel);
   auto finish = [&](int code) {

@@ -22,6 +22,7 @@
 #include "launch/verbs.h"
 #include "nlohmann/json.hpp"
 #include "proto/expertmesh.grpc.pb.h"
+#include "proto/security.h"
 
 ABSL_FLAG(std::string, server, "", "the coordinator's address, host:port");
 ABSL_FLAG(std::string, request_id, "",
@@ -50,9 +51,18 @@ int Fail(const char* verb, const std::string& message, int code = 1) {
 int FailRpc(const char* verb, const grpc::Status& s, const std::string& server) {
   std::string hint;
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE || s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
-    hint = absl::StrCat(" (is the coordinator running at ", server, "?)");
+    hint = absl::StrCat(" (is the coordinator running at ", server, "? with TLS, give --tls-ca)");
+  } else if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+             s.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+    hint = " (give the coordinator's client token: --auth-token-file FILE or $EXPERTMESH_API_KEY)";
   }
   return Fail(verb, absl::StrCat(coordinator::GrpcCodeName(s.error_code()), ": ", s.error_message(), hint));
+}
+
+// TLS and the bearer token of this client (read by ServerFlag).
+rpc::ClientSecurity& Security() {
+  static rpc::ClientSecurity security;
+  return security;
 }
 
 std::shared_ptr<grpc::Channel> Connect(const std::string& server) {
@@ -61,7 +71,7 @@ std::shared_ptr<grpc::Channel> Connect(const std::string& server) {
   args.SetMaxSendMessageSize(256 << 20);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);  // reconnect quickly after a coordinator restart
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args);
+  return rpc::MakeChannel(server, Security(), args);
 }
 
 void SetDeadline(grpc::ClientContext* ctx) {
@@ -80,13 +90,20 @@ bool Retryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE || s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
 }
 
-// Checks --server and returns it, or prints the error.
+// Checks --server and returns it, and reads the TLS and token flags, or
+// prints the error.
 bool ServerFlag(const char* verb, std::string* server) {
   *server = absl::GetFlag(FLAGS_server);
   if (server->empty()) {
     Fail(verb, "--server HOST:PORT is required (the coordinator's address)", 2);
     return false;
   }
+  absl::StatusOr<rpc::ClientSecurity> security = ClientSecurityFromFlags(Caller::kClient);
+  if (!security.ok()) {
+    Fail(verb, std::string(security.status().message()), 2);
+    return false;
+  }
+  Security() = *std::move(security);
   return true;
 }
 

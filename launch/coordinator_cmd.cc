@@ -6,7 +6,9 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "coordinator/server.h"
+#include "proto/security.h"
 #include "launch/flags.h"
 #include "launch/signals.h"
 #include "launch/verbs.h"
@@ -65,6 +67,9 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   o->eplb_interval_s = absl::GetFlag(FLAGS_eplb_interval_s);
   o->eplb_min_gain = absl::GetFlag(FLAGS_eplb_min_gain);
   o->eplb_min_tokens = absl::GetFlag(FLAGS_eplb_min_tokens);
+  ASSIGN_OR_RETURN(o->tls, ServerTlsFromFlags());
+  ASSIGN_OR_RETURN(o->client_auth_token, ClientTokenFromFlags());
+  ASSIGN_OR_RETURN(o->cluster_secret, ClusterSecretFromFlags());
   return absl::OkStatus();
 }
 

@@ -6,6 +6,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/status.h"
+#include "proto/security.h"
 #include "worker/comm/registry.h"
 #include "worker/cuda_engine.h"
 
@@ -42,6 +45,26 @@ ABSL_FLAG(int32_t, cuda_device, -1,
 ABSL_FLAG(std::string, device_data_plane, "auto",
           "workers with --device cuda: nccl (EP tokens and pipeline hidden states GPU to GPU), host (through the "
           "host data plane) or auto (nccl when this build has it)");
+
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain: the coordinator's server certificate (enables TLS); a client's or worker's "
+          "certificate for mTLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "coordinator: PEM CA; require client certificates signed by it on every gRPC call (mTLS)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "clients and workers: PEM CA that signed the coordinator's certificate; connect with TLS (scripts/"
+          "make-certs.sh makes a test CA)");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "clients and workers with --tls-ca: the name to expect in the coordinator's certificate (default: the "
+          "host of the address)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "file holding the client bearer token. Coordinator: JobService, ClusterService (shutdown, rebalance) and "
+          "GET /metrics require \"authorization: Bearer <token>\". Clients: send it (default: "
+          "$EXPERTMESH_API_KEY)");
+ABSL_FLAG(std::string, cluster_secret_file, "",
+          "file holding the cluster secret workers present to the coordinator's WorkerService (coordinator and "
+          "worker; `launch` generates one per job when not given); a client token does not grant WorkerService");
 
 namespace expertmesh::launch {
 
@@ -86,6 +109,65 @@ absl::StatusOr<std::string> DeviceDataPlaneFromFlags() {
     if (b == "nccl") return std::string("nccl");
   }
   return std::string("host");
+}
+
+absl::StatusOr<rpc::ServerSecurity> ServerTlsFromFlags() {
+  rpc::ServerSecurity t;
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+  const std::string client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  if (cert.empty() != key.empty()) return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  if (cert.empty() && !client_ca.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key (TLS)");
+  }
+  if (cert.empty()) return t;
+  ASSIGN_OR_RETURN(t.cert_pem, rpc::ReadPemFile(cert, "--tls-cert"));
+  ASSIGN_OR_RETURN(t.key_pem, rpc::ReadPemFile(key, "--tls-key"));
+  if (!client_ca.empty()) {
+    ASSIGN_OR_RETURN(t.client_ca_pem, rpc::ReadPemFile(client_ca, "--tls-client-ca"));
+  }
+  return t;
+}
+
+absl::StatusOr<std::string> ClientTokenFromFlags() {
+  const std::string f = absl::GetFlag(FLAGS_auth_token_file);
+  if (f.empty()) return std::string();
+  return rpc::ReadSecretFile(f, "--auth-token-file");
+}
+
+absl::StatusOr<std::string> ClusterSecretFromFlags() {
+  const std::string f = absl::GetFlag(FLAGS_cluster_secret_file);
+  if (f.empty()) return std::string();
+  return rpc::ReadSecretFile(f, "--cluster-secret-file");
+}
+
+absl::StatusOr<rpc::ClientSecurity> ClientSecurityFromFlags(Caller caller) {
+  rpc::ClientSecurity c;
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca);
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+  if (cert.empty() != key.empty()) return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  if (!cert.empty() && ca.empty()) {
+    return absl::InvalidArgumentError("--tls-cert/--tls-key (a client certificate) need --tls-ca (TLS)");
+  }
+  if (!ca.empty()) {
+    c.tls = true;
+    ASSIGN_OR_RETURN(c.ca_pem, rpc::ReadPemFile(ca, "--tls-ca"));
+    if (!cert.empty()) {
+      ASSIGN_OR_RETURN(c.cert_pem, rpc::ReadPemFile(cert, "--tls-cert"));
+      ASSIGN_OR_RETURN(c.key_pem, rpc::ReadPemFile(key, "--tls-key"));
+    }
+    c.server_name = absl::GetFlag(FLAGS_tls_server_name);
+  }
+  if (caller == Caller::kWorker) {
+    ASSIGN_OR_RETURN(c.worker_secret, ClusterSecretFromFlags());
+  } else {
+    ASSIGN_OR_RETURN(c.bearer_token, ClientTokenFromFlags());
+    const char* env = std::getenv("EXPERTMESH_API_KEY");
+    if (c.bearer_token.empty() && env != nullptr && env[0] != '\0') {
+      c.bearer_token = std::string(absl::StripAsciiWhitespace(env));
+      RETURN_IF_ERROR(rpc::CheckSecret(c.bearer_token, "$EXPERTMESH_API_KEY"));
+    }
+  }
+  return c;
 }
 
 }  // namespace expertmesh::launch

@@ -38,8 +38,21 @@ ABSL_DECLARE_FLAG(int64_t, cuda_max_step_tokens);
 ABSL_DECLARE_FLAG(int32_t, cuda_device);
 ABSL_DECLARE_FLAG(std::string, device_data_plane);
 
+// The control plane's security (docs/SECURITY.md).
+ABSL_DECLARE_FLAG(std::string, tls_cert);
+ABSL_DECLARE_FLAG(std::string, tls_key);
+ABSL_DECLARE_FLAG(std::string, tls_client_ca);
+ABSL_DECLARE_FLAG(std::string, tls_ca);
+ABSL_DECLARE_FLAG(std::string, tls_server_name);
+ABSL_DECLARE_FLAG(std::string, auth_token_file);
+ABSL_DECLARE_FLAG(std::string, cluster_secret_file);
+
 namespace expertmesh::worker {
 struct CudaEngineOptions;
+}
+namespace expertmesh::rpc {
+struct ClientSecurity;
+struct ServerSecurity;
 }
 namespace expertmesh::launch {
 // Reads --device: false for "cpu"; true for "cuda", with *options filled from
@@ -47,4 +60,18 @@ namespace expertmesh::launch {
 absl::StatusOr<bool> DeviceFromFlags(worker::CudaEngineOptions* options);
 // --device-data-plane resolved: "nccl" or "host" ("auto": nccl when built).
 absl::StatusOr<std::string> DeviceDataPlaneFromFlags();
+
+// The coordinator's side: --tls-cert/--tls-key (TLS), --tls-client-ca (mTLS).
+absl::StatusOr<rpc::ServerSecurity> ServerTlsFromFlags();
+// --auth-token-file read (the coordinator's client token); "" without it.
+absl::StatusOr<std::string> ClientTokenFromFlags();
+// --cluster-secret-file read; "" without it.
+absl::StatusOr<std::string> ClusterSecretFromFlags();
+
+enum class Caller { kClient, kWorker };
+// A client's or worker's side: TLS when --tls-ca is given (the CA that signed
+// the coordinator's certificate; mTLS adds --tls-cert/--tls-key), and the
+// credential of `caller`: clients the token of --auth-token-file or
+// $EXPERTMESH_API_KEY, workers the secret of --cluster-secret-file.
+absl::StatusOr<rpc::ClientSecurity> ClientSecurityFromFlags(Caller caller);
 }  // namespace expertmesh::launch

@@ -1,7 +1,10 @@
 // expertmesh launch: the cluster under mpirun. Rank 0 runs the coordinator
 // (gRPC), ranks 1..P*E are the workers (worker w = rank - 1, stage-major),
 // with MPI as the data plane; the coordinator's address reaches the workers
-// by MPI_Bcast, so nothing but mpirun's own launch is needed.
+// by MPI_Bcast, so nothing but mpirun's own launch is needed. So does the
+// cluster secret: rank 0 draws a random one per job (or reads
+// --cluster-secret-file) and the workers present it to WorkerService, so
+// that nobody else who reaches the coordinator's port can act as a worker.
 #include <mpi.h>
 
 #include <cstdio>
@@ -15,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/server.h"
 #include "launch/flags.h"
+#include "proto/security.h"
 #include "worker/cuda_engine.h"
 #include "launch/verbs.h"
 #include "worker/comm/mpi_communicator.h"
@@ -33,6 +37,7 @@ namespace expertmesh::launch {
 namespace {
 
 constexpr int kAddressBytes = 512;
+constexpr int kSecretBytes = 512;
 
 int Fail(int rank, const std::string& msg, int code) {
   std::fprintf(stderr, "expertmesh launch (rank %d): %s\n", rank, msg.c_str());
@@ -55,11 +60,31 @@ int LaunchMain(int argc, char** argv) {
     comm::FinalizeMpi().IgnoreError();
     return code;
   }
+  if (!absl::GetFlag(FLAGS_tls_cert).empty() && absl::GetFlag(FLAGS_tls_ca).empty()) {
+    const int code = Fail(rank, "--tls-cert (rank 0 serves TLS) needs --tls-ca: the workers verify rank 0's "
+                                "certificate with it (docs/SECURITY.md)", 2);
+    comm::FinalizeMpi().IgnoreError();
+    return code;
+  }
   char address[kAddressBytes] = {0};
+  char secret[kSecretBytes] = {0};
   int code = 0;
   if (rank == 0) {
     coordinator::CoordinatorOptions o;
     s = CoordinatorOptionsFromFlags(&o);
+    if (s.ok() && o.cluster_secret.empty()) {
+      absl::StatusOr<std::string> r = rpc::RandomSecret();  // per job, from /dev/urandom
+      if (r.ok()) {
+        o.cluster_secret = *r;
+      } else {
+        s = r.status();
+      }
+    }
+    if (s.ok() && o.cluster_secret.size() >= kSecretBytes) {
+      s = absl::InvalidArgumentError(absl::StrCat("--cluster-secret-file: the secret has ", o.cluster_secret.size(),
+                                                  " characters; launch shares at most ", kSecretBytes - 1));
+    }
+    if (s.ok()) std::strncpy(secret, o.cluster_secret.c_str(), kSecretBytes - 1);
     std::promise<std::string> bound;
     std::thread coord;
     if (s.ok()) {
@@ -90,14 +115,25 @@ int LaunchMain(int argc, char** argv) {
     }
     std::strncpy(address, a.c_str(), kAddressBytes - 1);
     MPI_Bcast(address, kAddressBytes, MPI_CHAR, 0, MPI_COMM_WORLD);
+    MPI_Bcast(secret, kSecretBytes, MPI_CHAR, 0, MPI_COMM_WORLD);
+    std::memset(secret, 0, sizeof(secret));
     if (coord.joinable()) coord.join();
   } else {
     MPI_Bcast(address, kAddressBytes, MPI_CHAR, 0, MPI_COMM_WORLD);
-    if (address[0] == '\0') {
+    MPI_Bcast(secret, kSecretBytes, MPI_CHAR, 0, MPI_COMM_WORLD);
+    // TLS to rank 0 as for `expertmesh worker` (--tls-ca; with --tls-client-ca
+    // the workers present --tls-cert/--tls-key); the secret is rank 0's.
+    absl::StatusOr<rpc::ClientSecurity> security = ClientSecurityFromFlags(Caller::kWorker);
+    if (security.ok()) security->worker_secret = secret;
+    std::memset(secret, 0, sizeof(secret));
+    if (!security.ok()) {
+      code = Fail(rank, std::string(security.status().message()), 2);
+    } else if (address[0] == '\0') {
       code = Fail(rank, "the coordinator (rank 0) failed to start; see its message", 1);
     } else {
       worker::runtime::WorkerOptions o;
       o.coordinator = address;
+      o.security = *security;
       o.backend = "mpi";
       o.requested_worker_id = rank - 1;
       o.mpi_world_offset = 1;

@@ -4,6 +4,7 @@
 
 #include "absl/flags/flag.h"
 #include "launch/flags.h"
+#include "proto/security.h"
 #include "launch/signals.h"
 #include "launch/verbs.h"
 #include "worker/runtime/worker.h"
@@ -51,7 +52,8 @@ int WorkerMain(int argc, char** argv) {
   }
   auto cuda = DeviceFromFlags(&o.cuda_options);
   auto plane = DeviceDataPlaneFromFlags();
-  for (const absl::Status& st : {cuda.status(), plane.status()}) {
+  auto security = ClientSecurityFromFlags(Caller::kWorker);
+  for (const absl::Status& st : {cuda.status(), plane.status(), security.status()}) {
     if (!st.ok()) {
       std::fprintf(stderr, "expertmesh worker: %s\n", std::string(st.message()).c_str());
       return 2;
@@ -59,6 +61,7 @@ int WorkerMain(int argc, char** argv) {
   }
   o.cuda = *cuda;
   o.device_data_plane = *plane;
+  o.security = *security;
   absl::Status s = worker::runtime::RunWorker(o);
   if (!s.ok()) {
     std::fprintf(stderr, "expertmesh worker: %s\n", std::string(s.message()).c_str());

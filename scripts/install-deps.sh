@@ -19,6 +19,7 @@ PKGS=(
   iproute2                               # e2e: network namespaces as hosts
   python3 python3-numpy python3-grpcio   # test oracles and the example client
   libpcre2-dev libutf8proc-dev           # the tokenizer: Unicode regexes (JIT), NFC
+  openssl zlib1g-dev                     # scripts/make-certs.sh (TLS tests); CRC-32 of bootstrap values
   python3-jinja2 nodejs                  # text tests: chat templates, HF tokenizers (tools/)
 )
 # Debian's npm; a nodejs from elsewhere (NodeSource) bundles its own and conflicts with it.

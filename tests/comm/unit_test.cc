@@ -121,6 +121,40 @@ TEST(Bootstrap, FileStoreAllGatherAcrossThreads) {
   testing_util::RemoveTree(dir);
 }
 
+TEST(Bootstrap, FramedValuesRoundTripAndDamageIsDataLoss) {
+  const std::string payload("\x00\x01ucx-address\xff", 15);
+  const std::string framed = comm::FrameBootstrapValue(payload);
+  ASSERT_EQ(framed.size(), payload.size() + 12);
+  auto back = comm::UnframeBootstrapValue(framed);
+  ASSERT_OK(back.status());
+  EXPECT_EQ(*back, payload);
+  // Every single flipped byte, a cut, an extension and raw garbage are refused.
+  for (size_t i = 0; i < framed.size(); ++i) {
+    std::string bad = framed;
+    bad[i] ^= 0x5a;
+    EXPECT_EQ(comm::UnframeBootstrapValue(bad).status().code(), absl::StatusCode::kDataLoss) << "byte " << i;
+  }
+  EXPECT_EQ(comm::UnframeBootstrapValue(framed.substr(0, framed.size() - 1)).status().code(),
+            absl::StatusCode::kDataLoss);
+  EXPECT_EQ(comm::UnframeBootstrapValue(framed + "x").status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(comm::UnframeBootstrapValue("garbage garbage garbage").status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(comm::UnframeBootstrapValue("").status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(Bootstrap, GarbageInTheStoreIsDataLossNamingTheRank) {
+  // Issue 15: garbage written to the key-value store in place of a peer's
+  // UCX address must be an error for the reader, never bytes given to UCX.
+  const std::string dir = testing_util::MakeTempDir("em-store-test");
+  comm::FileStore store(dir);
+  ASSERT_OK(store.Set("t/0/1", "\x13\x37 not a ucx address"));
+  comm::StoreBootstrap boot(&store, "t", 0, 2);
+  auto all = boot.AllGather("mine", absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(all.status().code(), absl::StatusCode::kDataLoss) << all.status();
+  EXPECT_NE(all.status().message().find("the bytes of rank 1 are damaged"), absl::string_view::npos)
+      << all.status();
+  testing_util::RemoveTree(dir);
+}
+
 TEST(Bootstrap, MissingRankHitsDeadline) {
   const std::string dir = testing_util::MakeTempDir("em-store-test");
   comm::FileStore store(dir);

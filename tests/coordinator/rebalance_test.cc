@@ -86,6 +86,8 @@ class RebalanceTest : public ::testing::Test {
                              const std::vector<v1::LayerExpertLoad>& load = {}, bool exiting = false) {
     v1::HeartbeatRequest r;
     r.set_worker_id(id);
+    r.set_host("fakehost");  // as registered by RegisterPlaces
+    r.set_pid(100 + id);
     r.set_placement_version(active);
     r.set_staged_placement_version(staged);
     r.set_staging_error(error);

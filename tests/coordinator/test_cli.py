@@ -70,7 +70,8 @@ class FakeWorker(threading.Thread):
                 if self.worker_id < 0 or getattr(self, "need_register", False):
                     self.register()
                     self.need_register = False
-                hb = self.call("Heartbeat", pb.HeartbeatRequest(worker_id=self.worker_id, active_sequences=len(held)),
+                hb = self.call("Heartbeat", pb.HeartbeatRequest(worker_id=self.worker_id, host="py", pid=self.pid,
+                                                                    active_sequences=len(held)),
                                pb.HeartbeatResponse)
                 if hb.epoch != self.epoch:
                     self.need_register = True  # the coordinator restarted
@@ -78,7 +79,8 @@ class FakeWorker(threading.Thread):
                     continue
                 if hb.shutdown:
                     self.shutdown_seen = True
-                    self.call("Heartbeat", pb.HeartbeatRequest(worker_id=self.worker_id, exiting=True),
+                    self.call("Heartbeat", pb.HeartbeatRequest(worker_id=self.worker_id, host="py", pid=self.pid,
+                                                                   exiting=True),
                               pb.HeartbeatResponse)
                     return
                 if self.stage != 0:

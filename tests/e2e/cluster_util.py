@@ -84,13 +84,14 @@ def kill(p, sig=signal.SIGKILL):
         p.wait(timeout=20)
 
 
-def wait_status(server, ready, what, timeout=120, period=0.2):
-    """Polls `expertmesh status --json` until ready(status) holds and returns that status; an
-    unreachable coordinator counts as not ready. Fails naming `what` and the last answer."""
+def wait_status(server, ready, what, timeout=120, period=0.2, flags=()):
+    """Polls `expertmesh status --json` (with `flags`, e.g. TLS and token) until ready(status) holds
+    and returns that status; an unreachable coordinator counts as not ready. Fails naming `what` and
+    the last answer."""
     end = time.time() + timeout
     last = ""
     while time.time() < end:
-        p = run(["status", "--server", server, "--json"], check=False, timeout=30)
+        p = run(["status", "--server", server, "--json", *flags], check=False, timeout=30)
         if p.returncode == 0:
             st = json.loads(p.stdout)
             if ready(st):
@@ -102,8 +103,8 @@ def wait_status(server, ready, what, timeout=120, period=0.2):
     raise AssertionError(f"cluster at {server}: {what} not seen within {timeout}s: {last}")
 
 
-def wait_serving(server, timeout=120):
-    return wait_status(server, lambda st: st.get("serving"), "serving", timeout)
+def wait_serving(server, timeout=120, flags=()):
+    return wait_status(server, lambda st: st.get("serving"), "serving", timeout, flags=flags)
 
 
 def health(server, service=""):

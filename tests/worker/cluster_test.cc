@@ -90,5 +90,67 @@ TEST_F(ClusterTest, ExpertParallelStageGeneratesWhatTheEngineGenerates) {
   EXPECT_EQ(lane1.tokens()["b/1"], Reference({8, 9}, 2));
 }
 
+// A fake coordinator whose store answers garbage for every key of
+// generation 1, as an outsider who wrote there would make it (issue 15).
+class GarbageStoreCoordinator : public FakeCoordinator {
+ public:
+  absl::StatusOr<std::pair<bool, std::string>> StoreGet(const std::string& key, absl::Duration t) override {
+    if (key.find("/g1/") != std::string::npos) {
+      garbage_reads_++;
+      return std::make_pair(true, std::string("\x01\x02 not an address \xff\xfe"));
+    }
+    return FakeCoordinator::StoreGet(key, t);
+  }
+  std::atomic<int> garbage_reads_{0};
+};
+
+TEST_F(ClusterTest, GarbageBootstrapBytesMakeTheWorkersRejoinNotCrash) {
+  // Both workers of a 2-stage pipeline read garbage for their peer's UCX
+  // address in generation 1: DATA_LOSS (no UCX call with it), they register
+  // again with rejoin_after_generation = 1, build generation 2 and serve.
+  GarbageStoreCoordinator fake;
+  const topology::Plan plan = TinyPlan(2, 1);
+  Lane lane({Greedy("j/0", {3, 99, 512}, 4)});
+  fake.OnRegister([&](const v1::RegisterRequest& req) -> absl::StatusOr<v1::RegisterResponse> {
+    const int id = req.worker_id();
+    return Registered(id, id, 0, plan, "e1", req.rejoin_after_generation() > 0 ? 2 : 1, 1, Checkpoint());
+  });
+  fake.OnHeartbeat([](const v1::HeartbeatRequest&) {
+    v1::HeartbeatResponse r;
+    r.set_epoch("e1");
+    r.set_generation(2);
+    r.set_placement_version(1);
+    return r;
+  });
+  fake.OnSync([&](const v1::SyncRequest& req) {
+    v1::SyncResponse r;
+    r.set_epoch("e1");
+    r.set_generation(2);
+    r.set_placement_version(1);
+    return lane.Answer(req, r);
+  });
+  std::vector<absl::Status> results(2);
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 2; ++w) {
+    threads.emplace_back([&, w] {
+      WorkerOptions o;
+      o.backend = "ucx";
+      o.requested_worker_id = w;
+      o.register_timeout = absl::Seconds(60);
+      o.rejoin_timeout = absl::Seconds(60);
+      o.step_timeout = absl::Seconds(60);
+      o.heartbeat_interval = absl::Milliseconds(50);
+      results[w] = RunWorker(o, &fake);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int w = 0; w < 2; ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+  EXPECT_GE(fake.garbage_reads_.load(), 2);
+  int rejoins = 0;
+  for (const auto& r : fake.registers()) rejoins += r.rejoin_after_generation() == 1 ? 1 : 0;
+  EXPECT_EQ(rejoins, 2);
+  EXPECT_EQ(lane.tokens()["j/0"], Reference({3, 99, 512}, 4));
+}
+
 }  // namespace
 }  // namespace expertmesh::worker::runtime

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -98,9 +99,53 @@ absl::StatusOr<std::string> FileStore::Get(absl::string_view key, absl::Time dea
   }
 }
 
+namespace {
+constexpr char kFrameMagic[4] = {'E', 'M', 'B', '1'};
+constexpr size_t kFrameHeader = 12;  // magic, u32 length, u32 CRC-32 (zlib's), little endian
+
+void PutU32(std::string* out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(static_cast<unsigned char>(p[i])) << (8 * i);
+  return v;
+}
+uint32_t Crc(absl::string_view bytes) {
+  return static_cast<uint32_t>(
+      crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(bytes.data()), static_cast<uInt>(bytes.size())));
+}
+}  // namespace
+
+std::string FrameBootstrapValue(absl::string_view payload) {
+  std::string out(kFrameMagic, sizeof(kFrameMagic));
+  PutU32(&out, static_cast<uint32_t>(payload.size()));
+  PutU32(&out, Crc(payload));
+  out.append(payload.data(), payload.size());
+  return out;
+}
+
+absl::StatusOr<std::string> UnframeBootstrapValue(absl::string_view framed) {
+  if (framed.size() < kFrameHeader || framed.substr(0, 4) != absl::string_view(kFrameMagic, 4)) {
+    return absl::DataLossError(absl::StrCat(framed.size(), " bytes without the expertmesh bootstrap header"));
+  }
+  const uint32_t len = GetU32(framed.data() + 4);
+  if (len != framed.size() - kFrameHeader || len > kMaxBootstrapValueBytes) {
+    return absl::DataLossError(absl::StrCat("the header says ", len, " bytes, ", framed.size() - kFrameHeader,
+                                            " follow (at most ", kMaxBootstrapValueBytes, " allowed)"));
+  }
+  const absl::string_view payload = framed.substr(kFrameHeader);
+  if (Crc(payload) != GetU32(framed.data() + 8)) return absl::DataLossError("checksum mismatch");
+  return std::string(payload);
+}
+
 absl::StatusOr<std::vector<std::string>> StoreBootstrap::AllGather(absl::string_view mine, absl::Time deadline) {
   const std::string round = absl::StrCat(prefix_, "/", round_++);
-  RETURN_IF_ERROR(store_->Set(absl::StrCat(round, "/", rank_), mine));
+  if (mine.size() > kMaxBootstrapValueBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bootstrap ", round, ": ", mine.size(), " bytes exceed ", kMaxBootstrapValueBytes));
+  }
+  RETURN_IF_ERROR(store_->Set(absl::StrCat(round, "/", rank_), FrameBootstrapValue(mine)));
   std::vector<std::string> all(static_cast<size_t>(size_));
   std::vector<int> missing;
   for (int r = 0; r < size_; ++r) {
@@ -110,7 +155,17 @@ absl::StatusOr<std::vector<std::string>> StoreBootstrap::AllGather(absl::string_
     }
     absl::StatusOr<std::string> v = store_->Get(absl::StrCat(round, "/", r), deadline);
     if (v.ok()) {
-      all[static_cast<size_t>(r)] = *std::move(v);
+      // Framed with a length and a checksum: a damaged or forged value (e.g.
+      // garbage written to the coordinator's store) is an error here, never
+      // bytes handed to UCX or NCCL.
+      absl::StatusOr<std::string> payload = UnframeBootstrapValue(*v);
+      if (!payload.ok()) {
+        return absl::DataLossError(absl::StrCat("bootstrap ", round, " (rank ", rank_, " of ", size_,
+                                                "): the bytes of rank ", r, " are damaged or not from an "
+                                                "expertmesh rank (",
+                                                payload.status().message(), ")"));
+      }
+      all[static_cast<size_t>(r)] = *std::move(payload);
     } else if (v.status().code() == absl::StatusCode::kDeadlineExceeded) {
       missing.push_back(r);
     } else {

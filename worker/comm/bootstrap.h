@@ -3,7 +3,8 @@
 // the data plane and deliberately tiny: one all-gather of byte strings.
 //
 // Implementations:
-//   * StoreBootstrap over a key-value Store — FileStore (a folder every rank
+//   * StoreBootstrap over a key-value Store (values framed with a length and
+//     a checksum, so a damaged or forged value is DATA_LOSS, not a crash) — FileStore (a folder every rank
 //     can read: one host, or a shared file system); a TCP store or the
 //     coordinator's gRPC service are other Stores;
 //   * MpiBootstrap (mpi_communicator.h) over MPI_COMM_WORLD under mpirun.
@@ -39,6 +40,13 @@ class Bootstrap {
   // AllGather; blocking with the same errors.
   absl::StatusOr<std::string> Broadcast(int root, absl::string_view mine, absl::Time deadline);
 };
+
+// StoreBootstrap's values in the store: "EMB1", the payload's length and
+// CRC-32 (u32 little endian each), the payload. Unframe answers DATA_LOSS for
+// anything else (damaged, truncated, or written by someone else).
+inline constexpr size_t kMaxBootstrapValueBytes = 1 << 20;
+std::string FrameBootstrapValue(absl::string_view payload);
+absl::StatusOr<std::string> UnframeBootstrapValue(absl::string_view framed);
 
 // A key-value store that several processes share. Keys are short printable
 // strings ([A-Za-z0-9._/-]); values are opaque bytes. Set never overwrites

@@ -19,12 +19,13 @@ void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
 }
 }  // namespace
 
-GrpcCoordinatorClient::GrpcCoordinatorClient(const std::string& address) : address_(address) {
+GrpcCoordinatorClient::GrpcCoordinatorClient(const std::string& address, const rpc::ClientSecurity& security)
+    : address_(address) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  channel_ = rpc::MakeChannel(address, security, args);
   stub_ = v1::WorkerService::NewStub(channel_);
 }
 

@@ -21,6 +21,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/expertmesh.grpc.pb.h"
+#include "proto/security.h"
 #include "worker/comm/bootstrap.h"
 
 namespace expertmesh::worker::runtime {
@@ -51,7 +52,8 @@ class CoordinatorClient {
 // The real client: WorkerService over one gRPC channel.
 class GrpcCoordinatorClient : public CoordinatorClient {
  public:
-  explicit GrpcCoordinatorClient(const std::string& address);
+  // `security`: TLS and the cluster secret, sent with every call.
+  GrpcCoordinatorClient(const std::string& address, const rpc::ClientSecurity& security = {});
   const std::string& address() const override { return address_; }
 
   absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& req, absl::Time deadline) override;

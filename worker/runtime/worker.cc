@@ -142,7 +142,9 @@ absl::Status Worker::Setup() {
     if (again.ok() && !*again) return absl::UnavailableError("the cluster shut down while this worker started");
     built = again.status();
   }
-  RETURN_IF_ERROR(built);
+  // DATA_LOSS: a peer's bootstrap bytes in the coordinator's store were
+  // damaged (or written by someone else); Run rejoins on a new generation.
+  if (!built.ok() && (!absl::IsDataLoss(built) || o_.backend == "mpi")) return built;
   StageLoop::Options lo;
   lo.worker_id = worker_id;
   lo.stage = stage;
@@ -161,7 +163,7 @@ absl::Status Worker::Setup() {
   };
   hooks.running_plan = [this](topology::Plan* running) { return stager_->RunningPlanProto(registered_plan_, running); };
   session_.Start(dp_.get(), std::move(hooks));  // READY from the first heartbeat on
-  return absl::OkStatus();
+  return built;
 }
 
 void Worker::Report(v1::HeartbeatRequest* req) {
@@ -246,9 +248,14 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
 
 absl::Status Worker::Run() {
   absl::Status s = Setup();
-  while (s.ok()) {
-    s = loop_->Run();
-    if (s.ok() || !Recoverable(s)) break;
+  // A data plane whose bootstrap bytes were damaged (DATA_LOSS) is rebuilt on
+  // a new generation, a few times in a row at most.
+  int damaged = absl::IsDataLoss(s) && loop_ != nullptr ? 1 : 0;
+  while (s.ok() || (damaged > 0 && damaged <= 3)) {
+    if (damaged == 0) {
+      s = loop_->Run();
+      if (s.ok() || !Recoverable(s)) break;
+    }
     absl::StatusOr<bool> again = Rejoin(s);
     // The generation moved on again while we rebuilt (e.g. a wedged peer was
     // found MISSING while we waited for its address): rejoin the newer one.
@@ -256,6 +263,7 @@ absl::Status Worker::Run() {
       again = Rejoin(again.status());
     }
     s = again.status();
+    damaged = absl::IsDataLoss(s) && o_.backend != "mpi" ? damaged + 1 : 0;
     if (s.ok() && !*again) break;  // shut down while waiting to rejoin
   }
   if (session_.leaving()) {
@@ -287,7 +295,7 @@ absl::Status RunWorker(const WorkerOptions& options, CoordinatorClient* client) 
 }
 
 absl::Status RunWorker(const WorkerOptions& options) {
-  GrpcCoordinatorClient client(options.coordinator);
+  GrpcCoordinatorClient client(options.coordinator, options.security);
   return RunWorker(options, &client);
 }
 

@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "proto/security.h"
 #include "worker/cuda_engine.h"
 
 namespace expertmesh::worker::runtime {
@@ -27,6 +28,8 @@ class CoordinatorClient;
 
 struct WorkerOptions {
   std::string coordinator;               // host:port of the coordinator's gRPC server
+  // TLS to the coordinator and the cluster secret (docs/SECURITY.md).
+  rpc::ClientSecurity security;
   std::string backend = "ucx";           // data plane: "mpi" (under mpirun) or "ucx"
   int requested_worker_id = -1;          // -1: the coordinator assigns one
   int mpi_world_offset = 1;              // mpi: world rank of worker w is w + offset
