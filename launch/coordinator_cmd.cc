@@ -35,6 +35,9 @@ ABSL_FLAG(double, eplb_min_gain, 0.05,
           "rebalance only when the mean imbalance (max / mean EP rank load over MoE layers) drops by this fraction");
 ABSL_FLAG(int64_t, eplb_min_tokens, 2048,
           "rebalance only after this many routed tokens per MoE layer since the last rebalance");
+ABSL_FLAG(bool, elastic_ep, false,
+          "with --pp 1: a lost worker's place turns vacant and the survivors serve without it (its experts "
+          "re-placed over them) until a worker takes the place again; without it the cluster waits for a replacement");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {
@@ -67,6 +70,7 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   o->eplb_interval_s = absl::GetFlag(FLAGS_eplb_interval_s);
   o->eplb_min_gain = absl::GetFlag(FLAGS_eplb_min_gain);
   o->eplb_min_tokens = absl::GetFlag(FLAGS_eplb_min_tokens);
+  o->elastic_ep = absl::GetFlag(FLAGS_elastic_ep);
   ASSIGN_OR_RETURN(o->tls, ServerTlsFromFlags());
   ASSIGN_OR_RETURN(o->client_auth_token, ClientTokenFromFlags());
   ASSIGN_OR_RETURN(o->cluster_secret, ClusterSecretFromFlags());
