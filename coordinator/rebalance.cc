@@ -111,6 +111,9 @@ double Coordinator::WindowImbalanceLocked(const topology::Plan& plan, int64_t* t
 }
 
 absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsResponse* resp) {
+  if (std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.vacant; })) {
+    return absl::FailedPreconditionError("a worker's place is vacant (elastic EP): rebalance once it is held again");
+  }
   if (plan_.ep < 2) {
     return absl::FailedPreconditionError("expert rebalancing needs --ep > 1 (with one EP rank a stage holds every "
                                          "expert)");
@@ -121,9 +124,6 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
         plan_.redundant_experts, ") divisible by --ep ", plan_.ep));
   }
   if (shutdown_requested_ || stopped_) return absl::FailedPreconditionError("the cluster is shutting down");
-  if (std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.vacant; })) {
-    return absl::FailedPreconditionError("a worker's place is vacant (elastic EP): rebalance once it is held again");
-  }
   if (pending_placement_.has_value()) {
     return absl::FailedPreconditionError(absl::StrCat("placement version ", pending_placement_->version,
                                                       " is still being loaded (", WorkersStagedLocked(), " of ",
