@@ -493,6 +493,12 @@ class ElasticTest(StandaloneTest):
         self.shutdown(server, [coord] + live)
 
 
+# ElasticTest reuses StandaloneTest's helpers, not its tests.
+for _name in dir(StandaloneTest):
+    if _name.startswith("test_") and _name not in ElasticTest.__dict__:
+        setattr(ElasticTest, _name, None)
+
+
 class MultiHostTest(ClusterCase):
     """A standalone cluster over a real network: three network namespaces as hosts
     (coordinator on host 1, two workers on each of hosts 2 and 3), UCX over TCP
