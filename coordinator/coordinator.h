@@ -83,6 +83,16 @@
 //    micro-batch, so every rank of a stage switches at the same step. A
 //    staging error or a new generation drops a pending placement; a restart
 //    replays the last committed one from the journal.
+//  * Vacant places (elastic_ep, pp = 1, ep > 1): a worker lost while another
+//    of its stage is live leaves its place *vacant*: the coordinator commits
+//    at once a placement version in which the vacant ranks hold no expert
+//    slot (their slots move to the live ranks with the fewest slots) and
+//    moves to a new generation whose RegisterResponse lists the vacant
+//    places; "complete" and "serving" skip them. The survivors load the
+//    experts they gain before they rebuild their data plane over the live
+//    workers. A worker registering for a vacant place (a replacement, or the
+//    lost one back) ends the vacancy: a placement that gives it slots again
+//    and another generation. With pp > 1 a loss waits for a replacement.
 //  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
 //    once every registered worker sent exiting=true (or is MISSING), or
 //    shutdown_timeout_s after the request.
@@ -141,6 +151,10 @@ struct CoordinatorOptions {
   double eplb_interval_s = 0;       // automatic: every this many seconds; 0: only on RebalanceExperts
   double eplb_min_gain = 0.05;      // start only when the imbalance drops by at least this fraction
   int64_t eplb_min_tokens = 2048;   // routed tokens per MoE layer (mean) observed since the last rebalance
+  // Elastic expert parallelism (pp = 1): a lost worker's place turns vacant
+  // and the survivors serve without it (its experts re-placed over them)
+  // instead of waiting for a replacement; see "Vacant places" above.
+  bool elastic_ep = false;
   // Access control (docs/SECURITY.md). Empty: that part is open.
   // Clients (JobService, ClusterService, HTTP: /metrics and the OpenAI API;
   // GET /health stays open) send
@@ -323,6 +337,8 @@ class Coordinator {
     // (or runs) that generation's data plane. One behind generation_ (a
     // wedged worker that the survivors reported): the cluster is not serving.
     int64_t joined_generation = 0;
+    // Lost and not replaced, served around (elastic_ep): holds no expert slot.
+    bool vacant = false;
   };
   // A rebalanced placement the workers are loading.
   struct PendingPlacement {
@@ -422,6 +438,10 @@ class Coordinator {
   // Register's part: adopts the newer placement a re-registering worker runs
   // when this coordinator has not rebalanced itself (see RegisterRequest).
   void AdoptRunningPlacementLocked(int worker_id, const v1::Plan& running);
+  // Elastic EP (rebalance.cc): commits (journals) a placement version in
+  // which the vacant workers' ranks hold no slot and every other rank at
+  // least its share; false (logged) when it cannot, e.g. the journal failed.
+  bool ReplaceForVacanciesLocked(const std::string& why);
 
   CoordinatorOptions options_;
   ModelConfig config_;

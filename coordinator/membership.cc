@@ -30,7 +30,28 @@ void Coordinator::WorkerLostLocked(int worker_id, const std::string& how) {
   if (shutdown_requested_) return;  // leaving is expected then
   ++workers_lost_;
   // Without a Register answered in this generation no data plane exists to rebuild.
-  if (generation_issued_) NewGenerationLocked(absl::StrCat("worker ", worker_id, " ", how));
+  if (!generation_issued_) return;
+  std::string vacancy;
+  if (options_.elastic_ep && plan_.ep > 1) {
+    const size_t ep = static_cast<size_t>(plan_.ep), first = static_cast<size_t>(worker_id) / ep * ep;
+    int others = 0;
+    for (size_t i = first; i < first + ep; ++i) {
+      others += i != static_cast<size_t>(worker_id) && Live(workers_[i]) && !workers_[i].vacant ? 1 : 0;
+    }
+    if (plan_.pp > 1) {
+      LOG(WARNING) << "coordinator: --elastic-ep serves around a lost worker with --pp 1 only; waiting for a "
+                      "replacement of worker "
+                   << worker_id;
+    } else if (others > 0) {
+      workers_[static_cast<size_t>(worker_id)].vacant = true;
+      if (ReplaceForVacanciesLocked(absl::StrCat("worker ", worker_id, " lost, its place vacant"))) {
+        vacancy = absl::StrCat("; its place is vacant and ", others, " workers of its stage serve without it");
+      } else {
+        workers_[static_cast<size_t>(worker_id)].vacant = false;
+      }
+    }
+  }
+  NewGenerationLocked(absl::StrCat("worker ", worker_id, " ", how, vacancy));
 }
 
 v1::ClusterStatus Coordinator::GetClusterStatus() const {
@@ -81,7 +102,7 @@ void Coordinator::RequestShutdown() {
 }
 
 bool Coordinator::ClusterCompleteLocked() const {
-  return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) { return Live(w); });
+  return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) { return w.vacant || Live(w); });
 }
 
 bool Coordinator::ServingLocked() const {
@@ -91,7 +112,7 @@ bool Coordinator::ServingLocked() const {
   // SIGSTOPped) the cluster does not serve until every worker rejoined, even
   // before the stalled one misses its heartbeats.
   return std::all_of(workers_.begin(), workers_.end(), [this](const Worker& w) {
-    return w.registered && w.health == v1::WORKER_HEALTH_READY && w.joined_generation == generation_;
+    return w.vacant || (w.registered && w.health == v1::WORKER_HEALTH_READY && w.joined_generation == generation_);
   });
 }
 
@@ -137,6 +158,7 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
   if (want >= 0 && request.has_running_plan()) AdoptRunningPlacementLocked(id, request.running_plan());
   Worker& w = workers_[static_cast<size_t>(id)];
   const bool rejoin = request.rejoin_after_generation() > 0;
+  const bool was_vacant = w.vacant;
   if (same(w) && !Live(w)) {  // a worker found MISSING that is alive after all
     LOG(INFO) << "coordinator: worker " << id << " " << holder(w) << " is back";
     w.health = v1::WORKER_HEALTH_STARTING;
@@ -158,7 +180,11 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
               << ") registered from " << w.host << ":" << w.pid;
     changed_.notify_all();
   }
-  if (rejoin && request.rejoin_after_generation() >= generation_) {
+  if (was_vacant) {  // a replacement, or the lost worker back: the place is held again
+    workers_[static_cast<size_t>(id)].vacant = false;
+    ReplaceForVacanciesLocked(absl::StrCat("worker ", id, " holds its place again"));
+    NewGenerationLocked(absl::StrCat("worker ", id, " holds its vacant place again"));
+  } else if (rejoin && request.rejoin_after_generation() >= generation_) {
     NewGenerationLocked(absl::StrCat("worker ", id, " reports that its data plane of generation ",
                                      request.rejoin_after_generation(), " failed"));
   }
@@ -197,6 +223,9 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
   *resp.mutable_plan() = plan_proto_;
   resp.set_epoch(epoch_);
   resp.set_generation(generation_);
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i].vacant) resp.add_vacant_worker_ids(static_cast<int32_t>(i));
+  }
   workers_[static_cast<size_t>(id)].joined_generation = generation_;
   generation_issued_ = true;
   lock.unlock();

@@ -115,6 +115,9 @@ absl::Status Coordinator::StartRebalanceLocked(bool force, v1::RebalanceExpertsR
     return absl::FailedPreconditionError(absl::StrCat("expert rebalancing: the model (", config_.model_type,
                                                       ") has no MoE layers, so no experts to place"));
   }
+  if (std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) { return w.vacant; })) {
+    return absl::FailedPreconditionError("a worker's place is vacant (elastic EP): rebalance once it is held again");
+  }
   if (plan_.ep < 2) {
     return absl::FailedPreconditionError("expert rebalancing needs --ep > 1 (with one EP rank a stage holds every "
                                          "expert)");
@@ -219,7 +222,7 @@ void Coordinator::PlacementHeartbeatLocked(int worker_id, const v1::HeartbeatReq
     if (!request.staging_error().empty()) {
       DropPendingPlacementLocked(absl::StrCat("worker ", worker_id, " could not load it: ", request.staging_error()));
     } else if (std::all_of(workers_.begin(), workers_.end(), [this](const Worker& x) {
-                 return Live(x) && x.staged_placement_version == pending_placement_->version;
+                 return x.vacant || (Live(x) && x.staged_placement_version == pending_placement_->version);
                })) {
       CommitPlacementLocked();
     }
@@ -354,6 +357,103 @@ void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& run
   plan_proto_ = topology::PlanToProto(plan_, options_.checkpoint, model_json_, version);
   LOG(INFO) << "coordinator: adopted expert placement version " << version << " from worker " << worker_id
             << " (the workers run it; this coordinator started without it)";
+}
+
+namespace {
+
+// The slots of the ranks with live[r] false move to the live ranks (to the
+// one with the fewest slots that does not hold that expert yet); then the
+// live ranks with fewer than their share (a rank back from vacancy) take
+// slots from the fullest ones. Slot count and experts stay the same.
+absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPlacement& p,
+                                                        const std::vector<bool>& live) {
+  const int64_t R = p.num_ranks();
+  std::vector<std::vector<int32_t>> slots(static_cast<size_t>(R));
+  std::vector<int32_t> orphans;
+  int64_t nlive = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (live[static_cast<size_t>(r)]) {
+      slots[static_cast<size_t>(r)] = p.slots_of_rank(r);
+      ++nlive;
+    } else {
+      orphans.insert(orphans.end(), p.slots_of_rank(r).begin(), p.slots_of_rank(r).end());
+    }
+  }
+  if (nlive == 0) return absl::FailedPreconditionError("no live rank to place experts on");
+  auto holds = [&](int64_t r, int32_t e) {
+    const auto& s = slots[static_cast<size_t>(r)];
+    return std::find(s.begin(), s.end(), e) != s.end();
+  };
+  for (int32_t e : orphans) {
+    int64_t best = -1;
+    for (int64_t r = 0; r < R; ++r) {
+      if (!live[static_cast<size_t>(r)]) continue;
+      if (best < 0 || std::make_pair(holds(r, e), slots[r].size()) < std::make_pair(holds(best, e), slots[best].size())) {
+        best = r;
+      }
+    }
+    slots[static_cast<size_t>(best)].push_back(e);
+  }
+  const size_t share = static_cast<size_t>(p.num_slots() / nlive);
+  for (int64_t guard = 0; guard < p.num_slots(); ++guard) {
+    int64_t low = -1, high = -1;
+    for (int64_t r = 0; r < R; ++r) {
+      if (!live[static_cast<size_t>(r)]) continue;
+      if (low < 0 || slots[r].size() < slots[low].size()) low = r;
+      if (high < 0 || slots[r].size() > slots[high].size()) high = r;
+    }
+    if (slots[low].size() >= share || slots[high].size() <= slots[low].size() + 1) break;
+    auto& from = slots[static_cast<size_t>(high)];
+    size_t pick = from.size() - 1;
+    for (size_t i = from.size(); i-- > 0;) {
+      if (!holds(low, from[i])) {
+        pick = i;
+        break;
+      }
+    }
+    slots[static_cast<size_t>(low)].push_back(from[pick]);
+    from.erase(from.begin() + static_cast<std::ptrdiff_t>(pick));
+  }
+  return topology::ExpertPlacement::Create(p.num_experts(), std::move(slots));
+}
+
+}  // namespace
+
+bool Coordinator::ReplaceForVacanciesLocked(const std::string& why) {
+  topology::Plan next = plan_;
+  for (size_t s = 0; s < next.stages.size(); ++s) {
+    std::vector<bool> live(static_cast<size_t>(plan_.ep));
+    for (int64_t r = 0; r < plan_.ep; ++r) {
+      live[static_cast<size_t>(r)] = !workers_[s * static_cast<size_t>(plan_.ep) + static_cast<size_t>(r)].vacant;
+    }
+    for (auto& [layer, placement] : next.stages[s].placement) {
+      absl::StatusOr<topology::ExpertPlacement> p = PlaceOverLive(placement, live);
+      if (!p.ok()) {
+        LOG(WARNING) << "coordinator: cannot re-place the experts of layer " << layer << " (" << why
+                     << "): " << p.status().message();
+        return false;
+      }
+      placement = *std::move(p);
+    }
+  }
+  if (next == plan_) return true;
+  DropPendingPlacementLocked(why);
+  topology::Plan old = std::move(plan_);
+  const int64_t old_version = placement_version_;
+  plan_ = std::move(next);
+  last_pending_version_ = std::max(last_pending_version_, placement_version_) + 1;
+  placement_version_ = last_pending_version_;
+  last_rebalance_ms_ = UnixMs();
+  if (absl::Status s = JournalPlacementLocked(); !s.ok()) {
+    plan_ = std::move(old);
+    placement_version_ = old_version;
+    LOG(WARNING) << "coordinator: placement for " << why << " not committed: journal write failed: " << s.message();
+    return false;
+  }
+  plan_proto_ = topology::PlanToProto(plan_, options_.checkpoint, model_json_, placement_version_);
+  LOG(INFO) << "coordinator: placement version " << placement_version_ << " committed (" << why
+            << "); the workers load the experts they gain before they serve again";
+  return true;
 }
 
 JournalRecord Coordinator::PlacementRecord() const {

@@ -44,6 +44,9 @@ ABSL_FLAG(std::string, served_model_name, "",
 ABSL_FLAG(std::string, reasoning_field, "reasoning_content",
           "with a reasoning chat template (deepseek-r1): the JSON field of the text before </think>: "
           "reasoning_content (SGLang, DeepSeek's API) or reasoning (vLLM)");
+ABSL_FLAG(bool, elastic_ep, false,
+          "with --pp 1: a lost worker's place turns vacant and the survivors serve without it (its experts "
+          "re-placed over them) until a worker takes the place again; without it the cluster waits for a replacement");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {
@@ -76,6 +79,7 @@ absl::Status CoordinatorOptionsFromFlags(coordinator::CoordinatorOptions* o) {
   o->eplb_interval_s = absl::GetFlag(FLAGS_eplb_interval_s);
   o->eplb_min_gain = absl::GetFlag(FLAGS_eplb_min_gain);
   o->eplb_min_tokens = absl::GetFlag(FLAGS_eplb_min_tokens);
+  o->elastic_ep = absl::GetFlag(FLAGS_elastic_ep);
   ASSIGN_OR_RETURN(o->tls, ServerTlsFromFlags());
   ASSIGN_OR_RETURN(o->client_auth_token, ClientTokenFromFlags());
   ASSIGN_OR_RETURN(o->cluster_secret, ClusterSecretFromFlags());

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -559,6 +560,97 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
   ASSERT_OK(now[1]->Step(3));
   EXPECT_TRUE(now[1]->stale());
   EXPECT_EQ(Status().workers_lost(), 1);
+}
+
+// Elastic EP: slots of a placement stage by rank, and every expert placed.
+void ExpectVacant(const v1::Plan& plan, const std::vector<int>& vacant, int64_t num_slots) {
+  for (const auto& [layer, p] : plan.stages(0).placement()) {
+    std::set<int32_t> experts;
+    int64_t slots = 0;
+    for (int r = 0; r < p.ranks_size(); ++r) {
+      const bool v = std::find(vacant.begin(), vacant.end(), r) != vacant.end();
+      if (v) EXPECT_EQ(p.ranks(r).slot_experts_size(), 0) << "layer " << layer << " rank " << r;
+      if (!v) EXPECT_GT(p.ranks(r).slot_experts_size(), 0) << "layer " << layer << " rank " << r;
+      slots += p.ranks(r).slot_experts_size();
+      experts.insert(p.ranks(r).slot_experts().begin(), p.ranks(r).slot_experts().end());
+    }
+    EXPECT_EQ(slots, num_slots) << "layer " << layer;
+    EXPECT_EQ(static_cast<int>(experts.size()), p.num_experts()) << "layer " << layer;
+  }
+}
+
+TEST_F(CoordinatorTest, ElasticLostWorkerLeavesAVacantPlaceAndTheSurvivorsServe) {
+  CoordinatorOptions o = Options(1, 4);
+  o.elastic_ep = true;
+  Start(o);
+  auto w = RegisterAll(4);
+  const v1::Plan before = Status().plan();
+  ASSERT_GT(before.stages(0).placement_size(), 0);
+  const int64_t num_slots = [&] {
+    int64_t n = 0;
+    for (const auto& r : before.stages(0).placement().begin()->second.ranks()) n += r.slot_experts_size();
+    return n;
+  }();
+  const v1::SubmitJobRequest req = Batch(8, 10);
+  const std::string id = Submit(req);
+  for (int i = 0; i < 3; ++i) {
+    for (auto& x : w) ASSERT_OK(x->Heartbeat());
+    for (auto& x : w) ASSERT_OK(x->Step(2));
+  }
+  // Worker 2 dies: its place turns vacant, a placement without it is committed with generation 2.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until && Status().generation() == 1) {
+    for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Heartbeat());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  v1::ClusterStatus st = Status();
+  ASSERT_EQ(st.generation(), 2);
+  EXPECT_EQ(st.workers_lost(), 1);
+  EXPECT_EQ(st.plan().placement_version(), 2);
+  ExpectVacant(st.plan(), {2}, num_slots);
+  // The survivors rejoin at once (no replacement needed) and learn the vacancy and the placement.
+  for (int i : {0, 1, 3}) {
+    ASSERT_OK(w[i]->Register(i, "fakehost", 100 + i, 10, /*rejoin_after=*/1));
+    EXPECT_EQ(w[i]->generation(), 2);
+    ASSERT_EQ(w[i]->registration().vacant_worker_ids_size(), 1);
+    EXPECT_EQ(w[i]->registration().vacant_worker_ids(0), 2);
+    EXPECT_EQ(w[i]->registration().plan().placement_version(), 2);
+  }
+  for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Heartbeat());
+  EXPECT_TRUE(Status().serving());
+  // Rebalancing waits for the place to be held again.
+  {
+    grpc::ClientContext ctx;
+    v1::RebalanceExpertsResponse r;
+    EXPECT_ERROR(cluster_->RebalanceExperts(&ctx, v1::RebalanceExpertsRequest(), &r),
+                 absl::StatusCode::kFailedPrecondition, "vacant");
+  }
+  // A second loss: worker 0; two vacant places.
+  const auto until2 = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until2 && Status().generation() == 2) {
+    for (int i : {1, 3}) ASSERT_OK(w[i]->Heartbeat());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(Status().generation(), 3);
+  ExpectVacant(Status().plan(), {0, 2}, num_slots);
+  for (int i : {1, 3}) ASSERT_OK(w[i]->Register(i, "fakehost", 100 + i, 10, /*rejoin_after=*/2));
+  EXPECT_EQ(w[1]->registration().vacant_worker_ids_size(), 2);
+  std::vector<std::unique_ptr<FakeWorker>> now;
+  now.push_back(std::move(w[1]));
+  now.push_back(std::move(w[3]));
+  RunUntilFinal(now, 2, id);
+  const v1::Job j = GetJob(id);
+  ASSERT_EQ(j.state(), v1::JOB_STATE_SUCCEEDED);
+  for (const auto& r : j.results()) ExpectFakeTokens(req, r);
+  // A new worker takes a vacant place back: generation 4, a placement that gives it slots again.
+  FakeWorker repl(channel_);
+  ASSERT_OK(repl.Register(-1, "newhost", 555));
+  EXPECT_TRUE(repl.id() == 0 || repl.id() == 2);
+  EXPECT_EQ(repl.generation(), 4);
+  EXPECT_EQ(repl.registration().vacant_worker_ids_size(), 1);
+  const int still = repl.id() == 0 ? 2 : 0;
+  ExpectVacant(repl.registration().plan(), {still}, num_slots);
+  EXPECT_EQ(Status().plan().placement_version(), 4);
 }
 
 TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {

@@ -451,6 +451,54 @@ class StandaloneTest(ClusterCase):
         return st
 
 
+class ElasticTest(StandaloneTest):
+    """Elastic expert parallelism (coordinator --elastic-ep, pp = 1): lost workers are not replaced; the
+    survivors take their experts and serve; a worker started later takes a vacant place back."""
+    coordinator_flags = ("--elastic-ep",)
+    pp, ep = 1, 4
+
+    def test_pp1_ep4_serves_on_survivors_and_a_replacement_rejoins(self):
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=3)
+        long_new = 600
+        want = self.reference(long_new)
+        rid = "e2e-elastic-1"
+        self.submit_detached(server, long_new, rid)
+        by_id = {}
+        st = self.wait_generating(server, 1)
+        for w in st["workers"]:
+            by_id[w["worker_id"]] = [p for p in workers if p.pid == w["pid"]][0]
+        # One worker, then a second: no replacement; the job goes on on the survivors.
+        for n, victim_id in enumerate([1, 3]):
+            if n > 0:
+                st = self.wait_generating(server, 1 + n)
+            os.killpg(by_id[victim_id].pid, signal.SIGKILL)
+            t_kill = time.time()
+            cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.02)
+            t_detect = time.time()
+            st = self.wait_generation(server, 2 + n)
+            print(f"elastic PP1xEP4, {n + 1} of 4 lost, no replacement: noticed {t_detect - t_kill:.2f} s after the "
+                  f"kill (heartbeat timeout 3 s), serving again {time.time() - t_detect:.2f} s after detection",
+                  file=sys.stderr)
+            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        self.assertEqual(self.submit(server), self.f.greedy)  # new work on the two survivors
+        # A worker started now takes a vacant place back; the cluster serves all four again.
+        r = cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, "replacement.log"))
+        self.procs.append(r)
+        st = cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) == 4
+                            and r.pid in [w["pid"] for w in st["workers"]], "the replacement serving", 120, 0.05)
+        self.check_batch(server)
+        live = [by_id[0], by_id[2], r]
+        self.shutdown(server, [coord] + live)
+
+
+# ElasticTest reuses StandaloneTest's helpers, not its tests.
+for _name in dir(StandaloneTest):
+    if _name.startswith("test_") and _name not in ElasticTest.__dict__:
+        setattr(ElasticTest, _name, None)
+
+
 class MultiHostTest(ClusterCase):
     """A standalone cluster over a real network: three network namespaces as hosts
     (coordinator on host 1, two workers on each of hosts 2 and 3), UCX over TCP

@@ -358,6 +358,33 @@ TEST(DataPlane, NcclTwinsAndSingleRankGroups) {
   EXPECT_NE(dp.lane_device(), nullptr);
 }
 
+TEST(DataPlane, VacantRanksConnectOnlyTheLiveMembers) {
+  RecordingCommFactory factory;
+  DataPlane::Options o;
+  DataPlane dp(&factory, o, /*pp=*/1, /*ep=*/4, /*worker_id=*/2, /*stage=*/0, /*ep_rank=*/2);
+  dp.SetGeneration("e1", 5, false);
+  dp.SetVacant({3, 1});
+  ASSERT_OK(dp.Build());
+  auto specs = factory.specs();
+  ASSERT_EQ(specs.size(), 1u);
+  EXPECT_EQ(specs[0].worker_ids, (std::vector<int>{0, 2}));
+  EXPECT_EQ(specs[0].rank, 1);
+  EXPECT_EQ(specs[0].key_prefix, "e1/g5/stage0");
+  ASSERT_NE(dp.stage(), nullptr);
+  EXPECT_EQ(dp.stage()->rank(), 2);  // the logical EP rank stays
+  EXPECT_EQ(dp.stage()->size(), 4);
+  dp.Abort(absl::AbortedError("test"));
+  EXPECT_TRUE(dp.Broken());
+  dp.Release();
+  // Vacant itself, or pp > 1: refused with the reason.
+  DataPlane self(&factory, o, 1, 4, /*worker_id=*/1, 0, 1);
+  self.SetVacant({1});
+  EXPECT_EQ(self.Build().code(), absl::StatusCode::kFailedPrecondition);
+  DataPlane piped(&factory, o, /*pp=*/2, 2, /*worker_id=*/0, 0, 0);
+  piped.SetVacant({1});
+  EXPECT_EQ(piped.Build().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(DataPlane, BuiltWhileTheGenerationMovedOnFailsItsFirstExchange) {
   RecordingCommFactory factory;
   DataPlane dp(&factory, DataPlane::Options{}, 2, 1, 0, 0, 0);

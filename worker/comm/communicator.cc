@@ -23,6 +23,7 @@ void Communicator::Abort(const absl::Status& reason) {
     abort_reason_ = reason.ok() ? absl::AbortedError("aborted by the caller") : reason;
   }
   aborted_.store(true, std::memory_order_release);
+  OnAbort(reason);
 }
 
 absl::Status Communicator::abort_status() const {

@@ -216,6 +216,9 @@ class Communicator {
   // i is complete, and cancel or complete every posted transfer before
   // returning an error (the caller's buffers are free afterwards).
   virtual absl::Status RunRemote(const Batch& batch, absl::Time deadline, const RecvDoneFn* on_recv_done) = 0;
+  // Called once by the first Abort (any thread, must not block): a backend
+  // that wraps another communicator aborts it too.
+  virtual void OnAbort(const absl::Status& reason) {}
 
   bool aborted() const { return aborted_.load(std::memory_order_acquire); }
   absl::Status abort_status() const;

@@ -7,6 +7,7 @@
 #include "common/status.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/registry.h"
+#include "worker/comm/vacant_communicator.h"
 
 namespace expertmesh::worker::runtime {
 
@@ -49,6 +50,12 @@ bool DataPlane::MarkStaleIfMoved(const std::string& epoch, int64_t generation) {
   return moved;
 }
 
+void DataPlane::SetVacant(std::vector<int> vacant_worker_ids) {
+  std::sort(vacant_worker_ids.begin(), vacant_worker_ids.end());
+  std::lock_guard<std::mutex> l(mu_);
+  vacant_ = std::move(vacant_worker_ids);
+}
+
 bool DataPlane::stale() const {
   std::lock_guard<std::mutex> l(mu_);
   return stale_;
@@ -80,10 +87,35 @@ absl::Status DataPlane::Build() {
     }
     return absl::OkStatus();
   };
+  std::vector<int> vacant;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    vacant = vacant_;
+  }
+  auto is_vacant = [&](int id) { return std::binary_search(vacant.begin(), vacant.end(), id); };
+  if (!vacant.empty()) {
+    if (pp_ > 1 || o_.nccl_twins) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "worker ", worker_id_, ": serving with vacant EP ranks needs pp = 1 and the host data plane (pp=", pp_,
+          o_.nccl_twins ? ", NCCL device data plane" : "", ")"));
+    }
+    if (is_vacant(worker_id_)) {
+      return absl::FailedPreconditionError(absl::StrCat("worker ", worker_id_, " is vacant in this generation"));
+    }
+  }
   if (ep_ > 1) {
-    std::vector<int> ids;
-    for (int r = 0; r < ep_; ++r) ids.push_back(static_cast<int>(stage_ * ep_ + r));
+    std::vector<int> ids, live_ranks;
+    for (int r = 0; r < ep_; ++r) {
+      const int id = static_cast<int>(stage_ * ep_ + r);
+      if (is_vacant(id)) continue;
+      ids.push_back(id);
+      live_ranks.push_back(r);
+    }
     RETURN_IF_ERROR(group(absl::StrCat("stage", stage_), ids, 100 + stage_, 0));
+    if (static_cast<int64_t>(ids.size()) < ep_) {  // elastic: logical EP ranks over the live members
+      ASSIGN_OR_RETURN(made[0], comm::VacantRankCommunicator::Create(std::move(made[0]), live_ranks,
+                                                                     static_cast<int>(ep_)));
+    }
   }
   if (pp_ > 1) {
     std::vector<int> ids;

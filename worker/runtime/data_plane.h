@@ -97,6 +97,14 @@ class DataPlane {
   // the epoch differs (a restarted coordinator), or the generation is ours.
   bool MarkStaleIfMoved(const std::string& epoch, int64_t generation);
   bool stale() const;
+  // Elastic EP (UCX/host data plane, pp = 1): the worker ids of this stage
+  // that are vacant in the generation the next Build is for (their worker was
+  // lost and nobody replaced it yet). Build then connects the live members
+  // only and hands out a comm::VacantRankCommunicator of the full EP size
+  // (vacant ranks send nothing and receive nothing; see
+  // worker/comm/vacant_communicator.h). kFailedPrecondition from Build with
+  // pp > 1 or NCCL twins, and when this worker itself is vacant.
+  void SetVacant(std::vector<int> vacant_worker_ids);
 
   // ---- stage thread
   // Creates the groups of the current generation (stage group when ep > 1,
@@ -131,6 +139,7 @@ class DataPlane {
   mutable std::mutex mu_;  // guards comms_ (against Abort/Broken) and the generation
   Generation gen_;
   bool stale_ = false;
+  std::vector<int> vacant_;  // worker ids, for the next Build
   std::array<std::unique_ptr<comm::Communicator>, 4> comms_;  // stage, lane, stage nccl, lane nccl
   int builds_ = 0;
 };

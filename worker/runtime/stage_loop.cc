@@ -104,6 +104,9 @@ absl::Status StageLoop::RunStage0() {
     bool any_work = false, any_stop = false, all_drained = true;
     int64_t agreed = offer;
     for (int r = 0; r < E; ++r) {
+      // A vacant rank (elastic EP, comm/vacant_communicator.h) reads as
+      // zeros; a live rank offers a placement version >= 1. No vote.
+      if (gathered[kAgree * r + 3] == 0) continue;
       any_work |= gathered[kAgree * r] != 0;
       any_stop |= gathered[kAgree * r + 1] != 0;
       all_drained &= gathered[kAgree * r + 2] != 0;

@@ -62,6 +62,9 @@ class Worker {
   // Creates the communicators of the data plane's generation and takes the
   // executor's EP exchange onto them; TearDownDataPlane aborts and destroys them.
   absl::Status BuildDataPlane();
+  // Loads the experts of committed placement `version` this rank lacks (the
+  // stage thread, data plane down); returns once staged.
+  absl::Status StageNow(int64_t version, const std::string& epoch, const v1::Plan& plan);
   void TearDownDataPlane(const absl::Status& reason);
   // After a data-plane failure: drop every sequence, wait (Register with
   // rejoin_after_generation) until the cluster is complete again, rebuild.
@@ -117,6 +120,7 @@ absl::Status Worker::Setup() {
   dpo.nccl_twins = exec_->wants_nccl_twins();
   dp_ = std::make_unique<DataPlane>(comm_factory_.get(), dpo, plan_.pp, plan_.ep, worker_id, stage, ep_rank);
   dp_->SetGeneration(reg.response.epoch(), reg.response.generation(), /*clear_stale=*/false);
+  dp_->SetVacant({reg.response.vacant_worker_ids().begin(), reg.response.vacant_worker_ids().end()});
 
   PlacementStager::Hooks sh;
   sh.beat_now = [this] { session_.BeatNow(); };
@@ -231,8 +235,12 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
   if (!reg.has_value()) return false;  // the cluster was shut down meanwhile
   const v1::RegisterResponse& r = reg->response;
   const int64_t committed = std::max<int64_t>(1, r.plan().placement_version());
-  if (committed > stager_->placement_version() && stager_->staged_version() == committed) {
-    // Committed while this worker waited for the stage to switch: no step runs now.
+  if (committed > stager_->placement_version()) {
+    // Committed while this worker waited for the stage to switch (a
+    // rebalance), or committed with the new generation without a staging
+    // round (elastic EP re-placed a vacant place's experts): load what this
+    // rank gains now, then switch; no step runs now.
+    if (stager_->staged_version() != committed) RETURN_IF_ERROR(StageNow(committed, r.epoch(), r.plan()));
     RETURN_IF_ERROR(stager_->Switch(committed));
   }
   if (r.worker_id() != worker_id || reg->plan != plan_) {
@@ -240,10 +248,35 @@ absl::StatusOr<bool> Worker::Rejoin(const absl::Status& why) {
   }
   if (sched_ != nullptr) sched_->SetEpoch(r.epoch(), committed);
   dp_->SetGeneration(r.epoch(), r.generation(), /*clear_stale=*/true);
+  dp_->SetVacant({r.vacant_worker_ids().begin(), r.vacant_worker_ids().end()});
+  if (!r.vacant_worker_ids().empty()) {
+    LOG(INFO) << "worker " << worker_id << ": generation " << r.generation() << " serves without "
+              << r.vacant_worker_ids_size() << " vacant place(s) (elastic EP)";
+  }
   RETURN_IF_ERROR(BuildDataPlane());
   LOG(INFO) << "worker " << worker_id << ": data plane rebuilt for generation " << r.generation() << " in "
             << absl::FormatDuration(absl::Now() - t0);
   return true;
+}
+
+absl::Status Worker::StageNow(int64_t version, const std::string& epoch, const v1::Plan& plan) {
+  const absl::Time t0 = absl::Now(), deadline = t0 + o_.register_timeout;
+  while (stager_->loading_version() != 0) {  // an earlier load: let it finish first
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("waiting for an earlier expert load");
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  stager_->StartStaging(version, epoch, plan);
+  while (stager_->staged_version() != version) {
+    if (stager_->loading_version() == 0 && stager_->staged_version() != version) {
+      return absl::InternalError(absl::StrCat("worker ", session_.worker_id(), ": cannot load the experts of placement "
+                                              "version ", version, ": ", stager_->TakeError()));
+    }
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("loading the experts of a new placement");
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  LOG(INFO) << "worker " << session_.worker_id() << ": staged placement version " << version << " in "
+            << absl::FormatDuration(absl::Now() - t0);
+  return absl::OkStatus();
 }
 
 absl::Status Worker::Run() {
