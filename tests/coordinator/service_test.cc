@@ -1465,7 +1465,7 @@ TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSeq
   ASSERT_OK(w[0]->Step(4, 3));  // 3 tokens each
   EXPECT_FALSE(drain());
   for (int i = 0; i < 3; ++i) EXPECT_EQ(seen[i].size(), 3u);
-  // The worker gives sequence 0 back: it is queued again and generated from scratch.
+  // The worker gives sequence 0 back: it is queued again with its 3 tokens and resumes after them.
   v1::SyncRequest back;
   back.set_worker_id(w[0]->id());
   back.set_epoch(w[0]->epoch());
@@ -1475,9 +1475,9 @@ TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSeq
   u->set_finish_reason(v1::FINISH_REASON_CANCELLED);
   ASSERT_OK(w[0]->SyncRaw(back));
   ASSERT_OK(w[0]->Step(4, 1));  // reassigned at step 0 (and 1 more token for 1 and 2)
-  ASSERT_OK(w[0]->Step(4, 1));  // sequence 0: 1 token (not past what was published)
+  ASSERT_OK(w[0]->Step(4, 1));  // sequence 0: its 4th token (resumed after the 3 published)
   EXPECT_FALSE(drain());
-  EXPECT_EQ(seen[0].size(), 3u);
+  EXPECT_EQ(seen[0].size(), 4u);
   EXPECT_EQ(seen[1].size(), 5u);
   // Sequence 2 is stopped by a front end: its result holds the published tokens.
   ASSERT_OK(c->StopSequence(id, 2));
