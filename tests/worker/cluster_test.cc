@@ -39,35 +39,7 @@ class ClusterTest : public testing::TinyCheckpointSuite<8> {
       return Registered(id, static_cast<int>(id / plan.ep), static_cast<int>(id % plan.ep), plan, "e1", 1, 1,
                         Checkpoint());
     });
-    fake_.OnHeartbeat([](const v1::HeartbeatRequest&) {
-      v1::HeartbeatResponse r;
-      r.set_epoch("e1");
-      r.set_generation(1);
-      r.set_placement_version(1);
-      return r;
-    });
-    fake_.OnSync([&](const v1::SyncRequest& req) {
-      v1::SyncResponse r;
-      r.set_epoch("e1");
-      r.set_generation(1);
-      r.set_placement_version(1);
-      return lanes.at(req.worker_id())->Answer(req, r);
-    });
-    std::vector<absl::Status> results(plan.num_workers());
-    std::vector<std::thread> threads;
-    for (int w = 0; w < plan.num_workers(); ++w) {
-      threads.emplace_back([&, w] {
-        WorkerOptions o;
-        o.backend = "ucx";
-        o.requested_worker_id = w;
-        o.register_timeout = absl::Seconds(60);
-        o.step_timeout = absl::Seconds(60);
-        o.heartbeat_interval = absl::Milliseconds(50);
-        results[w] = RunWorker(o, &fake_);
-      });
-    }
-    for (auto& t : threads) t.join();
-    for (int w = 0; w < plan.num_workers(); ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+    testing::RunThreadedWorkers(&fake_, plan.num_workers(), lanes);
   }
 
   FakeCoordinator fake_;
@@ -115,36 +87,7 @@ TEST_F(ClusterTest, GarbageBootstrapBytesMakeTheWorkersRejoinNotCrash) {
     const int id = req.worker_id();
     return Registered(id, id, 0, plan, "e1", req.rejoin_after_generation() > 0 ? 2 : 1, 1, Checkpoint());
   });
-  fake.OnHeartbeat([](const v1::HeartbeatRequest&) {
-    v1::HeartbeatResponse r;
-    r.set_epoch("e1");
-    r.set_generation(2);
-    r.set_placement_version(1);
-    return r;
-  });
-  fake.OnSync([&](const v1::SyncRequest& req) {
-    v1::SyncResponse r;
-    r.set_epoch("e1");
-    r.set_generation(2);
-    r.set_placement_version(1);
-    return lane.Answer(req, r);
-  });
-  std::vector<absl::Status> results(2);
-  std::vector<std::thread> threads;
-  for (int w = 0; w < 2; ++w) {
-    threads.emplace_back([&, w] {
-      WorkerOptions o;
-      o.backend = "ucx";
-      o.requested_worker_id = w;
-      o.register_timeout = absl::Seconds(60);
-      o.rejoin_timeout = absl::Seconds(60);
-      o.step_timeout = absl::Seconds(60);
-      o.heartbeat_interval = absl::Milliseconds(50);
-      results[w] = RunWorker(o, &fake);
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (int w = 0; w < 2; ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+  testing::RunThreadedWorkers(&fake, 2, {&lane, nullptr}, /*generation=*/2);
   EXPECT_GE(fake.garbage_reads_.load(), 2);
   int rejoins = 0;
   for (const auto& r : fake.registers()) rejoins += r.rejoin_after_generation() == 1 ? 1 : 0;

@@ -80,35 +80,7 @@ class DenseClusterTest : public ::testing::TestWithParam<const char*> {
       *r.mutable_plan() = topology::PlanToProto(plan, ckpt, config, 1);
       return r;
     });
-    fake_.OnHeartbeat([](const v1::HeartbeatRequest&) {
-      v1::HeartbeatResponse r;
-      r.set_epoch("e1");
-      r.set_generation(1);
-      r.set_placement_version(1);
-      return r;
-    });
-    fake_.OnSync([&](const v1::SyncRequest& req) {
-      v1::SyncResponse r;
-      r.set_epoch("e1");
-      r.set_generation(1);
-      r.set_placement_version(1);
-      return lanes.at(req.worker_id())->Answer(req, r);
-    });
-    std::vector<absl::Status> results(plan.num_workers());
-    std::vector<std::thread> threads;
-    for (int w = 0; w < plan.num_workers(); ++w) {
-      threads.emplace_back([&, w] {
-        WorkerOptions o;
-        o.backend = "ucx";
-        o.requested_worker_id = w;
-        o.register_timeout = absl::Seconds(60);
-        o.step_timeout = absl::Seconds(60);
-        o.heartbeat_interval = absl::Milliseconds(50);
-        results[w] = RunWorker(o, &fake_);
-      });
-    }
-    for (auto& t : threads) t.join();
-    for (int w = 0; w < plan.num_workers(); ++w) EXPECT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w];
+    testing::RunThreadedWorkers(&fake_, plan.num_workers(), lanes);
   }
 
   std::string dir_;

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -27,6 +28,7 @@
 #include "worker/runtime/coordinator_client.h"
 #include "worker/runtime/data_plane.h"
 #include "worker/runtime/placement_stager.h"
+#include "worker/runtime/worker.h"
 
 namespace expertmesh::worker::runtime::testing {
 
@@ -371,5 +373,46 @@ class TinyCheckpointSuite : public ::testing::Test {
  private:
   static inline std::string* dir_ = nullptr;
 };
+
+// Runs workers 0..num_workers-1 as RunWorker threads over a real UCX data
+// plane against `fake` until it shuts the cluster down, and expects each to
+// end OK. Heartbeats and Syncs are answered for epoch "e1", `generation` and
+// placement version 1; a stage-0 worker's Sync by its lane, lanes[worker_id].
+// The caller scripts Register (the plan, and a rejoin's generation).
+inline void RunThreadedWorkers(FakeCoordinator* fake, int num_workers, const std::vector<Lane*>& lanes,
+                               int64_t generation = 1) {
+  fake->OnHeartbeat([generation](const v1::HeartbeatRequest&) {
+    v1::HeartbeatResponse r;
+    r.set_epoch("e1");
+    r.set_generation(generation);
+    r.set_placement_version(1);
+    return r;
+  });
+  fake->OnSync([&lanes, generation](const v1::SyncRequest& req) {
+    v1::SyncResponse r;
+    r.set_epoch("e1");
+    r.set_generation(generation);
+    r.set_placement_version(1);
+    return lanes.at(static_cast<size_t>(req.worker_id()))->Answer(req, r);
+  });
+  std::vector<absl::Status> results(static_cast<size_t>(num_workers));
+  std::vector<std::thread> threads;
+  for (int w = 0; w < num_workers; ++w) {
+    threads.emplace_back([&, w] {
+      WorkerOptions o;
+      o.backend = "ucx";
+      o.requested_worker_id = w;
+      o.register_timeout = absl::Seconds(60);
+      o.rejoin_timeout = absl::Seconds(60);
+      o.step_timeout = absl::Seconds(60);
+      o.heartbeat_interval = absl::Milliseconds(50);
+      results[static_cast<size_t>(w)] = RunWorker(o, fake);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int w = 0; w < num_workers; ++w) {
+    EXPECT_TRUE(results[static_cast<size_t>(w)].ok()) << "worker " << w << ": " << results[static_cast<size_t>(w)];
+  }
+}
 
 }  // namespace expertmesh::worker::runtime::testing
