@@ -302,16 +302,28 @@ constexpr int64_t kMaxPositions = int64_t{1} << 24;
 // 64x DeepSeek-V3's 671B.
 constexpr double kMaxParameters = 64.0 * 671e9;
 
+// "field = value: must be in ..." messages for Validate and ValidateDense:
+// range(name, v, lo, hi) for integers in [lo, hi], real(name, v, lo, hi) for
+// reals in (lo, hi].
+struct IntRangeCheck {
+  std::vector<std::string>* e;
+  void operator()(const char* name, int64_t v, int64_t lo, int64_t hi) const {
+    if (v < lo || v > hi) e->push_back(absl::StrCat(name, " = ", v, ": must be in [", lo, ", ", hi, "]"));
+  }
+};
+struct RealRangeCheck {
+  std::vector<std::string>* e;
+  void operator()(const char* name, double v, double lo_exclusive, double hi) const {
+    if (!(v > lo_exclusive) || !(v <= hi)) {
+      e->push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
+    }
+  }
+};
+
 absl::Status ModelConfig::Validate() const {
   std::vector<std::string> e;
-  auto range = [&](const char* name, int64_t v, int64_t lo, int64_t hi) {
-    if (v < lo || v > hi) e.push_back(absl::StrCat(name, " = ", v, ": must be in [", lo, ", ", hi, "]"));
-  };
-  auto real = [&](const char* name, double v, double lo_exclusive, double hi) {
-    if (!(v > lo_exclusive) || !(v <= hi)) {
-      e.push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
-    }
-  };
+  const IntRangeCheck range{&e};
+  const RealRangeCheck real{&e};
   if (dense_arch()) return ValidateDense();
   if (model_type != "deepseek_v3") {
     e.push_back(absl::StrCat("model_type = \"", model_type, "\": expected \"deepseek_v3\", \"qwen2\" or \"llama\""));
@@ -433,14 +445,8 @@ absl::Status ModelConfig::Validate() const {
 // MoE / MLA / MTP fields (what DenseFromJson sets).
 absl::Status ModelConfig::ValidateDense() const {
   std::vector<std::string> e;
-  auto range = [&](const char* name, int64_t v, int64_t lo, int64_t hi) {
-    if (v < lo || v > hi) e.push_back(absl::StrCat(name, " = ", v, ": must be in [", lo, ", ", hi, "]"));
-  };
-  auto real = [&](const char* name, double v, double lo_exclusive, double hi) {
-    if (!(v > lo_exclusive) || !(v <= hi)) {
-      e.push_back(absl::StrCat(name, " = ", v, ": must be in (", lo_exclusive, ", ", hi, "]"));
-    }
-  };
+  const IntRangeCheck range{&e};
+  const RealRangeCheck real{&e};
   range("vocab_size", vocab_size, 1, kMaxVocab);
   range("hidden_size", hidden_size, 1, kMaxWidth);
   range("intermediate_size", intermediate_size, 1, kMaxFfn);

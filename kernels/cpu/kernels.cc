@@ -177,14 +177,21 @@ Rope::Rope(const ModelConfig& c) : dim_(c.qk_rope_head_dim) {
   }
 }
 
-void Rope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
-  const int64_t half = dim_ / 2;
-  float cs[512], sn[512];
+namespace {
+// cos and sin of pos * inv_freq[i], i < half (in double, then rounded).
+void RopeAngles(const std::vector<double>& inv_freq, int64_t half, int64_t pos, float* cs, float* sn) {
   for (int64_t i = 0; i < half; ++i) {
-    const double a = static_cast<double>(pos) * inv_freq_[i];
+    const double a = static_cast<double>(pos) * inv_freq[static_cast<size_t>(i)];
     cs[i] = static_cast<float>(std::cos(a));
     sn[i] = static_cast<float>(std::sin(a));
   }
+}
+}  // namespace
+
+void Rope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
+  const int64_t half = dim_ / 2;
+  float cs[512], sn[512];
+  RopeAngles(inv_freq_, half, pos, cs, sn);
   for (int64_t v = 0; v < n; ++v) {
     float* p = x + v * stride;
     for (int64_t i = 0; i < half; ++i) {
@@ -220,11 +227,7 @@ HalfRope::HalfRope(const ModelConfig& c) : dim_(c.dense_arch() ? c.attn_head_dim
 void HalfRope::Apply(float* x, int64_t n, int64_t stride, int64_t pos) const {
   const int64_t half = dim_ / 2;
   float cs[2048], sn[2048];
-  for (int64_t i = 0; i < half; ++i) {
-    const double a = static_cast<double>(pos) * inv_freq_[i];
-    cs[i] = static_cast<float>(std::cos(a));
-    sn[i] = static_cast<float>(std::sin(a));
-  }
+  RopeAngles(inv_freq_, half, pos, cs, sn);
   for (int64_t v = 0; v < n; ++v) {
     float* p = x + v * stride;
     for (int64_t i = 0; i < half; ++i) {
