@@ -22,8 +22,6 @@ generation recomputes everything each step.
   python3 dense_ref.py generate --checkpoint DIR --prompts FILE --max-new-tokens N
 """
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -31,7 +29,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ds3_ref import Checkpoint, read_prompts, rel_err  # noqa: E402,F401  (file format only)
+from ds3_ref import Checkpoint, rel_err  # noqa: E402,F401  (file format only)
+from ref_cli import generate_parser, print_tokens, read_prompts  # noqa: E402
 
 
 def rms_norm(x, w, eps):
@@ -154,17 +153,12 @@ class Model:
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
-    g = sub.add_parser("generate")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--prompts", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=8)
+    ap, _ = generate_parser(__doc__)
     a = ap.parse_args(argv)
     model = Model(a.checkpoint)
     for i, p in enumerate(read_prompts(a.prompts)):
         toks, _ = model.greedy(p, a.max_new_tokens)
-        print(json.dumps({"index": i, "tokens": toks}))
+        print_tokens(i, toks)
     return 0
 
 

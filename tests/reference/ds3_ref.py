@@ -22,7 +22,6 @@ Command line (handy for debugging the engine):
 prints `{"index": i, "tokens": [...]}` per prompt, like `expertmesh generate`.
 """
 
-import argparse
 import json
 import math
 import os
@@ -30,6 +29,9 @@ import struct
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ref_cli import generate_parser, print_tokens, read_prompts  # noqa: E402
 
 # --------------------------------------------------------------------------
 # Element types
@@ -537,22 +539,8 @@ def rel_err(a, ref):
     return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
-def read_prompts(path):
-    out = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["tokens"])
-    return out
-
-
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
-    g = sub.add_parser("generate")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--prompts", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=8)
+    ap, g = generate_parser(__doc__)
     g.add_argument("--dump-logits", default="")
     a = ap.parse_args(argv)
     model = Model(a.checkpoint)
@@ -561,7 +549,7 @@ def main(argv):
     for i, p in enumerate(prompts):
         toks, lg = model.greedy(p, max(a.max_new_tokens, 1))
         first.append(lg[0])
-        print(json.dumps({"index": i, "tokens": toks[:a.max_new_tokens]}))
+        print_tokens(i, toks[:a.max_new_tokens])
     if a.dump_logits:
         write_safetensors(a.dump_logits, {"logits": np.stack(first).astype(np.float32)})
     return 0
