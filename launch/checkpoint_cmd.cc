@@ -54,7 +54,8 @@ int CheckpointMain(int argc, char** argv) {
       std::fprintf(stderr,
                    "expertmesh checkpoint: the tokenizer has %d tokens but vocab_size is %lld; use a preset whose "
                    "vocabulary fits it (tiny-text, deepseek-v3; tiny-qwen2-text or r1-distill-qwen-* for qwen2.5 / "
-                   "qwen3; tiny-llama-text or r1-distill-llama-* for llama3.1 / llama3) or --config\n",
+                   "qwen3 / r1-distill-qwen; tiny-llama-text or r1-distill-llama-* for llama3.1 / llama3 / "
+                   "r1-distill-llama) or --config\n",
                    (*tok)->vocab_size(), static_cast<long long>(cfg->vocab_size));
       return 2;
     }

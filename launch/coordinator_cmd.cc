@@ -42,7 +42,7 @@ ABSL_FLAG(std::string, served_model_name, "",
           "the model id the HTTP API answers to (GET /v1/models, the requests' \"model\"); default: the checkpoint "
           "folder's name");
 ABSL_FLAG(std::string, reasoning_field, "reasoning_content",
-          "with a reasoning chat template (deepseek-r1): the JSON field of the text before </think>: "
+          "with a reasoning chat template (deepseek-r1, deepseek-r1-distill): the JSON field of the text before </think>: "
           "reasoning_content (SGLang, DeepSeek's API) or reasoning (vLLM)");
 ABSL_FLAG(bool, elastic_ep, false,
           "with --pp 1: a lost worker's place turns vacant and the survivors serve without it (its experts "

@@ -45,7 +45,8 @@ ABSL_FLAG(std::vector<std::string>, layers_per_stage, {},
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "host:port the coordinator serves gRPC on (port 0 picks a free one; 0.0.0.0 for other machines)");
 ABSL_FLAG(std::string, chat_template, "",
-          "chat template: deepseek-v3 or deepseek-r1 (default: recognised from tokenizer_config.json)");
+          "chat template: deepseek-v3, deepseek-r1 or deepseek-r1-distill (default: recognised from "
+          "tokenizer_config.json)");
 ABSL_FLAG(std::string, journal, "",
           "coordinator journal file: accepted jobs survive a restart on the same file (empty: none)");
 

@@ -21,10 +21,11 @@ namespace {
 const Verb kVerbs[] = {
     {"checkpoint", "launch/checkpoint_cmd.cc", "write a random checkpoint in the HF DeepSeek-V3 layout",
      "expertmesh checkpoint --preset tiny|tiny-text|small|deepseek-v3 --dtype fp32|bf16|fp8 --seed S --out DIR "
-     "[--shard-size BYTES] [--tokenizer deepseek-v3|DIR]\n\nWrites config.json, model-0000i-of-0000n.safetensors shards "
-     "and model.safetensors.index.json with random weights; deterministic for a seed. --tokenizer copies "
-     "tokenizer.json and tokenizer_config.json next to them (the vocabulary must fit vocab_size: tiny-text has "
-     "DeepSeek-V3's 129280).",
+     "[--shard-size BYTES] [--tokenizer deepseek-v3|r1-distill-qwen|r1-distill-llama|...|DIR]\n\nWrites config.json, "
+     "model-0000i-of-0000n.safetensors shards and model.safetensors.index.json with random weights; deterministic "
+     "for a seed. --tokenizer copies tokenizer.json and tokenizer_config.json next to them (the vocabulary must fit "
+     "vocab_size: tiny-text has DeepSeek-V3's 129280, tiny-qwen2-text the Qwen2.5 / r1-distill-qwen one, "
+     "tiny-llama-text the Llama-3.1 / r1-distill-llama one).",
      CheckpointMain},
     {"generate", "launch/generate_cmd.cc", "run a batch of prompts through the model in one process",
      "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
@@ -92,8 +93,8 @@ const Verb kVerbs[] = {
      "--eplb-interval-s.",
      RebalanceMain},
     {"tokenize", "launch/text_cmd.cc", "text <-> token ids with a checkpoint's HF tokenizer; chat rendering",
-     "expertmesh tokenize --tokenizer DIR|deepseek-v3|llama3|llama3.1|qwen2.5|qwen3 [--text T] [--add-bos] [--decode] [--jsonl] "
-     "[--chat-template deepseek-v3|deepseek-r1]\n\nEncodes --text (or all of stdin) and prints {\"tokens\":[...]}; "
+     "expertmesh tokenize --tokenizer DIR|deepseek-v3|llama3|llama3.1|qwen2.5|qwen3|r1-distill-qwen|r1-distill-llama [--text T] [--add-bos] [--decode] [--jsonl] "
+     "[--chat-template deepseek-v3|deepseek-r1|deepseek-r1-distill]\n\nEncodes --text (or all of stdin) and prints {\"tokens\":[...]}; "
      "--decode prints the text of ids (a JSON array or comma-separated). --jsonl: each stdin line is {\"text\": s}, "
      "{\"tokens\": [...]} or {\"messages\": [...], \"add_generation_prompt\": true} (rendered with the chat "
      "template, then encoded). Invalid UTF-8 input is an error. docs/TEXT.md.",

