@@ -112,48 +112,47 @@ def main():
                 fail(f"{name}: add_bos_token must be true as in the published file")
             if cfg.get("chat_template") != template:
                 fail(f"{name}: the chat_template differs from the oracle")
+            # One `tokenize --jsonl` by name and one from the checkpoint folder, one HF encode and decode
+            # (each loads the tokenizer once).
+            singles = [{"text": c} for _, c, _ in table]
+            reqs, want = [], []
+            for conv in conversations():
+                for gen in (False, True):
+                    reqs.append({"messages": conv, "add_generation_prompt": gen})
+                    want.append(render_jinja(template, conv, gen, BOS))
+            ok_texts = [w for w, _ in want if w is not None]
+            by_name = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", name, "--jsonl"],
+                                singles + [{"text": t} for t in texts], env)
+            ref = run_jsonl(["node", hf, "encode", ck], [{"text": t} for t in texts + ok_texts])
+            ref_ids, ref = ref[len(texts):], ref[:len(texts)]
+            around = [{"tokens": r["tokens"]} for r in ref[:len(AROUND)]]
+            by_dir = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"],
+                               [{"tokens": [tid], "skip_special": True} for tid, _, _ in table] +
+                               [{"text": t} for t in texts] + around + [{"text": "Hi", "add_bos": True}] + reqs, env)
+            ref_dec = run_jsonl(["node", hf, "decode", ck], around)
+            mine, by_name = by_name[:len(table)], by_name[len(table):]
+            dec, by_dir = by_dir[:len(table)], by_dir[len(table):]
+            by_dir, mine_dec, bos, got = (by_dir[:len(texts)], by_dir[len(texts):len(texts) + len(AROUND)],
+                                          by_dir[len(texts) + len(AROUND)]["tokens"], by_dir[len(texts) + len(AROUND) + 1:])
             # Each token alone: its id, its text back, dropped by skip_special only if special.
-            reqs = [{"text": c} for _, c, _ in table]
-            mine = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", name, "--jsonl"], reqs, env)
-            for (tid, content, special), m in zip(table, mine):
+            for (tid, content, special), m, d in zip(table, mine, dec):
                 if m.get("tokens") != [tid]:
                     fail(f"{name}: {content!r} encodes to {m}, not [{tid}]")
-            dec = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"],
-                            [{"tokens": [tid], "skip_special": True} for tid, _, _ in table], env)
-            for (tid, content, special), m in zip(table, dec):
-                if m.get("text") != ("" if special else content):
-                    fail(f"{name}: decode([{tid}], skip_special) gave {m}")
+                if d.get("text") != ("" if special else content):
+                    fail(f"{name}: decode([{tid}], skip_special) gave {d}")
             # Texts around them and the corpus: the named tokenizer, the checkpoint folder and HF agree.
-            by_name = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", name, "--jsonl"],
-                                [{"text": t} for t in texts], env)
-            by_dir = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"],
-                               [{"text": t} for t in texts], env)
-            ref = run_jsonl(["node", hf, "encode", ck], [{"text": t} for t in texts])
             for t, m, d, r in zip(texts, by_name, by_dir, ref):
                 if "error" in m or "error" in r or m != d:
                     fail(f"{name}: on {t[:80]!r}: by name {m}, by folder {d}, HF {r.get('error')}")
                 if m["tokens"] != r["tokens"]:
                     fail(f"{name}: tokens differ from HF tokenizers on {t[:120]!r}: {m['tokens'][:20]} vs "
                          f"{r['tokens'][:20]}")
-            dec = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"],
-                            [{"tokens": r["tokens"]} for r in ref[:len(AROUND)]], env)
-            ref_dec = run_jsonl(["node", hf, "decode", ck], [{"tokens": r["tokens"]} for r in ref[:len(AROUND)]])
-            for t, m, r in zip(AROUND, dec, ref_dec):
+            for t, m, r in zip(AROUND, mine_dec, ref_dec):
                 if m.get("text") != t or r.get("text") != t:
                     fail(f"{name}: decode of {t!r}: expertmesh {m}, HF {r}")
-            bos = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"],
-                            [{"text": "Hi", "add_bos": True}], env)[0]["tokens"]
             if bos[0] != [tid for tid, c, _ in table if c == BOS][0]:
                 fail(f"{name}: --add-bos gave {bos}")
             # The chat template against Jinja2 on the oracle text, with ids.
-            reqs, want = [], []
-            for conv in conversations():
-                for gen in (False, True):
-                    reqs.append({"messages": conv, "add_generation_prompt": gen})
-                    want.append(render_jinja(template, conv, gen, BOS))
-            got = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", ck, "--jsonl"], reqs, env)
-            ok_texts = [w for w, _ in want if w is not None]
-            ref_ids = run_jsonl(["node", hf, "encode", ck], [{"text": t} for t in ok_texts])
             k = n = 0
             for req, (text, err), g in zip(reqs, want, got):
                 if err is not None:
