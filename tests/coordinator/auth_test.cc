@@ -27,7 +27,6 @@ namespace {
 using testing::FakeToken;
 using testing::FakeWorker;
 using testing::TempDir;
-using testing::WriteTinyCheckpoint;
 
 constexpr char kToken[] = "client-token-0123456789abcdef";
 constexpr char kSecret[] = "cluster-secret-0123456789abcdef";
@@ -78,51 +77,9 @@ std::vector<std::string> Methods(const std::string& service) {
   return out;
 }
 
-class AuthTest : public ::testing::Test {
+class AuthTest : public testing::CoordinatorFixture {
  protected:
-  CoordinatorOptions Options(int pp, int ep) {
-    CoordinatorOptions o;
-    o.checkpoint = WriteTinyCheckpoint(dir_.path());
-    o.pp = pp;
-    o.ep = ep;
-    o.heartbeat_timeout_s = 1.0;
-    o.monitor_interval_s = 0.05;
-    o.register_timeout_s = 10;
-    o.shutdown_timeout_s = 2;
-    o.client_auth_token = kToken;
-    o.cluster_secret = kSecret;
-    return o;
-  }
-
-  void Start(const CoordinatorOptions& o) {
-    auto s = CoordinatorServer::Start(o);
-    ASSERT_OK(s.status());
-    server_ = *std::move(s);
-    raw_ = server_->InProcessChannel();
-    rpc::ClientSecurity client;
-    client.bearer_token = kToken;
-    client_ = server_->InProcessChannel(client);
-    rpc::ClientSecurity worker;
-    worker.worker_secret = kSecret;
-    worker_ = server_->InProcessChannel(worker);
-    jobs_ = v1::JobService::NewStub(client_);
-    cluster_ = v1::ClusterService::NewStub(client_);
-  }
-
-  std::vector<std::unique_ptr<FakeWorker>> RegisterAll(int n) {
-    std::vector<std::unique_ptr<FakeWorker>> w;
-    std::vector<std::thread> threads;
-    std::vector<grpc::Status> st(static_cast<size_t>(n));
-    for (int i = 0; i < n; ++i) w.push_back(std::make_unique<FakeWorker>(worker_));
-    for (int i = 0; i < n; ++i) {
-      threads.emplace_back([&, i] { st[i] = w[i]->Register(-1, "fakehost", 100 + i); });
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    for (auto& t : threads) t.join();
-    for (int i = 0; i < n; ++i) EXPECT_OK(st[i]);
-    std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) { return a->id() < b->id(); });
-    return w;
-  }
+  AuthTest() : CoordinatorFixture({kToken, kSecret}) {}
 
   std::string Submit(int n, int max_new) {
     v1::SubmitJobRequest r;
@@ -137,38 +94,6 @@ class AuthTest : public ::testing::Test {
     EXPECT_OK(jobs_->SubmitJob(&ctx, r, &resp));
     return resp.job_id();
   }
-
-  v1::Job GetJob(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::GetJobRequest req;
-    req.set_job_id(id);
-    v1::Job j;
-    EXPECT_OK(jobs_->GetJob(&ctx, req, &j));
-    return j;
-  }
-
-  v1::ClusterStatus Status() {
-    grpc::ClientContext ctx;
-    v1::ClusterStatus st;
-    EXPECT_OK(cluster_->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st));
-    return st;
-  }
-
-  void RunUntilFinal(std::vector<std::unique_ptr<FakeWorker>>& w, int ep, const std::string& job_id) {
-    for (int iter = 0; iter < 500; ++iter) {
-      for (auto& x : w) ASSERT_OK(x->Heartbeat());
-      for (int i = 0; i < ep; ++i) ASSERT_OK(w[i]->Step(4));
-      const v1::JobState s = GetJob(job_id).state();
-      if (s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED || s == v1::JOB_STATE_CANCELLED) return;
-    }
-    FAIL() << "job " << job_id << " did not finish";
-  }
-
-  TempDir dir_;
-  std::unique_ptr<CoordinatorServer> server_;
-  std::shared_ptr<grpc::Channel> raw_, client_, worker_;
-  std::unique_ptr<v1::JobService::Stub> jobs_;
-  std::unique_ptr<v1::ClusterService::Stub> cluster_;
 };
 
 TEST_F(AuthTest, WorkerServiceNeedsTheClusterSecretAndAClientTokenIsNotEnough) {

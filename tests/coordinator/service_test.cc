@@ -37,45 +37,13 @@ using testing::FakeWorker;
 using testing::TempDir;
 using testing::WriteTinyCheckpoint;
 
-class CoordinatorTest : public ::testing::Test {
+class CoordinatorTest : public testing::CoordinatorFixture {
  protected:
+  // Without access control, with a journal.
   CoordinatorOptions Options(int pp, int ep) {
-    CoordinatorOptions o;
-    o.checkpoint = WriteTinyCheckpoint(dir_.path());
-    o.pp = pp;
-    o.ep = ep;
+    CoordinatorOptions o = CoordinatorFixture::Options(pp, ep);
     o.journal_path = dir_.path() + "/journal";
-    o.heartbeat_timeout_s = 1.0;  // short, yet safe on a loaded CI machine
-    o.monitor_interval_s = 0.05;
-    o.register_timeout_s = 10;
-    o.shutdown_timeout_s = 5;
     return o;
-  }
-
-  void Start(const CoordinatorOptions& o) {
-    auto s = CoordinatorServer::Start(o);
-    ASSERT_OK(s.status());
-    server_ = *std::move(s);
-    channel_ = server_->InProcessChannel();
-    jobs_ = v1::JobService::NewStub(channel_);
-    cluster_ = v1::ClusterService::NewStub(channel_);
-  }
-
-  // Registers pp*ep fake workers concurrently (Register blocks until all are in).
-  std::vector<std::unique_ptr<FakeWorker>> RegisterAll(int n, const std::vector<int>& ids = {}) {
-    std::vector<std::unique_ptr<FakeWorker>> w;
-    std::vector<std::thread> threads;
-    std::vector<grpc::Status> st(static_cast<size_t>(n));
-    for (int i = 0; i < n; ++i) w.push_back(std::make_unique<FakeWorker>(channel_));
-    for (int i = 0; i < n; ++i) {
-      threads.emplace_back([&, i] { st[i] = w[i]->Register(ids.empty() ? -1 : ids[i], "fakehost", 100 + i); });
-      // Registration order = start order, so that worker i gets place i.
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    for (auto& t : threads) t.join();
-    for (int i = 0; i < n; ++i) EXPECT_OK(st[i]);
-    std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) { return a->id() < b->id(); });
-    return w;
   }
 
   v1::SubmitJobRequest Batch(int n, int max_new, const std::string& request_id = "") {
@@ -104,25 +72,8 @@ class CoordinatorTest : public ::testing::Test {
     return jobs_->SubmitJob(&ctx, r, resp != nullptr ? resp : &tmp);
   }
 
-  v1::Job GetJob(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::GetJobRequest req;
-    req.set_job_id(id);
-    v1::Job j;
-    grpc::Status s = jobs_->GetJob(&ctx, req, &j);
-    EXPECT_OK(s);
-    return j;
-  }
-
-  v1::ClusterStatus Status() {
-    grpc::ClientContext ctx;
-    v1::ClusterStatus st;
-    EXPECT_TRUE(cluster_->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st).ok());
-    return st;
-  }
-
   grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& service) {
-    auto stub = grpc::health::v1::Health::NewStub(channel_);
+    auto stub = grpc::health::v1::Health::NewStub(raw_);
     grpc::ClientContext ctx;
     grpc::health::v1::HealthCheckRequest req;
     req.set_service(service);
@@ -132,18 +83,6 @@ class CoordinatorTest : public ::testing::Test {
     return resp.status();
   }
 
-  // Steps the stage-0 workers (heartbeating all) until the job is final.
-  void RunUntilFinal(std::vector<std::unique_ptr<FakeWorker>>& w, int ep, const std::string& job_id,
-                     int capacity = 4) {
-    for (int iter = 0; iter < 500; ++iter) {
-      for (auto& x : w) ASSERT_OK(x->Heartbeat());
-      for (int i = 0; i < ep; ++i) ASSERT_OK(w[i]->Step(capacity));
-      const v1::Job j = GetJob(job_id);
-      if (j.state() == v1::JOB_STATE_SUCCEEDED || j.state() == v1::JOB_STATE_CANCELLED) return;
-    }
-    FAIL() << "job " << job_id << " did not finish";
-  }
-
   static void ExpectFakeTokens(const v1::SubmitJobRequest& req, const v1::SequenceResult& r) {
     const v1::SequenceRequest& s = req.sequences(r.index());
     ASSERT_EQ(r.tokens_size(), s.max_new_tokens()) << "sequence " << r.index();
@@ -151,11 +90,6 @@ class CoordinatorTest : public ::testing::Test {
     EXPECT_EQ(r.finish_reason(), v1::FINISH_REASON_LENGTH);
   }
 
-  TempDir dir_;
-  std::unique_ptr<CoordinatorServer> server_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::JobService::Stub> jobs_;
-  std::unique_ptr<v1::ClusterService::Stub> cluster_;
 };
 
 TEST_F(CoordinatorTest, InvalidRequestsAreInvalidArgumentNamingTheField) {
@@ -265,12 +199,12 @@ TEST_F(CoordinatorTest, RegisterAssignsPlacesAndBlocksUntilTheClusterIsComplete)
     EXPECT_EQ(r.plan().stages(0).layer_end(), r.plan().stages(1).layer_begin());
   }
   // A fifth worker while all four are alive: no place.
-  FakeWorker extra(channel_);
+  FakeWorker extra(raw_);
   EXPECT_ERROR(extra.Register(-1, "other", 7), absl::StatusCode::kResourceExhausted, "already has its 4 workers");
   EXPECT_ERROR(extra.Register(9, "other", 7), absl::StatusCode::kInvalidArgument, "worker_id: 9 is out of range");
   EXPECT_ERROR(extra.Register(2, "other", 7), absl::StatusCode::kAlreadyExists, "worker_id: 2 is held by fakehost:102");
   // The same process registering again (a retry) keeps its place.
-  FakeWorker again(channel_);
+  FakeWorker again(raw_);
   ASSERT_OK(again.Register(-1, "fakehost", 103));
   EXPECT_EQ(again.id(), 3);
   const v1::ClusterStatus st = Status();
@@ -283,7 +217,7 @@ TEST_F(CoordinatorTest, RegisterTimesOutWhenTheClusterStaysIncomplete) {
   CoordinatorOptions o = Options(1, 2);
   o.register_timeout_s = 0.3;
   Start(o);
-  FakeWorker w(channel_);
+  FakeWorker w(raw_);
   EXPECT_ERROR(w.Register(), absl::StatusCode::kDeadlineExceeded, "1 of 2 workers registered");
   // The place was freed: two workers can now complete the cluster.
   auto all = RegisterAll(2);
@@ -300,7 +234,7 @@ TEST_F(CoordinatorTest, JobRunsOnFakeWorkersAndWatchStreamsResults) {
   std::vector<v1::WatchJobResponse> streamed;
   grpc::Status watch_status;
   std::thread watcher([&] {
-    auto stub = v1::JobService::NewStub(channel_);
+    auto stub = v1::JobService::NewStub(raw_);
     grpc::ClientContext ctx;
     v1::WatchJobRequest wr;
     wr.set_job_id(id);
@@ -349,7 +283,7 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   auto w = RegisterAll(2);
   // Only stage 0 syncs.
   EXPECT_ERROR(w[1]->Step(4), absl::StatusCode::kFailedPrecondition, "only stage-0 workers");
-  FakeWorker stranger(channel_);
+  FakeWorker stranger(raw_);
   stranger.set_id(0);
   stranger.set_epoch(w[0]->epoch());
   v1::SyncRequest sr;
@@ -481,7 +415,7 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
   }
   ASSERT_EQ(w[1]->held(), 3u);
   // A replacement started early waits: every place is held by a live worker.
-  FakeWorker early(channel_);
+  FakeWorker early(raw_);
   EXPECT_ERROR(early.Register(-1, "newhost", 555), absl::StatusCode::kResourceExhausted, "all alive");
   // Worker 1 dies (no more heartbeats): MISSING, generation 2.
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
@@ -494,7 +428,7 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
   EXPECT_EQ(hb.generation(), 2);
   EXPECT_EQ(Status().queued_sequences(), 6);
   // The replacement takes the place of the lost worker; the cluster is complete.
-  FakeWorker repl(channel_);
+  FakeWorker repl(raw_);
   ASSERT_OK(repl.Register(-1, "newhost", 555));
   EXPECT_EQ(repl.id(), 1);
   EXPECT_EQ(repl.generation(), 2);
@@ -643,7 +577,7 @@ TEST_F(CoordinatorTest, ElasticLostWorkerLeavesAVacantPlaceAndTheSurvivorsServe)
   ASSERT_EQ(j.state(), v1::JOB_STATE_SUCCEEDED);
   for (const auto& r : j.results()) ExpectFakeTokens(req, r);
   // A new worker takes a vacant place back: generation 4, a placement that gives it slots again.
-  FakeWorker repl(channel_);
+  FakeWorker repl(raw_);
   ASSERT_OK(repl.Register(-1, "newhost", 555));
   EXPECT_TRUE(repl.id() == 0 || repl.id() == 2);
   EXPECT_EQ(repl.generation(), 4);
@@ -680,7 +614,7 @@ TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
   v1::LayerExpertLoad dense;
   dense.set_layer(0);
   EXPECT_ERROR(w[0]->Heartbeat(false, {dense}), absl::StatusCode::kInvalidArgument, "expert_load[0].layer: 0 is not a MoE layer");
-  FakeWorker stranger(channel_);
+  FakeWorker stranger(raw_);
   stranger.set_id(7);
   EXPECT_ERROR(stranger.Heartbeat(), absl::StatusCode::kNotFound, "worker_id: 7 is not registered");
 }
@@ -897,7 +831,7 @@ TEST_F(CoordinatorTest, JournalReplayAfterCrashRequeuesUnfinishedAndKeepsResults
   const std::string next = Submit(Batch(1, 1));
   EXPECT_GT(next, cancelled);
   // An old worker syncing with the old epoch: new epoch, nothing else, its updates ignored.
-  FakeWorker old(channel_);
+  FakeWorker old(raw_);
   old.set_id(1);
   old.set_epoch(old_epoch);
   v1::SyncRequest stale;
@@ -1014,7 +948,7 @@ TEST_F(CoordinatorTest, ShutdownStopsWorkersThenTheCoordinator) {
 
 TEST_F(CoordinatorTest, KeyValueStore) {
   Start(Options(1, 1));
-  FakeWorker w(channel_);
+  FakeWorker w(raw_);
   grpc::ClientContext c1, c2, c3, c4;
   v1::StoreGetRequest get;
   get.set_key("ucx/0");

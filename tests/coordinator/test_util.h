@@ -1,8 +1,10 @@
 // Helpers for the coordinator tests: status assertions on grpc::Status
 // (through tests/common/status_matchers.h), a temporary
-// checkpoint folder holding only config.json, and a fake worker that calls
+// checkpoint folder holding only config.json, a fake worker that calls
 // Register / Heartbeat / Sync like a real one and "generates" tokens that are
-// a pure function of (prompt, seed, step), so runs can be compared.
+// a pure function of (prompt, seed, step), so runs can be compared, and the
+// fixture that starts a CoordinatorServer on in-process channels
+// (service_test.cc, auth_test.cc).
 #pragma once
 
 #include <unistd.h>
@@ -11,17 +13,23 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "common/config.h"
+#include "coordinator/server.h"
 #include "coordinator/services.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "proto/expertmesh.grpc.pb.h"
+#include "proto/security.h"
 #include "tests/common/status_matchers.h"
 
 namespace expertmesh::testing_util {
@@ -191,6 +199,104 @@ class FakeWorker {
   bool stale_ = false;
   std::map<std::string, Held> held_;
   std::vector<std::string> cancelled_;
+};
+
+// What callers present: empty strings are a coordinator without access
+// control (every channel below is then the same open one).
+struct Credentials {
+  std::string client_token;   // CoordinatorOptions::client_auth_token, a client's bearer token
+  std::string cluster_secret;  // CoordinatorOptions::cluster_secret, the workers' secret
+};
+
+// A CoordinatorServer on the tiny preset's config.json, reached through
+// in-process channels: raw_ presents nothing, client_ the client token,
+// worker_ the cluster secret; jobs_ and cluster_ are the client's stubs,
+// the fake workers of RegisterAll use worker_.
+class CoordinatorFixture : public ::testing::Test {
+ protected:
+  explicit CoordinatorFixture(Credentials credentials = {}) : credentials_(std::move(credentials)) {}
+
+  CoordinatorOptions Options(int pp, int ep) {
+    CoordinatorOptions o;
+    o.checkpoint = WriteTinyCheckpoint(dir_.path());
+    o.pp = pp;
+    o.ep = ep;
+    o.heartbeat_timeout_s = 1.0;  // short, yet safe on a loaded CI machine
+    o.monitor_interval_s = 0.05;
+    o.register_timeout_s = 10;
+    o.shutdown_timeout_s = 5;
+    o.client_auth_token = credentials_.client_token;
+    o.cluster_secret = credentials_.cluster_secret;
+    return o;
+  }
+
+  // Starts (or, after Stop, restarts) the server and opens the channels.
+  void Start(const CoordinatorOptions& o) {
+    auto s = CoordinatorServer::Start(o);
+    ASSERT_OK(s.status());
+    server_ = *std::move(s);
+    raw_ = server_->InProcessChannel();
+    rpc::ClientSecurity client;
+    client.bearer_token = credentials_.client_token;
+    client_ = server_->InProcessChannel(client);
+    rpc::ClientSecurity worker;
+    worker.worker_secret = credentials_.cluster_secret;
+    worker_ = server_->InProcessChannel(worker);
+    jobs_ = v1::JobService::NewStub(client_);
+    cluster_ = v1::ClusterService::NewStub(client_);
+  }
+
+  // Registers n fake workers concurrently (Register blocks until all are
+  // in), worker i first so that it gets place i unless `ids` asks for others.
+  std::vector<std::unique_ptr<FakeWorker>> RegisterAll(int n, const std::vector<int>& ids = {}) {
+    std::vector<std::unique_ptr<FakeWorker>> w;
+    std::vector<std::thread> threads;
+    std::vector<grpc::Status> st(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) w.push_back(std::make_unique<FakeWorker>(worker_));
+    for (int i = 0; i < n; ++i) {
+      threads.emplace_back([&, i] { st[i] = w[i]->Register(ids.empty() ? -1 : ids[i], "fakehost", 100 + i); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    for (auto& t : threads) t.join();
+    for (int i = 0; i < n; ++i) EXPECT_OK(st[i]);
+    std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) { return a->id() < b->id(); });
+    return w;
+  }
+
+  v1::Job GetJob(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetJobRequest req;
+    req.set_job_id(id);
+    v1::Job j;
+    EXPECT_OK(jobs_->GetJob(&ctx, req, &j));
+    return j;
+  }
+
+  v1::ClusterStatus Status() {
+    grpc::ClientContext ctx;
+    v1::ClusterStatus st;
+    EXPECT_OK(cluster_->GetClusterStatus(&ctx, v1::GetClusterStatusRequest(), &st));
+    return st;
+  }
+
+  // Steps the stage-0 workers (heartbeating all) until the job is final.
+  void RunUntilFinal(std::vector<std::unique_ptr<FakeWorker>>& w, int ep, const std::string& job_id,
+                     int capacity = 4) {
+    for (int iter = 0; iter < 500; ++iter) {
+      for (auto& x : w) ASSERT_OK(x->Heartbeat());
+      for (int i = 0; i < ep; ++i) ASSERT_OK(w[i]->Step(capacity));
+      const v1::JobState s = GetJob(job_id).state();
+      if (s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED || s == v1::JOB_STATE_CANCELLED) return;
+    }
+    FAIL() << "job " << job_id << " did not finish";
+  }
+
+  const Credentials credentials_;
+  TempDir dir_;
+  std::unique_ptr<CoordinatorServer> server_;
+  std::shared_ptr<grpc::Channel> raw_, client_, worker_;
+  std::unique_ptr<v1::JobService::Stub> jobs_;
+  std::unique_ptr<v1::ClusterService::Stub> cluster_;
 };
 
 }  // namespace expertmesh::coordinator::testing
