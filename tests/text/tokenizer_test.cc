@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -292,6 +293,8 @@ struct DistillCase {
   absl::Span<const WantToken> want;
   int32_t bos, eos, think, think_end, vocab;
 };
+
+void PrintTo(const DistillCase& c, std::ostream* os) { *os << c.name; }
 
 class R1DistillTokenizer : public ::testing::TestWithParam<DistillCase> {
  protected:
