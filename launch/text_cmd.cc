@@ -156,7 +156,9 @@ absl::StatusOr<std::string> DistillTokenizerDir(const std::string& name) {
   std::string what = absl::StrCat(name, "\n", R1DistillChatTemplate(), "\n", *base);
   for (const DistillToken& t : R1DistillTokens(name)) absl::StrAppend(&what, "\n", t.id, " ", t.content, t.special ? " special" : "");
   std::error_code ec;
-  const fs::path dir = fs::temp_directory_path(ec) / absl::StrCat("expertmesh-tokenizers-", getuid()) /
+  const fs::path tmp_root = fs::temp_directory_path(ec);
+  if (ec) return absl::InternalError(absl::StrCat("no temporary directory for the ", name, " tokenizer: ", ec.message()));
+  const fs::path dir = tmp_root / absl::StrCat("expertmesh-tokenizers-", getuid()) /
                        absl::StrCat(name, "-", absl::Hex(Fnv1a64(what), absl::kZeroPad16));
   if (FileExists((dir / "tokenizer_config.json").string()) && FileExists((dir / "tokenizer.json").string())) {
     return dir.string();
