@@ -83,7 +83,7 @@
 //    micro-batch, so every rank of a stage switches at the same step. A
 //    staging error or a new generation drops a pending placement; a restart
 //    replays the last committed one from the journal.
-//  * Vacant places (elastic_ep, pp = 1, ep > 1): a worker lost while another
+//  * Vacant places (elastic_ep, ep > 1): a worker lost while another
 //    of its stage is live leaves its place *vacant*: the coordinator commits
 //    at once a placement version in which the vacant ranks hold no expert
 //    slot (their slots move to the live ranks with the fewest slots) and
@@ -92,7 +92,12 @@
 //    experts they gain before they rebuild their data plane over the live
 //    workers. A worker registering for a vacant place (a replacement, or the
 //    lost one back) ends the vacancy: a placement that gives it slots again
-//    and another generation. With pp > 1 a loss waits for a replacement.
+//    and another generation. With pp > 1 the pipeline lanes are re-paired
+//    around the vacant places (topology/lanes.h): Sync assigns sequences
+//    only to stage-0 workers that have a lane; a live worker without one
+//    holds its experts and takes part in its stage's all-to-alls with zero
+//    tokens. A stage that loses its last live worker waits for a
+//    replacement.
 //  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
 //    once every registered worker sent exiting=true (or is MISSING), or
 //    shutdown_timeout_s after the request.
@@ -405,6 +410,7 @@ class Coordinator {
   v1::Job JobProto(const Job& j, bool with_results) const;
   bool ServingLocked() const;
   bool ClusterCompleteLocked() const;
+  std::vector<int> VacantIdsLocked() const;  // worker ids, ascending
   bool Live(const Worker& w) const {
     return w.registered &&
            (w.health == v1::WORKER_HEALTH_STARTING || w.health == v1::WORKER_HEALTH_READY);

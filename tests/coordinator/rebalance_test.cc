@@ -203,6 +203,8 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(st.plan().placement_version(), 1);
   v1::SyncRequest sync;
   sync.set_worker_id(0);
+  sync.set_host("fakehost");  // as registered by RegisterPlaces
+  sync.set_pid(100);
   sync.set_epoch(c_->epoch());
   sync.set_generation(1);
   EXPECT_EQ(c_->Sync(sync)->placement_version(), 1);

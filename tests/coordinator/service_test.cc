@@ -367,6 +367,8 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   // Updates for sequences the worker does not hold are ignored.
   v1::SyncRequest bogus;
   bogus.set_worker_id(0);
+  bogus.set_host(w[0]->host());
+  bogus.set_pid(w[0]->pid());
   bogus.set_epoch(w[0]->epoch());
   bogus.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = bogus.add_updates();
@@ -500,6 +502,9 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
   EXPECT_EQ(repl.generation(), 2);
   // The lost worker's process, should it still run, is told to exit.
   EXPECT_ERROR(w[1]->Heartbeat(), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
+  // Nor may it report results for the place (Sync is tied to the registered
+  // process, as Heartbeat): its 3 sequences' tokens are refused.
+  EXPECT_ERROR(w[1]->Step(3), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
   // Worker 0 rejoins at once (the cluster is complete).
   ASSERT_OK(w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1));
   EXPECT_EQ(w[0]->generation(), 2);
@@ -941,6 +946,8 @@ TEST_F(CoordinatorTest, SequenceErrorFailsItsJobOnlyAndSurvivesARestart) {
   ASSERT_OK(w[0]->Step(8));  // 1 token each
   v1::SyncRequest sr;
   sr.set_worker_id(0);
+  sr.set_host(w[0]->host());
+  sr.set_pid(w[0]->pid());
   sr.set_epoch(w[0]->epoch());
   sr.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = sr.add_updates();
@@ -1468,6 +1475,8 @@ TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSeq
   // The worker gives sequence 0 back: it is queued again with its 3 tokens and resumes after them.
   v1::SyncRequest back;
   back.set_worker_id(w[0]->id());
+  back.set_host(w[0]->host());
+  back.set_pid(w[0]->pid());
   back.set_epoch(w[0]->epoch());
   back.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = back.add_updates();
