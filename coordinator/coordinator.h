@@ -176,6 +176,17 @@ struct CoordinatorOptions {
   std::string reasoning_field = "reasoning_content";  // R1 reasoning's JSON field: reasoning_content or reasoning
 };
 
+// Elastic EP (rebalance.cc): the placement `p` of one MoE layer with the
+// slots of the ranks whose live[r] is false moved to live ranks. Replicas
+// first: a slot whose expert a live rank already holds goes to such a rank
+// (nothing to load); only an expert with no live copy left goes to the live
+// rank with the fewest slots (which loads it). Nothing moves between live
+// ranks after a loss; a rank back from vacancy (live, no slot in p) takes
+// its share of slots from the fullest ranks. Slot count and experts stay the
+// same. kFailedPrecondition when no rank is live.
+absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPlacement& p,
+                                                        const std::vector<bool>& live);
+
 class Coordinator {
  public:
   // Reads <checkpoint>/config.json, builds the plan, opens and replays the
@@ -491,6 +502,7 @@ class Coordinator {
   absl::Time next_auto_rebalance_ = absl::InfiniteFuture();
   bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
   int64_t workers_lost_ = 0;
+  int64_t experts_loaded_for_vacancies_ = 0;   // ClusterStatus.vacancy_experts_to_load
   KeyValueStore store_;   // its own lock (coordinator/membership.h)
   bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;
   absl::Time shutdown_at_;

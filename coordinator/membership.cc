@@ -93,6 +93,8 @@ v1::ClusterStatus Coordinator::GetClusterStatus() const {
   st.set_serving(ServingLocked());
   st.set_generation(generation_);
   st.set_workers_lost(workers_lost_);
+  st.set_vacancy_experts_to_load(experts_loaded_for_vacancies_);
+  for (int id : VacantIdsLocked()) st.add_vacant_worker_ids(id);
   *st.mutable_rebalance() = RebalanceStatusLocked();
   return st;
 }
