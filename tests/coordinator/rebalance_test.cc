@@ -167,10 +167,12 @@ TEST(PlaceOverLiveTest, ReplicasFirstThenTheFewestSlots) {
     }
   }
   for (int64_t e = 0; e < 8; ++e) EXPECT_EQ(p->replicas(e).size(), 2u) << e;
-  // A second loss (rank 2): still every expert on a survivor, nothing loaded.
+  // A second loss (rank 2): experts 2 and 3 lost both copies (ranks 1 and 2)
+  // and are loaded; the slots of 0 and 1 go to rank 0, which holds them.
   auto p2 = PlaceOverLive(*p, {true, false, false, true});
   ASSERT_OK(p2);
-  EXPECT_EQ(loads(*p, *p2), 0);
+  EXPECT_EQ(loads(*p, *p2), 2);
+  for (int64_t e = 0; e < 8; ++e) EXPECT_EQ(p2->replicas(e).size(), 2u) << e;
   EXPECT_EQ(p2->num_slots(), full->num_slots());
   // Without replicas: each lost expert is loaded once, by the survivor with the fewest slots.
   auto none = topology::ExpertPlacement::Create(8, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
