@@ -230,6 +230,18 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
     if (!fail.ok()) {
       if (still_mine && !rejoin) {  // a rejoining worker keeps its place (and its loaded shard)
         workers_[static_cast<size_t>(id)] = Worker();  // free the place for someone else
+        if (was_vacant && !stopped_ && !shutdown_requested_) {
+          // It never served: the place is vacant again (not half-registered),
+          // the survivors serve around it as before, and a later worker can
+          // take it.
+          workers_[static_cast<size_t>(id)].vacant = true;
+          if (ReplaceForVacanciesLocked(absl::StrCat("worker ", id, "'s new holder gave up registering"))) {
+            NewGenerationLocked(absl::StrCat("place ", id, " is vacant again (its new holder's Register failed: ",
+                                             fail.message(), ")"));
+          } else {
+            workers_[static_cast<size_t>(id)].vacant = false;
+          }
+        }
         changed_.notify_all();
       }
       return fail;

@@ -658,6 +658,68 @@ TEST_F(CoordinatorTest, ElasticLostWorkerLeavesAVacantPlaceAndTheSurvivorsServe)
   EXPECT_EQ(Status().plan().placement_version(), 4);
 }
 
+// Elastic EP with pp > 1: a Register for a vacant place that fails (here: its
+// deadline passes while the cluster is incomplete) leaves the place vacant,
+// not half-registered, and a later worker can take it.
+TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant) {
+  CoordinatorOptions o = Options(2, 2);
+  o.elastic_ep = true;
+  Start(o);
+  auto w = RegisterAll(4);
+  auto lose = [&](int64_t generation, const std::vector<int>& beating) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < until && Status().generation() == generation) {
+      for (int i : beating) ASSERT_OK(w[i]->Heartbeat());
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  };
+  lose(1, {0, 1, 3});  // worker 2 (stage 1): vacant, worker 3 serves stage 1
+  v1::ClusterStatus st = Status();
+  ASSERT_EQ(st.generation(), 2);
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_EQ(st.vacant_worker_ids(0), 2);
+  for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Register(i, "fakehost", 100 + i, 10, /*rejoin_after=*/1));
+  // Lanes (topology/lanes.h): rank 1 is intact, lane 1 -> 3; worker 0 has no lane and gets no sequence.
+  EXPECT_EQ(w[1]->registration().vacant_worker_ids_size(), 1);
+  const std::string id = Submit(Batch(4, 3));
+  for (auto* x : {w[0].get(), w[1].get(), w[3].get()}) ASSERT_OK(x->Heartbeat());
+  ASSERT_OK(w[0]->Step(8));
+  ASSERT_OK(w[1]->Step(8));
+  EXPECT_EQ(w[0]->held(), 0u);
+  EXPECT_EQ(w[1]->held(), 4u);
+  lose(2, {0, 1});  // worker 3, the last of stage 1: not vacant, the cluster waits for a replacement
+  st = Status();
+  ASSERT_EQ(st.generation(), 3);
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_FALSE(st.serving());
+  // A worker registers for a free place: the vacant place 2; the cluster stays incomplete, it gives up.
+  std::atomic<bool> beating{true};
+  std::thread beat([&] {
+    while (beating) {
+      for (int i : {0, 1}) w[i]->Heartbeat().ok();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  FakeWorker quitter(channel_);
+  EXPECT_FALSE(quitter.Register(-1, "quitter", 777, /*timeout_s=*/1).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until && Status().vacant_worker_ids_size() == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  st = Status();
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_EQ(st.vacant_worker_ids(0), 2);
+  EXPECT_FALSE(st.workers(2).host() == "quitter" && st.workers(2).pid() == 777);
+  // A replacement for worker 3, then one for the vacant place 2: both held, nothing vacant.
+  FakeWorker r3(channel_), r2(channel_);
+  ASSERT_OK(r3.Register(3, "newhost", 555));
+  ASSERT_OK(r2.Register(-1, "newhost", 556));
+  EXPECT_EQ(r2.id(), 2);
+  EXPECT_EQ(Status().vacant_worker_ids_size(), 0);
+  beating = false;
+  beat.join();
+}
+
 TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
   Start(Options(2, 1));
   auto w = RegisterAll(2);

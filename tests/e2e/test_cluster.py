@@ -535,6 +535,36 @@ class ElasticPipelineTest(StandaloneTest):
         self.shutdown(server, [coord, by_id[0], by_id[3], r])
 
 
+    def test_pp2_ep2_sigstopped_worker_is_served_around_and_readmitted(self):
+        """A worker SIGSTOPped for 30 s: its place turns vacant at the heartbeat timeout and the job goes on
+        around it; after SIGCONT the same process is readmitted (no replacement) and its lane serves again."""
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=3, worker_flags=("--step-timeout-s", "3"))
+        long_new = 200
+        want = self.reference(long_new)
+        rid = "e2e-elastic-pp2-stop"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        victim = [p for p in workers if p.pid == [w for w in st["workers"] if w["worker_id"] == 3][0]["pid"]][0]
+        os.killpg(victim.pid, signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            st = cu.wait_status(server, lambda st: st.get("serving") and 3 in [int(i) for i in
+                                                                              st.get("vacant_worker_ids", [])],
+                                "serving around the stopped worker", 25, 0.05)
+            print(f"SIGSTOP of worker 3: serving around it {time.time() - t0:.2f} s after the stop", file=sys.stderr)
+            time.sleep(max(0.0, 30 - (time.time() - t0)))
+        finally:
+            os.killpg(victim.pid, signal.SIGCONT)
+        t1 = time.time()
+        st = cu.wait_status(server, lambda st: st.get("serving") and not st.get("vacant_worker_ids"),
+                            "the stopped worker readmitted", 60, 0.05)
+        print(f"SIGCONT: readmitted and serving in {time.time() - t1:.2f} s", file=sys.stderr)
+        self.assertEqual([w for w in st["workers"] if w["worker_id"] == 3][0]["pid"], victim.pid)
+        self.assertEqual(self.submit(server, ["--request-id", rid], new=long_new), want)
+        self.check_batch(server)
+        self.shutdown(server, [coord] + workers)
+
+
 # ElasticTest and ElasticPipelineTest reuse StandaloneTest's helpers, not its tests.
 for _case in (ElasticTest, ElasticPipelineTest):
     for _name in dir(StandaloneTest):
