@@ -673,6 +673,7 @@ TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   };
+  for (auto& x : w) ASSERT_OK(x->Heartbeat());  // all READY
   lose(1, {0, 1, 3});  // worker 2 (stage 1): vacant, worker 3 serves stage 1
   v1::ClusterStatus st = Status();
   ASSERT_EQ(st.generation(), 2);
