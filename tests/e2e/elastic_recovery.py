@@ -19,6 +19,9 @@ ap.add_argument("--ep", type=int, default=4)
 ap.add_argument("--redundant-experts", type=int, default=0)
 ap.add_argument("--victims", default="1,3")
 ap.add_argument("--max-new-tokens", type=int, default=3000)
+ap.add_argument("--during-recovery", type=float, default=-1,
+                help="kill the second victim this many seconds after the first loss is detected (while the "
+                     "survivors re-place and rebuild) and time the recovery from both losses")
 a = ap.parse_args()
 victims = [int(v) for v in a.victims.split(",")]
 n_workers = a.pp * a.ep
@@ -70,6 +73,18 @@ try:
         t_kill = time.time()
         st = cu.wait_status(server, lambda st: int(st.get("workers_lost", 0)) == n + 1, "detected", 120, 0.02)
         t_det = time.time()
+        if a.during_recovery >= 0 and n == 0 and len(victims) > 1:
+            time.sleep(a.during_recovery)
+            st2 = json.loads(cu.run(["status", "--server", server, "--json"]).stdout)
+            print(f"second kill during recovery ({time.time() - t_det:.2f} s after detection; serving: "
+                  f"{st2.get('serving')})", flush=True)
+            pid2 = pids[victims[1]]
+            os.killpg(pid2, signal.SIGKILL)
+            workers.pop(pid2).wait(timeout=20)
+            st = cu.wait_status(server, lambda st: int(st.get("workers_lost", 0)) == 2, "detected", 120, 0.02)
+            print(f"second loss detected {time.time() - t_det:.2f} s after the first", flush=True)
+            t_det = time.time()
+            n = 1
         g = int(st["generation"])
         st = cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) >= g, "serving",
                             600, 0.02)
@@ -87,6 +102,8 @@ try:
               f"no replacement: MISSING {t_det - t_kill:.2f} s after the kill, SERVING {t_srv - t_det:.2f} s, "
               f"rebuilt (slowest survivor) {rebuilt:.2f} s, generating again {t_gen - t_det:.2f} s after detection "
               f"({t_gen - t_kill:.2f} s after the kill); experts loaded for the re-placement: {loaded}", flush=True)
+        if n + 1 >= len(victims):
+            break
 finally:
     for p in procs:
         cu.kill(p)
