@@ -721,6 +721,40 @@ TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant)
   beat.join();
 }
 
+// Elastic EP, replicas first: with a second copy of every expert the lost
+// rank's slots move to survivors that hold them: 0 experts to load (status
+// and metrics say so); without replicas every lost slot is loaded.
+TEST_F(CoordinatorTest, ElasticReplicasMeanNothingToLoad) {
+  for (int redundant : {256, 0}) {
+    CoordinatorOptions o = Options(1, 4);
+    o.elastic_ep = true;
+    o.redundant_experts = redundant;
+    o.journal_path.clear();
+    Start(o);
+    auto w = RegisterAll(4);
+    for (auto& x : w) ASSERT_OK(x->Heartbeat());
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < until && Status().generation() == 1) {
+      for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Heartbeat());
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    const v1::ClusterStatus st = Status();
+    ASSERT_EQ(st.generation(), 2) << "redundant " << redundant;
+    ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+    if (redundant > 0) {
+      EXPECT_EQ(st.vacancy_experts_to_load(), 0);
+    } else {
+      EXPECT_EQ(st.vacancy_experts_to_load(), 3 * 64);  // tiny: 3 MoE layers, 64 experts per rank
+    }
+    const std::string metrics = MetricsText(*server_->coordinator());
+    EXPECT_NE(metrics.find(absl::StrCat("expertmesh_vacancy_experts_to_load_total ", st.vacancy_experts_to_load())),
+              std::string::npos);
+    EXPECT_NE(metrics.find("expertmesh_vacant_places 1"), std::string::npos);
+    w.clear();
+    server_.reset();
+  }
+}
+
 TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
   Start(Options(2, 1));
   auto w = RegisterAll(2);
