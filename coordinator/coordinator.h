@@ -83,7 +83,7 @@
 //    micro-batch, so every rank of a stage switches at the same step. A
 //    staging error or a new generation drops a pending placement; a restart
 //    replays the last committed one from the journal.
-//  * Vacant places (elastic_ep, pp = 1, ep > 1): a worker lost while another
+//  * Vacant places (elastic_ep, ep > 1): a worker lost while another
 //    of its stage is live leaves its place *vacant*: the coordinator commits
 //    at once a placement version in which the vacant ranks hold no expert
 //    slot (their slots move to the live ranks with the fewest slots) and
@@ -92,7 +92,12 @@
 //    experts they gain before they rebuild their data plane over the live
 //    workers. A worker registering for a vacant place (a replacement, or the
 //    lost one back) ends the vacancy: a placement that gives it slots again
-//    and another generation. With pp > 1 a loss waits for a replacement.
+//    and another generation. With pp > 1 the pipeline lanes are re-paired
+//    around the vacant places (topology/lanes.h): Sync assigns sequences
+//    only to stage-0 workers that have a lane; a live worker without one
+//    holds its experts and takes part in its stage's all-to-alls with zero
+//    tokens. A stage that loses its last live worker waits for a
+//    replacement.
 //  * Shutdown: Heartbeat and Sync answer shutdown=true from then on; done
 //    once every registered worker sent exiting=true (or is MISSING), or
 //    shutdown_timeout_s after the request.
@@ -170,6 +175,17 @@ struct CoordinatorOptions {
   std::string chat_template;         // --chat-template name; empty: recognised from tokenizer_config.json
   std::string reasoning_field = "reasoning_content";  // R1 reasoning's JSON field: reasoning_content or reasoning
 };
+
+// Elastic EP (rebalance.cc): the placement `p` of one MoE layer with the
+// slots of the ranks whose live[r] is false moved to live ranks. Replicas
+// first: a slot whose expert a live rank already holds goes to such a rank
+// (nothing to load); only an expert with no live copy left goes to the live
+// rank with the fewest slots (which loads it). Nothing moves between live
+// ranks after a loss; a rank back from vacancy (live, no slot in p) takes
+// its share of slots from the fullest ranks. Slot count and experts stay the
+// same. kFailedPrecondition when no rank is live.
+absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPlacement& p,
+                                                        const std::vector<bool>& live);
 
 class Coordinator {
  public:
@@ -405,6 +421,7 @@ class Coordinator {
   v1::Job JobProto(const Job& j, bool with_results) const;
   bool ServingLocked() const;
   bool ClusterCompleteLocked() const;
+  std::vector<int> VacantIdsLocked() const;  // worker ids, ascending
   bool Live(const Worker& w) const {
     return w.registered &&
            (w.health == v1::WORKER_HEALTH_STARTING || w.health == v1::WORKER_HEALTH_READY);
@@ -485,6 +502,7 @@ class Coordinator {
   absl::Time next_auto_rebalance_ = absl::InfiniteFuture();
   bool generation_issued_ = false;   // some Register answered with generation_ (a data plane may exist)
   int64_t workers_lost_ = 0;
+  int64_t experts_loaded_for_vacancies_ = 0;   // ClusterStatus.vacancy_experts_to_load
   KeyValueStore store_;   // its own lock (coordinator/membership.h)
   bool shutdown_requested_ = false, shutdown_done_ = false, stopped_ = false;
   absl::Time shutdown_at_;

@@ -6,6 +6,7 @@
 #include "coordinator/job_store.h"
 #include "coordinator/membership.h"
 #include "glog/logging.h"
+#include "topology/lanes.h"
 
 namespace expertmesh::coordinator {
 
@@ -38,14 +39,23 @@ void Coordinator::WorkerLostLocked(int worker_id, const std::string& how) {
     for (size_t i = first; i < first + ep; ++i) {
       others += i != static_cast<size_t>(worker_id) && Live(workers_[i]) && !workers_[i].vacant ? 1 : 0;
     }
-    if (plan_.pp > 1) {
-      LOG(WARNING) << "coordinator: --elastic-ep serves around a lost worker with --pp 1 only; waiting for a "
-                      "replacement of worker "
-                   << worker_id;
-    } else if (others > 0) {
+    if (others == 0) {
+      LOG(WARNING) << "coordinator: worker " << worker_id << " was the last live worker of stage "
+                   << worker_id / plan_.ep << "; waiting for a replacement (--elastic-ep serves around a loss only "
+                   << "while its stage keeps a live worker)";
+    } else {
       workers_[static_cast<size_t>(worker_id)].vacant = true;
       if (ReplaceForVacanciesLocked(absl::StrCat("worker ", worker_id, " lost, its place vacant"))) {
         vacancy = absl::StrCat("; its place is vacant and ", others, " workers of its stage serve without it");
+        if (plan_.pp > 1) {
+          const topology::Lanes lanes = topology::ComputeLanes(plan_.pp, plan_.ep, VacantIdsLocked());
+          int laneless = 0;
+          for (size_t i = 0; i < workers_.size(); ++i) {
+            laneless += !workers_[i].vacant && lanes.lane_of[i] < 0 ? 1 : 0;
+          }
+          absl::StrAppend(&vacancy, "; ", lanes.lanes.size(), " pipeline lane(s) serve, ", laneless,
+                          " live worker(s) without a lane hold their experts only");
+        }
       } else {
         workers_[static_cast<size_t>(worker_id)].vacant = false;
       }
@@ -83,6 +93,8 @@ v1::ClusterStatus Coordinator::GetClusterStatus() const {
   st.set_serving(ServingLocked());
   st.set_generation(generation_);
   st.set_workers_lost(workers_lost_);
+  st.set_vacancy_experts_to_load(experts_loaded_for_vacancies_);
+  for (int id : VacantIdsLocked()) st.add_vacant_worker_ids(id);
   *st.mutable_rebalance() = RebalanceStatusLocked();
   return st;
 }
@@ -99,6 +111,14 @@ void Coordinator::RequestShutdown() {
     changed_.notify_all();
   }
   Tick();
+}
+
+std::vector<int> Coordinator::VacantIdsLocked() const {
+  std::vector<int> ids;
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i].vacant) ids.push_back(static_cast<int>(i));
+  }
+  return ids;
 }
 
 bool Coordinator::ClusterCompleteLocked() const {
@@ -210,6 +230,18 @@ absl::StatusOr<v1::RegisterResponse> Coordinator::Register(const v1::RegisterReq
     if (!fail.ok()) {
       if (still_mine && !rejoin) {  // a rejoining worker keeps its place (and its loaded shard)
         workers_[static_cast<size_t>(id)] = Worker();  // free the place for someone else
+        if (was_vacant && !stopped_ && !shutdown_requested_) {
+          // It never served: the place is vacant again (not half-registered),
+          // the survivors serve around it as before, and a later worker can
+          // take it.
+          workers_[static_cast<size_t>(id)].vacant = true;
+          if (ReplaceForVacanciesLocked(absl::StrCat("worker ", id, "'s new holder gave up registering"))) {
+            NewGenerationLocked(absl::StrCat("place ", id, " is vacant again (its new holder's Register failed: ",
+                                             fail.message(), ")"));
+          } else {
+            workers_[static_cast<size_t>(id)].vacant = false;
+          }
+        }
         changed_.notify_all();
       }
       return fail;

@@ -73,6 +73,12 @@ std::vector<MetricFamily> Collect(const Coordinator& c) {
         MetricType::Gauge, static_cast<double>(st.generation()));
   f.One("expertmesh_workers_lost_total", "workers found MISSING or exited unasked since the coordinator started",
         MetricType::Counter, static_cast<double>(st.workers_lost()));
+  f.One("expertmesh_vacant_places", "places left vacant by lost workers (elastic EP), served around",
+        MetricType::Gauge, static_cast<double>(st.vacant_worker_ids_size()));
+  f.One("expertmesh_vacancy_experts_to_load_total",
+        "experts that re-placements around vacant places made ranks load from the checkpoint (elastic EP; a slot "
+        "whose expert a live replica holds loads nothing)",
+        MetricType::Counter, static_cast<double>(st.vacancy_experts_to_load()));
   const v1::RebalanceStatus& rb = st.rebalance();
   f.One("expertmesh_expert_placement_version", "expert placement in use: 1 at start, larger after each committed rebalance",
         MetricType::Gauge, static_cast<double>(rb.placement_version()));

@@ -359,12 +359,6 @@ void Coordinator::AdoptRunningPlacementLocked(int worker_id, const v1::Plan& run
             << " (the workers run it; this coordinator started without it)";
 }
 
-namespace {
-
-// The slots of the ranks with live[r] false move to the live ranks (to the
-// one with the fewest slots that does not hold that expert yet); then the
-// live ranks with fewer than their share (a rank back from vacancy) take
-// slots from the fullest ones. Slot count and experts stay the same.
 absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPlacement& p,
                                                         const std::vector<bool>& live) {
   const int64_t R = p.num_ranks();
@@ -384,18 +378,25 @@ absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPl
     const auto& s = slots[static_cast<size_t>(r)];
     return std::find(s.begin(), s.end(), e) != s.end();
   };
+  // Replicas first: an orphaned slot whose expert a live rank still holds
+  // goes to such a rank (the fewest slots among them): its weights are there,
+  // nothing is loaded. Only an expert with no live copy left goes to the live
+  // rank with the fewest slots, which loads it.
+  auto key = [&](int64_t r, int32_t e) { return std::make_pair(!holds(r, e), slots[static_cast<size_t>(r)].size()); };
   for (int32_t e : orphans) {
     int64_t best = -1;
     for (int64_t r = 0; r < R; ++r) {
       if (!live[static_cast<size_t>(r)]) continue;
-      if (best < 0 || std::make_pair(holds(r, e), slots[r].size()) < std::make_pair(holds(best, e), slots[best].size())) {
-        best = r;
-      }
+      if (best < 0 || key(r, e) < key(best, e)) best = r;
     }
     slots[static_cast<size_t>(best)].push_back(e);
   }
+  // Only a rank back from vacancy (live, no slot in p) evens the slots out:
+  // after a loss nothing moves between the survivors (moving would load).
+  bool returning = false;
+  for (int64_t r = 0; r < R; ++r) returning |= live[static_cast<size_t>(r)] && p.slots_of_rank(r).empty();
   const size_t share = static_cast<size_t>(p.num_slots() / nlive);
-  for (int64_t guard = 0; guard < p.num_slots(); ++guard) {
+  for (int64_t guard = 0; returning && guard < p.num_slots(); ++guard) {
     int64_t low = -1, high = -1;
     for (int64_t r = 0; r < R; ++r) {
       if (!live[static_cast<size_t>(r)]) continue;
@@ -417,10 +418,9 @@ absl::StatusOr<topology::ExpertPlacement> PlaceOverLive(const topology::ExpertPl
   return topology::ExpertPlacement::Create(p.num_experts(), std::move(slots));
 }
 
-}  // namespace
-
 bool Coordinator::ReplaceForVacanciesLocked(const std::string& why) {
   topology::Plan next = plan_;
+  int64_t to_load = 0, slots_moved = 0;
   for (size_t s = 0; s < next.stages.size(); ++s) {
     std::vector<bool> live(static_cast<size_t>(plan_.ep));
     for (int64_t r = 0; r < plan_.ep; ++r) {
@@ -433,10 +433,18 @@ bool Coordinator::ReplaceForVacanciesLocked(const std::string& why) {
                      << "): " << p.status().message();
         return false;
       }
+      to_load += ExpertsToLoad(placement, *p);
+      for (int64_t r = 0; r < placement.num_ranks(); ++r) {
+        if (!live[static_cast<size_t>(r)]) slots_moved += static_cast<int64_t>(placement.slots_of_rank(r).size());
+      }
       placement = *std::move(p);
     }
   }
   if (next == plan_) return true;
+  LOG(INFO) << "coordinator: re-placing for vacancies (" << why << "): " << slots_moved
+            << " slots of vacant ranks move to live ones; " << to_load
+            << " experts to load from the checkpoint (the rest already held by a live replica)";
+  experts_loaded_for_vacancies_ += to_load;
   DropPendingPlacementLocked(why);
   topology::Plan old = std::move(plan_);
   const int64_t old_version = placement_version_;

@@ -6,6 +6,7 @@
 #include "coordinator/job_store.h"
 #include "coordinator/scheduler.h"
 #include "glog/logging.h"
+#include "topology/lanes.h"
 
 namespace expertmesh::coordinator {
 
@@ -68,6 +69,18 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
         absl::StrCat("worker_id: ", id, " is in stage ", id / plan_.ep, "; only stage-0 workers (ids 0..", plan_.ep - 1,
                      ") call Sync"));
   }
+  {
+    // Only the process that registered the place reports results for it (as
+    // Heartbeat): a stale process of a replaced worker, or a forger, is refused.
+    const Worker& w = workers_[static_cast<size_t>(id)];
+    if (request.pid() != w.pid || request.host() != w.host) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "worker_id: ", id, " is now held by ", w.host, ":", w.pid, ", not by ",
+          request.host().empty() && request.pid() == 0 ? std::string("a sender without host and pid")
+                                                       : absl::StrCat(request.host(), ":", request.pid()),
+          "; its Sync is refused (a worker replaced after it went MISSING must exit)"));
+    }
+  }
   if (request.generation() != generation_) return resp;  // rebuild the data plane first
   // Check every update before applying any: a token outside the vocabulary
   // never becomes part of a result (a worker bug, or a forged report).
@@ -126,11 +139,15 @@ absl::StatusOr<v1::SyncResponse> Coordinator::Sync(const v1::SyncRequest& reques
   const uint64_t ticket = EnqueuePendingRecordsLocked();
   for (auto& c : w.pending_cancel) resp.add_cancel(std::move(c));
   w.pending_cancel.clear();
-  if (!shutdown_requested_ && Live(w) && request.free_slots() > 0 && queued_ > 0) {
+  // Elastic EP with pp > 1: only stage-0 workers with a pipeline lane get
+  // sequences (topology/lanes.h); a lane-less one serves its stage's experts.
+  const topology::Lanes lanes = topology::ComputeLanes(plan_.pp, plan_.ep, VacantIdsLocked());
+  auto has_lane = [&](int i) { return lanes.lane_of[static_cast<size_t>(i)] >= 0; };
+  if (!shutdown_requested_ && Live(w) && has_lane(id) && request.free_slots() > 0 && queued_ > 0) {
     int64_t live0 = 0, held0 = 0;
     for (int i = 0; i < plan_.ep; ++i) {
       const Worker& x = workers_[static_cast<size_t>(i)];
-      if (!Live(x)) continue;
+      if (!Live(x) || !has_lane(i)) continue;
       ++live0;
       held0 += static_cast<int64_t>(x.assigned.size());
     }

@@ -45,8 +45,10 @@ ABSL_FLAG(std::string, reasoning_field, "reasoning_content",
           "with a reasoning chat template (deepseek-r1, deepseek-r1-distill): the JSON field of the text before </think>: "
           "reasoning_content (SGLang, DeepSeek's API) or reasoning (vLLM)");
 ABSL_FLAG(bool, elastic_ep, false,
-          "with --pp 1: a lost worker's place turns vacant and the survivors serve without it (its experts "
-          "re-placed over them) until a worker takes the place again; without it the cluster waits for a replacement");
+          "a lost worker's place turns vacant while its stage keeps a live worker, and the survivors serve without "
+          "it (its experts re-placed over them, onto a survivor holding a replica first; with --pp > 1 the "
+          "pipeline lanes are re-paired) until a worker takes the place again; without it (or when a stage loses "
+          "its last worker) the cluster waits for a replacement");
 ABSL_FLAG(std::string, address_file, "", "write the bound host:port to this file once serving (for --listen host:0)");
 
 namespace expertmesh::launch {

@@ -173,6 +173,8 @@ TEST_F(AuthTest, SyncWithTokensOutsideTheVocabularyIsRefused) {
   for (int32_t bad : {99999, -5, 1024}) {
     v1::SyncRequest req;
     req.set_worker_id(w[0]->id());
+    req.set_host(w[0]->host());
+    req.set_pid(w[0]->pid());
     req.set_epoch(w[0]->epoch());
     req.set_generation(w[0]->generation());
     v1::SequenceUpdate* u = req.add_updates();
@@ -214,6 +216,8 @@ TEST_F(AuthTest, UpdatesForAnotherWorkersSequenceAreIgnored) {
   for (v1::FinishReason reason : {v1::FINISH_REASON_STOP, v1::FINISH_REASON_CANCELLED}) {
     v1::SyncRequest req;
     req.set_worker_id(w[0]->id());
+    req.set_host(w[0]->host());
+    req.set_pid(w[0]->pid());
     req.set_epoch(w[0]->epoch());
     req.set_generation(w[0]->generation());
     v1::SequenceUpdate* u = req.add_updates();
@@ -253,6 +257,21 @@ TEST_F(AuthTest, ForgedHeartbeatsAreRefusedAndCannotKeepALostWorkerReady) {
   // A forged "exiting" beat forces no new generation.
   EXPECT_ERROR(forge("", 0, true), absl::StatusCode::kFailedPrecondition, "");
   EXPECT_ERROR(forge("evilhost", 7, true), absl::StatusCode::kFailedPrecondition, "");
+  // Sync is tied to the registered process too: another pid (a stale process
+  // of worker 1) or no sender is refused before any update or assignment.
+  for (const auto& [host, pid] : std::vector<std::pair<std::string, int>>{{"fakehost", 4242}, {"", 0}}) {
+    v1::SyncRequest sr;
+    sr.set_worker_id(1);
+    sr.set_host(host);
+    sr.set_pid(pid);
+    sr.set_epoch(w[1]->epoch());
+    sr.set_generation(w[1]->generation());
+    sr.set_free_slots(4);
+    grpc::ClientContext ctx;
+    v1::SyncResponse resp;
+    EXPECT_ERROR(w[0]->stub()->Sync(&ctx, sr, &resp), absl::StatusCode::kFailedPrecondition,
+                 "is now held by fakehost:101");
+  }
   v1::ClusterStatus st = Status();
   EXPECT_EQ(st.generation(), before.generation());
   EXPECT_EQ(st.workers(1).health(), v1::WORKER_HEALTH_READY);

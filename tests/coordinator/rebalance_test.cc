@@ -2,6 +2,7 @@
 // versions, what Heartbeat, Sync, Register and the status say, the rules that
 // drop a pending placement, and the journal that keeps a committed one.
 // Workers are played by the test through the Coordinator object.
+#include <algorithm>
 #include <map>
 #include <set>
 #include <thread>
@@ -140,6 +141,64 @@ class RebalanceTest : public ::testing::Test {
   std::unique_ptr<Coordinator> c_;
 };
 
+// Elastic EP, replicas first: a lost rank's slots go to live ranks that
+// already hold their expert (nothing to load); only experts with no live copy
+// are loaded; nothing moves between the survivors; a rank back evens out.
+TEST(PlaceOverLiveTest, ReplicasFirstThenTheFewestSlots) {
+  auto loads = [](const topology::ExpertPlacement& a, const topology::ExpertPlacement& b) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < b.num_ranks(); ++r) {
+      const std::set<int32_t> have(a.slots_of_rank(r).begin(), a.slots_of_rank(r).end());
+      for (int32_t e : std::set<int32_t>(b.slots_of_rank(r).begin(), b.slots_of_rank(r).end())) n += !have.count(e);
+    }
+    return n;
+  };
+  // 8 experts, 4 ranks, every expert twice (full redundancy): rank 1 lost.
+  auto full = topology::ExpertPlacement::Create(8, {{0, 1, 4, 5}, {2, 3, 6, 7}, {0, 1, 2, 3}, {4, 5, 6, 7}});
+  ASSERT_OK(full);
+  auto p = PlaceOverLive(*full, {true, false, true, true});
+  ASSERT_OK(p);
+  EXPECT_TRUE(p->slots_of_rank(1).empty());
+  EXPECT_EQ(p->num_slots(), full->num_slots());
+  EXPECT_EQ(loads(*full, *p), 0);  // every lost slot had a replica on a survivor
+  for (int64_t r : {0, 2, 3}) {    // the survivors keep what they had
+    for (int32_t e : full->slots_of_rank(r)) {
+      EXPECT_NE(std::count(p->slots_of_rank(r).begin(), p->slots_of_rank(r).end(), e), 0);
+    }
+  }
+  for (int64_t e = 0; e < 8; ++e) EXPECT_EQ(p->replicas(e).size(), 2u) << e;
+  // A second loss (rank 2): experts 2 and 3 lost both copies (ranks 1 and 2)
+  // and are loaded; the slots of 0 and 1 go to rank 0, which holds them.
+  auto p2 = PlaceOverLive(*p, {true, false, false, true});
+  ASSERT_OK(p2);
+  EXPECT_EQ(loads(*p, *p2), 2);
+  for (int64_t e = 0; e < 8; ++e) EXPECT_EQ(p2->replicas(e).size(), 2u) << e;
+  EXPECT_EQ(p2->num_slots(), full->num_slots());
+  // Without replicas: each lost expert is loaded once, by the survivor with the fewest slots.
+  auto none = topology::ExpertPlacement::Create(8, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
+  ASSERT_OK(none);
+  auto q = PlaceOverLive(*none, {true, true, false, true});
+  ASSERT_OK(q);
+  EXPECT_EQ(loads(*none, *q), 2);
+  EXPECT_TRUE(q->slots_of_rank(2).empty());
+  EXPECT_EQ(q->replicas(4).size(), 1u);
+  EXPECT_NE(q->ReplicaRank(4, 0), q->ReplicaRank(5, 0));  // spread over the fewest-slot ranks
+  // Partial replicas: expert 2 has a copy on rank 0, expert 3 none: one load.
+  auto some = topology::ExpertPlacement::Create(8, {{0, 1, 2}, {2, 3, 4}, {5, 6, 7}});
+  ASSERT_OK(some);
+  auto s = PlaceOverLive(*some, {true, false, true});
+  ASSERT_OK(s);
+  EXPECT_EQ(loads(*some, *s), 2);  // 3 and 4 have no live copy; 2 is held by rank 0 already
+  EXPECT_EQ(std::count(s->slots_of_rank(0).begin(), s->slots_of_rank(0).end(), 2), 2);
+  // Rank 1 back: it takes its share from the fullest ranks.
+  auto back = PlaceOverLive(*p, {true, true, true, true});
+  ASSERT_OK(back);
+  EXPECT_GE(back->slots_of_rank(1).size(), 3u);
+  EXPECT_EQ(back->num_slots(), full->num_slots());
+  // No live rank: refused.
+  EXPECT_FALSE(PlaceOverLive(*none, {false, false, false, false}).ok());
+}
+
 TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   Start(Options(2, 2));
   RegisterAll();
@@ -203,6 +262,8 @@ TEST_F(RebalanceTest, CommitsWhenEveryWorkerStagedAndEveryAnswerSaysSo) {
   EXPECT_EQ(st.plan().placement_version(), 1);
   v1::SyncRequest sync;
   sync.set_worker_id(0);
+  sync.set_host("fakehost");  // as registered by RegisterPlaces
+  sync.set_pid(100);
   sync.set_epoch(c_->epoch());
   sync.set_generation(1);
   EXPECT_EQ(c_->Sync(sync)->placement_version(), 1);

@@ -301,6 +301,8 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   // Updates for sequences the worker does not hold are ignored.
   v1::SyncRequest bogus;
   bogus.set_worker_id(0);
+  bogus.set_host(w[0]->host());
+  bogus.set_pid(w[0]->pid());
   bogus.set_epoch(w[0]->epoch());
   bogus.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = bogus.add_updates();
@@ -434,6 +436,9 @@ TEST_F(CoordinatorTest, LostWorkerIsReplacedAndItsSequencesResumeAfterTheirToken
   EXPECT_EQ(repl.generation(), 2);
   // The lost worker's process, should it still run, is told to exit.
   EXPECT_ERROR(w[1]->Heartbeat(), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
+  // Nor may it report results for the place (Sync is tied to the registered
+  // process, as Heartbeat): its 3 sequences' tokens are refused.
+  EXPECT_ERROR(w[1]->Step(3), absl::StatusCode::kFailedPrecondition, "now held by newhost:555");
   // Worker 0 rejoins at once (the cluster is complete).
   ASSERT_OK(w[0]->Register(0, "fakehost", 100, 10, /*rejoin_after=*/1));
   EXPECT_EQ(w[0]->generation(), 2);
@@ -585,6 +590,103 @@ TEST_F(CoordinatorTest, ElasticLostWorkerLeavesAVacantPlaceAndTheSurvivorsServe)
   const int still = repl.id() == 0 ? 2 : 0;
   ExpectVacant(repl.registration().plan(), {still}, num_slots);
   EXPECT_EQ(Status().plan().placement_version(), 4);
+}
+
+// Elastic EP with pp > 1: a Register for a vacant place that fails (here: its
+// deadline passes while the cluster is incomplete) leaves the place vacant,
+// not half-registered, and a later worker can take it.
+TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant) {
+  CoordinatorOptions o = Options(2, 2);
+  o.elastic_ep = true;
+  Start(o);
+  auto w = RegisterAll(4);
+  auto lose = [&](int64_t generation, const std::vector<int>& beating) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < until && Status().generation() == generation) {
+      for (int i : beating) ASSERT_OK(w[i]->Heartbeat());
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  };
+  for (auto& x : w) ASSERT_OK(x->Heartbeat());  // all READY
+  lose(1, {0, 1, 3});  // worker 2 (stage 1): vacant, worker 3 serves stage 1
+  v1::ClusterStatus st = Status();
+  ASSERT_EQ(st.generation(), 2);
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_EQ(st.vacant_worker_ids(0), 2);
+  for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Register(i, "fakehost", 100 + i, 10, /*rejoin_after=*/1));
+  // Lanes (topology/lanes.h): rank 1 is intact, lane 1 -> 3; worker 0 has no lane and gets no sequence.
+  EXPECT_EQ(w[1]->registration().vacant_worker_ids_size(), 1);
+  const std::string id = Submit(Batch(4, 3));
+  for (auto* x : {w[0].get(), w[1].get(), w[3].get()}) ASSERT_OK(x->Heartbeat());
+  ASSERT_OK(w[0]->Step(8));
+  ASSERT_OK(w[1]->Step(8));
+  EXPECT_EQ(w[0]->held(), 0u);
+  EXPECT_EQ(w[1]->held(), 4u);
+  lose(2, {0, 1});  // worker 3, the last of stage 1: not vacant, the cluster waits for a replacement
+  st = Status();
+  ASSERT_EQ(st.generation(), 3);
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_FALSE(st.serving());
+  // A worker registers for a free place: the vacant place 2; the cluster stays incomplete, it gives up.
+  std::atomic<bool> beating{true};
+  std::thread beat([&] {
+    while (beating) {
+      for (int i : {0, 1}) w[i]->Heartbeat().ok();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  FakeWorker quitter(channel_);
+  EXPECT_FALSE(quitter.Register(-1, "quitter", 777, /*timeout_s=*/1).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (std::chrono::steady_clock::now() < until && Status().vacant_worker_ids_size() == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  st = Status();
+  ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+  EXPECT_EQ(st.vacant_worker_ids(0), 2);
+  EXPECT_FALSE(st.workers(2).host() == "quitter" && st.workers(2).pid() == 777);
+  // A replacement for worker 3, then one for the vacant place 2: both held, nothing vacant.
+  FakeWorker r3(channel_), r2(channel_);
+  ASSERT_OK(r3.Register(3, "newhost", 555));
+  ASSERT_OK(r2.Register(-1, "newhost", 556));
+  EXPECT_EQ(r2.id(), 2);
+  EXPECT_EQ(Status().vacant_worker_ids_size(), 0);
+  beating = false;
+  beat.join();
+}
+
+// Elastic EP, replicas first: with a second copy of every expert the lost
+// rank's slots move to survivors that hold them: 0 experts to load (status
+// and metrics say so); without replicas every lost slot is loaded.
+TEST_F(CoordinatorTest, ElasticReplicasMeanNothingToLoad) {
+  for (int redundant : {256, 0}) {
+    CoordinatorOptions o = Options(1, 4);
+    o.elastic_ep = true;
+    o.redundant_experts = redundant;
+    o.journal_path.clear();
+    Start(o);
+    auto w = RegisterAll(4);
+    for (auto& x : w) ASSERT_OK(x->Heartbeat());
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < until && Status().generation() == 1) {
+      for (int i : {0, 1, 3}) ASSERT_OK(w[i]->Heartbeat());
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    const v1::ClusterStatus st = Status();
+    ASSERT_EQ(st.generation(), 2) << "redundant " << redundant;
+    ASSERT_EQ(st.vacant_worker_ids_size(), 1);
+    if (redundant > 0) {
+      EXPECT_EQ(st.vacancy_experts_to_load(), 0);
+    } else {
+      EXPECT_EQ(st.vacancy_experts_to_load(), 3 * 64);  // tiny: 3 MoE layers, 64 experts per rank
+    }
+    const std::string metrics = MetricsText(*server_->coordinator());
+    EXPECT_NE(metrics.find(absl::StrCat("expertmesh_vacancy_experts_to_load_total ", st.vacancy_experts_to_load())),
+              std::string::npos);
+    EXPECT_NE(metrics.find("expertmesh_vacant_places 1"), std::string::npos);
+    w.clear();
+    server_.reset();
+  }
 }
 
 TEST_F(CoordinatorTest, ExpertLoadIsSummedOverHeartbeats) {
@@ -875,6 +977,8 @@ TEST_F(CoordinatorTest, SequenceErrorFailsItsJobOnlyAndSurvivesARestart) {
   ASSERT_OK(w[0]->Step(8));  // 1 token each
   v1::SyncRequest sr;
   sr.set_worker_id(0);
+  sr.set_host(w[0]->host());
+  sr.set_pid(w[0]->pid());
   sr.set_epoch(w[0]->epoch());
   sr.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = sr.add_updates();
@@ -1402,6 +1506,8 @@ TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSeq
   // The worker gives sequence 0 back: it is queued again with its 3 tokens and resumes after them.
   v1::SyncRequest back;
   back.set_worker_id(w[0]->id());
+  back.set_host(w[0]->host());
+  back.set_pid(w[0]->pid());
   back.set_epoch(w[0]->epoch());
   back.set_generation(w[0]->generation());
   v1::SequenceUpdate* u = back.add_updates();

@@ -86,7 +86,8 @@ class FakeWorker(threading.Thread):
                 if self.stage != 0:
                     time.sleep(0.05)
                     continue
-                req = pb.SyncRequest(worker_id=self.worker_id, epoch=self.epoch, generation=self.generation)
+                req = pb.SyncRequest(worker_id=self.worker_id, host="py", pid=self.pid, epoch=self.epoch,
+                                     generation=self.generation)
                 for seq_id, s in list(held.items()):
                     u = req.updates.add(seq_id=seq_id)
                     t = fake_token(s["tokens"], s["seed"], s["step"])

@@ -122,6 +122,8 @@ class FakeWorker {
   grpc::Status Step(int capacity, int tokens_per_step = 1, v1::SyncResponse* out = nullptr) {
     v1::SyncRequest req;
     req.set_worker_id(id_);
+    req.set_host(host_);
+    req.set_pid(pid_);
     req.set_epoch(epoch_);
     req.set_generation(generation_);
     std::vector<std::string> done;
@@ -172,6 +174,8 @@ class FakeWorker {
   }
 
   int id() const { return id_; }
+  const std::string& host() const { return host_; }
+  int pid() const { return pid_; }
   void set_id(int id) { id_ = id; }
   const std::string& epoch() const { return epoch_; }
   int64_t generation() const { return generation_; }

@@ -493,10 +493,83 @@ class ElasticTest(StandaloneTest):
         self.shutdown(server, [coord] + live)
 
 
-# ElasticTest reuses StandaloneTest's helpers, not its tests.
-for _name in dir(StandaloneTest):
-    if _name.startswith("test_") and _name not in ElasticTest.__dict__:
-        setattr(ElasticTest, _name, None)
+class ElasticPipelineTest(StandaloneTest):
+    """Elastic EP with pipeline stages (--elastic-ep, PP2xEP2): lanes re-pair around vacant places, a live
+    worker without a lane holds its experts and joins its stage's all-to-alls with zero tokens."""
+    coordinator_flags = ("--elastic-ep",)
+    pp, ep = 2, 2
+
+    def test_pp2_ep2_serves_on_survivors_and_a_replacement_rejoins(self):
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=3)
+        long_new = 400
+        want = self.reference(long_new)
+        rid = "e2e-elastic-pp2-1"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        by_id = {w["worker_id"]: [p for p in workers if p.pid == w["pid"]][0] for w in st["workers"]}
+        # Worker 1 (stage 0, rank 1): lane 1 dies, worker 3 (stage 1) serves its experts without a lane.
+        # Then worker 2 (stage 1, rank 0): no lane is intact; 0 -> 3 is re-paired into one lane.
+        for n, victim_id in enumerate([1, 2]):
+            if n > 0:
+                st = self.wait_generating(server, 1 + n)
+            os.killpg(by_id[victim_id].pid, signal.SIGKILL)
+            t_kill = time.time()
+            cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.02)
+            t_detect = time.time()
+            st = self.wait_generation(server, 2 + n)
+            print(f"elastic PP2xEP2, {n + 1} of 4 lost, no replacement: noticed {t_detect - t_kill:.2f} s after the "
+                  f"kill (heartbeat timeout 3 s), serving again {time.time() - t_detect:.2f} s after detection",
+                  file=sys.stderr)
+            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+        got = self.submit(server, ["--request-id", rid], new=long_new)
+        self.assertEqual(got, want)
+        self.assertEqual(self.submit(server), self.f.greedy)  # new work on the re-paired lane
+        with open(by_id[3].log_path) as f:
+            self.assertIn("no pipeline lane", f.read())  # generation 2: it served stage 1's experts only
+        # A worker started now takes vacant place 1 back: lane 1 -> 3 serves, worker 0 (stage 0) has no lane.
+        r = cu.start(["worker", "--coordinator", server], os.path.join(self.tmp, "replacement.log"))
+        self.procs.append(r)
+        st = cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) == 4
+                            and r.pid in [w["pid"] for w in st["workers"]], "the replacement serving", 120, 0.05)
+        self.check_batch(server)
+        self.shutdown(server, [coord, by_id[0], by_id[3], r])
+
+
+    def test_pp2_ep2_sigstopped_worker_is_served_around_and_readmitted(self):
+        """A worker SIGSTOPped for 30 s: its place turns vacant at the heartbeat timeout and the job goes on
+        around it; after SIGCONT the same process is readmitted (no replacement) and its lane serves again."""
+        server, _, _, coord, workers = self.start_cluster(heartbeat_timeout_s=3, worker_flags=("--step-timeout-s", "3"))
+        long_new = 200
+        want = self.reference(long_new)
+        rid = "e2e-elastic-pp2-stop"
+        self.submit_detached(server, long_new, rid)
+        st = self.wait_generating(server, 1)
+        victim = [p for p in workers if p.pid == [w for w in st["workers"] if w["worker_id"] == 3][0]["pid"]][0]
+        os.killpg(victim.pid, signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            st = cu.wait_status(server, lambda st: st.get("serving") and 3 in [int(i) for i in
+                                                                              st.get("vacant_worker_ids", [])],
+                                "serving around the stopped worker", 25, 0.05)
+            print(f"SIGSTOP of worker 3: serving around it {time.time() - t0:.2f} s after the stop", file=sys.stderr)
+            time.sleep(max(0.0, 30 - (time.time() - t0)))
+        finally:
+            os.killpg(victim.pid, signal.SIGCONT)
+        t1 = time.time()
+        st = cu.wait_status(server, lambda st: st.get("serving") and not st.get("vacant_worker_ids"),
+                            "the stopped worker readmitted", 60, 0.05)
+        print(f"SIGCONT: readmitted and serving in {time.time() - t1:.2f} s", file=sys.stderr)
+        self.assertEqual([w for w in st["workers"] if w["worker_id"] == 3][0]["pid"], victim.pid)
+        self.assertEqual(self.submit(server, ["--request-id", rid], new=long_new), want)
+        self.check_batch(server)
+        self.shutdown(server, [coord] + workers)
+
+
+# ElasticTest and ElasticPipelineTest reuse StandaloneTest's helpers, not its tests.
+for _case in (ElasticTest, ElasticPipelineTest):
+    for _name in dir(StandaloneTest):
+        if _name.startswith("test_") and _name not in _case.__dict__:
+            setattr(_case, _name, None)
 
 
 class MultiHostTest(ClusterCase):

@@ -6,6 +6,7 @@
 #include <atomic>
 
 #include "gtest/gtest.h"
+#include "topology/lanes.h"
 #include "tests/worker/fake_coordinator.h"
 #include "worker/runtime/data_plane.h"
 
@@ -376,13 +377,79 @@ TEST(DataPlane, VacantRanksConnectOnlyTheLiveMembers) {
   dp.Abort(absl::AbortedError("test"));
   EXPECT_TRUE(dp.Broken());
   dp.Release();
-  // Vacant itself, or pp > 1: refused with the reason.
+  // Vacant itself, or with the NCCL device data plane: refused with the reason.
   DataPlane self(&factory, o, 1, 4, /*worker_id=*/1, 0, 1);
   self.SetVacant({1});
   EXPECT_EQ(self.Build().code(), absl::StatusCode::kFailedPrecondition);
-  DataPlane piped(&factory, o, /*pp=*/2, 2, /*worker_id=*/0, 0, 0);
-  piped.SetVacant({1});
-  EXPECT_EQ(piped.Build().code(), absl::StatusCode::kFailedPrecondition);
+  DataPlane::Options twins;
+  twins.nccl_twins = true;
+  DataPlane nccl(&factory, twins, /*pp=*/1, 2, /*worker_id=*/0, 0, 0);
+  nccl.SetVacant({1});
+  EXPECT_EQ(nccl.Build().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(Lanes, RePairedAroundVacantPlaces) {
+  // PP2xEP2 (stage 0: workers 0, 1; stage 1: 2, 3).
+  auto l = topology::ComputeLanes(2, 2, {});
+  EXPECT_EQ(l.lanes, (std::vector<std::vector<int>>{{0, 2}, {1, 3}}));
+  l = topology::ComputeLanes(2, 2, {1});  // lane 1 broken: 3 has no lane
+  EXPECT_EQ(l.lanes, (std::vector<std::vector<int>>{{0, 2}}));
+  EXPECT_EQ(l.lane_of, (std::vector<int>{0, -1, 0, -1}));
+  l = topology::ComputeLanes(2, 2, {2, 1});  // no intact lane: 0 -> 3
+  EXPECT_EQ(l.lanes, (std::vector<std::vector<int>>{{0, 3}}));
+  l = topology::ComputeLanes(2, 2, {0, 1});  // stage 0 empty: no lane
+  EXPECT_TRUE(l.lanes.empty());
+  // PP3xEP3, one vacancy per stage, each in another lane: 0 (s0 r0), 4 (s1 r1), 8 (s2 r2). No rank is
+  // intact; the leftovers {1, 2}, {3, 5}, {6, 7} pair in rank order into two lanes.
+  l = topology::ComputeLanes(3, 3, {0, 4, 8});
+  EXPECT_EQ(l.lanes, (std::vector<std::vector<int>>{{1, 3, 6}, {2, 5, 7}}));
+  // pp = 1: every live rank is its own lane.
+  l = topology::ComputeLanes(1, 4, {2});
+  EXPECT_EQ(l.lanes, (std::vector<std::vector<int>>{{0}, {1}, {3}}));
+}
+
+TEST(DataPlane, PipelineLanesAroundVacantPlaces) {
+  RecordingCommFactory factory;
+  DataPlane::Options o;
+  // PP2xEP2, worker 1 vacant. Worker 0: stage group of itself, lane 0 -> 2.
+  DataPlane w0(&factory, o, /*pp=*/2, /*ep=*/2, /*worker_id=*/0, /*stage=*/0, /*ep_rank=*/0);
+  w0.SetGeneration("e1", 2, false);
+  w0.SetVacant({1});
+  ASSERT_OK(w0.Build());
+  auto specs = factory.specs();
+  ASSERT_EQ(specs.size(), 2u);
+  EXPECT_EQ(specs[0].worker_ids, (std::vector<int>{0}));
+  EXPECT_EQ(specs[1].name, "lane0");
+  EXPECT_EQ(specs[1].worker_ids, (std::vector<int>{0, 2}));
+  EXPECT_FALSE(w0.laneless());
+  EXPECT_TRUE(w0.laneless_ranks().empty());
+  EXPECT_EQ(w0.lane_leader(), 0);
+  // Worker 3: its stage's group {2, 3}, no lane; led by EP rank 0 (worker 2).
+  DataPlane w3(&factory, o, 2, 2, /*worker_id=*/3, /*stage=*/1, /*ep_rank=*/1);
+  w3.SetGeneration("e1", 2, false);
+  w3.SetVacant({1});
+  ASSERT_OK(w3.Build());
+  specs = factory.specs();
+  ASSERT_EQ(specs.size(), 3u);
+  EXPECT_EQ(specs[2].name, "stage1");
+  EXPECT_EQ(specs[2].worker_ids, (std::vector<int>{2, 3}));
+  EXPECT_TRUE(w3.laneless());
+  EXPECT_EQ(w3.lane(), nullptr);
+  EXPECT_EQ(w3.laneless_ranks(), (std::vector<int>{1}));
+  EXPECT_EQ(w3.lane_leader(), 0);
+  // Workers 1 and 2 vacant: worker 3 is re-paired with worker 0 (lane "lane0", rank 1 = stage 1).
+  w3.Release();
+  w3.SetGeneration("e1", 3, true);
+  w3.SetVacant({1, 2});
+  ASSERT_OK(w3.Build());
+  specs = factory.specs();
+  ASSERT_EQ(specs.size(), 5u);
+  EXPECT_EQ(specs[4].name, "lane0");
+  EXPECT_EQ(specs[4].worker_ids, (std::vector<int>{0, 3}));
+  EXPECT_EQ(specs[4].rank, 1);
+  EXPECT_EQ(specs[4].key_prefix, "e1/g3/lane0");
+  EXPECT_FALSE(w3.laneless());
+  EXPECT_EQ(w3.lane_leader(), 1);
 }
 
 TEST(DataPlane, BuiltWhileTheGenerationMovedOnFailsItsFirstExchange) {

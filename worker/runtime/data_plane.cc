@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "topology/lanes.h"
 #include "worker/comm/mpi_communicator.h"
 #include "worker/comm/registry.h"
 #include "worker/comm/vacant_communicator.h"
@@ -94,10 +95,10 @@ absl::Status DataPlane::Build() {
   }
   auto is_vacant = [&](int id) { return std::binary_search(vacant.begin(), vacant.end(), id); };
   if (!vacant.empty()) {
-    if (pp_ > 1 || o_.nccl_twins) {
+    if (o_.nccl_twins) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "worker ", worker_id_, ": serving with vacant EP ranks needs pp = 1 and the host data plane (pp=", pp_,
-          o_.nccl_twins ? ", NCCL device data plane" : "", ")"));
+          "worker ", worker_id_, ": serving with vacant EP ranks needs the host data plane (not the NCCL device "
+          "data plane)"));
     }
     if (is_vacant(worker_id_)) {
       return absl::FailedPreconditionError(absl::StrCat("worker ", worker_id_, " is vacant in this generation"));
@@ -117,13 +118,32 @@ absl::Status DataPlane::Build() {
                                                                      static_cast<int>(ep_)));
     }
   }
+  std::vector<int> laneless;
+  int leader = -1;
   if (pp_ > 1) {
-    std::vector<int> ids;
-    for (int s = 0; s < pp_; ++s) ids.push_back(static_cast<int>(s * ep_ + ep_rank_));
-    RETURN_IF_ERROR(group(absl::StrCat("lane", ep_rank_), ids, 10000 + ep_rank_, 1));
+    // Lane l is EP rank l of every stage while every place is held; around
+    // vacant places the lanes are re-paired (topology/lanes.h).
+    const topology::Lanes lanes = topology::ComputeLanes(pp_, ep_, vacant);
+    for (int r = 0; r < ep_; ++r) {
+      const int id = static_cast<int>(stage_ * ep_ + r);
+      if (is_vacant(id)) continue;
+      if (lanes.lane_of[static_cast<size_t>(id)] < 0) {
+        laneless.push_back(r);
+      } else if (leader < 0) {
+        leader = r;
+      }
+    }
+    const int mine = lanes.lane_of[static_cast<size_t>(worker_id_)];
+    if (mine >= 0) {
+      // Named after its stage-0 worker: the same lane keeps the same name.
+      const std::vector<int>& ids = lanes.lanes[static_cast<size_t>(mine)];
+      RETURN_IF_ERROR(group(absl::StrCat("lane", ids[0]), ids, 10000 + ids[0], 1));
+    }
   }
   std::lock_guard<std::mutex> l(mu_);
   comms_ = std::move(made);
+  laneless_ranks_ = std::move(laneless);
+  lane_leader_ = leader;
   ++builds_;
   if (stale_) {  // the generation moved on while we connected: fail the first step, rejoin again
     const absl::Status why = absl::AbortedError("the data-plane generation moved on while connecting");

@@ -97,13 +97,16 @@ class DataPlane {
   // the epoch differs (a restarted coordinator), or the generation is ours.
   bool MarkStaleIfMoved(const std::string& epoch, int64_t generation);
   bool stale() const;
-  // Elastic EP (UCX/host data plane, pp = 1): the worker ids of this stage
-  // that are vacant in the generation the next Build is for (their worker was
+  // Elastic EP (UCX/host data plane): the worker ids (of any stage) that
+  // are vacant in the generation the next Build is for (their worker was
   // lost and nobody replaced it yet). Build then connects the live members
-  // only and hands out a comm::VacantRankCommunicator of the full EP size
-  // (vacant ranks send nothing and receive nothing; see
-  // worker/comm/vacant_communicator.h). kFailedPrecondition from Build with
-  // pp > 1 or NCCL twins, and when this worker itself is vacant.
+  // of the stage only and hands out a comm::VacantRankCommunicator of the
+  // full EP size (vacant ranks send nothing and receive nothing; see
+  // worker/comm/vacant_communicator.h). With pp > 1 the lanes are re-paired
+  // around the vacant places (topology/lanes.h): the lane group is this
+  // worker's lane, or none when it is lane-less (lane() is null; see
+  // laneless()). kFailedPrecondition from Build with NCCL twins, and when
+  // this worker itself is vacant.
   void SetVacant(std::vector<int> vacant_worker_ids);
 
   // ---- stage thread
@@ -118,6 +121,14 @@ class DataPlane {
   comm::Communicator* lane() const { return comms_[1].get(); }
   comm::Communicator* stage_device() const { return comms_[2].get(); }
   comm::Communicator* lane_device() const { return comms_[3].get(); }
+  // pp > 1 with vacant places: this worker has no lane (it runs its stage's
+  // layers with zero tokens, driven by the stage's lane leader).
+  bool laneless() const { return pp_ > 1 && comms_[1] == nullptr; }
+  // Its stage's lane-less EP ranks (live, no lane), ascending; and the
+  // lowest EP rank of its stage that has a lane (-1: none), which tells the
+  // lane-less ones every micro-batch's kind over the stage group.
+  const std::vector<int>& laneless_ranks() const { return laneless_ranks_; }
+  int lane_leader() const { return lane_leader_; }
   // How many times Build succeeded.
   int builds() const { return builds_; }
 
@@ -140,6 +151,8 @@ class DataPlane {
   Generation gen_;
   bool stale_ = false;
   std::vector<int> vacant_;  // worker ids, for the next Build
+  std::vector<int> laneless_ranks_;  // of the last Build
+  int lane_leader_ = -1;
   std::array<std::unique_ptr<comm::Communicator>, 4> comms_;  // stage, lane, stage nccl, lane nccl
   int builds_ = 0;
 };

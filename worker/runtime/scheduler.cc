@@ -1,5 +1,7 @@
 #include "worker/runtime/scheduler.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -94,6 +96,8 @@ void Scheduler::ApplyReturn(const Return& r) {
 absl::Status Scheduler::Sync(bool* want_stop) {
   v1::SyncRequest req;
   req.set_worker_id(o_.worker_id);
+  req.set_host(o_.host);
+  req.set_pid(getpid());
   req.set_epoch(epoch_);
   const DataPlane::Generation dp = dp_->generation();
   const int64_t generation = dp.generation;

@@ -50,6 +50,7 @@ class Scheduler {
  public:
   struct Options {
     int worker_id = 0;
+    std::string host;               // sent with Sync with our pid: the coordinator takes results from the registered process only
     int64_t pp = 1;                 // stages of the lane (micro-batches in flight)
     int max_sequences = 64;         // sequences held at once
     int64_t max_step_tokens = 2048; // tokens (decode + prefill chunks) in one micro-batch; >= 1

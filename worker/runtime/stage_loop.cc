@@ -56,8 +56,72 @@ absl::Status StageLoop::Send(int peer, const std::string& bytes) {
 
 absl::Status StageLoop::Switch(int64_t version) { return stager_->Switch(version); }
 
+absl::Status StageLoop::Run() {
+  if (o_.stage == 0) return RunStage0();
+  return dp_->laneless() ? RunLaneless() : RunDownstream();
+}
+
+absl::Status StageLoop::TellLaneless(const MicroBatch& mb) {
+  if (dp_->laneless_ranks().empty() || dp_->lane_leader() != static_cast<int>(o_.worker_id % o_.ep)) {
+    return absl::OkStatus();
+  }
+  MicroBatch head;
+  head.kind = mb.kind;
+  head.tick = mb.tick;
+  head.placement_version = mb.placement_version;
+  const std::string bytes = Encode(head);
+  const absl::Time t0 = absl::Now();
+  for (int r : dp_->laneless_ranks()) RETURN_IF_ERROR(SendMessage(dp_->stage(), r, bytes, o_.step_timeout));
+  AddTime(&stats_->times.transfer, SecondsSince(t0));
+  return absl::OkStatus();
+}
+
+absl::Status StageLoop::RunLaneless() {
+  const int leader = dp_->lane_leader();
+  if (leader < 0 || dp_->stage() == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("worker ", o_.worker_id, ": no lane, and no lane in stage ",
+                                                      o_.stage, " to follow"));
+  }
+  LOG(INFO) << "worker " << o_.worker_id << ": no pipeline lane in this generation (vacant places); serving stage "
+            << o_.stage << "'s experts with zero tokens, led by EP rank " << leader;
+  std::vector<float> hidden;
+  while (true) {
+    const absl::Time t0 = absl::Now();
+    uint64_t n = 0;
+    comm::Batch b;
+    b.Recv(leader, &n, sizeof(n));
+    b.patient = true;  // waits for the lane leader's micro-batch
+    RETURN_IF_ERROR(dp_->stage()->Run(b, absl::Now() + o_.step_timeout));
+    AddTime(&stats_->times.idle, SecondsSince(t0));
+    if (n > (1u << 20)) return absl::DataLossError(absl::StrCat("message of ", n, " bytes announced: corrupt"));
+    std::string bytes(n, '\0');
+    b.Clear();
+    b.Recv(leader, bytes.data(), n);
+    RETURN_IF_ERROR(dp_->stage()->Run(b, absl::Now() + o_.step_timeout));
+    ASSIGN_OR_RETURN(MicroBatch mb, DecodeMicroBatch(bytes, 0));
+    if (mb.placement_version > stager_->placement_version()) RETURN_IF_ERROR(Switch(mb.placement_version));
+    stats_->active = 0;
+    if (mb.kind == BatchKind::kStop) {
+      LOG(INFO) << "worker " << o_.worker_id << ": stopping";
+      return absl::OkStatus();
+    }
+    if (mb.kind == BatchKind::kIdle) continue;
+    hidden.clear();
+    RETURN_IF_ERROR(exec_->Step(/*first=*/false, {}, &hidden));
+    ++stats_->steps;
+  }
+}
+
 absl::Status StageLoop::RunStage0() {
   const bool last = o_.pp == 1;
+  // Elastic EP, pp > 1: a stage-0 worker without a lane (its lane lost a
+  // place) gets no sequences from the coordinator; it agrees on every step
+  // and runs its layers with zero tokens, sending nothing down.
+  const bool laneless = dp_->laneless();
+  if (laneless) {
+    LOG(INFO) << "worker " << o_.worker_id << ": no pipeline lane in this generation (vacant places); serving "
+              << "stage 0's experts with zero tokens";
+  }
   const int E = static_cast<int>(o_.ep);
   StageTimes& t = stats_->times;
   int64_t inflight = 0;
@@ -71,7 +135,7 @@ absl::Status StageLoop::RunStage0() {
     // Sync with the coordinator at most every 20 ms while busy (each call is a
     // gRPC round trip); every loop while idle, so new work starts at once.
     absl::Time t0 = absl::Now();
-    if (sched_->empty() || t0 - last_sync_ >= absl::Milliseconds(20) || session_->shutdown()) {
+    if ((sched_->empty() && !laneless) || t0 - last_sync_ >= absl::Milliseconds(20) || session_->shutdown()) {
       const bool busy = !sched_->empty();
       RETURN_IF_ERROR(sched_->Sync(&want_stop));
       last_sync_ = absl::Now();
@@ -80,7 +144,7 @@ absl::Status StageLoop::RunStage0() {
     stats_->active = sched_->size();
     MicroBatch mb;
     std::vector<StepSegment> segs;
-    if (!want_stop) sched_->BuildMicroBatch(&mb, &segs);
+    if (!want_stop && !laneless) sched_->BuildMicroBatch(&mb, &segs);
     mb.release = sched_->TakeReleases();
     // Agree with the other EP ranks of stage 0: work anywhere -> everyone runs
     // the layers; stop only when everyone is drained.
@@ -115,7 +179,7 @@ absl::Status StageLoop::RunStage0() {
     if (agreed > active) RETURN_IF_ERROR(Switch(agreed));
     mb.placement_version = stager_->placement_version();
     if (any_stop && !any_work && all_drained) {
-      if (!last) {
+      if (!last && !laneless) {
         mb.kind = BatchKind::kStop;
         RETURN_IF_ERROR(Send(1, Encode(mb)));
       }
@@ -132,7 +196,7 @@ absl::Status StageLoop::RunStage0() {
         continue;
       }
       // Idle: a keep-alive now and then keeps downstream receives within their deadline.
-      if (!last && (absl::Now() - last_sent > absl::Seconds(1) || !mb.release.empty())) {
+      if (!last && !laneless && (absl::Now() - last_sent > absl::Seconds(1) || !mb.release.empty())) {
         MicroBatch idle;
         idle.kind = BatchKind::kIdle;
         idle.tick = tick;
@@ -162,6 +226,7 @@ absl::Status StageLoop::RunStage0() {
       sched_->ApplyReturn(exec_->Sample(mb));
       continue;
     }
+    if (laneless) continue;
     const bool on_device = exec_->device_hidden();
     mb.hidden = std::move(hidden);  // empty when the hidden states stayed on the device
     RETURN_IF_ERROR(Send(1, Encode(mb)));
@@ -190,6 +255,7 @@ absl::Status StageLoop::RunDownstream() {
     if (mb.placement_version > stager_->placement_version()) RETURN_IF_ERROR(Switch(mb.placement_version));
     for (uint64_t k : mb.release) caches.erase(k);
     stats_->active = static_cast<int64_t>(caches.size());
+    RETURN_IF_ERROR(TellLaneless(mb));  // before our layers: the lane-less ranks join their all-to-alls
     if (mb.kind == BatchKind::kStop) {
       if (!last) RETURN_IF_ERROR(Send(stage + 1, bytes));
       LOG(INFO) << "worker " << o_.worker_id << ": stopping";

@@ -52,11 +52,20 @@ class StageLoop {
             PlacementStager* stager, Scheduler* scheduler, StageStats* stats);
 
   // Runs steps until the cluster stops (OK) or something fails.
-  absl::Status Run() { return o_.stage == 0 ? RunStage0() : RunDownstream(); }
+  absl::Status Run();
 
  private:
   absl::Status RunStage0();
   absl::Status RunDownstream();
+  // A later stage's worker without a lane (elastic EP, pp > 1, vacant places
+  // elsewhere; DataPlane::laneless): the stage's lane leader tells it each
+  // micro-batch's kind and placement version over the stage group, and it
+  // runs its layers with zero tokens so the stage's all-to-alls stay in
+  // lockstep.
+  absl::Status RunLaneless();
+  // The lane leader of a later stage: tells the lane-less ranks of its stage
+  // about a micro-batch (kind, tick, placement version; no tokens).
+  absl::Status TellLaneless(const MicroBatch& mb);
   // Lane messages (size header, then body) over the data plane's lane group.
   absl::StatusOr<std::string> Recv(int peer);
   absl::Status Send(int peer, const std::string& bytes);

@@ -130,6 +130,7 @@ absl::Status Worker::Setup() {
   if (stage == 0) {
     Scheduler::Options so;
     so.worker_id = worker_id;
+    so.host = ThisHost();
     so.pp = plan_.pp;
     so.max_sequences = o_.max_sequences;
     so.max_step_tokens = o_.max_step_tokens;
