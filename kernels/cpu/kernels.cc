@@ -7,6 +7,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "common/random.h"
+#include "common/thread_pool.h"
 #include "kernels/cpu/weight.h"
 
 namespace expertmesh::kernels {
@@ -400,12 +402,19 @@ int32_t Sample(const float* logits, int64_t V, const SamplingParams& p, uint64_t
   return idx[n - 1];
 }
 
+// Both split their work over the pool's threads (BLAS itself is
+// single-threaded, see common/thread_pool.h), so they measure what every core
+// together reaches, as the kernels do.
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.0f);
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t rows = std::max<int64_t>(1, (n + pool.num_threads() - 1) / pool.num_threads());
   auto run = [&]() {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
-                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
-                c.data(), static_cast<int>(n));
+    pool.ParallelFor(n, rows, [&](int64_t r0, int64_t r1, int) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0), static_cast<int>(n),
+                  static_cast<int>(n), 1.0f, a.data() + r0 * n, static_cast<int>(n), b.data(), static_cast<int>(n),
+                  0.0f, c.data() + r0 * n, static_cast<int>(n));
+    });
   };
   run();  // warm up
   double best = 0;
@@ -423,12 +432,21 @@ double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
 double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds) {
   const int64_t n = bytes / 4;
   std::vector<float> a(n, 1.0f);
-  volatile float sink = cblas_sasum(static_cast<int>(n), a.data(), 1);  // warm up, fault the pages in
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t slice = std::max<int64_t>(1, (n + pool.num_threads() - 1) / pool.num_threads());
+  std::atomic<float> sink{0.0f};
+  auto run = [&]() {
+    pool.ParallelFor(n, slice, [&](int64_t b, int64_t e, int) {
+      const float s = cblas_sasum(static_cast<int>(e - b), a.data() + b, 1);
+      sink.store(sink.load(std::memory_order_relaxed) + s, std::memory_order_relaxed);
+    });
+  };
+  run();  // warm up
   double best = 0;
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
     const auto t0 = std::chrono::steady_clock::now();
-    sink = sink + cblas_sasum(static_cast<int>(n), a.data(), 1);
+    run();
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, static_cast<double>(bytes) / dt / 1e9);
     if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > min_seconds) break;

@@ -146,11 +146,13 @@ struct SamplingParams {
 };
 int32_t Sample(const float* logits, int64_t vocab, const SamplingParams& p, uint64_t step);
 
-// Peak of BLAS SGEMM measured on square n x n matrices (GFLOP/s).
+// Peak of BLAS SGEMM measured on square n x n matrices (GFLOP/s), the rows of
+// the product split over the thread pool's threads (BLAS single-threaded).
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds);
 
 // Memory read bandwidth (GB/s): BLAS sasum over `bytes` of floats, far larger
-// than the caches, best of repeated runs for at least min_seconds.
+// than the caches, split over the thread pool's threads, best of repeated runs
+// for at least min_seconds.
 double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds);
 
 }  // namespace expertmesh::kernels
