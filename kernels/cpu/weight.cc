@@ -289,18 +289,20 @@ EM_AVX512 void MicroAvx512(const float* x, int64_t M, int64_t K, const float* w,
 
 // ---- conversions of one row to fp32 (exact; fp8 times its block scale) ------
 
-EM_AVX2 void Bf16RowAvx2(const uint16_t* src, int64_t K, float* out) {
+EM_AVX2 void Bf16RowAvx2(const uint16_t* src, int64_t K, float* out, int64_t ahead) {
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (ahead > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
     _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
   }
   for (; k < K; ++k) out[k] = Bf16ToFloat(src[k]);
 }
 
-EM_AVX512 void Bf16RowAvx512(const uint16_t* src, int64_t K, float* out) {
+EM_AVX512 void Bf16RowAvx512(const uint16_t* src, int64_t K, float* out, int64_t ahead) {
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if (ahead > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
     _mm512_storeu_ps(out + k, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
   }
@@ -327,12 +329,13 @@ EM_AVX512 inline __m512 F8ToF32x16(__m512i b) {
                                                        _mm512_set1_epi32(INT32_MIN), 0xF8));
 }
 
-EM_AVX512 void F8RowAvx512(const uint8_t* src, int64_t K, const float* scales, float* out) {
+EM_AVX512 void F8RowAvx512(const uint8_t* src, int64_t K, const float* scales, float* out, int64_t ahead) {
   for (int64_t c0 = 0; c0 < K; c0 += kBlock) {
     const __m512 s = _mm512_set1_ps(scales[c0 / kBlock]);
     const int64_t c1 = std::min(K, c0 + kBlock);
     int64_t k = c0;
     for (; k + 16 <= c1; k += 16) {
+      if (ahead > 0 && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
       _mm512_storeu_ps(out + k, _mm512_mul_ps(F8ToF32x16(b), s));
     }
@@ -356,13 +359,14 @@ EM_AVX2 inline __m256 F8ToF32x8(__m256i b) {
   return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
 }
 
-EM_AVX2 void F8RowAvx2(const uint8_t* src, int64_t K, const float* scales, float* out) {
+EM_AVX2 void F8RowAvx2(const uint8_t* src, int64_t K, const float* scales, float* out, int64_t ahead) {
   for (int64_t c0 = 0; c0 < K; c0 += kBlock) {
     const float sc = scales[c0 / kBlock];
     const __m256 s = _mm256_set1_ps(sc);
     const int64_t c1 = std::min(K, c0 + kBlock);
     int64_t k = c0;
     for (; k + 8 <= c1; k += 8) {
+      if (ahead > 0 && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
       const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)));
       _mm256_storeu_ps(out + k, _mm256_mul_ps(F8ToF32x8(b), s));
     }
@@ -390,20 +394,24 @@ void Micro(Isa isa, const float* x, int64_t M, int64_t K, const float* w, int64_
 }
 
 // Rows [r0, r1) of w as fp32 into out (r1 - r0 rows of K), the same values as
-// Weight::DequantizeRows.
-void ConvertRows(Isa isa, const Weight& w, int64_t r0, int64_t r1, float* out) {
+// Weight::DequantizeRows. With `prefetch_to` > r1, the rows up to it are
+// prefetched (one tile ahead while this one converts).
+void ConvertRows(Isa isa, const Weight& w, int64_t r0, int64_t r1, float* out, int64_t prefetch_to = 0) {
   const int64_t K = w.cols();
+  // Bytes from a row to the same place in the row (r1 - r0) rows later.
+  const int64_t ahead =
+      prefetch_to >= r1 + (r1 - r0) ? (r1 - r0) * K * static_cast<int64_t>(DTypeSize(w.dtype())) : 0;
   if (w.dtype() == DType::kBF16) {
     const uint16_t* src = static_cast<const uint16_t*>(w.data());
     for (int64_t r = r0; r < r1; ++r) {
       float* o = out + (r - r0) * K;
 #ifdef EM_X86_DISPATCH
       if (isa == Isa::kAvx512) {
-        Bf16RowAvx512(src + r * K, K, o);
+        Bf16RowAvx512(src + r * K, K, o, ahead);
         continue;
       }
       if (isa == Isa::kAvx2) {
-        Bf16RowAvx2(src + r * K, K, o);
+        Bf16RowAvx2(src + r * K, K, o, ahead);
         continue;
       }
 #endif
@@ -419,11 +427,11 @@ void ConvertRows(Isa isa, const Weight& w, int64_t r0, int64_t r1, float* out) {
       const float* scales = w.scale_inv() + (r / kBlock) * bc;
 #ifdef EM_X86_DISPATCH
       if (isa == Isa::kAvx512) {
-        F8RowAvx512(src + r * K, K, scales, o);
+        F8RowAvx512(src + r * K, K, scales, o, ahead);
         continue;
       }
       if (isa == Isa::kAvx2) {
-        F8RowAvx2(src + r * K, K, scales, o);
+        F8RowAvx2(src + r * K, K, scales, o, ahead);
         continue;
       }
 #endif
@@ -450,7 +458,7 @@ void MicroRows(Isa isa, const float* x, int64_t M, int64_t K, const Weight& w, i
   float* tile = Scratch(static_cast<size_t>(kTileRows * K));
   for (int64_t r = r0; r < r1; r += kTileRows) {
     const int64_t e = std::min(r1, r + kTileRows);
-    ConvertRows(isa, w, r, e, tile);
+    ConvertRows(isa, w, r, e, tile, r1);
     Micro(isa, x, M, K, tile, e - r, y + r, ldy, acc);
   }
 }
