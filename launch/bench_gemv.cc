@@ -96,7 +96,7 @@ int BenchGemv() {
   // Measured before and after the kernels (the better of the two: a shared
   // machine only ever lowers them).
   double bw = kernels::MeasureReadBandwidthGBps(int64_t{1} << 30, 1.0);
-  double peak = kernels::MeasureSgemmPeakGflops(2048, 1.0);
+  double peak = kernels::MeasureSgemmPeakGflops(1024, 1.0);
   const bool json = absl::GetFlag(FLAGS_json);
   struct Row {
     DType t;
@@ -142,7 +142,7 @@ int BenchGemv() {
     }
   }
   bw = std::max(bw, kernels::MeasureReadBandwidthGBps(int64_t{1} << 30, 1.0));
-  peak = std::max(peak, kernels::MeasureSgemmPeakGflops(2048, 1.0));
+  peak = std::max(peak, kernels::MeasureSgemmPeakGflops(1024, 1.0));
   double load = 0;
   if (FILE* f = std::fopen("/proc/loadavg", "r")) {
     if (std::fscanf(f, "%lf", &load) != 1) load = 0;

@@ -151,8 +151,8 @@ int32_t Sample(const float* logits, int64_t vocab, const SamplingParams& p, uint
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds);
 
 // Memory read bandwidth (GB/s): BLAS sasum over `bytes` of floats, far larger
-// than the caches, split over the thread pool's threads, best of repeated runs
-// for at least min_seconds.
+// than the caches, split over the thread pool's threads; the best of slices of
+// 32 MiB read in turn (each cold), for at least min_seconds.
 double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds);
 
 }  // namespace expertmesh::kernels
