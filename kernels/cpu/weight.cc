@@ -142,6 +142,7 @@ Isa CurrentIsa() {
 constexpr int64_t kTileRows = 4;        // rows of w per register tile (and per converted tile)
 constexpr int64_t kMicroMaxRows = 64;   // largest M of the register-blocked path
 constexpr int64_t kMinChunkBytes = 64 << 10;  // of weight per parallel chunk
+constexpr int64_t kFusedBf16MaxRows = 8;       // bf16 read in place (AVX-512) up to this M
 
 // ---- fp32 register-blocked kernels: y[m, r] (+)= x[m, :] . w[r, :] ----------
 
@@ -223,10 +224,22 @@ EM_AVX2 void MicroAvx2(const float* x, int64_t M, int64_t K, const float* w, int
   for (; r < rows; ++r) Rows256<1>(x, M, K, w + r * K, y + r, ldy, acc);
 }
 
+// 16 weights as fp32: fp32 as they are, bf16 (uint16_t) widened in register.
+EM_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+EM_AVX512 inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+EM_AVX512 inline __m512 Load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+EM_AVX512 inline __m512 Load16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // R rows of w times C rows of x: R x C accumulators of 16; the tail of K by
-// masked loads.
-template <int R, int C>
-EM_AVX512 inline void Tile512(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool acc) {
+// masked loads. W: float, or uint16_t for bf16 read in place (the same sums
+// in the same order as on the converted fp32 rows).
+template <int R, int C, typename W>
+EM_AVX512 inline void Tile512(const float* x, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
   __m512 a[R][C];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
@@ -237,7 +250,7 @@ EM_AVX512 inline void Tile512(const float* x, int64_t K, const float* w, float* 
   for (; k + 16 <= K; k += 16) {
     __m512 wv[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
+    for (int r = 0; r < R; ++r) wv[r] = Load16(w + r * K + k);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       const __m512 xv = _mm512_loadu_ps(x + c * K + k);
@@ -249,7 +262,7 @@ EM_AVX512 inline void Tile512(const float* x, int64_t K, const float* w, float* 
     const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1u);
     __m512 wv[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * K + k);
+    for (int r = 0; r < R; ++r) wv[r] = Load16(mk, w + r * K + k);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
@@ -268,8 +281,8 @@ EM_AVX512 inline void Tile512(const float* x, int64_t K, const float* w, float* 
   }
 }
 
-template <int R>
-EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, bool acc) {
+template <int R, typename W>
+EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) Tile512<R, 4>(x + m * K, K, w, y + m * ldy, ldy, acc);
   switch (M - m) {
@@ -280,7 +293,8 @@ EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const float* w, flo
   }
 }
 
-EM_AVX512 void MicroAvx512(const float* x, int64_t M, int64_t K, const float* w, int64_t rows, float* y,
+template <typename W>
+EM_AVX512 void MicroAvx512(const float* x, int64_t M, int64_t K, const W* w, int64_t rows, float* y,
                            int64_t ldy, bool acc) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) Rows512<4>(x, M, K, w + r * K, y + r, ldy, acc);
@@ -387,7 +401,7 @@ void F8RowScalar(const uint8_t* src, int64_t K, const float* scales, float* out)
 void Micro(Isa isa, const float* x, int64_t M, int64_t K, const float* w, int64_t rows, float* y, int64_t ldy,
            bool acc) {
 #ifdef EM_X86_DISPATCH
-  if (isa == Isa::kAvx512) return MicroAvx512(x, M, K, w, rows, y, ldy, acc);
+  if (isa == Isa::kAvx512) return MicroAvx512<float>(x, M, K, w, rows, y, ldy, acc);
   if (isa == Isa::kAvx2) return MicroAvx2(x, M, K, w, rows, y, ldy, acc);
 #endif
   MicroScalar(x, M, K, w, rows, y, ldy, acc);
@@ -455,6 +469,14 @@ void MicroRows(Isa isa, const float* x, int64_t M, int64_t K, const Weight& w, i
     Micro(isa, x, M, K, w.f32() + r0 * K, r1 - r0, y + r0, ldy, acc);
     return;
   }
+#ifdef EM_X86_DISPATCH
+  // Decode-sized M on AVX-512: bf16 widened in register (no scratch), the
+  // same sums as below.
+  if (w.dtype() == DType::kBF16 && isa == Isa::kAvx512 && M <= kFusedBf16MaxRows) {
+    MicroAvx512<uint16_t>(x, M, K, static_cast<const uint16_t*>(w.data()) + r0 * K, r1 - r0, y + r0, ldy, acc);
+    return;
+  }
+#endif
   float* tile = Scratch(static_cast<size_t>(kTileRows * K));
   for (int64_t r = r0; r < r1; r += kTileRows) {
     const int64_t e = std::min(r1, r + kTileRows);
