@@ -533,6 +533,10 @@ void LinearImpl(const float* x, int64_t M, int64_t K, const Weight& w, float* y,
   int64_t block = N;
   if (w.dtype() != DType::kF32) block = std::max<int64_t>(16, (int64_t{4} << 20) / (K * 4));
   if (threads > 1) block = std::min(block, std::max<int64_t>(16, RoundUp((N + 2 * threads - 1) / (2 * threads), 16)));
+  if (threads == 1) {
+    GemmRows(isa, x, M, K, w, 0, N, y, N, acc, block);
+    return;
+  }
   const int64_t blocks = (N + block - 1) / block;
   pool.ParallelFor(blocks, 1, [&](int64_t b, int64_t e, int) {
     GemmRows(isa, x, M, K, w, b * block, std::min(N, e * block), y, N, acc, block);
