@@ -16,4 +16,6 @@ int BenchMoeAlltoall(int argc, char** argv);
 int BenchServe();
 // `expertmesh bench control-plane` (launch/bench_control_plane.cc).
 int BenchControlPlane();
+// `expertmesh bench gemv` (launch/bench_gemv.cc).
+int BenchGemv();
 }  // namespace expertmesh::launch

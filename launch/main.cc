@@ -33,14 +33,15 @@ const Verb kVerbs[] = {
      "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
      "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
      GenerateMain},
-    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer (each beside its limit, same run)",
+    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer, gemv (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
      "expertmesh bench tokenizer [--tokenizer deepseek-v3|DIR] [--corpus FILE]\n"
      "expertmesh bench serve [--preset small] --pp P --ep E --num-prompts N --prompt-len L --max-new-tokens M "
      "[--redundant-experts R] [--router-bias-std S] [--rebalance | --stream [--concurrency C]] [--json]\n"
      "expertmesh bench control-plane [--cp-workers N --cp-poll-ms MS --cp-jobs J --cp-submitters C --cp-dir DIR] "
-     "[--json]\n\nlayer: one MoE and one MLA layer on "
+     "[--json]\n"
+     "expertmesh bench gemv [--preset small] [--min_seconds S] [--json]\n\nlayer: one MoE and one MLA layer on "
      "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
      "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. tokenizer: encode MB/s on one "
      "thread beside HF tokenizers (node) on the same corpus. serve: a local mpirun cluster "
@@ -49,7 +50,9 @@ const Verb kVerbs[] = {
      "cluster with --http-listen streams --num-prompts completions over HTTP, --concurrency at a time: time to first "
      "token and inter-token latency p50/p99 beside the decode step time the workers report. control-plane: an "
      "in-process coordinator (journal on) with N simulated workers polling Heartbeat + Sync over gRPC while J jobs "
-     "are submitted concurrently; Sync/Heartbeat/SubmitJob latency p50/p99 and submit throughput.",
+     "are submitted concurrently; Sync/Heartbeat/SubmitJob latency p50/p99 and submit throughput. gemv: "
+     "kernels::Linear on the preset's weight shapes in fp32/bf16/fp8 for 1/8/64/512 tokens, the reference "
+     "implementation beside the kernels, weight GB/s beside the read bandwidth and GFLOP/s beside the SGEMM peak.",
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "

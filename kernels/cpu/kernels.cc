@@ -7,6 +7,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -14,114 +15,16 @@
 #include <vector>
 
 #include "common/random.h"
+#include "common/thread_pool.h"
+#include "kernels/cpu/weight.h"
 
 namespace expertmesh::kernels {
 
-namespace {
-
-void BlasLinear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
-              static_cast<int>(K), 1.0f, x, static_cast<int>(K), w, static_cast<int>(K),
-              accumulate ? 1.0f : 0.0f, y, static_cast<int>(N));
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define EM_FEW_ROWS_AVX2 1
-#define EM_AVX2 __attribute__((target("avx2,fma")))
-
-EM_AVX2 inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// R rows of w (contiguous, K apart) times C rows of x (ldx apart): 4 x 3
-// accumulators of 8 lanes, R + C loads per R * C FMAs. w comes from memory
-// the first time (for the first group of rows of x) and from L1 after that;
-// wnext (the next R rows) is prefetched meanwhile, a line per row every 16
-// floats.
-template <int R, int C>
-EM_AVX2 inline void FewRowsBlock(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
-                                 const float* wnext) {
-  __m256 acc[R][C];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  }
-  const int64_t K8 = K & ~int64_t{7};
-  for (int64_t k = 0; k < K8; k += 8) {
-    if (wnext != nullptr && (k & 15) == 0) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wnext + r * K + k), _MM_HINT_T0);
-    }
-    __m256 wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const __m256 xv = _mm256_loadu_ps(x + c * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      float s = HorizontalSum(acc[r][c]);
-      for (int64_t k = K8; k < K; ++k) s += w[r * K + k] * x[c * ldx + k];
-      y[c * ldy + r] = s;
-    }
-  }
-}
-
-// R rows of w against all M rows of x, C = 3 rows of x at a time.
-template <int R>
-EM_AVX2 void FewRowsPanel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N,
-                          const float* wnext) {
-  constexpr int C = 3;
-  int64_t m = 0;
-  for (; m + C <= M; m += C) FewRowsBlock<R, C>(x + m * K, K, w, K, y + m * N, N, m == 0 ? wnext : nullptr);
-  const float* wn = m == 0 ? wnext : nullptr;
-  if (M - m == 2) FewRowsBlock<R, 2>(x + m * K, K, w, K, y + m * N, N, wn);
-  if (M - m == 1) FewRowsBlock<R, 1>(x + m * K, K, w, K, y + m * N, N, wn);
-}
-
-EM_AVX2 void LinearFewRowsAvx2(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
-  constexpr int R = 4;
-  int64_t n = 0;
-  for (; n + R <= N; n += R) FewRowsPanel<R>(x, M, K, w + n * K, y + n, N, n + 2 * R <= N ? w + (n + R) * K : nullptr);
-  for (; n < N; ++n) FewRowsPanel<1>(x, M, K, w + n * K, y + n, N, nullptr);
-}
-
-bool HaveAvx2Fma() {
-  static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return have;
-}
-#endif
-
-}  // namespace
-
-void LinearFewRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
-  if (M == 0 || N == 0) return;
-#ifdef EM_FEW_ROWS_AVX2
-  if (HaveAvx2Fma()) {
-    LinearFewRowsAvx2(x, M, K, w, N, y);
-    return;
-  }
-#endif
-  BlasLinear(x, M, K, w, N, y, false);
-}
-
+// The fp32 weight seen as a kernels::Weight (a view: no copy), so fp32 takes
+// the same kernels as bf16 and fp8 (weight.cc).
 void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, bool accumulate) {
   if (M == 0 || N == 0) return;
-  // Few rows on a single BLAS thread (an MoE expert, a decode step's
-  // projections and lm_head on a worker): no packing of w (see LinearFewRows).
-  if (!accumulate && M <= kLinearFewRowsMax && openblas_get_num_threads() == 1) {
-    LinearFewRows(x, M, K, w, N, y);
-    return;
-  }
-  BlasLinear(x, M, K, w, N, y, accumulate);
+  Linear(x, M, K, Weight::Mapped(DType::kF32, w, N, K, nullptr), y, accumulate);
 }
 
 void RmsNorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* y) {
@@ -499,12 +402,19 @@ int32_t Sample(const float* logits, int64_t V, const SamplingParams& p, uint64_t
   return idx[n - 1];
 }
 
+// Both split their work over the pool's threads (BLAS itself is
+// single-threaded, see common/thread_pool.h), so they measure what every core
+// together reaches, as the kernels do.
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.0f);
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t rows = std::max<int64_t>(1, (n + pool.num_threads() - 1) / pool.num_threads());
   auto run = [&]() {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
-                static_cast<int>(n), 1.0f, a.data(), static_cast<int>(n), b.data(), static_cast<int>(n), 0.0f,
-                c.data(), static_cast<int>(n));
+    pool.ParallelFor(n, rows, [&](int64_t r0, int64_t r1, int) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0), static_cast<int>(n),
+                  static_cast<int>(n), 1.0f, a.data() + r0 * n, static_cast<int>(n), b.data(), static_cast<int>(n),
+                  0.0f, c.data() + r0 * n, static_cast<int>(n));
+    });
   };
   run();  // warm up
   double best = 0;
@@ -522,14 +432,29 @@ double MeasureSgemmPeakGflops(int64_t n, double min_seconds) {
 double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds) {
   const int64_t n = bytes / 4;
   std::vector<float> a(n, 1.0f);
-  volatile float sink = cblas_sasum(static_cast<int>(n), a.data(), 1);  // warm up, fault the pages in
+  ThreadPool& pool = ThreadPool::Default();
+  // Timed in slices of 32 MiB read in turn (each cold: the whole buffer is
+  // far larger than the caches), so a preemption on a shared machine spoils
+  // one slice, not the measurement.
+  const int64_t slice = std::min<int64_t>(n, int64_t{8} << 20);
+  const int64_t part = std::max<int64_t>(1, (slice + pool.num_threads() - 1) / pool.num_threads());
+  std::atomic<float> sink{0.0f};
+  auto run = [&](int64_t s0, int64_t s1) {
+    pool.ParallelFor(s1 - s0, part, [&](int64_t b, int64_t e, int) {
+      const float s = cblas_sasum(static_cast<int>(e - b), a.data() + s0 + b, 1);
+      sink.store(sink.load(std::memory_order_relaxed) + s, std::memory_order_relaxed);
+    });
+  };
+  run(0, n);  // warm up, fault the pages in
   double best = 0;
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
-    const auto t0 = std::chrono::steady_clock::now();
-    sink = sink + cblas_sasum(static_cast<int>(n), a.data(), 1);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(bytes) / dt / 1e9);
+    for (int64_t s0 = 0; s0 + slice <= n; s0 += slice) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(s0, s0 + slice);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, static_cast<double>(slice) * 4.0 / dt / 1e9);
+    }
     if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > min_seconds) break;
   }
   return best;

@@ -13,21 +13,20 @@
 namespace expertmesh::kernels {
 
 // y[M,N] = x[M,K] . w[N,K]^T (a linear layer with PyTorch's [out, in] weight);
-// with accumulate, y += x . w^T. BLAS SGEMM, except for M <= kLinearFewRowsMax
-// without accumulate while BLAS runs single-threaded (workers, the MoE layer's
-// own threads): LinearFewRows.
+// with accumulate, y += x . w^T. The kernels of Linear on a kernels::Weight
+// (weight.h) on this fp32 weight, without a copy: for M <= 64 register-blocked
+// dot products streaming w once (AVX-512 / AVX2+FMA / scalar, chosen at run
+// time), above that BLAS SGEMM on blocks of rows of w; parallel over rows of
+// w on the thread pool at the top level, single-threaded inside a pool task.
 void Linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
             bool accumulate = false);
 
-// y[M,N] = x[M,K] . w[N,K]^T (no accumulate), single-threaded, for a few
-// rows M such as the ~17 tokens an MoE expert sees in a batch: w is streamed
-// once in blocks of rows and multiplied as dot products over K, never packed.
-// BLAS SGEMM copies (packs) all of w on every call, and with so few rows that
-// copy costs about half of the call; this kernel overlaps the load of w with
-// the multiply. Same values as Linear up to float rounding (sums over K in
-// another order). AVX2+FMA when the CPU has them, otherwise Linear.
-// kLinearFewRowsMax: the largest M for which it beats BLAS (measured:
-// 1.5x at M = 17, equal at M = 48..64; see docs/PERFORMANCE.md).
+// y[M,N] = x[M,K] . w[N,K]^T (no accumulate), always single-threaded (the
+// calling thread only, even at the top level), for a few rows M such as the
+// ~17 tokens an MoE expert sees in a batch: w is streamed once, never packed
+// as BLAS SGEMM would. Same values as Linear (the same kernels).
+// kLinearFewRowsMax: the largest M for which it is meant (the register-blocked
+// kernels serve M <= 64; see docs/PERFORMANCE.md).
 constexpr int64_t kLinearFewRowsMax = 48;
 void LinearFewRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y);
 
@@ -147,11 +146,13 @@ struct SamplingParams {
 };
 int32_t Sample(const float* logits, int64_t vocab, const SamplingParams& p, uint64_t step);
 
-// Peak of BLAS SGEMM measured on square n x n matrices (GFLOP/s).
+// Peak of BLAS SGEMM measured on square n x n matrices (GFLOP/s), the rows of
+// the product split over the thread pool's threads (BLAS single-threaded).
 double MeasureSgemmPeakGflops(int64_t n, double min_seconds);
 
 // Memory read bandwidth (GB/s): BLAS sasum over `bytes` of floats, far larger
-// than the caches, best of repeated runs for at least min_seconds.
+// than the caches, split over the thread pool's threads; the best of slices of
+// 32 MiB read in turn (each cold), for at least min_seconds.
 double MeasureReadBandwidthGBps(int64_t bytes, double min_seconds);
 
 }  // namespace expertmesh::kernels

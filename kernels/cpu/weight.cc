@@ -2,8 +2,15 @@
 
 #include <cblas.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <limits>
+#include <string>
 
 #include "common/thread_pool.h"
 #include "glog/logging.h"
@@ -84,25 +91,510 @@ std::vector<float> Weight::ToFloat() const {
   return out;
 }
 
-// Reference implementation (correct, not fast): fp32 through kernels::Linear;
-// other types dequantise blocks of rows to fp32 and run SGEMM into the
-// matching columns of y.
-void Linear(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool accumulate) {
-  CHECK_EQ(K, w.cols());
-  const int64_t N = w.rows();
-  if (w.dtype() == DType::kF32) {
-    kernels::Linear(x, M, K, w.f32(), N, y, accumulate);
+// ---- Linear -----------------------------------------------------------------
+//
+// Three paths, all fp32 activations and fp32 accumulation:
+//  * M <= kMicroMaxRows (decode, MoE experts with a few tokens): tiles of 4
+//    rows of w; an fp32 weight is read in place, a bf16 / fp8 tile is first
+//    converted to fp32 in a per-thread scratch that stays in L1 (exact: the
+//    same values as DequantizeRows), then a register-blocked kernel computes
+//    4 rows x (4 AVX-512 | 3 AVX2 | 1 scalar) tokens at a time as dot products
+//    over K. w is read from memory once per call.
+//  * larger M (prefill): blocks of rows of w (converted to fp32 scratch when
+//    not fp32) times x by BLAS SGEMM (single-threaded: the pool is the only
+//    set of compute threads) into the matching columns of y (ldc = N).
+//  * both parallel over blocks of rows of w on the pool at the top level,
+//    inline on the calling thread inside a pool task.
+
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EM_X86_DISPATCH 1
+#define EM_AVX2 __attribute__((target("avx2,fma")))
+#define EM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#endif
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa DetectIsa() {
+#ifdef EM_X86_DISPATCH
+  const bool fma = __builtin_cpu_supports("fma");
+  if (fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx512;
+  }
+  if (fma && __builtin_cpu_supports("avx2")) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+std::atomic<int> g_isa{-1};
+
+Isa CurrentIsa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = static_cast<int>(DetectIsa());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(v);
+}
+
+constexpr int64_t kTileRows = 4;        // rows of w per register tile (and per converted tile)
+constexpr int64_t kMicroMaxRows = 64;   // largest M of the register-blocked path
+constexpr int64_t kMinChunkBytes = 64 << 10;  // of weight per parallel chunk
+constexpr int64_t kFusedBf16MaxRows = 8;       // bf16 read in place (AVX-512) up to this M
+
+// ---- fp32 register-blocked kernels: y[m, r] (+)= x[m, :] . w[r, :] ----------
+
+// Scalar: rows x M dot products, four partial sums each.
+void MicroScalar(const float* x, int64_t M, int64_t K, const float* w, int64_t rows, float* y, int64_t ldy,
+                 bool acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* wr = w + r * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        s0 += wr[k] * xm[k];
+        s1 += wr[k + 1] * xm[k + 1];
+        s2 += wr[k + 2] * xm[k + 2];
+        s3 += wr[k + 3] * xm[k + 3];
+      }
+      for (; k < K; ++k) s0 += wr[k] * xm[k];
+      const float s = (s0 + s1) + (s2 + s3);
+      float* o = y + m * ldy + r;
+      *o = acc ? *o + s : s;
+    }
+  }
+}
+
+#ifdef EM_X86_DISPATCH
+
+EM_AVX2 inline float HorizontalSum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of w (K apart) times C rows of x (K apart): R x C accumulators of 8.
+template <int R, int C>
+EM_AVX2 inline void Tile256(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool acc) {
+  __m256 a[R][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_setzero_ps();
+  }
+  const int64_t K8 = K & ~int64_t{7};
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m256 xv = _mm256_loadu_ps(x + c * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r][c] = _mm256_fmadd_ps(wv[r], xv, a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float s = HorizontalSum256(a[r][c]);
+      for (int64_t k = K8; k < K; ++k) s += w[r * K + k] * x[c * K + k];
+      float* o = y + c * ldy + r;
+      *o = acc ? *o + s : s;
+    }
+  }
+}
+
+template <int R>
+EM_AVX2 void Rows256(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t ldy, bool acc) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) Tile256<R, 3>(x + m * K, K, w, y + m * ldy, ldy, acc);
+  if (M - m == 2) Tile256<R, 2>(x + m * K, K, w, y + m * ldy, ldy, acc);
+  if (M - m == 1) Tile256<R, 1>(x + m * K, K, w, y + m * ldy, ldy, acc);
+}
+
+EM_AVX2 void MicroAvx2(const float* x, int64_t M, int64_t K, const float* w, int64_t rows, float* y, int64_t ldy,
+                       bool acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) Rows256<4>(x, M, K, w + r * K, y + r, ldy, acc);
+  for (; r < rows; ++r) Rows256<1>(x, M, K, w + r * K, y + r, ldy, acc);
+}
+
+// 16 weights as fp32: fp32 as they are, bf16 (uint16_t) widened in register.
+EM_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+EM_AVX512 inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+EM_AVX512 inline __m512 Load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+EM_AVX512 inline __m512 Load16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// R rows of w times C rows of x: R x C accumulators of 16; the tail of K by
+// masked loads. W: float, or uint16_t for bf16 read in place (the same sums
+// in the same order as on the converted fp32 rows).
+template <int R, int C, typename W>
+EM_AVX512 inline void Tile512(const float* x, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
+  __m512 a[R][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wv[r] = Load16(w + r * K + k);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512 xv = _mm512_loadu_ps(x + c * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) wv[r] = Load16(mk, w + r * K + k);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const float s = _mm512_reduce_add_ps(a[r][c]);
+      float* o = y + c * ldy + r;
+      *o = acc ? *o + s : s;
+    }
+  }
+}
+
+template <int R, typename W>
+EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) Tile512<R, 4>(x + m * K, K, w, y + m * ldy, ldy, acc);
+  switch (M - m) {
+    case 3: Tile512<R, 3>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
+    case 2: Tile512<R, 2>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
+    case 1: Tile512<R, 1>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
+    default: break;
+  }
+}
+
+template <typename W>
+EM_AVX512 void MicroAvx512(const float* x, int64_t M, int64_t K, const W* w, int64_t rows, float* y,
+                           int64_t ldy, bool acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) Rows512<4>(x, M, K, w + r * K, y + r, ldy, acc);
+  for (; r < rows; ++r) Rows512<1>(x, M, K, w + r * K, y + r, ldy, acc);
+}
+
+// ---- conversions of one row to fp32 (exact; fp8 times its block scale) ------
+
+EM_AVX2 void Bf16RowAvx2(const uint16_t* src, int64_t K, float* out, int64_t ahead) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (ahead > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+    _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+  }
+  for (; k < K; ++k) out[k] = Bf16ToFloat(src[k]);
+}
+
+EM_AVX512 void Bf16RowAvx512(const uint16_t* src, int64_t K, float* out, int64_t ahead) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (ahead > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+    _mm512_storeu_ps(out + k, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+  if (k < K) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m256i v = _mm256_maskz_loadu_epi16(mk, src + k);
+    _mm512_mask_storeu_ps(out + k, mk, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+}
+
+// e4m3 -> fp32 of 8 / 16 bytes zero-extended to 32 bits each: the magnitude
+// bits (exponent e, mantissa m) placed in an fp32 with the exponent rebased
+// (+120) are exact for normal numbers; e == 0 (subnormal, m * 2^-9) is
+// fixed up as 2 * that - 2^-6; 0x7f is NaN; then the sign.
+EM_AVX512 inline __m512 F8ToF32x16(__m512i b) {
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  __m512 mag = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
+  const __mmask16 sub = _mm512_cmplt_epu32_mask(em, _mm512_set1_epi32(8));
+  mag = _mm512_mask_fmsub_ps(mag, sub, _mm512_set1_ps(2.0f), _mm512_set1_ps(0.015625f));
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7f));
+  mag = _mm512_mask_mov_ps(mag, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  // mag | (b << 24 & sign bit)
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(mag), _mm512_slli_epi32(b, 24),
+                                                       _mm512_set1_epi32(INT32_MIN), 0xF8));
+}
+
+EM_AVX512 void F8RowAvx512(const uint8_t* src, int64_t K, const float* scales, float* out, int64_t ahead) {
+  for (int64_t c0 = 0; c0 < K; c0 += kBlock) {
+    const __m512 s = _mm512_set1_ps(scales[c0 / kBlock]);
+    const int64_t c1 = std::min(K, c0 + kBlock);
+    int64_t k = c0;
+    for (; k + 16 <= c1; k += 16) {
+      if (ahead > 0 && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(F8ToF32x16(b), s));
+    }
+    if (k < c1) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (c1 - k)) - 1u);
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, src + k));
+      _mm512_mask_storeu_ps(out + k, mk, _mm512_mul_ps(F8ToF32x16(b), s));
+    }
+  }
+}
+
+EM_AVX2 inline __m256 F8ToF32x8(__m256i b) {
+  const __m256i em = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 mag = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 sub = _mm256_fmsub_ps(mag, _mm256_set1_ps(2.0f), _mm256_set1_ps(0.015625f));
+  const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+  const __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7f)));
+  __m256 v = _mm256_blendv_ps(mag, sub, is_sub);
+  v = _mm256_blendv_ps(v, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), is_nan);
+  const __m256i sign = _mm256_and_si256(_mm256_slli_epi32(b, 24), _mm256_set1_epi32(INT32_MIN));
+  return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+}
+
+EM_AVX2 void F8RowAvx2(const uint8_t* src, int64_t K, const float* scales, float* out, int64_t ahead) {
+  for (int64_t c0 = 0; c0 < K; c0 += kBlock) {
+    const float sc = scales[c0 / kBlock];
+    const __m256 s = _mm256_set1_ps(sc);
+    const int64_t c1 = std::min(K, c0 + kBlock);
+    int64_t k = c0;
+    for (; k + 8 <= c1; k += 8) {
+      if (ahead > 0 && (k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + k) + ahead, _MM_HINT_T0);
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)));
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(F8ToF32x8(b), s));
+    }
+    for (; k < c1; ++k) out[k] = F8E4M3ToFloat(src[k]) * sc;
+  }
+}
+
+#endif  // EM_X86_DISPATCH
+
+void Bf16RowScalar(const uint16_t* src, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = Bf16ToFloat(src[k]);
+}
+
+void F8RowScalar(const uint8_t* src, int64_t K, const float* scales, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = F8E4M3ToFloat(src[k]) * scales[k / kBlock];
+}
+
+void Micro(Isa isa, const float* x, int64_t M, int64_t K, const float* w, int64_t rows, float* y, int64_t ldy,
+           bool acc) {
+#ifdef EM_X86_DISPATCH
+  if (isa == Isa::kAvx512) return MicroAvx512<float>(x, M, K, w, rows, y, ldy, acc);
+  if (isa == Isa::kAvx2) return MicroAvx2(x, M, K, w, rows, y, ldy, acc);
+#endif
+  MicroScalar(x, M, K, w, rows, y, ldy, acc);
+}
+
+// Rows [r0, r1) of w as fp32 into out (r1 - r0 rows of K), the same values as
+// Weight::DequantizeRows. With `prefetch_to` > r1, the rows up to it are
+// prefetched (one tile ahead while this one converts).
+void ConvertRows(Isa isa, const Weight& w, int64_t r0, int64_t r1, float* out, int64_t prefetch_to = 0) {
+  const int64_t K = w.cols();
+  // Bytes from a row to the same place in the row (r1 - r0) rows later.
+  const int64_t ahead =
+      prefetch_to >= r1 + (r1 - r0) ? (r1 - r0) * K * static_cast<int64_t>(DTypeSize(w.dtype())) : 0;
+  if (w.dtype() == DType::kBF16) {
+    const uint16_t* src = static_cast<const uint16_t*>(w.data());
+    for (int64_t r = r0; r < r1; ++r) {
+      float* o = out + (r - r0) * K;
+#ifdef EM_X86_DISPATCH
+      if (isa == Isa::kAvx512) {
+        Bf16RowAvx512(src + r * K, K, o, ahead);
+        continue;
+      }
+      if (isa == Isa::kAvx2) {
+        Bf16RowAvx2(src + r * K, K, o, ahead);
+        continue;
+      }
+#endif
+      Bf16RowScalar(src + r * K, K, o);
+    }
     return;
   }
+  if (w.dtype() == DType::kF8E4M3) {
+    const uint8_t* src = static_cast<const uint8_t*>(w.data());
+    const int64_t bc = (K + kBlock - 1) / kBlock;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* o = out + (r - r0) * K;
+      const float* scales = w.scale_inv() + (r / kBlock) * bc;
+#ifdef EM_X86_DISPATCH
+      if (isa == Isa::kAvx512) {
+        F8RowAvx512(src + r * K, K, scales, o, ahead);
+        continue;
+      }
+      if (isa == Isa::kAvx2) {
+        F8RowAvx2(src + r * K, K, scales, o, ahead);
+        continue;
+      }
+#endif
+      F8RowScalar(src + r * K, K, scales, o);
+    }
+    return;
+  }
+  w.DequantizeRows(r0, r1, out);  // f16, f32
+}
+
+float* Scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// y[:, r0:r1] (+)= x . w[r0:r1]^T by the register-blocked kernel, on this thread.
+void MicroRows(Isa isa, const float* x, int64_t M, int64_t K, const Weight& w, int64_t r0, int64_t r1, float* y,
+               int64_t ldy, bool acc) {
+  if (w.dtype() == DType::kF32) {
+    Micro(isa, x, M, K, w.f32() + r0 * K, r1 - r0, y + r0, ldy, acc);
+    return;
+  }
+#ifdef EM_X86_DISPATCH
+  // Decode-sized M on AVX-512: bf16 widened in register (no scratch), the
+  // same sums as below.
+  if (w.dtype() == DType::kBF16 && isa == Isa::kAvx512 && M <= kFusedBf16MaxRows) {
+    MicroAvx512<uint16_t>(x, M, K, static_cast<const uint16_t*>(w.data()) + r0 * K, r1 - r0, y + r0, ldy, acc);
+    return;
+  }
+#endif
+  float* tile = Scratch(static_cast<size_t>(kTileRows * K));
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const int64_t e = std::min(r1, r + kTileRows);
+    ConvertRows(isa, w, r, e, tile, r1);
+    Micro(isa, x, M, K, tile, e - r, y + r, ldy, acc);
+  }
+}
+
+// y[:, r0:r1] (+)= x . w[r0:r1]^T by SGEMM, converting blocks of at most
+// `block` rows.
+void GemmRows(Isa isa, const float* x, int64_t M, int64_t K, const Weight& w, int64_t r0, int64_t r1, float* y,
+              int64_t ldy, bool acc, int64_t block) {
+  for (int64_t r = r0; r < r1; r += block) {
+    const int64_t e = std::min(r1, r + block);
+    const float* wb;
+    if (w.dtype() == DType::kF32) {
+      wb = w.f32() + r * K;
+    } else {
+      float* s = Scratch(static_cast<size_t>((e - r) * K));
+      ConvertRows(isa, w, r, e, s);
+      wb = s;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(e - r),
+                static_cast<int>(K), 1.0f, x, static_cast<int>(K), wb, static_cast<int>(K), acc ? 1.0f : 0.0f,
+                y + r, static_cast<int>(ldy));
+  }
+}
+
+int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+void LinearImpl(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool acc, bool parallel) {
+  const int64_t N = w.rows();
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!acc) std::fill(y, y + M * N, 0.0f);
+    return;
+  }
+  const Isa isa = CurrentIsa();
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t threads = parallel && !ThreadPool::InTask() ? pool.num_threads() : 1;
+  const int64_t row_bytes = K * static_cast<int64_t>(DTypeSize(w.dtype()));
+  if (M <= kMicroMaxRows) {
+    if (threads == 1) {
+      MicroRows(isa, x, M, K, w, 0, N, y, N, acc);
+      return;
+    }
+    const int64_t grain = RoundUp(
+        std::max((kMinChunkBytes + row_bytes - 1) / row_bytes, (N + 4 * threads - 1) / (4 * threads)), kTileRows);
+    pool.ParallelFor(N, grain, [&](int64_t b, int64_t e, int) { MicroRows(isa, x, M, K, w, b, e, y, N, acc); });
+    return;
+  }
+  // SGEMM on blocks of rows: at most ~4 MB of converted fp32 per block, and
+  // at least two blocks per thread at the top level.
+  int64_t block = N;
+  if (w.dtype() != DType::kF32) block = std::max<int64_t>(16, (int64_t{4} << 20) / (K * 4));
+  if (threads > 1) block = std::min(block, std::max<int64_t>(16, RoundUp((N + 2 * threads - 1) / (2 * threads), 16)));
+  if (threads == 1) {
+    GemmRows(isa, x, M, K, w, 0, N, y, N, acc, block);
+    return;
+  }
+  const int64_t blocks = (N + block - 1) / block;
+  pool.ParallelFor(blocks, 1, [&](int64_t b, int64_t e, int) {
+    GemmRows(isa, x, M, K, w, b * block, std::min(N, e * block), y, N, acc, block);
+  });
+}
+
+}  // namespace
+
+void Linear(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool accumulate) {
+  CHECK_EQ(K, w.cols());
+  LinearImpl(x, M, K, w, y, accumulate, /*parallel=*/true);
+}
+
+void LinearReference(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool accumulate) {
+  CHECK_EQ(K, w.cols());
+  const int64_t N = w.rows();
+  if (M <= 0 || N <= 0) return;
   constexpr int64_t kRows = 256;
   std::vector<float> block(static_cast<size_t>(std::min(kRows, N) * K));
   for (int64_t r0 = 0; r0 < N; r0 += kRows) {
     const int64_t r1 = std::min(N, r0 + kRows);
-    w.DequantizeRows(r0, r1, block.data());
+    const float* wb = w.f32() != nullptr ? w.f32() + r0 * K : block.data();
+    if (w.f32() == nullptr) w.DequantizeRows(r0, r1, block.data());
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(r1 - r0),
-                static_cast<int>(K), 1.0f, x, static_cast<int>(K), block.data(), static_cast<int>(K),
+                static_cast<int>(K), 1.0f, x, static_cast<int>(K), wb, static_cast<int>(K),
                 accumulate ? 1.0f : 0.0f, y + r0, static_cast<int>(N));
   }
+}
+
+bool SetLinearIsa(const std::string& name) {
+  const Isa have = DetectIsa();
+  Isa want;
+  if (name == "auto") {
+    want = have;
+  } else if (name == "scalar") {
+    want = Isa::kScalar;
+  } else if (name == "avx2") {
+    want = Isa::kAvx2;
+  } else if (name == "avx512") {
+    want = Isa::kAvx512;
+  } else {
+    return false;
+  }
+  if (static_cast<int>(want) > static_cast<int>(have)) return false;
+  g_isa.store(static_cast<int>(want));
+  return true;
+}
+
+std::string LinearIsa() {
+  switch (CurrentIsa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void LinearFewRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+  LinearImpl(x, M, K, Weight::Mapped(DType::kF32, w, N, K, nullptr), y, false, /*parallel=*/false);
 }
 
 }  // namespace expertmesh::kernels

@@ -12,9 +12,12 @@
 // Linear(x, M, K, w, y) computes y[M,N] = x[M,K] . w^T with fp32 activations
 // and fp32 accumulation: for a bf16 or fp8 weight the result equals Linear on
 // the dequantised fp32 weight up to the order of the sums (the conversion to
-// fp32 is exact). Decode-sized M streams w once; large M converts blocks of
-// rows to fp32 and runs BLAS SGEMM. Parallel over the pool (common/thread_pool.h)
-// at the top level, single-threaded inside a pool task.
+// fp32 is exact). M <= 64 (decode, MoE experts) streams w once: tiles of 4
+// rows (converted to fp32 in an L1-sized scratch unless fp32) times x by
+// register-blocked AVX-512 / AVX2+FMA / scalar dot products; larger M
+// converts blocks of rows to fp32 and runs single-threaded BLAS SGEMM on each.
+// Parallel over blocks of rows of w on the pool (common/thread_pool.h) at the
+// top level, single-threaded inside a pool task. fp8 0x7f / 0xff decode as NaN.
 #pragma once
 
 #include <cstdint>
@@ -65,5 +68,18 @@ class Weight {
 
 // y[M,N] = x[M,K] . w^T (N = w.rows(), K = w.cols()); with accumulate, y += .
 void Linear(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool accumulate = false);
+
+// The reference Linear (correct, slow; for tests and `bench gemv`): the whole
+// weight dequantised in blocks of 256 rows, each through one BLAS SGEMM on
+// whatever threads BLAS has.
+void LinearReference(const float* x, int64_t M, int64_t K, const Weight& w, float* y, bool accumulate = false);
+
+// The instruction set of Linear's kernels: "avx512" (F+BW+VL with FMA),
+// "avx2" (with FMA) or "scalar", the best the CPU has unless set. SetLinearIsa
+// ("auto" or one of those names; for tests and benchmarks, not thread-safe
+// against running kernels) returns false for an unknown name or one the CPU
+// lacks, and then changes nothing.
+bool SetLinearIsa(const std::string& name);
+std::string LinearIsa();
 
 }  // namespace expertmesh::kernels
