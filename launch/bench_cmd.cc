@@ -4,6 +4,7 @@
 //   moe-alltoall  expert-parallel dispatch/combine vs the transport's raw all-to-all-v
 //   serve         a local cluster serving a batch job (bench_serve.cc)
 //   control-plane the coordinator's Sync/Heartbeat latency under job submits (bench_control_plane.cc)
+//   peer          `generate` beside llama.cpp on the same checkpoint as GGUF (bench_peer.cc)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -153,8 +154,9 @@ int BenchMain(int argc, char** argv) {
   if (what == "serve") return BenchServe();
   if (what == "control-plane") return BenchControlPlane();
   if (what == "tokenizer") return BenchTokenizer();
+  if (what == "peer") return BenchPeer();
   std::fprintf(stderr,
-               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane or tokenizer (see --help)\n");
+               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane, tokenizer or peer (see --help)\n");
   return 2;
 }
 

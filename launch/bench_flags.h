@@ -16,4 +16,6 @@ int BenchMoeAlltoall(int argc, char** argv);
 int BenchServe();
 // `expertmesh bench control-plane` (launch/bench_control_plane.cc).
 int BenchControlPlane();
+// `expertmesh bench peer` (launch/bench_peer.cc).
+int BenchPeer();
 }  // namespace expertmesh::launch
