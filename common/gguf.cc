@@ -209,8 +209,8 @@ absl::Status ConvertCheckpointToGguf(const std::string& dir, const std::string& 
   w.AddU32(a + "context_length", static_cast<uint32_t>(c.max_position_embeddings));
   w.AddU32(a + "embedding_length", static_cast<uint32_t>(c.hidden_size));
   w.AddU32(a + "feed_forward_length", static_cast<uint32_t>(c.intermediate_size));
-  w.AddU32(a + "head_count", static_cast<uint32_t>(c.num_attention_heads));
-  w.AddU32(a + "head_count_kv", 1);  // MLA as MQA over the latent
+  w.AddU32(a + "attention.head_count", static_cast<uint32_t>(c.num_attention_heads));
+  w.AddU32(a + "attention.head_count_kv", 1);  // MLA as MQA over the latent
   w.AddF32(a + "rope.freq_base", static_cast<float>(c.rope_theta));
   w.AddF32(a + "attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
   w.AddU32(a + "expert_used_count", static_cast<uint32_t>(c.num_experts_per_tok));

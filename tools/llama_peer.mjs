@@ -7,9 +7,10 @@
 // all of them run at once, one sequence each, in one context (batch = number of
 // prompts), greedy (temperature 0), exactly --new-tokens tokens each (end-of-text
 // tokens do not stop it). Prints one JSON object on stdout:
-//   {load_s, prefill_s, prefill_tok_s, decode_s, decode_tok_s, ttft_s, wall_s,
+//   {init_s, load_s, prefill_s, prefill_tok_s, decode_s, decode_tok_s, ttft_s, wall_s,
 //    prompt_tokens, generated_tokens, peak_rss_bytes, tokens: [[ids...] per prompt]}
-// prefill: from submitting the prompts to the first token of every sequence;
+// init_s: getLlama (loading the addon, testing the prebuilt binary in a child process);
+// load_s: the model and the context; prefill: from submitting the prompts to the first token of every sequence;
 // decode: the rest; ttft_s: process start to the last sequence's first token.
 // Exit 3 with "SKIP: ..." on stderr when node-llama-cpp or its prebuilt binary is absent.
 import fs from "node:fs";
@@ -55,10 +56,11 @@ try {
   console.error(`SKIP: node-llama-cpp's prebuilt binary for this machine is absent: ${e.message}`);
   process.exit(3);
 }
+const tInit = now();  // getLlama: node-llama-cpp loads its addon and tests the prebuilt binary in a child process
 const model = await llama.loadModel({ modelPath, gpuLayers: 0 });
 const maxLen = Math.max(...prompts.map((p) => p.length)) + newTokens;
 const ctxOpts = {
-  contextSize: Math.max(256, Math.ceil(maxLen / 256) * 256), sequences: prompts.length, threads: { ideal: threads, min: threads },
+  contextSize: Math.max(256, Math.ceil(maxLen / 256) * 256), sequences: prompts.length, threads,
   batchSize: Math.max(512, prompts.reduce((a, p) => a + p.length, 0)),
 };
 if (kv === "f32") {
@@ -87,7 +89,7 @@ const promptTokens = prompts.reduce((a, p) => a + p.length, 0);
 const generated = out.reduce((a, t) => a + t.length, 0);
 const prefill = firstAll - t1, decode = t2 - firstAll;
 console.log(JSON.stringify({
-  load_s: t1 - t0, prefill_s: prefill, prefill_tok_s: promptTokens / prefill, decode_s: decode,
+  init_s: tInit - t0, load_s: t1 - tInit, prefill_s: prefill, prefill_tok_s: promptTokens / prefill, decode_s: decode,
   // tokens made by decode steps: each sequence's first token comes from the prefill
   decode_tok_s: (generated - prompts.length) / decode, ttft_s: up0 + firstAll - t0,
   wall_s: process.uptime(), prompt_tokens: promptTokens, generated_tokens: generated, threads, kv,

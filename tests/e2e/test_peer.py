@@ -1,0 +1,64 @@
+"""The GGUF conversion (`expertmesh checkpoint --gguf`) is right: llama.cpp (the
+prebuilt library of node-llama-cpp, tools/llama_peer.mjs) on the GGUF of an fp32
+`tiny` checkpoint makes the same greedy tokens as `expertmesh generate` on the
+checkpoint itself (MLA with YaRN, sigmoid group-limited routing with the
+correction bias, shared expert, routed scaling; fp32 KV cache on both sides).
+
+Exits 77 (ctest SKIP_RETURN_CODE) with a "SKIP:" line when node-llama-cpp or
+its prebuilt binary for this machine is absent.
+
+  EXPERTMESH=build/launch/expertmesh python3 tests/e2e/test_peer.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+EM = os.environ.get("EXPERTMESH", os.path.join(ROOT, "build", "launch", "expertmesh"))
+NEW = 24
+# Prompts of different lengths, one sequence each (llama.cpp runs them in one context).
+PROMPTS = [[5, 17, 300, 42, 7], list(range(100, 130)), [900, 3, 3, 3, 512, 64, 1000, 77, 250, 11, 12, 13]]
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="em-peer-") as d:
+        ck, gguf, prompts = os.path.join(d, "ck"), os.path.join(d, "tiny.gguf"), os.path.join(d, "p.jsonl")
+        subprocess.run([EM, "checkpoint", "--preset", "tiny", "--dtype", "fp32", "--seed", "3", "--out", ck,
+                        "--gguf", gguf], check=True, timeout=60, stderr=subprocess.DEVNULL)
+        with open(prompts, "w") as f:
+            for p in PROMPTS:
+                f.write(json.dumps({"tokens": p}) + "\n")
+        env = dict(os.environ, EXPERTMESH_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+        g = subprocess.run([EM, "generate", "--checkpoint", ck, "--prompts", prompts, "--max-new-tokens", str(NEW)],
+                           check=True, timeout=60, env=env, capture_output=True, text=True)
+        ours = [json.loads(l)["tokens"] for l in g.stdout.splitlines() if l.strip()]
+        p = subprocess.run(["node", os.path.join(ROOT, "tools", "llama_peer.mjs"), "--model", gguf, "--prompts",
+                            prompts, "--threads", "2", "--new-tokens", str(NEW), "--kv", "f32"],
+                           timeout=80, capture_output=True, text=True)
+        if p.returncode == 3:
+            print(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "SKIP: node-llama-cpp unavailable")
+            return 77
+        if p.returncode != 0:
+            print(f"llama_peer.mjs failed ({p.returncode}):\n{p.stderr[-3000:]}")
+            return 1
+        theirs = json.loads(p.stdout)["tokens"]
+        ok = True
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            print(f"prompt {i} ({len(PROMPTS[i])} tokens): {k}/{NEW} greedy tokens agree")
+            if a != b:
+                ok = False
+                print(f"  expertmesh: {a}\n  llama.cpp:  {b}")
+        if len(ours) != len(PROMPTS) or len(theirs) != len(PROMPTS):
+            print(f"expected {len(PROMPTS)} results, got {len(ours)} and {len(theirs)}")
+            ok = False
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
