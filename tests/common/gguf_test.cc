@@ -215,16 +215,16 @@ TEST_P(GgufConvert, TinyDeepseek2NamesShapesAndValues) {
   auto expect_round = [&](float ref) { return dtype == "fp32" ? ref : Bf16ToFloat(FloatToBf16(ref)); };
   auto kvb = LoadF32(**ck, spec["model.layers.1.self_attn.kv_b_proj.weight"], c);
   ASSERT_TRUE(kvb.ok());
-  for (uint64_t h : {0ull, nh - 1}) {
-    for (uint64_t i : {0ull, 5ull, dn - 1}) {
-      for (uint64_t j : {0ull, 9ull, Lr - 1}) {
+  for (uint64_t h : {uint64_t{0}, nh - 1}) {
+    for (uint64_t i : {uint64_t{0}, uint64_t{5}, dn - 1}) {
+      for (uint64_t j : {uint64_t{0}, uint64_t{9}, Lr - 1}) {
         // k_b[h][j][i] = kv_b[h * (dn + dv) + i][j]
         EXPECT_EQ(value("blk.1.attn_k_b.weight", (h * Lr + j) * dn + i),
                   expect_round((*kvb)[(h * (dn + dv) + i) * Lr + j]));
       }
     }
-    for (uint64_t i : {0ull, dv - 1}) {
-      for (uint64_t j : {0ull, Lr - 1}) {
+    for (uint64_t i : {uint64_t{0}, dv - 1}) {
+      for (uint64_t j : {uint64_t{0}, Lr - 1}) {
         EXPECT_EQ(value("blk.1.attn_v_b.weight", (h * dv + i) * Lr + j),
                   expect_round((*kvb)[(h * (dn + dv) + dn + i) * Lr + j]));
       }
@@ -233,7 +233,7 @@ TEST_P(GgufConvert, TinyDeepseek2NamesShapesAndValues) {
   auto e7 = LoadF32(**ck, spec["model.layers.2.mlp.experts.7.down_proj.weight"], c);
   ASSERT_TRUE(e7.ok());
   const uint64_t per = 160 * 24;
-  for (uint64_t k : {0ull, 100ull, per - 1}) {
+  for (uint64_t k : {uint64_t{0}, uint64_t{100}, per - 1}) {
     EXPECT_EQ(value("blk.2.ffn_down_exps.weight", 7 * per + k), expect_round((*e7)[k]));
   }
   auto bias = LoadF32(**ck, spec["model.layers.3.mlp.gate.e_score_correction_bias"], c);

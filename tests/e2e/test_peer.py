@@ -30,12 +30,14 @@ def main():
         with open(prompts, "w") as f:
             for p in PROMPTS:
                 f.write(json.dumps({"tokens": p}) + "\n")
-        env = dict(os.environ, EXPERTMESH_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+        # One thread each: correctness does not depend on it, and ggml's spinning thread barrier is slow on an
+        # oversubscribed machine.
+        env = dict(os.environ, EXPERTMESH_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         g = subprocess.run([EM, "generate", "--checkpoint", ck, "--prompts", prompts, "--max-new-tokens", str(NEW)],
                            check=True, timeout=60, env=env, capture_output=True, text=True)
         ours = [json.loads(l)["tokens"] for l in g.stdout.splitlines() if l.strip()]
         p = subprocess.run(["node", os.path.join(ROOT, "tools", "llama_peer.mjs"), "--model", gguf, "--prompts",
-                            prompts, "--threads", "2", "--new-tokens", str(NEW), "--kv", "f32"],
+                            prompts, "--threads", "1", "--new-tokens", str(NEW), "--kv", "f32"],
                            timeout=80, capture_output=True, text=True)
         if p.returncode == 3:
             print(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "SKIP: node-llama-cpp unavailable")
