@@ -2,6 +2,7 @@
 // GGUF written by `expertmesh checkpoint --gguf`: the peer of `expertmesh bench peer`.
 //
 //   node tools/llama_peer.mjs --model M.gguf --prompts P.jsonl --threads 2 --new-tokens 64 [--kv f16|f32]
+//                             [--dump-probs FILE]
 //
 // Prompts are JSON lines {"tokens": [ids...]} (the format of `expertmesh generate`);
 // all of them run at once, one sequence each, in one context (batch = number of
@@ -12,6 +13,8 @@
 // init_s: getLlama (loading the addon, testing the prebuilt binary in a child process);
 // load_s: the model and the context; prefill: from submitting the prompts to the first token of every sequence;
 // decode: the rest; ttft_s: process start to the last sequence's first token.
+// --dump-probs FILE: also write {"probs": [[p(token) for every vocabulary id] per prompt]},
+// llama.cpp's softmax before each prompt's first new token (slower: for checks only).
 // Exit 3 with "SKIP: ..." on stderr when node-llama-cpp or its prebuilt binary is absent.
 import fs from "node:fs";
 
@@ -24,6 +27,7 @@ const promptsPath = arg("prompts");
 const threads = Number(arg("threads", "2"));
 const newTokens = Number(arg("new-tokens", "64"));
 const kv = arg("kv", "f16");
+const dumpProbs = arg("dump-probs", "");  // file: the softmax over the vocabulary before each first new token
 if (!modelPath || !promptsPath || !(threads > 0) || !(newTokens >= 1) || !["f16", "f32"].includes(kv)) {
   console.error("usage: node llama_peer.mjs --model M.gguf --prompts P.jsonl [--threads N] [--new-tokens N>=1] " +
                 "[--kv f16|f32]");
@@ -72,11 +76,22 @@ const seqs = prompts.map(() => context.getSequence());
 const t1 = now();
 
 const firsts = [];
+const probs = prompts.map(() => null);
 const out = await Promise.all(prompts.map(async (p, i) => {
   const toks = [];
-  for await (const t of seqs[i].evaluate(p, { temperature: 0 })) {
-    if (toks.length === 0) firsts.push(now());
-    toks.push(t);
+  const gen = dumpProbs
+    ? seqs[i].evaluateWithMetadata(p, { probabilities: true }, { temperature: 0 })
+    : seqs[i].evaluate(p, { temperature: 0 });
+  for await (const o of gen) {
+    if (toks.length === 0) {
+      firsts.push(now());
+      if (dumpProbs) {
+        const v = new Array(o.probabilities.size).fill(0);  // every vocabulary id has an entry
+        for (const [tok, pr] of o.probabilities) v[tok] = pr;
+        probs[i] = v;
+      }
+    }
+    toks.push(dumpProbs ? o.token : o);
     if (toks.length >= newTokens) break;
   }
   return toks;
@@ -95,6 +110,7 @@ console.log(JSON.stringify({
   wall_s: process.uptime(), prompt_tokens: promptTokens, generated_tokens: generated, threads, kv,
   peak_rss_bytes: hwm ? Number(hwm[1]) * 1024 : null, tokens: out,
 }));
+if (dumpProbs) fs.writeFileSync(dumpProbs, JSON.stringify({ probs }));
 await context.dispose();
 await model.dispose();
 await llama.dispose();
