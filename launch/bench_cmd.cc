@@ -5,6 +5,7 @@
 //   serve         a local cluster serving a batch job (bench_serve.cc)
 //   control-plane the coordinator's Sync/Heartbeat latency under job submits (bench_control_plane.cc)
 //   gemv          kernels::Linear (fp32/bf16/fp8) vs read bandwidth and SGEMM peak (bench_gemv.cc)
+//   peer          `generate` beside llama.cpp on the same checkpoint as GGUF (bench_peer.cc)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -155,8 +156,10 @@ int BenchMain(int argc, char** argv) {
   if (what == "control-plane") return BenchControlPlane();
   if (what == "tokenizer") return BenchTokenizer();
   if (what == "gemv") return BenchGemv();
+  if (what == "peer") return BenchPeer();
   std::fprintf(stderr,
-               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane, tokenizer or gemv (see --help)\n");
+               "expertmesh bench: name a benchmark: layer, moe-alltoall, serve, control-plane, tokenizer, gemv or peer "
+               "(see --help)\n");
   return 2;
 }
 

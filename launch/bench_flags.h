@@ -18,4 +18,6 @@ int BenchServe();
 int BenchControlPlane();
 // `expertmesh bench gemv` (launch/bench_gemv.cc).
 int BenchGemv();
+// `expertmesh bench peer` (launch/bench_peer.cc).
+int BenchPeer();
 }  // namespace expertmesh::launch

@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "common/gguf.h"
 #include "common/tokenizer.h"
 #include "launch/flags.h"
 #include "launch/text.h"
@@ -20,14 +21,36 @@ ABSL_FLAG(uint64_t, shard_size, 5ull << 30, "maximum bytes per safetensors shard
 ABSL_FLAG(double, router_bias_std, 0.05,
           "standard deviation of the routers' e_score_correction_bias; larger values make some experts hot "
           "(skewed expert load, e.g. 0.3 for rebalancing studies)");
+ABSL_FLAG(std::string, gguf, "",
+          "also write the checkpoint as a GGUF file of llama.cpp's deepseek2 architecture (F32 from fp32, BF16 from "
+          "bf16; fp8 weights dequantised to BF16; a placeholder vocabulary: drive llama.cpp with token ids). With "
+          "--checkpoint DIR (and no --out): convert that existing checkpoint instead of generating one");
 
 namespace expertmesh::launch {
+
+namespace {
+int WriteGguf(const std::string& dir) {
+  GgufConvertOptions go;
+  go.progress = [](const std::string& m) { std::fprintf(stderr, "checkpoint: gguf: %s\n", m.c_str()); };
+  absl::Status s = ConvertCheckpointToGguf(dir, absl::GetFlag(FLAGS_gguf), go);
+  if (!s.ok()) {
+    std::fprintf(stderr, "expertmesh checkpoint: --gguf: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "checkpoint: gguf: done: %s\n", absl::GetFlag(FLAGS_gguf).c_str());
+  return 0;
+}
+}  // namespace
 
 int CheckpointMain(int argc, char** argv) {
   ParseVerbFlags(argc, argv);
   const std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty() && !absl::GetFlag(FLAGS_gguf).empty() && !absl::GetFlag(FLAGS_checkpoint).empty()) {
+    return WriteGguf(absl::GetFlag(FLAGS_checkpoint));  // convert an existing checkpoint
+  }
   if (out.empty()) {
-    std::fprintf(stderr, "expertmesh checkpoint: --out DIR is required\n");
+    std::fprintf(stderr, "expertmesh checkpoint: --out DIR is required (or --checkpoint DIR --gguf FILE to convert "
+                         "an existing checkpoint)\n");
     return 2;
   }
   const std::string cfg_src = absl::GetFlag(FLAGS_config).empty() ? absl::GetFlag(FLAGS_preset)
@@ -92,6 +115,7 @@ int CheckpointMain(int argc, char** argv) {
     std::fprintf(stderr, "checkpoint: tokenizer from %s\n", tokenizer_dir.c_str());
   }
   std::fprintf(stderr, "checkpoint: done: %s\n", out.c_str());
+  if (!absl::GetFlag(FLAGS_gguf).empty()) return WriteGguf(out);
   return 0;
 }
 

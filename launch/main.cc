@@ -21,11 +21,14 @@ namespace {
 const Verb kVerbs[] = {
     {"checkpoint", "launch/checkpoint_cmd.cc", "write a random checkpoint in the HF DeepSeek-V3 layout",
      "expertmesh checkpoint --preset tiny|tiny-text|small|deepseek-v3 --dtype fp32|bf16|fp8 --seed S --out DIR "
-     "[--shard-size BYTES] [--tokenizer deepseek-v3|r1-distill-qwen|r1-distill-llama|...|DIR]\n\nWrites config.json, "
-     "model-0000i-of-0000n.safetensors shards and model.safetensors.index.json with random weights; deterministic "
-     "for a seed. --tokenizer copies tokenizer.json and tokenizer_config.json next to them (the vocabulary must fit "
-     "vocab_size: tiny-text has DeepSeek-V3's 129280, tiny-qwen2-text the Qwen2.5 / r1-distill-qwen one, "
-     "tiny-llama-text the Llama-3.1 / r1-distill-llama one).",
+     "[--shard-size BYTES] [--tokenizer deepseek-v3|r1-distill-qwen|r1-distill-llama|...|DIR] [--gguf FILE]\n"
+     "expertmesh checkpoint --checkpoint DIR --gguf FILE\n\nWrites config.json, model-0000i-of-0000n.safetensors "
+     "shards and model.safetensors.index.json with random weights; deterministic for a seed. --tokenizer copies "
+     "tokenizer.json and tokenizer_config.json next to them (the vocabulary must fit vocab_size: tiny-text has "
+     "DeepSeek-V3's 129280, tiny-qwen2-text the Qwen2.5 / r1-distill-qwen one, tiny-llama-text the Llama-3.1 / "
+     "r1-distill-llama one). --gguf also writes the checkpoint (or converts an existing one, --checkpoint DIR) as a "
+     "GGUF file of llama.cpp's deepseek2 architecture (F32 / BF16 as stored, fp8 dequantised to BF16, a placeholder "
+     "vocabulary: drive it with token ids); `bench peer` uses it.",
      CheckpointMain},
     {"generate", "launch/generate_cmd.cc", "run a batch of prompts through the model in one process",
      "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
@@ -33,7 +36,7 @@ const Verb kVerbs[] = {
      "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
      "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
      GenerateMain},
-    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer, gemv (each beside its limit, same run)",
+    {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer, gemv, peer (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
      "mpirun -np E expertmesh bench moe-alltoall --backend mpi|ucx --tokens T --hidden H --topk K [--fp8] [--json]\n"
      "expertmesh bench tokenizer [--tokenizer deepseek-v3|DIR] [--corpus FILE]\n"
@@ -41,7 +44,10 @@ const Verb kVerbs[] = {
      "[--redundant-experts R] [--router-bias-std S] [--rebalance | --stream [--concurrency C]] [--json]\n"
      "expertmesh bench control-plane [--cp-workers N --cp-poll-ms MS --cp-jobs J --cp-submitters C --cp-dir DIR] "
      "[--json]\n"
-     "expertmesh bench gemv [--preset small] [--min_seconds S] [--json]\n\nlayer: one MoE and one MLA layer on "
+     "expertmesh bench gemv [--preset small] [--min_seconds S] [--json]\n"
+     "expertmesh bench peer [--preset small --dtype fp32|bf16|fp8 | --checkpoint DIR] [--threads 2] "
+     "[--batch-sizes 1,8] [--prompt-tokens 32] [--new-tokens 64] [--runs 7] [--llama-kv f16|f32] [--json]\n\n"
+     "layer: one MoE and one MLA layer on "
      "the CPU kernels, GFLOP/s beside the SGEMM peak and memory bandwidth of the same run. moe-alltoall: "
      "dispatch/combine beside the transport's raw all-to-all-v of the same bytes. tokenizer: encode MB/s on one "
      "thread beside HF tokenizers (node) on the same corpus. serve: a local mpirun cluster "
@@ -52,7 +58,11 @@ const Verb kVerbs[] = {
      "in-process coordinator (journal on) with N simulated workers polling Heartbeat + Sync over gRPC while J jobs "
      "are submitted concurrently; Sync/Heartbeat/SubmitJob latency p50/p99 and submit throughput. gemv: "
      "kernels::Linear on the preset's weight shapes in fp32/bf16/fp8 for 1/8/64/512 tokens, the reference "
-     "implementation beside the kernels, weight GB/s beside the read bandwidth and GFLOP/s beside the SGEMM peak.",
+     "implementation beside the kernels, weight GB/s beside the read bandwidth and GFLOP/s beside the SGEMM peak. "
+     "peer: `expertmesh generate` beside llama.cpp (node-llama-cpp's prebuilt library, "
+     "tools/llama_peer.mjs) on the same checkpoint converted to GGUF (checkpoint --gguf), same threads, token-id "
+     "prompts, greedy, new tokens; runs alternate; medians of prefill and decode tokens/s, wall time with load, time "
+     "to first token and peak RSS, the ratios, and how many greedy tokens agree.",
      BenchMain},
     {"worker", "launch/worker_cmd.cc", "one worker of a standalone cluster (registers with a coordinator)",
      "expertmesh worker --coordinator HOST:PORT [--worker-id N]\n\nRegisters with the coordinator, loads the "

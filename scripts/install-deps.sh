@@ -48,6 +48,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "install-deps: tools/node_modules is up to date"
 else
   echo "install-deps: npm ci in tools/"
-  (cd "$TOOLS" && npm ci --no-audit --no-fund --loglevel=error)
+  # node-llama-cpp (llama.cpp for `expertmesh bench peer`) ships prebuilt binaries
+  # (@node-llama-cpp/linux-x64); its postinstall would try to download / compile
+  # llama.cpp when they do not fit: skipped, tools/llama_peer.mjs loads the prebuilt
+  # one with build "never" (and reports SKIP where there is none).
+  (cd "$TOOLS" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --no-audit --no-fund --loglevel=error)
   echo "$want" > "$STAMP"
 fi
