@@ -52,6 +52,9 @@ else
   # (@node-llama-cpp/linux-x64); its postinstall would try to download / compile
   # llama.cpp when they do not fit: skipped, tools/llama_peer.mjs loads the prebuilt
   # one with build "never" (and reports SKIP where there is none).
-  (cd "$TOOLS" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --no-audit --no-fund --loglevel=error)
+  # --omit=optional: node-llama-cpp's optional CUDA/Vulkan/ARM builds (~680 MB)
+  # are not installed; the two platform packages the tools need (llama.cpp's
+  # linux-x64 build, HF tokenizers' linux-x64-gnu binding) are direct dependencies.
+  (cd "$TOOLS" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --omit=optional --no-audit --no-fund --loglevel=error)
   echo "$want" > "$STAMP"
 fi
