@@ -120,7 +120,9 @@ int GenerateMain(int argc, char** argv) {
     device += absl::StrCat("; ", es.graph_captures, " graphs captured, ", es.graph_replays, " replays, ",
                            es.eager_steps, " eager steps");
   } else {
-    auto shard = worker::ModelShard::Load(dir, ShardFilter{});
+    auto shard = worker::ModelShard::Load(
+        dir, ShardFilter{},
+        worker::ProgressLines(dir, [](const std::string& line) { std::fprintf(stderr, "generate: %s\n", line.c_str()); }));
     if (!shard.ok()) return Fail(shard.status());
     worker::Engine engine(shard->get());
     if (speculative.empty()) {

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/safetensors.h"
 #include "common/status.h"
 #include "glog/logging.h"
@@ -18,27 +19,59 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Reads gate [I,H] and up [I,H] straight into one [2I,H] matrix (gate rows first).
-absl::Status LoadFused(const WeightGetter& get, const std::string& prefix, int64_t rows, int64_t cols,
-                       std::vector<float>* gate_up) {
-  gate_up->clear();
-  gate_up->reserve(static_cast<size_t>(2 * rows * cols));
-  RETURN_IF_ERROR(get(prefix + "gate_proj.weight", gate_up));
-  return get(prefix + "up_proj.weight", gate_up);
+// Gate [I,H], up [I,H] and down [H,I] of one SwiGLU MLP under `prefix`.
+absl::Status LoadMlp(const WeightGetter& get, const std::string& prefix, ExpertWeights* e) {
+  RETURN_IF_ERROR(get(prefix + "gate_proj.weight", &e->gate));
+  RETURN_IF_ERROR(get(prefix + "up_proj.weight", &e->up));
+  return get(prefix + "down_proj.weight", &e->down);
 }
 
 }  // namespace
 
-WeightGetter MakeWeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill) {
-  auto by_name = std::make_shared<std::map<std::string, TensorSpec>>();
-  for (const TensorSpec& s : specs) by_name->emplace(s.name, s);
-  return [by_name, fill = std::move(fill)](const std::string& name, std::vector<float>* out) -> absl::Status {
-    auto it = by_name->find(name);
-    if (it == by_name->end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
-    const size_t at = out->size();
-    out->resize(at + static_cast<size_t>(it->second.numel()));
-    return fill(it->second, out->data() + at);
-  };
+WeightGetter::WeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill, WeightMapper map)
+    : by_name_(std::make_shared<std::map<std::string, TensorSpec>>()),
+      fill_(std::move(fill)),
+      map_(std::move(map)),
+      done_(std::make_shared<int64_t>(0)) {
+  for (const TensorSpec& s : specs) {
+    if (by_name_->emplace(s.name, s).second) total_ += s.numel();
+  }
+}
+
+absl::StatusOr<const TensorSpec*> WeightGetter::Spec(const std::string& name) const {
+  auto it = by_name_->find(name);
+  if (it == by_name_->end()) return absl::InternalError(absl::StrCat("no tensor spec for ", name));
+  return &it->second;
+}
+
+absl::Status WeightGetter::operator()(const std::string& name, std::vector<float>* out) const {
+  ASSIGN_OR_RETURN(const TensorSpec* spec, Spec(name));
+  const size_t at = out->size();
+  out->resize(at + static_cast<size_t>(spec->numel()));
+  *done_ += spec->numel();
+  return fill_(*spec, out->data() + at);
+}
+
+absl::Status WeightGetter::operator()(const std::string& name, kernels::Weight* out) const {
+  ASSIGN_OR_RETURN(const TensorSpec* spec, Spec(name));
+  if (spec->shape.size() != 2) {
+    return absl::InternalError(absl::StrCat(name, ": a weight matrix needs 2 dimensions, the spec has ",
+                                            ShapeString(spec->shape)));
+  }
+  const int64_t rows = spec->shape[0], cols = spec->shape[1];
+  if (map_) {
+    ASSIGN_OR_RETURN(kernels::Weight w, map_(*spec));
+    if (!w.empty()) {
+      *done_ += spec->numel();
+      *out = std::move(w);
+      return absl::OkStatus();
+    }
+  }
+  std::vector<float> v(static_cast<size_t>(spec->numel()));
+  RETURN_IF_ERROR(fill_(*spec, v.data()));
+  *done_ += spec->numel();
+  *out = kernels::Weight::FromFloat(std::move(v), rows, cols);
+  return absl::OkStatus();
 }
 
 TensorFiller CheckpointFiller(const ShardedCheckpoint* ckpt, const ModelConfig& cfg) {
@@ -51,6 +84,63 @@ TensorFiller RandomFiller(uint64_t seed) {
     std::copy(v.begin(), v.end(), out);
     return absl::OkStatus();
   };
+}
+
+WeightMapper CheckpointMapper(std::shared_ptr<const ShardedCheckpoint> ckpt, const ModelConfig& cfg) {
+  const bool blocks128 =
+      cfg.quantization_config.weight_block_rows == 128 && cfg.quantization_config.weight_block_cols == 128;
+  return [ckpt = std::move(ckpt), blocks128](const TensorSpec& s) -> absl::StatusOr<kernels::Weight> {
+    const TensorView* t = ckpt->Find(s.name);
+    if (t == nullptr) return absl::NotFoundError(absl::StrCat(s.name, ": missing from checkpoint ", ckpt->dir()));
+    if (t->shape != s.shape || s.shape.size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(s.name, ": shape ", ShapeString(t->shape), ", expected ",
+                                                     ShapeString(s.shape)));
+    }
+    const int64_t rows = s.shape[0], cols = s.shape[1];
+    auto aligned = [](const void* p, size_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+    switch (t->dtype) {
+      case DType::kF32:
+      case DType::kBF16:
+        // safetensors does not align tensors: a misaligned one is copied (same dtype).
+        if (!aligned(t->data, DTypeSize(t->dtype))) return kernels::Weight::FromBytes(t->dtype, t->data, rows, cols);
+        return kernels::Weight::Mapped(t->dtype, t->data, rows, cols, ckpt);
+      case DType::kF8E4M3: {
+        const TensorView* sc = ckpt->Find(ScaleName(s.name));
+        // Other block sizes, or misaligned scales: dequantised to fp32 by the filler.
+        if (!blocks128 || sc == nullptr || sc->dtype != DType::kF32 || !aligned(sc->data, sizeof(float))) {
+          return kernels::Weight();
+        }
+        return kernels::Weight::Mapped(DType::kF8E4M3, t->data, rows, cols, ckpt,
+                                       reinterpret_cast<const float*>(sc->data));
+      }
+      default:  // f16: converted to fp32 by the filler
+        return kernels::Weight();
+    }
+  };
+}
+
+LoadProgress ProgressLines(std::string what, std::function<void(const std::string& line)> sink) {
+  if (!sink) sink = [](const std::string& line) { LOG(INFO) << line; };
+  struct State {
+    double start = Now();
+    int shown = 0;  // tenths passed
+  };
+  auto st = std::make_shared<State>();
+  return [st, what = std::move(what), sink = std::move(sink)](double fraction) {
+    const double t = Now() - st->start;
+    const int tenths = static_cast<int>(std::min(1.0, std::max(0.0, fraction)) * 10.0 + 1e-9);
+    if (tenths <= st->shown || t < 1.0) {
+      if (tenths > st->shown && t < 1.0) st->shown = tenths;  // quick so far: nothing to show
+      return;
+    }
+    st->shown = tenths;
+    sink(absl::StrFormat("loading %s: %d%% (%.1f s)", what, 10 * tenths, t));
+  };
+}
+
+WeightGetter CheckpointGetter(std::shared_ptr<const ShardedCheckpoint> ckpt, const ModelConfig& cfg,
+                              const std::vector<TensorSpec>& specs) {
+  return WeightGetter(specs, CheckpointFiller(ckpt.get(), cfg), CheckpointMapper(ckpt, cfg));
 }
 
 absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter& filter, const WeightGetter& get,
@@ -72,8 +162,7 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
       RETURN_IF_ERROR(get(a + "k_proj.bias", &w.k_bias));
       RETURN_IF_ERROR(get(a + "v_proj.bias", &w.v_bias));
     }
-    RETURN_IF_ERROR(LoadFused(get, p + "mlp.", c.intermediate_size, c.hidden_size, &lw->dense.gate_up));
-    return get(p + "mlp.down_proj.weight", &lw->dense.down);
+    return LoadMlp(get, p + "mlp.", &lw->dense);
   }
   if (c.q_lora_rank > 0) {
     RETURN_IF_ERROR(get(a + "q_a_proj.weight", &lw->attn.q_a));
@@ -87,10 +176,8 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
   RETURN_IF_ERROR(get(a + "kv_b_proj.weight", &lw->attn.kv_b));
   RETURN_IF_ERROR(get(a + "o_proj.weight", &lw->attn.o));
   const std::string m = p + "mlp.";
-  const int64_t H = c.hidden_size;
   if (!lw->is_moe) {
-    RETURN_IF_ERROR(LoadFused(get, m, c.intermediate_size, H, &lw->dense.gate_up));
-    RETURN_IF_ERROR(get(m + "down_proj.weight", &lw->dense.down));
+    RETURN_IF_ERROR(LoadMlp(get, m, &lw->dense));
   } else {
     MoeWeights& mw = lw->moe;
     mw.hidden = c.hidden_size;
@@ -103,24 +190,25 @@ absl::Status LoadBlockWeights(const ModelConfig& c, int64_t l, const ShardFilter
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       if (filter.expert && !filter.expert(l, e)) continue;
       const std::string ep = absl::StrCat(m, "experts.", e, ".");
-      RETURN_IF_ERROR(LoadFused(get, ep, mw.expert_inter, H, &mw.experts[e].gate_up));
-      RETURN_IF_ERROR(get(ep + "down_proj.weight", &mw.experts[e].down));
+      RETURN_IF_ERROR(LoadMlp(get, ep, &mw.experts[e]));
     }
     if (c.n_shared_experts > 0) {
-      RETURN_IF_ERROR(LoadFused(get, m + "shared_experts.", mw.shared_inter, H, &mw.shared.gate_up));
-      RETURN_IF_ERROR(get(m + "shared_experts.down_proj.weight", &mw.shared.down));
+      RETURN_IF_ERROR(LoadMlp(get, m + "shared_experts.", &mw.shared));
     }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& dir, const ShardFilter& filter) {
+absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Load(const std::string& dir, const ShardFilter& filter,
+                                                             LoadProgress progress) {
+  if (!progress) progress = ProgressLines(dir);
   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
-  ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
-  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, filter), cfg));
+  ASSIGN_OR_RETURN(std::shared_ptr<const ShardedCheckpoint> ckpt, ShardedCheckpoint::Open(dir));
+  const std::vector<TensorSpec> spec = CheckpointSpec(cfg, filter);
+  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, spec, cfg));
   auto shard = std::unique_ptr<ModelShard>(new ModelShard());
   shard->cfg_ = cfg;
-  RETURN_IF_ERROR(shard->Build(filter, CheckpointFiller(ckpt.get(), cfg)));
+  RETURN_IF_ERROR(shard->Build(filter, CheckpointGetter(ckpt, cfg, spec), progress));
   return shard;
 }
 
@@ -150,16 +238,13 @@ absl::StatusOr<ModelShard::ExpertSet> ModelShard::LoadExperts(
   for (auto& s : CheckpointSpec(cfg, f)) {
     if (s.name.find(".mlp.experts.") != std::string::npos) wanted.push_back(s);
   }
-  ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
+  ASSIGN_OR_RETURN(std::shared_ptr<const ShardedCheckpoint> ckpt, ShardedCheckpoint::Open(dir));
   RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, wanted, cfg));
-  const WeightGetter get = MakeWeightGetter(wanted, CheckpointFiller(ckpt.get(), cfg));
+  const WeightGetter get = CheckpointGetter(ckpt, cfg, wanted);
   ExpertSet out;
   for (const auto& [layer, ids] : which) {
     for (int32_t e : ids) {
-      const std::string p = absl::StrCat("model.layers.", layer, ".mlp.experts.", e, ".");
-      ExpertWeights& w = out[layer][e];
-      RETURN_IF_ERROR(LoadFused(get, p, cfg.moe_intermediate_size, cfg.hidden_size, &w.gate_up));
-      RETURN_IF_ERROR(get(p + "down_proj.weight", &w.down));
+      RETURN_IF_ERROR(LoadMlp(get, absl::StrCat("model.layers.", layer, ".mlp.experts.", e, "."), &out[layer][e]));
     }
   }
   return out;
@@ -220,13 +305,15 @@ absl::StatusOr<std::unique_ptr<ModelShard>> ModelShard::Random(const ModelConfig
   RETURN_IF_ERROR(cfg.Validate());
   auto shard = std::unique_ptr<ModelShard>(new ModelShard());
   shard->cfg_ = cfg;
-  RETURN_IF_ERROR(shard->Build(filter, RandomFiller(seed)));
+  RETURN_IF_ERROR(shard->Build(filter, WeightGetter(CheckpointSpec(cfg, filter), RandomFiller(seed))));
   return shard;
 }
 
-absl::Status ModelShard::Build(const ShardFilter& filter, const TensorFiller& fill) {
+absl::Status ModelShard::Build(const ShardFilter& filter, const WeightGetter& get, const LoadProgress& progress) {
   const ModelConfig& c = cfg_;
-  const WeightGetter get = MakeWeightGetter(CheckpointSpec(c, filter), fill);
+  auto report = [&] {
+    if (progress && get.numel_total() > 0) progress(static_cast<double>(get.numel_done()) / get.numel_total());
+  };
   layer_begin_ = std::max<int64_t>(0, filter.layer_begin);
   layer_end_ = filter.layer_end < 0 ? c.num_hidden_layers : std::min(filter.layer_end, c.num_hidden_layers);
   if (filter.embed) RETURN_IF_ERROR(get("model.embed_tokens.weight", &embed_));
@@ -239,7 +326,9 @@ absl::Status ModelShard::Build(const ShardFilter& filter, const TensorFiller& fi
     LayerWeights lw;
     RETURN_IF_ERROR(LoadBlockWeights(c, l, filter, get, &lw));
     layers_.push_back(std::move(lw));
+    report();
   }
+  report();
   return absl::OkStatus();
 }
 
@@ -273,8 +362,7 @@ void Engine::Embed(const std::vector<Segment>& segs, std::vector<float>* hidden)
   for (const auto& s : segs) {
     for (int64_t i = 0; i < s.n; ++i, ++row) {
       CHECK(s.tokens[i] >= 0 && s.tokens[i] < cfg_.vocab_size) << "token ids are validated before Embed";
-      std::memcpy(hidden->data() + row * H, shard_->embed().data() + static_cast<int64_t>(s.tokens[i]) * H,
-                  H * sizeof(float));
+      shard_->embed().Row(s.tokens[i], hidden->data() + row * H);
     }
   }
 }
@@ -286,9 +374,9 @@ void Engine::DenseAttention(const LayerWeights& lw, size_t slot, const std::vect
   const int64_t qw = nh * d, kvw = nkv * d;
   const AttentionWeights& w = lw.attn;
   std::vector<float> q(T * qw), k(T * kvw), v(T * kvw);
-  kernels::Linear(x, T, H, w.q.data(), qw, q.data());
-  kernels::Linear(x, T, H, w.k.data(), kvw, k.data());
-  kernels::Linear(x, T, H, w.v.data(), kvw, v.data());
+  kernels::Linear(x, T, H, w.q, q.data());
+  kernels::Linear(x, T, H, w.k, k.data());
+  kernels::Linear(x, T, H, w.v, v.data());
   if (c.attention_bias) {
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t i = 0; i < qw; ++i) q[t * qw + i] += w.q_bias[i];
@@ -321,7 +409,7 @@ void Engine::DenseAttention(const LayerWeights& lw, size_t slot, const std::vect
     }
     row += s.n;
   }
-  kernels::Linear(attn.data(), T, qw, w.o.data(), H, out);
+  kernels::Linear(attn.data(), T, qw, w.o, out);
 }
 
 void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs, const float* x,
@@ -335,14 +423,14 @@ void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Se
   std::vector<float> q(T * nh * qd);
   if (c.q_lora_rank > 0) {
     std::vector<float> qa(T * c.q_lora_rank);
-    kernels::Linear(x, T, H, w.q_a.data(), c.q_lora_rank, qa.data());
+    kernels::Linear(x, T, H, w.q_a, qa.data());
     kernels::RmsNorm(qa.data(), T, c.q_lora_rank, w.q_a_norm.data(), eps, qa.data());
-    kernels::Linear(qa.data(), T, c.q_lora_rank, w.q_b.data(), nh * qd, q.data());
+    kernels::Linear(qa.data(), T, c.q_lora_rank, w.q_b, q.data());
   } else {
-    kernels::Linear(x, T, H, w.q.data(), nh * qd, q.data());
+    kernels::Linear(x, T, H, w.q, q.data());
   }
   std::vector<float> kv(T * (L + dr));
-  kernels::Linear(x, T, H, w.kv_a.data(), L + dr, kv.data());
+  kernels::Linear(x, T, H, w.kv_a, kv.data());
   std::vector<float> attn(T * nh * dv);
   std::vector<float> scratch;
   int64_t row = 0;
@@ -371,7 +459,7 @@ void Engine::Attention(const LayerWeights& lw, size_t slot, const std::vector<Se
     }
     row += s.n;
   }
-  kernels::Linear(attn.data(), T, nh * dv, w.o.data(), H, out);
+  kernels::Linear(attn.data(), T, nh * dv, w.o, out);
 }
 
 absl::Status Engine::RunBlock(const LayerWeights& lw, size_t slot, const std::vector<Segment>& segs,
@@ -487,7 +575,7 @@ absl::Status Engine::ForwardHidden(const std::vector<Segment>& segs, std::vector
 void Engine::HeadRows(const float* normed, int64_t n, std::vector<float>* logits) const {
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   logits->resize(n * V);
-  if (n > 0) kernels::Linear(normed, n, H, shard_->lm_head().data(), V, logits->data());
+  if (n > 0) kernels::Linear(normed, n, H, shard_->lm_head(), logits->data());
 }
 
 void SequenceCache::Truncate(int64_t n) {

@@ -4,10 +4,14 @@
 //
 // A shard holds the layers [layer_begin, layer_end) of one pipeline stage
 // (all of them for `expertmesh generate`), the embedding on the first stage and
-// the final norm + lm_head on the last. Weights are loaded from an HF
-// checkpoint as fp32 (bf16 / fp8 block-scaled weights dequantised at load);
-// only the tensors of the shard (and, for MoE layers, only the selected
-// experts) are read from the memory-mapped files.
+// the final norm + lm_head on the last. The weight matrices stay in the
+// checkpoint's precision (kernels::Weight: fp32, bf16, or fp8 e4m3 with
+// 128 x 128 block scales), mapped straight from the memory-mapped safetensors
+// files (the shard keeps the checkpoint open); f16 matrices, and fp8 ones with
+// other block sizes, are converted to owned fp32 at load. Norm vectors, biases
+// and kv_b (which the MLA kernels read as fp32) are fp32 copies. Only the
+// tensors of the shard (and, for MoE layers, only the selected experts) are
+// touched.
 //
 // A forward step runs a batch of sequence segments: each segment is a number
 // of new tokens of one sequence, appended to that sequence's latent KV cache.
@@ -33,18 +37,23 @@
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/weight.h"
 #include "worker/expert_exchange.h"
 #include "worker/moe.h"
 
 namespace expertmesh::worker {
 
 struct AttentionWeights {
-  std::vector<float> q_a, q_a_norm, q_b;  // q_lora_rank > 0
-  std::vector<float> q;                   // q_lora_rank == 0 and dense architectures: q_proj
-  std::vector<float> kv_a, kv_a_norm, kv_b, o;
+  kernels::Weight q_a, q_b;               // q_lora_rank > 0
+  std::vector<float> q_a_norm;
+  kernels::Weight q;                      // q_lora_rank == 0 and dense architectures: q_proj
+  kernels::Weight kv_a, o;
+  std::vector<float> kv_a_norm;
+  std::vector<float> kv_b;                // fp32: the MLA kernels read it directly
   // Dense architectures (GQA): k_proj, v_proj; the q/k/v biases when
   // attention_bias (Qwen2), else empty.
-  std::vector<float> k, v, q_bias, k_bias, v_bias;
+  kernels::Weight k, v;
+  std::vector<float> q_bias, k_bias, v_bias;
 };
 
 struct LayerWeights {
@@ -52,21 +61,53 @@ struct LayerWeights {
   bool is_moe = false;
   std::vector<float> input_norm, post_norm;
   AttentionWeights attn;
-  ExpertWeights dense;  // dense layers: fused gate_up [2I, H], down [H, I]
+  ExpertWeights dense;  // dense layers: gate, up [I, H], down [H, I]
   MoeWeights moe;       // MoE layers
 };
 
-// Reads one tensor of the checkpoint spec by name and appends it (fp32) to
-// *out: a fused matrix is two calls into one vector reserved for both.
-using WeightGetter = std::function<absl::Status(const std::string& name, std::vector<float>* out)>;
-// Writes the values of one tensor to out[0, spec.numel()).
+// Writes the values of one tensor to out[0, spec.numel()) as fp32.
 using TensorFiller = std::function<absl::Status(const TensorSpec& spec, float* out)>;
-// A WeightGetter over the tensors of `specs`, read through `fill`.
-WeightGetter MakeWeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill);
+// Makes a Weight of a 2-D tensor without filling fp32 values: a mapped view of
+// the file's bytes. Returns an empty Weight when the tensor cannot be mapped
+// (its values are then filled as fp32 into an owned Weight).
+using WeightMapper = std::function<absl::StatusOr<kernels::Weight>(const TensorSpec& spec)>;
+
+// Reads the tensors of a checkpoint spec by name: vectors as fp32 (appended to
+// *out), matrices as kernels::Weight (mapped when possible, else owned fp32).
+class WeightGetter {
+ public:
+  WeightGetter(const std::vector<TensorSpec>& specs, TensorFiller fill, WeightMapper map = nullptr);
+  absl::Status operator()(const std::string& name, std::vector<float>* out) const;
+  absl::Status operator()(const std::string& name, kernels::Weight* out) const;
+  // Elements of the tensors got so far, and of all tensors of the specs (progress).
+  int64_t numel_done() const { return *done_; }
+  int64_t numel_total() const { return total_; }
+
+ private:
+  absl::StatusOr<const TensorSpec*> Spec(const std::string& name) const;
+  std::shared_ptr<std::map<std::string, TensorSpec>> by_name_;
+  TensorFiller fill_;
+  WeightMapper map_;
+  std::shared_ptr<int64_t> done_;
+  int64_t total_ = 0;
+};
+
+// Told the fraction in [0, 1] of a load done, as it advances.
+using LoadProgress = std::function<void(double fraction)>;
+// A LoadProgress that, once a load has taken longer than a second, writes a
+// line per 10% ("loading <what>: 40% (2.1 s)") through `sink` (default:
+// glog INFO); the 100% line gives the load's time.
+LoadProgress ProgressLines(std::string what, std::function<void(const std::string& line)> sink = nullptr);
 // Fillers: a checkpoint's tensors (fp8 dequantised), or the generator's
 // random values for a seed (what `expertmesh checkpoint` writes in fp32).
 TensorFiller CheckpointFiller(const ShardedCheckpoint* ckpt, const ModelConfig& cfg);
 TensorFiller RandomFiller(uint64_t seed);
+// Maps the checkpoint's f32, bf16 and fp8 (128 x 128 block-scaled) matrices;
+// the Weights keep `ckpt` (and its mmaps) alive.
+WeightMapper CheckpointMapper(std::shared_ptr<const ShardedCheckpoint> ckpt, const ModelConfig& cfg);
+// A WeightGetter over a checkpoint: mapped matrices, fp32 vectors.
+WeightGetter CheckpointGetter(std::shared_ptr<const ShardedCheckpoint> ckpt, const ModelConfig& cfg,
+                              const std::vector<TensorSpec>& specs);
 
 // Loads the transformer block of layer `l` (input/post norms, MLA attention,
 // dense MLP or MoE with the experts `filter` selects) through `get`. Used for
@@ -77,8 +118,11 @@ absl::Status LoadBlockWeights(const ModelConfig& cfg, int64_t l, const ShardFilt
 class ModelShard {
  public:
   // Opens the checkpoint folder, validates every tensor the filter selects
-  // (all problems reported at once) and loads them.
-  static absl::StatusOr<std::unique_ptr<ModelShard>> Load(const std::string& dir, const ShardFilter& filter);
+  // (all problems reported at once) and loads them: matrices mapped (no
+  // bytes read until used), vectors and converted matrices read. `progress`
+  // (default: ProgressLines to glog) is told how far it is.
+  static absl::StatusOr<std::unique_ptr<ModelShard>> Load(const std::string& dir, const ShardFilter& filter,
+                                                          LoadProgress progress = nullptr);
   // Builds a shard with random weights (same values as `expertmesh checkpoint`
   // with this seed and fp32), without touching the disk: for benchmarks.
   static absl::StatusOr<std::unique_ptr<ModelShard>> Random(const ModelConfig& cfg, const ShardFilter& filter,
@@ -90,9 +134,9 @@ class ModelShard {
   bool has_embed() const { return !embed_.empty(); }
   bool has_head() const { return !lm_head_.empty(); }
   const std::vector<LayerWeights>& layers() const { return layers_; }
-  const std::vector<float>& embed() const { return embed_; }
+  const kernels::Weight& embed() const { return embed_; }  // [vocab, H]: rows via Weight::Row
   const std::vector<float>& final_norm() const { return final_norm_; }
-  const std::vector<float>& lm_head() const { return lm_head_; }
+  const kernels::Weight& lm_head() const { return lm_head_; }
 
   // Routed experts by MoE layer and logical id: what expert rebalancing
   // loads next to the experts in use before the switch.
@@ -111,12 +155,13 @@ class ModelShard {
 
  private:
   LayerWeights* MoeLayer(int64_t layer);
-  absl::Status Build(const ShardFilter& filter, const TensorFiller& fill);
+  absl::Status Build(const ShardFilter& filter, const WeightGetter& get, const LoadProgress& progress = nullptr);
 
   ModelConfig cfg_;
   int64_t layer_begin_ = 0, layer_end_ = 0;
   std::vector<LayerWeights> layers_;
-  std::vector<float> embed_, final_norm_, lm_head_;
+  kernels::Weight embed_, lm_head_;
+  std::vector<float> final_norm_;
 };
 
 // KV cache of one sequence over the layers of a shard. DeepSeek-V3 (latent):

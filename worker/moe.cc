@@ -1,15 +1,13 @@
 #include "worker/moe.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <numeric>
-#include <thread>
 
+#include "common/thread_pool.h"
 #include "glog/logging.h"
 
 namespace expertmesh::worker {
@@ -20,29 +18,14 @@ namespace {
 // final weighted sum) is split over threads.
 constexpr int64_t kTokenChunk = 64;
 
-// Runs fn(task, thread) for every task in [0, n) on one thread per core (as
-// many as BLAS may use: OPENBLAS_NUM_THREADS, default one per core; thread 0
-// is the caller), each taking the next task from a shared counter, with BLAS
-// single-threaded inside: small GEMMs scale better side by side than with
-// BLAS's threads, and no BLAS pool thread spins beside ours. One thread, or
-// one task: runs inline.
+// Runs fn(task, thread) for every task in [0, n) on the process's thread
+// pool (common/thread_pool.h), one task per chunk: the kernels inside a task
+// run single-threaded (nested pool calls run inline), so small GEMMs run side
+// by side on every core. One task: inline on the caller.
 void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  const int blas_threads = std::max(1, openblas_get_num_threads());
-  const int64_t threads = std::min<int64_t>(blas_threads, n);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i, 0);
-    return;
-  }
-  openblas_set_num_threads(1);
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t thread) {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i, thread);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& t : pool) t.join();
-  openblas_set_num_threads(blas_threads);
+  expertmesh::ParallelFor(n, 1, [&](int64_t begin, int64_t end, int thread) {
+    for (int64_t i = begin; i < end; ++i) fn(i, thread);
+  });
 }
 
 // Routed experts (and, with_shared, the shared expert) on x[T,H], added to
@@ -88,7 +71,7 @@ void ExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int
   // zero-filling.
   std::unique_ptr<float[]> sorted_out(new float[pairs * H]);
   std::unique_ptr<float[]> shared_out(new float[with_shared ? T * H : 0]);
-  const int64_t threads = std::max(1, openblas_get_num_threads());
+  const int64_t threads = ThreadPool::Default().num_threads();
   const int64_t scratch_floats = std::max(max_tokens * 3 * I, with_shared ? kTokenChunk * 3 * Is : 0);
   std::vector<std::unique_ptr<float[]>> xin(threads), scratch(threads);
   ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t i, int64_t thread) {
@@ -136,7 +119,7 @@ void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int
   // Token chunks on parallel threads (single-threaded BLAS); one chunk inline.
   ParallelFor((T + kTokenChunk - 1) / kTokenChunk, [&](int64_t chunk, int64_t) {
     const int64_t t0 = chunk * kTokenChunk, n = std::min(kTokenChunk, T - t0);
-    kernels::Linear(x + t0 * H, n, H, w.router.data(), E, logits.data() + t0 * E);
+    kernels::Linear(x + t0 * H, n, H, w.router, logits.data() + t0 * E);
     kernels::Route(logits.data() + t0 * E, w.bias.empty() ? nullptr : w.bias.data(), n, w.router_params,
                    ids->data() + t0 * K, weights->data() + t0 * K);
   });
@@ -145,11 +128,23 @@ void RouteTokens(const MoeWeights& w, const float* x, int64_t T, std::vector<int
 void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int64_t T, float* out,
                float* scratch) {
   if (T == 0) return;
-  float* gu = scratch;  // [T, 2I]
-  kernels::Linear(x, T, H, e.gate_up.data(), 2 * I, gu);  // few tokens: LinearFewRows
-  float* act = scratch + T * 2 * I;  // [T, I]
-  for (int64_t t = 0; t < T; ++t) kernels::SiluMul(gu + t * 2 * I, gu + t * 2 * I + I, I, act + t * I);
-  kernels::Linear(act, T, I, e.down.data(), H, out);
+  float* gate = scratch;         // [T, I]
+  float* up = scratch + T * I;   // [T, I]
+  float* act = up + T * I;       // [T, I]
+  kernels::Linear(x, T, H, e.gate, gate);
+  kernels::Linear(x, T, H, e.up, up);
+  kernels::SiluMul(gate, up, T * I, act);
+  kernels::Linear(act, T, I, e.down, out);
+}
+
+ExpertWeights ExpertWeights::FromFloat(const std::vector<float>& gate_up, std::vector<float> down, int64_t H,
+                                       int64_t I) {
+  CHECK_EQ(static_cast<int64_t>(gate_up.size()), 2 * I * H);
+  ExpertWeights e;
+  e.gate = kernels::Weight::FromFloat(std::vector<float>(gate_up.begin(), gate_up.begin() + I * H), I, H);
+  e.up = kernels::Weight::FromFloat(std::vector<float>(gate_up.begin() + I * H, gate_up.end()), I, H);
+  e.down = kernels::Weight::FromFloat(std::move(down), H, I);
+  return e;
 }
 
 void RoutedExpertsAccumulate(const MoeWeights& w, const float* x, int64_t T, const int32_t* ids,

@@ -8,22 +8,25 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/weight.h"
 
 namespace expertmesh::worker {
 
-// One SwiGLU expert: gate and up fused into one [2I, H] matrix (gate rows
-// first), down [H, I].
+// One SwiGLU expert: gate [I, H], up [I, H], down [H, I], each in the
+// checkpoint's precision (mapped from the file when its dtype allows).
 struct ExpertWeights {
-  std::vector<float> gate_up;
-  std::vector<float> down;
+  kernels::Weight gate, up, down;
   bool loaded() const { return !down.empty(); }
+  // Owned fp32 weights from a fused gate_up [2I, H] (gate rows first) and
+  // down [H, I] (tests, generated experts).
+  static ExpertWeights FromFloat(const std::vector<float>& gate_up, std::vector<float> down, int64_t H, int64_t I);
 };
 
 struct MoeWeights {
   int64_t hidden = 0;
   int64_t expert_inter = 0;        // moe_intermediate_size
   int64_t shared_inter = 0;        // moe_intermediate_size * n_shared_experts (0: none)
-  std::vector<float> router;       // [E, H]
+  kernels::Weight router;          // [E, H]
   std::vector<float> bias;         // [E] e_score_correction_bias
   std::vector<ExpertWeights> experts;  // by logical id; empty() entries are not on this process
   ExpertWeights shared;
@@ -54,10 +57,9 @@ void SharedExpertAccumulate(const MoeWeights& w, const float* x, int64_t T, floa
 // post-attention-normed hidden state.
 void MoeForwardLocal(const MoeWeights& w, const float* x, int64_t T, float* y);
 
-// Runs one expert (gate_up fused) on T contiguous tokens: out[T,H] (overwritten).
-// scratch: 3*T*I floats. A GEMM with T <= kernels::kLinearFewRowsMax rows runs on
-// kernels::LinearFewRows when BLAS is single-threaded (OPENBLAS_NUM_THREADS=1,
-// or inside the MoE layer's own threads), on BLAS otherwise.
+// Runs one expert on T contiguous tokens: out[T,H] (overwritten).
+// scratch: 3*T*I floats. Its Linear calls use the thread pool at the top level
+// and run single-threaded inside a pool task (the MoE layer's per-expert tasks).
 void RunExpert(const ExpertWeights& e, int64_t H, int64_t I, const float* x, int64_t T, float* out,
                float* scratch);
 

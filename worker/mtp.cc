@@ -37,11 +37,12 @@ absl::Status NeedMtp(const ModelConfig& cfg) {
 absl::StatusOr<std::unique_ptr<MtpModule>> MtpModule::Load(const std::string& dir) {
   ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::FromFile(dir + "/config.json"));
   RETURN_IF_ERROR(NeedMtp(cfg));
-  ASSIGN_OR_RETURN(auto ckpt, ShardedCheckpoint::Open(dir));
-  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, CheckpointSpec(cfg, MtpFilter(cfg)), cfg));
+  ASSIGN_OR_RETURN(std::shared_ptr<const ShardedCheckpoint> ckpt, ShardedCheckpoint::Open(dir));
+  const std::vector<TensorSpec> spec = CheckpointSpec(cfg, MtpFilter(cfg));
+  RETURN_IF_ERROR(ValidateCheckpoint(*ckpt, spec, cfg));
   auto m = std::unique_ptr<MtpModule>(new MtpModule());
   m->cfg_ = cfg;
-  RETURN_IF_ERROR(m->Build(CheckpointFiller(ckpt.get(), cfg)));
+  RETURN_IF_ERROR(m->Build(CheckpointGetter(ckpt, cfg, spec)));
   return m;
 }
 
@@ -50,13 +51,12 @@ absl::StatusOr<std::unique_ptr<MtpModule>> MtpModule::Random(const ModelConfig& 
   RETURN_IF_ERROR(NeedMtp(cfg));
   auto m = std::unique_ptr<MtpModule>(new MtpModule());
   m->cfg_ = cfg;
-  RETURN_IF_ERROR(m->Build(RandomFiller(seed)));
+  RETURN_IF_ERROR(m->Build(WeightGetter(CheckpointSpec(cfg, MtpFilter(cfg)), RandomFiller(seed))));
   return m;
 }
 
-absl::Status MtpModule::Build(const TensorFiller& fill) {
+absl::Status MtpModule::Build(const WeightGetter& get) {
   const ShardFilter filter = MtpFilter(cfg_);
-  const WeightGetter get = MakeWeightGetter(CheckpointSpec(cfg_, filter), fill);
   const int64_t L = cfg_.num_hidden_layers;
   RETURN_IF_ERROR(LoadBlockWeights(cfg_, L, filter, get, &w_.block));
   const std::string p = absl::StrCat("model.layers.", L, ".");
@@ -88,7 +88,7 @@ absl::Status MtpModule::Forward(Engine* engine, const std::vector<Segment>& segs
     T += s.n;
   }
   // [enorm(embed(t_{i+1})) | hnorm(h_i)] per row, then eh_proj.
-  std::vector<float> cat(T * 2 * H);
+  std::vector<float> cat(T * 2 * H), emb(H);
   int64_t row = 0;
   for (const auto& s : segs) {
     for (int64_t i = 0; i < s.n; ++i, ++row) {
@@ -97,12 +97,13 @@ absl::Status MtpModule::Forward(Engine* engine, const std::vector<Segment>& segs
         return absl::InvalidArgumentError(absl::StrCat("MtpModule::Forward: token ", t, " out of [0, ", V, ")"));
       }
       float* dst = cat.data() + row * 2 * H;
-      kernels::RmsNorm(w_.embed.data() + static_cast<int64_t>(t) * H, 1, H, w_.enorm.data(), eps, dst);
+      w_.embed.Row(t, emb.data());
+      kernels::RmsNorm(emb.data(), 1, H, w_.enorm.data(), eps, dst);
       kernels::RmsNorm(main_normed + row * H, 1, H, w_.hnorm.data(), eps, dst + H);
     }
   }
   out->resize(T * H);
-  if (T > 0) kernels::Linear(cat.data(), T, 2 * H, w_.eh_proj.data(), H, out->data());
+  if (T > 0) kernels::Linear(cat.data(), T, 2 * H, w_.eh_proj, out->data());
   RETURN_IF_ERROR(engine->RunBlock(w_.block, 0, segs, out));
   for (const auto& s : segs) s.cache->length += s.n;
   if (T > 0) kernels::RmsNorm(out->data(), T, H, w_.head_norm.data(), eps, out->data());
@@ -112,7 +113,7 @@ absl::Status MtpModule::Forward(Engine* engine, const std::vector<Segment>& segs
 void MtpModule::Logits(const float* normed, int64_t n, std::vector<float>* logits) const {
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   logits->resize(n * V);
-  if (n > 0) kernels::Linear(normed, n, H, w_.head.data(), V, logits->data());
+  if (n > 0) kernels::Linear(normed, n, H, w_.head, logits->data());
 }
 
 }  // namespace expertmesh::worker

@@ -34,11 +34,11 @@ namespace expertmesh::worker {
 
 struct MtpWeights {
   LayerWeights block;                      // layer num_hidden_layers (attention + MoE)
-  std::vector<float> embed;                // model.layers.L.embed_tokens [vocab, H]
+  kernels::Weight embed;                   // model.layers.L.embed_tokens [vocab, H]
   std::vector<float> enorm, hnorm;         // [H]
-  std::vector<float> eh_proj;              // [H, 2H]: columns [0, H) embedding, [H, 2H) hidden
+  kernels::Weight eh_proj;                 // [H, 2H]: columns [0, H) embedding, [H, 2H) hidden
   std::vector<float> head_norm;            // shared_head.norm [H]
-  std::vector<float> head;                 // shared_head.head [vocab, H]
+  kernels::Weight head;                    // shared_head.head [vocab, H]
 };
 
 class MtpModule {
@@ -68,7 +68,7 @@ class MtpModule {
   void Logits(const float* normed, int64_t n, std::vector<float>* logits) const;
 
  private:
-  absl::Status Build(const TensorFiller& fill);
+  absl::Status Build(const WeightGetter& get);
 
   ModelConfig cfg_;
   MtpWeights w_;

@@ -24,15 +24,19 @@ worker::MoeWeights BuildTiny() {
   w.router_params = kernels::RouterParams::FromConfig(cfg);
   const int64_t H = w.hidden, I = w.expert_inter, E = cfg.n_routed_experts;
   std::mt19937_64 rng(20240611);
-  Fill(&w.router, E * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
+  std::vector<float> router, gate_up, down;
+  Fill(&router, E * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
+  w.router = kernels::Weight::FromFloat(std::move(router), E, H);
   Fill(&w.bias, E, 0.05f, &rng);
   w.experts.resize(static_cast<size_t>(E));
   for (auto& e : w.experts) {
-    Fill(&e.gate_up, 2 * I * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
-    Fill(&e.down, H * I, 1.0f / std::sqrt(static_cast<float>(I)), &rng);
+    Fill(&gate_up, 2 * I * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
+    Fill(&down, H * I, 1.0f / std::sqrt(static_cast<float>(I)), &rng);
+    e = worker::ExpertWeights::FromFloat(gate_up, down, H, I);
   }
-  Fill(&w.shared.gate_up, 2 * w.shared_inter * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
-  Fill(&w.shared.down, H * w.shared_inter, 1.0f / std::sqrt(static_cast<float>(w.shared_inter)), &rng);
+  Fill(&gate_up, 2 * w.shared_inter * H, 1.0f / std::sqrt(static_cast<float>(H)), &rng);
+  Fill(&down, H * w.shared_inter, 1.0f / std::sqrt(static_cast<float>(w.shared_inter)), &rng);
+  w.shared = worker::ExpertWeights::FromFloat(gate_up, down, H, w.shared_inter);
   return w;
 }
 

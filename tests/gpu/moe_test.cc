@@ -221,11 +221,9 @@ void RunMoe(bool fp8) {
   std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> q8;
   std::vector<std::unique_ptr<DeviceBuffer<float>>> sc;
   for (int64_t e = 0; e < E; ++e) {
-    auto& ex = mw.experts[e];
-    ex.gate_up = gputest::Normal(rng, 2 * I * H, 0.03f);
-    ex.down = gputest::Normal(rng, H * I, 0.03f);
-    for (auto* m : {&ex.gate_up, &ex.down}) {
-      const int64_t rows = m == &ex.gate_up ? 2 * I : H, cols = m == &ex.gate_up ? H : I;
+    std::vector<float> gate_up = gputest::Normal(rng, 2 * I * H, 0.03f), down = gputest::Normal(rng, H * I, 0.03f);
+    for (auto* m : {&gate_up, &down}) {
+      const int64_t rows = m == &gate_up ? 2 * I : H, cols = m == &gate_up ? H : I;
       if (fp8) {  // the CPU gets the dequantised weights
         std::vector<uint8_t> q;
         std::vector<float> s;
@@ -238,14 +236,15 @@ void RunMoe(bool fp8) {
         // Load time: the checkpoint's 128x128 scales -> per-row scales.
         sc.push_back(std::make_unique<DeviceBuffer<float>>(static_cast<size_t>(cols / 128 * rows)));
         ASSERT_OK(cuda::ExpandFp8Scales(sc[sc.size() - 2]->get(), rows, cols, sc.back()->get(), nullptr));
-        (m == &ex.gate_up ? gw.gate_up : gw.down).push_back(q8.back()->get());
-        (m == &ex.gate_up ? gw.gate_up_scale : gw.down_scale).push_back(sc.back()->get());
+        (m == &gate_up ? gw.gate_up : gw.down).push_back(q8.back()->get());
+        (m == &gate_up ? gw.gate_up_scale : gw.down_scale).push_back(sc.back()->get());
       } else {
         auto b = gputest::ToBf16(*m);
         bf.push_back(std::make_unique<DeviceBuffer<uint16_t>>(b));
-        (m == &ex.gate_up ? gw.gate_up : gw.down).push_back(bf.back()->get());
+        (m == &gate_up ? gw.gate_up : gw.down).push_back(bf.back()->get());
       }
     }
+    mw.experts[e] = worker::ExpertWeights::FromFloat(gate_up, down, H, I);
   }
   // Skewed logits: uneven expert loads, some experts empty or with odd counts.
   std::vector<float> logits = gputest::Normal(rng, T * E, 2.0f);

@@ -292,7 +292,10 @@ TEST(EngineOps, GroupedSwiGluFfnMatchesRunExpert) {
   const int64_t E = 5, H = 256, I = 128;
   const std::vector<int32_t> offsets = {0, 3, 3, 12, 13, 20};  // expert 1 empty, expert 2 with 9 rows (two passes of 8)
   const int64_t rows = offsets[E];
-  std::vector<worker::ExpertWeights> cpu(E);
+  struct CpuExpert {
+    std::vector<float> gate_up, down;
+  };
+  std::vector<CpuExpert> cpu(E);
   std::vector<std::vector<uint8_t>> q_gu(E), q_d(E);
   std::vector<std::vector<float>> s_gu(E), s_d(E);
   for (int64_t e = 0; e < E; ++e) {
@@ -321,14 +324,15 @@ TEST(EngineOps, GroupedSwiGluFfnMatchesRunExpert) {
       std::vector<const void*> p_gu(E), p_d(E);
       std::vector<const float*> p_sgu(E, nullptr), p_sd(E, nullptr);
       for (int64_t e = 0; e < E; ++e) {
-        worker::ExpertWeights ew = cpu[e];
+        CpuExpert ew = cpu[e];
         if (bw) {
           ew.gate_up = RoundBf16(ew.gate_up);
           ew.down = RoundBf16(ew.down);
         }
         const int64_t n = offsets[e + 1] - offsets[e];
         std::vector<float> scratch(std::max<int64_t>(n, 1) * 3 * I);
-        worker::RunExpert(ew, H, I, xin.data() + offsets[e] * H, n, want.data() + offsets[e] * H, scratch.data());
+        worker::RunExpert(worker::ExpertWeights::FromFloat(ew.gate_up, ew.down, H, I), H, I, xin.data() + offsets[e] * H,
+                          n, want.data() + offsets[e] * H, scratch.data());
         if (wt == WType::kFp8) {
           keep.push_back(std::make_unique<Dev>(q_gu[e]));
           p_gu[e] = keep.back()->p;

@@ -45,18 +45,20 @@ int main(int argc, char** argv) {
   w.expert_inter = I;
   w.shared_inter = I * cfg.n_shared_experts;
   w.router_params = em::kernels::RouterParams::FromConfig(cfg);
-  w.router = normal(E * H, 1.0f / std::sqrt(static_cast<float>(H)));
+  const std::vector<float> router = normal(E * H, 1.0f / std::sqrt(static_cast<float>(H)));
+  w.router = em::kernels::Weight::FromFloat(router, E, H);
   w.bias = normal(E, 0.05f);
   w.experts.resize(E);
   std::vector<float> all_gate_up, all_down;
   for (auto& e : w.experts) {
-    e.gate_up = normal(2 * I * H, 0.08f);
-    e.down = normal(H * I, 0.2f);
-    all_gate_up.insert(all_gate_up.end(), e.gate_up.begin(), e.gate_up.end());
-    all_down.insert(all_down.end(), e.down.begin(), e.down.end());
+    const std::vector<float> gate_up = normal(2 * I * H, 0.08f), down = normal(H * I, 0.2f);
+    e = em::worker::ExpertWeights::FromFloat(gate_up, down, H, I);
+    all_gate_up.insert(all_gate_up.end(), gate_up.begin(), gate_up.end());
+    all_down.insert(all_down.end(), down.begin(), down.end());
   }
-  w.shared.gate_up = normal(2 * w.shared_inter * H, 0.08f);
-  w.shared.down = normal(H * w.shared_inter, 0.2f);
+  const std::vector<float> shared_gate_up = normal(2 * w.shared_inter * H, 0.08f),
+                           shared_down = normal(H * w.shared_inter, 0.2f);
+  w.shared = em::worker::ExpertWeights::FromFloat(shared_gate_up, shared_down, H, w.shared_inter);
   const std::vector<float> x = normal(T * H, 1.0f);
   std::vector<float> y(T * H, 0.0f);
   em::worker::MoeForwardLocal(w, x.data(), T, y.data());
@@ -65,12 +67,12 @@ int main(int argc, char** argv) {
   em::worker::RouteTokens(w, x.data(), T, &ids, &wts);
 
   em::SafetensorsWriter st;
-  st.AddF32("router", {E, H}, w.router);
+  st.AddF32("router", {E, H}, router);
   st.AddF32("bias", {E}, w.bias);
   st.AddF32("experts.gate_up", {E, 2 * I, H}, all_gate_up);
   st.AddF32("experts.down", {E, H, I}, all_down);
-  st.AddF32("shared.gate_up", {2 * w.shared_inter, H}, w.shared.gate_up);
-  st.AddF32("shared.down", {H, w.shared_inter}, w.shared.down);
+  st.AddF32("shared.gate_up", {2 * w.shared_inter, H}, shared_gate_up);
+  st.AddF32("shared.down", {H, w.shared_inter}, shared_down);
   st.AddF32("x", {T, H}, x);
   st.AddF32("y", {T, H}, y);
   st.AddF32("ids", {T, w.router_params.top_k}, std::vector<float>(ids.begin(), ids.end()));

@@ -74,12 +74,15 @@ TEST_P(ShardExpertsTest, StagedExpertsEqualLoadedOnesAndReplaceSwapsThem) {
     for (int32_t e = 0; e < 64; ++e) ids[static_cast<size_t>(e)] = e;
     EXPECT_EQ(shard->LoadedExperts(l), ids) << "layer " << l;
     for (int32_t e = 0; e < 64; ++e) {
-      // Bit-identical to loading them at start (same dequantisation).
-      EXPECT_EQ(Expert(*shard, l, e).gate_up, Expert(*want, l, e).gate_up) << l << "/" << e;
-      EXPECT_EQ(Expert(*shard, l, e).down, Expert(*want, l, e).down) << l << "/" << e;
+      // Bit-identical to loading them at start, in the checkpoint's precision.
+      const ExpertWeights &got = Expert(*shard, l, e), &ref = Expert(*want, l, e);
+      EXPECT_EQ(got.gate.ToFloat(), ref.gate.ToFloat()) << l << "/" << e;
+      EXPECT_EQ(got.up.ToFloat(), ref.up.ToFloat()) << l << "/" << e;
+      EXPECT_EQ(got.down.ToFloat(), ref.down.ToFloat()) << l << "/" << e;
+      EXPECT_EQ(got.down.dtype(), GetParam() == "fp8" ? DType::kF8E4M3 : DType::kF32) << l << "/" << e;
     }
     EXPECT_FALSE(Expert(*shard, l, 64).loaded());
-    EXPECT_TRUE(Expert(*shard, l, 64).gate_up.empty());  // memory released
+    EXPECT_TRUE(Expert(*shard, l, 64).gate.empty());  // memory released
   }
   EXPECT_TRUE(shard->LoadedExperts(0).empty());  // dense layer outside the shard
 }
@@ -111,6 +114,58 @@ TEST(ShardExperts, ErrorsChangeNothing) {
   EXPECT_EQ(shard->LoadedExperts(1), (std::vector<int32_t>{0, 100}));
   EXPECT_EQ(shard->LoadedExperts(2).size(), 8u);  // layers not in `keep` are untouched
 }
+
+// The shard's matrices keep the checkpoint's precision (mapped, not
+// expanded to fp32), and their values are the file's exactly.
+class ShardPrecisionTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ShardPrecisionTest, MatricesKeepTheCheckpointDtype) {
+  TempDir tmp;
+  const std::string dir = WriteTiny(tmp.path(), GetParam());
+  ShardFilter f;
+  f.layer_end = 2;  // the dense layer 0 and the MoE layer 1
+  f.expert = [](int64_t, int64_t e) { return e < 4; };
+  std::vector<double> progress;
+  auto s = ModelShard::Load(dir, f, [&](double p) { progress.push_back(p); });
+  ASSERT_OK(s);
+  const ModelShard& shard = **s;
+  const DType linear = GetParam() == "fp32" ? DType::kF32 : GetParam() == "bf16" ? DType::kBF16 : DType::kF8E4M3;
+  const DType other = GetParam() == "fp32" ? DType::kF32 : DType::kBF16;  // embedding, head, router
+  EXPECT_EQ(shard.embed().dtype(), other);
+  EXPECT_EQ(shard.lm_head().dtype(), other);
+  const LayerWeights& dense = shard.layers()[0];
+  const LayerWeights& moe = shard.layers()[1];
+  for (const kernels::Weight* w : {&dense.attn.q_a, &dense.attn.q_b, &dense.attn.kv_a, &dense.attn.o, &dense.dense.gate,
+                                   &dense.dense.up, &dense.dense.down, &moe.moe.experts[3].gate,
+                                   &moe.moe.experts[3].down, &moe.moe.shared.up}) {
+    EXPECT_EQ(w->dtype(), linear);
+  }
+  EXPECT_EQ(moe.moe.router.dtype(), other);
+  EXPECT_FALSE(moe.moe.experts[4].loaded());
+  // Values: the file's, through the fp32 loader (exact dequantisation).
+  auto ckpt = ShardedCheckpoint::Open(dir);
+  ASSERT_OK(ckpt);
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  ASSERT_OK(cfg);
+  for (const auto& spec : CheckpointSpec(*cfg, f)) {
+    if (spec.name == "model.layers.1.mlp.experts.3.down_proj.weight") {
+      auto want = LoadF32(**ckpt, spec, *cfg);
+      ASSERT_OK(want);
+      EXPECT_EQ(moe.moe.experts[3].down.ToFloat(), *want);
+    }
+    if (spec.name == "model.embed_tokens.weight") {
+      auto want = LoadF32(**ckpt, spec, *cfg);
+      ASSERT_OK(want);
+      std::vector<float> row(static_cast<size_t>(cfg->hidden_size));
+      shard.embed().Row(7, row.data());
+      EXPECT_EQ(row, std::vector<float>(want->begin() + 7 * cfg->hidden_size, want->begin() + 8 * cfg->hidden_size));
+    }
+  }
+  ASSERT_FALSE(progress.empty());
+  EXPECT_DOUBLE_EQ(progress.back(), 1.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, ShardPrecisionTest, ::testing::Values("fp32", "bf16", "fp8"));
 
 }  // namespace
 }  // namespace expertmesh::worker
