@@ -5,6 +5,9 @@
 #include <cstring>
 #include <map>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/safetensors.h"
@@ -86,6 +89,29 @@ TensorFiller RandomFiller(uint64_t seed) {
   };
 }
 
+namespace {
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14
+#endif
+
+// Maps the pages of [p, p + n) of a file mapping into this process now
+// (MADV_POPULATE_READ: read from the page cache or the disk, page tables
+// filled), so that loading costs what the shard's own bytes cost and the first
+// forward step does not fault them in one at a time. Only the tensors the shard
+// uses are touched: a worker's RSS holds its experts, not the whole file.
+// Older kernels: MADV_WILLNEED (read-ahead only).
+void Prefault(const void* p, size_t n) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(p) + n;
+  if (::madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_READ) != 0) {
+    ::madvise(reinterpret_cast<void*>(b), e - b, MADV_WILLNEED);
+  }
+}
+
+}  // namespace
+
 WeightMapper CheckpointMapper(std::shared_ptr<const ShardedCheckpoint> ckpt, const ModelConfig& cfg) {
   const bool blocks128 =
       cfg.quantization_config.weight_block_rows == 128 && cfg.quantization_config.weight_block_cols == 128;
@@ -103,6 +129,7 @@ WeightMapper CheckpointMapper(std::shared_ptr<const ShardedCheckpoint> ckpt, con
       case DType::kBF16:
         // safetensors does not align tensors: a misaligned one is copied (same dtype).
         if (!aligned(t->data, DTypeSize(t->dtype))) return kernels::Weight::FromBytes(t->dtype, t->data, rows, cols);
+        Prefault(t->data, t->nbytes);
         return kernels::Weight::Mapped(t->dtype, t->data, rows, cols, ckpt);
       case DType::kF8E4M3: {
         const TensorView* sc = ckpt->Find(ScaleName(s.name));
@@ -110,6 +137,8 @@ WeightMapper CheckpointMapper(std::shared_ptr<const ShardedCheckpoint> ckpt, con
         if (!blocks128 || sc == nullptr || sc->dtype != DType::kF32 || !aligned(sc->data, sizeof(float))) {
           return kernels::Weight();
         }
+        Prefault(t->data, t->nbytes);
+        Prefault(sc->data, sc->nbytes);
         return kernels::Weight::Mapped(DType::kF8E4M3, t->data, rows, cols, ckpt,
                                        reinterpret_cast<const float*>(sc->data));
       }

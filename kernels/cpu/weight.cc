@@ -44,8 +44,10 @@ Weight Weight::FromBytes(DType dtype, const void* data, int64_t rows, int64_t co
   w.cols_ = cols;
   w.data_ = owned->data();
   w.storage_ = owned;
-  w.owned_scales_ = std::move(scale_inv);
-  w.scale_inv_ = w.owned_scales_.empty() ? nullptr : w.owned_scales_.data();
+  if (!scale_inv.empty()) {
+    w.owned_scales_ = std::make_shared<const std::vector<float>>(std::move(scale_inv));
+    w.scale_inv_ = w.owned_scales_->data();
+  }
   CHECK(dtype != DType::kF8E4M3 || w.scale_inv_ != nullptr) << "fp8 weight without scale_inv";
   return w;
 }

@@ -63,7 +63,7 @@ class Weight {
   const void* data_ = nullptr;
   const float* scale_inv_ = nullptr;
   std::shared_ptr<const void> storage_;  // owned bytes or the mapping
-  std::vector<float> owned_scales_;
+  std::shared_ptr<const std::vector<float>> owned_scales_;  // shared by copies (scale_inv_ points into it)
 };
 
 // y[M,N] = x[M,K] . w^T (N = w.rows(), K = w.cols()); with accumulate, y += .
