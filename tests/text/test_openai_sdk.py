@@ -211,6 +211,8 @@ class SdkTest(unittest.TestCase):
         coord = self.start_coordinator(grpc_port, http_port, journal, "coordinator.log")
         workers = self.start_workers(server)
         cu.wait_serving(server)
+        # The HTTP listener may come up after gRPC serves (workers load in milliseconds now).
+        self.wait_http(f"http://127.0.0.1:{http_port}", [coord])
         cmd = ["node", JS, "--base", f"http://127.0.0.1:{http_port}", "--expect", self.f.expect_path, "--case",
                "retry_after_restart", "--root", ROOT, "--request-id", f"sdk-restart-{os.getpid()}"]
         node = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cu.ENV)
