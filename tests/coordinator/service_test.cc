@@ -635,7 +635,7 @@ TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   });
-  FakeWorker quitter(channel_);
+  FakeWorker quitter(worker_);
   EXPECT_FALSE(quitter.Register(-1, "quitter", 777, /*timeout_s=*/1).ok());
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   while (std::chrono::steady_clock::now() < until && Status().vacant_worker_ids_size() == 0) {
@@ -646,7 +646,7 @@ TEST_F(CoordinatorTest, ElasticRegisterThatTimesOutOnAVacantPlaceLeavesItVacant)
   EXPECT_EQ(st.vacant_worker_ids(0), 2);
   EXPECT_FALSE(st.workers(2).host() == "quitter" && st.workers(2).pid() == 777);
   // A replacement for worker 3, then one for the vacant place 2: both held, nothing vacant.
-  FakeWorker r3(channel_), r2(channel_);
+  FakeWorker r3(worker_), r2(worker_);
   ASSERT_OK(r3.Register(3, "newhost", 555));
   ASSERT_OK(r2.Register(-1, "newhost", 556));
   EXPECT_EQ(r2.id(), 2);
