@@ -34,7 +34,8 @@ const Verb kVerbs[] = {
      "expertmesh generate --checkpoint DIR --prompts FILE --max-new-tokens N [--temperature T --top-k K "
      "--top-p P --seed S] [--dump-logits FILE] [--speculative mtp]\n\nPrompts are JSON lines {\"tokens\":[...]}; "
      "prints one JSON line {\"index\":i,\"tokens\":[...]} per prompt (generated ids only), in input order. "
-     "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens).",
+     "--speculative mtp drafts one token per step with the MTP layer and verifies it (same tokens). Weights are memory-mapped and read in the checkpoint's precision; "
+     "compute threads: EXPERTMESH_NUM_THREADS (else OPENBLAS_NUM_THREADS, else one per core).",
      GenerateMain},
     {"bench", "launch/bench", "benchmarks: layer, moe-alltoall, serve, control-plane, tokenizer, gemv, peer (each beside its limit, same run)",
      "expertmesh bench layer --preset small --tokens T [--json]\n"
