@@ -25,15 +25,6 @@ constexpr uint64_t kDeepSeekV3Fingerprint = 0xf9e4bbe11a2467acull;
 constexpr uint64_t kDeepSeekR1Fingerprint = 0xb2130630d0437403ull;
 constexpr uint64_t kDeepSeekR1DistillFingerprint = 0xf2971292d1b80d94ull;
 
-uint64_t Fnv1a64(absl::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 constexpr char kEos[] = "<｜end▁of▁sentence｜>";
 
 // A field that Jinja concatenates to a string: anything but a string fails there.
@@ -74,6 +65,16 @@ bool HasRole(const json& m, const char* role) {
 }
 
 }  // namespace
+
+uint64_t Fnv1a64(absl::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
 
 std::vector<std::string> ChatTemplate::Names() { return {"deepseek-v3", "deepseek-r1", "deepseek-r1-distill"}; }
 

@@ -55,4 +55,8 @@ class ChatTemplate {
   std::string bos_token_;
 };
 
+// FNV-1a, 64 bits: the fingerprint of a template text (and a stable name for
+// files derived from a text, e.g. the R1-Distill tokenizer folders).
+uint64_t Fnv1a64(absl::string_view s);
+
 }  // namespace expertmesh

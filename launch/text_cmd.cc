@@ -132,15 +132,6 @@ std::vector<absl::string_view> Chunks(absl::string_view text, size_t size) {
   return out;
 }
 
-uint64_t Fnv1a64(absl::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 // An R1-Distill tokenizer, derived from its packaged base, written once into
 // a folder named by its contents' hash under the temporary directory (so
 // every verb, and the HF reference tools, read it as a folder).

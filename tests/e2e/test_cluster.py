@@ -440,6 +440,22 @@ class StandaloneTest(ClusterCase):
         return cu.wait_status(server, lambda st: st.get("serving") and int(st.get("generation", 0)) == generation,
                               f"serving in generation {generation}", timeout)
 
+    def kill_one_by_one(self, server, by_id, victims, label):
+        """SIGKILLs the workers `victims` (ids) one after the other with no replacement, each once the job
+        generates again after the previous loss; checks each loss makes a new generation, prints the times."""
+        for n, victim_id in enumerate(victims):
+            if n > 0:
+                self.wait_generating(server, 1 + n)
+            os.killpg(by_id[victim_id].pid, signal.SIGKILL)
+            t_kill = time.time()
+            cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.02)
+            t_detect = time.time()
+            st = self.wait_generation(server, 2 + n)
+            print(f"elastic {label}, {n + 1} of {len(by_id)} lost, no replacement: noticed {t_detect - t_kill:.2f} s "
+                  f"after the kill (heartbeat timeout 3 s), serving again {time.time() - t_detect:.2f} s after "
+                  f"detection", file=sys.stderr)
+            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+
     def wait_generating(self, server, generation, timeout=60):
         """Waits until the cluster serves in `generation` and runs the job there (then half a second
         more), or has already finished it (a fast machine; the caller's checks hold either way)."""
@@ -468,18 +484,7 @@ class ElasticTest(StandaloneTest):
         for w in st["workers"]:
             by_id[w["worker_id"]] = [p for p in workers if p.pid == w["pid"]][0]
         # One worker, then a second: no replacement; the job goes on on the survivors.
-        for n, victim_id in enumerate([1, 3]):
-            if n > 0:
-                st = self.wait_generating(server, 1 + n)
-            os.killpg(by_id[victim_id].pid, signal.SIGKILL)
-            t_kill = time.time()
-            cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.02)
-            t_detect = time.time()
-            st = self.wait_generation(server, 2 + n)
-            print(f"elastic PP1xEP4, {n + 1} of 4 lost, no replacement: noticed {t_detect - t_kill:.2f} s after the "
-                  f"kill (heartbeat timeout 3 s), serving again {time.time() - t_detect:.2f} s after detection",
-                  file=sys.stderr)
-            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+        self.kill_one_by_one(server, by_id, [1, 3], "PP1xEP4")
         got = self.submit(server, ["--request-id", rid], new=long_new)
         self.assertEqual(got, want)
         self.assertEqual(self.submit(server), self.f.greedy)  # new work on the two survivors
@@ -509,18 +514,7 @@ class ElasticPipelineTest(StandaloneTest):
         by_id = {w["worker_id"]: [p for p in workers if p.pid == w["pid"]][0] for w in st["workers"]}
         # Worker 1 (stage 0, rank 1): lane 1 dies, worker 3 (stage 1) serves its experts without a lane.
         # Then worker 2 (stage 1, rank 0): no lane is intact; 0 -> 3 is re-paired into one lane.
-        for n, victim_id in enumerate([1, 2]):
-            if n > 0:
-                st = self.wait_generating(server, 1 + n)
-            os.killpg(by_id[victim_id].pid, signal.SIGKILL)
-            t_kill = time.time()
-            cu.wait_status(server, lambda st: int(st.get("generation", 0)) == 2 + n, "the loss noticed", 60, 0.02)
-            t_detect = time.time()
-            st = self.wait_generation(server, 2 + n)
-            print(f"elastic PP2xEP2, {n + 1} of 4 lost, no replacement: noticed {t_detect - t_kill:.2f} s after the "
-                  f"kill (heartbeat timeout 3 s), serving again {time.time() - t_detect:.2f} s after detection",
-                  file=sys.stderr)
-            self.assertEqual(int(st.get("workers_lost", 0)), 1 + n)
+        self.kill_one_by_one(server, by_id, [1, 2], "PP2xEP2")
         got = self.submit(server, ["--request-id", rid], new=long_new)
         self.assertEqual(got, want)
         self.assertEqual(self.submit(server), self.f.greedy)  # new work on the re-paired lane
