@@ -101,13 +101,24 @@ namespace {
 // forward step does not fault them in one at a time. Only the tensors the shard
 // uses are touched: a worker's RSS holds its experts, not the whole file.
 // Older kernels: MADV_WILLNEED (read-ahead only).
+// Then one byte of every page is read: under some hypervisors (shadow page
+// tables, e.g. PVM guests) the first access to each page still traps after
+// MADV_POPULATE_READ, ~3-4 us a page, which made the first forward step (the
+// prefill, streaming most experts) run at ~1-3 GB/s instead of 10-20 GB/s
+// (docs/PERFORMANCE.md, "CPU prefill: first touch of mapped weights"). On
+// bare metal the reads cost a TLB miss a page. llama.cpp pays the same in
+// its load-time warm-up run.
 void Prefault(const void* p, size_t n) {
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
   const uintptr_t e = reinterpret_cast<uintptr_t>(p) + n;
+  if (n == 0) return;
   if (::madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_READ) != 0) {
     ::madvise(reinterpret_cast<void*>(b), e - b, MADV_WILLNEED);
   }
+  unsigned char sink = 0;
+  for (uintptr_t a = b; a < e; a += page) sink ^= *reinterpret_cast<const volatile unsigned char*>(a);
+  asm volatile("" : : "r"(sink));
 }
 
 }  // namespace
