@@ -171,12 +171,7 @@ TEST_F(AuthTest, SyncWithTokensOutsideTheVocabularyIsRefused) {
   const std::string seq = id + "/0";
   ASSERT_TRUE(w[0]->holds(seq));
   for (int32_t bad : {99999, -5, 1024}) {
-    v1::SyncRequest req;
-    req.set_worker_id(w[0]->id());
-    req.set_host(w[0]->host());
-    req.set_pid(w[0]->pid());
-    req.set_epoch(w[0]->epoch());
-    req.set_generation(w[0]->generation());
+    v1::SyncRequest req = w[0]->NewSyncRequest();
     v1::SequenceUpdate* u = req.add_updates();
     u->set_seq_id(seq);
     u->add_new_tokens(7);
@@ -214,12 +209,7 @@ TEST_F(AuthTest, UpdatesForAnotherWorkersSequenceAreIgnored) {
   ASSERT_TRUE(w[1]->holds(theirs));
   // Worker 0 claims worker 1's sequence is done (or gives it back): ignored.
   for (v1::FinishReason reason : {v1::FINISH_REASON_STOP, v1::FINISH_REASON_CANCELLED}) {
-    v1::SyncRequest req;
-    req.set_worker_id(w[0]->id());
-    req.set_host(w[0]->host());
-    req.set_pid(w[0]->pid());
-    req.set_epoch(w[0]->epoch());
-    req.set_generation(w[0]->generation());
+    v1::SyncRequest req = w[0]->NewSyncRequest();
     v1::SequenceUpdate* u = req.add_updates();
     u->set_seq_id(theirs);
     u->add_new_tokens(5);

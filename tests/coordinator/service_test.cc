@@ -299,12 +299,7 @@ TEST_F(CoordinatorTest, StopTokensAndSyncRulesForWorkers) {
   EXPECT_EQ(j.results(0).finish_reason(), v1::FINISH_REASON_STOP);
   EXPECT_EQ(j.results(0).tokens_size(), 3);  // the stop token is included
   // Updates for sequences the worker does not hold are ignored.
-  v1::SyncRequest bogus;
-  bogus.set_worker_id(0);
-  bogus.set_host(w[0]->host());
-  bogus.set_pid(w[0]->pid());
-  bogus.set_epoch(w[0]->epoch());
-  bogus.set_generation(w[0]->generation());
+  v1::SyncRequest bogus = w[0]->NewSyncRequest();
   v1::SequenceUpdate* u = bogus.add_updates();
   u->set_seq_id(id + "/0");
   u->add_new_tokens(1);
@@ -975,12 +970,7 @@ TEST_F(CoordinatorTest, SequenceErrorFailsItsJobOnlyAndSurvivesARestart) {
   const std::string other = Submit(other_req);
   ASSERT_OK(w[0]->Step(8));  // all 5 sequences assigned
   ASSERT_OK(w[0]->Step(8));  // 1 token each
-  v1::SyncRequest sr;
-  sr.set_worker_id(0);
-  sr.set_host(w[0]->host());
-  sr.set_pid(w[0]->pid());
-  sr.set_epoch(w[0]->epoch());
-  sr.set_generation(w[0]->generation());
+  v1::SyncRequest sr = w[0]->NewSyncRequest();
   v1::SequenceUpdate* u = sr.add_updates();
   u->set_seq_id(bad + "/1");
   u->set_finish_reason(v1::FINISH_REASON_ERROR);
@@ -1504,12 +1494,7 @@ TEST_F(CoordinatorTest, TokenDeltasNeverRepeatAcrossARestartedSequenceAndStopSeq
   EXPECT_FALSE(drain());
   for (int i = 0; i < 3; ++i) EXPECT_EQ(seen[i].size(), 3u);
   // The worker gives sequence 0 back: it is queued again with its 3 tokens and resumes after them.
-  v1::SyncRequest back;
-  back.set_worker_id(w[0]->id());
-  back.set_host(w[0]->host());
-  back.set_pid(w[0]->pid());
-  back.set_epoch(w[0]->epoch());
-  back.set_generation(w[0]->generation());
+  v1::SyncRequest back = w[0]->NewSyncRequest();
   v1::SequenceUpdate* u = back.add_updates();
   u->set_seq_id(id + "/0");
   u->set_finish_reason(v1::FINISH_REASON_CANCELLED);

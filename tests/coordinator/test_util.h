@@ -117,15 +117,22 @@ class FakeWorker {
     return s;
   }
 
-  // One step: reports `tokens_per_step` new tokens for every held sequence
-  // (finishing those that reach max_new_tokens), then admits new ones.
-  grpc::Status Step(int capacity, int tokens_per_step = 1, v1::SyncResponse* out = nullptr) {
+  // A SyncRequest carrying this worker's identity (id, host, pid, epoch,
+  // generation) and nothing else, for tests that write their own updates.
+  v1::SyncRequest NewSyncRequest() const {
     v1::SyncRequest req;
     req.set_worker_id(id_);
     req.set_host(host_);
     req.set_pid(pid_);
     req.set_epoch(epoch_);
     req.set_generation(generation_);
+    return req;
+  }
+
+  // One step: reports `tokens_per_step` new tokens for every held sequence
+  // (finishing those that reach max_new_tokens), then admits new ones.
+  grpc::Status Step(int capacity, int tokens_per_step = 1, v1::SyncResponse* out = nullptr) {
+    v1::SyncRequest req = NewSyncRequest();
     std::vector<std::string> done;
     for (auto& [seq_id, s] : held_) {
       v1::SequenceUpdate* u = req.add_updates();
