@@ -90,6 +90,26 @@ def render_jinja(template, messages, add_generation_prompt, bos):
 
 
 
+def check_renderings(name, reqs, want, got, ref_ids):
+    """Compares `expertmesh tokenize --jsonl` answers `got` for chat requests `reqs` with Jinja2's `want`
+    ((text, error) pairs) and the HF tokenizers ids `ref_ids` of the texts Jinja renders (in order):
+    refused by both, or the same text and ids. Returns how many rendered."""
+    k = 0
+    for req, (text, err), g in zip(reqs, want, got):
+        if err is not None:
+            if "error" not in g:
+                fail(f"{name}: Jinja fails ({err}) but expertmesh rendered {g.get('prompt')!r} for {req}")
+            continue
+        if "error" in g:
+            fail(f"{name}: expertmesh error {g['error']!r} where Jinja renders {text!r} for {req}")
+        if g["prompt"] != text:
+            fail(f"{name}: rendering differs for {req}:\n  jinja2:     {text!r}\n  expertmesh: {g['prompt']!r}")
+        if g["tokens"] != ref_ids[k]["tokens"]:
+            fail(f"{name}: ids of the rendered prompt differ from HF tokenizers for {req}")
+        k += 1
+    return k
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--expertmesh", required=True)
@@ -122,20 +142,7 @@ def main():
             got = run_jsonl([a.expertmesh, "tokenize", "--tokenizer", d, "--jsonl"], reqs)
             ok_texts = [w for w, _ in want if w is not None]
             ref_ids = run_jsonl(["node", hf, "encode", v3_dir], [{"text": t} for t in ok_texts])
-            k = 0
-            for req, (text, err), g in zip(reqs, want, got):
-                if err is not None:
-                    if "error" not in g:
-                        fail(f"{name}: Jinja fails ({err}) but expertmesh rendered {g.get('prompt')!r} for {req}")
-                    continue
-                if "error" in g:
-                    fail(f"{name}: expertmesh error {g['error']!r} where Jinja renders {text!r} for {req}")
-                if g["prompt"] != text:
-                    fail(f"{name}: rendering differs for {req}:\n  jinja2:     {text!r}\n  expertmesh: {g['prompt']!r}")
-                if g["tokens"] != ref_ids[k]["tokens"]:
-                    fail(f"{name}: ids of the rendered prompt differ from HF tokenizers for {req}")
-                k += 1
-                n += 1
+            n += check_renderings(name, reqs, want, got, ref_ids)
             if name == "deepseek-r1":
                 gen = [g["prompt"] for r, g in zip(reqs, got) if r["add_generation_prompt"] and "prompt" in g]
                 if not any(p.endswith("<｜Assistant｜><think>\n") for p in gen):

@@ -43,7 +43,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import corpus as corpus_mod  # noqa: E402
-from test_chat_template import conversations, render_jinja  # noqa: E402
+from test_chat_template import check_renderings, conversations, render_jinja  # noqa: E402
 from textio import fail, run_jsonl  # noqa: E402
 
 import jinja2  # noqa: E402
@@ -153,20 +153,7 @@ def main():
             if bos[0] != [tid for tid, c, _ in table if c == BOS][0]:
                 fail(f"{name}: --add-bos gave {bos}")
             # The chat template against Jinja2 on the oracle text, with ids.
-            k = n = 0
-            for req, (text, err), g in zip(reqs, want, got):
-                if err is not None:
-                    if "error" not in g:
-                        fail(f"{name}: Jinja fails ({err}) but expertmesh rendered {g.get('prompt')!r} for {req}")
-                    continue
-                if "error" in g:
-                    fail(f"{name}: expertmesh error {g['error']!r} where Jinja renders {text!r} for {req}")
-                if g["prompt"] != text:
-                    fail(f"{name}: rendering differs for {req}:\n  jinja2:     {text!r}\n  expertmesh: {g['prompt']!r}")
-                if g["tokens"] != ref_ids[k]["tokens"]:
-                    fail(f"{name}: ids of the rendered prompt differ from HF tokenizers for {req}")
-                k += 1
-                n += 1
+            n = check_renderings(name, reqs, want, got, ref_ids)
             think = [tid for tid, c, _ in table if c == "<think>"][0]
             gen = [g for r, g in zip(reqs, got) if r["add_generation_prompt"] and "prompt" in g
                    and g["prompt"].endswith("<｜Assistant｜><think>\n")]
