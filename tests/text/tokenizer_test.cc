@@ -271,9 +271,12 @@ TEST_F(DeepSeekTokenizer, RecognisesTheV3Template) {
 //    fp16-onnx, whose files are DeepSeek's) and in quic/ai-hub-models'
 //    deepseek_r1 model.py ("Ref: .../DeepSeek-R1-Distill-Qwen-1.5B/blob/main/
 //    tokenizer_config.json"): ids 151643-151649, special as below.
-//  * DeepSeek-R1-Distill-Llama: ids 128000/128001 and 128011-128014 (the
-//    brief's region; not found in a stored copy of the Llama distill's files,
-//    see docs/TEXT.md).
+//  * DeepSeek-R1-Distill-Llama: deepseek-ai/DeepSeek-R1-Distill-Llama-8B's
+//    added_tokens_decoder as transformers 4.48.2 prints it (LlamaTokenizerFast,
+//    model_max_length 131072, no pad token of its own), quoted in full in a
+//    public fine-tuning course text in the search corpus: 128000/128001 and
+//    128011-128015, special as below; 128002-128010 and 128016-128255 keep
+//    Llama-3.1's names.
 struct WantToken {
   int32_t id;
   const char* content;
@@ -285,7 +288,8 @@ const WantToken kWantQwen[] = {{151643, "<｜end▁of▁sentence｜>", true}, {1
                                {151649, "</think>", false}};
 const WantToken kWantLlama[] = {{128000, "<｜begin▁of▁sentence｜>", true}, {128001, "<｜end▁of▁sentence｜>", true},
                                 {128011, "<｜User｜>", false},              {128012, "<｜Assistant｜>", false},
-                                {128013, "<think>", false},                {128014, "</think>", false}};
+                                {128013, "<think>", false},                {128014, "</think>", false},
+                                {128015, "<｜▁pad▁｜>", true}};
 
 struct DistillCase {
   const char* name;
@@ -350,7 +354,20 @@ TEST_P(R1DistillTokenizer, MatchesThePublishedFiles) {
     for (int32_t id = 0; id < tok_->vocab_size(); ++id) {
       if (tok_->TokenBytes(id) != base_->TokenBytes(id)) ++changed;
     }
-    EXPECT_EQ(changed, static_cast<int>(c.want.size()));
+    // The Llama base ships Llama-3's names of the added tokens; the distill
+    // has Llama-3.1's (ids 128002-128255 other than DeepSeek's).
+    const bool llama = std::string(c.name) == "r1-distill-llama";
+    int renamed = 0;
+    if (llama) {
+      for (int32_t id = 128002; id <= 128255; ++id) {
+        if (std::none_of(c.want.begin(), c.want.end(), [&](const WantToken& w) { return w.id == id; }) &&
+            tok_->TokenBytes(id) != base_->TokenBytes(id)) {
+          ++renamed;
+        }
+      }
+      EXPECT_EQ(renamed, 254 - 5 - 5);  // not DeepSeek's five, nor 128002/3/6/7/9 (the same names)
+    }
+    EXPECT_EQ(changed, static_cast<int>(c.want.size()) + renamed);
     // The presets with the distills' vocabulary sizes hold it.
     auto preset = ModelConfig::Preset(std::string(c.name) == "r1-distill-qwen" ? "tiny-qwen2-text" : "tiny-llama-text");
     ASSERT_OK(preset);
@@ -400,8 +417,21 @@ TEST_P(R1DistillTokenizer, MatchesThePublishedFiles) {
     EXPECT_EQ(cfg["chat_template"].get<std::string>(), fixture);
     EXPECT_EQ(std::string(R1DistillChatTemplate()), fixture);
     EXPECT_EQ(cfg["tokenizer_class"], "LlamaTokenizerFast");
-    EXPECT_EQ(cfg["model_max_length"], 16384);
-    EXPECT_EQ(cfg["pad_token"]["content"], "<｜end▁of▁sentence｜>");
+    if (std::string(c.name) == "r1-distill-qwen") {
+      EXPECT_EQ(cfg["model_max_length"], 16384);
+      EXPECT_EQ(cfg["pad_token"]["content"], "<｜end▁of▁sentence｜>");
+    } else {
+      EXPECT_EQ(cfg["model_max_length"], 131072);
+      EXPECT_FALSE(cfg.contains("pad_token"));
+      // The neighbours DeepSeek left as Llama-3.1 named them (the same printout).
+      for (const auto& [id, name] : std::vector<std::pair<int32_t, std::string>>{
+               {128002, "<|reserved_special_token_0|>"}, {128004, "<|finetune_right_pad_id|>"},
+               {128009, "<|eot_id|>"}, {128010, "<|python_tag|>"}, {128016, "<|reserved_special_token_8|>"},
+               {128093, "<|reserved_special_token_85|>"}}) {
+        EXPECT_EQ(tok_->TokenToId(name), id) << name;
+        EXPECT_TRUE(tok_->IsSpecial(id)) << name;
+      }
+    }
     // HF's post-processor adds the DeepSeek BOS.
     json tj = json::parse(files_.tokenizer_json);
     EXPECT_NE(tj["post_processor"].dump().find("<｜begin▁of▁sentence｜>"), std::string::npos);
