@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common/thread_pool.h"
 #include "glog/logging.h"
@@ -145,6 +146,8 @@ constexpr int64_t kTileRows = 4;        // rows of w per register tile (and per 
 constexpr int64_t kMicroMaxRows = 64;   // largest M of the register-blocked path
 constexpr int64_t kMinChunkBytes = 64 << 10;  // of weight per parallel chunk
 constexpr int64_t kFusedBf16MaxRows = 8;       // bf16 read in place (AVX-512) up to this M
+constexpr int64_t kFusedF8MaxRows = 4;         // fp8 decoded in register (AVX-512) up to this M (one
+                                               // pass over x; above, a converted tile is reused)
 
 // ---- fp32 register-blocked kernels: y[m, r] (+)= x[m, :] . w[r, :] ----------
 
@@ -226,50 +229,80 @@ EM_AVX2 void MicroAvx2(const float* x, int64_t M, int64_t K, const float* w, int
   for (; r < rows; ++r) Rows256<1>(x, M, K, w + r * K, y + r, ldy, acc);
 }
 
-// 16 weights as fp32: fp32 as they are, bf16 (uint16_t) widened in register.
-EM_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-EM_AVX512 inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-EM_AVX512 inline __m512 Load16(const uint16_t* p) {
+// 16 weights as fp32: fp32 as they are, bf16 (uint16_t) widened in register,
+// fp8 e4m3 (uint8_t) decoded in register and times its block's scale.
+EM_AVX512 inline __m512 Load16(const float* p, __m512) { return _mm512_loadu_ps(p); }
+EM_AVX512 inline __m512 Load16(__mmask16 m, const float* p, __m512) { return _mm512_maskz_loadu_ps(m, p); }
+EM_AVX512 inline __m512 Load16(const uint16_t* p, __m512) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-EM_AVX512 inline __m512 Load16(__mmask16 m, const uint16_t* p) {
+EM_AVX512 inline __m512 Load16(__mmask16 m, const uint16_t* p, __m512) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// e4m3 bytes (zero-extended to 16 bits) times `scale256` (the block's scale
+// times 256): the byte shifted left by 7 with its sign moved up to bit 15 is
+// the fp16 of the e4m3 value times 2^-8, subnormals included (fp16 has one
+// more exponent bit and the same 3 leading mantissa bits), widened exactly
+// by VCVTPH2PS; times scale * 2^8 that is one rounding of value * scale, the
+// same fp32 as F8E4M3ToFloat(b) * scale. 0x7f / 0xff (NaN) are set NaN.
+EM_AVX512 inline __m512 F8x16(__m256i h, __m512 scale256) {
+  __m256i t = _mm256_slli_epi16(h, 7);
+  t = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));  // bit 14 (the sign) to 15
+  const __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(t), scale256);
+  const __mmask16 nan =
+      _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), _mm256_set1_epi16(0x7f));
+  return _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+}
+EM_AVX512 inline __m512 Load16(const uint8_t* p, __m512 scale256) {
+  return F8x16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), scale256);
+}
+EM_AVX512 inline __m512 Load16(__mmask16 m, const uint8_t* p, __m512 scale256) {
+  return F8x16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p)), scale256);
 }
 
 // R rows of w times C rows of x: R x C accumulators of 16; the tail of K by
-// masked loads. W: float, or uint16_t for bf16 read in place (the same sums
-// in the same order as on the converted fp32 rows).
+// masked loads. W: float, uint16_t for bf16 or uint8_t for fp8 read in place
+// (the same sums in the same order as on the converted fp32 rows). fp8:
+// `scales` are the R rows' block scales (one 128-row block: R divides 128 and
+// tiles start at multiples of R), one per 128 columns.
 template <int R, int C, typename W>
-EM_AVX512 inline void Tile512(const float* x, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
+EM_AVX512 inline void Tile512(const float* x, int64_t K, const W* w, const float* scales, float* y, int64_t ldy,
+                              bool acc) {
   __m512 a[R][C];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
   }
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
+  constexpr bool kF8 = std::is_same_v<W, uint8_t>;
+  const int64_t segment = kF8 ? kBlock : K;  // columns sharing one scale
+  for (int64_t c0 = 0; c0 < K; c0 += segment) {
+    const int64_t c1 = std::min(K, c0 + segment);
+    const __m512 s = kF8 ? _mm512_set1_ps(scales[c0 / kBlock] * 256.0f) : _mm512_setzero_ps();
+    int64_t k = c0;
+    for (; k + 16 <= c1; k += 16) {
+      __m512 wv[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) wv[r] = Load16(w + r * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = Load16(w + r * K + k, s);
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      const __m512 xv = _mm512_loadu_ps(x + c * K + k);
+      for (int c = 0; c < C; ++c) {
+        const __m512 xv = _mm512_loadu_ps(x + c * K + k);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+        for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+      }
     }
-  }
-  if (k < K) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 wv[R];
+    if (k < c1) {  // only at the end of K (blocks are multiples of 16)
+      const __mmask16 mk = static_cast<__mmask16>((1u << (c1 - k)) - 1u);
+      __m512 wv[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) wv[r] = Load16(mk, w + r * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = Load16(mk, w + r * K + k, s);
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
+      for (int c = 0; c < C; ++c) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + c * K + k);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+        for (int r = 0; r < R; ++r) a[r][c] = _mm512_fmadd_ps(wv[r], xv, a[r][c]);
+      }
     }
   }
 #pragma GCC unroll 4
@@ -284,23 +317,28 @@ EM_AVX512 inline void Tile512(const float* x, int64_t K, const W* w, float* y, i
 }
 
 template <int R, typename W>
-EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t ldy, bool acc) {
+EM_AVX512 void Rows512(const float* x, int64_t M, int64_t K, const W* w, const float* scales, float* y,
+                       int64_t ldy, bool acc) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) Tile512<R, 4>(x + m * K, K, w, y + m * ldy, ldy, acc);
+  for (; m + 4 <= M; m += 4) Tile512<R, 4>(x + m * K, K, w, scales, y + m * ldy, ldy, acc);
   switch (M - m) {
-    case 3: Tile512<R, 3>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
-    case 2: Tile512<R, 2>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
-    case 1: Tile512<R, 1>(x + m * K, K, w, y + m * ldy, ldy, acc); break;
+    case 3: Tile512<R, 3>(x + m * K, K, w, scales, y + m * ldy, ldy, acc); break;
+    case 2: Tile512<R, 2>(x + m * K, K, w, scales, y + m * ldy, ldy, acc); break;
+    case 1: Tile512<R, 1>(x + m * K, K, w, scales, y + m * ldy, ldy, acc); break;
     default: break;
   }
 }
 
+// rows of w from row r0 of the matrix (fp8: `scale_inv` is the matrix's
+// [rows/128, cols/128] block scales; r0 a multiple of 4).
 template <typename W>
 EM_AVX512 void MicroAvx512(const float* x, int64_t M, int64_t K, const W* w, int64_t rows, float* y,
-                           int64_t ldy, bool acc) {
+                           int64_t ldy, bool acc, const float* scale_inv = nullptr, int64_t r0 = 0) {
+  const int64_t bc = (K + kBlock - 1) / kBlock;
+  auto scales = [&](int64_t r) { return scale_inv != nullptr ? scale_inv + ((r0 + r) / kBlock) * bc : nullptr; };
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) Rows512<4>(x, M, K, w + r * K, y + r, ldy, acc);
-  for (; r < rows; ++r) Rows512<1>(x, M, K, w + r * K, y + r, ldy, acc);
+  for (; r + 4 <= rows; r += 4) Rows512<4>(x, M, K, w + r * K, scales(r), y + r, ldy, acc);
+  for (; r < rows; ++r) Rows512<1>(x, M, K, w + r * K, scales(r), y + r, ldy, acc);
 }
 
 // ---- conversions of one row to fp32 (exact; fp8 times its block scale) ------
@@ -476,6 +514,13 @@ void MicroRows(Isa isa, const float* x, int64_t M, int64_t K, const Weight& w, i
   // same sums as below.
   if (w.dtype() == DType::kBF16 && isa == Isa::kAvx512 && M <= kFusedBf16MaxRows) {
     MicroAvx512<uint16_t>(x, M, K, static_cast<const uint16_t*>(w.data()) + r0 * K, r1 - r0, y + r0, ldy, acc);
+    return;
+  }
+  // fp8 decoded in register (no scratch) up to kFusedF8MaxRows: the same
+  // weights and sums as below.
+  if (w.dtype() == DType::kF8E4M3 && isa == Isa::kAvx512 && M <= kFusedF8MaxRows && r0 % kTileRows == 0) {
+    MicroAvx512<uint8_t>(x, M, K, static_cast<const uint8_t*>(w.data()) + r0 * K, r1 - r0, y + r0, ldy, acc,
+                         w.scale_inv(), r0);
     return;
   }
 #endif

@@ -188,6 +188,23 @@ TEST(Linear, ExactConversion) {
         }
       }
     }
+    // The same codes through the decode-sized path (fp8 decoded in register
+    // on AVX-512): 4 one-hot rows at a time over every column.
+    for (int64_t c0 = 0; c0 < K; c0 += 4) {
+      const int64_t M = 4;
+      std::vector<float> x(static_cast<size_t>(M * K), 0.0f);
+      for (int64_t m = 0; m < M; ++m) x[static_cast<size_t>(m * K + c0 + m)] = 1.0f;
+      std::vector<float> y(static_cast<size_t>(M * N));
+      Linear(x.data(), M, K, w, y.data());
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t c = c0 + m;
+          const int code = code_at(n, c);
+          const double want = E4M3(code) * scales[static_cast<size_t>((n / 128) * 2 + c / 128)];
+          EXPECT_EQ(y[static_cast<size_t>(m * N + n)], static_cast<float>(want)) << isa << " M=4 code " << code;
+        }
+      }
+    }
     // NaN codes decode as NaN.
     for (uint8_t nan_code : {uint8_t{0x7f}, uint8_t{0xff}}) {
       const std::vector<uint8_t> row(20, nan_code);
